@@ -1,0 +1,93 @@
+"""A seeded, randomly initialised tiny Stable-Diffusion-architecture pipeline built
+from configs, fully offline. It exercises every SD 1.x code path (UNet2DConditionModel,
+AutoencoderKL, CLIPTextModel, CLIPTokenizer, DDIMScheduler) in about a second."""
+
+from __future__ import annotations
+
+import torch
+
+TINY_RANDOM_ID = "cdalign/tiny-random-sd"
+
+
+def byte_level_clip_tokenizer(model_max_length: int = 77):
+    """A CLIP tokenizer whose vocabulary is the 256 byte symbols (plus their end-of-word
+    forms and the two specials): any text tokenizes, nothing maps to the unknown token,
+    and no vocabulary file is needed."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def build_tiny_pipeline(seed: int = 0, sample_size: int = 32):
+    """Return a randomly initialised tiny ``StableDiffusionPipeline`` (deterministic for
+    ``seed``). ``sample_size`` is the latent size; images are 2x larger (VAE [32, 64])."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = byte_level_clip_tokenizer()
+    cpu_rng_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=[32, 64],
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            latent_channels=4,
+            sample_size=sample_size * 2,
+        )
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=32,
+        )
+        text_encoder = CLIPTextModel(text_config)
+    finally:
+        torch.random.set_rng_state(cpu_rng_state)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        num_train_timesteps=1000,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
