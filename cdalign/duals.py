@@ -1,0 +1,150 @@
+"""Dual variables (Lagrange multipliers) and their update rules (METHOD.md §1).
+
+Each rule is one class with ``step(slacks)`` and ``state_dict``/``load_state_dict``.
+A *slack* ``g_i`` is positive when constraint i is violated (``g = b − E[r]`` for
+"high", ``E[r] − b`` for "low", ``KL − max`` for a KL constraint); multipliers λ_i ≥ 0
+grow while their constraint is violated and shrink toward 0 while it holds."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .registry import Registry
+
+DUAL_OPTIMIZERS: Registry = Registry("dual optimizer")
+
+
+def _as_vector(values: float | Sequence[float], n: int, what: str) -> torch.Tensor:
+    v = torch.as_tensor(values, dtype=torch.float64)
+    if v.ndim == 0:
+        v = v.repeat(n)
+    if v.shape != (n,):
+        raise ValueError(f"{what}: expected one value or {n}, got {list(v.shape)}")
+    return v.clone()
+
+
+class DualOptimizer:
+    """Common state: multipliers λ (m,), step counter, and the linear gain warm-up
+    (gains ramp from ``warmup_start`` to 1 over the first ``warmup_steps`` dual steps)."""
+
+    def __init__(self, num_constraints: int, init=0.0, warmup_steps: int = 0, warmup_start: float = 0.1, frozen=False):
+        self.multipliers = _as_vector(init, num_constraints, "dual.init").clamp(min=0)
+        self.warmup_steps, self.warmup_start, self.frozen = warmup_steps, warmup_start, frozen
+        self.num_steps = 0
+
+    def gain_scale(self) -> float:
+        if self.warmup_steps <= 0 or self.num_steps >= self.warmup_steps:
+            return 1.0
+        frac = self.num_steps / self.warmup_steps
+        return self.warmup_start + (1.0 - self.warmup_start) * frac
+
+    def step(self, slacks: torch.Tensor) -> torch.Tensor:
+        """Update λ from the slacks (m,) averaged over the global batch; returns λ."""
+        slacks = torch.as_tensor(slacks, dtype=torch.float64).detach().cpu()
+        if slacks.shape != self.multipliers.shape:
+            raise ValueError(f"expected {tuple(self.multipliers.shape)} slacks, got {tuple(slacks.shape)}")
+        if not self.frozen:
+            self.multipliers = self._update(slacks, self.gain_scale()).clamp(min=0)
+        self.num_steps += 1
+        return self.multipliers.clone()
+
+    def _update(self, slacks: torch.Tensor, scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"multipliers": self.multipliers.tolist(), "num_steps": self.num_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.multipliers = torch.tensor(state["multipliers"], dtype=torch.float64)
+        self.num_steps = int(state["num_steps"])
+
+
+@DUAL_OPTIMIZERS.register("ascent")
+class ProjectedGradientAscent(DualOptimizer):
+    """``λ ← max(0, λ + η·g)``."""
+
+    def __init__(self, num_constraints: int, lr=0.05, **kw):
+        super().__init__(num_constraints, **kw)
+        self.lr = _as_vector(lr, num_constraints, "dual.lr")
+
+    def _update(self, slacks, scale):
+        return self.multipliers + scale * self.lr * slacks
+
+
+@DUAL_OPTIMIZERS.register("nupi")
+class NuPI(DualOptimizer):
+    """νPI controller (Sohrabi et al., ICML 2024): with error ``e_t = g_t``,
+    ``ξ_t = ν ξ_{t−1} + (1−ν) e_t``, ``λ ← max(0, λ + κ_i e_t + κ_p (ξ_t − ξ_{t−1}))``,
+    ``ξ_{−1} = 0``. ν = 0, κ_p = 0 is gradient ascent with step κ_i."""
+
+    def __init__(self, num_constraints: int, kappa_i=0.05, kappa_p=0.0, nu=0.1, **kw):
+        super().__init__(num_constraints, **kw)
+        self.kappa_i = _as_vector(kappa_i, num_constraints, "dual.kappa_i")
+        self.kappa_p = _as_vector(kappa_p, num_constraints, "dual.kappa_p")
+        self.nu = float(nu)
+        self.xi = torch.zeros(num_constraints, dtype=torch.float64)
+
+    def _update(self, slacks, scale):
+        xi_new = self.nu * self.xi + (1 - self.nu) * slacks
+        new = self.multipliers + scale * (self.kappa_i * slacks + self.kappa_p * (xi_new - self.xi))
+        self.xi = xi_new
+        return new
+
+    def step(self, slacks):
+        xi_before = self.xi.clone()
+        out = super().step(slacks)
+        if self.frozen:
+            self.xi = xi_before
+        return out
+
+    def state_dict(self):
+        return {**super().state_dict(), "xi": self.xi.tolist()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.xi = torch.tensor(state["xi"], dtype=torch.float64)
+
+
+def build_dual_optimizer(spec, num_constraints: int) -> DualOptimizer:
+    """From a ``DualSpec`` (cdalign.config)."""
+    common = dict(init=spec.init, warmup_steps=spec.warmup_steps, warmup_start=spec.warmup_start, frozen=spec.freeze)
+    gains = {"ascent": dict(lr=spec.lr), "nupi": dict(kappa_i=spec.kappa_i, kappa_p=spec.kappa_p, nu=spec.nu)}
+    return DUAL_OPTIMIZERS.get(spec.optimizer)(num_constraints, **gains[spec.optimizer], **common)
+
+
+class InfeasibilityMonitor:
+    """Flags constraints that look infeasible: over the last ``window`` dual steps the
+    multiplier grew at every step while the slack stayed positive and did not shrink
+    (second half of the window no better than the first)."""
+
+    def __init__(self, names: Sequence[str], window: int = 8):
+        self.names, self.window = list(names), window
+        self.history: list[tuple[list[float], list[float]]] = []
+        self.flagged: dict[str, int] = {}
+
+    def update(self, multipliers: torch.Tensor, slacks: torch.Tensor, step: int) -> list[str]:
+        self.history.append((multipliers.tolist(), slacks.tolist()))
+        self.history = self.history[-(self.window + 1) :]
+        newly = []
+        if len(self.history) <= self.window:
+            return newly
+        lam = torch.tensor([h[0] for h in self.history])
+        sl = torch.tensor([h[1] for h in self.history[1:]])
+        half = sl.shape[0] // 2
+        for j, name in enumerate(self.names):
+            growing = bool((lam[1:, j] > lam[:-1, j]).all())
+            violated = bool((sl[:, j] > 0).all())
+            stuck = bool(sl[half:, j].mean() >= sl[:half, j].mean())
+            if growing and violated and stuck and name not in self.flagged:
+                self.flagged[name] = step
+                newly.append(name)
+        return newly
+
+    def state_dict(self):
+        return {"history": self.history, "flagged": self.flagged}
+
+    def load_state_dict(self, state):
+        self.history = [tuple(h) for h in state["history"]]
+        self.flagged = dict(state["flagged"])

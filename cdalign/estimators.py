@@ -1,0 +1,124 @@
+"""Gradient estimators: how one micro-batch turns into a differentiable Lagrangian.
+
+An estimator samples through the shared :class:`~cdalign.sampling.DiffusionSampler`,
+scores the images, adds the chain KL where the problem needs it, and returns a
+:class:`MicroBatch`. Reward backpropagation (the paper's) is here; a DDPO
+policy-gradient estimator plugs into the same registry."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .kl import ChainKLAccumulator, choose_kl_steps
+from .problem import ConstrainedProblem
+from .registry import Registry
+from .sampling import DiffusionSampler, WithAdaptersDisabled
+
+ESTIMATORS: Registry = Registry("estimator")
+
+
+@dataclass
+class MicroBatch:
+    loss: torch.Tensor  # Lagrangian to backpropagate (scalar)
+    objective: torch.Tensor  # f_0 (scalar, detached)
+    values: torch.Tensor  # per-constraint batch means (m,), detached
+    slacks: torch.Tensor  # (m,), detached
+    rewards_raw: dict[str, torch.Tensor]  # name -> (B,) detached
+    rewards_norm: dict[str, torch.Tensor]
+    kl: torch.Tensor | None  # (B,) detached
+    num_grad_steps: int
+    unet_calls: dict = field(default_factory=dict)
+
+
+def truncation_steps(strategy: str, num_steps: int, config, generator: torch.Generator) -> int:
+    """K, the number of final denoising steps that carry gradient.
+
+    fixed: ``backprop_steps``; uniform: U{backprop_min_steps .. backprop_steps};
+    gaussian (paper): cut-off index ~ N(backprop_gaussian_mean·T, backprop_gaussian_std),
+    rounded and clipped to [1, T−1], and K = T − cut-off."""
+    if strategy == "fixed":
+        return min(config.backprop_steps, num_steps)
+    if strategy == "uniform":
+        lo, hi = config.backprop_min_steps, min(config.backprop_steps, num_steps)
+        return int(torch.randint(lo, hi + 1, (1,), generator=generator))
+    if strategy == "gaussian":
+        z = float(torch.randn((1,), generator=generator))
+        cut = round(config.backprop_gaussian_mean * num_steps + config.backprop_gaussian_std * z)
+        cut = min(max(cut, 1), num_steps - 1)
+        return num_steps - cut
+    raise ValueError(f"unknown backprop_strategy {strategy!r}; allowed values: fixed, uniform, gaussian")
+
+
+@ESTIMATORS.register("reward_backprop")
+class RewardBackprop:
+    """Reward backpropagation through DDIM sampling (the paper's primal estimator).
+
+    Gradient flows through the last K steps and the VAE decode; the chain KL's value is
+    estimated over all steps (``kl_value_steps`` may subsample the no-gradient steps,
+    unbiasedly) with base predictions from the same UNet, adapters disabled."""
+
+    def __init__(self, sampler: DiffusionSampler, problem: ConstrainedProblem, rewards: dict, normalizers: dict, config):
+        self.sampler, self.problem, self.rewards, self.normalizers = sampler, problem, rewards, normalizers
+        self.config = config
+
+    def __call__(self, prompts: list[str], seeds: list[int], multipliers: torch.Tensor, generator: torch.Generator) -> MicroBatch:
+        cfg, T = self.config, len(self.sampler.chain)
+        k = truncation_steps(cfg.backprop_strategy, T, cfg, generator)
+        grad_steps = set(range(T - k, T))
+        policy = self.sampler.guided(prompts)
+        kl_acc = None
+        if self.problem.needs_kl:
+            steps = choose_kl_steps(T, grad_steps, cfg.kl_value_steps, generator)
+            kl_acc = ChainKLAccumulator(WithAdaptersDisabled(policy), self.sampler.chain, cfg.kl_estimator, steps)
+        images = self.sampler.sample(
+            policy, seeds, grad_steps=grad_steps, gradient_checkpointing=cfg.gradient_checkpointing, on_step=kl_acc
+        )
+        raw, norm = score(images, prompts, self.problem.reward_names, self.rewards, self.normalizers)
+        used = {n: (norm[n] if self.problem.normalized(n) else raw[n]) for n in raw}
+        kl = kl_acc.per_sample if kl_acc is not None else None
+        if isinstance(kl, float):  # no KL step was evaluated (kl_value_steps=0 and K=0)
+            kl = torch.zeros(len(seeds))
+        objective = self.problem.objective.value(kl, used)
+        values = self.problem.values(kl, used)
+        slacks = self.problem.slacks(values)
+        loss = self.problem.lagrangian(objective, slacks, multipliers)
+        return MicroBatch(
+            loss=loss,
+            objective=objective.detach(),
+            values=values.detach(),
+            slacks=slacks.detach(),
+            rewards_raw={n: v.detach() for n, v in raw.items()},
+            rewards_norm={n: v.detach() for n, v in norm.items()},
+            kl=None if kl is None else kl.detach(),
+            num_grad_steps=k,
+            unet_calls={"policy": T, "reference": 0 if kl_acc is None else kl_acc.reference_calls},
+        )
+
+
+def score(images: torch.Tensor, prompts: list[str], names: list[str], rewards: dict, normalizers: dict):
+    """Raw and normalised values (B,) of each named reward; raises on non-finite values."""
+    raw, norm = {}, {}
+    for name in names:
+        values = rewards[name](images, prompts).float()
+        raw[name] = values
+        stats = normalizers.get(name)
+        norm[name] = stats.normalize(values) if stats is not None else values
+    return raw, norm
+
+
+def is_finite_batch(mb: MicroBatch) -> bool:
+    vals = [mb.loss.detach(), *mb.rewards_raw.values()] + ([mb.kl] if mb.kl is not None else [])
+    return all(bool(torch.isfinite(v).all()) for v in vals)
+
+
+def mean_and_ci(values: torch.Tensor, z: float = 1.959964) -> tuple[float, float, float]:
+    """Mean and normal-approximation 95% confidence interval of (N,) values."""
+    v = values.double().flatten()
+    m = float(v.mean())
+    if v.numel() < 2:
+        return m, m, m
+    half = z * float(v.std()) / math.sqrt(v.numel())
+    return m, m - half, m + half

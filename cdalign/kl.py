@@ -1,0 +1,98 @@
+"""The chain KL between the trained sampler p_θ and the base sampler q (METHOD.md §1).
+
+Both chains share the sampled path of p_θ. With DDIM η > 0 each step is Gaussian with
+std σ_t for both models and means differing by ``c_t·(ε̃_θ − ε̃_q)``, hence
+
+    KL = Σ_t  c_t² / (2σ_t²) · E‖ε̃_θ(x_t) − ε̃_q(x_t)‖²     (sum over latent dims)
+
+``path`` uses exactly these weights; ``uniform`` is the paper code's unweighted mean of
+``(ε̃_θ − ε̃_q)²`` over steps, batch and elements. The same function serves composition,
+with ε̃_μ against each component's ε̃_i."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .registry import Registry
+from .sampling import DDIMChain
+
+KL_ESTIMATORS: Registry = Registry("kl_estimator")
+
+
+@KL_ESTIMATORS.register("path")
+def path_step_weights(chain: DDIMChain) -> torch.Tensor:
+    """Weights ``c_t²/(2σ_t²)`` per step (T,), float64; multiply the *sum* of squared ε
+    differences over latent elements. Deterministic steps (σ_t = 0) get weight 0 (their
+    contribution is not a density ratio); with η = 0 there is no path KL at all."""
+    sigma = chain.sigma
+    if bool((sigma == 0).all()):
+        raise ValueError("kl_estimator='path' needs eta > 0 (with eta = 0 the chains are deterministic); use 'uniform'")
+    if bool((sigma == 0).any()):
+        warnings.warn("some DDIM steps are deterministic (sigma = 0); they are left out of the path KL", stacklevel=2)
+    w = chain.eps_coef**2 / (2 * sigma**2)
+    return torch.where(sigma > 0, w, torch.zeros_like(w))
+
+
+@KL_ESTIMATORS.register("uniform")
+def uniform_step_weights(chain: DDIMChain) -> torch.Tensor:
+    """Weights 1/T per step; multiply the *mean* of squared ε differences over elements."""
+    return torch.full((len(chain),), 1.0 / len(chain), dtype=torch.float64)
+
+
+def step_weights(chain: DDIMChain, estimator: str) -> torch.Tensor:
+    return KL_ESTIMATORS.get(estimator)(chain)
+
+
+def step_kl(eps_model: torch.Tensor, eps_ref: torch.Tensor, weight: float, estimator: str) -> torch.Tensor:
+    """One step's KL contribution per sample, shape (B,).
+
+    ``path``: ``weight · Σ_elements (ε_model − ε_ref)²``; ``uniform``: ``weight · mean``."""
+    sq = (eps_model.float() - eps_ref.float()).pow(2).flatten(1)
+    return weight * (sq.sum(1) if estimator == "path" else sq.mean(1))
+
+
+def choose_kl_steps(
+    num_steps: int, grad_steps: set[int], value_steps: int | None, generator: torch.Generator
+) -> dict[int, float]:
+    """Steps at which the base prediction is evaluated, with their inclusion probabilities.
+
+    Gradient steps are always included (probability 1): their KL term carries gradient.
+    The other steps are all included when ``value_steps`` is None; otherwise
+    ``value_steps`` of them are drawn uniformly without replacement and each has
+    inclusion probability ``value_steps / #other``. Dividing each term by its inclusion
+    probability (Horvitz–Thompson) keeps the KL value unbiased for the all-steps sum."""
+    others = [i for i in range(num_steps) if i not in grad_steps]
+    chosen = {i: 1.0 for i in grad_steps}
+    if value_steps is None or value_steps >= len(others):
+        chosen.update({i: 1.0 for i in others})
+    elif value_steps > 0:
+        pick = torch.randperm(len(others), generator=generator)[:value_steps]
+        p = value_steps / len(others)
+        chosen.update({others[int(j)]: p for j in pick})
+    return chosen
+
+
+class ChainKLAccumulator:
+    """Collects the chain KL along one sampling pass, as an ``on_step`` hook of
+    :func:`cdalign.sampling.sample_latents`.
+
+    ``reference``: predictor of the base (or a component) evaluated on the same x_t.
+    ``steps``: step -> inclusion probability (see :func:`choose_kl_steps`).
+    After sampling, ``per_sample`` is the KL estimate per sample (B,), carrying gradient
+    from the tracked steps."""
+
+    def __init__(self, reference, chain: DDIMChain, estimator: str, steps: dict[int, float]):
+        self.reference, self.chain, self.estimator, self.steps = reference, chain, estimator, steps
+        self.weights = step_weights(chain, estimator)
+        self.per_sample: torch.Tensor | float = 0.0
+        self.reference_calls = 0
+
+    def __call__(self, i: int, x_t: torch.Tensor, eps: torch.Tensor, tracked: bool) -> None:
+        p = self.steps.get(i)
+        if p is None:
+            return
+        eps_ref = self.reference(x_t, self.chain.timesteps[i])
+        self.reference_calls += 1
+        self.per_sample = self.per_sample + step_kl(eps, eps_ref, float(self.weights[i]) / p, self.estimator)

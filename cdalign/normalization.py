@@ -1,0 +1,86 @@
+"""Reward normalisation in base-model standard deviations (METHOD.md §1).
+
+``r_norm = (r − m)/s`` with m, s the reward's mean and std on base-model samples of the
+training prompts. Statistics are cached as JSON under a key naming the reward, the base
+model, the prompts and the sampler settings, and reused only when the key matches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class RewardStats:
+    mean: float
+    std: float
+    count: int
+
+    def normalize(self, values: torch.Tensor) -> torch.Tensor:
+        return (values - self.mean) / self.std
+
+
+def stats_from_samples(values: torch.Tensor, min_std: float = 1e-6) -> RewardStats:
+    """Mean and (unbiased) std of gathered base-model reward values (N,). A reward that is
+    constant on the base model cannot be normalised: its std is floored at ``min_std``."""
+    values = values.double().flatten()
+    if values.numel() < 2:
+        raise ValueError("reward normalisation needs at least 2 base-model samples")
+    if not torch.isfinite(values).all():
+        raise ValueError("non-finite reward values on base-model samples; cannot normalise")
+    return RewardStats(float(values.mean()), max(float(values.std()), min_std), int(values.numel()))
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("CDALIGN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cdalign")
+    return Path(root) / "normalization"
+
+
+def cache_key(fields: dict) -> str:
+    """A stable hash of the JSON-serialisable ``fields`` (reward, model, prompts, sampler)."""
+    blob = json.dumps(fields, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def prompts_fingerprint(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
+class NormalizationCache:
+    """One JSON file per key: ``{"key_fields": ..., "stats": {"mean", "std", "count"}}``."""
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self.directory = Path(directory) if directory else default_cache_dir()
+
+    def _path(self, fields: dict) -> Path:
+        return self.directory / f"{fields.get('reward', 'reward')}-{cache_key(fields)}.json"
+
+    def load(self, fields: dict) -> RewardStats | None:
+        path = self._path(fields)
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if data.get("key_fields") != json.loads(json.dumps(fields, default=str)):
+            return None
+        s = data["stats"]
+        if not (math.isfinite(s["mean"]) and math.isfinite(s["std"]) and s["std"] > 0):
+            return None
+        return RewardStats(float(s["mean"]), float(s["std"]), int(s["count"]))
+
+    def save(self, fields: dict, stats: RewardStats) -> Path:
+        path = self._path(fields)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        payload = {"key_fields": json.loads(json.dumps(fields, default=str)), "stats": stats.__dict__}
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, path)
+        return path

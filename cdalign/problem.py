@@ -1,0 +1,108 @@
+"""The constrained problem of METHOD.md §1 as data: an objective, constraints with
+thresholds, their slacks, and the Lagrangian. Nothing here samples or trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """``E[value] >= threshold`` ("high") or ``E[value] <= threshold`` ("low").
+
+    ``source`` is a reward name, or ``"kl"`` for the chain KL to the base model (a KL
+    constraint is "low" with ``threshold`` = its ``max``)."""
+
+    name: str
+    source: str
+    direction: str
+    threshold: float
+    normalize: bool = False
+
+    @property
+    def is_kl(self) -> bool:
+        return self.source == "kl"
+
+    def slack(self, value: torch.Tensor) -> torch.Tensor:
+        """``g = b − E[r]`` for "high", ``E[r] − b`` for "low": positive means violated."""
+        return self.threshold - value if self.direction == "high" else value - self.threshold
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Minimise the chain KL (``source == "kl"``) or maximise a reward."""
+
+    source: str
+    normalize: bool = False
+
+    @property
+    def is_kl(self) -> bool:
+        return self.source == "kl"
+
+    def value(self, kl: torch.Tensor | None, rewards: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``f_0`` to minimise (scalar): KL, or minus the mean reward."""
+        return kl.mean() if self.is_kl else -rewards[self.source].mean()
+
+
+class ConstrainedProblem:
+    """Objective plus constraints. ``rewards`` passed to :meth:`evaluate` map a reward name
+    to per-sample values (B,) already normalised where the spec asks for it."""
+
+    def __init__(self, objective: Objective, constraints: list[Constraint]):
+        self.objective, self.constraints = objective, list(constraints)
+
+    @classmethod
+    def from_config(cls, config) -> "ConstrainedProblem":
+        obj = config.objective
+        objective = Objective("kl") if obj.type == "kl" else Objective(obj.reward, obj.normalize)
+        constraints = []
+        for spec in config.constraints:
+            if spec.type == "kl":
+                constraints.append(Constraint(spec.name, "kl", "low", float(spec.max)))
+            else:
+                constraints.append(Constraint(spec.name, spec.reward, spec.direction, float(spec.threshold), spec.normalize))
+        return cls(objective, constraints)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.constraints]
+
+    @property
+    def needs_kl(self) -> bool:
+        return self.objective.is_kl or any(c.is_kl for c in self.constraints)
+
+    @property
+    def reward_names(self) -> list[str]:
+        """Rewards the problem reads, objective first, without repeats."""
+        names = [] if self.objective.is_kl else [self.objective.source]
+        for c in self.constraints:
+            if not c.is_kl and c.source not in names:
+                names.append(c.source)
+        return names
+
+    def normalized(self, source: str) -> bool:
+        """Whether ``source`` is used in normalised units (by the objective or a constraint)."""
+        specs = [c.normalize for c in self.constraints if c.source == source]
+        if self.objective.source == source:
+            specs.append(self.objective.normalize)
+        return any(specs)
+
+    def values(self, kl: torch.Tensor | None, rewards: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-constraint batch means E[value] (m,), differentiable."""
+        if not self.constraints:
+            return torch.zeros(0)
+        return torch.stack([(kl if c.is_kl else rewards[c.source]).mean() for c in self.constraints])
+
+    def slacks(self, values: torch.Tensor) -> torch.Tensor:
+        if not self.constraints:
+            return values
+        return torch.stack([c.slack(values[j]) for j, c in enumerate(self.constraints)])
+
+    @staticmethod
+    def lagrangian(objective: torch.Tensor, slacks: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
+        """``L(θ, λ) = f_0(θ) + Σ_i λ_i g_i(θ)`` (λ treated as constants in the primal step)."""
+        if slacks.numel() == 0:
+            return objective
+        return objective + (multipliers.to(slacks) * slacks).sum()

@@ -1,0 +1,105 @@
+"""Prompt sources: a named set shipped with cdalign, a local file, or a Hub dataset.
+
+A prompt source is anything that gives a list of strings; the trainer draws micro-batch
+prompts from it with a seeded generator (same prompts on every run with that seed)."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .registry import Registry
+
+PROMPT_SETS: Registry[Callable[[], list[str]]] = Registry("prompt set")
+
+
+def _packaged(name: str) -> Callable[[], list[str]]:
+    def load() -> list[str]:
+        text = resources.files("cdalign").joinpath("data", "prompts", f"{name}.txt").read_text(encoding="utf-8")
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    return load
+
+
+# The DDPO "simple animals" list (45 names) used by the paper's multi-reward experiment,
+# and its six held-out evaluation animals (METHOD.md §1).
+PROMPT_SETS.register("animals", _packaged("animals"))
+PROMPT_SETS.register("animals_eval", _packaged("animals_eval"))
+PROMPT_SETS.register("shapes", _packaged("shapes"))
+
+
+def load_prompts(
+    source: str | Sequence[str] | Callable[[], Sequence[str]],
+    column: str = "prompt",
+    split: str = "train",
+    revision: str | None = None,
+) -> list[str]:
+    """Resolve ``source`` to a non-empty list of prompts.
+
+    - a list of strings or a zero-argument callable returning one;
+    - a registered set name (``PROMPT_SETS``: animals, animals_eval, shapes, ...);
+    - a local ``.txt`` (one prompt per line), ``.json`` (list of strings, or list of
+      objects with ``column``) or ``.jsonl`` (objects with ``column``) file;
+    - otherwise a Hub dataset id loaded with ``datasets.load_dataset(source, split=split)``
+      whose ``column`` holds the prompts.
+    """
+    if callable(source):
+        prompts = list(source())
+        where = getattr(source, "__name__", "prompt callable")
+    elif not isinstance(source, str):
+        prompts, where = list(source), "prompt list"
+    elif source in PROMPT_SETS:
+        prompts, where = PROMPT_SETS.get(source)(), f"prompt set {source!r}"
+    elif Path(source).suffix in (".txt", ".json", ".jsonl") or Path(source).is_file():
+        prompts, where = _from_file(Path(source), column), f"prompt file {source!r}"
+    else:
+        prompts, where = _from_hub(source, column, split, revision), f"Hub dataset {source!r}"
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"{where}: prompts must be strings, got {type(bad[0]).__name__}")
+    prompts = [p.strip() for p in prompts if p.strip()]
+    if not prompts:
+        raise ValueError(f"{where} holds no prompts; give a non-empty prompt set")
+    return prompts
+
+
+def _from_file(path: Path, column: str) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"prompt file {str(path)!r} does not exist; give a file path, a Hub dataset id, "
+            f"or one of the prompt sets {PROMPT_SETS.names()}"
+        )
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        return text.splitlines()
+    try:
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+    except json.JSONDecodeError as err:
+        raise ValueError(f"prompt file {str(path)!r} is not valid JSON: {err}") from err
+    if not isinstance(rows, list):
+        raise ValueError(f"prompt file {str(path)!r}: expected a list of prompts or of objects with {column!r}")
+    out = []
+    for k, row in enumerate(rows):
+        if isinstance(row, dict):
+            if column not in row:
+                raise ValueError(f"prompt file {str(path)!r}, item {k}: no {column!r} key (set prompt_column)")
+            row = row[column]
+        out.append(row)
+    return out
+
+
+def _from_hub(dataset_id: str, column: str, split: str, revision: str | None) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, split=split, revision=revision)
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as err:
+        raise ValueError(
+            f"prompts={dataset_id!r} is neither a prompt set ({', '.join(PROMPT_SETS.names())}), nor a local "
+            f".txt/.json/.jsonl file, nor a loadable Hub dataset ({type(err).__name__}: {err})"
+        ) from err
+    if column not in ds.column_names:
+        raise ValueError(f"Hub dataset {dataset_id!r} has no column {column!r}; columns: {ds.column_names} (set prompt_column)")
+    return list(ds[column])
