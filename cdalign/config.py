@@ -1,0 +1,1125 @@
+"""Configuration of a constrained alignment run: dataclasses whose fields document
+themselves, and one parser for the command line and YAML recipes.
+
+    minimise_θ  f_0(θ)   subject to   g_i(θ) ≤ 0,   i = 1..m
+
+``objective`` is f_0 (the chain KL to the base model, or minus a reward),
+``constraints`` are the g_i (reward thresholds in either direction, or a KL budget),
+``dual`` says how the multipliers λ_i are updated. See ``docs/METHOD.md`` section 1.
+
+A recipe is a YAML file whose keys are the fields below; on the command line
+``--config recipe.yaml`` loads it and ``--field value`` flags override it
+(``--dual.kappa_i 0.1`` for a field of a nested spec, ``--constraints '<YAML list>'``
+for the whole constraint list).
+
+Field metadata: ``help`` (required), and optionally ``choices`` (allowed values) and
+bounds ``ge``/``gt``/``le``/``lt`` that :meth:`ConstrainedDDPOConfig.validate` enforces
+and ``--help`` prints. Rules that relate several fields live in ``_check_problem``,
+``_check_sampler`` and ``_check_run``.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = [
+    "ObjectiveSpec",
+    "ConstraintSpec",
+    "DualSpec",
+    "ConstrainedDDPOConfig",
+    "parse_config",
+    "load_config_file",
+    "config_from_dict",
+    "config_to_dict",
+    "save_config",
+    "build_parser",
+]
+
+OBJECTIVE_TYPES = ("kl", "reward")
+CONSTRAINT_TYPES = ("reward", "kl")
+DIRECTIONS = ("high", "low")
+DUAL_OPTIMIZERS = ("ascent", "nupi")
+ESTIMATORS = ("reward_backprop",)
+BACKPROP_STRATEGIES = ("fixed", "uniform", "gaussian")
+KL_ESTIMATORS = ("path", "uniform")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+REPORT_TO = ("none", "all", "tensorboard", "wandb", "trackio")
+
+# On the command line these spell "no value" for a field whose type allows None.
+_CLI_NONE = ("none", "null", "~")
+_CLI_TRUE = ("true", "yes", "on", "1")
+_CLI_FALSE = ("false", "no", "off", "0")
+
+
+# ---------------------------------------------------------------------------------
+# The problem: objective, constraints, dual updates
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ObjectiveSpec:
+    """What is minimised: f_0 = KL(p_θ ‖ q) (the paper's main form), or f_0 = −E[r_0]."""
+
+    type: str = field(
+        default="kl",
+        metadata={
+            "help": "What the primal step minimises. 'kl': the chain KL(p_θ ‖ q) to the base model "
+            "(the paper's main form: stay close to the base while constraints hold). 'reward': "
+            "maximise E[r_0] of `objective.reward` (then bound drift with a `type: kl` constraint).",
+            "choices": OBJECTIVE_TYPES,
+        },
+    )
+    reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Registry name of the reward r_0 to maximise (see cdalign.rewards.available_rewards()). "
+            "Required when objective.type is 'reward'; must be unset when it is 'kl'."
+        },
+    )
+    normalize: bool = field(
+        default=True,
+        metadata={
+            "help": "Maximise the reward in base-model standard units, (r_0 − m_0)/s_0, with m_0 and s_0 "
+            "estimated on base-model samples (see normalization_batches). Rescales the reward's gradient "
+            "to a comparable size across rewards. Ignored when objective.type is 'kl'."
+        },
+    )
+
+
+@dataclass
+class ConstraintSpec:
+    """One constraint g_i ≤ 0 of the Lagrangian L = f_0 + Σ_i λ_i g_i.
+
+    - reward, direction 'high':  E[r_i] ≥ threshold,  g_i = threshold − E[r_i]
+    - reward, direction 'low':   E[r_i] ≤ threshold,  g_i = E[r_i] − threshold
+    - kl:                        KL(p_θ ‖ q) ≤ max,   g_i = KL − max
+    """
+
+    type: str = field(
+        default="reward",
+        metadata={
+            "help": "'reward': bound the expected value of `reward` by `threshold` (in `direction`). "
+            "'kl': bound the chain KL(p_θ ‖ q) to the base model by `max` (at most one such constraint, "
+            "and only with a reward objective).",
+            "choices": CONSTRAINT_TYPES,
+        },
+    )
+    reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward constraints: registry name of the reward r_i (see "
+            "cdalign.rewards.available_rewards()). Must be unset for 'kl' constraints."
+        },
+    )
+    direction: str = field(
+        default="high",
+        metadata={
+            "help": "Reward constraints: 'high' requires E[r_i] ≥ threshold (e.g. the paper's MPS ≥ +0.5σ); "
+            "'low' requires E[r_i] ≤ threshold (e.g. the paper's saturation ≤ −0.5σ). Ignored for 'kl' "
+            "constraints, which are always upper bounds.",
+            "choices": DIRECTIONS,
+        },
+    )
+    threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Reward constraints (required): the bound b_i. With normalize (the default) it is in "
+            "base-model standard deviations from the base-model mean, so 0.5 means 'half a std above what "
+            "the base model scores'; otherwise in the reward's raw units. Must be unset for 'kl' constraints."
+        },
+    )
+    normalize: bool = field(
+        default=True,
+        metadata={
+            "help": "Reward constraints: state E[r_i] and the threshold in base-model std units, "
+            "(r_i − m_i)/s_i (the paper's convention). Ignored for 'kl' constraints."
+        },
+    )
+    max: float | None = field(
+        default=None,
+        metadata={
+            "help": "KL constraints (required, > 0): the budget ε in KL(p_θ ‖ q) ≤ ε, in nats per image, "
+            "measured by `kl_estimator` (so 'path' and 'uniform' budgets are not interchangeable). "
+            "Must be unset for reward constraints.",
+            "gt": 0.0,
+        },
+    )
+
+    @property
+    def name(self) -> str:
+        """A stable display name for logs and metrics: ``<reward>_<direction>`` for a
+        reward constraint (e.g. ``saturation_low``), ``kl`` for the KL constraint.
+        Unique within a valid config."""
+        if self.type == "kl":
+            return "kl"
+        return f"{self.reward or 'reward'}_{self.direction}"
+
+
+@dataclass
+class DualSpec:
+    """How the multipliers λ_i ≥ 0 are updated from the slacks g_i (averaged over the
+    whole global batch of a dual step)."""
+
+    optimizer: str = field(
+        default="nupi",
+        metadata={
+            "help": "Dual update rule. 'ascent': projected gradient ascent λ ← max(0, λ + lr·g). "
+            "'nupi': the νPI controller (Sohrabi et al. 2024), λ ← max(0, λ + kappa_i·e + kappa_p·(ξ_t − ξ_{t−1})) "
+            "with ξ_t = nu·ξ_{t−1} + (1 − nu)·e; the paper's choice.",
+            "choices": DUAL_OPTIMIZERS,
+        },
+    )
+    lr: float = field(
+        default=0.05,
+        metadata={
+            "help": "Step size η of 'ascent' (λ units per unit of slack). Not used by 'nupi', whose "
+            "integral gain `kappa_i` plays the same role (nupi with nu=0, kappa_p=0 is ascent with step kappa_i).",
+            "gt": 0.0,
+        },
+    )
+    kappa_i: float = field(
+        default=0.05,
+        metadata={"help": "'nupi' integral gain κ_i (the paper: 0.05).", "ge": 0.0},
+    )
+    kappa_p: float = field(
+        default=0.0,
+        metadata={
+            "help": "'nupi' proportional gain κ_p, applied to the change of the smoothed error (the paper: 0; "
+            "a positive value damps oscillations of λ).",
+            "ge": 0.0,
+        },
+    )
+    nu: float = field(
+        default=0.1,
+        metadata={
+            "help": "'nupi' smoothing ν of the error average ξ, in [0, 1) (the paper: 0.1).",
+            "ge": 0.0,
+            "lt": 1.0,
+        },
+    )
+    init: float | list[float] = field(
+        default=0.2,
+        metadata={
+            "help": "Initial λ ≥ 0: one value for every constraint, or a list with one value per constraint "
+            "in the order of `constraints` (the paper: 0.2).",
+            "ge": 0.0,
+        },
+    )
+    update_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Micro-batches between dual updates (slacks are averaged over them and over all processes). "
+            "Default (unset): gradient_accumulation_steps, i.e. one dual step per optimiser step. The paper "
+            "updated every 5 micro-batches of 4 images.",
+            "ge": 1,
+        },
+    )
+    warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Number of dual steps over which the gains (lr, or kappa_i and kappa_p) ramp linearly from "
+            "warmup_start × gain to the full gain; 0 disables warm-up (the paper: 10).",
+            "ge": 0,
+        },
+    )
+    warmup_start: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of the gains used at the first dual step of the warm-up, in [0, 1].", "ge": 0.0, "le": 1.0},
+    )
+    freeze: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep λ fixed at `init` (no dual updates): a weighted-penalty run, the paper's "
+            "'equal weights' baseline when init is the same for every constraint."
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ConstrainedDDPOConfig:
+    """Everything a constrained alignment run needs; every field is a YAML key and a
+    ``--flag``. Build one with :func:`parse_config`, :func:`load_config_file` or
+    :func:`config_from_dict` (these validate), or directly and then call
+    :meth:`validate` (construction alone does not validate, so a config can be built
+    up field by field)."""
+
+    # model
+    pretrained_model_name_or_path: str = field(
+        default="cdalign/tiny-random-sd",
+        metadata={
+            "help": "Base model q: an embedded model name (cdalign/tiny-random-sd, for tests), a local "
+            "diffusers folder, or a Hub id of a Stable Diffusion 1.x/2.x pipeline (the paper: "
+            "stable-diffusion-v1-5)."
+        },
+    )
+    revision: str | None = field(
+        default=None, metadata={"help": "Hub branch, tag or commit of the base model; unset = the default branch."}
+    )
+    variant: str | None = field(
+        default=None, metadata={"help": "Weight file variant of the base model, e.g. 'fp16'; unset = the full-precision files."}
+    )
+    # prompts
+    prompts: str = field(
+        default="tiny",
+        metadata={
+            "help": "Training prompts: a prompt-set registry name (e.g. the paper's animal names), a .txt file "
+            "(one prompt per line), a .json list or .jsonl file, or a Hub dataset id (see prompt_column, prompt_split)."
+        },
+    )
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Column (or .json/.jsonl key) that holds the prompt text, for dataset sources."}
+    )
+    prompt_split: str = field(default="train", metadata={"help": "Split to read when `prompts` is a Hub dataset id."})
+    eval_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts for the end-of-training evaluation, in the same forms as `prompts`; unset = "
+            "`prompts`. The paper evaluated on held-out animals (snail, hippopotamus, cheetah, …)."
+        },
+    )
+    # problem
+    objective: ObjectiveSpec = field(
+        default_factory=ObjectiveSpec, metadata={"help": "What is minimised (a mapping; see the objective.* fields)."}
+    )
+    constraints: list[ConstraintSpec] = field(
+        default_factory=list,
+        metadata={
+            "help": "The constraints, a list of mappings with the keys listed below. May be empty only with a "
+            "reward objective (plain reward fine-tuning). On the command line: a YAML or JSON list, e.g. "
+            "--constraints '[{reward: saturation, direction: low, threshold: -0.5}]'."
+        },
+    )
+    dual: DualSpec = field(
+        default_factory=DualSpec, metadata={"help": "Dual (multiplier) updates (a mapping; see the dual.* fields)."}
+    )
+    # sampler
+    num_inference_steps: int = field(
+        default=20, metadata={"help": "DDIM sampling steps T per image (the paper: 15).", "ge": 1}
+    )
+    eta: float = field(
+        default=1.0,
+        metadata={
+            "help": "DDIM η in [0, 1]; 1 (the paper) makes every step Gaussian. The exact chain KL "
+            "(kl_estimator 'path') needs η > 0.",
+            "ge": 0.0,
+            "le": 1.0,
+        },
+    )
+    guidance_scale: float = field(
+        default=5.0,
+        metadata={"help": "Classifier-free guidance w in ε̃ = ε_u + w·(ε_c − ε_u); 1 = no guidance (the paper: 5).", "ge": 0.0},
+    )
+    resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "Image side in pixels; unset = the model's default (512 for SD 1.5). Must suit the model "
+            "(a multiple of the VAE scale factor, 8 for SD), which is checked when the model is loaded.",
+            "ge": 1,
+        },
+    )
+    # gradient estimator
+    estimator: str = field(
+        default="reward_backprop",
+        metadata={
+            "help": "Primal gradient estimator. 'reward_backprop' (the paper's): backpropagate differentiable "
+            "rewards and the KL through the last K sampling steps and the VAE decoder.",
+            "choices": ESTIMATORS,
+        },
+    )
+    backprop_strategy: str = field(
+        default="fixed",
+        metadata={
+            "help": "How K, the number of final sampling steps the gradient flows through, is chosen per batch. "
+            "'fixed': K = backprop_steps. 'uniform': K ~ U{backprop_min_steps, …, backprop_steps}. 'gaussian' "
+            "(the paper's): a cut-off index ~ N(backprop_gaussian_mean·T, backprop_gaussian_std), rounded and clipped "
+            "to [1, T−1], and K = T − index (about 0.2·T with the paper's settings).",
+            "choices": BACKPROP_STRATEGIES,
+        },
+    )
+    backprop_steps: int = field(
+        default=4,
+        metadata={"help": "K for 'fixed'; the upper bound of K for 'uniform'. In [1, num_inference_steps].", "ge": 1},
+    )
+    backprop_min_steps: int = field(
+        default=1,
+        metadata={"help": "Lower bound of K for 'uniform', in [1, backprop_steps].", "ge": 1},
+    )
+    backprop_gaussian_mean: float = field(
+        default=0.8,
+        metadata={
+            "help": "'gaussian': mean of the cut-off index as a fraction of T, in (0, 1] (the paper: 0.8, i.e. "
+            "gradient through the last ~20% of the steps).",
+            "gt": 0.0,
+            "le": 1.0,
+        },
+    )
+    backprop_gaussian_std: float = field(
+        default=5.0,
+        metadata={"help": "'gaussian': std of the cut-off index, in sampling steps (the paper: 5).", "ge": 0.0},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Checkpoint each UNet call: memory flat in K for about one extra forward pass per step."},
+    )
+    # KL
+    kl_estimator: str = field(
+        default="path",
+        metadata={
+            "help": "How KL(p_θ ‖ q) is computed along the sampled chain. 'path' (default): the exact chain KL, "
+            "Σ_t c_t²/(2σ_t²)·‖ε̃_θ − ε̃_q‖² summed over latent elements (nats per image). 'uniform': the "
+            "paper's code, the unweighted mean of (ε̃_θ − ε̃_q)² over steps and elements (use it to reproduce "
+            "the paper's numbers).",
+            "choices": KL_ESTIMATORS,
+        },
+    )
+    kl_value_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Base-model predictions per chain for the KL: unset = at every step (exact for the sampled "
+            "path); m = at m steps drawn uniformly at random, without gradient, and rescaled by T/m (an unbiased, "
+            "cheaper estimate of the same sum). In [1, num_inference_steps].",
+            "ge": 1,
+        },
+    )
+    # LoRA
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank r of the trained adapter (the paper: 4).", "ge": 1})
+    lora_alpha: float = field(
+        default=4.0, metadata={"help": "LoRA α; the adapter's update is scaled by α/r (the paper: α = r).", "gt": 0.0}
+    )
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        metadata={
+            "help": "UNet module names that receive LoRA layers (the paper: the attention projections "
+            "to_q to_k to_v to_out.0). On the command line: space-separated."
+        },
+    )
+    # optimisation
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "AdamW learning rate of the LoRA weights (the paper: 1e-3).", "gt": 0.0}
+    )
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW β1, in [0, 1).", "ge": 0.0, "lt": 1.0})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW β2, in [0, 1).", "ge": 0.0, "lt": 1.0})
+    adam_weight_decay: float = field(
+        default=1e-4, metadata={"help": "AdamW decoupled weight decay (the paper: 1e-4).", "ge": 0.0}
+    )
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW ε.", "gt": 0.0})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "Clip the LoRA gradient to this global L2 norm; unset = no clipping.", "gt": 0.0}
+    )
+    train_batch_size: int = field(
+        default=4,
+        metadata={"help": "Prompts (images) per micro-batch, per process (the paper: 4).", "ge": 1},
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Micro-batches per optimiser step; images per step = train_batch_size × this × processes "
+            "(the paper: 4 × 16 = 64).",
+            "ge": 1,
+        },
+    )
+    max_steps: int = field(default=20, metadata={"help": "Optimiser steps to train for (the paper: 20).", "ge": 1})
+    # reward normalisation
+    normalization_batches: int = field(
+        default=10,
+        metadata={
+            "help": "Batches of train_batch_size base-model samples (per process) used to estimate each "
+            "normalised reward's mean and std before training (the paper: 10 batches of 4).",
+            "ge": 1,
+        },
+    )
+    normalization_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where normalisation statistics are cached, keyed by reward, base model, prompts and sampler "
+            "settings; unset = ~/.cache/cdalign/normalization."
+        },
+    )
+    # evaluation at the end of training
+    eval_batches: int = field(
+        default=2,
+        metadata={"help": "Batches sampled from eval_prompts after training to report rewards and KL; 0 = no evaluation.", "ge": 0},
+    )
+    eval_seed: int = field(
+        default=1234,
+        metadata={"help": "Seed of the evaluation samples (the same images for the base and the trained model).", "ge": 0},
+    )
+    num_grid_images: int = field(
+        default=8, metadata={"help": "Images in the base-versus-trained comparison grid saved after evaluation; 0 = none.", "ge": 0}
+    )
+    # run
+    output_dir: str = field(
+        default="outputs/align",
+        metadata={"help": "Folder for the LoRA weights, checkpoints, config, metrics and images."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow writing into a non-empty output_dir without resuming from it (its files may be replaced)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the training run (prompts, noise, K).", "ge": 0})
+    mixed_precision: str = field(
+        default="no",
+        metadata={
+            "help": "Mixed precision of the frozen base weights and the forward passes; LoRA weights and the "
+            "optimiser stay in float32.",
+            "choices": MIXED_PRECISIONS,
+        },
+    )
+    logging_steps: int = field(default=1, metadata={"help": "Log metrics every this many optimiser steps.", "ge": 1})
+    save_steps: int = field(
+        default=0,
+        metadata={"help": "Save a resumable checkpoint every this many optimiser steps; 0 = only the final weights.", "ge": 0},
+    )
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Keep at most this many checkpoints (oldest deleted first); unset = keep all.", "ge": 1}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resume training (LoRA, optimiser, duals, RNG, step) from a checkpoint folder, or 'latest' "
+            "for the newest one in output_dir; unset = start fresh."
+        },
+    )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "Experiment trackers, comma-separated: tensorboard, wandb, trackio; or 'all' or 'none' alone. "
+            "Metrics are always written to output_dir as well."
+        },
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Upload the final LoRA weights and a model card to the Hub repo hub_model_id."},
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repo id ('user/name') for push_to_hub; required when pushing."}
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    max_nonfinite_batches: int = field(
+        default=3,
+        metadata={
+            "help": "A micro-batch whose loss or gradient is NaN/inf is skipped; stop with an error after this "
+            "many consecutive ones (0 = stop at the first).",
+            "ge": 0,
+        },
+    )
+
+    # -- derived values ------------------------------------------------------------
+
+    @property
+    def dual_update_every(self) -> int:
+        """Micro-batches between dual updates, with the default resolved."""
+        return self.dual.update_every if self.dual.update_every is not None else self.gradient_accumulation_steps
+
+    @property
+    def dual_init_values(self) -> list[float]:
+        """Initial λ, one float per constraint, in the order of ``constraints``."""
+        if isinstance(self.dual.init, list):
+            return [float(v) for v in self.dual.init]
+        return [float(self.dual.init)] * len(self.constraints)
+
+    @property
+    def report_to_list(self) -> list[str]:
+        """``report_to`` as a list of tracker names: [] for 'none', ['all'] for 'all'."""
+        names = [n.strip() for n in self.report_to.split(",")]
+        return [] if names == ["none"] else names
+
+    @property
+    def uses_kl(self) -> bool:
+        """Whether the run needs base-model predictions for a KL (objective or constraint)."""
+        return self.objective.type == "kl" or any(c.type == "kl" for c in self.constraints)
+
+    def validate(self) -> None:
+        """Check types, allowed values, ranges and the consistency of the problem; raise
+        ``ValueError`` naming the field path (e.g. ``constraints[1].direction``), the bad
+        value and the fix. Pure: it reads the config and changes nothing."""
+        _check_type(self, ConstrainedDDPOConfig, "")
+        _check_field_metadata(self, "")
+        _check_problem(self)
+        _check_sampler(self)
+        _check_run(self)
+
+
+# ---------------------------------------------------------------------------------
+# Types: conversion from YAML/CLI values (lenient) and checking of objects (strict)
+# ---------------------------------------------------------------------------------
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping ({tp.__name__})"
+    args = typing.get_args(tp)
+    if _is_union(tp):
+        return " | ".join(_type_name(a) for a in args)
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _is_optional(tp) -> bool:
+    return _is_union(tp) and type(None) in typing.get_args(tp)
+
+
+def _type_error(path: str, value, tp, hint: str = "") -> ValueError:
+    got = type(value).__name__
+    msg = f"{path or 'config'}: expected {_type_name(tp)}, got {value!r} ({got})"
+    return ValueError(msg + (f"; {hint}" if hint else ""))
+
+
+def _coerce(value, tp, path: str, lenient: bool):
+    """Return ``value`` as declared type ``tp`` or raise ``ValueError`` naming ``path``.
+
+    ``lenient`` (YAML and the command line): strings are parsed by the declared type
+    ("0.5" → 0.5, "true" → True; this also repairs YAML's reading of ``1e-3`` as a
+    string), integral floats become ints, mappings become spec dataclasses. Strict
+    (:meth:`ConstrainedDDPOConfig.validate`): only the declared types, plus ints where
+    floats are declared. Both reject bools as numbers and non-finite floats."""
+    if _is_union(tp):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            if len(members) < len(typing.get_args(tp)):
+                return None
+            raise _type_error(path, value, tp)
+        is_list = isinstance(value, list) or (lenient and isinstance(value, tuple))
+        for member in members:
+            if (typing.get_origin(member) is list) == is_list:
+                return _coerce(value, member, path, lenient)
+        raise _type_error(path, value, tp)
+    if value is None:
+        raise _type_error(path, value, tp, "this field cannot be null")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            if lenient:  # a fresh, converted copy
+                return _from_mapping(tp, {f.name: getattr(value, f.name) for f in dataclasses.fields(tp)}, path)
+            for f, hint in _fields_with_types(tp):
+                _coerce(getattr(value, f.name), hint, _join(path, f.name), lenient)
+            return value
+        if lenient and isinstance(value, Mapping):
+            return _from_mapping(tp, value, path)
+        raise _type_error(path, value, tp)
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        if not (isinstance(value, list) or (lenient and isinstance(value, tuple))):
+            raise _type_error(path, value, tp, "write a list, e.g. [a, b]")
+        return [_coerce(v, item_tp, f"{path}[{i}]", lenient) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if lenient and isinstance(value, str) and value.strip().lower() in _CLI_TRUE + _CLI_FALSE:
+            return value.strip().lower() in _CLI_TRUE
+        raise _type_error(path, value, tp, "use true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if lenient and isinstance(value, (str, float)) and not isinstance(value, bool):
+            number = _parse_float(value)
+            if number is not None and math.isfinite(number) and number.is_integer():
+                return int(number)
+        raise _type_error(path, value, tp)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif lenient and isinstance(value, str) and _parse_float(value) is not None:
+            number = _parse_float(value)
+        else:
+            raise _type_error(path, value, tp)
+        if not math.isfinite(number):
+            raise ValueError(f"{path}: must be a finite number, got {value!r}")
+        return number
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(path, value, tp, "quote it in YAML if it is meant as text")
+    raise TypeError(f"{path}: unsupported declared type {tp!r}")  # a bug in this module
+
+
+def _parse_float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fields_with_types(cls) -> list[tuple[dataclasses.Field, object]]:
+    """(field, resolved declared type) pairs of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+
+
+def _field_types(cls) -> dict[str, object]:
+    """Field name -> resolved declared type of dataclass ``cls``."""
+    return {f.name: tp for f, tp in _fields_with_types(cls)}
+
+
+def _from_mapping(cls, mapping, path: str):
+    """Build dataclass ``cls`` from a mapping, converting each value by its declared type."""
+    if not isinstance(mapping, Mapping):
+        raise _type_error(path, mapping, cls, f"valid keys: {', '.join(f.name for f in dataclasses.fields(cls))}")
+    typed = _field_types(cls)
+    problems = []
+    for key in mapping:
+        if key in typed:
+            continue
+        where = _join(path, str(key))
+        if isinstance(getattr(cls, str(key), None), property):
+            problems.append(f"{where}: is derived from the other fields and cannot be set")
+            continue
+        close = difflib.get_close_matches(str(key), list(typed), n=1)
+        suggestion = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(typed)}"
+        problems.append(f"{where}: unknown key; {suggestion}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    kwargs = {key: _coerce(value, typed[key], _join(path, key), lenient=True) for key, value in mapping.items()}
+    return cls(**kwargs)
+
+
+def _check_type(value, cls, path: str) -> None:
+    _coerce(value, cls, path, lenient=False)
+
+
+# ---------------------------------------------------------------------------------
+# Values: per-field metadata, then rules that relate fields
+# ---------------------------------------------------------------------------------
+
+_BOUNDS = {
+    "ge": (lambda v, b: v >= b, ">="),
+    "gt": (lambda v, b: v > b, ">"),
+    "le": (lambda v, b: v <= b, "<="),
+    "lt": (lambda v, b: v < b, "<"),
+}
+
+
+def _not_allowed(path: str, value, allowed) -> ValueError:
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"{path}: {value!r} is not allowed{hint}; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def _check_field_metadata(obj, path: str) -> None:
+    """Enforce each field's ``choices`` and bounds, recursing into specs."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        where = _join(path, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_field_metadata(value, where)
+            continue
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                _check_field_metadata(item, f"{where}[{i}]")
+            continue
+        if value is None:
+            continue
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise _not_allowed(where, value, choices)
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"{where}: must not be empty (leave it out to use the default)")
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            item_path = f"{where}[{i}]" if isinstance(value, list) else where
+            for key, (holds, symbol) in _BOUNDS.items():
+                if key in f.metadata and not holds(item, f.metadata[key]):
+                    raise ValueError(f"{item_path}: {item!r} is out of range; must be {symbol} {f.metadata[key]}")
+
+
+def _known_rewards() -> list[str] | None:
+    """Reward names of ``cdalign.rewards.available_rewards()``, or None (skip the check)
+    while that module or function does not exist yet. Imported lazily: it may pull in
+    torch and model code."""
+    try:
+        rewards = importlib.import_module("cdalign.rewards")
+    except ModuleNotFoundError as error:
+        if error.name == "cdalign.rewards":
+            return None
+        raise
+    available = getattr(rewards, "available_rewards", None)
+    return None if available is None else list(available())
+
+
+def _check_reward_name(path: str, name: str, known: list[str] | None) -> None:
+    if known is not None and name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"{path}: unknown reward {name!r}; {hint}available rewards: {', '.join(sorted(known))}")
+
+
+def _check_problem(cfg: ConstrainedDDPOConfig) -> None:
+    """The objective, the constraints and the duals make a well-posed problem."""
+    objective, constraints, dual = cfg.objective, cfg.constraints, cfg.dual
+    if objective.type == "reward" and objective.reward is None:
+        raise ValueError("objective.reward: required when objective.type is 'reward'; name the reward to maximise")
+    if objective.type == "kl" and objective.reward is not None:
+        raise ValueError(
+            f"objective.reward: {objective.reward!r} is only used when objective.type is 'reward'; "
+            "remove it, or set objective.type: reward to maximise it"
+        )
+
+    for i, c in enumerate(constraints):
+        where = f"constraints[{i}]"
+        if c.type == "reward":
+            if c.reward is None:
+                raise ValueError(f"{where}.reward: required for a reward constraint; name the reward to bound")
+            if c.threshold is None:
+                raise ValueError(
+                    f"{where}.threshold: required for reward constraint {c.reward!r} "
+                    f"(E[r] {'>=' if c.direction == 'high' else '<='} threshold)"
+                )
+            if c.max is not None:
+                raise ValueError(f"{where}.max: only used by kl constraints; use threshold for a reward bound")
+        else:
+            if c.max is None:
+                raise ValueError(f"{where}.max: required for a kl constraint (KL <= max, a positive number)")
+            for unused in ("reward", "threshold"):
+                if getattr(c, unused) is not None:
+                    raise ValueError(f"{where}.{unused}: not used by kl constraints (KL <= max); remove it")
+
+    known = _known_rewards()
+    if objective.type == "reward":
+        _check_reward_name("objective.reward", objective.reward, known)
+    for i, c in enumerate(constraints):
+        if c.type == "reward":
+            _check_reward_name(f"constraints[{i}].reward", c.reward, known)
+
+    kl_indices = [i for i, c in enumerate(constraints) if c.type == "kl"]
+    if len(kl_indices) > 1:
+        raise ValueError(
+            f"constraints[{kl_indices[1]}].type: more than one kl constraint (constraints{kl_indices}); "
+            "keep only the one with the smallest max"
+        )
+    if objective.type == "kl" and kl_indices:
+        # min KL s.t. KL <= max: the bound is either inactive or makes the problem infeasible.
+        raise ValueError(
+            f"constraints[{kl_indices[0]}].type: a kl constraint with objective.type 'kl' is pointless (the "
+            "objective already minimises the KL; the bound can only be inactive or infeasible); remove it, or "
+            "set objective.type: reward to maximise a reward under the KL budget"
+        )
+    if not constraints and objective.type == "kl":
+        raise ValueError(
+            "constraints: empty with objective.type 'kl', a trivial problem (the base model itself is the "
+            "optimum); add reward constraints, or set objective.type: reward for plain reward fine-tuning"
+        )
+    _check_repeated_rewards(constraints)
+
+    if isinstance(dual.init, list) and len(dual.init) != len(constraints):
+        raise ValueError(
+            f"dual.init: has {len(dual.init)} values but there are {len(constraints)} constraints; give one "
+            "value per constraint, or a single number for all"
+        )
+    if dual.optimizer == "nupi" and not dual.freeze and dual.kappa_i == 0 and dual.kappa_p == 0:
+        raise ValueError(
+            "dual.kappa_i: kappa_i and kappa_p are both 0, so λ would never move; set a gain, or dual.freeze: true "
+            "to keep λ at dual.init on purpose"
+        )
+
+
+def _check_repeated_rewards(constraints: list[ConstraintSpec]) -> None:
+    """One constraint per (reward, direction); a high and a low bound on one reward must
+    leave a non-empty interval (a two-sided band is fine)."""
+    seen: dict[tuple[str, str], int] = {}
+    for i, c in enumerate(constraints):
+        if c.type != "reward":
+            continue
+        key = (c.reward, c.direction)
+        if key in seen:
+            j = seen[key]
+            other = constraints[j]
+            if other.normalize == c.normalize:
+                tighter = max if c.direction == "high" else min
+                keep = j if tighter(other.threshold, c.threshold) == other.threshold else i
+                advice = f"keep the tighter one, constraints[{keep}] (threshold {constraints[keep].threshold})"
+            else:
+                advice = "keep one (their thresholds are in different units: normalize differs)"
+            raise ValueError(
+                f"constraints[{i}]: repeats reward {c.reward!r} with direction {c.direction!r} of constraints[{j}] "
+                f"(redundant, and both would be named {c.name!r}); {advice} and remove the other"
+            )
+        seen[key] = i
+    for (reward, direction), i in seen.items():
+        j = seen.get((reward, "low"))
+        if direction != "high" or j is None:
+            continue
+        high, low = constraints[i], constraints[j]
+        if high.normalize == low.normalize and high.threshold > low.threshold:
+            raise ValueError(
+                f"constraints[{j}].threshold: reward {reward!r} must be >= {high.threshold} (constraints[{i}]) and "
+                f"<= {low.threshold} (constraints[{j}]), an empty feasible set; make the low threshold at least "
+                "the high one, or drop one of them"
+            )
+
+
+def _check_sampler(cfg: ConstrainedDDPOConfig) -> None:
+    """Sampling, truncation and KL settings fit together."""
+    T = cfg.num_inference_steps
+    if cfg.backprop_steps > T:
+        raise ValueError(f"backprop_steps: {cfg.backprop_steps} exceeds num_inference_steps ({T}); must be in [1, {T}]")
+    if cfg.backprop_min_steps > cfg.backprop_steps:
+        raise ValueError(
+            f"backprop_min_steps: {cfg.backprop_min_steps} exceeds backprop_steps ({cfg.backprop_steps}); "
+            f"must be in [1, {cfg.backprop_steps}]"
+        )
+    if cfg.backprop_strategy == "gaussian" and T < 2:
+        raise ValueError(
+            f"num_inference_steps: {T} is too few for backprop_strategy 'gaussian' (cut-off index in [1, T-1]); "
+            "use at least 2, or backprop_strategy: fixed"
+        )
+    if cfg.kl_value_steps is not None and cfg.kl_value_steps > T:
+        raise ValueError(f"kl_value_steps: {cfg.kl_value_steps} exceeds num_inference_steps ({T}); must be in [1, {T}]")
+    if cfg.uses_kl and cfg.kl_estimator == "path" and cfg.eta == 0:
+        raise ValueError(
+            "eta: 0 makes DDIM deterministic, so the exact chain KL (kl_estimator 'path') is undefined; "
+            "use eta > 0 (the paper: 1), or kl_estimator: uniform"
+        )
+
+
+def _check_run(cfg: ConstrainedDDPOConfig) -> None:
+    """Run-level settings: normalisation sample size, trackers, Hub, LoRA targets."""
+    normalized = (cfg.objective.type == "reward" and cfg.objective.normalize) or any(
+        c.type == "reward" and c.normalize for c in cfg.constraints
+    )
+    if normalized and cfg.normalization_batches * cfg.train_batch_size < 2:
+        raise ValueError(
+            f"normalization_batches: {cfg.normalization_batches} batch(es) of {cfg.train_batch_size} image(s) "
+            "cannot estimate a standard deviation; use at least 2 images in total"
+        )
+    if not cfg.lora_target_modules:
+        raise ValueError("lora_target_modules: empty; name at least one UNet module, e.g. to_q to_k to_v to_out.0")
+    for i, name in enumerate(cfg.lora_target_modules):
+        if not name.strip():
+            raise ValueError(f"lora_target_modules[{i}]: empty module name")
+    names = [n.strip() for n in cfg.report_to.split(",")]
+    for name in names:
+        if name not in REPORT_TO:
+            raise _not_allowed("report_to", name, REPORT_TO)
+    if len(names) > 1 and ({"none", "all"} & set(names)):
+        raise ValueError(f"report_to: {cfg.report_to!r}; 'none' and 'all' must stand alone")
+    if len(set(names)) != len(names):
+        raise ValueError(f"report_to: {cfg.report_to!r} names a tracker twice")
+    if cfg.push_to_hub and cfg.hub_model_id is None:
+        raise ValueError("hub_model_id: required when push_to_hub is true; set it to 'user/repo'")
+
+
+# ---------------------------------------------------------------------------------
+# Dicts and YAML files
+# ---------------------------------------------------------------------------------
+
+
+def config_from_dict(d: Mapping) -> ConstrainedDDPOConfig:
+    """Build and validate a config from a plain mapping (YAML or JSON shaped): values are
+    converted by their declared types and unknown keys are rejected at every level."""
+    cfg = _from_mapping(ConstrainedDDPOConfig, d, "")
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: ConstrainedDDPOConfig) -> dict:
+    """A plain dict of builtins (YAML/JSON serialisable) that round-trips through
+    :func:`config_from_dict`. Derived values (``ConstraintSpec.name``) are not included."""
+    return dataclasses.asdict(cfg)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (same safe constructors) that rejects a key repeated in one
+    mapping, which plain YAML loading resolves silently to the last value."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader reports unhashable keys itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml_mapping(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: config file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"{where}: malformed YAML: {problem}") from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise ValueError(f"{path}: the top level is {kind}; a config file must be a mapping of field: value")
+    return data
+
+
+def load_config_file(path) -> ConstrainedDDPOConfig:
+    """Load and validate a YAML recipe; errors name the file."""
+    data = _read_yaml_mapping(path)
+    try:
+        return config_from_dict(data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def save_config(cfg: ConstrainedDDPOConfig, path) -> None:
+    """Write ``cfg`` as a YAML recipe that :func:`load_config_file` reads back equal."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------
+
+
+def _help_text(f: dataclasses.Field, tp) -> str:
+    parts = [f.metadata["help"]]
+    if "choices" in f.metadata:
+        parts.append(f"Choices: {', '.join(f.metadata['choices'])}.")
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = dataclasses.MISSING
+    if default is None:
+        parts.append(f"[{_type_name(tp)}; default: unset]")
+    elif isinstance(default, list):
+        parts.append(f"[{_type_name(tp)}; default: {' '.join(map(str, default))}]")
+    elif default is not dataclasses.MISSING and not dataclasses.is_dataclass(default):
+        parts.append(f"[{_type_name(tp)}; default: {default}]")
+    return " ".join(parts).replace("%", "%%")  # argparse %-formats help strings
+
+
+def _add_field_argument(group, flag: str, f: dataclasses.Field, tp) -> None:
+    kwargs = dict(dest=flag, default=argparse.SUPPRESS, help=_help_text(f, tp))
+    members = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
+    if members == [bool]:
+        kwargs.update(nargs="?", const="true", metavar="{true,false}")
+    elif any(typing.get_origin(m) is list and not dataclasses.is_dataclass(typing.get_args(m)[0]) for m in members):
+        kwargs.update(nargs="+", metavar="VALUE")
+    else:
+        kwargs.update(metavar=flag.split(".")[-1].upper())
+    group.add_argument(f"--{flag}", **kwargs)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The ``argparse`` parser behind :func:`parse_config` (all values are kept as text
+    and converted by :func:`config_from_dict`, so CLI and YAML share one conversion)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Constrained alignment of a diffusion model (arXiv 2508.19104). Give a YAML recipe with "
+        "--config; any --field flag overrides the recipe's value. Nested fields: --objective.type, "
+        "--dual.kappa_i, ...; 'null' unsets an optional field.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="YAML recipe to load first.")
+    for f, tp in _fields_with_types(ConstrainedDDPOConfig):
+        if dataclasses.is_dataclass(tp):
+            group = parser.add_argument_group(f.name, f.metadata["help"])
+            group.add_argument(
+                f"--{f.name}",
+                dest=f.name,
+                metavar="YAML",
+                default=argparse.SUPPRESS,
+                help=f"The whole {f.name} spec as a YAML/JSON mapping (replaces the recipe's); "
+                f"--{f.name}.<key> flags apply after it.",
+            )
+            for sub, sub_tp in _fields_with_types(tp):
+                _add_field_argument(group, f"{f.name}.{sub.name}", sub, sub_tp)
+        elif f.name == "constraints":
+            keys = " ".join(
+                f"{sub.name} ({_type_name(sub_tp)}, default {'unset' if sub.default is None else sub.default}): "
+                f"{sub.metadata['help']}"
+                for sub, sub_tp in _fields_with_types(ConstraintSpec)
+            )
+            parser.add_argument(
+                "--constraints",
+                dest="constraints",
+                metavar="YAML",
+                default=argparse.SUPPRESS,
+                help=(f"{f.metadata['help']} Keys of each constraint: {keys}").replace("%", "%%"),
+            )
+        else:
+            _add_field_argument(parser, f.name, f, tp)
+    return parser
+
+
+def _cli_value(text_or_list, tp, flag: str):
+    """Turn argparse text into a value for :func:`config_from_dict`: 'null' unsets an
+    optional field, YAML text where a list or mapping is expected; the rest stays text."""
+    if isinstance(text_or_list, list):
+        if len(text_or_list) == 1 and not (typing.get_origin(tp) is list):
+            return _cli_value(text_or_list[0], tp, flag)  # e.g. --dual.init 0.2 for `float | list[float]`
+        return text_or_list
+    text = text_or_list
+    if _is_optional(tp) and text.strip().lower() in _CLI_NONE:
+        return None
+    wants_structure = dataclasses.is_dataclass(tp) or typing.get_origin(tp) is list
+    if wants_structure or (_is_union(tp) and text.lstrip().startswith("[")):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"--{flag}: malformed YAML/JSON {text!r}: {getattr(error, 'problem', error)}") from None
+    return text
+
+
+def parse_config(argv: list[str] | None = None) -> ConstrainedDDPOConfig:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None) into a validated
+    config: ``--config recipe.yaml`` first, then every ``--field value`` on top of it
+    (dotted ``--dual.kappa_i 0.1`` for nested specs). ``--help`` prints every field."""
+    parser = build_parser()
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        options = [o for o in parser._option_string_actions if o.startswith("--")]
+        problems = []
+        for arg in unknown:
+            if arg.startswith("-"):
+                close = difflib.get_close_matches(arg.split("=")[0], options, n=1)
+                problems.append(f"{arg}: unknown option" + (f"; did you mean {close[0]}?" if close else ""))
+            else:
+                problems.append(f"{arg!r}: unexpected argument (values follow a --field flag)")
+        raise ValueError("; ".join(problems))
+    given = vars(namespace)
+    raw = _read_yaml_mapping(given.pop("config")) if "config" in given else {}
+    typed = _field_types(ConstrainedDDPOConfig)
+    for flag in sorted(given, key=lambda k: "." in k):  # whole specs before their dotted keys
+        if "." not in flag:
+            raw[flag] = _cli_value(given[flag], typed[flag], flag)
+            continue
+        top, key = flag.split(".", 1)
+        sub_types = _field_types(typed[top])
+        spec = raw.setdefault(top, {})
+        if spec is None:
+            spec = raw[top] = {}
+        if not isinstance(spec, dict):
+            raise ValueError(f"{top}: expected a mapping before applying --{flag}, got {spec!r}")
+        spec[key] = _cli_value(given[flag], sub_types[key], flag)
+    return config_from_dict(raw)
