@@ -21,7 +21,6 @@ and ``--help`` prints. Rules that relate several fields live in ``_check_problem
 import argparse
 import dataclasses
 import difflib
-import importlib
 import math
 import types
 import typing
@@ -416,7 +415,7 @@ class ConstrainedDDPOConfig:
     adam_weight_decay: float = field(
         default=1e-4, metadata={"help": "AdamW decoupled weight decay (the paper: 1e-4).", "ge": 0.0}
     )
-    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW ε.", "gt": 0.0})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW ε added to the denominator for numerical stability.", "gt": 0.0})
     max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "Clip the LoRA gradient to this global L2 norm; unset = no clipping.", "gt": 0.0}
     )
@@ -748,16 +747,14 @@ def _check_field_metadata(obj, path: str) -> None:
 
 def _known_rewards() -> list[str] | None:
     """Reward names of ``cdalign.rewards.available_rewards()``, or None (skip the check)
-    while that module or function does not exist yet. Imported lazily: it may pull in
-    torch and model code."""
+    when that package cannot be imported. Imported lazily: it pulls in torch. A broken
+    rewards package is not this module's error to report: building the rewards (in the
+    trainer) raises it with its own traceback."""
     try:
-        rewards = importlib.import_module("cdalign.rewards")
-    except ModuleNotFoundError as error:
-        if error.name == "cdalign.rewards":
-            return None
-        raise
-    available = getattr(rewards, "available_rewards", None)
-    return None if available is None else list(available())
+        from cdalign.rewards import available_rewards
+    except ImportError:
+        return None
+    return list(available_rewards())
 
 
 def _check_reward_name(path: str, name: str, known: list[str] | None) -> None:

@@ -1,0 +1,543 @@
+"""Specification of cdalign.config: one parser for YAML recipes and the command line,
+typed conversion, and validation errors that name the field and the fix."""
+
+import dataclasses
+import json
+import re
+import sys
+import types
+
+import pytest
+import yaml
+
+from cdalign import config as config_module
+from cdalign.config import (
+    ConstrainedDDPOConfig,
+    ConstraintSpec,
+    DualSpec,
+    ObjectiveSpec,
+    config_from_dict,
+    config_to_dict,
+    load_config_file,
+    parse_config,
+    save_config,
+)
+
+KNOWN_REWARDS = ["brightness", "local_contrast", "mps", "saturation"]
+
+
+@pytest.fixture(autouse=True)
+def known_rewards(monkeypatch):
+    """Validate reward names against a fixed list, independent of cdalign.rewards."""
+    monkeypatch.setattr(config_module, "_known_rewards", lambda: list(KNOWN_REWARDS))
+
+
+def paper_dict() -> dict:
+    """The paper's multi-reward experiment, as a recipe mapping."""
+    return {
+        "objective": {"type": "kl"},
+        "constraints": [
+            {"reward": "mps", "direction": "high", "threshold": 0.5},
+            {"reward": "saturation", "direction": "low", "threshold": -0.5},
+            {"reward": "local_contrast", "direction": "low", "threshold": -0.25},
+        ],
+        "dual": {"optimizer": "nupi", "kappa_i": 0.05, "kappa_p": 0.0, "nu": 0.1, "init": 0.2, "warmup_steps": 10},
+        "num_inference_steps": 15,
+        "backprop_strategy": "gaussian",
+        "kl_estimator": "uniform",
+        "gradient_accumulation_steps": 16,
+    }
+
+
+def with_changes(**changes) -> dict:
+    """paper_dict() with top-level keys replaced; ``dual__lr=...`` sets a nested key."""
+    d = paper_dict()
+    for key, value in changes.items():
+        if "__" in key:
+            top, sub = key.split("__")
+            d.setdefault(top, {})[sub] = value
+        else:
+            d[key] = value
+    return d
+
+
+def write_yaml(tmp_path, data, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False) if not isinstance(data, str) else data)
+    return path
+
+
+# -- dicts, files, round trips ----------------------------------------------------------
+
+
+def test_config_from_dict_builds_typed_specs():
+    cfg = config_from_dict(paper_dict())
+    assert isinstance(cfg.objective, ObjectiveSpec)
+    assert all(isinstance(c, ConstraintSpec) for c in cfg.constraints)
+    assert isinstance(cfg.dual, DualSpec)
+    assert cfg.constraints[1].threshold == -0.5 and cfg.dual.warmup_steps == 10
+
+
+def test_yaml_round_trip_preserves_config(tmp_path):
+    cfg = config_from_dict(with_changes(dual__init=[0.1, 0.2, 0.3], lora_target_modules=["to_q", "to_v"]))
+    path = tmp_path / "sub" / "config.yaml"
+    save_config(cfg, path)
+    assert load_config_file(path) == cfg
+
+
+def test_config_to_dict_is_plain_json_and_round_trips():
+    cfg = config_from_dict(paper_dict())
+    d = config_to_dict(cfg)
+    assert json.loads(json.dumps(d)) == d
+    assert config_from_dict(d) == cfg
+    assert "name" not in d["constraints"][0]  # derived, not stored
+
+
+def test_ints_become_floats_and_numeric_strings_are_converted():
+    cfg = config_from_dict(with_changes(learning_rate="1e-3", dual__kappa_i=1, max_steps="7"))
+    assert cfg.learning_rate == 1e-3 and isinstance(cfg.learning_rate, float)
+    assert cfg.dual.kappa_i == 1.0 and isinstance(cfg.dual.kappa_i, float)
+    assert cfg.max_steps == 7
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    # PyYAML reads `1e-4` as the string "1e-4"; the declared type converts it.
+    text = yaml.safe_dump(paper_dict()) + "learning_rate: 1e-4\n"
+    assert load_config_file(write_yaml(tmp_path, text)).learning_rate == 1e-4
+
+
+def test_constraint_names_are_stable_display_names():
+    cfg = config_from_dict(
+        {
+            "objective": {"type": "reward", "reward": "mps"},
+            "constraints": [{"type": "kl", "max": 2.0}, {"reward": "saturation", "direction": "low", "threshold": 0}],
+        }
+    )
+    assert [c.name for c in cfg.constraints] == ["kl", "saturation_low"]
+
+
+def test_derived_values():
+    cfg = config_from_dict(with_changes(dual__init=[0.1, 0.2, 0.3], report_to="tensorboard, wandb"))
+    assert cfg.dual_init_values == [0.1, 0.2, 0.3]
+    assert cfg.dual_update_every == 16  # unset -> gradient_accumulation_steps
+    assert cfg.report_to_list == ["tensorboard", "wandb"]
+    assert config_from_dict(with_changes(dual__init=0.3)).dual_init_values == [0.3] * 3
+    assert config_from_dict(paper_dict()).report_to_list == []
+
+
+def test_reward_objective_without_constraints_is_plain_reward_finetuning():
+    cfg = config_from_dict({"objective": {"type": "reward", "reward": "brightness"}})
+    assert cfg.constraints == []
+
+
+def test_reward_may_be_both_objective_and_constraint():
+    config_from_dict(
+        {
+            "objective": {"type": "reward", "reward": "mps"},
+            "constraints": [{"reward": "mps", "direction": "low", "threshold": 2.0}],
+        }
+    )
+
+
+def test_two_sided_band_on_one_reward_is_allowed():
+    config_from_dict(
+        {
+            "constraints": [
+                {"reward": "saturation", "direction": "high", "threshold": -1.0},
+                {"reward": "saturation", "direction": "low", "threshold": 1.0},
+            ]
+        }
+    )
+
+
+def test_construction_does_not_validate_but_validate_does():
+    cfg = ConstrainedDDPOConfig()  # defaults: KL objective, no constraints
+    with pytest.raises(ValueError, match="constraints: empty with objective.type 'kl'.*trivial"):
+        cfg.validate()
+    cfg.constraints = [ConstraintSpec(reward="mps", threshold=0.5)]
+    cfg.validate()
+
+
+def test_validate_rejects_wrong_types_set_in_python():
+    cfg = ConstrainedDDPOConfig(constraints=[ConstraintSpec(reward="mps", threshold="0.5")])
+    with pytest.raises(ValueError, match=r"constraints\[0\]\.threshold: expected float, got '0.5'"):
+        cfg.validate()
+
+
+def test_reward_check_is_skipped_without_a_rewards_module(monkeypatch):
+    monkeypatch.undo()  # the real _known_rewards
+    monkeypatch.setitem(sys.modules, "cdalign.rewards", None)  # import raises ImportError
+    assert config_module._known_rewards() is None
+    config_from_dict(with_changes(constraints=[{"reward": "not_a_reward_yet", "threshold": 0.0}]))
+
+
+def test_reward_names_come_from_available_rewards(monkeypatch):
+    monkeypatch.undo()
+    fake = types.ModuleType("cdalign.rewards")
+    fake.available_rewards = lambda: ["a", "b"]
+    monkeypatch.setitem(sys.modules, "cdalign.rewards", fake)
+    assert config_module._known_rewards() == ["a", "b"]
+
+
+# -- validation errors -------------------------------------------------------------------
+
+BAD_INPUTS = {
+    # unknown keys, at every level, with a suggestion
+    "unknown top-level key": (with_changes(learning_rat=1e-3), r"learning_rat: unknown key; did you mean 'learning_rate'"),
+    "unknown constraint key": (
+        with_changes(constraints=[{"reward": "mps", "treshold": 0.5}]),
+        r"constraints\[0\]\.treshold: unknown key; did you mean 'threshold'",
+    ),
+    "unknown dual key": (with_changes(dual__kapa_i=0.1), r"dual\.kapa_i: unknown key; did you mean 'kappa_i'"),
+    "derived key": (
+        with_changes(constraints=[{"reward": "mps", "threshold": 0.5, "name": "x"}]),
+        r"constraints\[0\]\.name: is derived",
+    ),
+    # types
+    "threshold not a number": (
+        with_changes(constraints=[{"reward": "mps", "threshold": "abc"}]),
+        r"constraints\[0\]\.threshold: expected float, got 'abc'",
+    ),
+    "list where a float is expected": (with_changes(learning_rate=[1e-3]), r"learning_rate: expected float, got \[0\.001\]"),
+    "bool as a number": (with_changes(dual__kappa_i=True), r"dual\.kappa_i: expected float, got True"),
+    "bool as an int": (with_changes(max_steps=True), r"max_steps: expected int, got True"),
+    "fractional int": (with_changes(max_steps=2.5), r"max_steps: expected int, got 2\.5"),
+    "string for a bool": (with_changes(push_to_hub="maybe"), r"push_to_hub: expected bool.*use true or false"),
+    "number for a string": (with_changes(prompts=12), r"prompts: expected str, got 12.*quote it"),
+    "constraints not a list": (with_changes(constraints={"reward": "mps"}), r"constraints: expected list\[mapping"),
+    "constraint not a mapping": (with_changes(constraints=["mps"]), r"constraints\[0\]: expected mapping \(ConstraintSpec\)"),
+    "null for a required value": (with_changes(learning_rate=None), r"learning_rate: expected float, got None"),
+    # non-finite numbers
+    "nan threshold": (
+        with_changes(constraints=[{"reward": "mps", "threshold": float("nan")}]),
+        r"constraints\[0\]\.threshold: must be a finite number",
+    ),
+    "inf kl max": (
+        {"objective": {"type": "reward", "reward": "mps"}, "constraints": [{"type": "kl", "max": float("inf")}]},
+        r"constraints\[0\]\.max: must be a finite number",
+    ),
+    "nan dual lr": (with_changes(dual__lr=float("nan")), r"dual\.lr: must be a finite number"),
+    "inf kappa_i as text": (with_changes(dual__kappa_i="inf"), r"dual\.kappa_i: must be a finite number"),
+    "nan init in list": (with_changes(dual__init=[0.1, float("nan"), 0.2]), r"dual\.init\[1\]: must be a finite number"),
+    "nan learning rate": (with_changes(learning_rate="nan"), r"learning_rate: must be a finite number"),
+    # reward names
+    "unknown constraint reward": (
+        with_changes(constraints=[{"reward": "saturaton", "threshold": 0.0}]),
+        r"constraints\[0\]\.reward: unknown reward 'saturaton'; did you mean 'saturation'",
+    ),
+    "unknown objective reward": (
+        {"objective": {"type": "reward", "reward": "aesthetics"}},
+        r"objective\.reward: unknown reward 'aesthetics'.*available rewards: brightness",
+    ),
+    # choices
+    "bad direction": (
+        with_changes(constraints=[{"reward": "mps", "threshold": 0}, {"reward": "saturation", "direction": "up", "threshold": 0}]),
+        r"constraints\[1\]\.direction: 'up' is not allowed; allowed values: 'high', 'low'",
+    ),
+    "bad constraint type": (
+        with_changes(constraints=[{"type": "entropy"}]),
+        r"constraints\[0\]\.type: 'entropy' is not allowed; allowed values: 'reward', 'kl'",
+    ),
+    "bad objective type": (with_changes(objective={"type": "kll"}), r"objective\.type: 'kll' is not allowed \(did you mean 'kl'\?\)"),
+    "bad dual optimizer": (with_changes(dual__optimizer="pid"), r"dual\.optimizer: 'pid' is not allowed; allowed values: 'ascent', 'nupi'"),
+    "bad backprop strategy": (with_changes(backprop_strategy="normal"), r"backprop_strategy: 'normal' is not allowed"),
+    "bad kl estimator": (with_changes(kl_estimator="exact"), r"kl_estimator: 'exact' is not allowed; allowed values: 'path', 'uniform'"),
+    "bad mixed precision": (with_changes(mixed_precision="fp32"), r"mixed_precision: 'fp32' is not allowed"),
+    "bad estimator": (with_changes(estimator="ppo"), r"estimator: 'ppo' is not allowed"),
+    "bad report_to": (with_changes(report_to="tensorboard,mlflow"), r"report_to: 'mlflow' is not allowed"),
+    "report_to none with others": (with_changes(report_to="none,wandb"), r"report_to: 'none,wandb'; 'none' and 'all' must stand alone"),
+    # the problem
+    "reward objective without reward": ({"objective": {"type": "reward"}}, r"objective\.reward: required when objective\.type is 'reward'"),
+    "kl objective with a reward": (
+        with_changes(objective={"type": "kl", "reward": "mps"}),
+        r"objective\.reward: 'mps' is only used when objective\.type is 'reward'",
+    ),
+    "reward constraint without threshold": (
+        with_changes(constraints=[{"reward": "mps"}]),
+        r"constraints\[0\]\.threshold: required for reward constraint 'mps'",
+    ),
+    "reward constraint without reward": (
+        with_changes(constraints=[{"threshold": 0.5}]),
+        r"constraints\[0\]\.reward: required for a reward constraint",
+    ),
+    "reward constraint with max": (
+        with_changes(constraints=[{"reward": "mps", "threshold": 0.5, "max": 1.0}]),
+        r"constraints\[0\]\.max: only used by kl constraints",
+    ),
+    "kl constraint without max": (
+        {"objective": {"type": "reward", "reward": "mps"}, "constraints": [{"type": "kl"}]},
+        r"constraints\[0\]\.max: required for a kl constraint",
+    ),
+    "kl constraint with max zero": (
+        {"objective": {"type": "reward", "reward": "mps"}, "constraints": [{"type": "kl", "max": 0}]},
+        r"constraints\[0\]\.max: 0\.0 is out of range; must be > 0",
+    ),
+    "kl constraint with a threshold": (
+        {"objective": {"type": "reward", "reward": "mps"}, "constraints": [{"type": "kl", "max": 1, "threshold": 1}]},
+        r"constraints\[0\]\.threshold: not used by kl constraints",
+    ),
+    "two kl constraints": (
+        {"objective": {"type": "reward", "reward": "mps"}, "constraints": [{"type": "kl", "max": 1}, {"type": "kl", "max": 2}]},
+        r"constraints\[1\]\.type: more than one kl constraint",
+    ),
+    "kl objective and kl constraint": (
+        with_changes(constraints=[{"reward": "mps", "threshold": 0.5}, {"type": "kl", "max": 1.0}]),
+        r"constraints\[1\]\.type: a kl constraint with objective\.type 'kl' is pointless",
+    ),
+    "kl objective without constraints": (with_changes(constraints=[]), r"constraints: empty with objective\.type 'kl'.*trivial"),
+    "contradictory bounds": (
+        with_changes(
+            constraints=[
+                {"reward": "saturation", "direction": "high", "threshold": 0.5},
+                {"reward": "saturation", "direction": "low", "threshold": 0.2},
+            ]
+        ),
+        r"constraints\[1\]\.threshold: reward 'saturation' must be >= 0\.5 \(constraints\[0\]\) and <= 0\.2.*empty feasible set",
+    ),
+    "redundant bounds": (
+        with_changes(
+            constraints=[
+                {"reward": "mps", "direction": "high", "threshold": 0.5},
+                {"reward": "mps", "direction": "high", "threshold": 0.8},
+            ]
+        ),
+        r"constraints\[1\]: repeats reward 'mps' with direction 'high'.*keep the tighter one, constraints\[1\] \(threshold 0\.8\)",
+    ),
+    # duals
+    "init list of the wrong length": (
+        with_changes(dual__init=[0.2, 0.2]),
+        r"dual\.init: has 2 values but there are 3 constraints",
+    ),
+    "negative init": (with_changes(dual__init=-0.1), r"dual\.init: -0\.1 is out of range; must be >= 0"),
+    "negative init in list": (with_changes(dual__init=[0.1, -1, 0.1]), r"dual\.init\[1\]: -1\.0 is out of range"),
+    "nu of one": (with_changes(dual__nu=1.0), r"dual\.nu: 1\.0 is out of range; must be < 1"),
+    "zero update cadence": (with_changes(dual__update_every=0), r"dual\.update_every: 0 is out of range; must be >= 1"),
+    "warmup start above one": (with_changes(dual__warmup_start=1.5), r"dual\.warmup_start: 1\.5 is out of range; must be <= 1"),
+    "nupi without gains": (
+        with_changes(dual__kappa_i=0, dual__kappa_p=0),
+        r"dual\.kappa_i: kappa_i and kappa_p are both 0.*dual\.freeze: true",
+    ),
+    # sampler and estimator ranges
+    "no inference steps": (with_changes(num_inference_steps=0), r"num_inference_steps: 0 is out of range; must be >= 1"),
+    "negative eta": (with_changes(eta=-0.1), r"eta: -0\.1 is out of range; must be >= 0"),
+    "eta zero with path kl": (with_changes(eta=0, kl_estimator="path"), r"eta: 0 makes DDIM deterministic.*kl_estimator: uniform"),
+    "backprop steps above T": (
+        with_changes(backprop_steps=16),
+        r"backprop_steps: 16 exceeds num_inference_steps \(15\); must be in \[1, 15\]",
+    ),
+    "backprop steps zero": (with_changes(backprop_steps=0), r"backprop_steps: 0 is out of range; must be >= 1"),
+    "backprop min above max": (
+        with_changes(backprop_strategy="uniform", backprop_min_steps=5),
+        r"backprop_min_steps: 5 exceeds backprop_steps \(4\)",
+    ),
+    "gaussian with one step": (
+        with_changes(num_inference_steps=1, backprop_steps=1),
+        r"num_inference_steps: 1 is too few for backprop_strategy 'gaussian'",
+    ),
+    "kl value steps above T": (with_changes(kl_value_steps=20), r"kl_value_steps: 20 exceeds num_inference_steps \(15\)"),
+    "zero batch size": (with_changes(train_batch_size=0), r"train_batch_size: 0 is out of range; must be >= 1"),
+    "zero accumulation": (with_changes(gradient_accumulation_steps=0), r"gradient_accumulation_steps: 0 is out of range"),
+    "zero learning rate": (with_changes(learning_rate=0), r"learning_rate: 0\.0 is out of range; must be > 0"),
+    "beta of one": (with_changes(adam_beta2=1.0), r"adam_beta2: 1\.0 is out of range; must be < 1"),
+    "zero lora rank": (with_changes(lora_rank=0), r"lora_rank: 0 is out of range; must be >= 1"),
+    "no lora targets": (with_changes(lora_target_modules=[]), r"lora_target_modules: empty"),
+    "negative grad norm": (with_changes(max_grad_norm=-1), r"max_grad_norm: -1\.0 is out of range; must be > 0"),
+    "one image for a std": (
+        with_changes(train_batch_size=1, normalization_batches=1),
+        r"normalization_batches: 1 batch\(es\) of 1 image\(s\) cannot estimate a standard deviation",
+    ),
+    "empty string": (with_changes(output_dir=""), r"output_dir: must not be empty"),
+    # hub
+    "push without repo id": (with_changes(push_to_hub=True), r"hub_model_id: required when push_to_hub is true"),
+}
+
+
+@pytest.mark.parametrize("data, message", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
+def test_bad_input_raises_value_error_naming_field(data, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict(data)
+
+
+def test_several_unknown_keys_are_reported_together():
+    with pytest.raises(ValueError, match=r"lerning_rate: unknown key.*; seeed: unknown key; did you mean 'seed'"):
+        config_from_dict(with_changes(lerning_rate=1, seeed=1))
+
+
+def test_non_mapping_config_is_rejected():
+    with pytest.raises(ValueError, match=r"config: expected mapping \(ConstrainedDDPOConfig\)"):
+        config_from_dict([1, 2])
+
+
+# -- YAML files --------------------------------------------------------------------------
+
+
+def test_missing_file_is_named(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(missing))}: config file not found"):
+        load_config_file(missing)
+
+
+def test_malformed_yaml_reports_file_and_line(tmp_path):
+    path = write_yaml(tmp_path, "max_steps: 3\nconstraints: [\n  {reward: mps\nseed: 1\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:\d+:\d+: malformed YAML"):
+        load_config_file(path)
+
+
+def test_malformed_yaml_line_number_points_at_problem(tmp_path):
+    path = write_yaml(tmp_path, "max_steps: 3\nseed: 1\nbad: [1, 2\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:4:1: malformed YAML"):
+        load_config_file(path)
+
+
+@pytest.mark.parametrize("text, kind", [("- a\n- b\n", "a list"), ("", "empty"), ("42\n", "a int")])
+def test_top_level_must_be_a_mapping(tmp_path, text, kind):
+    path = write_yaml(tmp_path, text)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: the top level is {kind}; a config file must be a mapping"):
+        load_config_file(path)
+
+
+def test_duplicate_yaml_key_is_rejected(tmp_path):
+    path = write_yaml(tmp_path, yaml.safe_dump(paper_dict()) + "max_steps: 3\nmax_steps: 4\n")
+    with pytest.raises(ValueError, match=r"malformed YAML: found duplicate key 'max_steps'"):
+        load_config_file(path)
+
+
+def test_file_validation_errors_name_the_file(tmp_path):
+    path = write_yaml(tmp_path, with_changes(dual__optimizer="pid"))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: dual\.optimizer: 'pid' is not allowed"):
+        load_config_file(path)
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def test_cli_overrides_beat_yaml(tmp_path):
+    path = write_yaml(tmp_path, with_changes(max_steps=20, learning_rate=1e-3))
+    cfg = parse_config(["--config", str(path), "--max_steps", "3", "--learning_rate", "5e-4"])
+    assert cfg.max_steps == 3 and cfg.learning_rate == 5e-4
+    assert cfg.num_inference_steps == 15  # from the file
+    # order of flags does not matter: the file is always applied first
+    assert parse_config(["--max_steps", "3", "--config", str(path)]).max_steps == 3
+
+
+def test_cli_dotted_overrides_set_nested_fields(tmp_path):
+    path = write_yaml(tmp_path, paper_dict())
+    cfg = parse_config(["--config", str(path), "--dual.kappa_i", "0.1", "--dual.freeze", "--objective.normalize", "false"])
+    assert cfg.dual.kappa_i == 0.1 and cfg.dual.freeze is True
+    assert cfg.dual.warmup_steps == 10  # the file's other dual fields stay
+    assert cfg.objective.normalize is False
+
+
+def test_cli_whole_spec_then_dotted_override():
+    cfg = parse_config(
+        [
+            "--objective.reward", "mps",
+            "--objective", "{type: reward, reward: brightness}",
+            "--constraints", "[{type: kl, max: 3}]",
+        ]
+    )  # fmt: skip
+    assert cfg.objective == ObjectiveSpec(type="reward", reward="mps")
+
+
+def test_cli_constraints_as_yaml_list():
+    cfg = parse_config(["--constraints", "[{reward: mps, threshold: 0.5}, {reward: saturation, direction: low, threshold: -0.5}]"])
+    assert [c.name for c in cfg.constraints] == ["mps_high", "saturation_low"]
+    assert cfg.constraints[1].threshold == -0.5
+
+
+def test_cli_constraints_as_json_replace_the_files(tmp_path):
+    path = write_yaml(tmp_path, paper_dict())
+    cfg = parse_config(["--config", str(path), "--constraints", json.dumps([{"reward": "brightness", "threshold": 1}])])
+    assert [c.name for c in cfg.constraints] == ["brightness_high"]
+    assert cfg.dual.warmup_steps == 10
+
+
+def test_cli_malformed_constraints_yaml():
+    with pytest.raises(ValueError, match=r"--constraints: malformed YAML/JSON"):
+        parse_config(["--constraints", "[{reward: mps"])
+
+
+def test_cli_list_and_bool_forms():
+    cfg = parse_config(
+        [
+            "--constraints", "[{reward: mps, threshold: 0}, {reward: saturation, direction: low, threshold: 0}]",
+            "--lora_target_modules", "to_q", "to_k",
+            "--dual.init", "0.1", "0.3",
+            "--push_to_hub",
+            "--hub_model_id", "me/run",
+            "--overwrite_output_dir", "false",
+            "--hub_private", "yes",
+        ]
+    )  # fmt: skip
+    assert cfg.lora_target_modules == ["to_q", "to_k"]
+    assert cfg.dual.init == [0.1, 0.3]
+    assert cfg.push_to_hub is True and cfg.overwrite_output_dir is False and cfg.hub_private is True
+
+
+def test_cli_single_init_value_is_a_scalar():
+    cfg = parse_config(["--constraints", "[{reward: mps, threshold: 0}]", "--dual.init", "0.4"])
+    assert cfg.dual.init == 0.4
+    assert parse_config(["--constraints", "[{reward: mps, threshold: 0}]", "--dual.init", "[0.4]"]).dual.init == [0.4]
+
+
+def test_cli_null_unsets_optional_fields(tmp_path):
+    path = write_yaml(tmp_path, with_changes(resolution=64, max_grad_norm=1.0))
+    cfg = parse_config(["--config", str(path), "--resolution", "null", "--max_grad_norm", "None"])
+    assert cfg.resolution is None and cfg.max_grad_norm is None
+
+
+def test_cli_values_are_validated():
+    with pytest.raises(ValueError, match=r"max_steps: expected int, got 'many'"):
+        parse_config(["--constraints", "[{reward: mps, threshold: 0}]", "--max_steps", "many"])
+    with pytest.raises(ValueError, match=r"constraints\[0\]\.direction: 'up' is not allowed"):
+        parse_config(["--constraints", "[{reward: mps, direction: up, threshold: 0}]"])
+
+
+def test_cli_unknown_option_suggests_closest():
+    with pytest.raises(ValueError, match=r"--learning-rate: unknown option; did you mean --learning_rate\?"):
+        parse_config(["--learning-rate", "0.1"])
+    with pytest.raises(ValueError, match=r"--dual\.kapa_i: unknown option; did you mean --dual\.kappa_i\?"):
+        parse_config(["--dual.kapa_i", "0.1"])
+
+
+def test_cli_no_abbreviations():
+    with pytest.raises(ValueError, match=r"--learning: unknown option"):
+        parse_config(["--learning", "0.1"])
+
+
+def test_cli_missing_config_file(tmp_path):
+    with pytest.raises(ValueError, match=r"config file not found"):
+        parse_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+# -- documentation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [ObjectiveSpec, ConstraintSpec, DualSpec, ConstrainedDDPOConfig])
+def test_every_field_has_help(cls):
+    for f in dataclasses.fields(cls):
+        text = f.metadata.get("help", "")
+        assert isinstance(text, str) and len(text) > 10, f"{cls.__name__}.{f.name} has no help text"
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(ConstrainedDDPOConfig):
+        if dataclasses.is_dataclass(f.type) or f.name in ("objective", "dual"):
+            continue
+        assert f"--{f.name}" in out
+    for spec, prefix in ((ObjectiveSpec, "objective"), (DualSpec, "dual")):
+        for f in dataclasses.fields(spec):
+            assert f"--{prefix}.{f.name}" in out
+    for f in dataclasses.fields(ConstraintSpec):  # documented under --constraints
+        assert f"{f.name} (" in out
+    assert "Chain KL" in out or "chain KL" in out
+
+
+def test_yaml_nan_in_a_file_is_rejected(tmp_path):
+    path = write_yaml(tmp_path, yaml.safe_dump(paper_dict()) + "learning_rate: .nan\n")
+    with pytest.raises(ValueError, match=r"learning_rate: must be a finite number"):
+        load_config_file(path)
