@@ -608,6 +608,8 @@ def _coerce(value, tp, path: str, lenient: bool):
             if (typing.get_origin(member) is list) == is_list:
                 return _coerce(value, member, path, lenient)
         raise _type_error(path, value, tp)
+    if value is None and lenient and dataclasses.is_dataclass(tp):
+        value = {}  # `dual:` with every key commented out means the defaults
     if value is None:
         raise _type_error(path, value, tp, "this field cannot be null")
     if dataclasses.is_dataclass(tp):
@@ -634,8 +636,10 @@ def _coerce(value, tp, path: str, lenient: bool):
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if lenient and isinstance(value, (str, float)) and not isinstance(value, bool):
-            number = _parse_float(value)
+        if lenient and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        if lenient and isinstance(value, (str, float)):
+            number = _parse_float(value)  # "1e3" and 4.0 are integers too
             if number is not None and math.isfinite(number) and number.is_integer():
                 return int(number)
         raise _type_error(path, value, tp)
@@ -835,7 +839,8 @@ def _check_problem(cfg: ConstrainedDDPOConfig) -> None:
 
 def _check_repeated_rewards(constraints: list[ConstraintSpec]) -> None:
     """One constraint per (reward, direction); a high and a low bound on one reward must
-    leave a non-empty interval (a two-sided band is fine)."""
+    leave a non-empty interval (a two-sided band is fine, equal bounds pin E[r]). Bounds
+    in different units (normalize differs) cannot be compared here and are allowed."""
     seen: dict[tuple[str, str], int] = {}
     for i, c in enumerate(constraints):
         if c.type != "reward":

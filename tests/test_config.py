@@ -541,3 +541,12 @@ def test_yaml_nan_in_a_file_is_rejected(tmp_path):
     path = write_yaml(tmp_path, yaml.safe_dump(paper_dict()) + "learning_rate: .nan\n")
     with pytest.raises(ValueError, match=r"learning_rate: must be a finite number"):
         load_config_file(path)
+
+
+def test_empty_nested_spec_in_yaml_means_defaults(tmp_path):
+    text = "constraints: [{reward: mps, threshold: 0.5}]\ndual:\n  # kappa_i: 0.1\n"
+    assert load_config_file(write_yaml(tmp_path, text)).dual == DualSpec()
+
+
+def test_large_integers_keep_their_precision():
+    assert config_from_dict(with_changes(seed="12345678901234567891")).seed == 12345678901234567891
