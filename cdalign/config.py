@@ -388,9 +388,11 @@ class ConstrainedDDPOConfig:
     kl_value_steps: int | None = field(
         default=None,
         metadata={
-            "help": "Base-model predictions per chain for the KL: unset = at every step (exact for the sampled "
-            "path); m = at m steps drawn uniformly at random, without gradient, and rescaled by T/m (an unbiased, "
-            "cheaper estimate of the same sum). In [1, num_inference_steps].",
+            "help": "Base-model predictions per chain for the KL value: unset = at every step. m = at the K "
+            "gradient steps (always) plus m of the other steps, drawn uniformly without replacement and "
+            "weighted by their inverse inclusion probability: an unbiased estimate of the all-steps sum for "
+            "fewer base-model passes (the gradient is unchanged; it only flows through the K steps). In "
+            "[1, num_inference_steps]; m at or above the number of other steps means every step.",
             "ge": 1,
         },
     )
