@@ -200,13 +200,13 @@ class ConstrainedDDPOTrainer:
         pipe.set_progress_bar_config(disable=True)
 
     def _build_rewards(self, given: Mapping[str, Callable]) -> dict:
-        from .rewards import REWARDS
-
         rewards = {}
         for name, fn in given.items():
             rewards[name] = fn if isinstance(fn, torch.nn.Module) else _CallableReward(name, fn)
         for name in self.problem.reward_names:
             if name not in rewards:
+                from .rewards import REWARDS
+
                 rewards[name] = REWARDS.build(name)
         for name, r in rewards.items():
             if name in self.problem.reward_names and not getattr(r, "differentiable", True) and self.config.estimator == "reward_backprop":

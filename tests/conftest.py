@@ -1,0 +1,24 @@
+import os
+
+# Tests never reach the Hub: without this a Hub call retries for minutes.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """The seeded tiny random pipeline saved once in diffusers format."""
+    from cdalign.tiny import build_tiny_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_pipeline(seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    torch.set_num_threads(2)
+    yield
