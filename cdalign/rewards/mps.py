@@ -282,7 +282,7 @@ class MPSReward(Reward):
             mask = condition_mask(text_tokens, self.condition_tokens.expand(batch, -1, -1), self.mask_threshold)
         hidden = self.clip.vision_model(pixel_values=self.transform(images)).last_hidden_state
         image_tokens = self.clip.visual_projection(hidden)
-        mask = mask.expand(-1, image_tokens.shape[1], -1)
+        mask = mask.to(image_tokens.dtype).expand(-1, image_tokens.shape[1], -1)
         fused = self.cross_model(image_tokens, text_tokens, mask)[:, 0]
         return mps_score(prompt_features, fused, self.clip.logit_scale).float()
 
