@@ -257,9 +257,17 @@ OFFLINE_KWARGS = {
 }
 
 
-@pytest.mark.parametrize("name", MODEL_REWARDS)
-def test_model_reward_offline_with_uncached_id_fails_fast_naming_the_hub_id(name, monkeypatch):
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """Offline, with an empty Hugging Face cache (whatever this machine has cached)."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
+@pytest.mark.parametrize("name", MODEL_REWARDS)
+def test_model_reward_offline_with_uncached_id_fails_fast_naming_the_hub_id(name, empty_hub_cache):
     start = time.perf_counter()
     with pytest.raises(OSError) as info:
         build_reward(name, **OFFLINE_KWARGS[name])
@@ -268,6 +276,23 @@ def test_model_reward_offline_with_uncached_id_fails_fast_naming_the_hub_id(name
     message = str(info.value)
     assert UNCACHED in message
     assert "hf download" in message and "HF_HUB_OFFLINE" in message
+
+
+# The first Hub repo each reward resolves with its default arguments.
+DEFAULT_FIRST_HUB_ID = {
+    "aesthetic": "openai/clip-vit-large-patch14",
+    "clipscore": "openai/clip-vit-large-patch14",
+    "pickscore": "yuvalkirstain/PickScore_v1",
+    "hps_v2": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    "imagereward": "THUDM/ImageReward",
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_FIRST_HUB_ID))
+def test_model_reward_defaults_to_the_papers_hub_weights(name, empty_hub_cache):
+    with pytest.raises(RewardModelNotFoundError) as info:
+        build_reward(name)
+    assert repr(DEFAULT_FIRST_HUB_ID[name]) in str(info.value)
 
 
 def test_mps_without_model_id_explains_where_the_weights_are():

@@ -203,15 +203,20 @@ def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], p
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """Silence transformers' per-load reports (we check loading results ourselves)."""
+    """Silence transformers' per-load reports and progress bars (loading results are
+    checked by the callers instead)."""
     from transformers.utils import logging as hf_logging
 
     previous = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def from_pretrained_checked(cls, folder: Path, purpose: str, allow_unexpected: bool = False, **kwargs):
