@@ -510,11 +510,19 @@ class ConstrainedDDPOConfig:
         default=None, metadata={"help": "Hub repo id ('user/name') for push_to_hub; required when pushing."}
     )
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    reward_kwargs: dict[str, dict] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Keyword arguments for building each reward from the registry, by reward name, e.g. "
+            "{mps: {model_id: /path/to/mps-safetensors}, aesthetic: {revision: main}}. On the command line: "
+            "--reward_kwargs '{mps: {model_id: ./mps}}'."
+        },
+    )
     max_nonfinite_batches: int = field(
         default=3,
         metadata={
-            "help": "A micro-batch whose loss or gradient is NaN/inf is skipped; stop with an error after this "
-            "many consecutive ones (0 = stop at the first).",
+            "help": "A micro-batch whose rewards, KL or loss are NaN/inf is skipped with a warning; stop with an "
+            "error once more than this many were skipped in the run (0 = stop at the first).",
             "ge": 0,
         },
     )
@@ -574,6 +582,8 @@ def _type_name(tp) -> str:
         return " | ".join(_type_name(a) for a in args)
     if typing.get_origin(tp) is list:
         return f"list[{_type_name(args[0])}]"
+    if typing.get_origin(tp) is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -629,6 +639,21 @@ def _coerce(value, tp, path: str, lenient: bool):
         if not (isinstance(value, list) or (lenient and isinstance(value, tuple))):
             raise _type_error(path, value, tp, "write a list, e.g. [a, b]")
         return [_coerce(v, item_tp, f"{path}[{i}]", lenient) for i, v in enumerate(value)]
+    if typing.get_origin(tp) is dict or tp is dict:
+        key_tp, value_tp = typing.get_args(tp) or (str, dict)
+        if not isinstance(value, Mapping):
+            raise _type_error(path, value, tp, "write a mapping, e.g. {name: {key: value}}")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise _type_error(f"{path}.{k}", k, str, "keys must be names")
+            if value_tp is not dict:
+                out[k] = _coerce(v, value_tp, f"{path}.{k}", lenient)
+            elif isinstance(v, Mapping):
+                out[k] = dict(v)
+            else:
+                raise _type_error(f"{path}.{k}", v, dict, "write a mapping of keyword arguments")
+        return out
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -806,6 +831,9 @@ def _check_problem(cfg: ConstrainedDDPOConfig) -> None:
     for i, c in enumerate(constraints):
         if c.type == "reward":
             _check_reward_name(f"constraints[{i}].reward", c.reward, known)
+
+    for name in cfg.reward_kwargs:
+        _check_reward_name(f"reward_kwargs.{name}", name, known)
 
     kl_indices = [i for i, c in enumerate(constraints) if c.type == "kl"]
     if len(kl_indices) > 1:
@@ -1086,7 +1114,7 @@ def _cli_value(text_or_list, tp, flag: str):
     text = text_or_list
     if _is_optional(tp) and text.strip().lower() in _CLI_NONE:
         return None
-    wants_structure = dataclasses.is_dataclass(tp) or typing.get_origin(tp) is list
+    wants_structure = dataclasses.is_dataclass(tp) or typing.get_origin(tp) in (list, dict)
     if wants_structure or (_is_union(tp) and text.lstrip().startswith("[")):
         try:
             return yaml.safe_load(text)

@@ -180,9 +180,9 @@ class ConstrainedDDPOTrainer:
             module.requires_grad_(False)
             module.eval()
         pipe.to(self.device)
-        pipe.vae.to(dtype=weight_dtype)
-        pipe.text_encoder.to(dtype=weight_dtype)
-        pipe.unet.to(dtype=weight_dtype)
+        if weight_dtype != torch.float32:  # frozen weights in half precision; LoRA stays fp32 below
+            for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+                module.to(dtype=weight_dtype)
         # LoRA B starts at zero: the initial model *is* the base model (chain KL = 0).
         pipe.unet.add_adapter(
             LoraConfig(
@@ -207,7 +207,7 @@ class ConstrainedDDPOTrainer:
             if name not in rewards:
                 from .rewards import REWARDS
 
-                rewards[name] = REWARDS.build(name)
+                rewards[name] = REWARDS.build(name, **self.config.reward_kwargs.get(name, {}))
         for name, r in rewards.items():
             if name in self.problem.reward_names and not getattr(r, "differentiable", True) and self.config.estimator == "reward_backprop":
                 raise ValueError(
@@ -391,6 +391,7 @@ class ConstrainedDDPOTrainer:
         self.history.append(log)
         if acc.is_main_process:
             if self.config.logging_steps and self.global_step % self.config.logging_steps == 0:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
                 with open(self.output_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(log) + "\n")
             if acc.trackers:

@@ -20,5 +20,7 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _torch_threads():
-    torch.set_num_threads(2)
+    # One thread per test process: OpenMP threads spin-waiting for a busy core slow a
+    # 2-core machine down 20x whenever anything else runs (measured here).
+    torch.set_num_threads(1)
     yield

@@ -19,7 +19,7 @@ from cdalign.rewards._hub import RewardModelNotFoundError
 from cdalign.rewards._preprocess import ImageTransform, transform_from_preprocessor_config
 
 STATISTICS = ["brightness", "global_contrast", "local_contrast", "saturation", "colorfulness"]
-MODEL_REWARDS = ["aesthetic", "clipscore", "pickscore", "hps_v2", "imagereward", "mps"]
+MODEL_REWARDS = ["aesthetic", "clipscore", "pickscore", "hps", "imagereward", "mps"]
 
 
 @pytest.fixture
@@ -251,7 +251,7 @@ OFFLINE_KWARGS = {
     "aesthetic": dict(model_id=UNCACHED + "-head", clip_model_id=UNCACHED),
     "clipscore": dict(model_id=UNCACHED),
     "pickscore": dict(model_id=UNCACHED, processor_id=UNCACHED + "-processor"),
-    "hps_v2": dict(model_id=UNCACHED + "-hps", clip_config_id=UNCACHED),
+    "hps": dict(model_id=UNCACHED + "-hps", clip_config_id=UNCACHED),
     "imagereward": dict(model_id=UNCACHED, tokenizer_id=UNCACHED + "-tokenizer"),
     "mps": dict(model_id=UNCACHED + "-mps", clip_config_id=UNCACHED),
 }
@@ -283,7 +283,7 @@ DEFAULT_FIRST_HUB_ID = {
     "aesthetic": "openai/clip-vit-large-patch14",
     "clipscore": "openai/clip-vit-large-patch14",
     "pickscore": "yuvalkirstain/PickScore_v1",
-    "hps_v2": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    "hps": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
     "imagereward": "THUDM/ImageReward",
 }
 

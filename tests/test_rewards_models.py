@@ -303,7 +303,7 @@ def hps_repos(tmp_path_factory):
 
 def test_hps_v2_loads_an_open_clip_checkpoint_and_scores_cosine_like_open_clip(hps_repos):
     laion, hps, tokenizer, open_clip_sd = hps_repos
-    reward = build_reward("hps_v2", model_id=str(hps), clip_config_id=str(laion))
+    reward = build_reward("hps", model_id=str(hps), clip_config_id=str(laion))
     images = images_batch(3)
     scores = assert_differentiable_scores(reward, images)
     ids, _ = tokens(tokenizer)
@@ -315,7 +315,7 @@ def test_hps_v2_loads_an_open_clip_checkpoint_and_scores_cosine_like_open_clip(h
 def test_hps_v2_accepts_the_v2_1_file_name(hps_repos, tmp_path):
     laion, hps, _, _ = hps_repos
     (tmp_path / "HPS_v2.1_compressed.pt").write_bytes((hps / "HPS_v2_compressed.pt").read_bytes())
-    reward = build_reward("hps_v2", model_id=str(tmp_path), filename="HPS_v2.1_compressed.pt", clip_config_id=str(laion))
+    reward = build_reward("hps", model_id=str(tmp_path), filename="HPS_v2.1_compressed.pt", clip_config_id=str(laion))
     assert reward(images_batch(), PROMPTS).shape == (2,)
 
 
@@ -330,7 +330,7 @@ def test_pickled_module_checkpoint_is_refused_with_conversion_advice(hps_repos, 
     laion, _, _, _ = hps_repos
     torch.save(torch.nn.Linear(2, 2), tmp_path / "HPS_v2_compressed.pt")  # a whole module, not a state dict
     with pytest.raises(RuntimeError, match="weights_only=True"):
-        build_reward("hps_v2", model_id=str(tmp_path), clip_config_id=str(laion))
+        build_reward("hps", model_id=str(tmp_path), clip_config_id=str(laion))
 
 
 # --- ImageReward (BLIP checkpoint mapped onto transformers modules) ----------------------

@@ -59,8 +59,8 @@ class HPSv2Reward(Reward):
             and ``preprocessor_config.json`` come from.
     """
 
-    name = "hps_v2"
-    purpose = "hps_v2 reward"
+    name = "hps"
+    purpose = "hps reward"
 
     def __init__(
         self,
@@ -98,4 +98,4 @@ class HPSv2Reward(Reward):
         return hps_score(image, text).float()
 
 
-REWARDS.register("hps_v2", HPSv2Reward)
+REWARDS.register("hps", HPSv2Reward)

@@ -1,0 +1,139 @@
+"""End to end on the seeded tiny pipeline: the trainer changes the LoRA, moves the duals
+the right way, writes its outputs, and the saved LoRA reproduces the trained model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cdalign import ConstrainedDDPOTrainer, load_pipeline
+from cdalign.config import config_from_dict
+from cdalign.sampling import DiffusionSampler
+
+
+def tiny_config(tmp_path, **overrides):
+    base = dict(
+        pretrained_model_name_or_path="cdalign/tiny-random-sd",
+        prompts="shapes",
+        output_dir=str(tmp_path / "run"),
+        normalization_cache_dir=str(tmp_path / "cache"),
+        objective={"type": "kl"},
+        constraints=[
+            # +20σ is out of reach in 3 steps (violated), −20σ holds trivially (satisfied).
+            {"reward": "saturation", "direction": "high", "threshold": 20.0},
+            {"reward": "local_contrast", "direction": "high", "threshold": -20.0},
+        ],
+        dual={"optimizer": "ascent", "lr": 0.05, "init": 0.5},
+        num_inference_steps=6,
+        backprop_steps=2,
+        resolution=32,
+        train_batch_size=2,
+        max_steps=3,
+        normalization_batches=2,
+        eval_batches=1,
+        num_grid_images=2,
+        learning_rate=1e-2,
+    )
+    base.update(overrides)
+    return config_from_dict(base)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    trainer = ConstrainedDDPOTrainer(tiny_config(tmp))
+    before = {k: v.detach().clone() for k, v in trainer._lora_params().items()}
+    report = trainer.train()
+    return trainer, before, report
+
+
+def test_training_changes_the_lora(trained):
+    trainer, before, _ = trained
+    after = trainer._lora_params()
+    changed = [k for k in before if not torch.equal(before[k], after[k].detach())]
+    assert len(changed) > 0
+    assert trainer.global_step == 3
+
+
+def test_duals_rise_for_violated_and_fall_for_satisfied_constraints(trained):
+    trainer, _, _ = trained
+    violated, satisfied = trainer.duals.multipliers.tolist()
+    assert violated > 0.5
+    assert satisfied < 0.5
+
+
+def test_kl_is_zero_at_initialisation_and_positive_after_a_step(trained):
+    trainer, _, report = trained
+    assert trainer.history[0]["kl"] == 0.0  # LoRA B starts at zero: the model is the base
+    assert report["kl"]["mean"] > 0.0
+
+
+def test_run_writes_its_outputs(trained):
+    trainer, _, report = trained
+    out = trainer.output_dir
+    for name in ["pytorch_lora_weights.safetensors", "config.yaml", "log.jsonl", "report.json",
+                 "samples_base_vs_aligned.png", "duals.png"]:
+        assert (out / name).is_file(), name
+    rows = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ["loss", "kl", "reward/saturation", "reward_normalized/saturation",
+                "slack/saturation_high", "dual/saturation_high", "slack/local_contrast_high"]:
+        assert key in rows[0]
+    saved = json.loads((out / "report.json").read_text())
+    sat = saved["constraints"][0]
+    assert sat["name"] == "saturation_high" and sat["threshold"] == 20.0
+    assert sat["satisfied"] is False and saved["constraints"][1]["satisfied"] is True
+    assert sat["dual"] == pytest.approx(trainer.duals.multipliers[0].item())
+
+
+def test_saved_lora_reproduces_the_trained_model_in_a_fresh_pipeline(trained):
+    trainer, _, _ = trained
+    state = load_file(str(trainer.output_dir / "pytorch_lora_weights.safetensors"))
+    assert all(k.startswith("unet.") and "lora" in k for k in state)
+    fresh = load_pipeline("cdalign/tiny-random-sd")
+    fresh.load_lora_weights(str(trainer.output_dir))
+    prompts, seeds = ["a red circle", "a blue square"], [11, 12]
+    cfg = trainer.config
+    ours = DiffusionSampler(fresh, cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, cfg.resolution, "cpu")
+    with torch.no_grad():
+        expected = trainer.sampler.sample(trainer.sampler.guided(prompts), seeds)
+        got = ours.sample(ours.guided(prompts), seeds)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_output_dir_holding_a_run_is_refused(trained, tmp_path):
+    trainer, _, _ = trained
+    cfg = tiny_config(tmp_path, output_dir=str(trainer.output_dir))
+    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+        ConstrainedDDPOTrainer(cfg)
+
+
+def test_reward_statistics_are_cached_and_reused_only_on_matching_key(tmp_path):
+    from cdalign.normalization import NormalizationCache, RewardStats
+
+    cache = NormalizationCache(tmp_path)
+    key = {"reward": "saturation", "model": "m", "sampler": {"num_inference_steps": 6}}
+    cache.save(key, RewardStats(0.5, 0.1, 8))
+    assert cache.load(key) == RewardStats(0.5, 0.1, 8)
+    assert cache.load({**key, "sampler": {"num_inference_steps": 7}}) is None
+    assert cache.load({**key, "model": "other"}) is None
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    straight = ConstrainedDDPOTrainer(tiny_config(tmp_path / "a", max_steps=3, eval_batches=0, num_grid_images=0))
+    for _ in range(3):
+        straight.step()
+    first = ConstrainedDDPOTrainer(tiny_config(tmp_path / "b", max_steps=3, save_steps=2, eval_batches=0, num_grid_images=0))
+    first.compute_normalization()
+    for _ in range(2):
+        first.step()
+    first.save_checkpoint()
+    resumed = ConstrainedDDPOTrainer(
+        tiny_config(tmp_path / "b", max_steps=3, eval_batches=0, num_grid_images=0, resume_from_checkpoint="latest")
+    )
+    resumed.load_checkpoint(resumed.resume_path)
+    resumed.step()
+    assert resumed.duals.multipliers.tolist() == straight.duals.multipliers.tolist()
+    for k, v in straight._lora_params().items():
+        torch.testing.assert_close(resumed._lora_params()[k], v, rtol=0, atol=0)
