@@ -173,18 +173,30 @@ class ConstrainedDDPOTrainer:
             )
 
     def _prepare_models(self, weight_dtype):
-        from peft import LoraConfig
-
         pipe, cfg = self.pipe, self.config
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)
             module.eval()
+        # LoRA B starts at zero: the initial model *is* the base model (chain KL = 0). A's
+        # random init is drawn on the CPU from the run's seed, not from the global RNG.
+        pipe.unet.to("cpu")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_derived_seed(cfg.seed, 3))
+            self._add_lora(pipe.unet)
         pipe.to(self.device)
-        if weight_dtype != torch.float32:  # frozen weights in half precision; LoRA stays fp32 below
+        if weight_dtype != torch.float32:  # frozen weights in half precision
             for module in (pipe.vae, pipe.text_encoder, pipe.unet):
                 module.to(dtype=weight_dtype)
-        # LoRA B starts at zero: the initial model *is* the base model (chain KL = 0).
-        pipe.unet.add_adapter(
+        for p in pipe.unet.parameters():
+            if p.requires_grad:  # trainable LoRA weights stay fp32 under mixed precision
+                p.data = p.data.float()
+        pipe.set_progress_bar_config(disable=True)
+
+    def _add_lora(self, unet):
+        from peft import LoraConfig
+
+        cfg = self.config
+        unet.add_adapter(
             LoraConfig(
                 r=cfg.lora_rank,
                 lora_alpha=cfg.lora_alpha,
@@ -192,12 +204,6 @@ class ConstrainedDDPOTrainer:
                 target_modules=list(cfg.lora_target_modules),
             )
         )
-        for p in pipe.unet.parameters():
-            if p.requires_grad:  # trainable LoRA weights stay fp32 under mixed precision
-                p.data = p.data.float()
-        if cfg.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
-        pipe.set_progress_bar_config(disable=True)
 
     def _build_rewards(self, given: Mapping[str, Callable]) -> dict:
         rewards = {}

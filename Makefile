@@ -1,0 +1,19 @@
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: install align test test-fast bench
+
+# torch first, pinned: an unpinned torch (or a package wanting a newer one) pulls a multi-GB CUDA build.
+install:
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test]"
+
+# The main job: constrained alignment of the embedded tiny model, offline on a CPU.
+align: install
+	HF_HUB_OFFLINE=1 accelerate launch --config_file recipes/accelerate_configs/cpu.yaml recipes/align.py
+
+test:
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+
+bench:
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_step.py
