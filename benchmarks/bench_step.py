@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see recipes/align.py)
+
 ROWS = {
     "reward_only": dict(
         label="cdalign, reward only",

@@ -30,6 +30,10 @@ from pathlib import Path
 
 import yaml
 
+from .duals import DUAL_OPTIMIZERS
+from .estimators import ESTIMATORS
+from .kl import KL_ESTIMATORS
+
 __all__ = [
     "ObjectiveSpec",
     "ConstraintSpec",
@@ -46,10 +50,7 @@ __all__ = [
 OBJECTIVE_TYPES = ("kl", "reward")
 CONSTRAINT_TYPES = ("reward", "kl")
 DIRECTIONS = ("high", "low")
-DUAL_OPTIMIZERS = ("ascent", "nupi")
-ESTIMATORS = ("reward_backprop",)
 BACKPROP_STRATEGIES = ("fixed", "uniform", "gaussian")
-KL_ESTIMATORS = ("path", "uniform")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "all", "tensorboard", "wandb", "trackio")
 
@@ -763,7 +764,7 @@ def _check_field_metadata(obj, path: str) -> None:
             continue
         if value is None:
             continue
-        choices = f.metadata.get("choices")
+        choices = _choices(f)
         if choices is not None and value not in choices:
             raise _not_allowed(where, value, choices)
         if isinstance(value, str) and not value.strip():
@@ -774,6 +775,13 @@ def _check_field_metadata(obj, path: str) -> None:
             for key, (holds, symbol) in _BOUNDS.items():
                 if key in f.metadata and not holds(item, f.metadata[key]):
                     raise ValueError(f"{item_path}: {item!r} is out of range; must be {symbol} {f.metadata[key]}")
+
+
+def _choices(f: dataclasses.Field):
+    """A field's allowed values: a fixed tuple, or a registry's current names (so that a
+    registered estimator or dual optimizer is accepted without editing this module)."""
+    choices = f.metadata.get("choices")
+    return tuple(choices.names()) if hasattr(choices, "names") else choices
 
 
 def _known_rewards() -> list[str] | None:
@@ -1034,7 +1042,7 @@ def save_config(cfg: ConstrainedDDPOConfig, path) -> None:
 def _help_text(f: dataclasses.Field, tp) -> str:
     parts = [f.metadata["help"]]
     if "choices" in f.metadata:
-        parts.append(f"Choices: {', '.join(f.metadata['choices'])}.")
+        parts.append(f"Choices: {', '.join(_choices(f))}.")
     if f.default is not dataclasses.MISSING:
         default = f.default
     elif f.default_factory is not dataclasses.MISSING:

@@ -3,6 +3,7 @@ import os
 # Tests never reach the Hub: without this a Hub call retries for minutes.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see recipes/align.py)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
