@@ -5,7 +5,8 @@ themselves, and one parser for the command line and YAML recipes.
 
 ``objective`` is f_0 (the chain KL to the base model, or minus a reward),
 ``constraints`` are the g_i (reward thresholds in either direction, or a KL budget),
-``dual`` says how the multipliers λ_i are updated. See ``docs/METHOD.md`` section 1.
+``dual`` says how the multipliers λ_i are updated (arXiv 2508.19104, section on
+constrained alignment; the README's "Method choices").
 
 A recipe is a YAML file whose keys are the fields below; on the command line
 ``--config recipe.yaml`` loads it and ``--field value`` flags override it

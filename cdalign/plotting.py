@@ -52,6 +52,7 @@ def save_grid(path: str | os.PathLike, rows: list[torch.Tensor], labels: list[st
 def plot_duals(path: str | os.PathLike, steps: list[int], names: list[str], multipliers: list[list[float]], slacks: list[list[float]], kl: list[float] | None = None) -> Path:
     """λ (top) and slack (bottom, 0 = on the threshold, > 0 violated) per constraint."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -69,6 +70,7 @@ def plot_duals(path: str | os.PathLike, steps: list[int], names: list[str], mult
         axes[2].plot(steps, kl, color="tab:gray")
         axes[2].set_ylabel("chain KL")
     axes[-1].set_xlabel("step")
+    axes[-1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if names:
         axes[0].legend(fontsize=8)
     fig.tight_layout()

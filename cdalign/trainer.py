@@ -302,7 +302,7 @@ class ConstrainedDDPOTrainer:
         for _ in range(cfg.gradient_accumulation_steps):
             mb = self._micro_batch(self.micro_batches_seen)
             self.micro_batches_seen += 1
-            if is_finite_batch(mb):
+            if self._on_all_processes(is_finite_batch(mb)):
                 acc.backward(mb.loss / cfg.gradient_accumulation_steps)
                 records.append(mb)
                 self._slack_sum += mb.slacks.double().cpu()
@@ -331,6 +331,14 @@ class ConstrainedDDPOTrainer:
         self.optimizer.step()
         self.global_step += 1
         return self._log_step(records, grad_norm)
+
+    def _on_all_processes(self, flag: bool) -> bool:
+        """True only if ``flag`` holds on every process: ranks skip a micro-batch together
+        (and abort together), so no collective waits on a rank that bailed out."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() == self.accelerator.num_processes)
 
     def _dual_step(self):
         acc = self.accelerator
