@@ -1,0 +1,49 @@
+"""Constrained composition of diffusion models (METHOD.md §2).
+
+AND (reverse KL, product): :class:`ConstrainedComposer` finds weights μ on the simplex for
+``ε_μ = Σ μ_i ε̃_i`` by projected dual ascent on the chain KL to each component;
+:class:`CompositionDistiller` distils ε_μ into one LoRA. OR (forward KL, mixture):
+:class:`MixtureTrainer` fine-tunes on Σ μ_i·DSM_i with μ ascending on the losses."""
+
+from .components import (
+    COMPONENT_KINDS,
+    Component,
+    ComponentKL,
+    ComponentPredictions,
+    ComponentSet,
+    ComposedPredictor,
+    composed_eps,
+    load_lora_component,
+    set_unet_state,
+)
+from .composer import ConstrainedComposer, kl_table, train_missing_components
+from .config import ComponentSpec, ComposeConfig, DatasetSpec, DistillSpec, DualAscentSpec, MixtureConfig, load_config_file, parse_config
+from .distill import CompositionDistiller
+from .simplex import STEP_SCHEDULES, SimplexDual, project_simplex
+
+__all__ = [
+    "COMPONENT_KINDS",
+    "Component",
+    "ComponentKL",
+    "ComponentPredictions",
+    "ComponentSet",
+    "ComponentSpec",
+    "ComposeConfig",
+    "ComposedPredictor",
+    "CompositionDistiller",
+    "ConstrainedComposer",
+    "DatasetSpec",
+    "DistillSpec",
+    "DualAscentSpec",
+    "MixtureConfig",
+    "STEP_SCHEDULES",
+    "SimplexDual",
+    "composed_eps",
+    "kl_table",
+    "load_config_file",
+    "load_lora_component",
+    "parse_config",
+    "project_simplex",
+    "set_unet_state",
+    "train_missing_components",
+]

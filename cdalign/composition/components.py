@@ -1,0 +1,247 @@
+"""Components of a composition and the one composed noise predictor (METHOD.md §2, AND).
+
+A component q_i is a classifier-free guided noise predictor ε̃_i(x_t) on the shared base
+UNet: a LoRA adapter (activated alone), the base model (adapters disabled), or a concept
+(a prompt on the base model). The composed model is
+
+    ε_μ(x_t) = Σ_i μ_i ε̃_i(x_t)        (μ on the simplex)
+
+everywhere: sampling, the chain KL of the dual step, evaluation and distillation. For
+concepts this is ``ε_∅ + Σ_i μ_i w (ε_{c_i} − ε_∅)`` because Σμ = 1.
+
+Cost per denoising step: one UNet call per distinct UNet state (an adapter, or the base),
+each batching the unconditional branch with every conditional branch that state needs.
+So n adapters cost n calls (CFG batched) and any number of concepts cost one."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..kl import step_kl, step_weights
+from ..registry import Registry
+from ..sampling import DDIMChain, DiffusionSampler
+
+logger = logging.getLogger(__name__)
+
+BASE = None  # the UNet state "no adapter"
+PROMPT_FIELD = "{prompt}"
+
+
+@dataclass(frozen=True)
+class Component:
+    """One component q_i as the predictor sees it.
+
+    ``adapter``: the peft adapter name to activate alone, or None for the base UNet.
+    ``prompt``: None = the batch's prompts; a text = that text for every image (a
+    concept); a text with ``{prompt}`` = the batch prompt substituted into it."""
+
+    name: str
+    adapter: str | None = BASE
+    prompt: str | None = None
+
+    def prompts_for(self, prompts: Sequence[str]) -> list[str]:
+        if self.prompt is None:
+            return list(prompts)
+        return [self.prompt.replace(PROMPT_FIELD, p) for p in prompts]
+
+
+# kind -> factory(name, spec fields) -> Component. Loading the adapter (if any) is done
+# by ``load_components``; the factory only says how the component is predicted.
+COMPONENT_KINDS: Registry[Callable[..., Component]] = Registry("component type")
+COMPONENT_KINDS.register("lora", lambda name, prompt=None, **_: Component(name, adapter=name, prompt=prompt))
+COMPONENT_KINDS.register("base", lambda name, prompt=None, **_: Component(name, adapter=BASE, prompt=prompt))
+COMPONENT_KINDS.register("concept", lambda name, prompt=None, **_: Component(name, adapter=BASE, prompt=prompt))
+
+
+def set_unet_state(unet, adapter: str | None) -> None:
+    """Activate ``adapter`` alone on ``unet`` (None: all adapters off, the base model)."""
+    if not getattr(unet, "_hf_peft_config_loaded", False):
+        if adapter is not None:
+            raise ValueError(f"adapter {adapter!r} is not loaded on this UNet (it has no adapters)")
+        return
+    if adapter is None:
+        unet.disable_adapters()
+        return
+    if adapter not in unet.peft_config:
+        raise ValueError(f"adapter {adapter!r} is not loaded; loaded adapters: {', '.join(unet.peft_config)}")
+    unet.enable_adapters()
+    unet.set_adapters([adapter])
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    """Silence diffusers' per-load warnings (e.g. 'no LoRA keys for the text encoder')."""
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
+
+
+def load_lora_component(pipe, name: str, source: str, weight_name: str | None = None, revision: str | None = None):
+    """Load a LoRA (diffusers format: a local folder, a .safetensors file's folder, or a
+    Hub repo id) onto ``pipe`` as adapter ``name``; frozen."""
+    kwargs = {"adapter_name": name}
+    if weight_name:
+        kwargs["weight_name"] = weight_name
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        with quiet_diffusers():
+            pipe.load_lora_weights(source, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise type(err)(
+            f"component {name!r}: could not load the LoRA from {source!r}: {err}. Give a folder holding "
+            "pytorch_lora_weights.safetensors (written by recipes/align.py) or a Hub repo id (download it "
+            "first when offline)"
+        ) from err
+    for n, p in pipe.unet.named_parameters():
+        if f".{name}." in n:
+            p.requires_grad_(False)
+
+
+class ComponentPredictions:
+    """Callable ``(x_t (B,C,h,w), t) -> (n, B, C, h, w)``: every component's guided ε̃_i.
+
+    Built by :meth:`ComponentSet.predictor` for one batch of prompts."""
+
+    def __init__(self, unet, chain: DDIMChain, groups, guidance_scale: float, n: int):
+        self.unet, self.chain, self.groups, self.w, self.n = unet, chain, groups, guidance_scale, n
+        self._index = {int(t): i for i, t in enumerate(chain.timesteps)}
+        self.unet_calls = 0
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        B = x_t.shape[0]
+        out = [None] * self.n
+        dtype = next(self.unet.parameters()).dtype
+        for adapter, members, embeds, use_cfg in self.groups:
+            set_unet_state(self.unet, adapter)
+            reps = embeds.shape[0] // B
+            x_in = x_t.repeat(reps, 1, 1, 1)
+            pred = self.unet(x_in.to(dtype), t, encoder_hidden_states=embeds.to(dtype)).sample.to(x_t.dtype)
+            self.unet_calls += 1
+            chunks = pred.split(B)
+            uncond = chunks[0] if use_cfg else None
+            for j, k in enumerate(members):
+                cond = chunks[j + 1] if use_cfg else chunks[j]
+                guided = uncond + self.w * (cond - uncond) if use_cfg else cond
+                out[k] = self.chain.to_epsilon(self._index[int(t)], x_t, guided)
+        return torch.stack(out)
+
+
+class ComposedPredictor:
+    """``ε_μ(x_t) = Σ_i μ_i ε̃_i(x_t)``, a predictor for ``DiffusionSampler.sample``.
+
+    ``weights``: μ (n,) on the simplex. Components with μ_i = 0 are still evaluated when
+    ``keep_components`` (the dual step needs every ε̃_i for its KL); ``last`` holds the
+    latest (n,B,C,h,w) component predictions for :class:`ComponentKL`."""
+
+    def __init__(self, components: ComponentPredictions, weights: torch.Tensor):
+        self.components = components
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        if self.weights.shape != (components.n,):
+            raise ValueError(f"weights: expected {components.n} values, got {list(self.weights.shape)}")
+        self.last: torch.Tensor | None = None
+        self._last_x: torch.Tensor | None = None
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps = self.components(x_t, t)
+        self.last, self._last_x = eps, x_t
+        return composed_eps(eps, self.weights)
+
+    def cached(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The component predictions of the last call (same x_t), without recomputing."""
+        if self._last_x is not x_t:
+            return self.components(x_t, t)
+        return self.last
+
+
+def composed_eps(component_eps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_i μ_i ε̃_i: ``component_eps`` (n, B, ...) and ``weights`` (n,) -> (B, ...)."""
+    w = torch.as_tensor(weights, dtype=component_eps.dtype, device=component_eps.device)
+    return torch.tensordot(w, component_eps, dims=1)
+
+
+class ComponentKL:
+    """``on_step`` hook: chain KL(p ‖ q_i) for every component i along the sampled path of
+    p (the composed model, or a distilled student), per sample: ``per_sample`` (n, B).
+
+    ``reference(x_t, t) -> (n,B,C,h,w)``: the components' ε̃_i on the same x_t. Uses
+    ``cdalign.kl.step_weights``/``step_kl`` (the training KL's definition): ``path``
+    Σ_t c_t²/(2σ_t²)·‖ε̃_p − ε̃_i‖² in nats per image, or ``uniform``."""
+
+    def __init__(self, reference: Callable, chain: DDIMChain, estimator: str, n: int):
+        self.reference, self.chain, self.estimator = reference, chain, estimator
+        self.weights = step_weights(chain, estimator)
+        self.n = n
+        self.per_sample: torch.Tensor | None = None
+
+    def __call__(self, i: int, x_t: torch.Tensor, eps: torch.Tensor, tracked: bool) -> None:
+        refs = self.reference(x_t, self.chain.timesteps[i])
+        w = float(self.weights[i])
+        kl = torch.stack([step_kl(eps.detach(), refs[k].detach(), w, self.estimator) for k in range(self.n)])
+        self.per_sample = kl if self.per_sample is None else self.per_sample + kl
+
+
+class ComponentSet:
+    """The components of one composition on one pipeline, in a fixed order.
+
+    ``sampler``: the shared :class:`~cdalign.sampling.DiffusionSampler` (its chain and
+    guidance scale define every ε̃_i)."""
+
+    def __init__(self, sampler: DiffusionSampler, components: Sequence[Component]):
+        if not components:
+            raise ValueError("components: at least one component is needed")
+        names = [c.name for c in components]
+        if len(set(names)) != len(names):
+            raise ValueError(f"components: names must be unique, got {names}")
+        self.sampler, self.components = sampler, list(components)
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.components)
+
+    def predictor(self, prompts: Sequence[str]) -> ComponentPredictions:
+        """Component predictions for a batch of ``prompts`` (one per image)."""
+        s = self.sampler
+        use_cfg = s.guidance_scale > 1.0
+        uncond = s.encode([""]).expand(len(prompts), -1, -1) if use_cfg else None
+        groups: dict = {}
+        for k, comp in enumerate(self.components):
+            groups.setdefault(comp.adapter, []).append(k)
+        cache: dict[tuple, torch.Tensor] = {}
+        built = []
+        for adapter, members in groups.items():
+            conds = []
+            for k in members:
+                texts = tuple(self.components[k].prompts_for(prompts))
+                if texts not in cache:
+                    cache[texts] = s.encode(list(texts))
+                conds.append(cache[texts])
+            embeds = torch.cat(([uncond] if use_cfg else []) + conds)
+            built.append((adapter, members, embeds, use_cfg))
+        return ComponentPredictions(s.unet, s.chain, built, s.guidance_scale, len(self.components))
+
+    def composed(self, prompts: Sequence[str], weights) -> ComposedPredictor:
+        return ComposedPredictor(self.predictor(prompts), weights)
+
+    def kl_hook(self, composed: ComposedPredictor, estimator: str) -> ComponentKL:
+        """KL to every component along ``composed``'s own path, reusing its component
+        predictions (no extra UNet call)."""
+        return ComponentKL(composed.cached, self.sampler.chain, estimator, len(self))
+
+    def divergences(self, prompts: Sequence[str], seeds: Sequence[int], weights, estimator: str):
+        """Sample ``p_μ`` for the seeds and return (images (B,3,H,W), KL (n, B))."""
+        composed = self.composed(prompts, weights)
+        hook = self.kl_hook(composed, estimator)
+        with torch.no_grad():
+            images = self.sampler.sample(composed, list(seeds), on_step=hook)
+        return images, hook.per_sample

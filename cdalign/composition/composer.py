@@ -1,0 +1,352 @@
+"""ConstrainedComposer: AND (product) composition with constrained weights (METHOD.md §2).
+
+    minimise_{p,t} t   s.t.  KL(p‖q_i) ≤ t   (and KL(p‖q_j) ≤ b_j for thresholded j)
+
+over p_μ ∝ Π q_i^{μ_i}, i.e. ε_μ = Σ μ_i ε̃_i. Each dual step samples p_μ with the shared
+:class:`~cdalign.sampling.DiffusionSampler`, estimates KL(p_μ‖q_i) for every i along that
+path with ``cdalign.kl`` (no extra UNet call: the ε̃_i are the terms of ε_μ), and updates
+μ ← Proj_simplex(μ + η_k·KL). Evaluation compares the learned weights with equal weights
+(and the distilled LoRA, if any) on the same seeds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..checkpointing import atomic_write_text
+from ..estimators import mean_and_ci
+from ..pipeline import load_pipeline
+from ..prompts import load_prompts
+from ..sampling import DiffusionSampler
+from ..trainer import LORA_WEIGHT_NAME, _derived_seed
+from .components import COMPONENT_KINDS, ComponentSet, load_lora_component
+from .config import ComposeConfig, save_config
+from .simplex import SimplexDual
+
+logger = logging.getLogger(__name__)
+RUN_MARKERS = ("report.json", "weights.json")
+
+
+def train_missing_components(config: ComposeConfig, accelerator=None) -> list[str]:
+    """Train every 'lora' component that has a ``train_recipe`` and no LoRA in ``path``
+    yet, with ``recipes/align.py``'s trainer on this run's base model. Returns the names
+    trained (an existing LoRA is reused, never retrained)."""
+    from ..config import parse_config as parse_align_config
+    from ..trainer import ConstrainedDDPOTrainer
+
+    trained = []
+    for i, c in enumerate(config.components):
+        if c.type != "lora" or not c.train_recipe or (Path(c.path) / (c.weight_name or LORA_WEIGHT_NAME)).is_file():
+            continue
+        argv = [
+            "--config", c.train_recipe,
+            "--pretrained_model_name_or_path", config.pretrained_model_name_or_path,
+            "--output_dir", c.path,
+            "--overwrite_output_dir", "true",
+            *c.train_overrides,
+        ]
+        try:
+            align_cfg = parse_align_config(argv)
+        except ValueError as err:
+            raise ValueError(f"components[{i}].train_recipe / train_overrides: {err}") from None
+        logger.info("training component %s into %s", c.name, c.path)
+        ConstrainedDDPOTrainer(align_cfg, accelerator=accelerator).train()
+        trained.append(c.name)
+    return trained
+
+
+class ConstrainedComposer:
+    """AND composition of the components of ``config`` on one base pipeline.
+
+    Args:
+        config: a :class:`~cdalign.composition.config.ComposeConfig`.
+        pipeline: a loaded ``StableDiffusionPipeline`` (its adapters are added to), or None.
+        prompts / eval_prompts: lists overriding ``config.prompts`` / ``config.eval_prompts``.
+        accelerator: an ``accelerate.Accelerator`` (one is made if None).
+    """
+
+    def __init__(self, config: ComposeConfig, pipeline=None, prompts=None, eval_prompts=None, accelerator=None):
+        from accelerate import Accelerator
+
+        config.validate()
+        self.config = cfg = config
+        self.output_dir = Path(cfg.output_dir)
+        self._check_output_dir()
+        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+        self.device = self.accelerator.device
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+        self.pipe = pipeline if pipeline is not None else load_pipeline(
+            cfg.pretrained_model_name_or_path, revision=cfg.revision, torch_dtype=dtype, variant=cfg.variant
+        )
+        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        comps = []
+        for spec in cfg.components:
+            if spec.type == "lora":
+                load_lora_component(self.pipe, spec.name, spec.path, spec.weight_name, spec.revision)
+            comps.append(COMPONENT_KINDS.get(spec.type)(name=spec.name, prompt=spec.prompt))
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.sampler = DiffusionSampler(self.pipe, cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, cfg.resolution, self.device)
+        self.components = ComponentSet(self.sampler, comps)
+        self.names = self.components.names
+        self.dual = SimplexDual(
+            len(comps), cfg.dual.lr, cfg.dual.schedule, [c.threshold for c in cfg.components], cfg.dual.init,
+            normalize=cfg.dual.normalize,
+        )
+        self.prompts = load_prompts(cfg.prompts if prompts is None else prompts, cfg.prompt_column, cfg.prompt_split)
+        source = eval_prompts if eval_prompts is not None else cfg.eval_prompts
+        self.eval_prompts = load_prompts(source, cfg.prompt_column, cfg.prompt_split) if source is not None else self.prompts
+        self.trajectory: list[dict] = []
+        self.distiller = None
+
+    def _check_output_dir(self):
+        out = self.output_dir
+        if self.config.overwrite_output_dir or not out.is_dir():
+            return
+        present = [m for m in RUN_MARKERS if (out / m).exists()]
+        if present:
+            raise FileExistsError(
+                f"output_dir={str(out)!r} already holds a composition run ({', '.join(present)}); set "
+                "overwrite_output_dir=true to replace it, or choose another output_dir"
+            )
+
+    # ------------------------------------------------------------------ batches
+    def _batch(self, purpose: int, index: int, prompts: list[str], size: int):
+        """This process's share of a global batch (prompts, seeds) fixed by (seed, purpose, index)."""
+        acc = self.accelerator
+        g = torch.Generator().manual_seed(_derived_seed(self.config.seed, purpose, index))
+        total = size * acc.num_processes
+        idx = torch.randint(0, len(prompts), (total,), generator=g).tolist()
+        seeds = torch.randint(0, 2**62, (total,), generator=g).tolist()
+        lo, hi = acc.process_index * size, (acc.process_index + 1) * size
+        return [prompts[i] for i in idx[lo:hi]], seeds[lo:hi]
+
+    def _eval_batches(self):
+        cfg, acc = self.config, self.accelerator
+        size = cfg.dual.batch_size
+        for b in range(cfg.eval_batches):
+            g = torch.Generator().manual_seed(_derived_seed(cfg.eval_seed, 2, b))
+            total = size * acc.num_processes
+            idx = torch.randint(0, len(self.eval_prompts), (total,), generator=g).tolist()
+            lo = acc.process_index * size
+            yield [self.eval_prompts[i] for i in idx[lo : lo + size]], [cfg.eval_seed * 100003 + b * total + lo + k for k in range(size)]
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Gather (n, B) per-sample values over processes -> (n, B_total)."""
+        if self.accelerator.num_processes == 1:
+            return t.cpu()
+        return self.accelerator.gather(t.T.contiguous().to(self.device)).T.cpu()
+
+    # ------------------------------------------------------------------ dual ascent
+    def divergences(self, weights, prompts: Sequence[str], seeds: Sequence[int]):
+        """(images, KL (n, B)) of p_ω for these prompts/seeds (this process's share)."""
+        return self.components.divergences(prompts, seeds, weights, self.config.kl_estimator)
+
+    def dual_step(self) -> dict:
+        """Sample p_ω, estimate KL(p_ω‖q_i) for every i, and take one dual ascent step."""
+        k = self.dual.num_steps
+        prompts, seeds = self._batch(10, k, self.prompts, self.config.dual.batch_size)
+        weights = self.dual.weights
+        _, kl = self.divergences(weights, prompts, seeds)
+        kl_mean = self._gather(kl).double().mean(1)
+        self.dual.step(kl_mean)
+        log = {
+            "step": k,
+            "weights": weights.tolist(),
+            "kl": kl_mean.tolist(),
+            "max_kl": float(kl_mean.max()),
+            "slack": self.dual.slacks(kl_mean).tolist(),
+            "new_weights": self.dual.weights.tolist(),
+        }
+        self.trajectory.append(log)
+        return log
+
+    def fit(self, steps: int | None = None, progress: bool = True) -> torch.Tensor:
+        """Run the dual steps; returns the learned weights ω (n,)."""
+        from tqdm.auto import tqdm
+
+        n = self.config.dual.steps if steps is None else steps
+        bar = tqdm(range(n), desc="dual ascent", disable=not (progress and self.accelerator.is_main_process))
+        for _ in bar:
+            log = self.dual_step()
+            bar.set_postfix(max_kl=f"{log['max_kl']:.4g}", weights=" ".join(f"{w:.2f}" for w in log["new_weights"]))
+        return self.dual.weights
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate_weights(self, weights, label: str) -> dict:
+        """KL(p_ω‖q_i) per component (mean and 95% CI) on the fixed evaluation seeds."""
+        kls, images = [], []
+        for prompts, seeds in self._eval_batches():
+            imgs, kl = self.divergences(weights, prompts, seeds)
+            kls.append(kl)
+            images.append(imgs.cpu())
+        return self._kl_entry(label, torch.as_tensor(weights).tolist(), self._gather(torch.cat(kls, 1)), torch.cat(images))
+
+    def _kl_entry(self, label, weights, kl: torch.Tensor, images: torch.Tensor) -> dict:
+        per = {}
+        for j, name in enumerate(self.names):
+            m, lo, hi = mean_and_ci(kl[j])
+            per[name] = {"mean": m, "ci95": [lo, hi]}
+        means = [per[n]["mean"] for n in self.names]
+        entry = {"label": label, "weights": dict(zip(self.names, weights)) if weights is not None else None, "kl": per,
+                 "max_kl": max(means), "worst_component": self.names[means.index(max(means))]}
+        entry["_images"] = images
+        return entry
+
+    @torch.no_grad()
+    def sample_components(self) -> list[torch.Tensor]:
+        """Each component alone on the evaluation seeds (one UNet pass per step)."""
+        rows = []
+        for k, comp in enumerate(self.components.components):
+            single = ComponentSet(self.sampler, [comp])
+            imgs = [self.sampler.sample(single.composed(p, [1.0]), s).cpu() for p, s in self._eval_batches()]
+            rows.append(torch.cat(imgs))
+        return rows
+
+    def _score_rewards(self, models: dict[str, torch.Tensor], singles: list[torch.Tensor]) -> dict:
+        """Each component's reward on every model's evaluation images, raw and relative to
+        that component alone (the paper's metric)."""
+        from ..rewards import REWARDS
+
+        prompts = [p for ps, _ in self._eval_batches() for p in ps]
+        out = {}
+        for j, spec in enumerate(self.config.components):
+            if not spec.reward:
+                continue
+            reward = REWARDS.build(spec.reward, **{}).to(self.device)
+            with torch.no_grad():
+                single = float(reward(singles[j].to(self.device), prompts).float().mean())
+                entry = {"component_alone": single}
+                for label, imgs in models.items():
+                    value = float(reward(imgs.to(self.device), prompts).float().mean())
+                    entry[label] = {"mean": value, "relative_to_component": value / single if single > 0 else None}
+            out[f"{spec.name}:{spec.reward}"] = entry
+        return out
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        """Dual ascent, evaluation (constrained vs equal weights, and distilled), outputs."""
+        from .plotting import plot_divergence_bars, plot_weight_trajectory
+        from ..plotting import save_grid
+
+        cfg, acc = self.config, self.accelerator
+        main = acc.is_main_process
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+        t0 = time.time()
+        learned = self.fit()
+        fit_s = time.time() - t0
+        n = len(self.names)
+        equal = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        entries = {"equal_weights": self.evaluate_weights(equal, "equal weights"),
+                   "constrained": self.evaluate_weights(learned, "constrained")}
+        final_kl = torch.tensor([entries["constrained"]["kl"][nm]["mean"] for nm in self.names])
+        infeasible = [self.names[i] for i in self.dual.infeasible(final_kl)]
+        for name in infeasible:
+            warnings.warn(f"component {name!r}: KL stays above its threshold while its multiplier grows; the "
+                          "threshold looks infeasible (loosen it)", stacklevel=2)
+        distill_report = None
+        if cfg.distill.enabled:
+            distill_report = self._distill(learned, entries)
+        singles = self.sample_components() if (cfg.num_grid_images or any(c.reward for c in cfg.components)) else []
+        report = {
+            "model": cfg.pretrained_model_name_or_path,
+            "components": self.names,
+            "kl_estimator": cfg.kl_estimator,
+            "sampler": self.sampler.settings(),
+            "num_eval_images": int(entries["constrained"]["_images"].shape[0]) * acc.num_processes,
+            "learned_weights": dict(zip(self.names, learned.tolist())),
+            "multipliers": self.dual.state_dict()["multipliers"],
+            "thresholds": dict(zip(self.names, [c.threshold for c in cfg.components])),
+            "infeasible": infeasible,
+            "dual_steps": self.trajectory,
+            "dual_seconds": fit_s,
+            "models": {k: {kk: vv for kk, vv in e.items() if kk != "_images"} for k, e in entries.items()},
+        }
+        for i, c in enumerate(cfg.components):
+            if c.threshold is not None:
+                report["models"]["constrained"]["kl"][c.name]["threshold"] = c.threshold
+                report["models"]["constrained"]["kl"][c.name]["satisfied"] = float(final_kl[i]) <= c.threshold
+        if distill_report is not None:
+            report["distillation"] = distill_report
+        if any(c.reward for c in cfg.components):
+            report["rewards"] = self._score_rewards({k: e["_images"] for k, e in entries.items()}, singles)
+        if main:
+            self._write_outputs(report, entries, singles, learned)
+        return report
+
+    def _distill(self, learned, entries) -> dict:
+        from .distill import CompositionDistiller
+
+        cfg = self.config
+        distiller = self.distiller = CompositionDistiller(self.components, learned, self.prompts, cfg.distill, cfg.seed)
+        eval_p, eval_s = next(iter(self._eval_batches()))
+        before = distiller.distance(eval_p, eval_s)
+        t0 = time.time()
+        distiller.train(progress=self.accelerator.is_main_process)
+        seconds = time.time() - t0
+        after = distiller.distance(eval_p, eval_s)
+        kls, images = [], []
+        for prompts, seeds in self._eval_batches():
+            imgs, kl = distiller.sample_with_kl(prompts, seeds, cfg.kl_estimator)
+            kls.append(kl)
+            images.append(imgs.cpu())
+        entries["distilled"] = self._kl_entry("distilled LoRA", None, self._gather(torch.cat(kls, 1)), torch.cat(images))
+        if self.accelerator.is_main_process:
+            distiller.save(self.output_dir / "distilled")
+        return {
+            "steps": distiller.global_step,
+            "seconds": seconds,
+            "distance_to_composed_before": before,
+            "distance_to_composed_after": after,
+            "lora": f"distilled/{LORA_WEIGHT_NAME}",
+            "loss_history": [h["distill_loss"] for h in distiller.history],
+        }
+
+    def _write_outputs(self, report, entries, singles, learned):
+        from .plotting import plot_divergence_bars, plot_weight_trajectory
+        from ..plotting import save_grid
+
+        out, cfg = self.output_dir, self.config
+        traj = self.trajectory
+        if traj:
+            weights = [t["weights"] for t in traj]
+            kls = [t["kl"] for t in traj]
+            plot_weight_trajectory(out / "weights.png", self.names, weights, kls)
+            report["plots"] = ["weights.png"]
+        table = {e["label"]: [e["kl"][n]["mean"] for n in self.names] for e in entries.values()}
+        plot_divergence_bars(out / "kl_per_component.png", self.names, table)
+        report.setdefault("plots", []).append("kl_per_component.png")
+        if cfg.num_grid_images:
+            k = cfg.num_grid_images
+            rows = [s[:k] for s in singles] + [e["_images"][:k] for e in entries.values()]
+            labels = self.names + [e["label"] for e in entries.values()]
+            save_grid(out / "samples.png", rows, labels)
+            report["sample_grid"] = "samples.png"
+        weights_doc = {"components": self.names, "weights": learned.tolist(),
+                       "trajectory": [t["weights"] for t in traj] + [learned.tolist()]}
+        atomic_write_text(out / "weights.json", json.dumps(weights_doc, indent=2))
+        atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+
+
+def kl_table(report: dict) -> str:
+    """Markdown table: one row per model (equal, constrained, distilled), KL per component and max."""
+    names = report["components"]
+    head = "| model | " + " | ".join(f"w_{n}" for n in names) + " | " + " | ".join(f"KL(p‖{n})" for n in names) + " | max KL |"
+    lines = [head, "|" + "---|" * (2 * len(names) + 2)]
+    for key, m in report["models"].items():
+        w = m["weights"]
+        ws = " | ".join(f"{w[n]:.3f}" if w else "–" for n in names)
+        ks = " | ".join(f"{m['kl'][n]['mean']:.4g}" for n in names)
+        lines.append(f"| {m['label']} | {ws} | {ks} | {m['max_kl']:.4g} |")
+    return "\n".join(lines)

@@ -1,0 +1,362 @@
+"""Configuration of composition runs (METHOD.md §2): dataclasses whose fields document
+themselves, read from YAML and the command line with the helpers of ``cdalign.config``
+(same conversion, same error messages naming the field and the fix).
+
+``composition: and`` -> :class:`ComposeConfig` (reverse KL, product of adapters/concepts);
+``composition: or``  -> :class:`MixtureConfig` (forward KL, mixture fine-tuning on datasets)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .. import config as _base
+from ..kl import KL_ESTIMATORS
+from .components import COMPONENT_KINDS
+from .simplex import STEP_SCHEDULES
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass
+class ComponentSpec:
+    """One component q_i of an AND composition."""
+
+    name: str = field(default="", metadata={"help": "Unique name of the component (adapter name, table rows, plots)."})
+    type: str = field(
+        default="lora",
+        metadata={
+            "help": "'lora': a LoRA adapter on the base model, activated alone (needs `path`). 'base': the base "
+            "model itself. 'concept': the base model under the prompt `prompt` (concept composition).",
+            "choices": COMPONENT_KINDS,
+        },
+    )
+    path: str | None = field(
+        default=None,
+        metadata={
+            "help": "'lora': a folder holding pytorch_lora_weights.safetensors (e.g. an output_dir of "
+            "recipes/align.py) or a Hub repo id. With `train_recipe`, the folder the adapter is trained into "
+            "when it holds no LoRA yet."
+        },
+    )
+    weight_name: str | None = field(default=None, metadata={"help": "'lora': file name inside `path` if not the default."})
+    revision: str | None = field(default=None, metadata={"help": "'lora' from the Hub: branch, tag or commit."})
+    prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt override: unset = the run's prompts; a text = that prompt for every image (required "
+            "for 'concept'); a text containing {prompt} = the run's prompt substituted into it."
+        },
+    )
+    threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Optional bound b_i on KL(p‖q_i) (same units as kl_estimator). Unset: the component takes part "
+            "in the min-max objective. Set: it becomes the constraint KL_i ≤ b_i with its own multiplier.",
+            "gt": 0.0,
+        },
+    )
+    reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward this component was aligned to (a cdalign.rewards name). Evaluation scores every model "
+            "with it and reports it relative to this component alone (the paper's metric)."
+        },
+    )
+    train_recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "'lora': an align recipe (YAML of recipes/align.py) that trains this adapter into `path` when "
+            "`path` holds no LoRA yet (the base model is set to this run's)."
+        },
+    )
+    train_overrides: list[str] = field(
+        default_factory=list,
+        metadata={"help": "'lora' with train_recipe: extra recipes/align.py flags, e.g. [--max_steps, '6']."},
+    )
+
+
+@dataclass
+class DualAscentSpec:
+    """Projected dual ascent of the weights: μ ← Proj_simplex(μ + η_k·KL)."""
+
+    steps: int = field(default=5, metadata={"help": "Dual steps (the paper: 5). 0 keeps the initial weights.", "ge": 0})
+    lr: float = field(default=1.0, metadata={"help": "Step size η (weight per nat of KL; the paper: 1).", "gt": 0.0})
+    schedule: str = field(
+        default="constant",
+        metadata={"help": "Step schedule η_k: constant, inverse_sqrt (η/√(k+1)), harmonic (η/(k+1)).", "choices": STEP_SCHEDULES},
+    )
+    normalize: bool = field(
+        default=False,
+        metadata={
+            "help": "Divide each step by the largest divergence (normalised subgradient ascent): η is then a "
+            "weight change per step whatever the KL's units. Off reproduces the paper (η = 1 on 'uniform' KL)."
+        },
+    )
+    batch_size: int = field(default=4, metadata={"help": "Images sampled per dual step to estimate each KL.", "ge": 1})
+    init: list[float] | None = field(
+        default=None,
+        metadata={"help": "Initial multipliers, one per component; unset = equal weights (λ = 0 for thresholded).", "ge": 0.0},
+    )
+
+
+@dataclass
+class DistillSpec:
+    """Distil ε_μ into one LoRA (one UNet pass per step at inference instead of n)."""
+
+    enabled: bool = field(default=False, metadata={"help": "Train the distilled LoRA after the dual steps."})
+    steps: int = field(default=50, metadata={"help": "Optimiser steps of the student.", "ge": 1})
+    batch_size: int = field(default=2, metadata={"help": "Composed chains sampled per optimiser step.", "ge": 1})
+    timesteps_per_chain: int = field(
+        default=4,
+        metadata={"help": "Denoising steps per chain where the student is regressed onto ε_μ (uniformly drawn).", "ge": 1},
+    )
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate.", "gt": 0.0})
+    lora_rank: int = field(default=4, metadata={"help": "Rank of the distilled LoRA.", "ge": 1})
+    lora_alpha: float = field(default=4.0, metadata={"help": "LoRA α of the distilled LoRA.", "gt": 0.0})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "UNet modules with LoRA layers."}
+    )
+
+
+@dataclass
+class ComposeConfig:
+    """An AND (product) composition run: constrained weights by dual ascent on the chain
+    KL to each component, evaluation against equal weights, optional distillation."""
+
+    composition: str = field(default="and", metadata={"help": "'and': product composition (this config).", "choices": ("and",)})
+    pretrained_model_name_or_path: str = field(
+        default="cdalign/tiny-random-sd",
+        metadata={"help": "Shared base model: an embedded name (cdalign/tiny-random-sd, cdalign/tiny-shapes-sd), a local folder or a Hub id."},
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
+    variant: str | None = field(default=None, metadata={"help": "Weight variant of the base model (e.g. fp16)."})
+    components: list[ComponentSpec] = field(
+        default_factory=list,
+        metadata={"help": "The components q_1..q_n (at least 2): a YAML list of mappings with the keys below."},
+    )
+    prompts: str = field(default="shapes", metadata={"help": "Prompts for the dual steps (a prompt-set name, .txt/.json/.jsonl file or Hub dataset)."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Prompt column for dataset sources."})
+    prompt_split: str = field(default="train", metadata={"help": "Split for Hub dataset prompts."})
+    eval_prompts: str | None = field(default=None, metadata={"help": "Evaluation prompts; unset = `prompts`."})
+    num_inference_steps: int = field(default=10, metadata={"help": "DDIM steps (the paper: 25).", "ge": 1})
+    eta: float = field(default=1.0, metadata={"help": "DDIM η; 'path' KL needs η > 0.", "ge": 0.0, "le": 1.0})
+    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale w of every component (the paper: 5).", "ge": 0.0})
+    resolution: int | None = field(default=None, metadata={"help": "Image side in pixels; unset = the model's default.", "ge": 1})
+    kl_estimator: str = field(
+        default="path",
+        metadata={
+            "help": "Chain KL(p_μ‖q_i) along the composed path: 'path' (exact, nats per image) or 'uniform' "
+            "(the paper code's unweighted mean of squared ε differences).",
+            "choices": KL_ESTIMATORS,
+        },
+    )
+    dual: DualAscentSpec = field(default_factory=DualAscentSpec, metadata={"help": "Dual ascent of the weights (see dual.*)."})
+    distill: DistillSpec = field(default_factory=DistillSpec, metadata={"help": "Distillation into one LoRA (see distill.*)."})
+    eval_batches: int = field(default=2, metadata={"help": "Evaluation batches of dual.batch_size images (fixed seeds).", "ge": 1})
+    eval_seed: int = field(default=1234, metadata={"help": "Seed of the evaluation images (same for every model).", "ge": 0})
+    num_grid_images: int = field(default=6, metadata={"help": "Images per row of the sample grid (0: no grid).", "ge": 0})
+    mixed_precision: str = field(default="no", metadata={"help": "Frozen weights in fp16/bf16 (GPU).", "choices": MIXED_PRECISIONS})
+    output_dir: str = field(default="outputs/compose", metadata={"help": "Where the report, weights, grids and plots go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing run in output_dir."})
+    seed: int = field(default=0, metadata={"help": "Seed of the dual-step batches and the distillation.", "ge": 0})
+
+    def validate(self) -> None:
+        _base._check_type(self, type(self), "")
+        _base._check_field_metadata(self, "")
+        if len(self.components) < 2:
+            raise ValueError(f"components: {len(self.components)} given; a composition needs at least 2")
+        seen = set()
+        for i, c in enumerate(self.components):
+            where = f"components[{i}]"
+            if not c.name.strip():
+                raise ValueError(f"{where}.name: required (a unique name)")
+            if c.name in seen:
+                raise ValueError(f"{where}.name: {c.name!r} is used twice; names must be unique")
+            seen.add(c.name)
+            if c.type == "lora" and not c.path:
+                raise ValueError(f"{where}.path: required for type 'lora' (a LoRA folder or Hub repo id)")
+            if c.type != "lora" and (c.path or c.train_recipe):
+                raise ValueError(f"{where}: path/train_recipe only apply to type 'lora' (this is {c.type!r})")
+            if c.type == "concept" and not c.prompt:
+                raise ValueError(f"{where}.prompt: required for type 'concept' (the concept's prompt)")
+        if self.dual.init is not None and len(self.dual.init) != len(self.components):
+            raise ValueError(f"dual.init: {len(self.dual.init)} values for {len(self.components)} components")
+        if self.kl_estimator == "path" and self.eta == 0:
+            raise ValueError("eta: 0 makes DDIM deterministic, so kl_estimator 'path' is undefined; use eta > 0 or 'uniform'")
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset D_i of an OR (mixture) composition."""
+
+    name: str = field(default="", metadata={"help": "Unique name of the dataset (tables, plots)."})
+    path: str = field(
+        default="",
+        metadata={
+            "help": "A local image folder (captions from metadata.jsonl/metadata.csv with a `text` column, or "
+            "`caption` below) or a Hub dataset id (datasets.load_dataset)."
+        },
+    )
+    split: str = field(default="train", metadata={"help": "Split to read."})
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    caption_column: str = field(default="text", metadata={"help": "Column holding the captions (if present)."})
+    caption: str | None = field(default=None, metadata={"help": "Caption for every image (when the data has none)."})
+    threshold: float | None = field(
+        default=None,
+        metadata={"help": "Optional bound b_i on this dataset's (excess) loss; unset = part of the min-max objective.", "gt": 0.0},
+    )
+    irreducible_loss: float | None = field(
+        default=None,
+        metadata={
+            "help": "excess_loss: a given irreducible DSM loss of this dataset; unset = estimated by fitting a "
+            "LoRA on this dataset alone (irreducible_fit_steps)."
+        },
+    )
+
+
+@dataclass
+class MixtureConfig:
+    """An OR (mixture) composition run: fine-tune one LoRA on Σ μ_i·DSM_i with μ ascending
+    on the simplex with the per-dataset losses (or excess losses)."""
+
+    composition: str = field(default="or", metadata={"help": "'or': mixture composition (this config).", "choices": ("or",)})
+    pretrained_model_name_or_path: str = field(default="cdalign/tiny-random-sd", metadata={"help": "Base model."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
+    variant: str | None = field(default=None, metadata={"help": "Weight variant of the base model."})
+    datasets: list[DatasetSpec] = field(default_factory=list, metadata={"help": "The datasets D_1..D_n (at least 2)."})
+    resolution: int = field(default=32, metadata={"help": "Training image side in pixels.", "ge": 8})
+    loss: str = field(
+        default="excess",
+        metadata={
+            "help": "Per-dataset divergence for the dual step. 'raw': the DSM loss (equalising it over-weights "
+            "high-entropy datasets, whose irreducible loss is larger). 'excess': DSM minus the dataset's own "
+            "irreducible loss, ≈ KL(q_i‖p) up to the DSM weighting (METHOD.md §2).",
+            "choices": ("raw", "excess"),
+        },
+    )
+    irreducible_fit_steps: int = field(
+        default=50, metadata={"help": "excess: steps of the per-dataset LoRA fit estimating each irreducible loss.", "ge": 1}
+    )
+    dual: DualAscentSpec = field(default_factory=lambda: DualAscentSpec(steps=0, lr=0.5), metadata={"help": "Dual ascent (dual.lr, dual.schedule, dual.init; dual.steps unused: see dual_every)."})
+    dual_every: int = field(default=5, metadata={"help": "Optimiser steps between dual steps.", "ge": 1})
+    max_steps: int = field(default=100, metadata={"help": "Optimiser steps.", "ge": 1})
+    train_batch_size: int = field(default=4, metadata={"help": "Images per dataset per optimiser step.", "ge": 1})
+    eval_size: int = field(default=16, metadata={"help": "Fixed (image, t, noise) triples per dataset for loss estimates.", "ge": 1})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate.", "gt": 0.0})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank.", "ge": 1})
+    lora_alpha: float = field(default=4.0, metadata={"help": "LoRA α.", "gt": 0.0})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "UNet modules with LoRA layers."})
+    num_inference_steps: int = field(default=10, metadata={"help": "DDIM steps for the sample grid.", "ge": 1})
+    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale for the sample grid.", "ge": 0.0})
+    num_grid_images: int = field(default=4, metadata={"help": "Grid images per dataset caption (0: none).", "ge": 0})
+    output_dir: str = field(default="outputs/compose-or", metadata={"help": "Output folder."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing run in output_dir."})
+    seed: int = field(default=0, metadata={"help": "Seed.", "ge": 0})
+
+    def validate(self) -> None:
+        _base._check_type(self, type(self), "")
+        _base._check_field_metadata(self, "")
+        if len(self.datasets) < 2:
+            raise ValueError(f"datasets: {len(self.datasets)} given; a mixture needs at least 2")
+        names = [d.name for d in self.datasets]
+        for i, d in enumerate(self.datasets):
+            if not d.name.strip() or names.count(d.name) > 1:
+                raise ValueError(f"datasets[{i}].name: required and unique, got {d.name!r}")
+            if not d.path.strip():
+                raise ValueError(f"datasets[{i}].path: required (an image folder or a Hub dataset id)")
+        if self.dual.init is not None and len(self.dual.init) != len(self.datasets):
+            raise ValueError(f"dual.init: {len(self.dual.init)} values for {len(self.datasets)} datasets")
+
+
+CONFIG_CLASSES = {"and": ComposeConfig, "or": MixtureConfig}
+
+
+def config_from_dict(data: dict):
+    """Build and validate the config class that ``data['composition']`` names (default 'and')."""
+    kind = data.get("composition", "and")
+    if kind not in CONFIG_CLASSES:
+        raise _base._not_allowed("composition", kind, tuple(CONFIG_CLASSES))
+    cfg = _base._from_mapping(CONFIG_CLASSES[kind], data, "")
+    cfg.validate()
+    return cfg
+
+
+def load_config_file(path):
+    data = _base._read_yaml_mapping(path)
+    try:
+        return config_from_dict(data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def save_config(cfg, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def build_parser(cls) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=f"Constrained composition of diffusion models ({cls.__name__}; arXiv 2508.19104). "
+        "Give a YAML recipe with --config; --field flags override it (--dual.lr 0.5).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="YAML recipe to load first.")
+    for f, tp in _base._fields_with_types(cls):
+        if dataclasses.is_dataclass(tp):
+            group = parser.add_argument_group(f.name, f.metadata["help"])
+            for sub, sub_tp in _base._fields_with_types(tp):
+                _base._add_field_argument(group, f"{f.name}.{sub.name}", sub, sub_tp)
+        elif f.name in ("components", "datasets"):
+            item = ComponentSpec if f.name == "components" else DatasetSpec
+            keys = "; ".join(f"{s.name}: {s.metadata['help']}" for s, _ in _base._fields_with_types(item))
+            parser.add_argument(f"--{f.name}", dest=f.name, metavar="YAML", default=argparse.SUPPRESS,
+                                help=f"{f.metadata['help']} Keys: {keys}".replace("%", "%%"))
+        else:
+            _base._add_field_argument(parser, f.name, f, tp)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None):
+    """``--config recipe.yaml`` then ``--field value`` overrides -> a validated config of
+    the class that the recipe's ``composition`` key names."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--composition")
+    known, _ = pre.parse_known_args(argv)
+    raw = _base._read_yaml_mapping(known.config) if known.config else {}
+    kind = known.composition or raw.get("composition", "and")
+    if kind not in CONFIG_CLASSES:
+        raise _base._not_allowed("composition", kind, tuple(CONFIG_CLASSES))
+    cls = CONFIG_CLASSES[kind]
+    parser = build_parser(cls)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        options = [o for o in parser._option_string_actions if o.startswith("--")]
+        problems = []
+        for arg in unknown:
+            close = difflib.get_close_matches(arg.split("=")[0], options, n=1) if arg.startswith("-") else []
+            problems.append(f"{arg}: unknown option" + (f"; did you mean {close[0]}?" if close else ""))
+        raise ValueError("; ".join(problems))
+    given = vars(namespace)
+    given.pop("config", None)
+    typed = _base._field_types(cls)
+    for flag in sorted(given, key=lambda k: "." in k):
+        if "." not in flag:
+            raw[flag] = _base._cli_value(given[flag], typed[flag], flag)
+            continue
+        top, key = flag.split(".", 1)
+        spec = raw.get(top) or {}
+        raw[top] = spec
+        spec[key] = _base._cli_value(given[flag], _base._field_types(typed[top])[key], flag)
+    try:
+        return config_from_dict(raw)
+    except ValueError as error:
+        where = f"{known.config}: " if known.config else ""
+        raise ValueError(f"{where}{error}") from None

@@ -1,0 +1,163 @@
+"""Distilling a composed model ε_μ into one LoRA (METHOD.md §2): inference then costs one
+UNet pass per step instead of n.
+
+Objective: along the composed sampler's own path x_T … x_0 (so the student learns ε_μ
+where p_μ puts its mass), regress the student's guided ε̃_s(x_t) onto ε_μ(x_t):
+
+    L = E_{x_t ~ p_μ, t}  mean_elements (ε̃_s(x_t) − ε_μ(x_t))²
+
+The student is a new adapter ``student`` on the shared UNet (B initialised at zero, so
+it starts as the base model); components and student never coexist as active adapters."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..trainer import LORA_WEIGHT_NAME, _derived_seed
+from .components import ComponentKL, ComponentSet, set_unet_state
+
+STUDENT = "student"
+
+
+class StudentPredictor:
+    """The student's guided ε̃_s: activates the ``student`` adapter, then the CFG predictor."""
+
+    def __init__(self, guided):
+        self.guided = guided
+
+    def __call__(self, x_t, t):
+        set_unet_state(self.guided.unet, STUDENT)
+        return self.guided(x_t, t)
+
+
+class _PathRecorder:
+    """``on_step`` hook keeping (step, x_t, ε_μ) at chosen steps of a composed chain."""
+
+    def __init__(self, steps: set[int]):
+        self.steps, self.records = steps, []
+
+    def __call__(self, i, x_t, eps, tracked):
+        if i in self.steps:
+            self.records.append((i, x_t.detach(), eps.detach()))
+
+
+class CompositionDistiller:
+    """Trains the ``student`` LoRA to reproduce ε_μ of ``components`` at ``weights``.
+
+    Args:
+        components: the :class:`ComponentSet` (its sampler defines chain and guidance).
+        weights: μ (n,) of the composed model to distil.
+        prompts: training prompts (drawn uniformly per chain).
+        spec: a :class:`~cdalign.composition.config.DistillSpec`.
+    """
+
+    def __init__(self, components: ComponentSet, weights, prompts: Sequence[str], spec, seed: int = 0):
+        from peft import LoraConfig
+
+        self.components, self.spec, self.seed = components, spec, seed
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.prompts = list(prompts)
+        self.sampler = components.sampler
+        unet = self.unet = self.sampler.unet
+        if getattr(unet, "_hf_peft_config_loaded", False) and STUDENT in unet.peft_config:
+            raise ValueError(f"the UNet already has an adapter named {STUDENT!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_derived_seed(seed, 21))
+            unet.add_adapter(
+                LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, init_lora_weights=True,
+                           target_modules=list(spec.lora_target_modules)),
+                adapter_name=STUDENT,
+            )
+        self.params = [p for n, p in unet.named_parameters() if f".{STUDENT}." in n]
+        for p in self.params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(self.params, lr=spec.learning_rate, weight_decay=1e-4)
+        self.global_step = 0
+        self.history: list[dict] = []
+
+    def _batch(self, purpose: int, index: int, size: int):
+        g = torch.Generator().manual_seed(_derived_seed(self.seed, purpose, index))
+        idx = torch.randint(0, len(self.prompts), (size,), generator=g).tolist()
+        seeds = torch.randint(0, 2**62, (size,), generator=g).tolist()
+        return [self.prompts[i] for i in idx], seeds, g
+
+    def _composed_path(self, prompts, seeds, steps: set[int]):
+        recorder = _PathRecorder(steps)
+        with torch.no_grad():
+            self.sampler.sample(self.components.composed(prompts, self.weights), seeds, on_step=recorder, decode=False)
+        return recorder.records
+
+    def _regression_loss(self, prompts, records) -> torch.Tensor:
+        student = StudentPredictor(self.sampler.guided(prompts))
+        losses = [(student(x, self.sampler.chain.timesteps[i]) - target).pow(2).mean() for i, x, target in records]
+        return torch.stack(losses).mean()
+
+    def step(self) -> dict:
+        """One optimiser step on ``spec.batch_size`` fresh composed chains."""
+        spec, T = self.spec, len(self.sampler.chain)
+        prompts, seeds, g = self._batch(30, self.global_step, spec.batch_size)
+        k = min(spec.timesteps_per_chain, T)
+        steps = set(torch.randperm(T, generator=g)[:k].tolist())
+        records = self._composed_path(prompts, seeds, steps)
+        self.unet.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._regression_loss(prompts, records)
+        loss.backward()
+        self.optimizer.step()
+        self.unet.eval()
+        self.global_step += 1
+        log = {"step": self.global_step, "distill_loss": loss.item()}
+        self.history.append(log)
+        return log
+
+    def train(self, steps: int | None = None, progress: bool = True) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        n = self.spec.steps if steps is None else steps
+        for _ in tqdm(range(n), desc="distillation", disable=not progress):
+            self.step()
+        return self.history
+
+    @torch.no_grad()
+    def distance(self, prompts: Sequence[str], seeds: Sequence[int]) -> float:
+        """mean (ε̃_s − ε_μ)² over every step of the composed chains of ``seeds`` (the
+        training objective on fixed evaluation chains)."""
+        records = self._composed_path(list(prompts), list(seeds), set(range(len(self.sampler.chain))))
+        return float(self._regression_loss(list(prompts), records))
+
+    @torch.no_grad()
+    def sample_with_kl(self, prompts: Sequence[str], seeds: Sequence[int], estimator: str):
+        """Images of the distilled model and its chain KL to every component (n, B),
+        along its own path (n extra component passes per step)."""
+        student = StudentPredictor(self.sampler.guided(list(prompts)))
+        hook = ComponentKL(self.components.predictor(list(prompts)), self.sampler.chain, estimator, len(self.components))
+        images = self.sampler.sample(student, list(seeds), on_step=hook)
+        return images, hook.per_sample
+
+    def save(self, output_dir: str | os.PathLike) -> Path:
+        """``output_dir/pytorch_lora_weights.safetensors`` in the diffusers format
+        (``pipe.load_lora_weights(output_dir)`` loads the distilled model)."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=STUDENT))
+        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        if not all(torch.isfinite(v).all() for v in state.values()):
+            raise RuntimeError(f"distilled LoRA weights are not finite; not saving to {str(out)!r}")
+        tmp = out / f".lora-tmp-{os.getpid()}"
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=state, safe_serialization=True,
+            unet_lora_adapter_metadata=self.unet.peft_config[STUDENT].to_dict(),
+        )
+        os.replace(tmp / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out / LORA_WEIGHT_NAME
