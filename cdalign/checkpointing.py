@@ -95,6 +95,18 @@ def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Path:
     return path
 
 
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete half-written ``.<name>.tmp-<pid>`` folders/files a killed run left behind
+    (they never look like complete checkpoints; this only reclaims the space)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    stale = [p for p in out.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name or p.name.startswith(".lora-tmp-"))]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
+
+
 def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> None:
     if not keep or keep <= 0:
         return

@@ -29,6 +29,7 @@ from .checkpointing import (
     list_checkpoints,
     optimizer_from_files,
     optimizer_to_files,
+    remove_stale_temporaries,
     resolve_checkpoint,
     rotate_checkpoints,
 )
@@ -420,6 +421,7 @@ class ConstrainedDDPOTrainer:
         cfg, acc = self.config, self.accelerator
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.output_dir)
             save_config(cfg, self.output_dir / "config.yaml")
             if self.resume_path is None and (self.output_dir / "log.jsonl").exists():
                 (self.output_dir / "log.jsonl").unlink()
@@ -447,6 +449,7 @@ class ConstrainedDDPOTrainer:
         if acc.is_main_process:
             atomic_write_text(self.output_dir / "report.json", json.dumps(report, indent=2))
             self._plot_history()
+            self._write_model_card(report)
         if cfg.push_to_hub:
             self.push_to_hub()
         acc.end_training()
@@ -658,29 +661,42 @@ class ConstrainedDDPOTrainer:
                 atomic_write_text(log, "".join(l + "\n" for l in kept))
 
     def push_to_hub(self, repo_id: str | None = None, private: bool | None = None, commit_message: str | None = None) -> str:
-        """Upload ``output_dir`` (LoRA, config, report, pictures; not the checkpoints) to
-        the Hub, after the local save, so a failed push loses nothing and can be retried."""
-        from huggingface_hub import create_repo, upload_folder
+        """Upload ``output_dir`` (LoRA, model card, config, report, pictures; not the
+        checkpoints) to the Hub in one commit, after the local save, so a failed push loses
+        nothing and can be retried (``python -m cdalign.hub push <output_dir> --repo_id ...``).
+        Returns the commit URL; raises :class:`cdalign.hub.HubPushError` on failure."""
+        from .hub import push_output_dir
 
         repo_id = repo_id or self.config.hub_model_id
         if not repo_id:
             raise ValueError("push_to_hub needs hub_model_id (e.g. 'your-name/sd15-constrained-lora')")
         if not (self.output_dir / LORA_WEIGHT_NAME).is_file():
             self.save_model(self.output_dir)
-        url = ""
+        url, error = "", None
         if self.accelerator.is_main_process:
-            private = self.config.hub_private if private is None else private
-            create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            info = upload_folder(
-                repo_id=repo_id,
-                folder_path=str(self.output_dir),
-                commit_message=commit_message or f"cdalign: constrained LoRA after {self.global_step} steps",
-                ignore_patterns=["checkpoint-*", ".*"],
-            )
-            url = str(info)
+            try:
+                url = push_output_dir(
+                    self.output_dir,
+                    repo_id,
+                    private=self.config.hub_private if private is None else private,
+                    commit_message=commit_message or f"cdalign: constrained LoRA after {self.global_step} steps",
+                )
+            except Exception as err:  # re-raised after the barrier, so other ranks do not hang
+                error = err
         self.accelerator.wait_for_everyone()
+        if error is not None:
+            raise error
         return url
 
+    def _write_model_card(self, report: dict) -> None:
+        """``output_dir/README.md`` from the config and report (cdalign.cards). A card that
+        cannot be rendered warns instead of failing a finished run."""
+        from .cards import write_model_card
+
+        try:
+            write_model_card(self.output_dir, repo_id=self.config.hub_model_id, report=report)
+        except Exception as err:
+            warnings.warn(f"model card not written to {str(self.output_dir / 'README.md')!r}: {err}", stacklevel=2)
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
