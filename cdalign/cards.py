@@ -1,0 +1,255 @@
+"""Model cards for constrained LoRAs, rendered with ``huggingface_hub.ModelCard``.
+
+The card is generated from what a run wrote (``config.yaml``, ``report.json``, the
+pictures) and, optionally, an evaluation (``evaluation.json`` of ``cdalign.evaluation``):
+
+- front matter (``ModelCardData``): base model, ``library_name: diffusers``,
+  ``pipeline_tag: text-to-image``, tags, license, and ``model-index`` with one
+  ``EvalResult`` per reward and the chain KL;
+- body (template ``model_cards/cdalign_lora.md``): the constraints with achieved values,
+  95% CIs and their dual variables read as prices, base vs aligned rewards, the
+  evaluation table, pictures, a usage snippet, the training configuration, the citation.
+
+User strings (prompts, names, repo ids) go into YAML only through ``yaml.dump`` (after
+collapsing newlines), into Markdown only escaped, into Python only via ``repr``, so none
+of them can break the front matter, a table or the snippet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TEMPLATE_NAME = "cdalign_lora.md"
+TAGS = ["lora", "cdalign", "constrained-alignment", "diffusers", "text-to-image", "stable-diffusion"]
+# Licenses of known base models (a LoRA inherits its base model's terms); others: "other".
+BASE_MODEL_LICENSES = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
+    "cdalign/tiny-random-sd": "apache-2.0",
+    "cdalign/tiny-shapes-sd": "apache-2.0",
+}
+PICTURES = (("samples: base (top) vs aligned (bottom), same seeds", "samples_base_vs_aligned.png"),
+            ("dual variables, slacks and chain KL over training", "duals.png"))
+
+
+def default_template_path() -> Path:
+    path = Path(__file__).resolve().parents[1] / "model_cards" / TEMPLATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model card template {str(path)!r} not found (it ships in the cdalign repository's model_cards/); "
+            "pass template_path= explicitly"
+        )
+    return path
+
+
+def yaml_safe(text: Any) -> str:
+    """A user string for the YAML front matter: one line (newlines collapsed), no control
+    characters. Quoting is ``yaml.dump``'s job."""
+    s = str(text)
+    s = "".join(ch if ch.isprintable() or ch == " " else " " for ch in s)
+    return " ".join(s.split())
+
+
+def md(text: Any) -> str:
+    """A user string made safe for Markdown text or a table cell (one line, escaped)."""
+    s = " ".join(str(text).split())
+    for ch in ("\\", "|", "`", "*", "_", "[", "]"):
+        s = s.replace(ch, "\\" + ch)
+    return s.replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _fence(text: str, lang: str = "") -> str:
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
+
+
+def _ci(entry: dict | None, mean_key: str = "mean", ci_key: str = "ci95") -> str:
+    if not entry or mean_key not in entry:
+        return "n/a"
+    lo, hi = entry[ci_key]
+    return f"{entry[mean_key]:+.4g} [{lo:+.4g}, {hi:+.4g}]"
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def constraints_table(report: dict) -> str:
+    rows = ["| constraint | requirement | achieved [95% CI] | base model | satisfied | price λ |", "|---|---|---|---|---|---|"]
+    for c in report.get("constraints", []):
+        op = "≥" if c["direction"] == "high" else "≤"
+        units = " σ" if c.get("normalized") else ""
+        ok = "✓✓" if c.get("ci_clears_threshold") else ("✓" if c.get("satisfied") else "✗")
+        achieved = _ci({"mean": c["measured"], "ci95": c["ci95"]})
+        rows.append(f"| {md(c['name'])} | {md(c['source'])} {op} {c['threshold']:g}{units} | {achieved} | "
+                    f"{_num(c.get('base_measured'))} | {ok} | {_num(c.get('dual'))} |")
+    return "\n".join(rows)
+
+
+def rewards_table(report: dict) -> str:
+    rows = ["| reward | base model [95% CI] | this LoRA [95% CI] | units |", "|---|---|---|---|"]
+    for name, e in report.get("rewards", {}).items():
+        normed = "normalized_mean" in e.get("aligned", {})
+        k, c = ("normalized_mean", "normalized_ci95") if normed else ("mean", "ci95")
+        rows.append(f"| {md(name)} | {_ci(e.get('base'), k, c)} | {_ci(e.get('aligned'), k, c)} | "
+                    f"{'base-model σ' if normed else 'raw'} |")
+    kl = report.get("kl")
+    if kl:
+        rows.append(f"| chain KL to base ({md(kl.get('estimator', ''))}) | 0 | {_ci(kl)} | nats/image |")
+    return "\n".join(rows)
+
+
+TRAINING_FIELDS = ("pretrained_model_name_or_path", "revision", "prompts", "eval_prompts", "estimator",
+                   "num_inference_steps", "eta", "guidance_scale", "resolution", "backprop_strategy",
+                   "backprop_steps", "kl_estimator", "lora_rank", "lora_alpha", "learning_rate",
+                   "train_batch_size", "gradient_accumulation_steps", "max_steps", "seed", "mixed_precision")
+
+
+def training_table(config: dict) -> str:
+    rows = ["| field | value |", "|---|---|"]
+    for key in TRAINING_FIELDS:
+        if key in config and config[key] is not None:
+            rows.append(f"| `{key}` | {md(json.dumps(config[key], ensure_ascii=False))} |")
+    dual = config.get("dual") or {}
+    if dual:
+        rows.append(f"| `dual` | {md(json.dumps(dual, ensure_ascii=False))} |")
+    return "\n".join(rows)
+
+
+def eval_results(report: dict | None, config: dict, evaluation: dict | None, checkpoint: str | None):
+    """``EvalResult`` per reward mean (and the chain KL) on the held-out prompts, from the
+    run's report and, where given, from the evaluation's entry ``checkpoint``."""
+    from huggingface_hub import EvalResult
+
+    results = []
+
+    def add(dataset_type, dataset_name, metric_type, value, metric_name, source_name):
+        results.append(EvalResult(
+            task_type="text-to-image", task_name="Text-to-image generation",
+            dataset_type=yaml_safe(dataset_type), dataset_name=yaml_safe(dataset_name),
+            metric_type=yaml_safe(metric_type), metric_name=yaml_safe(f"{metric_name}; {source_name}"),
+            metric_value=float(value),
+        ))
+
+    if report:
+        prompts = config.get("eval_prompts") or config.get("prompts") or "prompts"
+        n = report.get("num_eval_images")
+        for name, e in report.get("rewards", {}).items():
+            a = e.get("aligned", {})
+            if "mean" in a:
+                add(f"cdalign-prompts/{prompts}", f"{prompts} (held out, {n} images)", name, a["mean"],
+                    f"{name} (mean, raw)", "cdalign training report")
+        if report.get("kl"):
+            add(f"cdalign-prompts/{prompts}", f"{prompts} (held out, {n} images)", "chain_kl",
+                report["kl"]["mean"], f"chain KL to base ({report['kl'].get('estimator')})", "cdalign training report")
+    if evaluation and checkpoint in evaluation.get("checkpoints", {}):
+        e = evaluation["checkpoints"][checkpoint]
+        src = evaluation.get("prompts", {}).get("source", "prompts")
+        suite = evaluation.get("suite", "evaluation")
+        for name, r in e.get("rewards", {}).items():
+            add(f"cdalign-prompts/{src}", f"{suite}: {src} ({e.get('num_images')} images)", name, r["mean"],
+                f"{name} (mean, raw)", f"cdalign evaluation suite {suite}")
+        kl = e.get("kl", {}).get("base")
+        if kl:
+            add(f"cdalign-prompts/{src}", f"{suite}: {src} ({e.get('num_images')} images)", "chain_kl", kl["mean"],
+                f"chain KL to base ({kl.get('estimator')})", f"cdalign evaluation suite {suite}")
+    return results
+
+
+def build_model_card(
+    output_dir: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    report: dict | None = None,
+    config: dict | None = None,
+    evaluation: dict | None = None,
+    evaluation_checkpoint: str | None = None,
+    license: str | None = None,
+    template_path: str | os.PathLike | None = None,
+):
+    """The :class:`huggingface_hub.ModelCard` of a run in ``output_dir``. ``report`` /
+    ``config`` default to the folder's ``report.json`` / ``config.yaml``; ``evaluation``
+    is an ``evaluation.json`` dict whose entry ``evaluation_checkpoint`` (default: the
+    first non-base checkpoint) describes this model."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .evaluation import comparison_table
+
+    out = Path(output_dir)
+    if report is None and (out / "report.json").is_file():
+        report = json.loads((out / "report.json").read_text())
+    if config is None:
+        config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
+    config = config or {}
+    base_model = config.get("pretrained_model_name_or_path") or (report or {}).get("model") or "unknown"
+    name = repo_id or out.resolve().name
+    if evaluation is not None and evaluation_checkpoint is None:
+        evaluation_checkpoint = next((k for k, v in evaluation.get("checkpoints", {}).items() if v.get("kind") != "base"), None)
+
+    card_data = ModelCardData(
+        base_model=yaml_safe(base_model),
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        license=license or BASE_MODEL_LICENSES.get(base_model, "other"),
+        tags=list(TAGS),
+        model_name=yaml_safe(name),
+        eval_results=eval_results(report, config, evaluation, evaluation_checkpoint) or None,
+    )
+    objective = config.get("objective") or {"type": "kl"}
+    if objective.get("type") == "reward":
+        objective_md, units = f"maximise the reward `{md(objective.get('reward'))}`", "reward units"
+    else:
+        objective_md, units = "stay as close as possible to the base model (minimise the chain KL)", "KL, nats/image"
+    prompts = config.get("eval_prompts") or config.get("prompts") or "the training prompts"
+    example = "a photo of a cat" if not isinstance(prompts, str) or prompts in ("animals", "animals_eval") else "a red circle"
+    pictures = [(alt, f) for alt, f in PICTURES if (out / f).is_file()]
+    embedded = base_model in BASE_MODEL_LICENSES and base_model.startswith("cdalign/")
+    kwargs = dict(
+        title=md(name),
+        base_model_md=md(base_model),
+        base_model_url=f"https://huggingface.co/{base_model}".replace(" ", "%20").replace(")", "%29"),
+        objective_md=objective_md,
+        objective_units=units,
+        constraints_table=constraints_table(report) if report and report.get("constraints") else "",
+        num_eval_images=(report or {}).get("num_eval_images", "n/a"),
+        eval_prompts_md=f"prompts: {md(prompts)}",
+        infeasible=", ".join(md(x) for x in (report or {}).get("infeasible", [])),
+        rewards_table=rewards_table(report) if report and report.get("rewards") else "",
+        evaluation_table=comparison_table(evaluation) if evaluation else "",
+        evaluation_intro=(f"Suite **{md(evaluation.get('suite'))}** on `{md(evaluation.get('model'))}`, "
+                          f"{evaluation.get('num_images')} images per checkpoint, same prompts and seeds for every row."
+                          if evaluation else ""),
+        evaluation_grid="evaluation/grid.png" if (out / "evaluation" / "grid.png").is_file() else "",
+        pictures=pictures,
+        base_model_py=repr(str(base_model)),
+        repo_py=repr(str(repo_id or out.resolve())),
+        example_prompt_py=repr(example),
+        num_inference_steps=int(config.get("num_inference_steps") or 25),
+        guidance_scale=float(config.get("guidance_scale") or 5.0),
+        embedded_note=(f"`{md(base_model)}` is embedded in cdalign, not a Hub repo: load it with "
+                       f"`cdalign.load_pipeline({base_model!r})` instead of `from_pretrained`." if embedded else ""),
+        training_table=training_table(config),
+        config_block=_fence(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), "yaml") if config else "(no config.yaml)",
+    )
+    tpl = Path(template_path) if template_path else default_template_path()
+    return ModelCard.from_template(card_data, template_path=str(tpl), **kwargs)
+
+
+def write_model_card(output_dir: str | os.PathLike, **kwargs) -> Path:
+    """Render :func:`build_model_card` into ``output_dir/README.md`` (atomically)."""
+    from .checkpointing import atomic_write_text
+
+    card = build_model_card(output_dir, **kwargs)
+    path = Path(output_dir) / "README.md"
+    atomic_write_text(path, str(card))
+    return path

@@ -1,0 +1,806 @@
+"""Scoring checkpoints on one footing: the evaluation harness of cdalign.
+
+Every checkpoint of an evaluation (the base model, a LoRA in a local output folder, a
+LoRA published on the Hub at a revision, later a composed model) is sampled through the
+one :class:`~cdalign.sampling.DiffusionSampler` with the *same* prompts, the *same*
+per-image seeds and the *same* sampler settings, then scored with the same rewards:
+
+- each reward's mean with a 95% CI (``cdalign.estimators.mean_and_ci``), raw and, where
+  base-model statistics are known, in base-model standard deviations;
+- each constraint's measured value against its threshold: satisfied (the mean is on the
+  right side) and whether the whole 95% CI clears the threshold;
+- the chain KL to the base model (the same UNet with the adapter disabled,
+  ``cdalign.kl``), and for composed models the chain KL to each component.
+
+Checkpoint kinds are a registry (:data:`CHECKPOINT_KINDS`): ``base`` and ``lora`` live
+here; ``composed`` is the seam for ``cdalign.composition`` (see :class:`ComposedSeam`).
+
+Results are cached per checkpoint × batch under ``<output_dir>/cache`` with a key made of
+the checkpoint's identity (content hash of its weights), the base model's identity, the
+prompts, the seeds, the sampler settings and the rewards, so an interrupted evaluation
+continues where it stopped, and a changed setting never reuses a stale batch.
+
+    from cdalign.evaluation import EvaluationSuite, CheckpointSpec, evaluate
+    suite = EvaluationSuite(name="mine", checkpoints=[CheckpointSpec("base", kind="base"),
+                                                        CheckpointSpec("aligned", source="outputs/run")])
+    result = evaluate(suite, "outputs/eval")     # writes evaluation.json/.md, grid.png, rewards.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .registry import Registry
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+CACHE_VERSION = 1  # bump when the cached batch layout or its meaning changes
+
+# ---------------------------------------------------------------------------------
+# Specs
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointSpec:
+    """One model to score.
+
+    - ``kind='base'``: the suite's base model itself.
+    - ``kind='lora'``: a LoRA in the diffusers format; ``source`` is a local output folder
+      (holding ``pytorch_lora_weights.safetensors``, usually also ``config.yaml`` and
+      ``report.json``) or a Hub repo id, read at ``revision`` (branch, tag or commit).
+    - ``kind='composed'``: ``components`` (checkpoint specs as dicts) combined with
+      ``weights`` (see :class:`ComposedSeam`).
+    """
+
+    name: str
+    kind: str = "lora"
+    source: str | None = None
+    revision: str | None = None
+    weight_name: str = LORA_WEIGHT_NAME
+    scale: float = 1.0
+    components: list[dict] = field(default_factory=list)
+    weights: list[float] | None = None
+
+    @classmethod
+    def from_value(cls, value: Any, where: str) -> "CheckpointSpec":
+        """From a mapping (YAML) or a ``NAME=SOURCE[@REVISION]`` / ``base`` string (CLI)."""
+        if isinstance(value, CheckpointSpec):
+            return value
+        if isinstance(value, str):
+            if value == "base":
+                return cls("base", kind="base")
+            name, sep, rest = value.partition("=")
+            if not sep or not name or not rest:
+                raise ValueError(f"{where}: {value!r} is not NAME=SOURCE[@REVISION] (e.g. aligned=outputs/run or "
+                                 "hub=user/repo@main) nor 'base'")
+            source, _, revision = rest.partition("@")
+            return cls(name, kind="lora", source=source, revision=revision or None)
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: expected a mapping or NAME=SOURCE string, got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        if "name" not in value:
+            raise ValueError(f"{where}: every checkpoint needs a 'name'")
+        spec = cls(**dict(value))
+        if spec.kind == "lora" and not spec.source:
+            raise ValueError(f"{where} ({spec.name!r}): kind 'lora' needs 'source' (a local folder or a Hub repo id)")
+        return spec
+
+
+@dataclass
+class EvaluationSuite:
+    """What to evaluate and how: the model, prompts, seeds, sampler, rewards, constraints.
+
+    Constraints use the trainer's schema (``{reward, direction, threshold, normalize}`` or
+    ``{type: kl, max}``); when ``constraints`` is None they come from the first checkpoint
+    whose ``config.yaml`` states them (the trainer writes it), and every checkpoint is
+    judged against the same thresholds."""
+
+    name: str = "custom"
+    description: str = ""
+    model: str = "cdalign/tiny-random-sd"
+    revision: str | None = None
+    dtype: str = "float32"
+    prompts: Any = "shapes"
+    prompt_column: str = "prompt"
+    prompt_split: str = "train"
+    num_prompts: int | None = None
+    images_per_prompt: int = 1
+    rewards: list[str] = field(default_factory=lambda: ["saturation", "local_contrast", "brightness"])
+    reward_kwargs: dict[str, dict] = field(default_factory=dict)
+    constraints: list[dict] | None = None
+    num_inference_steps: int = 20
+    eta: float = 1.0
+    guidance_scale: float = 5.0
+    resolution: int | None = None
+    kl_estimator: str = "path"
+    batch_size: int = 4
+    seed: int = 0
+    grid_images: int = 8
+    checkpoints: list[CheckpointSpec] = field(default_factory=list)
+    paper: str = ""
+
+    def __post_init__(self):
+        self.checkpoints = [CheckpointSpec.from_value(c, f"checkpoints[{i}]") for i, c in enumerate(self.checkpoints)]
+        for key in ("batch_size", "images_per_prompt", "num_inference_steps"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ValueError(f"num_prompts: must be >= 1 or null, got {self.num_prompts!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {sorted(_DTYPES)}")
+        if not self.rewards:
+            raise ValueError("rewards: list at least one reward name (see cdalign.rewards.available_rewards())")
+        names = [c.name for c in self.checkpoints]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"checkpoints: names must be unique; repeated: {dup}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping, where: str = "suite") -> "EvaluationSuite":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        try:
+            return cls(**dict(data))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from None
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_suite(name_or_path: str | os.PathLike, search_dirs: Sequence[str | os.PathLike] = ()) -> EvaluationSuite:
+    """A suite from a YAML file, or by name from ``<dir>/<name>.yaml`` in ``search_dirs``.
+    A relative ``prompts`` path in the file is resolved against the file's folder."""
+    import yaml
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        candidates = [Path(d) / f"{name_or_path}.yaml" for d in search_dirs]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            names = sorted({p.stem for d in search_dirs if Path(d).is_dir() for p in Path(d).glob("*.yaml")})
+            raise FileNotFoundError(f"evaluation suite {str(name_or_path)!r}: no such file, and no suite of that name "
+                                    f"(known suites: {', '.join(names) or 'none'})")
+        path = found[0]
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: malformed YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a suite file must be a mapping of field: value")
+    prompts = data.get("prompts")
+    if isinstance(prompts, str) and (path.parent / prompts).is_file():
+        data["prompts"] = str(path.parent / prompts)
+    return EvaluationSuite.from_dict(data, where=str(path))
+
+
+# ---------------------------------------------------------------------------------
+# Statistics and decisions (pure)
+# ---------------------------------------------------------------------------------
+
+
+def constraint_decision(measured: float, ci95: Sequence[float], threshold: float, direction: str) -> dict:
+    """Judge ``E[value] >= threshold`` (direction 'high') or ``<= threshold`` ('low').
+
+    Returns ``slack`` (positive = violated, the trainer's sign convention), ``satisfied``
+    (the mean is on the allowed side, ties count as satisfied) and ``ci_clears_threshold``
+    (the whole 95% CI is on the allowed side: satisfied with confidence)."""
+    if direction not in ("high", "low"):
+        raise ValueError(f"direction must be 'high' or 'low', got {direction!r}")
+    lo, hi = float(ci95[0]), float(ci95[1])
+    slack = threshold - measured if direction == "high" else measured - threshold
+    clears = lo >= threshold if direction == "high" else hi <= threshold
+    return {"slack": float(slack), "satisfied": bool(slack <= 0), "ci_clears_threshold": bool(clears)}
+
+
+def summarize(values: torch.Tensor) -> dict:
+    """``{"mean", "ci95": [lo, hi], "n"}`` of (N,) values (normal-approximation 95% CI)."""
+    from .estimators import mean_and_ci
+
+    m, lo, hi = mean_and_ci(values)
+    return {"mean": m, "ci95": [lo, hi], "n": int(values.numel())}
+
+
+# ---------------------------------------------------------------------------------
+# Checkpoint kinds
+# ---------------------------------------------------------------------------------
+
+
+class LoadedCheckpoint:
+    """A checkpoint made active on the shared pipeline.
+
+    ``policy(sampler, prompts)``: the predictor to sample from. ``references(sampler,
+    prompts, policy)``: ``{name: predictor}`` to measure the chain KL against (``base``;
+    for composed models one entry per component). ``unload()`` restores the pipeline."""
+
+    def policy(self, sampler, prompts: list[str]):
+        raise NotImplementedError
+
+    def references(self, sampler, prompts: list[str], policy) -> dict:
+        return {}
+
+    def unload(self) -> None:
+        pass
+
+
+class CheckpointKind:
+    """How to identify and load one kind of checkpoint. ``identity`` must change whenever
+    the weights change (it keys the result cache); ``load`` activates it on ``pipe``."""
+
+    def identity(self, spec: CheckpointSpec) -> dict:
+        raise NotImplementedError
+
+    def load(self, spec: CheckpointSpec, pipe) -> LoadedCheckpoint:
+        raise NotImplementedError
+
+    def run_files(self, spec: CheckpointSpec) -> dict[str, Path]:
+        """Local paths of the run's ``config.yaml`` / ``report.json`` where available."""
+        return {}
+
+
+CHECKPOINT_KINDS: Registry[Callable[[], CheckpointKind]] = Registry("checkpoint kind")
+
+
+class _BaseLoaded(LoadedCheckpoint):
+    def policy(self, sampler, prompts):
+        from .sampling import WithAdaptersDisabled
+
+        return WithAdaptersDisabled(sampler.guided(prompts))
+
+
+@CHECKPOINT_KINDS.register("base")
+class BaseKind(CheckpointKind):
+    """The base model (any adapters on the shared UNet switched off). Its KL to itself is 0."""
+
+    def identity(self, spec):
+        return {"kind": "base"}
+
+    def load(self, spec, pipe):
+        return _BaseLoaded()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _adapter_name(name: str) -> str:
+    return "eval_" + re.sub(r"\W", "_", name)
+
+
+class _LoraLoaded(LoadedCheckpoint):
+    def __init__(self, pipe, adapter: str):
+        self.pipe, self.adapter = pipe, adapter
+
+    def policy(self, sampler, prompts):
+        return sampler.guided(prompts)
+
+    def references(self, sampler, prompts, policy):
+        from .sampling import WithAdaptersDisabled
+
+        return {"base": WithAdaptersDisabled(policy)}
+
+    def unload(self):
+        self.pipe.delete_adapters(self.adapter)
+
+
+@CHECKPOINT_KINDS.register("lora")
+class LoraKind(CheckpointKind):
+    """A LoRA in the diffusers format, from a local folder or a Hub repo at a revision.
+
+    Hub files are fetched with ``hf_hub_download`` (cached; the revision may be a branch,
+    a tag or a commit), so the identity is the weights' content hash either way."""
+
+    def _is_local(self, spec) -> bool:
+        p = Path(spec.source).expanduser()
+        return p.exists() or spec.source.startswith((".", "/", "~")) or spec.source.count("/") > 1
+
+    def weights_path(self, spec) -> Path:
+        if self._is_local(spec):
+            path = Path(spec.source).expanduser()
+            path = path / spec.weight_name if path.is_dir() or not path.suffix else path
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"checkpoint {spec.name!r}: no LoRA weights at {str(path)!r}; give an output folder written by "
+                    f"the trainer (it holds {LORA_WEIGHT_NAME}) or a Hub repo id"
+                )
+            return path
+        from .hub import download_file
+
+        return download_file(spec.source, spec.weight_name, revision=spec.revision, what=f"checkpoint {spec.name!r}")
+
+    def identity(self, spec):
+        return {"kind": "lora", "weights_sha256": _sha256_file(self.weights_path(spec)), "scale": spec.scale}
+
+    def run_files(self, spec):
+        out = {}
+        for fname in ("config.yaml", "report.json"):
+            if self._is_local(spec):
+                p = Path(spec.source).expanduser()
+                p = (p if p.is_dir() else p.parent) / fname
+                if p.is_file():
+                    out[fname] = p
+            else:
+                from .hub import download_file
+
+                try:
+                    out[fname] = download_file(spec.source, fname, revision=spec.revision, what=f"checkpoint {spec.name!r}")
+                except FileNotFoundError:
+                    pass
+        return out
+
+    def load(self, spec, pipe):
+        weights = self.weights_path(spec)
+        adapter = _adapter_name(spec.name)
+        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=adapter)
+        pipe.set_adapters([adapter], adapter_weights=[spec.scale])
+        return _LoraLoaded(pipe, adapter)
+
+
+@CHECKPOINT_KINDS.register("composed")
+class ComposedSeam(CheckpointKind):
+    """Seam for composed models (METHOD.md §2): ``ε_μ = Σ_i μ_i ε̃_i`` of ``components``
+    with ``weights`` μ, KL reported to each component.
+
+    ``cdalign.composition`` owns the one definition of the composed model. To plug it in,
+    replace this entry: ``CHECKPOINT_KINDS._factories["composed"] = YourKind`` where
+    ``YourKind().load(spec, pipe)`` returns a :class:`LoadedCheckpoint` whose ``policy``
+    is the composed predictor and whose ``references`` map each component's name to its
+    predictor; ``identity`` must hash the components' weights and μ. Until then a
+    composed checkpoint fails here, before anything is sampled."""
+
+    def _fail(self, spec):
+        raise NotImplementedError(
+            f"checkpoint {spec.name!r}: kind 'composed' is not available yet; cdalign.composition must register "
+            "its CheckpointKind in cdalign.evaluation.CHECKPOINT_KINDS (see ComposedSeam's docstring). Evaluate "
+            "the components as 'lora' checkpoints meanwhile."
+        )
+
+    def identity(self, spec):
+        self._fail(spec)
+
+    def load(self, spec, pipe):
+        self._fail(spec)
+
+
+# ---------------------------------------------------------------------------------
+# Problem (constraints) and normalisation
+# ---------------------------------------------------------------------------------
+
+
+def problem_from_constraints(constraints: list[dict], model: str, rewards: Sequence[str], where: str):
+    """A :class:`~cdalign.problem.ConstrainedProblem` from trainer-schema constraint dicts,
+    validated by the trainer's own config parser (errors name the field)."""
+    from .config import config_from_dict
+    from .problem import ConstrainedProblem
+
+    has_kl = any(isinstance(c, Mapping) and c.get("type") == "kl" for c in constraints)
+    objective = {"type": "reward", "reward": rewards[0], "normalize": False} if has_kl else {"type": "kl"}
+    try:
+        cfg = config_from_dict({"pretrained_model_name_or_path": model, "objective": objective, "constraints": constraints})
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return ConstrainedProblem.from_config(cfg)
+
+
+# ---------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------
+
+
+def _seed(*parts: int) -> int:
+    h = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def evaluation_items(prompts: list[str], images_per_prompt: int, seed: int) -> list[tuple[str, int]]:
+    """(prompt, image seed) per image; identical for every checkpoint of an evaluation."""
+    return [(p, _seed(seed, i, j)) for i, p in enumerate(prompts) for j in range(images_per_prompt)]
+
+
+def _cache_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^\w.-]", "_", name)[:80] or "checkpoint"
+
+
+class _BatchCache:
+    """One safetensors file per checkpoint × batch, written atomically."""
+
+    def __init__(self, root: Path | None):
+        self.root = root
+
+    def path(self, checkpoint: str, key: str) -> Path | None:
+        return None if self.root is None else self.root / _safe_name(checkpoint) / f"{key}.safetensors"
+
+    def load(self, checkpoint, key) -> dict | None:
+        from safetensors.torch import load_file
+
+        p = self.path(checkpoint, key)
+        if p is None or not p.is_file():
+            return None
+        try:
+            return load_file(str(p))
+        except Exception:  # a torn or foreign file is recomputed, never trusted
+            return None
+
+    def save(self, checkpoint, key, tensors: dict) -> None:
+        from safetensors.torch import save_file
+
+        p = self.path(checkpoint, key)
+        if p is None:
+            return
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, p)
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` returns: ``data`` (the JSON written) and the file paths."""
+
+    data: dict
+    files: dict[str, Path]
+
+    @property
+    def checkpoints(self) -> dict:
+        return self.data["checkpoints"]
+
+
+def evaluate(
+    suite: EvaluationSuite,
+    output_dir: str | os.PathLike | None,
+    *,
+    pipeline=None,
+    rewards: Mapping[str, Callable] | None = None,
+    device: str | torch.device | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Score every checkpoint of ``suite``; write ``evaluation.json``, ``evaluation.md``,
+    ``grid.png`` and ``rewards.png`` into ``output_dir`` (None: write nothing, no cache).
+
+    ``pipeline``: an already loaded base pipeline (default: ``load_pipeline(suite.model,
+    revision=suite.revision)``). ``rewards``: ``{name: callable(images, prompts) -> (B,)}``
+    overriding registry rewards. A ``base`` checkpoint is added first when the suite has
+    none: KL and normalisation are relative to it."""
+    from tqdm.auto import tqdm
+
+    from .kl import ChainKLAccumulator, choose_kl_steps
+    from .normalization import stats_from_samples
+    from .pipeline import load_pipeline
+    from .prompts import load_prompts
+    from .sampling import DiffusionSampler
+    from .trainer import model_fingerprint
+
+    out = Path(output_dir) if output_dir is not None else None
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpoints = list(suite.checkpoints)
+    if not any(c.kind == "base" for c in checkpoints):
+        checkpoints.insert(0, CheckpointSpec("base", kind="base"))
+    # Base first: its samples normalise the rewards, and no adapter is loaded yet.
+    checkpoints.sort(key=lambda c: c.kind != "base")
+    kinds = {c.name: CHECKPOINT_KINDS.build(c.kind) for c in checkpoints}
+
+    prompts = load_prompts(suite.prompts, suite.prompt_column, suite.prompt_split)
+    if suite.num_prompts is not None:
+        prompts = prompts[: suite.num_prompts]
+    items = evaluation_items(prompts, suite.images_per_prompt, suite.seed)
+    batches = [items[i : i + suite.batch_size] for i in range(0, len(items), suite.batch_size)]
+
+    # Identities first (cheap, and a missing checkpoint fails before any sampling).
+    identities = {c.name: kinds[c.name].identity(c) for c in checkpoints}
+    run_files = {c.name: kinds[c.name].run_files(c) for c in checkpoints}
+    problem, constraints_from = _problem_for(suite, checkpoints, run_files)
+
+    reward_names = list(dict.fromkeys(list(suite.rewards) + (problem.reward_names if problem else [])))
+    reward_fns = _build_rewards(reward_names, suite.reward_kwargs, rewards or {}, device)
+
+    if pipeline is None:
+        dtype = None if suite.dtype == "float32" else _DTYPES[suite.dtype]
+        pipeline = load_pipeline(suite.model, revision=suite.revision, torch_dtype=dtype)
+    pipe = pipeline.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    sampler = DiffusionSampler(pipe, suite.num_inference_steps, suite.eta, suite.guidance_scale, suite.resolution, device)
+    model_identity = {"model": suite.model, "revision": suite.revision, "weights": model_fingerprint(pipe.unet),
+                      "dtype": suite.dtype}
+    settings = {**sampler.settings(), "kl_estimator": suite.kl_estimator}
+    cache = _BatchCache(out / "cache" if (out is not None and use_cache) else None)
+    reward_identity = {n: suite.reward_kwargs.get(n, {}) if n not in (rewards or {}) else "user callable" for n in reward_names}
+
+    per_ckpt: dict[str, dict[str, list[torch.Tensor]]] = {}
+    cached_batches = 0
+    bar = tqdm(total=len(checkpoints) * len(batches), desc="evaluation", disable=not progress)
+    for spec in checkpoints:
+        keys = [
+            _cache_key({"v": CACHE_VERSION, "checkpoint": identities[spec.name], "model": model_identity,
+                        "prompts": [p for p, _ in batch], "seeds": [s for _, s in batch], "sampler": settings,
+                        "rewards": reward_identity})
+            for batch in batches
+        ]
+        results = [cache.load(spec.name, k) for k in keys]
+        loaded = None
+        for b, batch in enumerate(batches):
+            bar.set_postfix(checkpoint=spec.name)
+            if results[b] is not None and all(f"reward/{n}" in results[b] for n in reward_names):
+                cached_batches += 1
+                bar.update(1)
+                continue
+            if loaded is None:
+                loaded = kinds[spec.name].load(spec, pipe)
+            batch_prompts, seeds = [p for p, _ in batch], [s for _, s in batch]
+            with torch.no_grad():
+                policy = loaded.policy(sampler, batch_prompts)
+                refs = loaded.references(sampler, batch_prompts, policy)
+                hooks = {
+                    name: ChainKLAccumulator(ref, sampler.chain, suite.kl_estimator,
+                                             choose_kl_steps(len(sampler.chain), set(), None, torch.Generator()))
+                    for name, ref in refs.items()
+                }
+
+                def on_step(i, x_t, eps, tracked, hooks=hooks):
+                    for h in hooks.values():
+                        h(i, x_t, eps, tracked)
+
+                images = sampler.sample(policy, seeds, on_step=on_step if hooks else None)
+                tensors = {"images": (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()}
+                for n in reward_names:
+                    tensors[f"reward/{n}"] = reward_fns[n](images.float(), batch_prompts).detach().double().cpu().reshape(-1)
+                for name, h in hooks.items():
+                    tensors[f"kl/{name}"] = torch.as_tensor(h.per_sample).detach().double().cpu().reshape(-1)
+            cache.save(spec.name, keys[b], tensors)
+            results[b] = tensors
+            bar.update(1)
+        if loaded is not None:
+            loaded.unload()
+        per_ckpt[spec.name] = {k: [r[k] for r in results] for k in results[0]}
+    bar.close()
+
+    gathered = {name: {k: torch.cat(v) for k, v in d.items()} for name, d in per_ckpt.items()}
+    base_name = next(c.name for c in checkpoints if c.kind == "base")
+    reports = {c.name: _read_report(run_files[c.name]) for c in checkpoints}
+    base_stats = {}
+    for n in reward_names:
+        try:
+            base_stats[n] = stats_from_samples(gathered[base_name][f"reward/{n}"])
+        except ValueError:
+            pass
+
+    summaries = {}
+    for spec in checkpoints:
+        values = gathered[spec.name]
+        # One normalisation for every row (same footing): base-model samples of this
+        # evaluation. A run's training statistics come from other prompts and settings.
+        stats_used = {n: base_stats[n] for n in reward_names if n in base_stats}
+        norm_from = {n: f"base-model samples of this evaluation ({base_name!r})" for n in stats_used}
+        entry: dict[str, Any] = {
+            "kind": spec.kind, "source": spec.source, "revision": spec.revision,
+            "identity": identities[spec.name], "num_images": len(items),
+        }
+        rew = {}
+        for n in reward_names:
+            raw = values[f"reward/{n}"]
+            rew[n] = {**summarize(raw)}
+            if n in stats_used:
+                normed = stats_used[n].normalize(raw)
+                s = summarize(normed)
+                rew[n]["normalized_mean"], rew[n]["normalized_ci95"] = s["mean"], s["ci95"]
+                rew[n]["normalized_by"] = norm_from[n]
+        entry["rewards"] = rew
+        kl = {}
+        if spec.kind == "base":
+            kl["base"] = {"mean": 0.0, "ci95": [0.0, 0.0], "n": len(items), "note": "the base model itself"}
+        for k, v in values.items():
+            if k.startswith("kl/"):
+                kl[k[3:]] = summarize(v)
+        for v in kl.values():
+            v["estimator"] = suite.kl_estimator
+        entry["kl"] = kl
+        duals = {c["name"]: c.get("dual") for c in (reports[spec.name] or {}).get("constraints", [])}
+        cons = []
+        for c in (problem.constraints if problem else []):
+            if c.is_kl:
+                v = values.get("kl/base", torch.zeros(len(items), dtype=torch.float64))
+                units = f"KL ({suite.kl_estimator})"
+            elif c.normalize:
+                if c.source not in stats_used:
+                    raise ValueError(f"constraint {c.name!r} is normalised but no statistics of {c.source!r} exist")
+                v, units = stats_used[c.source].normalize(values[f"reward/{c.source}"]), "base-model std"
+            else:
+                v, units = values[f"reward/{c.source}"], "raw"
+            s = summarize(v)
+            cons.append({
+                "name": c.name, "source": c.source, "direction": c.direction, "threshold": c.threshold,
+                "normalized": c.normalize, "units": units, "measured": s["mean"], "ci95": s["ci95"],
+                **constraint_decision(s["mean"], s["ci95"], c.threshold, c.direction),
+                "dual": duals.get(c.name),
+            })
+        entry["constraints"] = cons
+        entry["all_satisfied"] = all(c["satisfied"] for c in cons) if cons else None
+        summaries[spec.name] = entry
+
+    data = {
+        "suite": suite.name, "description": suite.description, "paper": suite.paper,
+        "model": suite.model, "revision": suite.revision,
+        "prompts": {"source": suite.prompts if isinstance(suite.prompts, str) else "list", "count": len(prompts),
+                    "images_per_prompt": suite.images_per_prompt, "seed": suite.seed},
+        "sampler": settings, "num_images": len(items), "constraints_from": constraints_from,
+        "cached_batches": cached_batches, "checkpoints": summaries,
+    }
+    files: dict[str, Path] = {}
+    if out is not None:
+        files = _write_outputs(out, data, gathered, [c.name for c in checkpoints], suite.grid_images)
+    return EvaluationResult(data, files)
+
+
+def _problem_for(suite, checkpoints, run_files):
+    if suite.constraints is not None:
+        if not suite.constraints:
+            return None, "none"
+        return problem_from_constraints(suite.constraints, suite.model, suite.rewards, "suite constraints"), "suite"
+    from .config import load_config_file
+    from .problem import ConstrainedProblem
+
+    for c in checkpoints:
+        cfg_path = run_files[c.name].get("config.yaml")
+        if cfg_path is None:
+            continue
+        cfg = load_config_file(cfg_path)
+        if cfg.pretrained_model_name_or_path != suite.model:
+            raise ValueError(
+                f"checkpoint {c.name!r} was trained on {cfg.pretrained_model_name_or_path!r} ({cfg_path}) but the "
+                f"suite evaluates {suite.model!r}; set the suite's model to the checkpoint's base model"
+            )
+        if cfg.constraints:
+            return ConstrainedProblem.from_config(cfg), f"{c.name} (config.yaml)"
+    return None, "none"
+
+
+def _read_report(files: dict) -> dict | None:
+    p = files.get("report.json")
+    if p is None:
+        return None
+    try:
+        return json.loads(Path(p).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _build_rewards(names, reward_kwargs, given, device):
+    from .rewards import REWARDS
+
+    fns = {}
+    for n in names:
+        fn = given.get(n) or REWARDS.build(n, **reward_kwargs.get(n, {}))
+        if isinstance(fn, torch.nn.Module):
+            fn.to(device)
+        fns[n] = fn
+    return fns
+
+
+# ---------------------------------------------------------------------------------
+# Tables and pictures
+# ---------------------------------------------------------------------------------
+
+
+def _md(text: Any) -> str:
+    """A user string made safe for one Markdown table cell."""
+    s = " ".join(str(text).split())
+    return s.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _fmt_ci(mean: float, ci: Sequence[float]) -> str:
+    if not all(math.isfinite(x) for x in (mean, *ci)):
+        return "n/a"
+    return f"{mean:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def comparison_table(data: dict) -> str:
+    """Markdown table: one row per checkpoint; rewards (normalised where possible) with
+    95% CIs, chain KL to the base, and each constraint ✓/✗ (✓✓: the CI clears it)."""
+    ckpts = data["checkpoints"]
+    if not ckpts:
+        return ""
+    first = next(iter(ckpts.values()))
+    rewards = list(first["rewards"])
+    cons = [c["name"] for c in first["constraints"]]
+    head = ["checkpoint"]
+    for n in rewards:
+        head.append(f"{n} (σ)" if "normalized_mean" in first["rewards"][n] else n)
+    head.append(f"KL to base ({data['sampler']['kl_estimator']})")
+    for c in first["constraints"]:
+        op = "≥" if c["direction"] == "high" else "≤"
+        head.append(f"{c['name']} {op} {c['threshold']:g}")
+    lines = ["| " + " | ".join(_md(h) for h in head) + " |", "|" + "---|" * len(head)]
+    for name, e in ckpts.items():
+        row = [_md(name)]
+        for n in rewards:
+            r = e["rewards"][n]
+            row.append(_fmt_ci(r["normalized_mean"], r["normalized_ci95"]) if "normalized_mean" in r else _fmt_ci(r["mean"], r["ci95"]))
+        kl = e["kl"].get("base")
+        row.append(_fmt_ci(kl["mean"], kl["ci95"]) if kl else "n/a")
+        by_name = {c["name"]: c for c in e["constraints"]}
+        for cn in cons:
+            c = by_name.get(cn)
+            row.append("n/a" if c is None else ("✓✓" if c["ci_clears_threshold"] else "✓" if c["satisfied"] else "✗"))
+        lines.append("| " + " | ".join(row) + " |")
+    legend = ("\nRewards: mean [95% CI]; (σ) columns are in base-model standard deviations. Constraints: ✓ the mean "
+              "meets the threshold, ✓✓ the whole 95% CI does, ✗ violated.") if cons else (
+              "\nRewards: mean [95% CI]; (σ) columns are in base-model standard deviations.")
+    return "\n".join(lines) + "\n" + legend + "\n"
+
+
+def _write_outputs(out: Path, data: dict, gathered: dict, order: list[str], grid_images: int) -> dict[str, Path]:
+    from .checkpointing import atomic_write_text
+    from .plotting import save_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "evaluation.json", "markdown": out / "evaluation.md"}
+    atomic_write_text(files["json"], json.dumps(data, indent=2))
+    md = [f"# Evaluation: {_md(data['suite'])}", ""]
+    if data.get("description"):
+        md += [_md(data["description"]), ""]
+    md += [f"Model `{_md(data['model'])}`; {data['num_images']} images per checkpoint "
+           f"({data['prompts']['count']} prompts × {data['prompts']['images_per_prompt']}, seed {data['prompts']['seed']}); "
+           f"sampler {_md(json.dumps(data['sampler']))}; constraints from: {_md(data['constraints_from'])}.", "",
+           comparison_table(data)]
+    atomic_write_text(files["markdown"], "\n".join(md))
+    if grid_images > 0:
+        rows = [gathered[n]["images"][:grid_images].float() / 255.0 for n in order]
+        files["grid"] = save_grid(out / "grid.png", rows, order)
+    files["bars"] = plot_reward_bars(out / "rewards.png", data)
+    return files
+
+
+def plot_reward_bars(path: str | os.PathLike, data: dict) -> Path:
+    """One panel per reward: a bar per checkpoint with its 95% CI (normalised units where
+    available), and the constraint thresholds on that reward as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ckpts = data["checkpoints"]
+    names = list(ckpts)
+    rewards = list(next(iter(ckpts.values()))["rewards"])
+    fig, axes = plt.subplots(1, len(rewards), figsize=(max(3.2 * len(rewards), 4), 3.2), squeeze=False)
+    for ax, r in zip(axes[0], rewards):
+        first = ckpts[names[0]]["rewards"][r]
+        normed = "normalized_mean" in first
+        means = np.array([ckpts[n]["rewards"][r]["normalized_mean" if normed else "mean"] for n in names])
+        cis = np.array([ckpts[n]["rewards"][r]["normalized_ci95" if normed else "ci95"] for n in names])
+        err = np.stack([means - cis[:, 0], cis[:, 1] - means])
+        ax.bar(range(len(names)), means, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(names))])
+        for c in next(iter(ckpts.values()))["constraints"]:
+            if c["source"] == r and (c["normalized"] == normed):
+                ax.axhline(c["threshold"], color="k", ls="--", lw=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        ax.set_title(f"{r} ({'σ' if normed else 'raw'})", fontsize=9)
+        ax.axhline(0, color="grey", lw=0.5)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
