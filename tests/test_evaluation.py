@@ -1,0 +1,188 @@
+"""Evaluation harness: CI arithmetic, constraint decisions on fixed numbers, and an
+evaluation of two tiny trained checkpoints (table, pictures, resume from the cache)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from cdalign.evaluation import (
+    CHECKPOINT_KINDS,
+    CheckpointSpec,
+    EvaluationSuite,
+    comparison_table,
+    constraint_decision,
+    evaluate,
+    load_suite,
+    summarize,
+)
+
+
+def test_ci_is_mean_plus_minus_1_96_standard_errors():
+    s = summarize(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    half = 1.959964 * math.sqrt(5 / 3) / 2  # sample std sqrt(5/3), n = 4
+    assert s["mean"] == pytest.approx(2.5)
+    assert s["ci95"] == pytest.approx([2.5 - half, 2.5 + half])
+    assert s["n"] == 4
+
+
+def test_ci_of_one_value_is_that_value():
+    assert summarize(torch.tensor([0.7]))["ci95"] == pytest.approx([0.7, 0.7])
+
+
+@pytest.mark.parametrize(
+    "measured, ci, threshold, direction, satisfied, clears",
+    [
+        (0.6, (0.55, 0.65), 0.5, "high", True, True),     # CI above the floor
+        (0.6, (0.45, 0.75), 0.5, "high", True, False),    # mean above, CI straddles
+        (0.4, (0.30, 0.50), 0.5, "high", False, False),   # violated
+        (0.5, (0.50, 0.50), 0.5, "high", True, True),     # ties count as satisfied
+        (-0.3, (-0.40, -0.26), -0.25, "low", True, True),  # CI below the ceiling
+        (-0.3, (-0.40, -0.20), -0.25, "low", True, False),
+        (0.1, (0.0, 0.2), -0.25, "low", False, False),
+    ],
+)
+def test_constraint_decisions_on_fixed_numbers(measured, ci, threshold, direction, satisfied, clears):
+    d = constraint_decision(measured, ci, threshold, direction)
+    assert d["satisfied"] is satisfied
+    assert d["ci_clears_threshold"] is clears
+    assert (d["slack"] > 0) is (not satisfied)
+
+
+def test_constraint_decision_rejects_an_unknown_direction():
+    with pytest.raises(ValueError, match="direction"):
+        constraint_decision(0.0, (0.0, 0.0), 0.0, "up")
+
+
+def test_checkpoint_specs_from_cli_strings():
+    spec = CheckpointSpec.from_value("hub=user/repo@v1", "--checkpoint")
+    assert (spec.name, spec.kind, spec.source, spec.revision) == ("hub", "lora", "user/repo", "v1")
+    assert CheckpointSpec.from_value("base", "--checkpoint").kind == "base"
+    with pytest.raises(ValueError, match="NAME=SOURCE"):
+        CheckpointSpec.from_value("outputs/run", "--checkpoint")
+
+
+def test_suite_rejects_unknown_fields_and_repeated_names(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("name: x\nbatchsize: 3\n")
+    with pytest.raises(ValueError, match="batchsize"):
+        load_suite(bad)
+    with pytest.raises(ValueError, match="repeated"):
+        EvaluationSuite(checkpoints=["a=x/y", "a=x/z"])
+    with pytest.raises(FileNotFoundError, match="known suites"):
+        load_suite("no-such-suite", [tmp_path])
+
+
+def test_composed_checkpoints_fail_early_with_a_pointer_to_the_seam():
+    with pytest.raises(NotImplementedError, match="CHECKPOINT_KINDS"):
+        CHECKPOINT_KINDS.build("composed").identity(CheckpointSpec("mix", kind="composed"))
+
+
+def test_shipped_suites_load(tmp_path):
+    from pathlib import Path
+
+    suites = Path(__file__).resolve().parents[1] / "evaluation" / "suites"
+    names = sorted(p.stem for p in suites.glob("*.yaml"))
+    assert {"tiny", "sd15_multi_reward", "sd15_reward_adapters", "sd15_concepts"} <= set(names)
+    for name in names:
+        assert load_suite(name, [suites]).name == name
+
+
+def _train(tmp, name, lr):
+    from cdalign import ConstrainedDDPOTrainer
+    from cdalign.config import config_from_dict
+
+    cfg = config_from_dict(dict(
+        pretrained_model_name_or_path="cdalign/tiny-random-sd", prompts="shapes", output_dir=str(tmp / name),
+        normalization_cache_dir=str(tmp / "norm"), objective={"type": "kl"},
+        constraints=[{"reward": "saturation", "direction": "high", "threshold": 0.5},
+                     {"reward": "local_contrast", "direction": "low", "threshold": -0.25}],
+        dual={"optimizer": "ascent", "lr": 0.05, "init": 0.5}, num_inference_steps=4, backprop_steps=2,
+        resolution=32, train_batch_size=2, max_steps=1, normalization_batches=2, eval_batches=1,
+        num_grid_images=0, learning_rate=lr,
+    ))
+    ConstrainedDDPOTrainer(cfg).train()
+    return tmp / name
+
+
+def _suite(a, b):
+    return EvaluationSuite(
+        name="two-tiny", model="cdalign/tiny-random-sd", prompts="shapes", num_prompts=4,
+        rewards=["saturation", "local_contrast"], num_inference_steps=4, resolution=32, batch_size=2,
+        grid_images=4, checkpoints=[CheckpointSpec("constrained", source=str(a)), CheckpointSpec("bigger_lr", source=str(b))],
+    )
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    a, b = _train(tmp, "a", 1e-2), _train(tmp, "b", 5e-2)
+    result = evaluate(_suite(a, b), tmp / "out", progress=False)
+    return result, tmp, (a, b)
+
+
+def test_evaluation_compares_base_and_two_checkpoints(evaluated):
+    result, tmp, _ = evaluated
+    ckpts = result.checkpoints
+    assert list(ckpts) == ["base", "constrained", "bigger_lr"]
+    assert ckpts["base"]["kl"]["base"]["mean"] == 0.0
+    assert ckpts["constrained"]["kl"]["base"]["mean"] > 0.0
+    for entry in ckpts.values():
+        assert entry["num_images"] == 4
+        assert [c["name"] for c in entry["constraints"]] == ["saturation_high", "local_contrast_low"]
+        for c in entry["constraints"]:
+            assert c["satisfied"] == (c["slack"] <= 0)
+        assert "normalized_mean" in entry["rewards"]["saturation"]
+    assert ckpts["base"]["rewards"]["saturation"]["normalized_mean"] == pytest.approx(0.0, abs=1e-9)
+    assert result.data["constraints_from"] == "constrained (config.yaml)"
+    on_disk = json.loads((tmp / "out" / "evaluation.json").read_text())
+    assert on_disk["checkpoints"].keys() == ckpts.keys()
+    for f in ("evaluation.md", "grid.png", "rewards.png"):
+        assert (tmp / "out" / f).stat().st_size > 0
+
+
+def test_comparison_table_has_one_row_per_checkpoint(evaluated):
+    result, _, _ = evaluated
+    table = comparison_table(result.data)
+    rows = [l for l in table.splitlines() if l.startswith("| ") and not l.startswith("| checkpoint")]
+    assert [r.split("|")[1].strip() for r in rows] == ["base", "constrained", "bigger_lr"]
+    assert "saturation_high ≥ 0.5" in table and "local_contrast_low ≤ -0.25" in table
+
+
+def test_rerun_resumes_from_the_cache_with_identical_results(evaluated):
+    result, tmp, (a, b) = evaluated
+    again = evaluate(_suite(a, b), tmp / "out", progress=False)
+    assert again.data["cached_batches"] == 3 * 2
+    assert again.checkpoints == result.checkpoints
+    # an interrupted run: one batch lost, only that one is recomputed, same numbers
+    lost = sorted((tmp / "out" / "cache" / "bigger_lr").glob("*.safetensors"))[0]
+    lost.unlink()
+    resumed = evaluate(_suite(a, b), tmp / "out", progress=False)
+    assert resumed.data["cached_batches"] == 3 * 2 - 1
+    assert resumed.checkpoints == result.checkpoints
+
+
+def test_a_changed_sampler_setting_does_not_reuse_the_cache(evaluated):
+    _, tmp, (a, b) = evaluated
+    suite = _suite(a, b)
+    suite.checkpoints = suite.checkpoints[:1]
+    suite.guidance_scale = 3.0
+    assert evaluate(suite, tmp / "out", progress=False).data["cached_batches"] == 0
+
+
+def test_a_missing_checkpoint_fails_before_sampling_and_names_the_path(tmp_path):
+    suite = EvaluationSuite(checkpoints=[CheckpointSpec("gone", source=str(tmp_path / "nothing"))])
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        evaluate(suite, tmp_path / "out", progress=False)
+
+
+def test_cli_reports_bad_input_with_exit_code_2(capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "evaluation" / "evaluate.py"
+    main = runpy.run_path(str(script))["main"]
+    assert main(["--suite", "tiny", "--checkpoint", "no-equals-sign"]) == 2
+    assert "NAME=SOURCE" in capsys.readouterr().err
