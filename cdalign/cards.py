@@ -166,6 +166,16 @@ def eval_results(report: dict | None, config: dict, evaluation: dict | None, che
     return results
 
 
+def usage_snippet(base_model: str, repo: str, prompt: str, steps: int, guidance: float) -> str:
+    """diffusers code that loads the LoRA; user strings enter only as Python literals."""
+    return (
+        "from diffusers import StableDiffusionPipeline\n\n"
+        f"pipe = StableDiffusionPipeline.from_pretrained({str(base_model)!r})\n"
+        f"pipe.load_lora_weights({str(repo)!r}, weight_name=\"pytorch_lora_weights.safetensors\")\n"
+        f"image = pipe({prompt!r}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]\n"
+    )
+
+
 def build_model_card(
     output_dir: str | os.PathLike,
     *,
@@ -231,11 +241,9 @@ def build_model_card(
                           if evaluation else ""),
         evaluation_grid="evaluation/grid.png" if (out / "evaluation" / "grid.png").is_file() else "",
         pictures=pictures,
-        base_model_py=repr(str(base_model)),
-        repo_py=repr(str(repo_id or out.resolve())),
-        example_prompt_py=repr(example),
-        num_inference_steps=int(config.get("num_inference_steps") or 25),
-        guidance_scale=float(config.get("guidance_scale") or 5.0),
+        usage_block=_fence(usage_snippet(base_model, repo_id or str(out.resolve()), example,
+                                         int(config.get("num_inference_steps") or 25),
+                                         float(config.get("guidance_scale") or 5.0)), "python"),
         embedded_note=(f"`{md(base_model)}` is embedded in cdalign, not a Hub repo: load it with "
                        f"`cdalign.load_pipeline({base_model!r})` instead of `from_pretrained`." if embedded else ""),
         training_table=training_table(config),
