@@ -214,22 +214,32 @@ class ConstrainedComposer:
 
     def _score_rewards(self, models: dict[str, torch.Tensor], singles: list[torch.Tensor]) -> dict:
         """Each component's reward on every model's evaluation images, raw and relative to
-        that component alone (the paper's metric)."""
+        that component alone (the paper's metric). A component's reward sees the prompts
+        that component was sampled with (a concept's own prompt). ``min_over_concepts``:
+        per image the minimum over the scored components, averaged (the paper's concept
+        composition score)."""
         from ..rewards import REWARDS
 
         prompts = [p for ps, _ in self._eval_batches() for p in ps]
-        out = {}
+        out, per_image = {}, {label: [] for label in models}
+        built: dict[str, torch.nn.Module] = {}
         for j, spec in enumerate(self.config.components):
             if not spec.reward:
                 continue
-            reward = REWARDS.build(spec.reward, **{}).to(self.device)
+            if spec.reward not in built:
+                built[spec.reward] = REWARDS.build(spec.reward).to(self.device)
+            reward, texts = built[spec.reward], self.components.components[j].prompts_for(prompts)
             with torch.no_grad():
-                single = float(reward(singles[j].to(self.device), prompts).float().mean())
-                entry = {"component_alone": single}
+                single = float(reward(singles[j].to(self.device), texts).float().mean())
+                entry = {"reward": spec.reward, "component_alone": single}
                 for label, imgs in models.items():
-                    value = float(reward(imgs.to(self.device), prompts).float().mean())
+                    values = reward(imgs.to(self.device), texts).float().cpu()
+                    per_image[label].append(values)
+                    value = float(values.mean())
                     entry[label] = {"mean": value, "relative_to_component": value / single if single > 0 else None}
-            out[f"{spec.name}:{spec.reward}"] = entry
+            out[spec.name] = entry
+        if len(out) > 1:
+            out["min_over_concepts"] = {label: float(torch.stack(v).min(0).values.mean()) for label, v in per_image.items()}
         return out
 
     # ------------------------------------------------------------------ the run

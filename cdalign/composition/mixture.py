@@ -1,0 +1,314 @@
+"""MixtureTrainer: OR (mixture) composition by constrained fine-tuning (METHOD.md §2).
+
+    minimise_{θ, t} t   s.t.   d_i(θ) ≤ t   (and d_j(θ) ≤ b_j for thresholded datasets)
+
+with ``d_i`` the denoising score-matching loss of dataset i (``loss: raw``) or its
+*excess* loss ``DSM_i(θ) − DSM_i*`` (``loss: excess``, the default). The primal step
+minimises ``Σ_i ω_i·DSM_i(θ)`` (ω the composed weights of :class:`SimplexDual`); every
+``dual_every`` steps ω ascends with the d_i measured on fixed evaluation triples.
+
+Why the excess loss: DSM_i(θ) = KL(q_i‖p_θ) + C_i up to the DSM weighting, where C_i is
+the irreducible loss of q_i itself — larger for a higher-entropy dataset. Equalising raw
+losses therefore hands weight to whichever dataset is more diverse, not to the one the
+model fits worst (recipes/toy2d.py measures it: raw losses give the two-mode dataset
+about 2/3 of the mass where the min-max forward-KL answer is 1/2). DSM_i* is estimated
+by a LoRA fitted on dataset i alone (same fixed evaluation triples), or given."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpointing import atomic_write_text
+from ..pipeline import load_pipeline
+from ..sampling import DiffusionSampler
+from ..trainer import LORA_WEIGHT_NAME, _derived_seed
+from .config import MixtureConfig, save_config
+from .simplex import SimplexDual
+
+ADAPTER = "mixture"
+
+
+def load_image_dataset(spec, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """Images (N,3,R,R) in [-1,1] and captions of one :class:`DatasetSpec`: a local image
+    folder (``imagefolder``; captions from metadata.jsonl/csv) or a Hub dataset id."""
+    import datasets
+    from PIL import Image
+
+    local = Path(spec.path).expanduser()
+    try:
+        if local.is_dir():
+            ds = datasets.load_dataset("imagefolder", data_dir=str(local), split=spec.split)
+        else:
+            ds = datasets.load_dataset(spec.path, split=spec.split)
+    except Exception as err:  # datasets raises many types (ConnectionError offline, ValueError, ...)
+        raise ValueError(
+            f"datasets[{spec.name}].path={spec.path!r}: could not load it ({type(err).__name__}: {err}); give an "
+            "image folder or a Hub dataset id (downloaded first when offline)"
+        ) from err
+    if spec.image_column not in ds.column_names:
+        raise ValueError(f"datasets[{spec.name}].image_column={spec.image_column!r}: not a column of {spec.path!r} ({ds.column_names})")
+    has_caption = spec.caption_column in ds.column_names
+    if not has_caption and spec.caption is None:
+        raise ValueError(
+            f"datasets[{spec.name}]: {spec.path!r} has no caption column {spec.caption_column!r} ({ds.column_names}); "
+            "set caption_column, add a metadata.jsonl with a 'text' column, or set `caption`"
+        )
+    images, captions = [], []
+    for row in ds:
+        img = row[spec.image_column].convert("RGB")
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+        images.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
+        captions.append(row[spec.caption_column] if has_caption else spec.caption)
+    if not images:
+        raise ValueError(f"datasets[{spec.name}]: {spec.path!r} split {spec.split!r} holds no images")
+    return torch.stack(images), captions
+
+
+def dsm_loss(unet, scheduler, latents, embeds, t, noise) -> torch.Tensor:
+    """Per-sample denoising score-matching loss (B,): mean over elements of
+    ‖target − UNet(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, c)‖², target ε (or v for v-prediction)."""
+    x_t = scheduler.add_noise(latents, noise, t)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    dtype = next(unet.parameters()).dtype
+    pred = unet(x_t.to(dtype), t, encoder_hidden_states=embeds.to(dtype)).sample.float()
+    return (pred - target.float()).pow(2).flatten(1).mean(1)
+
+
+class MixtureTrainer:
+    """Constrained mixture fine-tuning of one LoRA on several datasets.
+
+    Args:
+        config: a :class:`~cdalign.composition.config.MixtureConfig`.
+        pipeline: a loaded ``StableDiffusionPipeline`` or None (``config.pretrained_model_name_or_path``).
+    """
+
+    def __init__(self, config: MixtureConfig, pipeline=None, accelerator=None):
+        from accelerate import Accelerator
+        from diffusers import DDPMScheduler
+
+        config.validate()
+        self.config = cfg = config
+        self.output_dir = Path(cfg.output_dir)
+        if self.output_dir.is_dir() and not cfg.overwrite_output_dir and (self.output_dir / "report.json").exists():
+            raise FileExistsError(f"output_dir={str(self.output_dir)!r} already holds a run; set overwrite_output_dir=true or choose another")
+        self.accelerator = accelerator or Accelerator()
+        self.device = self.accelerator.device
+        self.pipe = pipeline if pipeline is not None else load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)
+        for m in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
+            m.requires_grad_(False)
+            m.eval()
+        self.pipe.to(self.device)
+        self.unet = self.pipe.unet
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.sampler = DiffusionSampler(self.pipe, cfg.num_inference_steps, 1.0, cfg.guidance_scale, cfg.resolution, self.device)
+        self.names = [d.name for d in cfg.datasets]
+        self.data = [self._encode_dataset(d) for d in cfg.datasets]
+        self.eval_sets = [self._eval_triples(i) for i in range(len(self.data))]
+        self.dual = SimplexDual(len(self.names), cfg.dual.lr, cfg.dual.schedule, [d.threshold for d in cfg.datasets],
+                                cfg.dual.init, normalize=cfg.dual.normalize)
+        self.irreducible: list[float] | None = None
+        self.history: list[dict] = []
+        self.global_step = 0
+
+    # ------------------------------------------------------------------ data
+    @torch.no_grad()
+    def _encode_dataset(self, spec) -> dict:
+        images, captions = load_image_dataset(spec, self.config.resolution)
+        vae = self.pipe.vae
+        scaling = getattr(vae.config, "scaling_factor", 0.18215)
+        latents = torch.cat([vae.encode(chunk.to(self.device, vae.dtype)).latent_dist.mean for chunk in images.split(16)]) * scaling
+        unique = sorted(set(captions))
+        table = self.sampler.encode(unique)
+        index = torch.tensor([unique.index(c) for c in captions])
+        return {"latents": latents.float(), "embeds": table, "caption_index": index, "captions": captions}
+
+    def _eval_triples(self, i: int):
+        """Fixed (latent index, t, noise) triples of dataset i for comparable loss estimates."""
+        g = torch.Generator().manual_seed(_derived_seed(self.config.seed, 40, i))
+        n, size = self.data[i]["latents"].shape[0], self.config.eval_size
+        idx = torch.randint(0, n, (size,), generator=g)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,), generator=g)
+        noise = torch.randn((size, *self.data[i]["latents"].shape[1:]), generator=g)
+        return idx, t, noise
+
+    def _loss(self, i: int, idx, t, noise) -> torch.Tensor:
+        d = self.data[i]
+        embeds = d["embeds"][d["caption_index"][idx]]
+        return dsm_loss(self.unet, self.noise_scheduler, d["latents"][idx], embeds, t.to(self.device), noise.to(self.device))
+
+    @torch.no_grad()
+    def eval_losses(self) -> torch.Tensor:
+        """DSM loss (n,) of the current model on each dataset's fixed evaluation triples."""
+        self.unet.eval()
+        return torch.tensor([float(torch.cat([self._loss(i, *[a[k:k + 16] for a in trip])
+                                               for k in range(0, len(trip[0]), 16)]).mean())
+                             for i, trip in enumerate(self.eval_sets)], dtype=torch.float64)
+
+    # ------------------------------------------------------------------ LoRA
+    def _add_adapter(self, name: str, seed_part: int):
+        from peft import LoraConfig
+
+        cfg = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_derived_seed(cfg.seed, seed_part))
+            self.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True,
+                                             target_modules=list(cfg.lora_target_modules)), adapter_name=name)
+        self.unet.set_adapters([name])
+        params = [p for n, p in self.unet.named_parameters() if f".{name}." in n]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        return params
+
+    def _train_steps(self, params, steps: int, weights_fn, purpose: int, on_step=None):
+        cfg = self.config
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-4)
+        for step in range(steps):
+            g = torch.Generator().manual_seed(_derived_seed(cfg.seed, purpose, step))
+            weights = weights_fn()
+            self.unet.train()
+            opt.zero_grad(set_to_none=True)
+            losses = []
+            for i, d in enumerate(self.data):
+                if float(weights[i]) == 0.0:
+                    losses.append(torch.tensor(float("nan")))
+                    continue
+                n, B = d["latents"].shape[0], cfg.train_batch_size
+                idx = torch.randint(0, n, (B,), generator=g)
+                t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (B,), generator=g)
+                noise = torch.randn((B, *d["latents"].shape[1:]), generator=g)
+                loss = self._loss(i, idx, t, noise).mean()
+                (float(weights[i]) * loss).backward()
+                losses.append(loss.detach())
+            opt.step()
+            if on_step is not None:
+                on_step(step, torch.stack(losses))
+
+    def fit_irreducible(self) -> list[float]:
+        """DSM_i*: the given constant, or the loss of a LoRA fitted on dataset i alone."""
+        cfg, out = self.config, []
+        for i, spec in enumerate(cfg.datasets):
+            if spec.irreducible_loss is not None:
+                out.append(float(spec.irreducible_loss))
+                continue
+            name = f"alone_{i}"
+            params = self._add_adapter(name, 50 + i)
+            one_hot = [1.0 if j == i else 0.0 for j in range(len(self.data))]
+            self._train_steps(params, cfg.irreducible_fit_steps, lambda: one_hot, 60 + i)
+            out.append(float(self.eval_losses()[i]))
+            self.unet.delete_adapters(name)
+        self.irreducible = out
+        return out
+
+    # ------------------------------------------------------------------ training
+    def divergences(self, losses: torch.Tensor) -> torch.Tensor:
+        if self.config.loss == "excess":
+            return losses - torch.tensor(self.irreducible, dtype=torch.float64)
+        return losses
+
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.config, self.accelerator
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+        t0 = time.time()
+        if cfg.loss == "excess" and self.irreducible is None:
+            self.fit_irreducible()
+        base_losses = self.eval_losses()
+        params = self._add_adapter(ADAPTER, 70)
+        bar = tqdm(total=cfg.max_steps, desc="mixture fine-tuning", disable=not acc.is_main_process)
+
+        def on_step(step, batch_losses):
+            self.global_step = step + 1
+            bar.update(1)
+            if self.global_step % cfg.dual_every == 0 or self.global_step == cfg.max_steps:
+                losses = self.eval_losses()
+                d = self.divergences(losses)
+                weights = self.dual.weights.tolist()
+                self.dual.step(d)
+                self.history.append({"step": self.global_step, "weights": weights, "loss": losses.tolist(), "divergence": d.tolist(),
+                                     "slack": self.dual.slacks(d).tolist(), "new_weights": self.dual.weights.tolist()})
+                bar.set_postfix(weights=" ".join(f"{w:.2f}" for w in self.dual.weights.tolist()))
+
+        self._train_steps(params, cfg.max_steps, lambda: self.dual.weights, 80, on_step)
+        bar.close()
+        final = self.eval_losses()
+        d = self.divergences(final)
+        infeasible = [self.names[i] for i in self.dual.infeasible(d)]
+        for name in infeasible:
+            warnings.warn(f"dataset {name!r}: its loss stays above its threshold; the threshold looks infeasible", stacklevel=2)
+        report = {
+            "model": cfg.pretrained_model_name_or_path, "datasets": self.names, "loss": cfg.loss,
+            "steps": self.global_step, "seconds": time.time() - t0,
+            "weights": dict(zip(self.names, self.dual.weights.tolist())),
+            "irreducible_loss": dict(zip(self.names, self.irreducible)) if self.irreducible else None,
+            "base_loss": dict(zip(self.names, base_losses.tolist())),
+            "per_dataset": {
+                n: {"loss": float(final[i]), "divergence": float(d[i]), "threshold": cfg.datasets[i].threshold,
+                    "satisfied": None if cfg.datasets[i].threshold is None else float(d[i]) <= cfg.datasets[i].threshold}
+                for i, n in enumerate(self.names)
+            },
+            "max_divergence": float(d.max()), "infeasible": infeasible, "dual_steps": self.history,
+            "lora": LORA_WEIGHT_NAME,
+        }
+        if acc.is_main_process:
+            self.save_model(self.output_dir)
+            self._pictures(report)
+            atomic_write_text(self.output_dir / "report.json", json.dumps(report, indent=2))
+        return report
+
+    def save_model(self, output_dir) -> Path:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        out = Path(output_dir)
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=ADAPTER))
+        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        tmp = out / f".lora-tmp-{os.getpid()}"
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True,
+                                                  unet_lora_adapter_metadata=self.unet.peft_config[ADAPTER].to_dict())
+        os.replace(tmp / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out / LORA_WEIGHT_NAME
+
+    @torch.no_grad()
+    def _pictures(self, report):
+        from ..plotting import save_grid
+        from .plotting import plot_weight_trajectory
+
+        if self.history:
+            plot_weight_trajectory(self.output_dir / "weights.png", self.names, [h["weights"] for h in self.history],
+                                   [h["divergence"] for h in self.history], ylabel=f"{self.config.loss} DSM loss")
+        k = self.config.num_grid_images
+        if k:
+            self.unet.set_adapters([ADAPTER])
+            rows = [self.sampler.sample(self.sampler.guided([d["captions"][0]] * k), list(range(k))).cpu() for d in self.data]
+            save_grid(self.output_dir / "samples.png", rows, [f"{n}: {d['captions'][0]}" for n, d in zip(self.names, self.data)])
+
+
+def loss_table(report: dict) -> str:
+    """Markdown table: per dataset its weight, loss, (excess) divergence, threshold."""
+    lines = ["| dataset | weight | DSM loss | irreducible | divergence | threshold | ok |", "|---|---|---|---|---|---|---|"]
+    for n in report["datasets"]:
+        r = report["per_dataset"][n]
+        irr = report["irreducible_loss"][n] if report["irreducible_loss"] else float("nan")
+        ok = "–" if r["satisfied"] is None else ("yes" if r["satisfied"] else "NO")
+        thr = "–" if r["threshold"] is None else f"{r['threshold']:.4g}"
+        lines.append(f"| {n} | {report['weights'][n]:.3f} | {r['loss']:.4g} | {irr:.4g} | {r['divergence']:.4g} | {thr} | {ok} |")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""Constrained composition of diffusion models (cdalign, arXiv 2508.19104, METHOD.md §2).
+
+    accelerate launch recipes/compose.py                       # default: tiny adapters, CPU, offline, minutes
+    accelerate launch recipes/compose.py --config recipes/compose/sd15_reward_adapters.yaml   # the paper (GPU)
+    accelerate launch recipes/compose.py --config recipes/compose/sd15_concepts.yaml
+    accelerate launch recipes/compose.py --config recipes/compose/tiny_mixture.yaml           # OR (mixture)
+    python recipes/compose.py --config <recipe.yaml> --dual.steps 10 --dual.lr 0.5
+
+``composition: and`` recipes are fields of ``cdalign.composition.ComposeConfig``,
+``composition: or`` recipes of ``cdalign.composition.MixtureConfig`` (``--help`` lists them).
+AND: components that name a ``train_recipe`` and have no LoRA yet are trained first with
+recipes/align.py's trainer (then reused). Prints the KL table and writes report.json."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning (see recipes/align.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent / "compose" / "tiny_adapters.yaml"
+
+
+def run_and(config) -> dict:
+    from cdalign.composition import ConstrainedComposer, kl_table, train_missing_components
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    t0 = time.time()
+    trained = train_missing_components(config, accelerator)
+    train_s = time.time() - t0
+    composer = ConstrainedComposer(config, accelerator=accelerator)
+    report = composer.run()
+    if accelerator.is_main_process:
+        if trained:
+            print(f"trained components {', '.join(trained)} in {train_s:.0f} s")
+        print(kl_table(report))
+        if report["infeasible"]:
+            print(f"INFEASIBLE thresholds: {', '.join(report['infeasible'])} (KL stays above b_i; loosen them)")
+        d = report.get("distillation")
+        if d:
+            print(f"distillation: mean (ε̃_s − ε_μ)² {d['distance_to_composed_before']:.4g} -> {d['distance_to_composed_after']:.4g} "
+                  f"in {d['steps']} steps; LoRA in {config.output_dir}/{d['lora']}")
+        print(f"total {time.time() - t0:.0f} s; outputs in {config.output_dir}: report.json, weights.json, samples.png, "
+              "weights.png, kl_per_component.png")
+    return report
+
+
+def run_or(config) -> dict:
+    from cdalign.composition.mixture import MixtureTrainer, loss_table
+
+    t0 = time.time()
+    trainer = MixtureTrainer(config)
+    report = trainer.train()
+    if trainer.accelerator.is_main_process:
+        print(loss_table(report))
+        print(f"total {time.time() - t0:.0f} s; outputs in {config.output_dir}")
+    return report
+
+
+RUNNERS = {"and": run_and, "or": run_or}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from cdalign.composition import parse_config
+
+    if not any(a == "--config" or a.startswith("--config=") for a in argv) and "--help" not in argv and "-h" not in argv:
+        argv = ["--config", str(DEFAULT_RECIPE), *argv]
+    try:
+        config = parse_config(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        RUNNERS[config.composition](config)
+    except (FileExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
