@@ -112,7 +112,7 @@ class ConstrainedDDPOTrainer:
             self.resume_path = resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
         self._check_output_dir()
 
-        log_with = None if cfg.report_to in ("none", "", None) else [s.strip() for s in cfg.report_to.split(",")]
+        log_with = cfg.report_to_list or None
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with)
         acc = self.accelerator
         self.device = acc.device
@@ -150,7 +150,7 @@ class ConstrainedDDPOTrainer:
         )
         self.duals = build_dual_optimizer(cfg.dual, len(self.problem.constraints))
         self.monitor = InfeasibilityMonitor(self.problem.names)
-        self.update_every = cfg.dual.update_every or cfg.gradient_accumulation_steps
+        self.update_every = cfg.dual_update_every
         self.global_step = 0
         self.micro_batches_seen = 0
         self.nonfinite_batches = 0
