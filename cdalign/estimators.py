@@ -72,7 +72,9 @@ class RewardBackprop:
         kl_acc = None
         if self.problem.needs_kl:
             steps = choose_kl_steps(T, grad_steps, cfg.kl_value_steps, generator)
-            kl_acc = ChainKLAccumulator(WithAdaptersDisabled(policy), self.sampler.chain, cfg.kl_estimator, steps)
+            kl_acc = ChainKLAccumulator(
+                WithAdaptersDisabled(policy), self.sampler.chain, cfg.kl_estimator, steps, cfg.gradient_checkpointing
+            )
         images = self.sampler.sample(
             policy, seeds, grad_steps=grad_steps, gradient_checkpointing=cfg.gradient_checkpointing, on_step=kl_acc
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .registry import Registry
 from .sampling import DDIMChain
@@ -83,8 +84,11 @@ class ChainKLAccumulator:
     After sampling, ``per_sample`` is the KL estimate per sample (B,), carrying gradient
     from the tracked steps."""
 
-    def __init__(self, reference, chain: DDIMChain, estimator: str, steps: dict[int, float]):
+    def __init__(
+        self, reference, chain: DDIMChain, estimator: str, steps: dict[int, float], gradient_checkpointing: bool = False
+    ):
         self.reference, self.chain, self.estimator, self.steps = reference, chain, estimator, steps
+        self.gradient_checkpointing = gradient_checkpointing
         self.weights = step_weights(chain, estimator)
         self.per_sample: torch.Tensor | float = 0.0
         self.reference_calls = 0
@@ -93,6 +97,10 @@ class ChainKLAccumulator:
         p = self.steps.get(i)
         if p is None:
             return
-        eps_ref = self.reference(x_t, self.chain.timesteps[i])
+        t = self.chain.timesteps[i]
+        if tracked and self.gradient_checkpointing:  # recompute in backward: memory flat in K
+            eps_ref = _checkpoint(self.reference, x_t, t, use_reentrant=False)
+        else:
+            eps_ref = self.reference(x_t, t)
         self.reference_calls += 1
         self.per_sample = self.per_sample + step_kl(eps, eps_ref, float(self.weights[i]) / p, self.estimator)

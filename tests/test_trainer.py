@@ -137,3 +137,18 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     assert resumed.duals.multipliers.tolist() == straight.duals.multipliers.tolist()
     for k, v in straight._lora_params().items():
         torch.testing.assert_close(resumed._lora_params()[k], v, rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    grads = []
+    for ckpt in (False, True):
+        trainer = ConstrainedDDPOTrainer(
+            tiny_config(tmp_path / str(ckpt), gradient_checkpointing=ckpt, eval_batches=0, num_grid_images=0)
+        )
+        trainer.compute_normalization()
+        mb = trainer._micro_batch(0)
+        mb.loss.backward()
+        grads.append({k: p.grad.clone() for k, p in trainer._lora_params().items() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-8)
