@@ -49,9 +49,15 @@ def run_and(config) -> dict:
     return report
 
 
-def run_or(config) -> dict:
-    from cdalign.composition.mixture import MixtureTrainer, loss_table
+DEMO_DATA = "outputs/compose-or-data"
 
+
+def run_or(config) -> dict:
+    from cdalign.composition.mixture import MixtureTrainer, loss_table, write_demo_colour_datasets
+
+    demo = [f"{DEMO_DATA}/red", f"{DEMO_DATA}/blue"]
+    if [d.path for d in config.datasets] == demo and not any(Path(p).exists() for p in demo):
+        write_demo_colour_datasets(DEMO_DATA)  # the tiny recipe's generated data
     t0 = time.time()
     trainer = MixtureTrainer(config)
     report = trainer.train()

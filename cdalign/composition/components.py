@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -95,7 +96,8 @@ def load_lora_component(pipe, name: str, source: str, weight_name: str | None = 
     if revision:
         kwargs["revision"] = revision
     try:
-        with quiet_diffusers():
+        with quiet_diffusers(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters is the point
             pipe.load_lora_weights(source, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
         raise type(err)(

@@ -74,6 +74,30 @@ def load_image_dataset(spec, resolution: int) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(images), captions
 
 
+def write_colour_folder(path, rgb, caption: str, n: int = 8, noise: float = 0.0, size: int = 32, seed: int = 0) -> Path:
+    """Write ``n`` images of colour ``rgb`` (0-255, plus Gaussian ``noise`` std per pixel)
+    with a metadata.jsonl caption: a tiny local dataset for ``imagefolder``."""
+    from PIL import Image
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        arr = np.clip(np.asarray(rgb, dtype=float)[None, None] + noise * rng.standard_normal((size, size, 3)), 0, 255)
+        Image.fromarray(arr.astype(np.uint8)).save(path / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_demo_colour_datasets(root) -> list[Path]:
+    """The default OR recipe's data: flat red images and noisy blue images (higher
+    entropy, so a larger irreducible loss) in ``root/red`` and ``root/blue``."""
+    return [write_colour_folder(Path(root) / "red", (220, 30, 30), "a red image"),
+            write_colour_folder(Path(root) / "blue", (30, 30, 220), "a blue image", noise=60.0, seed=1)]
+
+
 def dsm_loss(unet, scheduler, latents, embeds, t, noise) -> torch.Tensor:
     """Per-sample denoising score-matching loss (B,): mean over elements of
     ‖target − UNet(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, c)‖², target ε (or v for v-prediction)."""
