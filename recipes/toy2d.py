@@ -372,7 +372,7 @@ def markdown(results) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("outputs/toy2d"))
-    p.add_argument("--train_steps", type=int, default=2000, help="optimiser steps per score model")
+    p.add_argument("--train_steps", type=int, default=1500, help="optimiser steps per score model")
     p.add_argument("--samples", type=int, default=2000, help="samples per chain-KL estimate / scatter")
     p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (η = 1)")
     p.add_argument("--and_dual_steps", type=int, default=20)

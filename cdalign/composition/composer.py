@@ -215,7 +215,7 @@ class ConstrainedComposer:
     def _score_rewards(self, models: dict[str, torch.Tensor], singles: list[torch.Tensor]) -> dict:
         """Each component's reward on every model's evaluation images, raw and relative to
         that component alone (the paper's metric). A component's reward sees the prompts
-        that component was sampled with (a concept's own prompt). ``min_over_concepts``:
+        that component was sampled with (a concept's own prompt). ``min_over_components``:
         per image the minimum over the scored components, averaged (the paper's concept
         composition score)."""
         from ..rewards import REWARDS
@@ -239,7 +239,7 @@ class ConstrainedComposer:
                     entry[label] = {"mean": value, "relative_to_component": value / single if single > 0 else None}
             out[spec.name] = entry
         if len(out) > 1:
-            out["min_over_concepts"] = {label: float(torch.stack(v).min(0).values.mean()) for label, v in per_image.items()}
+            out["min_over_components"] = {label: float(torch.stack(v).min(0).values.mean()) for label, v in per_image.items()}
         return out
 
     # ------------------------------------------------------------------ the run
