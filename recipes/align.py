@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    report = trainer.train()
+    try:
+        report = trainer.train()
+    except RuntimeError as err:  # e.g. too many non-finite batches: the last good outputs stay
+        print(f"error: training stopped: {err}", file=sys.stderr)
+        return 1
     if trainer.accelerator.is_main_process:
         print(summary_table(report))
         print(f"outputs in {config.output_dir}: LoRA, report.json, log.jsonl, samples_base_vs_aligned.png, duals.png")
