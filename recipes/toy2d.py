@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from cdalign.composition.simplex import SimplexDual, project_simplex  # noqa: E402
+from cdalign.composition.simplex import SimplexDual  # noqa: E402
 from cdalign.kl import step_kl, step_weights  # noqa: E402
 from cdalign.sampling import DDIMChain, sample_latents  # noqa: E402
 

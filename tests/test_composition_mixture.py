@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from cdalign.composition.config import config_from_dict
 from cdalign.composition.mixture import MixtureTrainer, load_image_dataset, loss_table

@@ -14,6 +14,7 @@ from .components import (
     ComposedPredictor,
     composed_eps,
     load_lora_component,
+    save_adapter,
     set_unet_state,
 )
 from .composer import ConstrainedComposer, kl_table, train_missing_components
@@ -44,6 +45,7 @@ __all__ = [
     "load_lora_component",
     "parse_config",
     "project_simplex",
+    "save_adapter",
     "set_unet_state",
     "train_missing_components",
 ]

@@ -78,6 +78,36 @@ def set_unet_state(unet, adapter: str | None) -> None:
     unet.set_adapters([adapter])
 
 
+def save_adapter(unet, adapter_name: str, output_dir):
+    """Write adapter ``adapter_name`` of ``unet`` as ``output_dir/pytorch_lora_weights.safetensors``
+    in the diffusers format (``pipe.load_lora_weights(output_dir)`` loads it). Refuses
+    non-finite weights; replaces an existing file only once the new one is complete."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from ..trainer import LORA_WEIGHT_NAME
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    if not all(bool(torch.isfinite(v).all()) for v in state.values()):
+        raise RuntimeError(f"adapter {adapter_name!r} has non-finite weights; not saving to {str(out)!r}")
+    tmp = out / f".lora-tmp-{os.getpid()}"
+    StableDiffusionPipeline.save_lora_weights(
+        tmp, unet_lora_layers=state, safe_serialization=True,
+        unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(),
+    )
+    os.replace(tmp / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out / LORA_WEIGHT_NAME
+
+
 def _first_lora_layer(unet):
     """A peft tuner layer of ``unet`` (all share the adapter state set by the UNet-level calls)."""
     from peft.tuners.tuners_utils import BaseTunerLayer

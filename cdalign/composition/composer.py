@@ -245,9 +245,6 @@ class ConstrainedComposer:
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
         """Dual ascent, evaluation (constrained vs equal weights, and distilled), outputs."""
-        from .plotting import plot_divergence_bars, plot_weight_trajectory
-        from ..plotting import save_grid
-
         cfg, acc = self.config, self.accelerator
         main = acc.is_main_process
         if main:

@@ -12,14 +12,13 @@ it starts as the base model); components and student never coexist as active ada
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..trainer import LORA_WEIGHT_NAME, _derived_seed
-from .components import ComponentKL, ComponentSet, set_unet_state
+from ..trainer import _derived_seed
+from .components import ComponentKL, ComponentSet, save_adapter, set_unet_state
 
 STUDENT = "student"
 
@@ -143,21 +142,4 @@ class CompositionDistiller:
     def save(self, output_dir: str | os.PathLike) -> Path:
         """``output_dir/pytorch_lora_weights.safetensors`` in the diffusers format
         (``pipe.load_lora_weights(output_dir)`` loads the distilled model)."""
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=STUDENT))
-        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-        if not all(torch.isfinite(v).all() for v in state.values()):
-            raise RuntimeError(f"distilled LoRA weights are not finite; not saving to {str(out)!r}")
-        tmp = out / f".lora-tmp-{os.getpid()}"
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=state, safe_serialization=True,
-            unet_lora_adapter_metadata=self.unet.peft_config[STUDENT].to_dict(),
-        )
-        os.replace(tmp / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
-        shutil.rmtree(tmp, ignore_errors=True)
-        return out / LORA_WEIGHT_NAME
+        return save_adapter(self.unet, STUDENT, output_dir)

@@ -17,8 +17,6 @@ by a LoRA fitted on dataset i alone (same fixed evaluation triples), or given.""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +28,7 @@ from ..checkpointing import atomic_write_text
 from ..pipeline import load_pipeline
 from ..sampling import DiffusionSampler
 from ..trainer import LORA_WEIGHT_NAME, _derived_seed
+from .components import save_adapter
 from .config import MixtureConfig, save_config
 from .simplex import SimplexDual
 
@@ -297,19 +296,8 @@ class MixtureTrainer:
         return report
 
     def save_model(self, output_dir) -> Path:
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        out = Path(output_dir)
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=ADAPTER))
-        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-        tmp = out / f".lora-tmp-{os.getpid()}"
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=self.unet.peft_config[ADAPTER].to_dict())
-        os.replace(tmp / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
-        shutil.rmtree(tmp, ignore_errors=True)
-        return out / LORA_WEIGHT_NAME
+        """The mixture LoRA as ``output_dir/pytorch_lora_weights.safetensors`` (diffusers format)."""
+        return save_adapter(self.unet, ADAPTER, output_dir)
 
     @torch.no_grad()
     def _pictures(self, report):
