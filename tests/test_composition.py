@@ -193,7 +193,7 @@ def test_recipes_parse(tmp_path):
 def test_and_composition_end_to_end(lora_dirs, tmp_path):
     cfg = config_from_dict({
         "components": [{"name": "a", "path": str(lora_dirs[0]), "reward": "brightness"},
-                       {"name": "b", "path": str(lora_dirs[1]), "reward": "saturation"}],
+                       {"name": "b", "path": str(lora_dirs[1]), "reward": "saturation", "threshold": 1e-3}],
         "prompts": "shapes", "num_inference_steps": 4, "resolution": 32, "guidance_scale": 3.0,
         "dual": {"steps": 2, "batch_size": 2, "lr": 0.3, "normalize": True},
         "distill": {"enabled": True, "steps": 2, "batch_size": 1, "timesteps_per_chain": 2},
@@ -211,6 +211,8 @@ def test_and_composition_end_to_end(lora_dirs, tmp_path):
     eq = saved["models"]["equal_weights"]
     assert eq["max_kl"] == max(v["mean"] for v in eq["kl"].values())
     assert report["learned_weights"] == saved["learned_weights"]
+    # b's threshold (1e-3 nats) cannot be met by mixing two different adapters: reported, not hidden
+    assert saved["infeasible"] == ["b"] and saved["models"]["constrained"]["kl"]["b"]["satisfied"] is False
     # the distilled LoRA loads with the standard diffusers call
     from cdalign.tiny import build_tiny_pipeline
 
@@ -228,3 +230,19 @@ def test_recipe_cli_bad_input_exits_2(capsys):
     spec.loader.exec_module(module)
     assert module.main(["--dual.schedul", "constant"]) == 2
     assert "did you mean --dual.schedule" in capsys.readouterr().err
+
+
+def test_missing_component_is_trained_with_the_align_recipe(tmp_path):
+    from cdalign.composition import train_missing_components
+
+    cfg = config_from_dict({
+        "components": [
+            {"name": "bright", "path": str(tmp_path / "bright"), "train_recipe": "recipes/compose/tiny_adapter_brightness.yaml",
+             "train_overrides": ["--max_steps", "1", "--num_inference_steps", "2", "--backprop_steps", "1",
+                                 "--normalization_cache_dir", str(tmp_path / "cache")]},
+            {"name": "base", "type": "base"},
+        ],
+    })
+    assert train_missing_components(cfg) == ["bright"]
+    assert (tmp_path / "bright" / "pytorch_lora_weights.safetensors").is_file()
+    assert train_missing_components(cfg) == []  # reused, not retrained

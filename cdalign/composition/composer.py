@@ -327,7 +327,7 @@ class ConstrainedComposer:
         out, cfg = self.output_dir, self.config
         traj = self.trajectory
         if traj:
-            weights = [t["weights"] for t in traj]
+            weights = [t["weights"] for t in traj] + [learned.tolist()]
             kls = [t["kl"] for t in traj]
             plot_weight_trajectory(out / "weights.png", self.names, weights, kls)
             report["plots"] = ["weights.png"]

@@ -18,8 +18,9 @@ def _plt():
 
 
 def plot_weight_trajectory(path: str | os.PathLike, names: list[str], weights: list[list[float]], divergences: list[list[float]], ylabel: str = "KL(p_μ‖q_i)") -> Path:
-    """Top: weights ω_i per dual step (step 0 = initial). Bottom: the divergence of each
-    component measured at those weights, with the max over components dashed."""
+    """Top: weights ω_i per dual step (step 0 = initial; one more entry than
+    ``divergences`` when the final weights are included). Bottom: the divergence of each
+    component measured at the weights of that step, with the max over components dashed."""
     plt = _plt()
     w, d = np.asarray(weights, dtype=float), np.asarray(divergences, dtype=float)
     fig, axes = plt.subplots(2, 1, figsize=(6.5, 5), sharex=True)
