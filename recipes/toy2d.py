@@ -227,6 +227,7 @@ def run_and(args, chain, ac, grid, dA, shape, g):
 
     rows = {}
     for label, w in [("equal weights", np.full(3, 1 / 3)), ("constrained (learned, chain KL)", dual.weights.numpy()),
+                     ("constrained, average of iterates", dual.averaged_weights.numpy()),
                      ("dual ascent on exact KL", exact_dual.weights.numpy()), ("exact μ*", mu_star)]:
         x0, chain_kl = sample_and_kl(models, w, chain, args.samples, seed=7)
         kl = product_kl(log_q, np.asarray(w)[None], dA)[0]

@@ -98,6 +98,14 @@ def test_thresholded_component_gets_multiplier_only_when_violated_and_is_flagged
     assert dual.infeasible(torch.tensor([1.0, 1.0, 3.0])) == [2]
 
 
+def test_averaged_weights_are_the_mean_of_all_iterates():
+    dual = SimplexDual(2, lr=0.1)
+    w0 = dual.weights.clone()
+    w1 = dual.step(torch.tensor([1.0, 0.0])).clone()
+    w2 = dual.step(torch.tensor([1.0, 0.0])).clone()
+    assert torch.allclose(dual.averaged_weights, (w0 + w1 + w2) / 3)
+
+
 def test_normalized_dual_step_is_scale_free():
     a, b = SimplexDual(2, lr=0.2, normalize=True), SimplexDual(2, lr=0.2, normalize=True)
     assert torch.allclose(a.step(torch.tensor([1.0, 3.0])), b.step(torch.tensor([1000.0, 3000.0])))

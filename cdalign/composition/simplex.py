@@ -117,6 +117,13 @@ class SimplexDual:
         total = float(self.multipliers.sum())
         return self.multipliers / total if total > 0 else torch.full((self.n,), 1.0 / self.n, dtype=torch.float64)
 
+    @property
+    def averaged_weights(self) -> torch.Tensor:
+        """Mean of ω over all iterates (initial, each step's, current): the ergodic average
+        that subgradient theory guarantees for noisy or non-smooth dual problems."""
+        past = [torch.tensor(h["weights_before"], dtype=torch.float64) for h in self.history]
+        return torch.stack(past + [self.weights]).mean(0)
+
     def slacks(self, divergences: torch.Tensor) -> torch.Tensor:
         """d_i − b_i for thresholded components (> 0: violated); NaN for free ones."""
         d = torch.as_tensor(divergences, dtype=torch.float64)
