@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         RUNNERS[config.composition](config)
-    except (FileExistsError, FileNotFoundError) as err:
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

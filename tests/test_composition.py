@@ -254,3 +254,10 @@ def test_missing_component_is_trained_with_the_align_recipe(tmp_path):
     assert train_missing_components(cfg) == ["bright"]
     assert (tmp_path / "bright" / "pytorch_lora_weights.safetensors").is_file()
     assert train_missing_components(cfg) == []  # reused, not retrained
+
+
+def test_missing_lora_folder_names_the_component_and_the_fix(tmp_path):
+    from cdalign.tiny import build_tiny_pipeline
+
+    with pytest.raises(FileNotFoundError, match=r"component 'x': no pytorch_lora_weights.safetensors in .*train_recipe"):
+        load_lora_component(build_tiny_pipeline(seed=0), "x", str(tmp_path / "nothing"))

@@ -134,6 +134,15 @@ def quiet_diffusers():
 def load_lora_component(pipe, name: str, source: str, weight_name: str | None = None, revision: str | None = None):
     """Load a LoRA (diffusers format: a local folder, a .safetensors file's folder, or a
     Hub repo id) onto ``pipe`` as adapter ``name``; frozen."""
+    from pathlib import Path
+
+    local = Path(source).expanduser()
+    looks_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local and not local.is_file() and not (local / (weight_name or "pytorch_lora_weights.safetensors")).is_file():
+        raise FileNotFoundError(
+            f"component {name!r}: no {weight_name or 'pytorch_lora_weights.safetensors'} in {source!r}; give the "
+            "output_dir of a recipes/align.py run (or set the component's train_recipe to train it there first)"
+        )
     kwargs = {"adapter_name": name}
     if weight_name:
         kwargs["weight_name"] = weight_name
@@ -143,8 +152,8 @@ def load_lora_component(pipe, name: str, source: str, weight_name: str | None = 
         with quiet_diffusers(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters is the point
             pipe.load_lora_weights(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
-        raise type(err)(
+    except (OSError, ValueError) as err:
+        raise (ValueError if isinstance(err, ValueError) else OSError)(
             f"component {name!r}: could not load the LoRA from {source!r}: {err}. Give a folder holding "
             "pytorch_lora_weights.safetensors (written by recipes/align.py) or a Hub repo id (download it "
             "first when offline)"
