@@ -46,6 +46,11 @@ __all__ = [
     "config_to_dict",
     "save_config",
     "build_parser",
+    "parse_args_to_dict",
+    "dataclass_from_dict",
+    "check_fields",
+    "read_yaml_mapping",
+    "not_allowed",
 ]
 
 OBJECTIVE_TYPES = ("kl", "reward")
@@ -558,8 +563,7 @@ class ConstrainedDDPOConfig:
         """Check types, allowed values, ranges and the consistency of the problem; raise
         ``ValueError`` naming the field path (e.g. ``constraints[1].direction``), the bad
         value and the fix. Pure: it reads the config and changes nothing."""
-        _check_type(self, ConstrainedDDPOConfig, "")
-        _check_field_metadata(self, "")
+        check_fields(self)
         _check_problem(self)
         _check_sampler(self)
         _check_run(self)
@@ -733,6 +737,19 @@ def _check_type(value, cls, path: str) -> None:
     _coerce(value, cls, path, lenient=False)
 
 
+def dataclass_from_dict(cls, data: Mapping, path: str = ""):
+    """Build config dataclass ``cls`` from a mapping (YAML or CLI text values converted by
+    the declared types; unknown keys rejected with a suggestion). Does not validate."""
+    return _from_mapping(cls, data, path)
+
+
+def check_fields(obj, path: str = "") -> None:
+    """Check every field of config dataclass ``obj`` against its declared type, its
+    ``choices`` and its bounds (the per-field half of a ``validate`` method)."""
+    _check_type(obj, type(obj), path)
+    _check_field_metadata(obj, path)
+
+
 # ---------------------------------------------------------------------------------
 # Values: per-field metadata, then rules that relate fields
 # ---------------------------------------------------------------------------------
@@ -745,7 +762,7 @@ _BOUNDS = {
 }
 
 
-def _not_allowed(path: str, value, allowed) -> ValueError:
+def not_allowed(path: str, value, allowed) -> ValueError:
     close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ValueError(f"{path}: {value!r} is not allowed{hint}; allowed values: {', '.join(map(repr, allowed))}")
@@ -767,7 +784,7 @@ def _check_field_metadata(obj, path: str) -> None:
             continue
         choices = _choices(f)
         if choices is not None and value not in choices:
-            raise _not_allowed(where, value, choices)
+            raise not_allowed(where, value, choices)
         if isinstance(value, str) and not value.strip():
             raise ValueError(f"{where}: must not be empty (leave it out to use the default)")
         items = value if isinstance(value, list) else [value]
@@ -954,7 +971,7 @@ def _check_run(cfg: ConstrainedDDPOConfig) -> None:
     names = [n.strip() for n in cfg.report_to.split(",")]
     for name in names:
         if name not in REPORT_TO:
-            raise _not_allowed("report_to", name, REPORT_TO)
+            raise not_allowed("report_to", name, REPORT_TO)
     if len(names) > 1 and ({"none", "all"} & set(names)):
         raise ValueError(f"report_to: {cfg.report_to!r}; 'none' and 'all' must stand alone")
     if len(set(names)) != len(names):
@@ -1000,7 +1017,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml_mapping(path) -> dict:
+def read_yaml_mapping(path) -> dict:
+    """The top-level mapping of a YAML file (safe loader, duplicate keys rejected); errors
+    name the file, line and column."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: config file not found")
@@ -1020,7 +1039,7 @@ def _read_yaml_mapping(path) -> dict:
 
 def load_config_file(path) -> ConstrainedDDPOConfig:
     """Load and validate a YAML recipe; errors name the file."""
-    data = _read_yaml_mapping(path)
+    data = read_yaml_mapping(path)
     try:
         return config_from_dict(data)
     except ValueError as error:
@@ -1071,18 +1090,30 @@ def _add_field_argument(group, flag: str, f: dataclasses.Field, tp) -> None:
     group.add_argument(f"--{flag}", **kwargs)
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The ``argparse`` parser behind :func:`parse_config` (all values are kept as text
-    and converted by :func:`config_from_dict`, so CLI and YAML share one conversion)."""
+_ALIGN_DESCRIPTION = (
+    "Constrained alignment of a diffusion model (arXiv 2508.19104). Give a YAML recipe with --config; any "
+    "--field flag overrides the recipe's value. Nested fields: --objective.type, --dual.kappa_i, ...; 'null' "
+    "unsets an optional field."
+)
+
+
+def _is_spec_list(tp) -> bool:
+    return typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0])
+
+
+def build_parser(cls=None, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """The ``argparse`` parser for config dataclass ``cls`` (default
+    :class:`ConstrainedDDPOConfig`): ``--config``, one ``--field`` flag per field, dotted
+    ``--spec.key`` flags for nested specs, and one YAML flag per list of specs. Values are
+    kept as text and converted by :func:`dataclass_from_dict`, so CLI and YAML share one
+    conversion."""
+    cls = cls or ConstrainedDDPOConfig
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Constrained alignment of a diffusion model (arXiv 2508.19104). Give a YAML recipe with "
-        "--config; any --field flag overrides the recipe's value. Nested fields: --objective.type, "
-        "--dual.kappa_i, ...; 'null' unsets an optional field.",
+        prog=prog, description=description or (_ALIGN_DESCRIPTION if cls is ConstrainedDDPOConfig else cls.__doc__),
         allow_abbrev=False,
     )
     parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="YAML recipe to load first.")
-    for f, tp in _fields_with_types(ConstrainedDDPOConfig):
+    for f, tp in _fields_with_types(cls):
         if dataclasses.is_dataclass(tp):
             group = parser.add_argument_group(f.name, f.metadata["help"])
             group.add_argument(
@@ -1095,18 +1126,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             )
             for sub, sub_tp in _fields_with_types(tp):
                 _add_field_argument(group, f"{f.name}.{sub.name}", sub, sub_tp)
-        elif f.name == "constraints":
+        elif _is_spec_list(tp):
             keys = " ".join(
                 f"{sub.name} ({_type_name(sub_tp)}, default {'unset' if sub.default is None else sub.default}): "
                 f"{sub.metadata['help']}"
-                for sub, sub_tp in _fields_with_types(ConstraintSpec)
+                for sub, sub_tp in _fields_with_types(typing.get_args(tp)[0])
             )
             parser.add_argument(
-                "--constraints",
-                dest="constraints",
+                f"--{f.name}",
+                dest=f.name,
                 metavar="YAML",
                 default=argparse.SUPPRESS,
-                help=(f"{f.metadata['help']} Keys of each constraint: {keys}").replace("%", "%%"),
+                help=(f"{f.metadata['help']} Keys of each item: {keys}").replace("%", "%%"),
             )
         else:
             _add_field_argument(parser, f.name, f, tp)
@@ -1132,11 +1163,11 @@ def _cli_value(text_or_list, tp, flag: str):
     return text
 
 
-def parse_config(argv: list[str] | None = None) -> ConstrainedDDPOConfig:
-    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None) into a validated
-    config: ``--config recipe.yaml`` first, then every ``--field value`` on top of it
-    (dotted ``--dual.kappa_i 0.1`` for nested specs). ``--help`` prints every field."""
-    parser = build_parser()
+def parse_args_to_dict(cls, argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> dict:
+    """The raw mapping that ``--config recipe.yaml`` plus ``--field value`` overrides
+    describe for config dataclass ``cls`` (overrides win; dotted flags set one key of a
+    nested spec). Unknown options raise ``ValueError`` with the closest valid flag."""
+    parser = parser or build_parser(cls)
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         options = [o for o in parser._option_string_actions if o.startswith("--")]
@@ -1149,9 +1180,11 @@ def parse_config(argv: list[str] | None = None) -> ConstrainedDDPOConfig:
                 problems.append(f"{arg!r}: unexpected argument (values follow a --field flag)")
         raise ValueError("; ".join(problems))
     given = vars(namespace)
-    raw = _read_yaml_mapping(given.pop("config")) if "config" in given else {}
-    typed = _field_types(ConstrainedDDPOConfig)
+    raw = read_yaml_mapping(given.pop("config")) if "config" in given else {}
+    typed = _field_types(cls)
     for flag in sorted(given, key=lambda k: "." in k):  # whole specs before their dotted keys
+        if flag not in typed and "." not in flag:
+            continue  # an option the caller added to the parser itself
         if "." not in flag:
             raw[flag] = _cli_value(given[flag], typed[flag], flag)
             continue
@@ -1163,4 +1196,11 @@ def parse_config(argv: list[str] | None = None) -> ConstrainedDDPOConfig:
         if not isinstance(spec, dict):
             raise ValueError(f"{top}: expected a mapping before applying --{flag}, got {spec!r}")
         spec[key] = _cli_value(given[flag], sub_types[key], flag)
-    return config_from_dict(raw)
+    return raw
+
+
+def parse_config(argv: list[str] | None = None) -> ConstrainedDDPOConfig:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None) into a validated
+    config: ``--config recipe.yaml`` first, then every ``--field value`` on top of it
+    (dotted ``--dual.kappa_i 0.1`` for nested specs). ``--help`` prints every field."""
+    return config_from_dict(parse_args_to_dict(ConstrainedDDPOConfig, argv))

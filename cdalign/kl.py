@@ -55,7 +55,7 @@ def step_kl(eps_model: torch.Tensor, eps_ref: torch.Tensor, weight: float, estim
 
 
 def choose_kl_steps(
-    num_steps: int, grad_steps: set[int], value_steps: int | None, generator: torch.Generator
+    num_steps: int, grad_steps: set[int], value_steps: int | None = None, generator: torch.Generator | None = None
 ) -> dict[int, float]:
     """Steps at which the base prediction is evaluated, with their inclusion probabilities.
 

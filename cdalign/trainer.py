@@ -42,6 +42,7 @@ from .pipeline import load_pipeline
 from .problem import ConstrainedProblem
 from .prompts import load_prompts
 from .sampling import DiffusionSampler, WithAdaptersDisabled
+from .seeding import batch_share, derived_seed, eval_batch_share
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +59,6 @@ class _CallableReward(torch.nn.Module):
 
     def forward(self, images, prompts):
         return torch.as_tensor(self.fn(images, prompts))
-
-
-def _derived_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across runs, processes and platforms)."""
-    h = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
 
 
 def model_fingerprint(unet) -> str:
@@ -182,7 +177,7 @@ class ConstrainedDDPOTrainer:
         # random init is drawn on the CPU from the run's seed, not from the global RNG.
         pipe.unet.to("cpu")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_derived_seed(cfg.seed, 3))
+            torch.manual_seed(derived_seed(cfg.seed, 3))
             self._add_lora(pipe.unet)
         pipe.to(self.device)
         if weight_dtype != torch.float32:  # frozen weights in half precision
@@ -229,15 +224,9 @@ class ConstrainedDDPOTrainer:
 
     # ------------------------------------------------------------------ batches
     def _global_batch(self, purpose: int, index: int, prompts: list[str], size: int):
-        """This process's share of a global batch: (prompts, image seeds). The global batch
-        depends only on (seed, purpose, index), so N processes see one run's batch split."""
+        """This process's share of a global batch: (prompts, image seeds, generator)."""
         acc = self.accelerator
-        g = torch.Generator().manual_seed(_derived_seed(self.config.seed, purpose, index))
-        total = size * acc.num_processes
-        idx = torch.randint(0, len(prompts), (total,), generator=g).tolist()
-        seeds = torch.randint(0, 2**62, (total,), generator=g).tolist()
-        lo, hi = acc.process_index * size, (acc.process_index + 1) * size
-        return [prompts[i] for i in idx[lo:hi]], seeds[lo:hi], g
+        return batch_share(self.config.seed, purpose, index, prompts, size, acc.num_processes, acc.process_index)
 
     # ------------------------------------------------------------------ normalisation
     def compute_normalization(self) -> dict[str, RewardStats]:
@@ -469,16 +458,13 @@ class ConstrainedDDPOTrainer:
         kls, grid = [], {"base": [], "aligned": []}
         T = len(self.sampler.chain)
         for b in range(batches):
-            g = torch.Generator().manual_seed(_derived_seed(cfg.eval_seed, 2, b))
-            total = cfg.train_batch_size * acc.num_processes
-            idx = torch.randint(0, len(self.eval_prompts), (total,), generator=g).tolist()
-            lo = acc.process_index * cfg.train_batch_size
-            prompts = [self.eval_prompts[i] for i in idx[lo : lo + cfg.train_batch_size]]
-            seeds = [cfg.eval_seed * 100003 + b * total + lo + k for k in range(cfg.train_batch_size)]
+            prompts, seeds = eval_batch_share(
+                cfg.eval_seed, b, self.eval_prompts, cfg.train_batch_size, acc.num_processes, acc.process_index
+            )
             with acc.autocast():
                 policy = self.sampler.guided(prompts)
                 kl_acc = ChainKLAccumulator(
-                    WithAdaptersDisabled(policy), self.sampler.chain, cfg.kl_estimator, choose_kl_steps(T, set(), None, g)
+                    WithAdaptersDisabled(policy), self.sampler.chain, cfg.kl_estimator, choose_kl_steps(T, set())
                 )
                 aligned = self.sampler.sample(policy, seeds, on_step=kl_acc)
                 base = self.sampler.sample(WithAdaptersDisabled(policy), seeds)

@@ -24,7 +24,8 @@ from ..estimators import mean_and_ci
 from ..pipeline import load_pipeline
 from ..prompts import load_prompts
 from ..sampling import DiffusionSampler
-from ..trainer import LORA_WEIGHT_NAME, _derived_seed
+from ..seeding import batch_share, eval_batch_share
+from ..trainer import LORA_WEIGHT_NAME
 from .components import COMPONENT_KINDS, ComponentSet, load_lora_component
 from .config import ComposeConfig, save_config
 from .simplex import SimplexDual
@@ -122,22 +123,14 @@ class ConstrainedComposer:
     def _batch(self, purpose: int, index: int, prompts: list[str], size: int):
         """This process's share of a global batch (prompts, seeds) fixed by (seed, purpose, index)."""
         acc = self.accelerator
-        g = torch.Generator().manual_seed(_derived_seed(self.config.seed, purpose, index))
-        total = size * acc.num_processes
-        idx = torch.randint(0, len(prompts), (total,), generator=g).tolist()
-        seeds = torch.randint(0, 2**62, (total,), generator=g).tolist()
-        lo, hi = acc.process_index * size, (acc.process_index + 1) * size
-        return [prompts[i] for i in idx[lo:hi]], seeds[lo:hi]
+        share, seeds, _ = batch_share(self.config.seed, purpose, index, prompts, size, acc.num_processes, acc.process_index)
+        return share, seeds
 
     def _eval_batches(self):
         cfg, acc = self.config, self.accelerator
         size = cfg.dual.batch_size
         for b in range(cfg.eval_batches):
-            g = torch.Generator().manual_seed(_derived_seed(cfg.eval_seed, 2, b))
-            total = size * acc.num_processes
-            idx = torch.randint(0, len(self.eval_prompts), (total,), generator=g).tolist()
-            lo = acc.process_index * size
-            yield [self.eval_prompts[i] for i in idx[lo : lo + size]], [cfg.eval_seed * 100003 + b * total + lo + k for k in range(size)]
+            yield eval_batch_share(cfg.eval_seed, b, self.eval_prompts, size, acc.num_processes, acc.process_index)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         """Gather (n, B) per-sample values over processes -> (n, B_total)."""

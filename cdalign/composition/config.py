@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,8 +166,7 @@ class ComposeConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the dual-step batches and the distillation.", "ge": 0})
 
     def validate(self) -> None:
-        _base._check_type(self, type(self), "")
-        _base._check_field_metadata(self, "")
+        _base.check_fields(self)
         if len(self.components) < 2:
             raise ValueError(f"components: {len(self.components)} given; a composition needs at least 2")
         seen = set()
@@ -260,8 +258,7 @@ class MixtureConfig:
     seed: int = field(default=0, metadata={"help": "Seed.", "ge": 0})
 
     def validate(self) -> None:
-        _base._check_type(self, type(self), "")
-        _base._check_field_metadata(self, "")
+        _base.check_fields(self)
         if len(self.datasets) < 2:
             raise ValueError(f"datasets: {len(self.datasets)} given; a mixture needs at least 2")
         names = [d.name for d in self.datasets]
@@ -281,14 +278,14 @@ def config_from_dict(data: dict):
     """Build and validate the config class that ``data['composition']`` names (default 'and')."""
     kind = data.get("composition", "and")
     if kind not in CONFIG_CLASSES:
-        raise _base._not_allowed("composition", kind, tuple(CONFIG_CLASSES))
-    cfg = _base._from_mapping(CONFIG_CLASSES[kind], data, "")
+        raise _base.not_allowed("composition", kind, tuple(CONFIG_CLASSES))
+    cfg = _base.dataclass_from_dict(CONFIG_CLASSES[kind], data)
     cfg.validate()
     return cfg
 
 
 def load_config_file(path):
-    data = _base._read_yaml_mapping(path)
+    data = _base.read_yaml_mapping(path)
     try:
         return config_from_dict(data)
     except ValueError as error:
@@ -302,25 +299,11 @@ def save_config(cfg, path) -> None:
 
 
 def build_parser(cls) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    return _base.build_parser(
+        cls,
         description=f"Constrained composition of diffusion models ({cls.__name__}; arXiv 2508.19104). "
         "Give a YAML recipe with --config; --field flags override it (--dual.lr 0.5).",
-        allow_abbrev=False,
     )
-    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="YAML recipe to load first.")
-    for f, tp in _base._fields_with_types(cls):
-        if dataclasses.is_dataclass(tp):
-            group = parser.add_argument_group(f.name, f.metadata["help"])
-            for sub, sub_tp in _base._fields_with_types(tp):
-                _base._add_field_argument(group, f"{f.name}.{sub.name}", sub, sub_tp)
-        elif f.name in ("components", "datasets"):
-            item = ComponentSpec if f.name == "components" else DatasetSpec
-            keys = "; ".join(f"{s.name}: {s.metadata['help']}" for s, _ in _base._fields_with_types(item))
-            parser.add_argument(f"--{f.name}", dest=f.name, metavar="YAML", default=argparse.SUPPRESS,
-                                help=f"{f.metadata['help']} Keys: {keys}".replace("%", "%%"))
-        else:
-            _base._add_field_argument(parser, f.name, f, tp)
-    return parser
 
 
 def parse_config(argv: list[str] | None = None):
@@ -330,31 +313,12 @@ def parse_config(argv: list[str] | None = None):
     pre.add_argument("--config")
     pre.add_argument("--composition")
     known, _ = pre.parse_known_args(argv)
-    raw = _base._read_yaml_mapping(known.config) if known.config else {}
+    raw = _base.read_yaml_mapping(known.config) if known.config else {}
     kind = known.composition or raw.get("composition", "and")
     if kind not in CONFIG_CLASSES:
-        raise _base._not_allowed("composition", kind, tuple(CONFIG_CLASSES))
+        raise _base.not_allowed("composition", kind, tuple(CONFIG_CLASSES))
     cls = CONFIG_CLASSES[kind]
-    parser = build_parser(cls)
-    namespace, unknown = parser.parse_known_args(argv)
-    if unknown:
-        options = [o for o in parser._option_string_actions if o.startswith("--")]
-        problems = []
-        for arg in unknown:
-            close = difflib.get_close_matches(arg.split("=")[0], options, n=1) if arg.startswith("-") else []
-            problems.append(f"{arg}: unknown option" + (f"; did you mean {close[0]}?" if close else ""))
-        raise ValueError("; ".join(problems))
-    given = vars(namespace)
-    given.pop("config", None)
-    typed = _base._field_types(cls)
-    for flag in sorted(given, key=lambda k: "." in k):
-        if "." not in flag:
-            raw[flag] = _base._cli_value(given[flag], typed[flag], flag)
-            continue
-        top, key = flag.split(".", 1)
-        spec = raw.get(top) or {}
-        raw[top] = spec
-        spec[key] = _base._cli_value(given[flag], _base._field_types(typed[top])[key], flag)
+    raw = _base.parse_args_to_dict(cls, argv, build_parser(cls))
     try:
         return config_from_dict(raw)
     except ValueError as error:

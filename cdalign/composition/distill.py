@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from ..trainer import _derived_seed
+from ..seeding import derived_seed
 from .components import ComponentKL, ComponentSet, save_adapter, set_unet_state
 
 STUDENT = "student"
@@ -66,7 +66,7 @@ class CompositionDistiller:
         if getattr(unet, "_hf_peft_config_loaded", False) and STUDENT in unet.peft_config:
             raise ValueError(f"the UNet already has an adapter named {STUDENT!r}")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_derived_seed(seed, 21))
+            torch.manual_seed(derived_seed(seed, 21))
             unet.add_adapter(
                 LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, init_lora_weights=True,
                            target_modules=list(spec.lora_target_modules)),
@@ -81,7 +81,7 @@ class CompositionDistiller:
         self.history: list[dict] = []
 
     def _batch(self, purpose: int, index: int, size: int):
-        g = torch.Generator().manual_seed(_derived_seed(self.seed, purpose, index))
+        g = torch.Generator().manual_seed(derived_seed(self.seed, purpose, index))
         idx = torch.randint(0, len(self.prompts), (size,), generator=g).tolist()
         seeds = torch.randint(0, 2**62, (size,), generator=g).tolist()
         return [self.prompts[i] for i in idx], seeds, g

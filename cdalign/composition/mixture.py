@@ -27,7 +27,8 @@ import torch
 from ..checkpointing import atomic_write_text
 from ..pipeline import load_pipeline
 from ..sampling import DiffusionSampler
-from ..trainer import LORA_WEIGHT_NAME, _derived_seed
+from ..seeding import derived_seed
+from ..trainer import LORA_WEIGHT_NAME
 from .components import save_adapter
 from .config import MixtureConfig, save_config
 from .simplex import SimplexDual
@@ -160,7 +161,7 @@ class MixtureTrainer:
 
     def _eval_triples(self, i: int):
         """Fixed (latent index, t, noise) triples of dataset i for comparable loss estimates."""
-        g = torch.Generator().manual_seed(_derived_seed(self.config.seed, 40, i))
+        g = torch.Generator().manual_seed(derived_seed(self.config.seed, 40, i))
         n, size = self.data[i]["latents"].shape[0], self.config.eval_size
         idx = torch.randint(0, n, (size,), generator=g)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,), generator=g)
@@ -186,7 +187,7 @@ class MixtureTrainer:
 
         cfg = self.config
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_derived_seed(cfg.seed, seed_part))
+            torch.manual_seed(derived_seed(cfg.seed, seed_part))
             self.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True,
                                              target_modules=list(cfg.lora_target_modules)), adapter_name=name)
         self.unet.set_adapters([name])
@@ -200,7 +201,7 @@ class MixtureTrainer:
         cfg = self.config
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-4)
         for step in range(steps):
-            g = torch.Generator().manual_seed(_derived_seed(cfg.seed, purpose, step))
+            g = torch.Generator().manual_seed(derived_seed(cfg.seed, purpose, step))
             weights = weights_fn()
             self.unet.train()
             opt.zero_grad(set_to_none=True)
