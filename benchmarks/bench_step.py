@@ -11,23 +11,27 @@ plus the VAE decode; reward = mean saturation (raw units, no normalisation pass)
 
 Each row runs in its own fresh process; rows are interleaved over rounds; a row's time is
 the median over its timed steps, and its ratio is taken against the reward-only row of
-the same round."""
+the same round. The side-by-side comparison with trl's AlignProp, the research code's
+KL and the floor is ``benchmarks/bench_peers.py``, which runs these same rows."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see recipes/align.py)
+
+_spec = importlib.util.spec_from_file_location("tinybench", Path(__file__).with_name("tinybench.py"))
+tb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tb)
 
 ROWS = {
     "reward_only": dict(
@@ -46,77 +50,91 @@ ROWS = {
         constraints=[{"type": "kl", "max": 1.0}, {"reward": "local_contrast", "direction": "low", "threshold": 0.05, "normalize": False}],
         kl_value_steps=4,
     ),
+    "reward_only_gc": dict(
+        label="cdalign, reward only, gradient checkpointing",
+        objective={"type": "reward", "reward": "saturation", "normalize": False},
+        constraints=[],
+        gradient_checkpointing=True,
+    ),
+    "kl_all_steps_gc": dict(
+        label="cdalign, KL constraint + 1 reward constraint (KL value at all 20 steps), gradient checkpointing",
+        objective={"type": "reward", "reward": "saturation", "normalize": False},
+        constraints=[{"type": "kl", "max": 1.0}, {"reward": "local_contrast", "direction": "low", "threshold": 0.05, "normalize": False}],
+        gradient_checkpointing=True,
+    ),
+    "kl_sampled_gc": dict(
+        label="cdalign, KL constraint + 1 reward constraint (KL value: 4 gradient steps + 4 sampled steps), gradient checkpointing",
+        objective={"type": "reward", "reward": "saturation", "normalize": False},
+        constraints=[{"type": "kl", "max": 1.0}, {"reward": "local_contrast", "direction": "low", "threshold": 0.05, "normalize": False}],
+        kl_value_steps=4,
+        gradient_checkpointing=True,
+    ),
 }
+DEFAULT_ROWS = ["reward_only", "kl_all_steps", "kl_sampled"]
 
 
-def run_row(row: str, model_dir: str, steps: int, warmup: int, threads: int) -> dict:
-    """Child process: build the trainer, time ``steps`` optimiser steps after ``warmup``."""
-    import torch
-
-    torch.set_num_threads(threads)
+def build_trainer(row: str, model_dir: str, output_dir: str, config: dict | None = None):
+    """cdalign's trainer for ``row`` on tiny-bench (``config`` overrides tiny-bench
+    settings, e.g. a smaller ``num_inference_steps`` in the tests)."""
     from cdalign import ConstrainedDDPOTrainer
     from cdalign.config import config_from_dict
 
+    c = tb.bench_config(config)
     spec = dict(ROWS[row])
     spec.pop("label")
+    if "kl_value_steps" in spec:  # a smaller chain (tests) keeps some no-gradient steps unsampled
+        T, K = c["num_inference_steps"], c["backprop_steps"]
+        spec["kl_value_steps"] = min(spec["kl_value_steps"], max(1, T - K - 1))
+    fields = dict(
+        pretrained_model_name_or_path=model_dir,
+        prompts="shapes",
+        output_dir=output_dir,
+        num_inference_steps=c["num_inference_steps"],
+        eta=c["eta"],
+        guidance_scale=c["guidance_scale"],
+        backprop_strategy="fixed",
+        backprop_steps=c["backprop_steps"],
+        lora_rank=c["lora_rank"],
+        lora_alpha=c["lora_alpha"],
+        lora_target_modules=list(c["lora_target_modules"]),
+        learning_rate=c["learning_rate"],
+        adam_weight_decay=c["adam_weight_decay"],
+        max_grad_norm=c["max_grad_norm"],
+        train_batch_size=c["batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=10**6,
+        eval_batches=0,
+        num_grid_images=0,
+        seed=0,
+        **spec,
+    )
+    return ConstrainedDDPOTrainer(config_from_dict(fields))
+
+
+def run_row(row: str, model_dir: str, steps: int, warmup: int, threads: int, config: dict | None = None) -> dict:
+    """Child process: build the trainer, time ``steps`` optimiser steps after ``warmup``."""
+    tb.set_threads(threads)
     with tempfile.TemporaryDirectory() as out:
-        cfg = config_from_dict(
-            dict(
-                pretrained_model_name_or_path=model_dir,
-                prompts="shapes",
-                output_dir=out,
-                num_inference_steps=20,
-                eta=1.0,
-                guidance_scale=5.0,
-                backprop_strategy="fixed",
-                backprop_steps=4,
-                lora_rank=4,
-                lora_alpha=4,
-                learning_rate=1e-3,
-                train_batch_size=4,
-                gradient_accumulation_steps=1,
-                max_steps=steps + warmup,
-                eval_batches=0,
-                num_grid_images=0,
-                seed=0,
-                **spec,
-            )
-        )
-        trainer = ConstrainedDDPOTrainer(cfg)
-        calls = {"n": 0}
-        trainer.pipe.unet.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
-        times, unet_calls = [], []
-        for k in range(steps + warmup):
-            calls["n"] = 0
-            t0 = time.perf_counter()
-            trainer.step()
-            dt = time.perf_counter() - t0
-            if k >= warmup:
-                times.append(dt)
-                unet_calls.append(calls["n"])
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "row": row,
-        "median_s": statistics.median(times),
-        "times": times,
-        "peak_rss_mb": peak_kb / 1024,
-        "unet_calls_per_step": statistics.median(unet_calls),
-    }
+        trainer = build_trainer(row, model_dir, out, config)
+        counter = tb.UNetCallCounter(trainer.pipe.unet)
+        res = tb.time_steps(trainer.step, steps, warmup, counter)
+    return {"row": row, **res}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     ap.add_argument("--steps", type=int, default=8, help="timed optimiser steps per row and round")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="torch threads per row process")
     ap.add_argument("--json", type=str, default=None, help="also write the raw results here")
     ap.add_argument("--_child", nargs=2, metavar=("ROW", "MODEL_DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # tiny-bench overrides (tests)
     args = ap.parse_args()
 
     if args._child:
-        print("RESULT " + json.dumps(run_row(args._child[0], args._child[1], args.steps, args.warmup, args.threads)))
+        tb.emit(run_row(args._child[0], args._child[1], args.steps, args.warmup, args.threads, tb.parse_overrides(args.set)))
         return
 
     from cdalign.tiny import build_tiny_pipeline

@@ -1,0 +1,132 @@
+"""Row 1: trl 0.23.1 ``AlignPropTrainer`` on tiny-bench, reward only (runs in ``benchmarks/.venv-trl``).
+
+    benchmarks/.venv-trl/bin/python benchmarks/peer_trl.py MODEL_DIR --steps 8 --warmup 2
+
+Configured from trl's own ``AlignPropConfig`` / ``DefaultDDPOStableDiffusionPipeline``
+(trl/trainer/alignprop_config.py, trl/models/modeling_sd_base.py in trl 0.23.1):
+
+- ``sample_num_steps=20, sample_eta=1.0, sample_guidance_scale=5.0, train_batch_size=4``,
+  ``train_gradient_accumulation_steps=1``, ``train_learning_rate=1e-3`` (weight decay 1e-4
+  and grad-norm clip 1.0 are trl's defaults, equal to cdalign's), ``mixed_precision="no"``;
+- ``truncated_backprop_rand=False, truncated_backprop_timestep=16``: trl detaches the
+  noise prediction of steps ``i < 16``, so the gradient flows through the last 4 steps
+  (it must be below ``sample_num_steps``, else no gradient at all);
+- LoRA: trl hard-codes r=4, alpha 4, target to_q/to_k/to_v/to_out.0 (init "gaussian":
+  A ~ N(0, 1/r), B = 0; cdalign's A is Kaiming-uniform; both start at the base model);
+- ``save_freq`` huge (no state saving inside timed steps), no trackers, no image hook.
+
+What trl's API does not let us make identical (documented in RESULTS.md): it always
+wraps *every* UNet call in ``torch.utils.checkpoint`` with gradient enabled (no switch
+in ``AlignPropConfig``), so it re-runs the 4 tracked UNet calls in the backward pass; its
+sampler draws noise from the global RNG (not per-image seeds) and computes each step's
+log-probability (unused by AlignProp); its loss is ``10 - mean(reward)`` (same gradient
+as ``-mean(reward)``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+_spec = importlib.util.spec_from_file_location("tinybench", Path(__file__).with_name("tinybench.py"))
+tb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tb)
+
+
+def build(model_dir: str, steps_total: int, logdir: str, config: dict | None = None):
+    import accelerate
+    from trl import AlignPropConfig, AlignPropTrainer, DefaultDDPOStableDiffusionPipeline
+
+    c = tb.bench_config(config)
+    accelerate.PartialState()  # trl's DDPO/AlignProp need the state before the pipeline
+    pipeline = DefaultDDPOStableDiffusionPipeline(model_dir, use_lora=True)
+    config = AlignPropConfig(
+        num_epochs=steps_total,
+        save_freq=10**9,
+        log_with=None,
+        logdir=logdir,
+        project_kwargs={"project_dir": logdir},
+        mixed_precision="no",
+        seed=0,
+        sample_num_steps=c["num_inference_steps"],
+        sample_eta=c["eta"],
+        sample_guidance_scale=c["guidance_scale"],
+        train_batch_size=c["batch_size"],
+        train_gradient_accumulation_steps=1,
+        train_learning_rate=c["learning_rate"],
+        train_adam_weight_decay=c["adam_weight_decay"],
+        train_max_grad_norm=c["max_grad_norm"],
+        truncated_backprop_rand=False,
+        truncated_backprop_timestep=c["num_inference_steps"] - c["backprop_steps"],
+    )
+    prompts = tb.load_prompts(model_dir)
+    state = {"i": 0}
+
+    def prompt_fn():
+        p = prompts[state["i"] % len(prompts)]
+        state["i"] += 1
+        return p, {}
+
+    def reward_fn(images, prompts, metadata):
+        return tb.saturation(images), {}
+
+    trainer = AlignPropTrainer(config, reward_fn, prompt_fn, pipeline)
+    trainer.sd_pipeline.set_progress_bar_config(disable=True)  # tqdm per denoising step: noise, not work
+    return trainer
+
+
+def check_configuration(trainer, config: dict | None = None) -> dict:
+    """What trl actually built (asserted against tiny-bench)."""
+    c = tb.bench_config(config)
+    unet = trainer.sd_pipeline.unet
+    peft_cfg = unet.peft_config["default"]
+    assert peft_cfg.r == c["lora_rank"] and peft_cfg.lora_alpha == c["lora_alpha"], peft_cfg
+    assert set(peft_cfg.target_modules) == set(c["lora_target_modules"]), peft_cfg.target_modules
+    n_train = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    group = trainer.optimizer.param_groups[0]
+    assert group["lr"] == c["learning_rate"], group["lr"]
+    return {"trainable_params": n_train, "lora_init": str(peft_cfg.init_lora_weights)}
+
+
+def run(model_dir: str, steps: int, warmup: int, threads: int, config: dict | None = None) -> dict:
+    import torch
+
+    tb.set_threads(threads)
+    import trl
+
+    with tempfile.TemporaryDirectory() as logdir:
+        trainer = build(model_dir, steps + warmup + 1, logdir, config)
+        info = check_configuration(trainer, config)
+        counter = tb.UNetCallCounter(trainer.sd_pipeline.unet)
+        state = {"epoch": 0, "global_step": 0}
+
+        def step():
+            state["global_step"] = trainer.step(state["epoch"], state["global_step"])
+            state["epoch"] += 1
+
+        res = tb.time_steps(step, steps, warmup, counter)
+        saved = [p for p in Path(logdir).rglob("*") if p.is_file()]
+        assert not saved, f"trl saved state inside the timed loop: {saved[:3]}"
+    res.update(info, trl_version=trl.__version__, torch_version=torch.__version__)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tb.add_common_args(ap)
+    args = ap.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    res = run(args.model_dir, args.steps, args.warmup, args.threads, tb.parse_overrides(args.set))
+    tb.emit({"row": "trl_alignprop", **res})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The "tiny-bench" configuration and the timing harness shared by every benchmark row.
+
+This module imports only the standard library and torch, so rows that run in another
+virtual environment (trl 0.23.1 in ``benchmarks/.venv-trl``) load it by path and use the
+same settings, reward formula and measurement code as cdalign's rows.
+
+tiny-bench: seeded tiny SD (``cdalign.tiny.build_tiny_pipeline(seed=0)``: UNet (32, 64),
+2 layers/block, cross-attention 32, latent 32 -> 64x64 images, VAE [32, 64], CLIP text
+32 x 5 layers, DDIM) saved once to a folder that every row loads; LoRA r=4, alpha 4 on
+to_q/to_k/to_v/to_out.0; AdamW lr 1e-3 (weight decay 1e-4, grad-norm clip 1.0, the
+defaults of both trl and cdalign); fp32; 4 prompts per optimiser step; 20 DDIM steps,
+eta 1, guidance 5; gradient through the last 4 steps plus the VAE decode; reward = mean
+saturation (raw, no normalisation)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+
+TINY_BENCH = dict(
+    num_inference_steps=20,
+    eta=1.0,
+    guidance_scale=5.0,
+    backprop_steps=4,  # gradient through the last 4 denoising steps (+ the VAE decode)
+    lora_rank=4,
+    lora_alpha=4,
+    lora_target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+    learning_rate=1e-3,
+    adam_weight_decay=1e-4,
+    max_grad_norm=1.0,
+    batch_size=4,
+    kl_weight=0.2,  # fixed multiplier of the KL term in the research-code row (value irrelevant to time)
+)
+PROMPTS_FILE = "bench_prompts.json"  # written into the model folder by the orchestrator
+SATURATION_EPS = 1e-8
+
+
+def saturation(images):
+    """Mean ``(max(R,G,B) - min(R,G,B)) / (max(R,G,B) + 1e-8)``, (B,3,H,W) in [0,1] -> (B,).
+    The same formula as ``cdalign.rewards.image_stats.saturation`` (METHOD.md)."""
+    cmax = images.amax(dim=1)
+    cmin = images.amin(dim=1)
+    return ((cmax - cmin) / (cmax + SATURATION_EPS)).flatten(1).mean(dim=1)
+
+
+def bench_config(overrides: dict | None = None) -> dict:
+    """tiny-bench with ``overrides`` (the tests shrink it; the benchmark never does)."""
+    unknown = set(overrides or {}) - set(TINY_BENCH)
+    if unknown:
+        raise ValueError(f"unknown tiny-bench settings {sorted(unknown)}; known: {sorted(TINY_BENCH)}")
+    return {**TINY_BENCH, **(overrides or {})}
+
+
+def add_common_args(ap) -> None:
+    """The options every row script takes."""
+    ap.add_argument("model_dir", help="folder of the saved tiny pipeline")
+    ap.add_argument("--steps", type=int, default=8, help="timed optimiser steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a tiny-bench setting (JSON value), e.g. --set num_inference_steps=4 (tests only)")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    bench_config(out)  # validates the keys
+    return out
+
+
+def load_prompts(model_dir: str) -> list[str]:
+    path = Path(model_dir) / PROMPTS_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    return ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+class UNetCallCounter:
+    """Counts forward calls of a module (a UNet): ``total`` includes the calls that
+    gradient checkpointing re-runs inside the backward pass, ``recomputed`` only those."""
+
+    def __init__(self, *modules):
+        import torch
+
+        self.total = 0
+        self.recomputed = 0
+        self._in_backward = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+        for m in modules:
+            m.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.total += 1
+        if self._in_backward() != -1:
+            self.recomputed += 1
+
+    def reset(self):
+        self.total = self.recomputed = 0
+
+
+def rss_mb() -> float:
+    """Peak resident set size of this process so far, MB (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_steps(step, steps: int, warmup: int, counter: UNetCallCounter | None = None) -> dict:
+    """Run ``warmup`` + ``steps`` calls of ``step()``; the median of the timed ones, the
+    peak RSS before (after setup) and after, and UNet calls per step (median)."""
+    import gc
+
+    rss_setup = rss_mb()
+    times, calls, recomputed = [], [], []
+    for k in range(warmup + steps):
+        if counter is not None:
+            counter.reset()
+        gc.collect()
+        t0 = time.perf_counter()
+        step()
+        dt = time.perf_counter() - t0
+        if k >= warmup:
+            times.append(dt)
+            if counter is not None:
+                calls.append(counter.total)
+                recomputed.append(counter.recomputed)
+    return {
+        "median_s": statistics.median(times),
+        "times": times,
+        "rss_setup_mb": rss_setup,
+        "peak_rss_mb": rss_mb(),
+        "unet_calls_per_step": statistics.median(calls) if calls else None,
+        "unet_recomputed_per_step": statistics.median(recomputed) if recomputed else None,
+    }
+
+
+def emit(result: dict) -> None:
+    """A child process's result line for the orchestrator."""
+    print("RESULT " + json.dumps(result), flush=True)

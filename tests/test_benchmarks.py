@@ -1,0 +1,147 @@
+"""Every benchmark row's code path, one step at a tiny size (so CI catches breakage).
+
+The trl row needs trl 0.23.1 in ``benchmarks/.venv-trl`` (created by
+``benchmarks/bench_peers.py``); it is skipped when that environment is missing (as in CI)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+SMALL = {"num_inference_steps": 4, "backprop_steps": 2, "batch_size": 2}
+T, K = SMALL["num_inference_steps"], SMALL["backprop_steps"]
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+    """The tiny pipeline at latent size 8 (16x16 images) and the prompt list, as
+    ``bench_peers.build_model_dir`` writes them."""
+    from cdalign.tiny import build_tiny_pipeline
+
+    tb = _load("tinybench")
+    path = tmp_path_factory.mktemp("tiny-bench-small")
+    build_tiny_pipeline(seed=0, sample_size=8).save_pretrained(str(path))
+    (path / tb.PROMPTS_FILE).write_text(json.dumps(["a red circle", "a blue square"]))
+    return str(path)
+
+
+@pytest.mark.parametrize("row", ["reward_only", "reward_only_gc", "kl_all_steps", "kl_all_steps_gc", "kl_sampled", "kl_sampled_gc"])
+def test_cdalign_rows_step(row, small_model_dir, tmp_path):
+    bench_step, tb = _load("bench_step"), _load("tinybench")
+    trainer = bench_step.build_trainer(row, small_model_dir, str(tmp_path), SMALL)
+    cfg = trainer.config
+    assert (cfg.num_inference_steps, cfg.backprop_steps, cfg.train_batch_size) == (T, K, 2)
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.guidance_scale, cfg.eta) == (4, 4, 5.0, 1.0)
+    assert cfg.gradient_checkpointing == row.endswith("_gc")
+    counter = tb.UNetCallCounter(trainer.pipe.unet)
+    log = trainer.step()
+    assert math.isfinite(log["loss"])
+    assert counter.total >= T
+    if row.startswith("reward_only"):
+        assert counter.total - counter.recomputed == T  # one CFG-batched call per denoising step
+    else:
+        assert "kl" in log and counter.total > T  # base-model predictions for the chain KL
+    assert (counter.recomputed > 0) == row.endswith("_gc")
+
+
+@pytest.mark.parametrize("kl", [False, True])
+def test_floor_step(kl, small_model_dir):
+    floor, tb = _load("floor"), _load("tinybench")
+    step = floor.FloorStep(small_model_dir, kl=kl, config=SMALL)
+    before = [p.detach().clone() for p in step.params]
+    counter = tb.UNetCallCounter(step.unet)
+    step()
+    assert counter.total == (2 * T if kl else T)
+    assert any(not torch.equal(a, p) for a, p in zip(before, step.params))  # the optimiser step happened
+
+
+def test_research_kl_step(small_model_dir):
+    research, tb = _load("peer_research_kl"), _load("tinybench")
+    step = research.ResearchKLStep(small_model_dir, SMALL)
+    counter = tb.UNetCallCounter(step.unet, step.ref_unet)
+    out = step()
+    assert math.isfinite(out["loss"]) and out["kl"] >= 0
+    # policy + frozen copy at every step; recomputed in backward: K policy calls and the
+    # K-1 copy calls whose input carries gradient
+    assert counter.total == 2 * T + K + (K - 1)
+    assert counter.recomputed == K + (K - 1)
+    assert all(not p.requires_grad for p in step.ref_unet.parameters())
+
+
+@pytest.mark.parametrize("row", ["compose_sample_2", "compose_dual_3", "distilled"])
+def test_composition_rows(row, small_model_dir):
+    comp, tb = _load("bench_composition"), _load("tinybench")
+    step, unet, steps = comp.build(row, small_model_dir, SMALL)
+    counter = tb.UNetCallCounter(unet)
+    out = step()
+    images = out[0] if isinstance(out, tuple) else out
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    kind, n = comp.ROWS[row]
+    assert counter.total == steps * (1 if kind == "distilled" else n)
+
+
+def test_trl_row_or_skip(small_model_dir):
+    peers = _load("bench_peers")
+    if not peers.trl_ready():
+        pytest.skip("benchmarks/.venv-trl with trl 0.23.1 is missing (created by benchmarks/bench_peers.py)")
+    cmd = peers.row_command("trl_alignprop", Path(small_model_dir), 1, 0, 1, [f"{k}={v}" for k, v in SMALL.items()])
+    res = peers.run_child(cmd, timeout=300)
+    assert res["trl_version"] == "0.23.1"
+    assert res["unet_calls_per_step"] == T + K and res["unet_recomputed_per_step"] == K
+
+
+def test_row_commands_and_overrides(small_model_dir):
+    peers, tb = _load("bench_peers"), _load("tinybench")
+    for row in list(peers.TRAIN_ROWS) + list(peers.COMPOSITION_ROWS):
+        cmd = peers.row_command(row, Path(small_model_dir), 8, 2, 2)
+        assert Path(cmd[1]).is_file(), cmd
+        assert ("--steps" in cmd) and ("8" in cmd)
+        assert cmd[0] == (str(peers.trl_python()) if row == "trl_alignprop" else sys.executable)
+    assert tb.parse_overrides(["num_inference_steps=4"]) == {"num_inference_steps": 4}
+    with pytest.raises(ValueError, match="unknown tiny-bench"):
+        tb.parse_overrides(["num_steps=4"])
+
+
+def test_render_table_and_targets():
+    peers = _load("bench_peers")
+
+    def res(row, rnd, s, rss, calls=20, rec=0):
+        return {"row": row, "round": rnd, "median_s": s, "peak_rss_mb": rss,
+                "unet_calls_per_step": calls, "unet_recomputed_per_step": rec}
+
+    results = {
+        "trl_alignprop": [res("trl_alignprop", 0, 4.0, 1000, 24, 4), res("trl_alignprop", 1, 5.0, 1000, 24, 4)],
+        "research_kl": [res("research_kl", 0, 8.0, 1050, 47, 7), res("research_kl", 1, 10.0, 1050, 47, 7)],
+        "reward_only": [res("reward_only", 0, 3.2, 1500), res("reward_only", 1, 4.0, 1500)],
+        "kl_all_steps_gc": [res("kl_all_steps_gc", 0, 6.0, 1080, 47, 7), res("kl_all_steps_gc", 1, 7.5, 1080, 47, 7)],
+        "floor": [res("floor", 0, 3.0, 1400), res("floor", 1, 3.8, 1400)],
+        "distilled": [dict(res("distilled", 0, 1.0, 500), unet_calls_per_denoising_step=1, adapters=3)],
+        "compose_sample_2": [dict(res("compose_sample_2", 0, 2.0, 500, 40), unet_calls_per_denoising_step=2, adapters=2)],
+    }
+    meta = {"machine": {"cpu": "cpu", "cores": 2, "torch": "x", "python": "3", "commit": "abc"}, "threads": 2,
+            "started": "d", "finished": "e", "load_start": "1", "load_end": "1", "rounds": 2, "steps": 8, "warmup": 2,
+            "comp_steps": 4, "comp_warmup": 1, "skipped": []}
+    text = peers.render(results, meta)
+    assert "cdalign reward-only <= 0.9 x trl AlignProp: 0.80 (rounds: 0.80 / 0.80) — **met**" in text
+    assert "(all steps, gradient checkpointing) <= 1.2 x trl reward-only: 1.50" in text and "**NOT met**" in text
+    assert "<= 0.65 x research-code KL: 0.75" in text
+    assert "1080 MB vs 1000 MB (+8.0%) — **met**" in text
+    assert "| composed model, 2 adapters, sampling | 2.00 | 2.00 (2.00) | 2 | 2 |" in text
