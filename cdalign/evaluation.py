@@ -42,7 +42,7 @@ import torch
 
 from .registry import Registry
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+from .lora import LORA_WEIGHT_NAME, is_local_source, load_lora, lora_weights_path
 CACHE_VERSION = 1  # bump when the cached batch layout or its meaning changes
 
 # ---------------------------------------------------------------------------------
@@ -309,23 +309,10 @@ class LoraKind(CheckpointKind):
     Hub files are fetched with ``hf_hub_download`` (cached; the revision may be a branch,
     a tag or a commit), so the identity is the weights' content hash either way."""
 
-    def _is_local(self, spec) -> bool:
-        p = Path(spec.source).expanduser()
-        return p.exists() or spec.source.startswith((".", "/", "~")) or spec.source.count("/") > 1
-
     def weights_path(self, spec) -> Path:
-        if self._is_local(spec):
-            path = Path(spec.source).expanduser()
-            path = path / spec.weight_name if path.is_dir() or not path.suffix else path
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"checkpoint {spec.name!r}: no LoRA weights at {str(path)!r}; give an output folder written by "
-                    f"the trainer (it holds {LORA_WEIGHT_NAME}) or a Hub repo id"
-                )
-            return path
-        from .hub import download_file
-
-        return download_file(spec.source, spec.weight_name, revision=spec.revision, what=f"checkpoint {spec.name!r}")
+        return lora_weights_path(
+            spec.source, weight_name=spec.weight_name, revision=spec.revision, what=f"checkpoint {spec.name!r}"
+        )
 
     def identity(self, spec):
         return {"kind": "lora", "weights_sha256": _sha256_file(self.weights_path(spec)), "scale": spec.scale}
@@ -333,7 +320,7 @@ class LoraKind(CheckpointKind):
     def run_files(self, spec):
         out = {}
         for fname in ("config.yaml", "report.json"):
-            if self._is_local(spec):
+            if is_local_source(spec.source):
                 p = Path(spec.source).expanduser()
                 p = (p if p.is_dir() else p.parent) / fname
                 if p.is_file():
@@ -348,9 +335,9 @@ class LoraKind(CheckpointKind):
         return out
 
     def load(self, spec, pipe):
-        weights = self.weights_path(spec)
         adapter = _adapter_name(spec.name)
-        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=adapter)
+        load_lora(pipe, spec.source, adapter, weight_name=spec.weight_name, revision=spec.revision,
+                  what=f"checkpoint {spec.name!r}")
         pipe.set_adapters([adapter], adapter_weights=[spec.scale])
         return _LoraLoaded(pipe, adapter)
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+from .lora import LORA_WEIGHT_NAME
 
 # What a pushed run holds: the LoRA (diffusers format), its card, the config to rerun it,
 # the report, the training log and the pictures (and an evaluation, if one was written).
@@ -134,15 +134,12 @@ def download_file(
 
 
 def load_lora_into(pipe, source: str, *, revision: str | None = None, weight_name: str = LORA_WEIGHT_NAME,
-                   adapter_name: str | None = None):
+                   adapter_name: str = "default"):
     """Load a LoRA (diffusers format) into ``pipe`` from a local folder or a Hub repo id
     at ``revision``; returns ``pipe``."""
-    local = Path(source).expanduser()
-    if local.is_dir():
-        pipe.load_lora_weights(str(local), weight_name=weight_name, adapter_name=adapter_name)
-    else:
-        path = download_file(source, weight_name, revision=revision, what="LoRA")
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+    from .lora import load_lora
+
+    load_lora(pipe, source, adapter_name, weight_name=weight_name, revision=revision)
     return pipe
 
 

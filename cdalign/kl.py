@@ -12,6 +12,8 @@ with ε̃_μ against each component's ε̃_i."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
@@ -19,10 +21,15 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .registry import Registry
 from .sampling import DDIMChain
 
-KL_ESTIMATORS: Registry = Registry("kl_estimator")
+@dataclass(frozen=True)
+class KLEstimator:
+    """How one step's squared ε difference enters the chain KL: per-step weights (T,)
+    and the reduction over latent elements (``sum`` or ``mean``)."""
+
+    step_weights: Callable[[DDIMChain], torch.Tensor]
+    reduce_elements: Callable[[torch.Tensor], torch.Tensor]
 
 
-@KL_ESTIMATORS.register("path")
 def path_step_weights(chain: DDIMChain) -> torch.Tensor:
     """Weights ``c_t²/(2σ_t²)`` per step (T,), float64; multiply the *sum* of squared ε
     differences over latent elements. Deterministic steps (σ_t = 0) get weight 0 (their
@@ -36,14 +43,18 @@ def path_step_weights(chain: DDIMChain) -> torch.Tensor:
     return torch.where(sigma > 0, w, torch.zeros_like(w))
 
 
-@KL_ESTIMATORS.register("uniform")
 def uniform_step_weights(chain: DDIMChain) -> torch.Tensor:
     """Weights 1/T per step; multiply the *mean* of squared ε differences over elements."""
     return torch.full((len(chain),), 1.0 / len(chain), dtype=torch.float64)
 
 
+KL_ESTIMATORS: Registry[KLEstimator] = Registry("kl_estimator")
+KL_ESTIMATORS.register("path", KLEstimator(path_step_weights, lambda sq: sq.sum(1)))
+KL_ESTIMATORS.register("uniform", KLEstimator(uniform_step_weights, lambda sq: sq.mean(1)))
+
+
 def step_weights(chain: DDIMChain, estimator: str) -> torch.Tensor:
-    return KL_ESTIMATORS.get(estimator)(chain)
+    return KL_ESTIMATORS.get(estimator).step_weights(chain)
 
 
 def step_kl(eps_model: torch.Tensor, eps_ref: torch.Tensor, weight: float, estimator: str) -> torch.Tensor:
@@ -51,7 +62,7 @@ def step_kl(eps_model: torch.Tensor, eps_ref: torch.Tensor, weight: float, estim
 
     ``path``: ``weight · Σ_elements (ε_model − ε_ref)²``; ``uniform``: ``weight · mean``."""
     sq = (eps_model.float() - eps_ref.float()).pow(2).flatten(1)
-    return weight * (sq.sum(1) if estimator == "path" else sq.mean(1))
+    return weight * KL_ESTIMATORS.get(estimator).reduce_elements(sq)
 
 
 def choose_kl_steps(

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from .lora import is_local_source
 from .registry import Registry
 from .tiny import TINY_RANDOM_ID, build_tiny_pipeline
 
@@ -62,7 +63,7 @@ def load_pipeline(
             pipe = made.to(dtype=torch_dtype) if torch_dtype is not None else made
     else:
         local = Path(name_or_path).expanduser()
-        looks_local = local.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+        looks_local = is_local_source(name_or_path)
         if looks_local and not (local / "model_index.json").is_file():
             raise FileNotFoundError(
                 f"pretrained_model_name_or_path={name_or_path!r}: no diffusers pipeline folder there "

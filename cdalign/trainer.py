@@ -37,6 +37,7 @@ from .config import ConstrainedDDPOConfig, config_to_dict, save_config
 from .duals import InfeasibilityMonitor, build_dual_optimizer
 from .estimators import ESTIMATORS, MicroBatch, is_finite_batch, mean_and_ci, score
 from .kl import ChainKLAccumulator, choose_kl_steps
+from .lora import LORA_WEIGHT_NAME, save_adapter
 from .normalization import NormalizationCache, RewardStats, prompts_fingerprint, stats_from_samples
 from .pipeline import load_pipeline
 from .problem import ConstrainedProblem
@@ -46,7 +47,6 @@ from .seeding import batch_share, derived_seed, eval_batch_share
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RUN_MARKERS = ("config.yaml", "log.jsonl", LORA_WEIGHT_NAME, "report.json")
 
 
@@ -562,32 +562,13 @@ class ConstrainedDDPOTrainer:
         plot_duals(self.output_dir / "duals.png", steps, names, lam, sl, kl)
 
     # ------------------------------------------------------------------ saving
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The UNet LoRA in the diffusers format (keys ``unet.…lora_A/B.weight``)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.pipe.unet))
-
     def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` (loadable with
         ``pipe.load_lora_weights(output_dir)``). Refuses non-finite weights, and replaces
         an existing file only once the new one is completely written."""
-        from diffusers import StableDiffusionPipeline
-
         out = Path(output_dir or self.output_dir)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.lora_state_dict().items()}
-        if not all(torch.isfinite(v).all() for v in state.values()):
-            raise RuntimeError(f"LoRA weights are not finite; not saving over {str(out)!r}")
         if self.accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = out / f".lora-tmp-{os.getpid()}"
-            metadata = self.pipe.unet.peft_config["default"].to_dict()
-            StableDiffusionPipeline.save_lora_weights(
-                tmp, unet_lora_layers=state, safe_serialization=True, unet_lora_adapter_metadata=metadata
-            )
-            os.replace(tmp / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
-            shutil.rmtree(tmp, ignore_errors=True)
+            save_adapter(self.pipe.unet, "default", out)
         self.accelerator.wait_for_everyone()
         return out / LORA_WEIGHT_NAME
 

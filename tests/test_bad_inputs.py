@@ -84,3 +84,22 @@ def test_too_many_nonfinite_batches_abort_without_touching_saved_weights(tmp_pat
     with pytest.raises(RuntimeError, match="max_nonfinite_batches=1"), pytest.warns(UserWarning):
         trainer.train()
     assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_lora_whose_shapes_do_not_fit_the_base_is_refused(tmp_path):
+    from peft import LoraConfig
+
+    from cdalign.lora import load_lora, save_adapter
+    from cdalign.pipeline import load_pipeline
+    from cdalign.tiny import build_tiny_pipeline
+
+    wide = build_tiny_pipeline(seed=0, sample_size=32)
+    # Another architecture: cross-attention width 16 instead of 32.
+    from diffusers import UNet2DConditionModel
+
+    other = UNet2DConditionModel(**{**dict(wide.unet.config), "cross_attention_dim": 16})
+    other.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_v"]))
+    save_adapter(other, "default", tmp_path / "foreign-lora")
+    pipe = load_pipeline("cdalign/tiny-random-sd")
+    with pytest.raises(ValueError, match="does not fit this base model"):
+        load_lora(pipe, str(tmp_path / "foreign-lora"), "foreign")

@@ -259,5 +259,5 @@ def test_missing_component_is_trained_with_the_align_recipe(tmp_path):
 def test_missing_lora_folder_names_the_component_and_the_fix(tmp_path):
     from cdalign.tiny import build_tiny_pipeline
 
-    with pytest.raises(FileNotFoundError, match=r"component 'x': no pytorch_lora_weights.safetensors in .*train_recipe"):
+    with pytest.raises(FileNotFoundError, match=r"component 'x': no LoRA weights at .*pytorch_lora_weights.safetensors.*train_recipe"):
         load_lora_component(build_tiny_pipeline(seed=0), "x", str(tmp_path / "nothing"))

@@ -15,9 +15,7 @@ So n adapters cost n calls (CFG batched) and any number of concepts cost one."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -25,7 +23,8 @@ import torch
 
 from ..kl import step_kl, step_weights
 from ..registry import Registry
-from ..sampling import DDIMChain, DiffusionSampler
+from ..lora import LORA_WEIGHT_NAME, load_lora, save_adapter  # noqa: F401 (re-exported)
+from ..sampling import DDIMChain, DiffusionSampler, set_unet_state
 
 logger = logging.getLogger(__name__)
 
@@ -59,108 +58,15 @@ COMPONENT_KINDS.register("base", lambda name, prompt=None, **_: Component(name, 
 COMPONENT_KINDS.register("concept", lambda name, prompt=None, **_: Component(name, adapter=BASE, prompt=prompt))
 
 
-def set_unet_state(unet, adapter: str | None) -> None:
-    """Activate ``adapter`` alone on ``unet`` (None: all adapters off, the base model)."""
-    if not getattr(unet, "_hf_peft_config_loaded", False):
-        if adapter is not None:
-            raise ValueError(f"adapter {adapter!r} is not loaded on this UNet (it has no adapters)")
-        return
-    layer = _first_lora_layer(unet)
-    if adapter is None:
-        if layer is None or not layer.disable_adapters:
-            unet.disable_adapters()
-        return
-    if adapter not in unet.peft_config:
-        raise ValueError(f"adapter {adapter!r} is not loaded; loaded adapters: {', '.join(unet.peft_config)}")
-    if layer is not None and not layer.disable_adapters and list(layer.active_adapters) == [adapter]:
-        return  # already the state asked for (switching walks every module: ~10% of a tiny UNet call)
-    unet.enable_adapters()
-    unet.set_adapters([adapter])
-
-
-def save_adapter(unet, adapter_name: str, output_dir):
-    """Write adapter ``adapter_name`` of ``unet`` as ``output_dir/pytorch_lora_weights.safetensors``
-    in the diffusers format (``pipe.load_lora_weights(output_dir)`` loads it). Refuses
-    non-finite weights; replaces an existing file only once the new one is complete."""
-    import os
-    import shutil
-    from pathlib import Path
-
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    from ..trainer import LORA_WEIGHT_NAME
-
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
-    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    if not all(bool(torch.isfinite(v).all()) for v in state.values()):
-        raise RuntimeError(f"adapter {adapter_name!r} has non-finite weights; not saving to {str(out)!r}")
-    tmp = out / f".lora-tmp-{os.getpid()}"
-    StableDiffusionPipeline.save_lora_weights(
-        tmp, unet_lora_layers=state, safe_serialization=True,
-        unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(),
-    )
-    os.replace(tmp / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out / LORA_WEIGHT_NAME
-
-
-def _first_lora_layer(unet):
-    """A peft tuner layer of ``unet`` (all share the adapter state set by the UNet-level calls)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in unet.modules():
-        if isinstance(module, BaseTunerLayer):
-            return module
-    return None
-
-
-@contextlib.contextmanager
-def quiet_diffusers():
-    """Silence diffusers' per-load warnings (e.g. 'no LoRA keys for the text encoder')."""
-    from diffusers.utils import logging as dlogging
-
-    level = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlogging.set_verbosity(level)
-
-
 def load_lora_component(pipe, name: str, source: str, weight_name: str | None = None, revision: str | None = None):
     """Load a LoRA (diffusers format: a local folder, a .safetensors file's folder, or a
     Hub repo id) onto ``pipe`` as adapter ``name``; frozen."""
-    from pathlib import Path
-
-    local = Path(source).expanduser()
-    looks_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
-    if looks_local and not local.is_file() and not (local / (weight_name or "pytorch_lora_weights.safetensors")).is_file():
-        raise FileNotFoundError(
-            f"component {name!r}: no {weight_name or 'pytorch_lora_weights.safetensors'} in {source!r}; give the "
-            "output_dir of a recipes/align.py run (or set the component's train_recipe to train it there first)"
-        )
-    kwargs = {"adapter_name": name}
-    if weight_name:
-        kwargs["weight_name"] = weight_name
-    if revision:
-        kwargs["revision"] = revision
     try:
-        with quiet_diffusers(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters is the point
-            pipe.load_lora_weights(source, **kwargs)
-    except (OSError, ValueError) as err:
-        raise (ValueError if isinstance(err, ValueError) else OSError)(
-            f"component {name!r}: could not load the LoRA from {source!r}: {err}. Give a folder holding "
-            "pytorch_lora_weights.safetensors (written by recipes/align.py) or a Hub repo id (download it "
-            "first when offline)"
-        ) from err
-    for n, p in pipe.unet.named_parameters():
-        if f".{name}." in n:
-            p.requires_grad_(False)
+        return load_lora(
+            pipe, source, name, weight_name=weight_name or LORA_WEIGHT_NAME, revision=revision, what=f"component {name!r}"
+        )
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; or set the component's train_recipe to train it there first") from None
 
 
 class ComponentPredictions:

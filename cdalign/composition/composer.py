@@ -25,7 +25,7 @@ from ..pipeline import load_pipeline
 from ..prompts import load_prompts
 from ..sampling import DiffusionSampler
 from ..seeding import batch_share, eval_batch_share
-from ..trainer import LORA_WEIGHT_NAME
+from ..lora import LORA_WEIGHT_NAME
 from .components import COMPONENT_KINDS, ComponentSet, load_lora_component
 from .config import ComposeConfig, save_config
 from .simplex import SimplexDual

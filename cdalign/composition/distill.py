@@ -18,7 +18,9 @@ from typing import Sequence
 import torch
 
 from ..seeding import derived_seed
-from .components import ComponentKL, ComponentSet, save_adapter, set_unet_state
+from ..lora import save_adapter
+from ..sampling import set_unet_state
+from .components import ComponentKL, ComponentSet
 
 STUDENT = "student"
 

@@ -28,8 +28,8 @@ from ..checkpointing import atomic_write_text
 from ..pipeline import load_pipeline
 from ..sampling import DiffusionSampler
 from ..seeding import derived_seed
-from ..trainer import LORA_WEIGHT_NAME
-from .components import save_adapter
+from ..lora import LORA_WEIGHT_NAME
+from ..lora import save_adapter
 from .config import MixtureConfig, save_config
 from .simplex import SimplexDual
 

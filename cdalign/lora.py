@@ -1,0 +1,99 @@
+"""LoRA adapters on the UNet in the diffusers format: where their weights are, loading
+them onto a pipeline (local folder or Hub repo at a revision), saving one atomically.
+
+``pipe.load_lora_weights(output_dir)`` loads what :func:`save_adapter` writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def is_local_source(source: str) -> bool:
+    """A path on this machine (exists, or written like one) rather than a Hub repo id."""
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+def lora_weights_path(source: str, *, weight_name: str = LORA_WEIGHT_NAME, revision: str | None = None, what: str = "LoRA") -> Path:
+    """The weights file of a LoRA: ``source`` is an output folder, a ``.safetensors``
+    file, or a Hub repo id (fetched with ``hf_hub_download`` at ``revision``)."""
+    if is_local_source(source):
+        path = Path(source).expanduser()
+        path = path / weight_name if path.is_dir() or not path.suffix else path
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{what}: no LoRA weights at {str(path)!r}; give an output folder written by cdalign (it holds "
+                f"{LORA_WEIGHT_NAME}), a .safetensors file, or a Hub repo id"
+            )
+        return path
+    from .hub import download_file
+
+    return download_file(source, weight_name, revision=revision, what=what)
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    """Silence diffusers' per-load warnings (e.g. 'no LoRA keys for the text encoder')."""
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters is the point
+            yield
+    finally:
+        dlogging.set_verbosity(level)
+
+
+def load_lora(
+    pipe, source: str, adapter_name: str, *, weight_name: str = LORA_WEIGHT_NAME, revision: str | None = None, what: str = "LoRA"
+) -> Path:
+    """Load a LoRA onto ``pipe``'s UNet as adapter ``adapter_name`` (frozen). A LoRA made
+    for another architecture raises ``ValueError`` saying so. Returns the weights path."""
+    path = lora_weights_path(source, weight_name=weight_name, revision=revision, what=what)
+    try:
+        with quiet_diffusers():
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"{what}: the LoRA {source!r} does not fit this base model ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:300]}); it was trained for another architecture or rank layout"
+        ) from err
+    for name, p in pipe.unet.named_parameters():
+        if f".{adapter_name}." in name:
+            p.requires_grad_(False)
+    return path
+
+
+def save_adapter(unet, adapter_name: str, output_dir: str | os.PathLike) -> Path:
+    """Write adapter ``adapter_name`` of ``unet`` as ``output_dir/pytorch_lora_weights.safetensors``
+    (diffusers format, with its LoRA config as metadata). Refuses non-finite weights and
+    replaces an existing file only once the new one is completely written."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    out = Path(output_dir)
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    if not all(bool(torch.isfinite(v).all()) for v in state.values()):
+        raise RuntimeError(f"adapter {adapter_name!r} has non-finite weights; not saving over {str(out)!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".lora-tmp-{os.getpid()}"
+    StableDiffusionPipeline.save_lora_weights(
+        tmp,
+        unet_lora_layers=state,
+        safe_serialization=True,
+        unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(),
+    )
+    os.replace(tmp / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out / LORA_WEIGHT_NAME
