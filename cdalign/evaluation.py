@@ -13,7 +13,7 @@ per-image seeds and the *same* sampler settings, then scored with the same rewar
   ``cdalign.kl``), and for composed models the chain KL to each component.
 
 Checkpoint kinds are a registry (:data:`CHECKPOINT_KINDS`): ``base`` and ``lora`` live
-here; ``composed`` is the seam for ``cdalign.composition`` (see :class:`ComposedSeam`).
+here; ``composed`` comes from ``cdalign.composition`` (components + weights μ).
 
 Results are cached per checkpoint × batch under ``<output_dir>/cache`` with a key made of
 the checkpoint's identity (content hash of its weights), the base model's identity, the
@@ -59,7 +59,7 @@ class CheckpointSpec:
       (holding ``pytorch_lora_weights.safetensors``, usually also ``config.yaml`` and
       ``report.json``) or a Hub repo id, read at ``revision`` (branch, tag or commit).
     - ``kind='composed'``: ``components`` (checkpoint specs as dicts) combined with
-      ``weights`` (see :class:`ComposedSeam`).
+      ``weights`` μ (default equal), KL reported to each component.
     """
 
     name: str
@@ -343,29 +343,12 @@ class LoraKind(CheckpointKind):
 
 
 @CHECKPOINT_KINDS.register("composed")
-class ComposedSeam(CheckpointKind):
-    """Seam for composed models (METHOD.md §2): ``ε_μ = Σ_i μ_i ε̃_i`` of ``components``
-    with ``weights`` μ, KL reported to each component.
+def _composed_kind() -> CheckpointKind:
+    """Composed models (``components`` + ``weights`` μ): the one composed model of
+    :mod:`cdalign.composition`, with the chain KL to each component."""
+    from .composition.evaluation_kind import ComposedKind
 
-    ``cdalign.composition`` owns the one definition of the composed model. To plug it in,
-    replace this entry: ``CHECKPOINT_KINDS._factories["composed"] = YourKind`` where
-    ``YourKind().load(spec, pipe)`` returns a :class:`LoadedCheckpoint` whose ``policy``
-    is the composed predictor and whose ``references`` map each component's name to its
-    predictor; ``identity`` must hash the components' weights and μ. Until then a
-    composed checkpoint fails here, before anything is sampled."""
-
-    def _fail(self, spec):
-        raise NotImplementedError(
-            f"checkpoint {spec.name!r}: kind 'composed' is not available yet; cdalign.composition must register "
-            "its CheckpointKind in cdalign.evaluation.CHECKPOINT_KINDS (see ComposedSeam's docstring). Evaluate "
-            "the components as 'lora' checkpoints meanwhile."
-        )
-
-    def identity(self, spec):
-        self._fail(spec)
-
-    def load(self, spec, pipe):
-        self._fail(spec)
+    return ComposedKind()
 
 
 # ---------------------------------------------------------------------------------

@@ -74,9 +74,16 @@ def test_suite_rejects_unknown_fields_and_repeated_names(tmp_path):
         load_suite("no-such-suite", [tmp_path])
 
 
-def test_composed_checkpoints_fail_early_with_a_pointer_to_the_seam():
-    with pytest.raises(NotImplementedError, match="CHECKPOINT_KINDS"):
-        CHECKPOINT_KINDS.build("composed").identity(CheckpointSpec("mix", kind="composed"))
+def test_composed_checkpoint_needs_components_and_simplex_weights():
+    kind = CHECKPOINT_KINDS.build("composed")
+    with pytest.raises(ValueError, match="at least 2 components"):
+        kind.identity(CheckpointSpec("mix", kind="composed"))
+    spec = CheckpointSpec("mix", kind="composed", components=[{"name": "b", "kind": "base"}, {"name": "b", "kind": "base"}], weights=[0.7, 0.7])
+    with pytest.raises(ValueError, match="unique"):
+        kind.identity(spec)
+    spec.components = [{"name": "b1", "kind": "base"}, {"name": "b2", "kind": "base"}]
+    with pytest.raises(ValueError, match="summing to 1"):
+        kind.identity(spec)
 
 
 def test_shipped_suites_load(tmp_path):
@@ -186,3 +193,18 @@ def test_cli_reports_bad_input_with_exit_code_2(capsys):
     main = runpy.run_path(str(script))["main"]
     assert main(["--suite", "tiny", "--checkpoint", "no-equals-sign"]) == 2
     assert "NAME=SOURCE" in capsys.readouterr().err
+
+
+def test_composed_checkpoint_reports_kl_to_each_component(evaluated):
+    _, tmp, (a, b) = evaluated
+    composed = CheckpointSpec(
+        "mix", kind="composed", weights=[0.5, 0.5],
+        components=[{"name": "a", "source": str(a)}, {"name": "b", "source": str(b)}],
+    )
+    suite = _suite(a, b)
+    suite.checkpoints = [CheckpointSpec("a_alone", source=str(a)), composed]
+    result = evaluate(suite, tmp / "out-composed", progress=False)
+    mix = result.checkpoints["mix"]
+    assert set(mix["kl"]) == {"a", "b"}
+    assert mix["kl"]["a"]["mean"] > 0.0 and mix["kl"]["b"]["mean"] > 0.0
+    assert result.checkpoints["a_alone"]["kl"]["base"]["mean"] > 0.0
