@@ -145,3 +145,18 @@ def test_render_table_and_targets():
     assert "<= 0.65 x research-code KL: 0.75" in text
     assert "1080 MB vs 1000 MB (+8.0%) — **met**" in text
     assert "| composed model, 2 adapters, sampling | 2.00 | 2.00 (2.00) | 2 | 2 |" in text
+
+
+def test_gpu_sd15_script_smoke_path():
+    """The prepared GPU script's code path (cdalign trainer, SD 1.5 block layout) at tiny
+    shapes on the CPU; the real run needs a GPU. fp32 here: accelerate's state is
+    process-wide and the other tests already made it fp32 (``--smoke`` runs bf16)."""
+    gpu = _load("gpu_sd15")
+    shape = dict(gpu.SMOKE, steps=2, ks=[1], kls=[True], timed=1, warmup=0, matmul_n=64, mixed_precision="no")
+    res = gpu.measure(shape, "cpu")
+    assert [(r["kl"], r["k"]) for r in res["rows"]] == [(True, 1)]
+    for r in res["rows"]:
+        assert r["s_per_step"] > 0 and r["step_tflop"] > 0 and 0 < r["fraction_of_matmul_rate"]
+    text = gpu.render(res, {"device_name": "CPU", "torch": torch.__version__, "when": "now", "smoke": True})
+    assert "SMOKE" in text and "| yes (all steps) | 1 |" in text
+    assert gpu.SD15_UNET["block_out_channels"] == [320, 640, 1280, 1280] and gpu.SD15_UNET["cross_attention_dim"] == 768
