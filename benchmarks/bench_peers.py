@@ -69,6 +69,20 @@ TRAIN_ROWS: dict[str, tuple[str, str, list[str], str]] = {
     "floor": ("5. floor: 16 no-grad CFG forwards + 4 CFG forwards with backward + VAE decode/backward", "floor.py", [], "main"),
     "floor_kl": ("5. floor + chain-KL passes (base at all 20 steps, gradient through it at the last 4)",
                  "floor.py", ["--kl"], "main"),
+    "floor_kl_sampled": ("5. floor + chain-KL passes (base at 4 gradient + 4 other steps)",
+                         "floor.py", ["--kl", "--kl-value-steps", "4"], "main"),
+    "whatif_floor_merged": ("what-if: floor with the LoRA merged into the weights for the 16 no-grad forwards",
+                            "floor.py", ["--merged"], "main"),
+    "whatif_floor_kl_sampled_no_base_grad": (
+        "what-if: floor + KL at 4 gradient + 4 other steps, no gradient through the base prediction",
+        "floor.py", ["--kl", "--kl-value-steps", "4", "--no-base-grad"], "main"),
+}
+# the floor each row is compared with (the same passes, nothing else)
+FLOOR_OF = {
+    "trl_alignprop": "floor", "reward_only": "floor", "reward_only_gc": "floor", "whatif_floor_merged": "floor",
+    "research_kl": "floor_kl", "kl_all_steps": "floor_kl", "kl_all_steps_gc": "floor_kl",
+    "kl_sampled": "floor_kl_sampled", "kl_sampled_gc": "floor_kl_sampled",
+    "whatif_floor_kl_sampled_no_base_grad": "floor_kl_sampled",
 }
 COMPOSITION_ROWS: dict[str, str] = {
     "distilled": "distilled adapter (1 adapter)",
@@ -225,15 +239,15 @@ def render(results: dict, meta: dict) -> str:
     if train:
         has_ref = REFERENCE in results
         out.append("| row | s/step (median of rounds) | ratio to trl, same round: median (each round) | "
-                   "ratio to floor | peak RSS MB (vs trl) | UNet calls/step (recomputed in backward) |")
+                   "ratio to its floor, same round | peak RSS MB (vs trl) | UNet calls/step (recomputed in backward) |")
         out.append("|---|---|---|---|---|---|")
         for row in train:
             rs = results[row]
             t = statistics.median(r["median_s"] for r in rs)
             rr = _ratios(results, row, REFERENCE) if has_ref else []
             ratio = f"{statistics.median(rr):.2f} ({_fmt_ratio_list(rr)})" if rr else "n/a"
-            fr = _ratios(results, row, "floor")
-            floor = f"{statistics.median(fr):.2f}" if fr else "n/a"
+            fr = _ratios(results, row, FLOOR_OF[row]) if row in FLOOR_OF else []
+            floor = f"{statistics.median(fr):.2f} ({FLOOR_OF[row]})" if fr else "—"
             rss = max(r["peak_rss_mb"] for r in rs)
             rss_s = f"{rss:.0f}"
             if has_ref:

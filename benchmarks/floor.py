@@ -10,7 +10,15 @@ four as in a sampler; the VAE decode; mean saturation; one backward; one AdamW s
 
 ``--kl`` adds what the chain-KL term needs at minimum (value at every step, gradient
 where it flows): a base-model (adapter disabled) guided forward at each of the 20 steps,
-no-grad at the first 16 and with gradient w.r.t. its input at the last 4."""
+no-grad at the first 16 and with gradient w.r.t. its input at the last 4.
+
+What-if variants (not what cdalign does today; they price a possible change):
+``--merged``: the LoRA is merged into the frozen weights for the 16 no-grad forwards
+(and unmerged for the 4 with gradient), so those forwards cost a plain UNet's;
+``--kl-value-steps m``: the base prediction only at the 4 gradient steps and m of the
+others (as cdalign's ``kl_value_steps``); ``--no-base-grad``: the base prediction at the
+gradient steps runs without gradient (a stop-gradient on eps_base: a different
+estimator, which saves the backward passes through the base model)."""
 
 from __future__ import annotations
 
@@ -29,13 +37,14 @@ _spec.loader.exec_module(tb)
 
 
 class FloorStep:
-    def __init__(self, model_dir: str, kl: bool = False, config: dict | None = None, seed: int = 0):
+    def __init__(self, model_dir: str, kl: bool = False, config: dict | None = None, seed: int = 0,
+                 merged: bool = False, kl_value_steps: int | None = None, base_grad: bool = True):
         import torch
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from peft import LoraConfig
 
         c = self.c = tb.bench_config(config)
-        self.kl = kl
+        self.kl, self.merged, self.kl_value_steps, self.base_grad = kl, merged, kl_value_steps, base_grad
         self.unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
         self.vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
         for m in (self.unet, self.vae):
@@ -71,24 +80,40 @@ class FloorStep:
         finally:
             self.unet.enable_adapters()
 
+    def _lora_layers(self):
+        from peft.tuners.lora import LoraLayer
+
+        if not hasattr(self, "_layers"):
+            self._layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
+        return self._layers
+
     def __call__(self):
         import torch
 
         c = self.c
         T, K = c["num_inference_steps"], c["backprop_steps"]
+        value_steps = set(range(T - K)) if self.kl_value_steps is None else set(range(min(self.kl_value_steps, T - K)))
         kl = 0.0
         with torch.no_grad():
+            if self.merged:
+                for layer in self._lora_layers():
+                    layer.merge()
             for i in range(T - K):
                 self._t = self.timesteps[i]
                 eps = self._guided(self.x)
-                if self.kl:
+                if self.kl and i in value_steps:
                     kl += float((eps - self._base(self.x)).pow(2).mean())
+            if self.merged:
+                for layer in self._lora_layers():
+                    layer.unmerge()
         x = self.x
         for i in range(T - K, T):
             self._t = self.timesteps[i]
             eps = self._guided(x)
             if self.kl:
-                kl = kl + (eps - self._base(x)).pow(2).mean()
+                with torch.set_grad_enabled(self.base_grad):
+                    ref = self._base(x)
+                kl = kl + (eps - ref).pow(2).mean()
             x = x - 0.05 * eps
         images = (self.vae.decode(x / self.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
         loss = -tb.saturation(images).mean() + (c["kl_weight"] * kl / T if self.kl else 0.0)
@@ -97,9 +122,9 @@ class FloorStep:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def run(model_dir: str, steps: int, warmup: int, threads: int, kl: bool = False, config: dict | None = None) -> dict:
+def run(model_dir: str, steps: int, warmup: int, threads: int, kl: bool = False, config: dict | None = None, **variant) -> dict:
     tb.set_threads(threads)
-    step = FloorStep(model_dir, kl=kl, config=config)
+    step = FloorStep(model_dir, kl=kl, config=config, **variant)
     counter = tb.UNetCallCounter(step.unet)
     return tb.time_steps(step, steps, warmup, counter)
 
@@ -108,12 +133,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tb.add_common_args(ap)
     ap.add_argument("--kl", action="store_true", help="add the chain-KL passes (base model at every step)")
+    ap.add_argument("--merged", action="store_true", help="what-if: LoRA merged for the no-grad forwards")
+    ap.add_argument("--kl-value-steps", type=int, default=None, help="what-if: base at the gradient steps + m others")
+    ap.add_argument("--no-base-grad", action="store_true", help="what-if: no gradient through the base prediction")
     args = ap.parse_args()
     import warnings
 
     warnings.filterwarnings("ignore")
-    res = run(args.model_dir, args.steps, args.warmup, args.threads, args.kl, tb.parse_overrides(args.set))
-    tb.emit({"row": "floor_kl" if args.kl else "floor", **res})
+    variant = dict(merged=args.merged, kl_value_steps=args.kl_value_steps, base_grad=not args.no_base_grad)
+    res = run(args.model_dir, args.steps, args.warmup, args.threads, args.kl, tb.parse_overrides(args.set), **variant)
+    tb.emit({"row": "floor_kl" if args.kl else "floor", "variant": variant, **res})
 
 
 if __name__ == "__main__":

@@ -62,15 +62,25 @@ def test_cdalign_rows_step(row, small_model_dir, tmp_path):
     assert (counter.recomputed > 0) == row.endswith("_gc")
 
 
-@pytest.mark.parametrize("kl", [False, True])
-def test_floor_step(kl, small_model_dir):
+@pytest.mark.parametrize(
+    "kl,variant,calls",
+    [
+        (False, {}, T),
+        (True, {}, 2 * T),
+        (False, {"merged": True}, T),
+        (True, {"kl_value_steps": 1, "base_grad": False}, T + K + 1),
+    ],
+)
+def test_floor_step(kl, variant, calls, small_model_dir):
     floor, tb = _load("floor"), _load("tinybench")
-    step = floor.FloorStep(small_model_dir, kl=kl, config=SMALL)
+    step = floor.FloorStep(small_model_dir, kl=kl, config=SMALL, **variant)
     before = [p.detach().clone() for p in step.params]
     counter = tb.UNetCallCounter(step.unet)
     step()
-    assert counter.total == (2 * T if kl else T)
+    assert counter.total == calls
     assert any(not torch.equal(a, p) for a, p in zip(before, step.params))  # the optimiser step happened
+    if variant.get("merged"):  # unmerged again after the no-grad forwards
+        assert not any(layer.merged for layer in step._lora_layers())
 
 
 def test_research_kl_step(small_model_dir):
