@@ -52,13 +52,12 @@ def test_two_processes_agree_with_one_process_of_the_same_global_batch(runs):
     for name in meta1["normalization"]:
         assert meta2["normalization"][name]["mean"] == pytest.approx(meta1["normalization"][name]["mean"], rel=1e-5)
     # Summation order differs (gloo all-reduce of two half-batch means vs one mean), and
-    # Adam divides by sqrt(v): near-zero gradient entries turn float rounding into visible
-    # relative differences. Bound: each tensor within 2% (Frobenius) and every entry within
-    # a tenth of one Adam step (lr = 1e-2).
+    # Adam divides by sqrt(v): an entry whose gradient is ~0 can move by up to a full step
+    # (lr) either way on a rounding difference, so single entries are not comparable. The
+    # tensors as a whole are: each within 2% (relative Frobenius norm).
     for k in lora1:
         rel = float((lora2[k] - lora1[k]).norm() / lora1[k].norm().clamp(min=1e-12))
         assert rel < 2e-2, (k, rel)
-        assert float((lora2[k] - lora1[k]).abs().max()) < 1e-3, k
     assert meta2["report_kl"] == pytest.approx(meta1["report_kl"], rel=1e-3, abs=1e-8)
 
 
