@@ -114,30 +114,30 @@ MEMORY_TARGETS = [
 
 
 # ---------------------------------------------------------------------- trl's environment
-def trl_python() -> Path:
-    return TRL_VENV / "bin" / "python"
+def trl_python(venv: Path = TRL_VENV) -> Path:
+    return venv / "bin" / "python"
 
 
-def trl_ready() -> bool:
-    py = trl_python()
+def trl_ready(venv: Path = TRL_VENV) -> bool:
+    py = trl_python(venv)
     if not py.exists():
         return False
     probe = subprocess.run([str(py), "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True)
     return probe.returncode == 0 and probe.stdout.strip() == TRL_VERSION
 
 
-def install_trl_venv(log=sys.stderr) -> None:
+def install_trl_venv(venv: Path = TRL_VENV, log=sys.stderr) -> None:
     """``benchmarks/.venv-trl``: torch as here (installed first, the local CPU wheel), then
     trl 0.23.1 with the rest of the stack pinned to this environment's versions."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
 
-    if TRL_VENV.exists():
-        shutil.rmtree(TRL_VENV)
-    print(f"creating {TRL_VENV} (trl {TRL_VERSION}); about 2 minutes", file=log)
-    subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-    pip = [str(trl_python()), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    if venv.exists():
+        shutil.rmtree(venv)
+    print(f"creating {venv} (trl {TRL_VERSION}); about 2 minutes", file=log)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(trl_python(venv)), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     subprocess.run(pip + [f"torch=={torch.__version__.split('+')[0]}"], check=True)
     pins = []
     for name in PINNED_WITH_TRL:
@@ -146,10 +146,12 @@ def install_trl_venv(log=sys.stderr) -> None:
         except PackageNotFoundError:
             pass
     subprocess.run(pip + [f"trl=={TRL_VERSION}", *pins], check=True)
-    check = subprocess.run([str(trl_python()), "-m", "pip", "check"], capture_output=True, text=True)
+    check = subprocess.run([str(trl_python(venv)), "-m", "pip", "check"], capture_output=True, text=True)
     print(f"pip check: {check.stdout.strip() or check.stderr.strip()}", file=log)
     if check.returncode != 0:
-        raise SystemExit(f"{TRL_VENV}: pip check failed:\n{check.stdout}{check.stderr}")
+        raise SystemExit(f"{venv}: pip check failed:\n{check.stdout}{check.stderr}")
+    if not trl_ready(venv):
+        raise SystemExit(f"{venv}: trl {TRL_VERSION} does not import")
 
 
 # ---------------------------------------------------------------------- running rows
