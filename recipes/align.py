@@ -32,7 +32,8 @@ def summary_table(report: dict) -> str:
             f"{ci:>19} {'yes' if c['satisfied'] else 'NO':>4} {c['dual']:>7.3f}"
         )
     obj = report["objective"]
-    lines.append(f"objective: {obj['type']} {obj.get('reward', '')} = {obj['value']:.4g}; chain KL to base = {report['kl']['mean']:.4g}")
+    what = "chain KL to the base (minimised)" if obj["type"] == "kl" else f"mean {obj['reward']} (maximised)"
+    lines.append(f"objective: {what} = {obj['value']:.4g}; chain KL to base = {report['kl']['mean']:.4g}")
     return "\n".join(lines)
 
 
