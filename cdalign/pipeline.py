@@ -19,6 +19,7 @@ from .tiny import TINY_RANDOM_ID, build_tiny_pipeline
 # or a local folder path (str/Path) holding one in diffusers format.
 EMBEDDED_MODELS: Registry[Callable[[], object]] = Registry("embedded model")
 EMBEDDED_MODELS.register(TINY_RANDOM_ID, lambda: build_tiny_pipeline(seed=0))
+EMBEDDED_MODELS.register("cdalign/tiny-shapes-sd", lambda: __import__("cdalign.tiny_pretrained", fromlist=["_"]).tiny_shapes_sd_path())
 
 _REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 TINY_SHAPES_ID = "cdalign/tiny-shapes-sd"
 # Sampling defaults the model card recommends (measured by evaluation/tiny_quality.py).
-RECOMMENDED_GUIDANCE_SCALE = 5.0
+RECOMMENDED_GUIDANCE_SCALE = 7.5
 RECOMMENDED_NUM_INFERENCE_STEPS = 20
 IMAGE_RESOLUTION = 64  # pixels; the UNet works on 4 x 16 x 16 latents (VAE factor 4)
 LATENT_SIZE = 16
@@ -116,9 +116,10 @@ def build_untrained_components(seed: int = 0) -> dict:
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=64,
             attention_head_dim=8,
-            # >= 4 channels per GroupNorm group: with 1-2 per group the norm erases a
-            # flat region's absolute colour, which is all this world is made of.
-            norm_num_groups=8,
+            # Few, wide GroupNorm groups (8-16 channels each; SD has 10): a group
+            # normalises away its own mean and scale, and with 1-2 channels per group
+            # that erases a flat region's absolute colour, which is all this world is.
+            norm_num_groups=4,
         )
         vae = AutoencoderKL(
             in_channels=3,
@@ -127,7 +128,8 @@ def build_untrained_components(seed: int = 0) -> dict:
             down_block_types=["DownEncoderBlock2D"] * 3,
             up_block_types=["UpDecoderBlock2D"] * 3,
             latent_channels=4,
-            norm_num_groups=4,  # >= 4 channels per group, as in the UNet
+            norm_num_groups=1,  # one group: the norm keeps the direction of a colour
+            mid_block_add_attention=False,  # no global attention needed for one flat shape
             sample_size=IMAGE_RESOLUTION,
         )
         # Start the posterior narrow (log-variance -6, std 0.05): at the default 0 the
