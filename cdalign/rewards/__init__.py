@@ -19,10 +19,10 @@ import importlib
 
 from .base import REWARDS, Reward, available_rewards, build_reward, check_inputs
 
-# Submodules whose import registers rewards. Add new reward modules here
-# (e.g. "fidelity" for the ``prompt_fidelity`` reward).
+# Submodules whose import registers rewards. Add new reward modules here.
 _REWARD_MODULES: tuple[str, ...] = (
     "image_stats",
+    "fidelity",
     "aesthetic",
     "clipscore",
     "pickscore",
