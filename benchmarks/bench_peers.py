@@ -204,8 +204,10 @@ def machine_info() -> dict:
         pass
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
-        commit += " (+ uncommitted changes)" if dirty else ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cdalign", "benchmarks"], cwd=HERE.parent,
+                               capture_output=True, text=True).stdout.split("\n")
+        dirty = [line[3:] for line in dirty if line.strip()]
+        commit += f" (+ uncommitted: {', '.join(dirty[:6])}{' ...' if len(dirty) > 6 else ''})" if dirty else ""
     except OSError:
         commit = "unknown"
     import torch
@@ -215,9 +217,44 @@ def machine_info() -> dict:
 
 
 def _ratios(results: dict, row: str, ref: str, key: str = "median_s") -> list[float]:
-    """Per-round ratio row/ref over the rounds where both ran."""
-    by_round = {r["round"]: r[key] for r in results.get(ref, [])}
-    return [r[key] / by_round[r["round"]] for r in results.get(row, []) if r["round"] in by_round]
+    """Per-round ratio row/ref. Within a round, a row is compared with the mean of the
+    reference's runs just before and just after it (``seq``: the order the runs were
+    made), which cancels a linear drift of the machine's speed; results without ``seq``
+    use the mean of the round's reference runs."""
+    refs: dict[int, list[dict]] = {}
+    for r in results.get(ref, []):
+        refs.setdefault(r["round"], []).append(r)
+    out = []
+    for r in results.get(row, []):
+        cands = refs.get(r["round"])
+        if not cands:
+            continue
+        if row == ref or "seq" not in r or any("seq" not in c for c in cands):
+            base = statistics.mean(c[key] for c in cands)
+        else:
+            before = [c for c in cands if c["seq"] < r["seq"]]
+            after = [c for c in cands if c["seq"] > r["seq"]]
+            near = ([max(before, key=lambda c: c["seq"])] if before else []) + ([min(after, key=lambda c: c["seq"])] if after else [])
+            base = statistics.mean(c[key] for c in near)
+        out.append(r[key] / base)
+    return out
+
+
+def round_schedule(train: list[str], comp: list[str], rnd: int, ref_every: int) -> list[str]:
+    """One round's order: the rows rotated by ``rnd``, with the reference (trl) run first
+    and again after every ``ref_every`` rows and at the end (so each row has a
+    reference run on both sides); composition rows after, rotated too."""
+    others = rotated([r for r in train if r != REFERENCE], rnd)
+    order = []
+    if REFERENCE in train:
+        order.append(REFERENCE)
+        for k, row in enumerate(others):
+            order.append(row)
+            if ref_every and (k + 1) % ref_every == 0 or k == len(others) - 1:
+                order.append(REFERENCE)
+    else:
+        order = others
+    return order + rotated(comp, rnd)
 
 
 def _fmt_ratio_list(xs: list[float]) -> str:
@@ -233,7 +270,8 @@ def render(results: dict, meta: dict) -> str:
     out.append(f"Load average (1/5/15 min) at start {meta['load_start']}, at end {meta['load_end']}; "
                f"per row: in the raw JSON")
     out.append(f"{meta['rounds']} rounds x {meta['steps']} timed steps after {meta['warmup']} warm-ups (training rows); "
-               f"composition rows {meta['comp_steps']} timed after {meta['comp_warmup']}")
+               f"composition rows {meta['comp_steps']} timed after {meta['comp_warmup']}; trl re-run after every "
+               f"{meta.get('ref_every', '-')} rows, each row compared with the trl runs just before and after it")
     if meta.get("overrides"):
         out.append(f"**tiny-bench overridden: {meta['overrides']} (not the benchmark configuration)**")
     out.append("")
@@ -313,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", type=Path, default=None, help="keep the saved tiny pipeline here (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    ap.add_argument("--ref-every", type=int, default=4,
+                    help="run the trl reference again after every N rows of a round (0: only first and last)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per row process")
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # tiny-bench overrides (tests)
     args = ap.parse_args(argv)
@@ -331,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "load_start": _load(),
             "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "comp_steps": args.comp_steps,
-            "comp_warmup": args.comp_warmup, "threads": args.threads, "machine": machine_info(),
+            "comp_warmup": args.comp_warmup, "threads": args.threads, "ref_every": args.ref_every, "machine": machine_info(),
             "overrides": args.set, "skipped": skipped}
     results: dict[str, list[dict]] = {}
     tmp = None
@@ -343,14 +383,16 @@ def main(argv: list[str] | None = None) -> int:
         build_model_dir(model_dir)
         train = [r for r in rows if r in TRAIN_ROWS]
         comp = [r for r in rows if r in COMPOSITION_ROWS]
+        seq = 0
         for rnd in range(args.rounds):
-            for row in rotated(train, rnd) + rotated(comp, rnd):
+            for row in round_schedule(train, comp, rnd, args.ref_every):
                 is_comp = row in COMPOSITION_ROWS
                 steps, warmup = (args.comp_steps, args.comp_warmup) if is_comp else (args.steps, args.warmup)
                 load = _load()
                 t0 = time.time()
                 res = run_child(row_command(row, model_dir, steps, warmup, args.threads, args.set), args.timeout)
-                res.update(round=rnd, load_before=load, load_after=_load(), wall_s=time.time() - t0)
+                seq += 1
+                res.update(round=rnd, seq=seq, load_before=load, load_after=_load(), wall_s=time.time() - t0)
                 results.setdefault(row, []).append(res)
                 print(f"round {rnd + 1}/{args.rounds} {row}: {res['median_s']:.3f} s, peak {res['peak_rss_mb']:.0f} MB, "
                       f"{res['unet_calls_per_step']:g} UNet calls, load {load}", file=sys.stderr, flush=True)

@@ -170,3 +170,18 @@ def test_gpu_sd15_script_smoke_path():
     text = gpu.render(res, {"device_name": "CPU", "torch": torch.__version__, "when": "now", "smoke": True})
     assert "SMOKE" in text and "| yes (all steps) | 1 |" in text
     assert gpu.SD15_UNET["block_out_channels"] == [320, 640, 1280, 1280] and gpu.SD15_UNET["cross_attention_dim"] == 768
+
+
+def test_round_schedule_brackets_every_row_with_the_reference():
+    peers = _load("bench_peers")
+    train = ["trl_alignprop", "a", "b", "c", "d", "e"]
+    order = peers.round_schedule(train, ["distilled"], 0, 2)
+    assert order == ["trl_alignprop", "a", "b", "trl_alignprop", "c", "d", "trl_alignprop", "e", "trl_alignprop", "distilled"]
+    assert peers.round_schedule(train, [], 1, 0) == ["trl_alignprop", "b", "c", "d", "e", "a", "trl_alignprop"]
+    # a row is compared with the mean of the reference runs just before and after it
+    results = {
+        "trl_alignprop": [{"round": 0, "seq": 1, "median_s": 4.0}, {"round": 0, "seq": 3, "median_s": 6.0},
+                          {"round": 0, "seq": 5, "median_s": 100.0}],
+        "a": [{"round": 0, "seq": 2, "median_s": 4.5}],
+    }
+    assert peers._ratios(results, "a", "trl_alignprop") == [0.9]
