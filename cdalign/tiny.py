@@ -24,11 +24,48 @@ def byte_level_clip_tokenizer(model_max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
 
 
+def clip_text_encoder(tokenizer, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int = 4):
+    """A randomly initialised CLIP text encoder sized for ``tokenizer`` (its vocabulary and
+    special-token ids), projection width = ``hidden_size``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_attention_heads=num_heads,
+            num_hidden_layers=num_layers,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=hidden_size,
+        )
+    )
+
+
+def sd_ddim_scheduler():
+    """DDIM with Stable Diffusion 1.x's noise schedule (scaled_linear 0.00085–0.012, 1000
+    steps, ``set_alpha_to_one=False``, ``steps_offset=1``), epsilon prediction."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
 def build_tiny_pipeline(seed: int = 0, sample_size: int = 32):
     """Return a randomly initialised tiny ``StableDiffusionPipeline`` (deterministic for
     ``seed``). ``sample_size`` is the latent size; images are 2x larger (VAE [32, 64])."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
     tokenizer = byte_level_clip_tokenizer()
     cpu_rng_state = torch.random.get_rng_state()
@@ -55,30 +92,10 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 32):
             latent_channels=4,
             sample_size=sample_size * 2,
         )
-        text_config = CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=32,
-        )
-        text_encoder = CLIPTextModel(text_config)
+        text_encoder = clip_text_encoder(tokenizer, hidden_size=32, intermediate_size=37, num_layers=5)
     finally:
         torch.random.set_rng_state(cpu_rng_state)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        num_train_timesteps=1000,
-    )
+    scheduler = sd_ddim_scheduler()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -99,8 +99,9 @@ def build_untrained_components(seed: int = 0) -> dict:
     4x16x16, channels (16, 32, 64)), ``text_encoder`` (CLIP, hidden 64 x 4 layers),
     ``tokenizer`` and ``scheduler`` (DDIM with SD 1.5's training schedule)."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from .tiny import clip_text_encoder, sd_ddim_scheduler
 
     tokenizer = shapes_clip_tokenizer()
     rng_state = torch.random.get_rng_state()
@@ -136,29 +137,8 @@ def build_untrained_components(seed: int = 0) -> dict:
         # latent noise drowns the code and reconstruction stalls for hundreds of steps.
         with torch.no_grad():
             vae.quant_conv.bias[vae.config.latent_channels :].fill_(INITIAL_LOGVAR)
-        text_config = CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_attention_heads=4,
-            num_hidden_layers=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=64,
-        )
-        text_encoder = CLIPTextModel(text_config)
+        text_encoder = clip_text_encoder(tokenizer, hidden_size=64, intermediate_size=128, num_layers=4)
     finally:
         torch.random.set_rng_state(rng_state)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    scheduler = sd_ddim_scheduler()
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
