@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install align test test-fast bench
+.PHONY: install align test test-fast bench bench-step
 
 # torch first, pinned: an unpinned torch (or a package wanting a newer one) pulls a multi-GB CUDA build.
 install:
@@ -15,5 +15,10 @@ align: install
 test:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
 
+# The side-by-side table of benchmarks/RESULTS.md (trl in its own venv, ~50 min on 2 cores).
 bench:
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_peers.py
+
+# cdalign's rows alone (minutes).
+bench-step:
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_step.py

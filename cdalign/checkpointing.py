@@ -46,9 +46,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
-def optimizer_to_files(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Optimizer state as ``optimizer.safetensors`` (tensors) + ``optimizer.json`` (the rest)."""
+def gathered_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with every sharded (FSDP2 ``DTensor``) state tensor
+    gathered whole. A collective on a sharded model: call it on every process."""
+    from .lora import full_tensor
+
     sd = optimizer.state_dict()
+    state = {idx: {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in st.items()} for idx, st in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer, directory: Path, state_dict: dict | None = None) -> None:
+    """Optimizer state as ``optimizer.safetensors`` (tensors) + ``optimizer.json`` (the rest).
+    ``state_dict``: a :func:`gathered_optimizer_state` taken beforehand (sharded model)."""
+    sd = optimizer.state_dict() if state_dict is None else state_dict
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for k, v in state.items():
@@ -67,6 +78,16 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, directory: Path) -> N
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
+    # Sharded parameters (FSDP2 DTensors) take their state in the same layout.
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for idx, st in state.items():
+        p = params[idx] if idx < len(params) else None
+        if isinstance(p, DTensor):
+            for name, v in st.items():
+                if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape):
+                    st[name] = distribute_tensor(v.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 

@@ -73,17 +73,33 @@ def load_lora(
     return path
 
 
-def save_adapter(unet, adapter_name: str, output_dir: str | os.PathLike) -> Path:
-    """Write adapter ``adapter_name`` of ``unet`` as ``output_dir/pytorch_lora_weights.safetensors``
-    (diffusers format, with its LoRA config as metadata). Refuses non-finite weights and
-    replaces an existing file only once the new one is completely written."""
-    from diffusers import StableDiffusionPipeline
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind ``t``: a sharded ``DTensor`` (FSDP2) is all-gathered, which
+    is a collective: every process must call this, in the same order. Plain tensors pass."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def adapter_state_dict(unet, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Adapter ``adapter_name`` of ``unet`` in the diffusers LoRA format, as whole fp32 CPU
+    tensors. On a sharded UNet this gathers the shards: call it on every process."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    out = Path(output_dir)
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
-    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    return {k: full_tensor(v.detach()).float().cpu().contiguous() for k, v in state.items()}
+
+
+def save_adapter(unet, adapter_name: str, output_dir: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write adapter ``adapter_name`` of ``unet`` as ``output_dir/pytorch_lora_weights.safetensors``
+    (diffusers format, with its LoRA config as metadata). Refuses non-finite weights and
+    replaces an existing file only once the new one is completely written. ``state``: the
+    weights from :func:`adapter_state_dict` when they were gathered beforehand (sharded UNet)."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(output_dir)
+    state = adapter_state_dict(unet, adapter_name) if state is None else state
     if not all(bool(torch.isfinite(v).all()) for v in state.values()):
         raise RuntimeError(f"adapter {adapter_name!r} has non-finite weights; not saving over {str(out)!r}")
     out.mkdir(parents=True, exist_ok=True)

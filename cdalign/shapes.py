@@ -224,14 +224,23 @@ def _box3(mask: np.ndarray) -> np.ndarray:
 def foreground_mask(image: np.ndarray, threshold: float = 80.0) -> tuple[np.ndarray, np.ndarray]:
     """Split an image (H, W, 3) uint8 into background colour and foreground mask.
 
-    The background colour is the median of the 1-pixel border. Foreground pixels differ
-    from it by more than ``threshold`` (RGB Euclidean distance); a 3x3 majority filter
-    removes isolated pixels. Returns (background RGB float (3,), mask bool (H, W))."""
+    The background colour is the median of the 1-pixel border. Pixels that differ from it
+    by more than ``threshold`` (RGB Euclidean distance) are surely foreground; the mask is
+    then cut at half the foreground's contrast (half the 90th percentile of those
+    distances), i.e. at the edge's mid-level, so that a blurred shape keeps its extent and
+    corners (a fixed cut lies inside or outside the true edge depending on how far the two
+    colours are apart). A 3x3 majority filter removes isolated pixels.
+    Returns (background RGB float (3,), mask bool (H, W))."""
     img = image.astype(np.float32)
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     background = np.median(border, axis=0)
-    differs = np.linalg.norm(img - background, axis=-1) > threshold
-    return background, _box3(differs) >= 5
+    distance = np.linalg.norm(img - background, axis=-1)
+    surely = distance > threshold
+    if surely.sum() >= 4:
+        distance_cut = min(threshold, 0.5 * float(np.percentile(distance[surely], 90)))
+    else:
+        distance_cut = threshold
+    return background, _box3(distance > distance_cut) >= 5
 
 
 def classify_image(image: np.ndarray) -> dict:

@@ -28,6 +28,7 @@ from .checkpointing import (
     atomic_write_text,
     list_checkpoints,
     optimizer_from_files,
+    gathered_optimizer_state,
     optimizer_to_files,
     remove_stale_temporaries,
     resolve_checkpoint,
@@ -37,7 +38,7 @@ from .config import ConstrainedDDPOConfig, config_to_dict, save_config
 from .duals import InfeasibilityMonitor, build_dual_optimizer
 from .estimators import ESTIMATORS, MicroBatch, is_finite_batch, mean_and_ci, score
 from .kl import ChainKLAccumulator, choose_kl_steps
-from .lora import LORA_WEIGHT_NAME, save_adapter
+from .lora import LORA_WEIGHT_NAME, adapter_state_dict, full_tensor, save_adapter
 from .normalization import NormalizationCache, RewardStats, prompts_fingerprint, stats_from_samples
 from .pipeline import load_pipeline
 from .problem import ConstrainedProblem
@@ -85,6 +86,11 @@ class ConstrainedDDPOTrainer:
         prompts / eval_prompts: a list, a callable, or anything ``load_prompts`` takes;
             None uses ``config.prompts`` / ``config.eval_prompts``.
         accelerator: an ``accelerate.Accelerator`` (one is made from the config if None).
+        shard_unet: shard the UNet (base weights, LoRA, gradients and optimizer state) over
+            the processes with FSDP2 (``torch.distributed.fsdp.fully_shard``, one unit per
+            UNet block plus the root) instead of replicating it. None (default): shard when
+            accelerate is configured for FSDP (``recipes/accelerate_configs/fsdp.yaml``).
+            Results match the replicated run up to floating-point reduction order.
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class ConstrainedDDPOTrainer:
         prompts: Sequence[str] | Callable | str | None = None,
         eval_prompts: Sequence[str] | Callable | str | None = None,
         accelerator=None,
+        shard_unet: bool | None = None,
     ):
         from accelerate import Accelerator
 
@@ -126,7 +133,11 @@ class ConstrainedDDPOTrainer:
         else:
             self.model_name = getattr(pipeline, "name_or_path", None) or pipeline.config.get("_name_or_path", "pipeline")
         self.pipe = pipeline
+        self.sharded = self._wants_sharding(shard_unet)
         self._prepare_models(weight_dtype)
+        self.base_fingerprint = model_fingerprint(self.pipe.unet)  # before sharding
+        if self.sharded:
+            self._shard_unet(weight_dtype)
 
         self.rewards = self._build_rewards(rewards or {})
         self.sampler = DiffusionSampler(
@@ -180,13 +191,60 @@ class ConstrainedDDPOTrainer:
             torch.manual_seed(derived_seed(cfg.seed, 3))
             self._add_lora(pipe.unet)
         pipe.to(self.device)
-        if weight_dtype != torch.float32:  # frozen weights in half precision
+        if weight_dtype != torch.float32 and not self.sharded:  # frozen weights in half precision (FSDP: its policy)
             for module in (pipe.vae, pipe.text_encoder, pipe.unet):
                 module.to(dtype=weight_dtype)
         for p in pipe.unet.parameters():
             if p.requires_grad:  # trainable LoRA weights stay fp32 under mixed precision
                 p.data = p.data.float()
         pipe.set_progress_bar_config(disable=True)
+
+    def _wants_sharding(self, shard_unet: bool | None) -> bool:
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError(
+                "cdalign does not run under DeepSpeed: the base UNet is frozen and only the LoRA trains, so "
+                "ZeRO would shard a few MB; to shard the UNet's weights use FSDP2 "
+                "(accelerate launch --config_file recipes/accelerate_configs/fsdp.yaml ...)"
+            )
+        # accelerate sets FSDP on GPUs; on CPUs (gloo) its launcher still exports the FSDP
+        # config (ACCELERATE_USE_FSDP, FSDP_*), which cdalign honours the same way.
+        fsdp = acc.distributed_type == DistributedType.FSDP or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        self._fsdp_plugin = getattr(acc.state, "fsdp_plugin", None)
+        if fsdp and self._fsdp_plugin is None:
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            self._fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
+        if fsdp and self._fsdp_plugin.fsdp_version != 2:
+            raise ValueError(
+                "cdalign shards with FSDP2: set fsdp_version: 2 in the accelerate config's fsdp_config "
+                "(see recipes/accelerate_configs/fsdp.yaml)"
+            )
+        want = fsdp if shard_unet is None else bool(shard_unet)
+        return want and acc.num_processes > 1
+
+    def _shard_unet(self, weight_dtype: torch.dtype) -> None:
+        """FSDP2 over the UNet: each down/mid/up block and the root become one sharding unit.
+        Weights stay fp32 when sharded; mixed precision is FSDP's policy (compute in
+        ``weight_dtype``, gradients reduced in fp32). Gradients are averaged by FSDP's
+        reduce-scatter, so :meth:`_reduce_gradients` does nothing."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        plugin = self._fsdp_plugin
+        kwargs: dict = {}
+        if weight_dtype != torch.float32:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=weight_dtype, reduce_dtype=torch.float32)
+        if plugin is not None:
+            kwargs["reshard_after_forward"] = plugin.reshard_after_forward
+            if plugin.cpu_offload is not None and not isinstance(plugin.cpu_offload, bool):
+                kwargs["offload_policy"] = plugin.cpu_offload
+        unet = self.pipe.unet
+        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+            if block is not None:
+                fully_shard(block, **kwargs)
+        fully_shard(unet, **kwargs)
 
     def _add_lora(self, unet):
         from peft import LoraConfig
@@ -222,6 +280,11 @@ class ConstrainedDDPOTrainer:
     def _lora_params(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.pipe.unet.named_parameters() if p.requires_grad}
 
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """The trainable LoRA weights as whole fp32 CPU tensors, by parameter name. On a
+        sharded UNet this gathers the shards: call it on every process."""
+        return {n: full_tensor(p.detach()).float().cpu().contiguous() for n, p in self._lora_params().items()}
+
     # ------------------------------------------------------------------ batches
     def _global_batch(self, purpose: int, index: int, prompts: list[str], size: int):
         """This process's share of a global batch: (prompts, image seeds, generator)."""
@@ -238,7 +301,7 @@ class ConstrainedDDPOTrainer:
         base_key = {
             "model": self.model_name,
             "revision": cfg.revision,
-            "weights": model_fingerprint(self.pipe.unet),
+            "weights": self.base_fingerprint,
             "prompts": prompts_fingerprint(self.prompts),
             "sampler": self.sampler.settings(),
             "batches": cfg.normalization_batches,
@@ -317,7 +380,7 @@ class ConstrainedDDPOTrainer:
         params = list(self._lora_params().values())
         grad_norm = None
         if cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
         self.optimizer.step()
         self.global_step += 1
         return self._log_step(records, grad_norm)
@@ -352,7 +415,7 @@ class ConstrainedDDPOTrainer:
 
     def _reduce_gradients(self):
         acc = self.accelerator
-        if acc.num_processes == 1:
+        if acc.num_processes == 1 or self.sharded:  # FSDP already averaged them (reduce-scatter)
             return
         params = list(self._lora_params().values())
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
@@ -567,8 +630,9 @@ class ConstrainedDDPOTrainer:
         ``pipe.load_lora_weights(output_dir)``). Refuses non-finite weights, and replaces
         an existing file only once the new one is completely written."""
         out = Path(output_dir or self.output_dir)
+        state = adapter_state_dict(self.pipe.unet, "default")  # on every process: gathers shards
         if self.accelerator.is_main_process:
-            save_adapter(self.pipe.unet, "default", out)
+            save_adapter(self.pipe.unet, "default", out, state=state)
         self.accelerator.wait_for_everyone()
         return out / LORA_WEIGHT_NAME
 
@@ -577,11 +641,12 @@ class ConstrainedDDPOTrainer:
         counters, written atomically; keeps the last ``save_total_limit``."""
         acc = self.accelerator
         final = self.output_dir / f"checkpoint-{self.global_step}"
+        lora = self.lora_state()  # gathered on every process (collectives when sharded)
+        optimizer_state = gathered_optimizer_state(self.optimizer)
         if acc.is_main_process:
-            lora = {k: v.detach().cpu().contiguous() for k, v in self._lora_params().items()}
             with atomic_directory(final) as tmp:
                 save_file(lora, str(tmp / "lora.safetensors"))
-                optimizer_to_files(self.optimizer, tmp)
+                optimizer_to_files(self.optimizer, tmp, optimizer_state)
                 state = {
                     "global_step": self.global_step,
                     "micro_batches_seen": self.micro_batches_seen,
@@ -599,6 +664,8 @@ class ConstrainedDDPOTrainer:
         return final
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         path = resolve_checkpoint(str(path), self.output_dir)
         params = self._lora_params()
         lora = load_file(str(path / "lora.safetensors"))
@@ -608,7 +675,11 @@ class ConstrainedDDPOTrainer:
             for name, p in params.items():
                 if lora[name].shape != p.shape:
                     raise ValueError(f"checkpoint {str(path)!r}: {name} has shape {tuple(lora[name].shape)}, expected {tuple(p.shape)}")
-                p.copy_(lora[name])
+                if isinstance(p, DTensor):  # sharded: keep this process's shard
+                    shard = distribute_tensor(lora[name].to(p.device, p.dtype), p.device_mesh, p.placements)
+                    p.to_local().copy_(shard.to_local())
+                else:
+                    p.copy_(lora[name])
         optimizer_from_files(self.optimizer, path)
         state = json.loads((path / "trainer_state.json").read_text())
         self.global_step = state["global_step"]

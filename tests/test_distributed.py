@@ -1,8 +1,11 @@
 """Two CPU processes (gloo) train like one process with the same global batch: identical
-λ and LoRA on every rank, and agreement with the single-process run."""
+λ and LoRA on every rank, and agreement with the single-process run. The same with the
+UNet sharded over the processes (FSDP2, launched with recipes/accelerate_configs/fsdp.yaml),
+including an exact resume of a sharded run."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).parent / "scripts" / "mp_worker.py"
+FSDP_CONFIG = Path(__file__).parents[1] / "recipes" / "accelerate_configs" / "fsdp.yaml"
 
 
 def _run(cmd, cwd):
@@ -28,6 +32,10 @@ def runs(tmp_path_factory):
           str(WORKER), str(two), "2", "3"], cwd=two)
     _run([sys.executable, str(WORKER), str(one), "4", "3"], cwd=one)
     return two, one
+
+
+def _meta(folder, rank):
+    return json.loads((folder / f"rank{rank}.json").read_text())
 
 
 def _state(folder, rank):
@@ -67,3 +75,69 @@ def test_only_the_main_process_writes_outputs(runs):
     assert (run / "pytorch_lora_weights.safetensors").is_file()
     lines = (run / "log.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in lines] == [1, 2, 3]  # one writer, no duplicated lines
+
+
+def _accelerate_fsdp(out, *args):
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG), "--num_processes", "2",
+          str(WORKER), str(out), "2", "3", *args], cwd=out)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A sharded run (3 steps, checkpoint at step 2) and the same run resumed from its
+    checkpoint-2 in a fresh launch."""
+    straight = tmp_path_factory.mktemp("sharded")
+    _accelerate_fsdp(straight, "--save_steps", "2")
+    resumed = tmp_path_factory.mktemp("sharded-resumed")
+    shutil.copytree(straight / "run" / "checkpoint-2", resumed / "run" / "checkpoint-2")
+    shutil.copytree(straight / "cache-2", resumed / "cache-2")
+    _accelerate_fsdp(resumed, "--save_steps", "2", "--resume", str(resumed / "run" / "checkpoint-2"))
+    return straight, resumed
+
+
+def test_sharded_run_matches_the_replicated_run(runs, sharded):
+    two, _ = runs
+    straight, _ = sharded
+    meta0, meta1 = _meta(straight, 0), _meta(straight, 1)
+    assert meta0["sharded"] and meta1["sharded"] and meta0["world"] == 2
+    assert meta0["multipliers"] == meta1["multipliers"]
+    replicated = _meta(two, 0)
+    assert not replicated["sharded"]
+    assert meta0["multipliers"] == pytest.approx(replicated["multipliers"], rel=1e-4, abs=1e-6)
+    assert meta0["report_kl"] == pytest.approx(replicated["report_kl"], rel=1e-3, abs=1e-8)
+    # The saved LoRA holds whole tensors (gathered from the shards), loadable like any other.
+    a = load_file(str(straight / "run" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(two / "run" / "pytorch_lora_weights.safetensors"))
+    assert set(a) == set(b)
+    for k in b:
+        assert a[k].shape == b[k].shape
+        rel = float((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-12))
+        assert rel < 2e-2, (k, rel)
+    lines = (straight / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [1, 2, 3]
+
+
+def test_sharded_run_resumes_exactly(sharded):
+    straight, resumed = sharded
+    assert _meta(resumed, 0)["multipliers"] == _meta(straight, 0)["multipliers"]
+    a = load_file(str(straight / "run" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "run" / "pytorch_lora_weights.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    duals = lambda folder: [{k: v for k, v in h.items() if k.startswith("dual/")} for h in _meta(folder, 0)["history"]]  # noqa: E731
+    assert [h["step"] for h in _meta(resumed, 0)["history"]] == [1, 2, 3]
+    assert len(duals(straight)[0]) == 2 and duals(resumed) == duals(straight)  # the λ trajectory
+
+
+def test_fsdp1_config_is_refused_with_the_fix(monkeypatch, tmp_path):
+    from cdalign import ConstrainedDDPOTrainer
+    from cdalign.config import config_from_dict
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    cfg = config_from_dict(dict(
+        pretrained_model_name_or_path="cdalign/tiny-random-sd", output_dir=str(tmp_path / "run"),
+        objective={"type": "reward", "reward": "saturation"},
+    ))
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        ConstrainedDDPOTrainer(cfg, prompts=["a red circle"])

@@ -1,11 +1,16 @@
 """Run a few trainer steps on the tiny pipeline and dump λ and the LoRA per rank.
 
 Launched by tests/test_distributed.py with ``torchrun --nproc_per_node N`` (gloo on CPU)
-or as one plain process; writes ``<out>/rank<k>.json`` and ``<out>/rank<k>.safetensors``."""
+or as one plain process; writes ``<out>/rank<k>.json`` and ``<out>/rank<k>.safetensors``.
 
+    mp_worker.py OUT BATCH_PER_PROCESS STEPS [--shard] [--save_steps N] [--resume CHECKPOINT]
+
+``--shard`` shards the UNet with FSDP2 (``shard_unet=True``); ``--resume`` continues the run
+in ``OUT/run`` from a checkpoint of it."""
+
+import argparse
 import json
 import os
-import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,7 +26,7 @@ from cdalign import ConstrainedDDPOTrainer  # noqa: E402
 from cdalign.config import config_from_dict  # noqa: E402
 
 
-def main(out: str, batch_per_process: int, steps: int) -> None:
+def main(out: str, batch_per_process: int, steps: int, shard: bool, save_steps: int, resume: str | None) -> None:
     acc = Accelerator(cpu=True)
     cfg = config_from_dict(
         dict(
@@ -45,18 +50,23 @@ def main(out: str, batch_per_process: int, steps: int) -> None:
             eval_batches=1,
             num_grid_images=2,
             learning_rate=1e-2,
-            overwrite_output_dir=True,
+            overwrite_output_dir=resume is None,
+            save_steps=save_steps,
+            resume_from_checkpoint=resume,
         )
     )
-    trainer = ConstrainedDDPOTrainer(cfg, accelerator=acc)
+    trainer = ConstrainedDDPOTrainer(cfg, accelerator=acc, shard_unet=True if shard else None)  # None: follow accelerate
     report = trainer.train()
     rank = acc.process_index
-    lora = {k: v.detach().cpu().contiguous() for k, v in trainer._lora_params().items()}
-    save_file(lora, os.path.join(out, f"rank{rank}.safetensors"))
+    if not trainer.sharded:  # each rank's own copy (a sharded UNet holds one shard per rank;
+        # train() has ended the process group, so shards cannot be gathered here: the test
+        # compares the LoRA file the main process wrote)
+        save_file(trainer.lora_state(), os.path.join(out, f"rank{rank}.safetensors"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(
             {
                 "world": acc.num_processes,
+                "sharded": trainer.sharded,
                 "multipliers": trainer.duals.multipliers.tolist(),
                 "normalization": {n: s.__dict__ for n, s in trainer.normalizers.items()},
                 "report_kl": report["kl"]["mean"],
@@ -67,4 +77,12 @@ def main(out: str, batch_per_process: int, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("batch_per_process", type=int)
+    ap.add_argument("steps", type=int)
+    ap.add_argument("--shard", action="store_true")
+    ap.add_argument("--save_steps", type=int, default=0)
+    ap.add_argument("--resume", default=None)
+    a = ap.parse_args()
+    main(a.out, a.batch_per_process, a.steps, a.shard, a.save_steps, a.resume)
