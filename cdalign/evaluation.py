@@ -454,7 +454,14 @@ def evaluate(
     ``pipeline``: an already loaded base pipeline (default: ``load_pipeline(suite.model,
     revision=suite.revision)``). ``rewards``: ``{name: callable(images, prompts) -> (B,)}``
     overriding registry rewards. A ``base`` checkpoint is added first when the suite has
-    none: KL and normalisation are relative to it."""
+    none: KL and normalisation are relative to it.
+
+    Under ``accelerate launch`` with N processes, process r samples batches r, r+N, ...
+    (each on its own device), the results are all-gathered, and only the main process
+    writes files; every process returns the same result. A batch's numbers do not depend
+    on which process or how many processes computed it."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     from .kl import ChainKLAccumulator, choose_kl_steps
@@ -465,7 +472,9 @@ def evaluate(
     from .trainer import model_fingerprint
 
     out = Path(output_dir) if output_dir is not None else None
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    device = torch.device(device or state.device)
     checkpoints = list(suite.checkpoints)
     if not any(c.kind == "base" for c in checkpoints):
         checkpoints.insert(0, CheckpointSpec("base", kind="base"))
@@ -501,7 +510,8 @@ def evaluate(
 
     per_ckpt: dict[str, dict[str, list[torch.Tensor]]] = {}
     cached_batches = 0
-    bar = tqdm(total=len(checkpoints) * len(batches), desc="evaluation", disable=not progress)
+    mine = [b for b in range(len(batches)) if b % world == rank]
+    bar = tqdm(total=len(checkpoints) * len(mine), desc="evaluation", disable=not (progress and state.is_main_process))
     for spec in checkpoints:
         keys = [
             _cache_key({"v": CACHE_VERSION, "checkpoint": identities[spec.name], "model": model_identity,
@@ -509,9 +519,10 @@ def evaluate(
                         "rewards": reward_identity})
             for batch in batches
         ]
-        results = [cache.load(spec.name, k) for k in keys]
+        results = [cache.load(spec.name, k) if b in mine else None for b, k in enumerate(keys)]
         loaded = None
-        for b, batch in enumerate(batches):
+        for b in mine:
+            batch = batches[b]
             bar.set_postfix(checkpoint=spec.name)
             if results[b] is not None and all(f"reward/{n}" in results[b] for n in reward_names):
                 cached_batches += 1
@@ -544,8 +555,14 @@ def evaluate(
             bar.update(1)
         if loaded is not None:
             loaded.unload()
+        if world > 1:  # every process gets every batch's numbers
+            for part in gather_object([{b: results[b] for b in mine}]):
+                for b, tensors in part.items():
+                    results[b] = tensors
         per_ckpt[spec.name] = {k: [r[k] for r in results] for k in results[0]}
     bar.close()
+    if world > 1:
+        cached_batches = sum(gather_object([cached_batches]))
 
     gathered = {name: {k: torch.cat(v) for k, v in d.items()} for name, d in per_ckpt.items()}
     base_name = next(c.name for c in checkpoints if c.kind == "base")
@@ -619,8 +636,9 @@ def evaluate(
         "cached_batches": cached_batches, "checkpoints": summaries,
     }
     files: dict[str, Path] = {}
-    if out is not None:
+    if out is not None and state.is_main_process:
         files = _write_outputs(out, data, gathered, [c.name for c in checkpoints], suite.grid_images)
+    state.wait_for_everyone()
     return EvaluationResult(data, files)
 
 

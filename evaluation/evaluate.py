@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rewards", default=None, help="comma-separated reward names (replaces the suite's)")
     p.add_argument("--output_dir", default=None, help="where to write (default: outputs/eval-<suite>)")
     p.add_argument("--no_cache", action="store_true", help="recompute every batch instead of resuming from the cache")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="torch device (default: this process's accelerate device: its GPU, else cpu)")
     p.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (1 on a shared CPU)")
     for flag, tp in OVERRIDES.items():
         p.add_argument(f"--{flag}", type=tp, default=None, help=f"override the suite's {flag}")
@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotImplementedError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print((out / "evaluation.md").read_text())
-    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    if result.files:  # the main process (under accelerate launch, the others write nothing)
+        print((out / "evaluation.md").read_text())
+        print("wrote " + ", ".join(str(p) for p in result.files.values()))
     return 0
 
 

@@ -1,7 +1,9 @@
 """Two CPU processes (gloo) train like one process with the same global batch: identical
 λ and LoRA on every rank, and agreement with the single-process run. The same with the
 UNet sharded over the processes (FSDP2, launched with recipes/accelerate_configs/fsdp.yaml),
-including an exact resume of a sharded run."""
+including an exact resume of a sharded run. And composition: every rank holds the same μ
+after its dual steps, equal to the single-process μ of the same global batch. And the
+evaluation harness: 2 processes split the batches and write the same report as 1."""
 
 import json
 import os
@@ -141,3 +143,54 @@ def test_fsdp1_config_is_refused_with_the_fix(monkeypatch, tmp_path):
     ))
     with pytest.raises(ValueError, match="fsdp_version: 2"):
         ConstrainedDDPOTrainer(cfg, prompts=["a red circle"])
+
+
+COMPOSE_WORKER = Path(__file__).parent / "scripts" / "compose_worker.py"
+
+
+def test_composition_weights_are_identical_on_every_rank_and_match_one_process(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_composition import save_random_lora
+
+    a, b = save_random_lora(tmp_path / "a", seed=1, scale=2.0), save_random_lora(tmp_path / "b", seed=2, scale=1.0)
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(COMPOSE_WORKER), str(two), str(a), str(b), "1"], cwd=two)
+    _run([sys.executable, str(COMPOSE_WORKER), str(one), str(a), str(b), "2"], cwd=one)
+    r0, r1, single = (json.loads((d / f"rank{k}.json").read_text()) for d, k in ((two, 0), (two, 1), (one, 0)))
+    assert r0["world"] == r1["world"] == 2 and single["world"] == 1
+    assert r0["learned_weights"] == r1["learned_weights"] and r0["dual_steps"] == r1["dual_steps"]
+    mu2, mu1 = r0["learned_weights"], single["learned_weights"]
+    assert max(mu1.values()) - min(mu1.values()) > 0.1  # the duals moved μ away from equal weights
+    assert [mu2[k] for k in mu1] == pytest.approx([mu1[k] for k in mu1], abs=1e-5)
+    for name, kl in single["models"]["constrained"].items():
+        assert r0["models"]["constrained"][name]["mean"] == pytest.approx(kl["mean"], rel=1e-4)
+
+
+EVALUATE = Path(__file__).parents[1] / "evaluation" / "evaluate.py"
+
+
+def test_evaluation_on_two_processes_writes_the_single_process_report(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_composition import save_random_lora
+
+    lora = save_random_lora(tmp_path / "lora", seed=1, scale=1.0)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: two-proc\nmodel: cdalign/tiny-random-sd\nprompts: shapes\nnum_prompts: 6\n"
+        "rewards: [saturation, brightness]\nnum_inference_steps: 4\nresolution: 32\nbatch_size: 2\ngrid_images: 2\n"
+    )
+    args = [str(EVALUATE), "--config", str(suite), "--checkpoint", f"lora={lora}", "--num_threads", "1"]
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
+          "--output_dir", str(tmp_path / "two")], cwd=tmp_path)
+    _run([sys.executable, *args, "--output_dir", str(tmp_path / "one")], cwd=tmp_path)
+    two = json.loads((tmp_path / "two" / "evaluation.json").read_text())
+    one = json.loads((tmp_path / "one" / "evaluation.json").read_text())
+    assert list(two["checkpoints"]) == ["base", "lora"]
+    for name in ("base", "lora"):
+        for key in ("rewards", "kl"):
+            assert two["checkpoints"][name][key] == one["checkpoints"][name][key], (name, key)
+    # each process cached its own batches (3 batches: 2 on rank 0, 1 on rank 1), one writer of the report
+    assert len(list((tmp_path / "two" / "cache" / "lora").glob("*.safetensors"))) == 3
+    assert not list((tmp_path / "two").glob(".*tmp*"))
