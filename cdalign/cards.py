@@ -39,11 +39,13 @@ PICTURES = (("samples: base (top) vs aligned (bottom), same seeds", "samples_bas
 
 
 def default_template_path() -> Path:
-    path = Path(__file__).resolve().parents[1] / "model_cards" / TEMPLATE_NAME
+    """The card template shipped with the package: ``cdalign/data/cdalign_lora.md``, which in
+    the repository is a link to ``model_cards/cdalign_lora.md`` (built wheels hold a copy)."""
+    path = Path(__file__).parent / "data" / TEMPLATE_NAME
     if not path.is_file():
         raise FileNotFoundError(
-            f"model card template {str(path)!r} not found (it ships in the cdalign repository's model_cards/); "
-            "pass template_path= explicitly"
+            f"model card template {str(path)!r} not found (a broken install: it ships with the package, "
+            "from model_cards/ in the repository); reinstall cdalign or pass template_path= explicitly"
         )
     return path
 

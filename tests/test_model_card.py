@@ -121,3 +121,15 @@ def test_write_model_card_reads_the_run_folder(tmp_path):
 def test_license_follows_the_base_model(tmp_path, base, license):
     cfg = {**config(), "pretrained_model_name_or_path": base}
     assert front_matter(str(build_model_card(tmp_path, report=report(), config=cfg)))["license"] == license
+
+
+def test_packaged_template_is_the_repository_template():
+    """The template ships inside the package (cdalign/data, a link to model_cards/ here; a
+    wheel holds a copy), so cards render from a non-editable install too."""
+    from pathlib import Path
+
+    from cdalign.cards import default_template_path
+
+    path = default_template_path()
+    assert path.parent.name == "data" and path.parent.parent.name == "cdalign"
+    assert path.read_text() == (Path(__file__).parents[1] / "model_cards" / "cdalign_lora.md").read_text()
