@@ -137,7 +137,7 @@ class ConstrainedDDPOTrainer:
         self._prepare_models(weight_dtype)
         self.base_fingerprint = model_fingerprint(self.pipe.unet)  # before sharding
         if self.sharded:
-            self._shard_unet(weight_dtype)
+            self._shard_unet()
 
         self.rewards = self._build_rewards(rewards or {})
         self.sampler = DiffusionSampler(
@@ -191,7 +191,7 @@ class ConstrainedDDPOTrainer:
             torch.manual_seed(derived_seed(cfg.seed, 3))
             self._add_lora(pipe.unet)
         pipe.to(self.device)
-        if weight_dtype != torch.float32 and not self.sharded:  # frozen weights in half precision (FSDP: its policy)
+        if weight_dtype != torch.float32:  # frozen weights in half precision
             for module in (pipe.vae, pipe.text_encoder, pipe.unet):
                 module.to(dtype=weight_dtype)
         for p in pipe.unet.parameters():
@@ -225,17 +225,15 @@ class ConstrainedDDPOTrainer:
         want = fsdp if shard_unet is None else bool(shard_unet)
         return want and acc.num_processes > 1
 
-    def _shard_unet(self, weight_dtype: torch.dtype) -> None:
+    def _shard_unet(self) -> None:
         """FSDP2 over the UNet: each down/mid/up block and the root become one sharding unit.
-        Weights stay fp32 when sharded; mixed precision is FSDP's policy (compute in
-        ``weight_dtype``, gradients reduced in fp32). Gradients are averaged by FSDP's
-        reduce-scatter, so :meth:`_reduce_gradients` does nothing."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        Dtypes are the replicated run's (under mixed precision the frozen base in fp16/bf16,
+        the LoRA in fp32; FSDP2 gathers each dtype on its own). Gradients are averaged by
+        FSDP's reduce-scatter, so :meth:`_reduce_gradients` does nothing."""
+        from torch.distributed.fsdp import fully_shard
 
         plugin = self._fsdp_plugin
         kwargs: dict = {}
-        if weight_dtype != torch.float32:
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=weight_dtype, reduce_dtype=torch.float32)
         if plugin is not None:
             kwargs["reshard_after_forward"] = plugin.reshard_after_forward
             if plugin.cpu_offload is not None and not isinstance(plugin.cpu_offload, bool):

@@ -6,6 +6,7 @@ after its dual steps, equal to the single-process μ of the same global batch. A
 evaluation harness: 2 processes split the batches and write the same report as 1."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -129,6 +130,16 @@ def test_sharded_run_resumes_exactly(sharded):
     duals = lambda folder: [{k: v for k, v in h.items() if k.startswith("dual/")} for h in _meta(folder, 0)["history"]]  # noqa: E731
     assert [h["step"] for h in _meta(resumed, 0)["history"]] == [1, 2, 3]
     assert len(duals(straight)[0]) == 2 and duals(resumed) == duals(straight)  # the λ trajectory
+
+
+def test_sharded_run_under_bf16_mixed_precision(tmp_path):
+    """Frozen base in bf16 and LoRA in fp32, sharded together (FSDP2 gathers each dtype)."""
+    _accelerate_fsdp(tmp_path, "--mixed_precision", "bf16")
+    meta0, meta1 = _meta(tmp_path, 0), _meta(tmp_path, 1)
+    assert meta0["sharded"] and meta0["multipliers"] == meta1["multipliers"]
+    assert all(math.isfinite(v) for v in meta0["multipliers"]) and math.isfinite(meta0["report_kl"])
+    lora = load_file(str(tmp_path / "run" / "pytorch_lora_weights.safetensors"))
+    assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in lora.values())
 
 
 def test_fsdp1_config_is_refused_with_the_fix(monkeypatch, tmp_path):

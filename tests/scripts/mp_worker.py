@@ -3,7 +3,7 @@
 Launched by tests/test_distributed.py with ``torchrun --nproc_per_node N`` (gloo on CPU)
 or as one plain process; writes ``<out>/rank<k>.json`` and ``<out>/rank<k>.safetensors``.
 
-    mp_worker.py OUT BATCH_PER_PROCESS STEPS [--shard] [--save_steps N] [--resume CHECKPOINT]
+    mp_worker.py OUT BATCH_PER_PROCESS STEPS [--shard] [--save_steps N] [--resume CHECKPOINT] [--mixed_precision bf16]
 
 ``--shard`` shards the UNet with FSDP2 (``shard_unet=True``); ``--resume`` continues the run
 in ``OUT/run`` from a checkpoint of it."""
@@ -26,8 +26,9 @@ from cdalign import ConstrainedDDPOTrainer  # noqa: E402
 from cdalign.config import config_from_dict  # noqa: E402
 
 
-def main(out: str, batch_per_process: int, steps: int, shard: bool, save_steps: int, resume: str | None) -> None:
-    acc = Accelerator(cpu=True)
+def main(out: str, batch_per_process: int, steps: int, shard: bool, save_steps: int, resume: str | None,
+         mixed_precision: str = "no") -> None:
+    acc = Accelerator(cpu=True, mixed_precision=mixed_precision)
     cfg = config_from_dict(
         dict(
             pretrained_model_name_or_path="cdalign/tiny-random-sd",
@@ -50,6 +51,7 @@ def main(out: str, batch_per_process: int, steps: int, shard: bool, save_steps: 
             eval_batches=1,
             num_grid_images=2,
             learning_rate=1e-2,
+            mixed_precision=mixed_precision,
             overwrite_output_dir=resume is None,
             save_steps=save_steps,
             resume_from_checkpoint=resume,
@@ -84,5 +86,6 @@ if __name__ == "__main__":
     ap.add_argument("--shard", action="store_true")
     ap.add_argument("--save_steps", type=int, default=0)
     ap.add_argument("--resume", default=None)
+    ap.add_argument("--mixed_precision", default="no")
     a = ap.parse_args()
-    main(a.out, a.batch_per_process, a.steps, a.shard, a.save_steps, a.resume)
+    main(a.out, a.batch_per_process, a.steps, a.shard, a.save_steps, a.resume, a.mixed_precision)
