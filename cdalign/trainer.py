@@ -626,7 +626,8 @@ class ConstrainedDDPOTrainer:
     def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` (loadable with
         ``pipe.load_lora_weights(output_dir)``). Refuses non-finite weights, and replaces
-        an existing file only once the new one is completely written."""
+        an existing file only once the new one is completely written. Call it on every
+        process (a sharded UNet's weights are gathered first); the main process writes."""
         out = Path(output_dir or self.output_dir)
         state = adapter_state_dict(self.pipe.unet, "default")  # on every process: gathers shards
         if self.accelerator.is_main_process:
@@ -636,7 +637,8 @@ class ConstrainedDDPOTrainer:
 
     def save_checkpoint(self) -> Path | None:
         """``output_dir/checkpoint-<step>``: LoRA, optimizer, duals, normalisation stats and
-        counters, written atomically; keeps the last ``save_total_limit``."""
+        counters, written atomically; keeps the last ``save_total_limit``. Call it on every
+        process (sharded state is gathered first); the main process writes."""
         acc = self.accelerator
         final = self.output_dir / f"checkpoint-{self.global_step}"
         lora = self.lora_state()  # gathered on every process (collectives when sharded)

@@ -247,6 +247,7 @@ def write_model_card(folder: Path, results: dict, command: str, grid: np.ndarray
         gates=", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in results["gates"].items()),
         vae_l1=log["config"].get("vae_l1_weight", 0.0),
         offset_noise=log["config"].get("offset_noise", 0.0),
+        snr_gamma=log["config"].get("snr_gamma", 0.0),
         vae_fidelity=", ".join(f"{k} {v:.0%}" for k, v in log.get("vae_reconstruction_fidelity", {}).items()) or "not measured",
         limitations=limitations(gates),
     )
@@ -323,7 +324,8 @@ the model.
 `accelerate launch recipes/pretrain_tiny.py --seed {seed} --num_threads {train_threads}` (see `recipes/pretrain_tiny.py` and
 `training_log.json`): VAE {vae_steps} steps x {vae_batch} images (MSE + {vae_l1} x L1 + small KL), then UNet
 and text encoder jointly {unet_steps} steps x {unet_batch} images, 10% captions dropped for
-classifier-free guidance, offset noise {offset_noise} (see below), EMA weights saved. Every batch is
+classifier-free guidance, offset noise {offset_noise} (see below), Min-SNR-gamma loss weighting
+(gamma {snr_gamma}; Hang et al. 2023), EMA weights saved. Every batch is
 freshly rendered, so no image repeats. Wall time on a shared 2-core CPU with {train_threads} torch
 thread(s): {train_minutes:.1f} min (VAE {vae_minutes:.1f}, UNet {unet_minutes:.1f}). Loss curves: `loss_curve.png`.
 The VAE alone sets a ceiling: the classifier below reads its reconstructions of fresh
