@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from .checkpointing import (
     atomic_directory,
     atomic_write_text,
+    gathered_optimizer_state,
     list_checkpoints,
     optimizer_from_files,
-    gathered_optimizer_state,
     optimizer_to_files,
     remove_stale_temporaries,
     resolve_checkpoint,

@@ -44,14 +44,14 @@ class PretrainConfig:
     output_dir: str = field(default="cdalign/data/tiny-shapes-sd", metadata={"help": "Where the pipeline folder is written."})
     seed: int = field(default=0, metadata={"help": "Seeds initialisation, data and noise."})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default."})
-    vae_steps: int = field(default=2500, metadata={"help": "VAE optimiser steps."})
+    vae_steps: int = field(default=1500, metadata={"help": "VAE optimiser steps."})
     vae_batch_size: int = field(default=8, metadata={"help": "Images per VAE step."})
     vae_lr: float = field(default=3e-4, metadata={"help": "VAE peak learning rate (AdamW, cosine decay); at 1e-3 colour (hue) is not learned."})
     kl_weight: float = field(default=1e-4, metadata={"help": "Weight of the KL term (per latent element) against the pixel MSE ([-1, 1] units)."})
     vae_l1_weight: float = field(
         default=1.0, metadata={"help": "Weight of a pixel L1 term added to the VAE's MSE (sharper edges and corners)."}
     )
-    unet_steps: int = field(default=9000, metadata={"help": "UNet + text encoder optimiser steps."})
+    unet_steps: int = field(default=7500, metadata={"help": "UNet + text encoder optimiser steps."})
     batch_size: int = field(default=16, metadata={"help": "Images per UNet step."})
     unet_lr: float = field(default=4e-4, metadata={"help": "UNet peak learning rate (AdamW, warmup then cosine decay)."})
     text_encoder_lr: float = field(default=4e-4, metadata={"help": "Text encoder peak learning rate (trained jointly)."})
