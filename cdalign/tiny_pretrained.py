@@ -18,7 +18,7 @@ from pathlib import Path
 
 TINY_SHAPES_ID = "cdalign/tiny-shapes-sd"
 # Sampling defaults the model card recommends (measured by evaluation/tiny_quality.py).
-RECOMMENDED_GUIDANCE_SCALE = 7.5
+RECOMMENDED_GUIDANCE_SCALE = 3.0
 RECOMMENDED_NUM_INFERENCE_STEPS = 20
 IMAGE_RESOLUTION = 64  # pixels; the UNet works on 4 x 16 x 16 latents (VAE factor 4)
 LATENT_SIZE = 16
