@@ -78,16 +78,18 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, directory: Path) -> N
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
-    # Sharded parameters (FSDP2 DTensors) take their state in the same layout.
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    # Sharded parameters (FSDP2 DTensors) take their per-parameter state in the same layout.
+    from torch.distributed.tensor import DTensor
+
+    from .lora import like_param
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for idx, st in state.items():
         p = params[idx] if idx < len(params) else None
         if isinstance(p, DTensor):
             for name, v in st.items():
-                if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape):
-                    st[name] = distribute_tensor(v.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements)
+                if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape):  # exp_avg etc.; not the step count
+                    st[name] = like_param(v, p)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 

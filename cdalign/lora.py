@@ -81,6 +81,16 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def like_param(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` (a whole tensor of ``param``'s shape) in ``param``'s device, dtype and, for a
+    sharded ``DTensor`` parameter, its layout (this process's shard); the inverse of
+    :func:`full_tensor`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(device=param.device, dtype=param.dtype)
+    return distribute_tensor(full, param.device_mesh, param.placements) if isinstance(param, DTensor) else full
+
+
 def adapter_state_dict(unet, adapter_name: str) -> dict[str, torch.Tensor]:
     """Adapter ``adapter_name`` of ``unet`` in the diffusers LoRA format, as whole fp32 CPU
     tensors. On a sharded UNet this gathers the shards: call it on every process."""

@@ -38,7 +38,7 @@ from .config import ConstrainedDDPOConfig, config_to_dict, save_config
 from .duals import InfeasibilityMonitor, build_dual_optimizer
 from .estimators import ESTIMATORS, MicroBatch, is_finite_batch, mean_and_ci, score
 from .kl import ChainKLAccumulator, choose_kl_steps
-from .lora import LORA_WEIGHT_NAME, adapter_state_dict, full_tensor, save_adapter
+from .lora import LORA_WEIGHT_NAME, adapter_state_dict, full_tensor, like_param, save_adapter
 from .normalization import NormalizationCache, RewardStats, prompts_fingerprint, stats_from_samples
 from .pipeline import load_pipeline
 from .problem import ConstrainedProblem
@@ -629,8 +629,10 @@ class ConstrainedDDPOTrainer:
         an existing file only once the new one is completely written. Call it on every
         process (a sharded UNet's weights are gathered first); the main process writes."""
         out = Path(output_dir or self.output_dir)
-        state = adapter_state_dict(self.pipe.unet, "default")  # on every process: gathers shards
-        if self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        # Sharded: every process takes part in gathering the weights; replicated: the writer reads its own.
+        state = adapter_state_dict(self.pipe.unet, "default") if (self.sharded or main) else None
+        if main:
             save_adapter(self.pipe.unet, "default", out, state=state)
         self.accelerator.wait_for_everyone()
         return out / LORA_WEIGHT_NAME
@@ -664,7 +666,7 @@ class ConstrainedDDPOTrainer:
         return final
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        from torch.distributed.tensor import DTensor, distribute_tensor
+        from torch.distributed.tensor import DTensor
 
         path = resolve_checkpoint(str(path), self.output_dir)
         params = self._lora_params()
@@ -675,11 +677,11 @@ class ConstrainedDDPOTrainer:
             for name, p in params.items():
                 if lora[name].shape != p.shape:
                     raise ValueError(f"checkpoint {str(path)!r}: {name} has shape {tuple(lora[name].shape)}, expected {tuple(p.shape)}")
-                if isinstance(p, DTensor):  # sharded: keep this process's shard
-                    shard = distribute_tensor(lora[name].to(p.device, p.dtype), p.device_mesh, p.placements)
-                    p.to_local().copy_(shard.to_local())
+                value = like_param(lora[name], p)  # a sharded parameter keeps this process's shard
+                if isinstance(value, DTensor):
+                    p.to_local().copy_(value.to_local())
                 else:
-                    p.copy_(lora[name])
+                    p.copy_(value)
         optimizer_from_files(self.optimizer, path)
         state = json.loads((path / "trainer_state.json").read_text())
         self.global_step = state["global_step"]
