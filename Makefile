@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install align test test-fast bench bench-step
+.PHONY: install align compare test test-fast bench bench-step
 
 # torch first, pinned: an unpinned torch (or a package wanting a newer one) pulls a multi-GB CUDA build.
 install:
@@ -11,6 +11,11 @@ install:
 # The main job: constrained alignment of the embedded tiny model, offline on a CPU.
 align: install
 	HF_HUB_OFFLINE=1 accelerate launch --config_file recipes/accelerate_configs/cpu.yaml recipes/align.py
+
+# The paper's baseline beside the main job: the same run with λ frozen at its initial value and at
+# the mean of the constrained run's final λ; writes comparison.md and samples_comparison.png.
+compare:
+	HF_HUB_OFFLINE=1 accelerate launch --config_file recipes/accelerate_configs/cpu.yaml recipes/equal_weights.py --run outputs/tiny-multi-reward
 
 test:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q

@@ -7,7 +7,7 @@ from .kl import KL_ESTIMATORS
 from .pipeline import EMBEDDED_MODELS, load_pipeline
 from .prompts import PROMPT_SETS, load_prompts
 from .sampling import DDIMChain, DiffusionSampler
-from .trainer import ConstrainedDDPOTrainer
+from .trainer import ConstrainedDDPOTrainer, TrainingInterrupted
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "ObjectiveSpec",
     "PROMPT_SETS",
     "ProjectedGradientAscent",
+    "TrainingInterrupted",
     "load_config_file",
     "load_pipeline",
     "load_prompts",

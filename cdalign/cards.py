@@ -98,17 +98,53 @@ def constraints_table(report: dict) -> str:
     return "\n".join(rows)
 
 
+def _sigma_units(report: dict, name: str) -> str:
+    """``base-model σ`` with the number of base-model images its statistics rest on."""
+    count = ((report.get("normalization") or {}).get(name) or {}).get("count")
+    return "base-model σ" if count is None else f"base-model σ (from {count} images)"
+
+
 def rewards_table(report: dict) -> str:
     rows = ["| reward | base model [95% CI] | this LoRA [95% CI] | units |", "|---|---|---|---|"]
     for name, e in report.get("rewards", {}).items():
         normed = "normalized_mean" in e.get("aligned", {})
         k, c = ("normalized_mean", "normalized_ci95") if normed else ("mean", "ci95")
         rows.append(f"| {md(name)} | {_ci(e.get('base'), k, c)} | {_ci(e.get('aligned'), k, c)} | "
-                    f"{'base-model σ' if normed else 'raw'} |")
+                    f"{_sigma_units(report, name) if normed else 'raw'} |")
     kl = report.get("kl")
     if kl:
         rows.append(f"| chain KL to base ({md(kl.get('estimator', ''))}) | 0 | {_ci(kl)} | nats/image |")
     return "\n".join(rows)
+
+
+def prompts_label(value: Any) -> str:
+    """How a card names a ``prompts`` config value: a source name as it is; a list (what
+    config.yaml records for prompts a library run passed) by its length and first items."""
+    if isinstance(value, (list, tuple)):
+        shown = ", ".join(str(p) for p in value[:3]) + (", …" if len(value) > 3 else "")
+        return f"{len(value)} prompts given as a list ({shown})"
+    return str(value)
+
+
+def record_notes(report: dict | None, config: dict) -> str:
+    """What a reader must know to trust the numbers: rewards that came from user code (a
+    rerun from config.yaml would use the registry reward of that name) and reward
+    statistics resting on fewer than ``MIN_NORMALIZATION_SAMPLES`` base-model images."""
+    from .normalization import MIN_NORMALIZATION_SAMPLES
+
+    notes = []
+    sources = {**(config.get("reward_sources") or {}), **((report or {}).get("reward_sources") or {})}
+    if sources:
+        listed = "; ".join(f"`{md(n)}`: {md(s)}" for n, s in sources.items())
+        notes.append(f"**Rewards from user code**, not recordable (a rerun from `config.yaml` would use the "
+                     f"registry reward of the same name): {listed}.")
+    few = {n: s.get("count") for n, s in ((report or {}).get("normalization") or {}).items()
+           if isinstance(s, dict) and s.get("count") is not None and s["count"] < MIN_NORMALIZATION_SAMPLES}
+    if few:
+        listed = ", ".join(f"`{md(n)}` ({c} images)" for n, c in few.items())
+        notes.append(f"**Few normalisation samples**: the base-model mean and σ of {listed} rest on fewer than "
+                     f"{MIN_NORMALIZATION_SAMPLES} base-model images, so values in σ units are noisy.")
+    return "\n\n".join(notes)
 
 
 TRAINING_FIELDS = ("pretrained_model_name_or_path", "revision", "prompts", "eval_prompts", "estimator",
@@ -121,7 +157,10 @@ def training_table(config: dict) -> str:
     rows = ["| field | value |", "|---|---|"]
     for key in TRAINING_FIELDS:
         if key in config and config[key] is not None:
-            rows.append(f"| `{key}` | {md(json.dumps(config[key], ensure_ascii=False))} |")
+            value = config[key]
+            listed = key in ("prompts", "eval_prompts") and isinstance(value, list)
+            value = prompts_label(value) if listed else json.dumps(value, ensure_ascii=False)
+            rows.append(f"| `{key}` | {md(value)} |")
     dual = config.get("dual") or {}
     if dual:
         rows.append(f"| `dual` | {md(json.dumps(dual, ensure_ascii=False))} |")
@@ -145,6 +184,7 @@ def eval_results(report: dict | None, config: dict, evaluation: dict | None, che
 
     if report:
         prompts = config.get("eval_prompts") or config.get("prompts") or "prompts"
+        prompts = "custom" if isinstance(prompts, (list, tuple)) else prompts
         n = report.get("num_eval_images")
         for name, e in report.get("rewards", {}).items():
             a = e.get("aligned", {})
@@ -168,14 +208,54 @@ def eval_results(report: dict | None, config: dict, evaluation: dict | None, che
     return results
 
 
-def usage_snippet(base_model: str, repo: str, prompt: str, steps: int, guidance: float) -> str:
-    """diffusers code that loads the LoRA; user strings enter only as Python literals."""
+def _is_embedded(base_model: str) -> bool:
+    from .pipeline import EMBEDDED_MODELS
+
+    return base_model in EMBEDDED_MODELS
+
+
+def _portable_path(path: str) -> str:
+    """A path as the card may show it: relative ones as they are, absolute ones (this
+    machine's) by their last component."""
+    p = Path(path)
+    return p.name if p.is_absolute() else p.as_posix()
+
+
+def usage_snippet(base_model: str, repo: str, prompt: str, steps: int, guidance: float,
+                  resolution: int | None = None) -> str:
+    """Code that loads the base model and the LoRA and samples one image; user strings
+    enter only as Python literals. An embedded base model (not a Hub repo) loads with
+    ``cdalign.load_pipeline``, any other with diffusers' ``from_pretrained``."""
+    from .lora import is_local_source
+
+    if _is_embedded(base_model):
+        head = ("from cdalign import load_pipeline\n\n"
+                f"pipe = load_pipeline({str(base_model)!r})  # embedded in the cdalign package\n")
+    elif is_local_source(base_model):
+        head = ("from diffusers import StableDiffusionPipeline\n\n"
+                f"pipe = StableDiffusionPipeline.from_pretrained({_portable_path(base_model)!r})  "
+                "# the base model: a local folder where it was trained\n")
+    else:
+        head = ("from diffusers import StableDiffusionPipeline\n\n"
+                f"pipe = StableDiffusionPipeline.from_pretrained({str(base_model)!r})\n")
+    size = f", height={resolution}, width={resolution}" if resolution else ""
     return (
-        "from diffusers import StableDiffusionPipeline\n\n"
-        f"pipe = StableDiffusionPipeline.from_pretrained({str(base_model)!r})\n"
-        f"pipe.load_lora_weights({str(repo)!r}, weight_name=\"pytorch_lora_weights.safetensors\")\n"
-        f"image = pipe({prompt!r}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]\n"
+        head
+        + f"pipe.load_lora_weights({str(repo)!r}, weight_name=\"pytorch_lora_weights.safetensors\")\n"
+        + f"image = pipe({prompt!r}, num_inference_steps={steps}, guidance_scale={guidance}{size}).images[0]\n"
     )
+
+
+# config.yaml fields that say where and how one invocation ran (its folders, how it started,
+# where it pushed), not what was trained: left out of the card's rerun configuration.
+RUN_LOCAL_FIELDS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "resume_allow_config_change",
+                    "normalization_cache_dir", "push_to_hub", "hub_model_id", "hub_private")
+
+
+def rerun_config(config: dict) -> dict:
+    """``config`` without :data:`RUN_LOCAL_FIELDS`: a recipe that reruns the training on
+    another machine (those fields take their defaults there)."""
+    return {k: v for k, v in config.items() if k not in RUN_LOCAL_FIELDS}
 
 
 def build_model_card(
@@ -223,9 +303,15 @@ def build_model_card(
     else:
         objective_md, units = "stay as close as possible to the base model (minimise the chain KL)", "KL, nats/image"
     prompts = config.get("eval_prompts") or config.get("prompts") or "the training prompts"
-    example = "a photo of a cat" if not isinstance(prompts, str) or prompts in ("animals", "animals_eval") else "a red circle"
+    if isinstance(prompts, (list, tuple)) and prompts:
+        example = str(prompts[0])
+    else:
+        example = "a photo of a cat" if not isinstance(prompts, str) or prompts in ("animals", "animals_eval") else "a red circle"
     pictures = [(alt, f) for alt, f in PICTURES if (out / f).is_file()]
-    embedded = base_model in BASE_MODEL_LICENSES and base_model.startswith("cdalign/")
+    embedded = _is_embedded(base_model)
+    # The LoRA in the snippet: the Hub repo once pushed, else this card's folder (relative,
+    # as given; never this machine's absolute path).
+    lora_source = repo_id or (out.as_posix() if not out.is_absolute() else out.name)
     kwargs = dict(
         title=md(name),
         base_model_md=md(base_model),
@@ -234,22 +320,28 @@ def build_model_card(
         objective_units=units,
         constraints_table=constraints_table(report) if report and report.get("constraints") else "",
         num_eval_images=(report or {}).get("num_eval_images", "n/a"),
-        eval_prompts_md=f"prompts: {md(prompts)}",
+        eval_prompts_md=f"prompts: {md(prompts_label(prompts))}",
         infeasible=", ".join(md(x) for x in (report or {}).get("infeasible", [])),
         rewards_table=rewards_table(report) if report and report.get("rewards") else "",
+        record_notes=record_notes(report, config),
         evaluation_table=comparison_table(evaluation) if evaluation else "",
         evaluation_intro=(f"Suite **{md(evaluation.get('suite'))}** on `{md(evaluation.get('model'))}`, "
                           f"{evaluation.get('num_images')} images per checkpoint, same prompts and seeds for every row."
                           if evaluation else ""),
         evaluation_grid="evaluation/grid.png" if (out / "evaluation" / "grid.png").is_file() else "",
         pictures=pictures,
-        usage_block=_fence(usage_snippet(base_model, repo_id or str(out.resolve()), example,
+        usage_block=_fence(usage_snippet(base_model, lora_source, example,
                                          int(config.get("num_inference_steps") or 25),
-                                         float(config.get("guidance_scale") or 5.0)), "python"),
-        embedded_note=(f"`{md(base_model)}` is embedded in cdalign, not a Hub repo: load it with "
-                       f"`cdalign.load_pipeline({base_model!r})` instead of `from_pretrained`." if embedded else ""),
+                                         float(config.get("guidance_scale") or 5.0),
+                                         config.get("resolution")), "python"),
+        embedded_note=" ".join(
+            ([f"`{md(base_model)}` ships inside the cdalign package, not as a Hub repo, hence "
+              "`cdalign.load_pipeline` instead of `from_pretrained`."] if embedded else [])
+            + ([] if repo_id else [f"Run the snippet from the folder that holds `{md(lora_source)}` (or put the "
+                                   "LoRA's Hub repo id there once it is pushed)."])),
         training_table=training_table(config),
-        config_block=_fence(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), "yaml") if config else "(no config.yaml)",
+        config_block=(_fence(yaml.safe_dump(rerun_config(config), sort_keys=False, allow_unicode=True), "yaml")
+                      if config else "(no config.yaml)"),
     )
     tpl = Path(template_path) if template_path else default_template_path()
     return ModelCard.from_template(card_data, template_path=str(tpl), **kwargs)

@@ -22,7 +22,10 @@ and ``--help`` prints. Rules that relate several fields live in ``_check_problem
 import argparse
 import dataclasses
 import difflib
+import functools
 import math
+import os
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -34,6 +37,7 @@ import yaml
 from .duals import DUAL_OPTIMIZERS
 from .estimators import ESTIMATORS
 from .kl import KL_ESTIMATORS
+from .metrics import EVAL_METRICS
 
 __all__ = [
     "ObjectiveSpec",
@@ -51,6 +55,10 @@ __all__ = [
     "check_fields",
     "read_yaml_mapping",
     "not_allowed",
+    "check_output_dir_writable",
+    "check_trackers_installed",
+    "check_mixed_precision",
+    "ConfigFields",
 ]
 
 OBJECTIVE_TYPES = ("kl", "reward")
@@ -66,13 +74,47 @@ _CLI_TRUE = ("true", "yes", "on", "1")
 _CLI_FALSE = ("false", "no", "off", "0")
 
 
+class ConfigFields:
+    """Base of the config dataclasses: an attribute that is not a field is refused (a
+    misspelt ``config.max_stepz = 3`` would otherwise be ignored silently), and a plain
+    mapping assigned where a spec is declared (``config.objective = {"type": "kl"}``, or a
+    list of them for ``constraints``) is converted and checked like a YAML value."""
+
+    def __setattr__(self, name, value):
+        if not name.startswith("_"):
+            typed = _declared_types(type(self))
+            if name not in typed:
+                raise _unknown_attribute(type(self), name, typed)
+            value = _specs_from_mappings(value, typed[name], name)
+        object.__setattr__(self, name, value)
+
+
+def _unknown_attribute(cls, name: str, typed) -> AttributeError:
+    if isinstance(getattr(cls, name, None), property):
+        return AttributeError(f"{name}: is derived from the other fields of {cls.__name__} and cannot be set")
+    close = difflib.get_close_matches(name, list(typed), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"fields: {', '.join(typed)}"
+    return AttributeError(f"{cls.__name__} has no field {name!r}; {hint}")
+
+
+def _specs_from_mappings(value, tp, path: str):
+    """``value`` with plain mappings turned into the spec dataclass ``tp`` declares (also
+    inside a list of specs); anything else unchanged (``validate`` checks it)."""
+    if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+        return _from_mapping(tp, value, path)
+    if _is_spec_list(tp) and isinstance(value, (list, tuple)):
+        (item_tp,) = typing.get_args(tp)
+        return [_from_mapping(item_tp, v, f"{path}[{i}]") if isinstance(v, Mapping) else v for i, v in enumerate(value)]
+    return value
+
+
 # ---------------------------------------------------------------------------------
 # The problem: objective, constraints, dual updates
 # ---------------------------------------------------------------------------------
 
 
 @dataclass
-class ObjectiveSpec:
+class ObjectiveSpec(ConfigFields):
     """What is minimised: f_0 = KL(p_θ ‖ q) (the paper's main form), or f_0 = −E[r_0]."""
 
     type: str = field(
@@ -102,7 +144,7 @@ class ObjectiveSpec:
 
 
 @dataclass
-class ConstraintSpec:
+class ConstraintSpec(ConfigFields):
     """One constraint g_i ≤ 0 of the Lagrangian L = f_0 + Σ_i λ_i g_i.
 
     - reward, direction 'high':  E[r_i] ≥ threshold,  g_i = threshold − E[r_i]
@@ -171,7 +213,7 @@ class ConstraintSpec:
 
 
 @dataclass
-class DualSpec:
+class DualSpec(ConfigFields):
     """How the multipliers λ_i ≥ 0 are updated from the slacks g_i (averaged over the
     whole global batch of a dual step)."""
 
@@ -256,7 +298,7 @@ class DualSpec:
 
 
 @dataclass
-class ConstrainedDDPOConfig:
+class ConstrainedDDPOConfig(ConfigFields):
     """Everything a constrained alignment run needs; every field is a YAML key and a
     ``--flag``. Build one with :func:`parse_config`, :func:`load_config_file` or
     :func:`config_from_dict` (these validate), or directly and then call
@@ -279,21 +321,22 @@ class ConstrainedDDPOConfig:
         default=None, metadata={"help": "Weight file variant of the base model, e.g. 'fp16'; unset = the full-precision files."}
     )
     # prompts
-    prompts: str = field(
+    prompts: str | list[str] = field(
         default="tiny",
         metadata={
             "help": "Training prompts: a prompt-set registry name (e.g. the paper's animal names), a .txt file "
-            "(one prompt per line), a .json list or .jsonl file, or a Hub dataset id (see prompt_column, prompt_split)."
+            "(one prompt per line), a .json list or .jsonl file, a Hub dataset id (see prompt_column, prompt_split), "
+            "or the prompts themselves as a list (what config.yaml records when a library run passed a list)."
         },
     )
     prompt_column: str = field(
         default="prompt", metadata={"help": "Column (or .json/.jsonl key) that holds the prompt text, for dataset sources."}
     )
     prompt_split: str = field(default="train", metadata={"help": "Split to read when `prompts` is a Hub dataset id."})
-    eval_prompts: str | None = field(
+    eval_prompts: str | list[str] | None = field(
         default=None,
         metadata={
-            "help": "Prompts for the end-of-training evaluation, in the same forms as `prompts`; unset = "
+            "help": "Prompts for the end-of-training evaluation, in the same forms as `prompts` (a list too); unset = "
             "`prompts`. The paper evaluated on held-out animals (snail, hippopotamus, cheetah, …)."
         },
     )
@@ -446,21 +489,36 @@ class ConstrainedDDPOConfig:
         default=10,
         metadata={
             "help": "Batches of train_batch_size base-model samples (per process) used to estimate each "
-            "normalised reward's mean and std before training (the paper: 10 batches of 4).",
+            "normalised reward's mean and std before training (the paper: 10 batches of 4); fewer than 32 "
+            "images in all warn (cdalign.normalization.MIN_NORMALIZATION_SAMPLES).",
             "ge": 1,
         },
     )
     normalization_cache_dir: str | None = field(
         default=None,
         metadata={
-            "help": "Where normalisation statistics are cached, keyed by reward, base model, prompts and sampler "
-            "settings; unset = ~/.cache/cdalign/normalization."
+            "help": "Where normalisation statistics are cached, keyed by the reward itself (registry name, kwargs, "
+            "weights; a user callable only by its cache_key attribute, else not cached), the base model, prompts "
+            "and sampler settings; unset = ~/.cache/cdalign/normalization."
         },
     )
     # evaluation at the end of training
     eval_batches: int = field(
-        default=2,
-        metadata={"help": "Batches sampled from eval_prompts after training to report rewards and KL; 0 = no evaluation.", "ge": 0},
+        default=16,
+        metadata={
+            "help": "Batches of train_batch_size images (per process) sampled from eval_prompts after training to "
+            "report rewards, constraints and KL, base and trained model on the same seeds; 0 = no evaluation. "
+            "Default 16 × 4 = 64 images: fewer make a verdict mostly sampling noise.",
+            "ge": 0,
+        },
+    )
+    eval_metrics: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Checks of the evaluation images that are not rewards (cdalign.metrics.EVAL_METRICS, e.g. "
+            "shapes_accuracy: colour and shape read back by the shapes-world classifier), reported for the "
+            "base and the trained model with the paired difference. On the command line: space-separated."
+        },
     )
     eval_seed: int = field(
         default=1234,
@@ -476,14 +534,18 @@ class ConstrainedDDPOConfig:
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Allow writing into a non-empty output_dir without resuming from it (its files may be replaced)."},
+        metadata={
+            "help": "Start a fresh run in an output_dir that holds one: the earlier run's cdalign files (config, log, "
+            "LoRA, report, pictures, model card, checkpoint-N folders) are removed when the trainer is created; "
+            "other files stay."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the training run (prompts, noise, K).", "ge": 0})
     mixed_precision: str = field(
         default="no",
         metadata={
             "help": "Mixed precision of the frozen base weights and the forward passes; LoRA weights and the "
-            "optimiser stay in float32.",
+            "optimiser stay in float32. 'fp16' needs a GPU and is refused on a CPU (use 'no' or 'bf16' there).",
             "choices": MIXED_PRECISIONS,
         },
     )
@@ -505,8 +567,9 @@ class ConstrainedDDPOConfig:
     report_to: str = field(
         default="none",
         metadata={
-            "help": "Experiment trackers, comma-separated: tensorboard, wandb, trackio; or 'all' or 'none' alone. "
-            "Metrics are always written to output_dir as well."
+            "help": "Experiment trackers, comma-separated: tensorboard, wandb, trackio; or 'all' (those installed) "
+            "or 'none' alone. A named tracker must be installed (pip install wandb, ...); the run refuses to start "
+            "otherwise. Metrics are always written to output_dir as well."
         },
     )
     push_to_hub: bool = field(
@@ -531,6 +594,23 @@ class ConstrainedDDPOConfig:
             "help": "A micro-batch whose rewards, KL or loss are NaN/inf is skipped with a warning; stop with an "
             "error once more than this many were skipped in the run (0 = stop at the first).",
             "ge": 0,
+        },
+    )
+    resume_allow_config_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint whose saved config differs from this one in fields that change the run "
+            "(learning rate, constraints, prompts, ...), with a warning naming them; by default such a resume is "
+            "refused. Cadence, destination and length (max_steps, save_steps, output_dir, ...) may always differ."
+        },
+    )
+    reward_sources: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Written by the trainer into the config.yaml it saves: rewards that came from user callables "
+            "(ConstrainedDDPOTrainer(rewards=...)), by name, e.g. {saturation: 'user callable mymod.fn (not "
+            "recordable)'}. A run from such a config that does not pass the callable again builds the registry "
+            "reward of that name instead, and warns."
         },
     )
 
@@ -639,6 +719,11 @@ def _coerce(value, tp, path: str, lenient: bool):
             return value
         if lenient and isinstance(value, Mapping):
             return _from_mapping(tp, value, path)
+        if isinstance(value, Mapping):  # e.g. a dict appended to config.constraints
+            raise ValueError(
+                f"{path}: expected a {tp.__name__}, got the plain mapping {value!r}, which is converted only when "
+                f"the whole field is assigned; assign the field again or build {tp.__name__}(**mapping)"
+            )
         raise _type_error(path, value, tp)
     if typing.get_origin(tp) is list:
         (item_tp,) = typing.get_args(tp)
@@ -709,6 +794,12 @@ def _fields_with_types(cls) -> list[tuple[dataclasses.Field, object]]:
 def _field_types(cls) -> dict[str, object]:
     """Field name -> resolved declared type of dataclass ``cls``."""
     return {f.name: tp for f, tp in _fields_with_types(cls)}
+
+
+@functools.lru_cache(maxsize=None)
+def _declared_types(cls) -> dict[str, object]:
+    """:func:`_field_types`, cached per class (read on every attribute assignment)."""
+    return _field_types(cls)
 
 
 def _from_mapping(cls, mapping, path: str):
@@ -978,6 +1069,16 @@ def _check_run(cfg: ConstrainedDDPOConfig) -> None:
         raise ValueError(f"report_to: {cfg.report_to!r} names a tracker twice")
     if cfg.push_to_hub and cfg.hub_model_id is None:
         raise ValueError("hub_model_id: required when push_to_hub is true; set it to 'user/repo'")
+    if cfg.hub_model_id is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(cfg.hub_model_id)
+        except HFValidationError as err:
+            raise ValueError(f"hub_model_id: {cfg.hub_model_id!r} is not a valid Hub repo id ({err}); use 'user/name'") from None
+    for i, name in enumerate(cfg.eval_metrics):
+        if name not in EVAL_METRICS:
+            raise not_allowed(f"eval_metrics[{i}]", name, EVAL_METRICS.names())
 
 
 # ---------------------------------------------------------------------------------
@@ -1046,6 +1147,59 @@ def load_config_file(path) -> ConstrainedDDPOConfig:
         raise ValueError(f"{path}: {error}") from None
 
 
+def check_output_dir_writable(path, field_name: str = "output_dir") -> None:
+    """Raise ``ValueError`` naming ``path`` unless it is a folder this process can write
+    into, or one it can create (its nearest existing ancestor is a writable folder).
+    Reads the file system only; creates nothing."""
+    path = Path(path).expanduser()
+    shown = f"{field_name}={str(path)!r}"
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{shown} is a file, not a folder; choose another {field_name} (or move the file away)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"{shown} cannot be created: {str(existing)!r} is a file, not a folder; choose another {field_name}"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == path else f"its parent {str(existing)!r}"
+        raise ValueError(f"{shown} is not writable ({where}: permission denied); choose a folder you can write to")
+
+
+# Tracker name -> (modules accelerate looks for, the package to install).
+TRACKER_PACKAGES = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "trackio": (("trackio",), "trackio"),
+}
+
+
+def check_trackers_installed(names, field_name: str = "report_to") -> None:
+    """Raise ``ValueError`` naming the package to install for each tracker in ``names``
+    that is not importable ('all' and 'none' need nothing: accelerate uses what exists)."""
+    import importlib.util
+
+    missing = [n for n in names if n in TRACKER_PACKAGES
+               and not any(importlib.util.find_spec(m) for m in TRACKER_PACKAGES[n][0])]
+    if missing:
+        packages = " ".join(TRACKER_PACKAGES[n][1] for n in missing)
+        raise ValueError(
+            f"{field_name}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
+            f"`pip install {packages}`, or set {field_name} to none (metrics are written to output_dir anyway)"
+        )
+
+
+def check_mixed_precision(mixed_precision: str, device, field_name: str = "mixed_precision") -> None:
+    """Refuse ``fp16`` (or ``float16``) on a CPU (``ValueError``): float16 is a GPU format;
+    on a CPU it is slow where it runs at all, so a run would not be what was asked for."""
+    if mixed_precision in ("fp16", "float16") and getattr(device, "type", str(device)) == "cpu":
+        others = "'float32' or 'bfloat16'" if mixed_precision == "float16" else "'no' (float32) or 'bf16'"
+        raise ValueError(
+            f"{field_name}: {mixed_precision!r} needs a GPU, and this process runs on the CPU; use {others} on a CPU"
+        )
+
+
 def save_config(cfg: ConstrainedDDPOConfig, path) -> None:
     """Write ``cfg`` as a YAML recipe that :func:`load_config_file` reads back equal."""
     path = Path(path)
@@ -1059,27 +1213,47 @@ def save_config(cfg: ConstrainedDDPOConfig, path) -> None:
 # ---------------------------------------------------------------------------------
 
 
-def _help_text(f: dataclasses.Field, tp) -> str:
+def _field_default(f: dataclasses.Field):
+    """A field's built-in default value (``dataclasses.MISSING`` when it has none)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _format_default(value, limit: int = 300) -> str:
+    """A default value as a user would write it on the command line or in YAML."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value.strip() else repr(value)
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value):
+        return " ".join(map(str, value))
+    if isinstance(value, (list, dict)):
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**9, allow_unicode=True, sort_keys=False).strip()
+        return text if len(text) <= limit else text[: limit - 1] + "…"
+    return str(value)
+
+
+def _help_text(f: dataclasses.Field, tp, default=dataclasses.MISSING, source: str | None = None) -> str:
+    """``f``'s help, its choices, type and the default that will run (``source``: the
+    recipe it comes from, if not the field's own default)."""
     parts = [f.metadata["help"]]
     if "choices" in f.metadata:
         parts.append(f"Choices: {', '.join(_choices(f))}.")
-    if f.default is not dataclasses.MISSING:
-        default = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    else:
-        default = dataclasses.MISSING
-    if default is None:
-        parts.append(f"[{_type_name(tp)}; default: unset]")
-    elif isinstance(default, list):
-        parts.append(f"[{_type_name(tp)}; default: {' '.join(map(str, default))}]")
-    elif default is not dataclasses.MISSING and not dataclasses.is_dataclass(default):
-        parts.append(f"[{_type_name(tp)}; default: {default}]")
+    if default is not dataclasses.MISSING and not dataclasses.is_dataclass(default):
+        where = f" (from {source})" if source else ""
+        parts.append(f"[{_type_name(tp)}; default: {_format_default(default)}{where}]")
     return " ".join(parts).replace("%", "%%")  # argparse %-formats help strings
 
 
-def _add_field_argument(group, flag: str, f: dataclasses.Field, tp) -> None:
-    kwargs = dict(dest=flag, default=argparse.SUPPRESS, help=_help_text(f, tp))
+def _add_field_argument(group, flag: str, f: dataclasses.Field, tp, default=dataclasses.MISSING, source=None) -> None:
+    kwargs = dict(dest=flag, default=argparse.SUPPRESS, help=_help_text(f, tp, default, source))
     members = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
     if members == [bool]:
         kwargs.update(nargs="?", const="true", metavar="{true,false}")
@@ -1101,46 +1275,85 @@ def _is_spec_list(tp) -> bool:
     return typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0])
 
 
-def build_parser(cls=None, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+def _display_path(path) -> str:
+    """``path`` relative to the current directory when it lies below it, else as given."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def build_parser(
+    cls=None,
+    prog: str | None = None,
+    description: str | None = None,
+    recipe: str | os.PathLike | None = None,
+    default_recipe: str | os.PathLike | None = None,
+) -> argparse.ArgumentParser:
     """The ``argparse`` parser for config dataclass ``cls`` (default
     :class:`ConstrainedDDPOConfig`): ``--config``, one ``--field`` flag per field, dotted
     ``--spec.key`` flags for nested specs, and one YAML flag per list of specs. Values are
     kept as text and converted by :func:`dataclass_from_dict`, so CLI and YAML share one
-    conversion."""
+    conversion.
+
+    ``recipe``: a YAML recipe whose values ``--help`` shows as the defaults, marked
+    "(from <recipe>)", where it sets a field (what a run with it uses); ``default_recipe``:
+    the recipe loaded when no ``--config`` is given, named in ``--config``'s help."""
     cls = cls or ConstrainedDDPOConfig
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description or (_ALIGN_DESCRIPTION if cls is ConstrainedDDPOConfig else cls.__doc__),
-        allow_abbrev=False,
-    )
-    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="YAML recipe to load first.")
+    values = read_yaml_mapping(recipe) if recipe is not None else {}
+    label = _display_path(recipe) if recipe is not None else None
+    description = description or (_ALIGN_DESCRIPTION if cls is ConstrainedDDPOConfig else cls.__doc__)
+    if label:
+        description += (f" Defaults shown are what runs: the values of {label} where it sets a field "
+                        f"(marked 'from {label}'), else the field's built-in default.")
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    config_help = "YAML recipe to load first" + (
+        f" (default: {_display_path(default_recipe)})." if default_recipe is not None else " (default: none).")
+    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help.replace("%", "%%"))
     for f, tp in _fields_with_types(cls):
+        from_recipe = f.name in values
         if dataclasses.is_dataclass(tp):
+            given = values.get(f.name) if isinstance(values.get(f.name), Mapping) else None
+            shown = f" [default: {_format_default(values[f.name])} (from {label})]" if from_recipe else ""
             group = parser.add_argument_group(f.name, f.metadata["help"])
             group.add_argument(
                 f"--{f.name}",
                 dest=f.name,
                 metavar="YAML",
                 default=argparse.SUPPRESS,
-                help=f"The whole {f.name} spec as a YAML/JSON mapping (replaces the recipe's); "
-                f"--{f.name}.<key> flags apply after it.",
+                help=(f"The whole {f.name} spec as a YAML/JSON mapping (replaces the recipe's); "
+                      f"--{f.name}.<key> flags apply after it.{shown}").replace("%", "%%"),
             )
+            # A recipe's mapping replaces the whole spec: keys it leaves out take the spec
+            # class's defaults, not those of the config's default spec.
+            parent = _field_default(f) if given is None else None
             for sub, sub_tp in _fields_with_types(tp):
-                _add_field_argument(group, f"{f.name}.{sub.name}", sub, sub_tp)
+                if given is not None and sub.name in given:
+                    default, source = given[sub.name], label
+                elif given is not None:
+                    default, source = _field_default(sub), None
+                else:
+                    default, source = getattr(parent, sub.name), None
+                _add_field_argument(group, f"{f.name}.{sub.name}", sub, sub_tp, default, source)
         elif _is_spec_list(tp):
             keys = " ".join(
-                f"{sub.name} ({_type_name(sub_tp)}, default {'unset' if sub.default is None else sub.default}): "
+                f"{sub.name} ({_type_name(sub_tp)}, default {_format_default(_field_default(sub))}): "
                 f"{sub.metadata['help']}"
                 for sub, sub_tp in _fields_with_types(typing.get_args(tp)[0])
             )
+            default = values[f.name] if from_recipe else _field_default(f)
+            shown = f"[default: {_format_default(default) if default else 'none'}" + (f" (from {label})]" if from_recipe else "]")
             parser.add_argument(
                 f"--{f.name}",
                 dest=f.name,
                 metavar="YAML",
                 default=argparse.SUPPRESS,
-                help=(f"{f.metadata['help']} Keys of each item: {keys}").replace("%", "%%"),
+                help=(f"{f.metadata['help']} Keys of each item: {keys} {shown}").replace("%", "%%"),
             )
         else:
-            _add_field_argument(parser, f.name, f, tp)
+            default = values[f.name] if from_recipe else _field_default(f)
+            _add_field_argument(parser, f.name, f, tp, default, label if from_recipe else None)
     return parser
 
 
@@ -1163,11 +1376,40 @@ def _cli_value(text_or_list, tp, flag: str):
     return text
 
 
-def parse_args_to_dict(cls, argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> dict:
+def _config_argument(argv: list[str]) -> str | None:
+    """The value of the last ``--config`` in ``argv`` (as argparse would read it), or None."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith("--config="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def parse_args_to_dict(
+    cls,
+    argv: list[str] | None = None,
+    parser: argparse.ArgumentParser | None = None,
+    *,
+    default_recipe: str | os.PathLike | None = None,
+    resolve_paths: typing.Callable[[dict, Path], dict] | None = None,
+) -> dict:
     """The raw mapping that ``--config recipe.yaml`` plus ``--field value`` overrides
     describe for config dataclass ``cls`` (overrides win; dotted flags set one key of a
-    nested spec). Unknown options raise ``ValueError`` with the closest valid flag."""
-    parser = parser or build_parser(cls)
+    nested spec). Unknown options raise ``ValueError`` with the closest valid flag.
+
+    ``default_recipe``: loaded when ``argv`` has no ``--config`` (``--help`` then shows its
+    values as the defaults). ``resolve_paths(mapping, recipe_path)``: rewrites paths in the
+    file's mapping that are relative to the recipe file, before the flags apply."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = _config_argument(argv)
+    if recipe is None and default_recipe is not None:
+        recipe = str(default_recipe)
+        argv = ["--config", recipe, *argv]
+    if parser is None:
+        wants_help = any(a in ("-h", "--help") for a in argv)
+        parser = build_parser(cls, recipe=recipe if wants_help else None, default_recipe=default_recipe)
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         options = [o for o in parser._option_string_actions if o.startswith("--")]
@@ -1180,7 +1422,12 @@ def parse_args_to_dict(cls, argv: list[str] | None = None, parser: argparse.Argu
                 problems.append(f"{arg!r}: unexpected argument (values follow a --field flag)")
         raise ValueError("; ".join(problems))
     given = vars(namespace)
-    raw = read_yaml_mapping(given.pop("config")) if "config" in given else {}
+    raw = {}
+    if "config" in given:
+        path = given.pop("config")
+        raw = read_yaml_mapping(path)
+        if resolve_paths is not None:
+            raw = resolve_paths(raw, Path(path))
     typed = _field_types(cls)
     for flag in sorted(given, key=lambda k: "." in k):  # whole specs before their dotted keys
         if flag not in typed and "." not in flag:
@@ -1199,8 +1446,9 @@ def parse_args_to_dict(cls, argv: list[str] | None = None, parser: argparse.Argu
     return raw
 
 
-def parse_config(argv: list[str] | None = None) -> ConstrainedDDPOConfig:
+def parse_config(argv: list[str] | None = None, default_recipe: str | os.PathLike | None = None) -> ConstrainedDDPOConfig:
     """Parse the command line (``sys.argv[1:]`` when ``argv`` is None) into a validated
-    config: ``--config recipe.yaml`` first, then every ``--field value`` on top of it
-    (dotted ``--dual.kappa_i 0.1`` for nested specs). ``--help`` prints every field."""
-    return config_from_dict(parse_args_to_dict(ConstrainedDDPOConfig, argv))
+    config: ``--config recipe.yaml`` (``default_recipe`` when none is given) first, then
+    every ``--field value`` on top of it (dotted ``--dual.kappa_i 0.1`` for nested specs).
+    ``--help`` prints every field with the default that will run."""
+    return config_from_dict(parse_args_to_dict(ConstrainedDDPOConfig, argv, default_recipe=default_recipe))

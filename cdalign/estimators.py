@@ -7,7 +7,6 @@ policy-gradient estimator plugs into the same registry."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +15,7 @@ from .kl import ChainKLAccumulator, choose_kl_steps
 from .problem import ConstrainedProblem
 from .registry import Registry
 from .sampling import DiffusionSampler, WithAdaptersDisabled
+from .statistics import mean_and_ci  # noqa: F401  (re-exported: estimators report with it)
 
 ESTIMATORS: Registry = Registry("estimator")
 
@@ -114,13 +114,3 @@ def score(images: torch.Tensor, prompts: list[str], names: list[str], rewards: d
 def is_finite_batch(mb: MicroBatch) -> bool:
     vals = [mb.loss.detach(), *mb.rewards_raw.values()] + ([mb.kl] if mb.kl is not None else [])
     return all(bool(torch.isfinite(v).all()) for v in vals)
-
-
-def mean_and_ci(values: torch.Tensor, z: float = 1.959964) -> tuple[float, float, float]:
-    """Mean and normal-approximation 95% confidence interval of (N,) values."""
-    v = values.double().flatten()
-    m = float(v.mean())
-    if v.numel() < 2:
-        return m, m, m
-    half = z * float(v.std()) / math.sqrt(v.numel())
-    return m, m - half, m + half

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -106,7 +107,10 @@ class EvaluationSuite:
     Constraints use the trainer's schema (``{reward, direction, threshold, normalize}`` or
     ``{type: kl, max}``); when ``constraints`` is None they come from the first checkpoint
     whose ``config.yaml`` states them (the trainer writes it), and every checkpoint is
-    judged against the same thresholds."""
+    judged against the same thresholds. Likewise ``kl_estimator``: None means the one the
+    checkpoints were trained with (their ``config.yaml``), so the harness reports the
+    same chain KL as the run's own report. ``num_prompts`` more than the source holds is
+    an error."""
 
     name: str = "custom"
     description: str = ""
@@ -125,7 +129,7 @@ class EvaluationSuite:
     eta: float = 1.0
     guidance_scale: float = 5.0
     resolution: int | None = None
-    kl_estimator: str = "path"
+    kl_estimator: str | None = None
     batch_size: int = 4
     seed: int = 0
     grid_images: int = 8
@@ -465,7 +469,8 @@ def evaluate(
     from tqdm.auto import tqdm
 
     from .kl import ChainKLAccumulator, choose_kl_steps
-    from .normalization import stats_from_samples
+    from .normalization import MIN_NORMALIZATION_SAMPLES, reward_identity, stats_from_samples
+    from .config import check_mixed_precision
     from .pipeline import load_pipeline
     from .prompts import load_prompts
     from .sampling import DiffusionSampler
@@ -475,6 +480,7 @@ def evaluate(
     state = PartialState()
     rank, world = state.process_index, state.num_processes
     device = torch.device(device or state.device)
+    check_mixed_precision(suite.dtype, device, "dtype")  # float16 on a CPU: refused before anything runs
     checkpoints = list(suite.checkpoints)
     if not any(c.kind == "base" for c in checkpoints):
         checkpoints.insert(0, CheckpointSpec("base", kind="base"))
@@ -484,6 +490,12 @@ def evaluate(
 
     prompts = load_prompts(suite.prompts, suite.prompt_column, suite.prompt_split)
     if suite.num_prompts is not None:
+        if suite.num_prompts > len(prompts):
+            source = suite.prompts if isinstance(suite.prompts, str) else "the prompt list"
+            raise ValueError(
+                f"num_prompts: {suite.num_prompts} requested but {source!r} holds {len(prompts)} prompts; "
+                f"set num_prompts to at most {len(prompts)} (or null for all), or raise images_per_prompt"
+            )
         prompts = prompts[: suite.num_prompts]
     items = evaluation_items(prompts, suite.images_per_prompt, suite.seed)
     batches = [items[i : i + suite.batch_size] for i in range(0, len(items), suite.batch_size)]
@@ -492,21 +504,41 @@ def evaluate(
     identities = {c.name: kinds[c.name].identity(c) for c in checkpoints}
     run_files = {c.name: kinds[c.name].run_files(c) for c in checkpoints}
     problem, constraints_from = _problem_for(suite, checkpoints, run_files)
+    run_configs = _run_configs(checkpoints, run_files)
+    kl_estimator, kl_estimator_from = _kl_estimator_for(suite, run_configs)
+    if suite.grid_images > len(items):
+        warnings.warn(f"grid_images: {suite.grid_images} requested but the evaluation has {len(items)} images per "
+                      f"checkpoint; the grid shows {len(items)}", stacklevel=2)
 
     reward_names = list(dict.fromkeys(list(suite.rewards) + (problem.reward_names if problem else [])))
     reward_fns = _build_rewards(reward_names, suite.reward_kwargs, rewards or {}, device)
+    for name, run_cfg in run_configs.items():
+        for n, source in (run_cfg.get("reward_sources") or {}).items():
+            if n in reward_names and n not in (rewards or {}):
+                warnings.warn(f"checkpoint {name!r} was trained with reward {n!r} from {source}; this evaluation "
+                              f"scores the registry reward {n!r} (pass rewards={{{n!r}: ...}} to score the same "
+                              "function)", stacklevel=2)
 
     if pipeline is None:
         dtype = None if suite.dtype == "float32" else _DTYPES[suite.dtype]
-        pipeline = load_pipeline(suite.model, revision=suite.revision, torch_dtype=dtype)
+        pipeline = load_pipeline(suite.model, revision=suite.revision, torch_dtype=dtype, what="model")
     pipe = pipeline.to(device)
     pipe.set_progress_bar_config(disable=True)
     sampler = DiffusionSampler(pipe, suite.num_inference_steps, suite.eta, suite.guidance_scale, suite.resolution, device)
     model_identity = {"model": suite.model, "revision": suite.revision, "weights": model_fingerprint(pipe.unet),
                       "dtype": suite.dtype}
-    settings = {**sampler.settings(), "kl_estimator": suite.kl_estimator}
+    settings = {**sampler.settings(), "kl_estimator": kl_estimator}
+    identities_of_rewards = {
+        n: reward_identity(n, reward_fns[n], kwargs=suite.reward_kwargs.get(n, {}), user=n in (rewards or {}))
+        for n in reward_names
+    }
+    unidentified = sorted(n for n, ident in identities_of_rewards.items() if ident is None)
+    if unidentified and use_cache and out is not None:
+        warnings.warn(f"rewards {unidentified} are user callables without a cache_key attribute: batches are "
+                      "recomputed, not cached (set a cache_key string on them, changed whenever they change)",
+                      stacklevel=2)
+        use_cache = False
     cache = _BatchCache(out / "cache" if (out is not None and use_cache) else None)
-    reward_identity = {n: suite.reward_kwargs.get(n, {}) if n not in (rewards or {}) else "user callable" for n in reward_names}
 
     per_ckpt: dict[str, dict[str, list[torch.Tensor]]] = {}
     cached_batches = 0
@@ -516,7 +548,7 @@ def evaluate(
         keys = [
             _cache_key({"v": CACHE_VERSION, "checkpoint": identities[spec.name], "model": model_identity,
                         "prompts": [p for p, _ in batch], "seeds": [s for _, s in batch], "sampler": settings,
-                        "rewards": reward_identity})
+                        "rewards": identities_of_rewards})
             for batch in batches
         ]
         results = [cache.load(spec.name, k) if b in mine else None for b, k in enumerate(keys)]
@@ -535,7 +567,7 @@ def evaluate(
                 policy = loaded.policy(sampler, batch_prompts)
                 refs = loaded.references(sampler, batch_prompts, policy)
                 hooks = {
-                    name: ChainKLAccumulator(ref, sampler.chain, suite.kl_estimator,
+                    name: ChainKLAccumulator(ref, sampler.chain, kl_estimator,
                                              choose_kl_steps(len(sampler.chain), set(), None, torch.Generator()))
                     for name, ref in refs.items()
                 }
@@ -573,6 +605,10 @@ def evaluate(
             base_stats[n] = stats_from_samples(gathered[base_name][f"reward/{n}"])
         except ValueError:
             pass
+    if base_stats and len(items) < MIN_NORMALIZATION_SAMPLES:
+        warnings.warn(f"σ units rest on only {len(items)} base-model images (fewer than {MIN_NORMALIZATION_SAMPLES}): "
+                      "normalised rewards and constraint verdicts are noisy; raise num_prompts or images_per_prompt",
+                      stacklevel=2)
 
     summaries = {}
     for spec in checkpoints:
@@ -580,7 +616,7 @@ def evaluate(
         # One normalisation for every row (same footing): base-model samples of this
         # evaluation. A run's training statistics come from other prompts and settings.
         stats_used = {n: base_stats[n] for n in reward_names if n in base_stats}
-        norm_from = {n: f"base-model samples of this evaluation ({base_name!r})" for n in stats_used}
+        norm_from = {n: f"{stats_used[n].count} base-model samples of this evaluation ({base_name!r})" for n in stats_used}
         entry: dict[str, Any] = {
             "kind": spec.kind, "source": spec.source, "revision": spec.revision,
             "identity": identities[spec.name], "num_images": len(items),
@@ -602,14 +638,14 @@ def evaluate(
             if k.startswith("kl/"):
                 kl[k[3:]] = summarize(v)
         for v in kl.values():
-            v["estimator"] = suite.kl_estimator
+            v["estimator"] = kl_estimator
         entry["kl"] = kl
         duals = {c["name"]: c.get("dual") for c in (reports[spec.name] or {}).get("constraints", [])}
         cons = []
         for c in (problem.constraints if problem else []):
             if c.is_kl:
                 v = values.get("kl/base", torch.zeros(len(items), dtype=torch.float64))
-                units = f"KL ({suite.kl_estimator})"
+                units = f"KL ({kl_estimator})"
             elif c.normalize:
                 if c.source not in stats_used:
                     raise ValueError(f"constraint {c.name!r} is normalised but no statistics of {c.source!r} exist")
@@ -633,6 +669,7 @@ def evaluate(
         "prompts": {"source": suite.prompts if isinstance(suite.prompts, str) else "list", "count": len(prompts),
                     "images_per_prompt": suite.images_per_prompt, "seed": suite.seed},
         "sampler": settings, "num_images": len(items), "constraints_from": constraints_from,
+        "kl_estimator": {"name": kl_estimator, "from": kl_estimator_from},
         "cached_batches": cached_batches, "checkpoints": summaries,
     }
     files: dict[str, Path] = {}
@@ -663,6 +700,34 @@ def _problem_for(suite, checkpoints, run_files):
         if cfg.constraints:
             return ConstrainedProblem.from_config(cfg), f"{c.name} (config.yaml)"
     return None, "none"
+
+
+def _run_configs(checkpoints, run_files) -> dict[str, dict]:
+    """The training ``config.yaml`` of each checkpoint that has one, as a plain mapping."""
+    from .config import read_yaml_mapping
+
+    return {c.name: read_yaml_mapping(run_files[c.name]["config.yaml"]) for c in checkpoints
+            if run_files[c.name].get("config.yaml") is not None}
+
+
+def _kl_estimator_for(suite, run_configs: dict[str, dict]) -> tuple[str, str]:
+    """The chain-KL estimator of the evaluation and where it came from: the suite's when
+    set; else the one the checkpoints were trained with (their ``config.yaml``; if they
+    differ, the first one's, with a warning); else the trainer's default."""
+    if suite.kl_estimator is not None:
+        return suite.kl_estimator, "suite"
+    from .config import ConstrainedDDPOConfig
+
+    default = ConstrainedDDPOConfig.__dataclass_fields__["kl_estimator"].default
+    found = {name: cfg.get("kl_estimator") or default for name, cfg in run_configs.items()}
+    if not found:
+        return default, "the trainer's default (no checkpoint's config.yaml names one)"
+    first = next(iter(found))
+    if len(set(found.values())) > 1:
+        warnings.warn(f"the checkpoints were trained with different chain-KL estimators ({found}); every row "
+                      f"reports {found[first]!r} (from {first!r}); set the suite's kl_estimator to choose",
+                      stacklevel=3)
+    return found[first], f"{first} (config.yaml)"
 
 
 def _read_report(files: dict) -> dict | None:
@@ -751,7 +816,9 @@ def _write_outputs(out: Path, data: dict, gathered: dict, order: list[str], grid
         md += [_md(data["description"]), ""]
     md += [f"Model `{_md(data['model'])}`; {data['num_images']} images per checkpoint "
            f"({data['prompts']['count']} prompts × {data['prompts']['images_per_prompt']}, seed {data['prompts']['seed']}); "
-           f"sampler {_md(json.dumps(data['sampler']))}; constraints from: {_md(data['constraints_from'])}.", "",
+           f"sampler {_md(json.dumps(data['sampler']))}; constraints from: {_md(data['constraints_from'])}; "
+           f"chain KL estimator: {_md(data['sampler']['kl_estimator'])} "
+           f"(from {_md((data.get('kl_estimator') or {}).get('from', 'the suite'))}).", "",
            comparison_table(data)]
     atomic_write_text(files["markdown"], "\n".join(md))
     if grid_images > 0:

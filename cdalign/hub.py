@@ -44,6 +44,17 @@ class HubPushError(RuntimeError):
     """A push failed; the local output folder is untouched and the push can be retried."""
 
 
+def check_repo_id(repo_id: str, field_name: str = "--repo_id") -> None:
+    """``ValueError`` naming ``repo_id`` unless huggingface_hub accepts it as a repo id
+    ('user/name' or 'name': letters, digits, '-', '_', '.'; at most 96 characters)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"{field_name}: {repo_id!r} is not a valid Hub repo id ({err}); use 'user/name'") from None
+
+
 def files_to_push(output_dir: str | os.PathLike, patterns: Sequence[str] = PUSH_PATTERNS) -> list[str]:
     """Paths (relative, POSIX) under ``output_dir`` that a push uploads: those matching
     ``patterns``; never ``checkpoint-*/``, caches or hidden files."""
@@ -82,6 +93,7 @@ def push_output_dir(
     cannot be reached or refuses the commit; nothing local is removed either way."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    check_repo_id(repo_id)  # before anything is written (the card names the repo)
     root = Path(output_dir)
     if not (root / LORA_WEIGHT_NAME).is_file():
         raise FileNotFoundError(
@@ -162,25 +174,71 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def pull(repo_id: str, local_dir: str | os.PathLike, revision: str | None = None, endpoint: str | None = None) -> Path:
+    """``snapshot_download`` of a published LoRA into ``local_dir``. A repo or revision that
+    does not exist raises ``FileNotFoundError``, an unreachable Hub ``OSError``, both naming
+    the repo; a ``local_dir`` this call created is removed again on failure."""
+    import shutil
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    check_repo_id(repo_id, "repo_id")
+    local = Path(local_dir)
+    created = not local.exists()
+    where = f"Hub repo {repo_id!r} (revision {revision or 'main'})"
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_dir=str(local), endpoint=endpoint))
+    except BaseException as err:
+        if created:
+            shutil.rmtree(local, ignore_errors=True)  # nothing half-downloaded stays behind
+        if isinstance(err, RepositoryNotFoundError):
+            raise FileNotFoundError(f"{where} does not exist (or is private and no token allows reading it)") from None
+        if isinstance(err, RevisionNotFoundError):
+            raise FileNotFoundError(f"{where}: no such branch, tag or commit") from None
+        if isinstance(err, LocalEntryNotFoundError):
+            raise OSError(f"{where} is not cached and the Hub is unreachable or offline (HF_HUB_OFFLINE): {err}") from None
+        if isinstance(err, Exception):
+            raise OSError(f"could not download {where}: {type(err).__name__}: {err}") from None
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input (invalid repo id, missing folder or repo), 1 the Hub
+    failed (unreachable, refused the commit: retry)."""
     args = _build_parser().parse_args(argv)
     if args.command == "push":
         evaluation = None
-        if args.evaluation:
-            import json
-
-            evaluation = json.loads(Path(args.evaluation).read_text())
         try:
+            if args.evaluation:
+                import json
+
+                try:
+                    evaluation = json.loads(Path(args.evaluation).read_text())
+                except (OSError, ValueError) as err:
+                    raise ValueError(f"--evaluation {args.evaluation!r}: cannot read it as JSON ({err})") from None
             url = push_output_dir(args.output_dir, args.repo_id, private=args.private, revision=args.revision,
                                   commit_message=args.commit_message, write_card=not args.no_card, evaluation=evaluation)
-        except (HubPushError, FileNotFoundError) as err:
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except HubPushError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         print(url)
         return 0
-    from huggingface_hub import snapshot_download
-
-    path = snapshot_download(args.repo_id, revision=args.revision, local_dir=args.local_dir)
+    try:
+        path = pull(args.repo_id, args.local_dir, revision=args.revision)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(path)
     return 0
 

@@ -16,6 +16,27 @@ import torch
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
+class CorruptFileError(ValueError):
+    """A weights file that exists but cannot be read: truncated, or not a safetensors file."""
+
+
+def check_safetensors(path: str | os.PathLike, what: str = "") -> Path:
+    """``path`` if it is a complete, readable safetensors file (its header and the extent
+    it declares are checked, no tensor is read); else :class:`CorruptFileError` naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except SafetensorError as err:
+        raise CorruptFileError(
+            f"{what + ': ' if what else ''}{str(path)!r} is corrupt or truncated ({err}); it is not a complete "
+            "safetensors file: write it again (rerun the job that made it) or download it again"
+        ) from None
+    return path
+
+
 def is_local_source(source: str) -> bool:
     """A path on this machine (exists, or written like one) rather than a Hub repo id."""
     return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
@@ -23,7 +44,8 @@ def is_local_source(source: str) -> bool:
 
 def lora_weights_path(source: str, *, weight_name: str = LORA_WEIGHT_NAME, revision: str | None = None, what: str = "LoRA") -> Path:
     """The weights file of a LoRA: ``source`` is an output folder, a ``.safetensors``
-    file, or a Hub repo id (fetched with ``hf_hub_download`` at ``revision``)."""
+    file, or a Hub repo id (fetched with ``hf_hub_download`` at ``revision``). A file that
+    is truncated or not safetensors raises :class:`CorruptFileError` naming it."""
     if is_local_source(source):
         path = Path(source).expanduser()
         path = path / weight_name if path.is_dir() or not path.suffix else path
@@ -32,10 +54,10 @@ def lora_weights_path(source: str, *, weight_name: str = LORA_WEIGHT_NAME, revis
                 f"{what}: no LoRA weights at {str(path)!r}; give an output folder written by cdalign (it holds "
                 f"{LORA_WEIGHT_NAME}), a .safetensors file, or a Hub repo id"
             )
-        return path
+        return check_safetensors(path, what)
     from .hub import download_file
 
-    return download_file(source, weight_name, revision=revision, what=what)
+    return check_safetensors(download_file(source, weight_name, revision=revision, what=what), what)
 
 
 @contextlib.contextmanager

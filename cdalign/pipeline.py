@@ -5,6 +5,7 @@ so the code that trains SD 1.5 is the code the embedded tiny models exercise."""
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Callable
@@ -43,15 +44,65 @@ def _check_pipeline(pipe, source: str):
         )
 
 
+class ModelNotFoundError(OSError):
+    """A base model that is not embedded, not a local folder, and not loadable from the Hub
+    (absent, misspelt, or offline and not cached)."""
+
+
+def _download_command(name: str, revision: str | None) -> str:
+    return f"hf download {name}" + (f" --revision {revision}" if revision else "")
+
+
+def _embedded_suggestion(name: str) -> str | None:
+    close = difflib.get_close_matches(name, list(EMBEDDED_MODELS.names()), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _model_not_found(name: str, revision: str | None, what: str, err: Exception) -> ModelNotFoundError:
+    """One message: what was looked for where, a did-you-mean over the embedded models,
+    and the command that downloads a Hub model. ``err``: the Hub's (or cache's) error."""
+    from huggingface_hub import constants
+
+    close = _embedded_suggestion(name)
+    guess = f"Did you mean the embedded model {close!r}? " if close else ""
+    looked = f"not an embedded model ({', '.join(EMBEDDED_MODELS.names())}), not a local folder"
+    if constants.HF_HUB_OFFLINE:
+        hub = ", and not in the local Hub cache (HF_HUB_OFFLINE=1: the Hub is off)"
+    else:
+        cause = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        hub = f", and the Hugging Face Hub did not serve it ({cause})"
+    return ModelNotFoundError(
+        f"{what}={name!r} (revision {revision or 'main'}): {looked}{hub}. {guess}A Hub model: check the id and "
+        f"download it once with `{_download_command(name, revision)}` (then it loads offline too); or give a "
+        "local diffusers folder"
+    )
+
+
+def _check_hub_id(name: str, revision: str | None, what: str) -> None:
+    """Refuse, without a network call, a name that cannot be a Hub repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        raise ModelNotFoundError(
+            f"{what}={name!r} is not an embedded model ({', '.join(EMBEDDED_MODELS.names())}), not a local folder "
+            f"(none exists there), and not a valid Hub repo id ({err})"
+        ) from None
+
+
 def load_pipeline(
     name_or_path: str,
     revision: str | None = None,
     torch_dtype: torch.dtype | None = None,
     variant: str | None = None,
+    what: str = "pretrained_model_name_or_path",
 ):
     """Load a Stable Diffusion pipeline from an embedded name, a local diffusers folder,
     or a Hub repo id (``revision`` selects a branch, tag or commit). Never trusts remote
-    code. Offline and uncached, the error names the Hub id."""
+    code. A model found nowhere raises :class:`ModelNotFoundError` naming it (``what``:
+    the field it came from), with a did-you-mean over the embedded models and the
+    download command."""
     from diffusers import StableDiffusionPipeline
 
     if name_or_path in EMBEDDED_MODELS:
@@ -71,6 +122,8 @@ def load_pipeline(
                 "(expected a model_index.json); give a folder written by save_pretrained, a Hub repo id, "
                 f"or an embedded model ({', '.join(EMBEDDED_MODELS.names())})"
             )
+        if not looks_local:
+            _check_hub_id(name_or_path, revision, what)
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
                 str(local) if looks_local else name_or_path,
@@ -84,11 +137,7 @@ def load_pipeline(
         except OSError as err:
             if looks_local:
                 raise
-            raise OSError(
-                f"could not load the base model {name_or_path!r} (revision {revision or 'main'}) from the "
-                f"Hugging Face Hub: {err}. If you are offline, download it first with "
-                f"`huggingface-cli download {name_or_path}` or pass a local folder."
-            ) from err
+            raise _model_not_found(name_or_path, revision, what, err) from None
     _check_pipeline(pipe, name_or_path)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -27,7 +27,11 @@ def _packaged(name: str) -> Callable[[], list[str]]:
 # and its six held-out evaluation animals (METHOD.md §1).
 PROMPT_SETS.register("animals", _packaged("animals"))
 PROMPT_SETS.register("animals_eval", _packaged("animals_eval"))
+# The shapes world's 12 training prompts, and 12 held-out ones for evaluating aligned models: the same
+# shapes, sizes and backgrounds with the colours permuted (red<->blue, green->cyan->green... see the
+# file), so no prompt is in the training set and the attribute mix, hence the base statistics, match.
 PROMPT_SETS.register("shapes", _packaged("shapes"))
+PROMPT_SETS.register("shapes_eval", _packaged("shapes_eval"))
 
 
 def load_prompts(

@@ -9,12 +9,16 @@ step, ``train`` loops, ``save_model`` writes a LoRA in the diffusers format."""
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -34,21 +38,67 @@ from .checkpointing import (
     resolve_checkpoint,
     rotate_checkpoints,
 )
-from .config import ConstrainedDDPOConfig, config_to_dict, save_config
+from .config import (
+    ConstrainedDDPOConfig,
+    check_mixed_precision,
+    check_output_dir_writable,
+    check_trackers_installed,
+    config_from_dict,
+    config_to_dict,
+    read_yaml_mapping,
+    save_config,
+)
 from .duals import InfeasibilityMonitor, build_dual_optimizer
-from .estimators import ESTIMATORS, MicroBatch, is_finite_batch, mean_and_ci, score
+from .estimators import ESTIMATORS, MicroBatch, is_finite_batch, score
 from .kl import ChainKLAccumulator, choose_kl_steps
-from .lora import LORA_WEIGHT_NAME, adapter_state_dict, full_tensor, like_param, save_adapter
-from .normalization import NormalizationCache, RewardStats, prompts_fingerprint, stats_from_samples
+from .metrics import EVAL_METRICS
+from .lora import LORA_WEIGHT_NAME, adapter_state_dict, check_safetensors, full_tensor, like_param, save_adapter
+from .normalization import (
+    MIN_NORMALIZATION_SAMPLES,
+    NormalizationCache,
+    RewardStats,
+    callable_name,
+    prompts_fingerprint,
+    reward_identity,
+    sampled_fingerprint,
+    stats_from_samples,
+)
 from .pipeline import load_pipeline
 from .problem import ConstrainedProblem
 from .prompts import load_prompts
 from .sampling import DiffusionSampler, WithAdaptersDisabled
 from .seeding import batch_share, derived_seed, eval_batch_share
+from .statistics import constraint_decision, mean_and_ci, paired_difference, summarize
 
 logger = logging.getLogger(__name__)
 
+# Below this many evaluation images a constraint verdict is mostly sampling noise (measured on the
+# tiny model: 16 base images read +0.15σ / +0.55σ against the base model's own statistics).
+MIN_VERDICT_IMAGES = 32
+
 RUN_MARKERS = ("config.yaml", "log.jsonl", LORA_WEIGHT_NAME, "report.json")
+RUN_PICTURES = ("samples_base_vs_aligned.png", "duals.png")
+# Config fields a resumed run may change: length, cadence, destination, evaluation and
+# reporting. Any other difference from the checkpoint's config changes the run itself.
+RESUME_MAY_DIFFER = (
+    "max_steps", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "resume_allow_config_change",
+    "logging_steps", "save_steps", "save_total_limit", "report_to", "push_to_hub", "hub_model_id", "hub_private",
+    "normalization_cache_dir", "max_nonfinite_batches", "eval_prompts", "eval_batches", "eval_seed", "num_grid_images",
+)
+
+
+class TrainingInterrupted(Exception):
+    """``train()`` stopped on SIGINT/SIGTERM after a whole optimiser step and saved
+    ``checkpoint``; ``resume_from_checkpoint='latest'`` continues the run exactly."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = int(signum), step, checkpoint
+        super().__init__(f"interrupted by {signal.Signals(self.signum).name} at step {step}; checkpoint at {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + signal number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + self.signum
 
 
 class _CallableReward(torch.nn.Module):
@@ -62,16 +112,17 @@ class _CallableReward(torch.nn.Module):
         return torch.as_tensor(self.fn(images, prompts))
 
 
+def check_checkpoint_files(path: Path) -> None:
+    """The safetensors files of checkpoint folder ``path`` are complete (``CorruptFileError``
+    naming the file otherwise, e.g. after a crash or a full disk while copying it)."""
+    for name in ("lora.safetensors", "optimizer.safetensors"):
+        if (Path(path) / name).is_file():
+            check_safetensors(Path(path) / name, what="resume_from_checkpoint")
+
+
 def model_fingerprint(unet) -> str:
     """Identifies base weights for the normalisation cache, whatever their source."""
-    h = hashlib.sha256()
-    for name, p in sorted(unet.named_parameters()):
-        if "lora" in name:
-            continue
-        flat = p.detach().flatten()
-        h.update(name.encode())
-        h.update(flat[:: max(1, flat.numel() // 64)].double().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return sampled_fingerprint([(name, p) for name, p in unet.named_parameters() if "lora" not in name])
 
 
 class ConstrainedDDPOTrainer:
@@ -83,8 +134,12 @@ class ConstrainedDDPOTrainer:
             name, or None for ``config.pretrained_model_name_or_path``.
         rewards: ``{name: Reward or callable(images, prompts) -> (B,)}``; names the
             problem needs and that are missing are built from ``cdalign.rewards.REWARDS``.
+            A user reward's base-model statistics are cached only if it has a ``cache_key``
+            attribute (a string you change whenever the function changes); otherwise they
+            are recomputed every run. ``config.yaml`` marks it in ``reward_sources``.
         prompts / eval_prompts: a list, a callable, or anything ``load_prompts`` takes;
-            None uses ``config.prompts`` / ``config.eval_prompts``.
+            None uses ``config.prompts`` / ``config.eval_prompts``. A list or a callable is
+            recorded in ``config.yaml`` as the list of prompts used.
         accelerator: an ``accelerate.Accelerator`` (one is made from the config if None).
         shard_unet: shard the UNet (base weights, LoRA, gradients and optimizer state) over
             the processes with FSDP2 (``torch.distributed.fsdp.fully_shard``, one unit per
@@ -103,7 +158,7 @@ class ConstrainedDDPOTrainer:
         accelerator=None,
         shard_unet: bool | None = None,
     ):
-        from accelerate import Accelerator
+        from accelerate import Accelerator, PartialState
 
         config.validate()
         self.config = cfg = config
@@ -112,8 +167,11 @@ class ConstrainedDDPOTrainer:
         self.resume_path = None
         if cfg.resume_from_checkpoint:
             self.resume_path = resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
+            check_checkpoint_files(self.resume_path)  # a torn checkpoint fails before the model loads
         self._check_output_dir()
 
+        check_trackers_installed(cfg.report_to_list)
+        check_mixed_precision(cfg.mixed_precision, (accelerator or PartialState()).device)
         log_with = cfg.report_to_list or None
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with)
         acc = self.accelerator
@@ -124,6 +182,25 @@ class ConstrainedDDPOTrainer:
         self.eval_prompts = (
             load_prompts(eval_source, cfg.prompt_column, cfg.prompt_split) if eval_source is not None else self.prompts
         )
+        self._recorded_prompts = {
+            "prompts": _recordable_prompts(prompts, self.prompts),
+            "eval_prompts": _recordable_prompts(eval_prompts, self.eval_prompts),
+        }
+        self._user_rewards = dict(rewards or {})
+        self.reward_sources = {
+            n: f"user callable {callable_name(fn)} (not recordable"
+            + (f"; cache_key {str(fn.cache_key)!r})" if getattr(fn, "cache_key", None) is not None else ")")
+            for n, fn in self._user_rewards.items()
+        }
+        for n, source in cfg.reward_sources.items():
+            if n not in self._user_rewards:
+                warnings.warn(
+                    f"reward {n!r}: the config records it as {source}, which a config cannot rebuild; this run "
+                    f"uses the registry reward {n!r} instead (pass the callable again with rewards= to reuse it)",
+                    stacklevel=2,
+                )
+        if self.resume_path is not None:
+            self._check_resume_config(self.resume_path)
 
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         if pipeline is None or isinstance(pipeline, str):
@@ -163,11 +240,18 @@ class ConstrainedDDPOTrainer:
         self.history: list[dict] = []
         self._slack_sum = torch.zeros(len(self.problem.constraints), dtype=torch.float64)
         self._slack_count = 0
+        self._normalization_keys: dict[str, dict | None] | None = None
+        self._stop_signal: int | None = None
+        if self.resume_path is None and cfg.overwrite_output_dir:
+            if acc.is_main_process:  # only now that everything above succeeded
+                self._clear_previous_run()
+            acc.wait_for_everyone()
         if acc.is_main_process and log_with:
-            acc.init_trackers("cdalign", config=_flat(config_to_dict(cfg)))
+            acc.init_trackers("cdalign", config=_flat(config_to_dict(self.recorded_config())))
 
     # ------------------------------------------------------------------ setup
     def _check_output_dir(self):
+        check_output_dir_writable(self.output_dir)  # a file, or a folder this process cannot write: refused
         out = self.output_dir
         if self.resume_path is not None or self.config.overwrite_output_dir or not out.is_dir():
             return
@@ -178,6 +262,73 @@ class ConstrainedDDPOTrainer:
                 "overwrite_output_dir=true to replace it, resume_from_checkpoint=latest to continue it, "
                 "or choose another output_dir"
             )
+
+    def _clear_previous_run(self) -> list[str]:
+        """Before a fresh run writes into ``output_dir`` (``overwrite_output_dir``): remove
+        what an earlier run wrote there, so no old checkpoint, log line or picture passes for
+        this run's. Only cdalign's own files go: the run markers, ``checkpoint-N`` folders
+        holding a trainer state, the pictures, a cdalign model card, stale temporaries."""
+        out = self.output_dir
+        if not out.is_dir():
+            return []
+        removed = [n for n in (*RUN_MARKERS, *RUN_PICTURES) if (out / n).is_file()]
+        for name in removed:
+            (out / name).unlink()
+        card = out / "README.md"
+        if card.is_file() and _is_cdalign_card(card):
+            card.unlink()
+            removed.append(card.name)
+        for ckpt in list_checkpoints(out):
+            if (ckpt / "trainer_state.json").is_file():
+                shutil.rmtree(ckpt)
+                removed.append(ckpt.name)
+        remove_stale_temporaries(out)
+        if removed:
+            logger.info("overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(removed), out)
+        return removed
+
+    def recorded_config(self) -> ConstrainedDDPOConfig:
+        """The config as this trainer runs it, for ``config.yaml`` and checkpoints: prompts
+        passed to the trainer replace the config's sources (a list or a callable as the
+        list of prompts used), and ``reward_sources`` marks rewards from user callables."""
+        changes: dict = {"reward_sources": dict(self.reward_sources)}
+        for key, value in self._recorded_prompts.items():
+            if value is not None:
+                changes[key] = value
+        return dataclasses.replace(self.config, **changes)
+
+    def _check_resume_config(self, path: Path) -> None:
+        """Refuse to resume from a checkpoint whose saved config differs from this run's in a
+        field that changes the run (all but :data:`RESUME_MAY_DIFFER`), unless
+        ``resume_allow_config_change``; then warn, naming the fields."""
+        saved_path = Path(path) / "config.yaml"
+        if not saved_path.is_file():
+            warnings.warn(
+                f"checkpoint {str(path)!r} holds no config.yaml (an older cdalign wrote it): cannot check that it "
+                "belongs to a run with these settings",
+                stacklevel=3,
+            )
+            return
+        raw = read_yaml_mapping(saved_path)
+        try:
+            saved = config_to_dict(config_from_dict(raw))
+        except ValueError:
+            saved = raw  # a config of another cdalign version: compare the fields it has
+        current = config_to_dict(self.recorded_config())
+        changed = [(k, old, new) for k, old, new in _config_differences(saved, current)
+                   if re.split(r"[.\[]", k, maxsplit=1)[0] not in RESUME_MAY_DIFFER]
+        if not changed:
+            return
+        listing = "; ".join(f"{k}: {_short(old)} in the checkpoint, {_short(new)} now" for k, old, new in changed)
+        if not self.config.resume_allow_config_change:
+            raise ValueError(
+                f"resume_from_checkpoint: {str(path)!r} was written by a run with other settings ({listing}); "
+                "resuming would mix two runs. Resume with the checkpoint's settings (its config.yaml), start a new "
+                "run (another output_dir, or overwrite_output_dir=true), or set resume_allow_config_change=true"
+            )
+        msg = f"resuming from {str(path)!r}, whose run had other settings: {listing} (resume_allow_config_change=true)"
+        warnings.warn(msg, stacklevel=3)
+        logger.warning(msg)
 
     def _prepare_models(self, weight_dtype):
         pipe, cfg = self.pipe, self.config
@@ -290,30 +441,57 @@ class ConstrainedDDPOTrainer:
         return batch_share(self.config.seed, purpose, index, prompts, size, acc.num_processes, acc.process_index)
 
     # ------------------------------------------------------------------ normalisation
+    def normalization_keys(self) -> dict[str, dict | None]:
+        """Per reward, the key of its base-model statistics: what the reward is
+        (:func:`~cdalign.normalization.reward_identity`: registry name, kwargs, weights; or
+        a user callable's ``cache_key``), the base model, prompts and sampler settings.
+        None: a user callable without ``cache_key``, whose statistics are never reused."""
+        if self._normalization_keys is None:
+            cfg = self.config
+            base_key = {
+                "model": self.model_name,
+                "revision": cfg.revision,
+                "weights": self.base_fingerprint,
+                "prompts": prompts_fingerprint(self.prompts),
+                "sampler": self.sampler.settings(),
+                "batches": cfg.normalization_batches,
+                "global_batch": cfg.train_batch_size * self.accelerator.num_processes,
+                "seed": cfg.seed,
+            }
+            keys = {}
+            for n, reward in self.rewards.items():
+                user = n in self._user_rewards
+                identity = reward_identity(
+                    n, self._user_rewards[n] if user else reward, kwargs=cfg.reward_kwargs.get(n, {}), user=user
+                )
+                key = {"reward": n, "reward_identity": identity, **base_key}
+                # Through JSON once, so keys compare equal to the ones read back from a checkpoint.
+                keys[n] = None if identity is None else json.loads(json.dumps(key, default=str))
+            self._normalization_keys = keys
+        return self._normalization_keys
+
     def compute_normalization(self) -> dict[str, RewardStats]:
         """Mean/std of every reward on base-model samples of the training prompts,
-        gathered over processes and cached (reused only on a matching key)."""
+        gathered over processes and cached (reused only on a matching key; a user
+        callable without ``cache_key`` is recomputed every run). Warns when the statistics
+        rest on fewer than ``MIN_NORMALIZATION_SAMPLES`` images."""
         cfg = self.config
         names = list(self.rewards)
         cache = NormalizationCache(cfg.normalization_cache_dir)
-        base_key = {
-            "model": self.model_name,
-            "revision": cfg.revision,
-            "weights": self.base_fingerprint,
-            "prompts": prompts_fingerprint(self.prompts),
-            "sampler": self.sampler.settings(),
-            "batches": cfg.normalization_batches,
-            "global_batch": cfg.train_batch_size * self.accelerator.num_processes,
-            "seed": cfg.seed,
-        }
-        keys = {n: {"reward": n, **base_key} for n in names}
+        keys = self.normalization_keys()
         missing = []
         for n in names:
-            cached = cache.load(keys[n])
+            cached = cache.load(keys[n]) if keys[n] is not None else None
             if cached is None:
                 missing.append(n)
             else:
                 self.normalizers[n] = cached
+            if keys[n] is None and self.accelerator.is_main_process:
+                logger.warning(
+                    "reward %r is a user callable without a cache_key attribute: its base-model statistics are "
+                    "recomputed every run (set a cache_key string on it, changed whenever it changes, to cache them)",
+                    n,
+                )
         if missing:
             from tqdm.auto import tqdm
 
@@ -329,9 +507,19 @@ class ConstrainedDDPOTrainer:
             for n in missing:
                 values = self.accelerator.gather(torch.cat(collected[n]).to(self.device)).cpu()
                 self.normalizers[n] = stats_from_samples(values)
-                if self.accelerator.is_main_process:
+                if self.accelerator.is_main_process and keys[n] is not None:
                     cache.save(keys[n], self.normalizers[n])
             self.accelerator.wait_for_everyone()
+        few = sorted(n for n in names if self.normalizers[n].count < MIN_NORMALIZATION_SAMPLES)
+        if few:
+            count = min(self.normalizers[n].count for n in few)
+            warnings.warn(
+                f"reward normalisation of {', '.join(few)} rests on only {count} base-model samples (fewer than "
+                f"{MIN_NORMALIZATION_SAMPLES}): values in σ units (thresholds, slacks, the report) are noisy; raise "
+                f"normalization_batches (now {cfg.normalization_batches} batches of "
+                f"{cfg.train_batch_size * self.accelerator.num_processes} images)",
+                stacklevel=2,
+            )
         return dict(self.normalizers)
 
     # ------------------------------------------------------------------ training
@@ -465,37 +653,50 @@ class ConstrainedDDPOTrainer:
 
     def train(self) -> dict:
         """Run ``max_steps`` optimiser steps (continuing a resumed run), save the LoRA,
-        evaluate on held-out samples and write the report, grid and plots."""
+        evaluate on held-out samples and write the report, grid and plots.
+
+        SIGINT/SIGTERM while it trains stop it after the current optimiser step: it saves
+        ``checkpoint-<step>`` and raises :class:`TrainingInterrupted` (a second Ctrl-C
+        interrupts at once, without a checkpoint). The previous handlers are restored."""
         from tqdm.auto import tqdm
 
         cfg, acc = self.config, self.accelerator
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.output_dir)
-            save_config(cfg, self.output_dir / "config.yaml")
-            if self.resume_path is None and (self.output_dir / "log.jsonl").exists():
-                (self.output_dir / "log.jsonl").unlink()
+            save_config(self.recorded_config(), self.output_dir / "config.yaml")
         acc.wait_for_everyone()
-        if self.resume_path is not None:
-            self.load_checkpoint(self.resume_path)
-        if any(self.problem.normalized(n) for n in self.problem.reward_names) and not self.normalizers:
-            self.compute_normalization()
-        bar = tqdm(total=cfg.max_steps, initial=self.global_step, desc="constrained alignment", disable=not acc.is_main_process)
-        while self.global_step < cfg.max_steps:
-            log = self.step()
-            slacks = [v for k, v in log.items() if k.startswith("slack/")]
-            post = {}
-            if "kl" in log:
-                post["kl"] = f"{log['kl']:.4g}"
-            if slacks:
-                post["worst_slack"] = f"{max(slacks):+.3f}"
-            bar.set_postfix(post)
-            bar.update(1)
-            if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < cfg.max_steps:
-                self.save_checkpoint()
-        bar.close()
+        with self._stop_on_signals():
+            saved = None  # (step, checkpoint) of the newest checkpoint holding this state
+            if self.resume_path is not None:
+                self.load_checkpoint(self.resume_path)
+                saved = (self.global_step, self.resume_path)
+            if any(self.problem.normalized(n) for n in self.problem.reward_names) and not self.normalizers:
+                self.compute_normalization()
+            bar = tqdm(total=cfg.max_steps, initial=self.global_step, desc="constrained alignment", disable=not acc.is_main_process)
+            stopping = self._stop_requested()
+            while not stopping and self.global_step < cfg.max_steps:
+                log = self.step()
+                slacks = [v for k, v in log.items() if k.startswith("slack/")]
+                post = {}
+                if "kl" in log:
+                    post["kl"] = f"{log['kl']:.4g}"
+                if slacks:
+                    post["worst_slack"] = f"{max(slacks):+.3f}"
+                bar.set_postfix(post)
+                bar.update(1)
+                if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < cfg.max_steps:
+                    saved = (self.global_step, self.save_checkpoint())
+                stopping = self._stop_requested()
+            bar.close()
+            if stopping:
+                checkpoint = saved[1] if saved and saved[0] == self.global_step else self.save_checkpoint()
+                acc.end_training()
+                raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, self.global_step, checkpoint)
         self.save_model(self.output_dir)
         report = self.evaluate()
+        if self.reward_sources:
+            report["reward_sources"] = dict(self.reward_sources)
         if acc.is_main_process:
             atomic_write_text(self.output_dir / "report.json", json.dumps(report, indent=2))
             self._plot_history()
@@ -505,17 +706,49 @@ class ConstrainedDDPOTrainer:
         acc.end_training()
         return report
 
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While training: SIGINT/SIGTERM only set a flag, read between optimiser steps by
+        :meth:`_stop_requested` (no step is cut in half); a second Ctrl-C (SIGINT after
+        SIGINT) raises KeyboardInterrupt at once. A SIGTERM after a SIGINT (what a launcher
+        sends its workers on Ctrl-C) changes nothing. Outside the main thread a no-op."""
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
+                raise KeyboardInterrupt
+            if self._stop_signal is None:
+                self._stop_signal = signum
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _stop_requested(self) -> bool:
+        """Whether any process was signalled to stop: all processes stop at the same step."""
+        return not self._on_all_processes(self._stop_signal is None)
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, num_batches: int | None = None) -> dict:
-        """Held-out evaluation with fixed seeds: base vs aligned, each reward's mean and 95%
-        CI, each constraint's measured value vs threshold, the chain KL over all steps."""
+        """Held-out evaluation with fixed seeds: base and aligned images from the same noise,
+        each reward's and metric's mean with its 95% CI for both models and the *paired*
+        aligned − base difference, each constraint's measured value against its threshold,
+        and the chain KL over all steps (estimator named in the report)."""
         cfg, acc, prob = self.config, self.accelerator, self.problem
         if not self.normalizers and any(prob.normalized(n) for n in prob.reward_names):
             self.compute_normalization()
         self.pipe.unet.eval()
         batches = cfg.eval_batches if num_batches is None else num_batches
+        metric_fns = {name: EVAL_METRICS.get(name) for name in cfg.eval_metrics}
         results = {"base": {n: [] for n in self.rewards}, "aligned": {n: [] for n in self.rewards}}
+        metric_values: dict[str, dict[str, list]] = {"base": {}, "aligned": {}}
         kls, grid = [], {"base": [], "aligned": []}
         T = len(self.sampler.chain)
         for b in range(batches):
@@ -531,24 +764,39 @@ class ConstrainedDDPOTrainer:
                 base = self.sampler.sample(WithAdaptersDisabled(policy), seeds)
             kls.append(kl_acc.per_sample.float())
             for key, images in (("base", base), ("aligned", aligned)):
-                grid[key].append(images.cpu())
+                if len(grid[key]) * cfg.train_batch_size < cfg.num_grid_images:
+                    grid[key].append(images.cpu())
                 for n in self.rewards:
                     results[key][n].append(self.rewards[n](images, prompts).float())
+                for fn in metric_fns.values():
+                    for k, v in fn(images, prompts).items():
+                        metric_values[key].setdefault(k, []).append(v.float().to(self.device))
 
         def gathered(chunks):
             return acc.gather(torch.cat(chunks).to(self.device)).cpu()
 
         kl_all = gathered(kls)
-        report = {"model": self.model_name, "steps": self.global_step, "num_eval_images": int(kl_all.numel())}
-        rewards_report = {}
+        n_images = int(kl_all.numel())
+        if n_images < MIN_VERDICT_IMAGES:
+            warnings.warn(
+                f"evaluation on {n_images} images: a constraint verdict from fewer than {MIN_VERDICT_IMAGES} is "
+                "mostly sampling noise (raise eval_batches)",
+                stacklevel=2,
+            )
+        report = {
+            "model": self.model_name,
+            "steps": self.global_step,
+            "num_eval_images": n_images,
+            "eval": {"seed": cfg.eval_seed, "images": n_images, "prompts": len(self.eval_prompts), "paired": True},
+        }
         per_model = {}
         for key in ("base", "aligned"):
             per_model[key] = {}
             for n in self.rewards:
                 raw = gathered(results[key][n])
                 stats = self.normalizers.get(n)
-                normed = stats.normalize(raw) if stats is not None else raw
-                per_model[key][n] = (raw, normed)
+                per_model[key][n] = (raw, stats.normalize(raw) if stats is not None else raw)
+        rewards_report = {}
         for n in self.rewards:
             entry = {}
             for key in ("base", "aligned"):
@@ -559,10 +807,23 @@ class ConstrainedDDPOTrainer:
                     m, lo_, hi_ = mean_and_ci(normed)
                     entry[key]["normalized_mean"] = m
                     entry[key]["normalized_ci95"] = [lo_, hi_]
+            pick = 1 if n in self.normalizers else 0
+            entry["difference"] = paired_difference(per_model["aligned"][n][pick], per_model["base"][n][pick])
+            entry["difference"]["units"] = "base std" if pick else "raw"
             rewards_report[n] = entry
         report["rewards"] = rewards_report
+        if metric_fns:
+            report["metrics"] = {}
+            for k in metric_values["aligned"]:
+                aligned_v, base_v = gathered(metric_values["aligned"][k]), gathered(metric_values["base"][k])
+                keep = ~(aligned_v.isnan() | base_v.isnan())
+                report["metrics"][k] = {
+                    "base": summarize(base_v[keep]),
+                    "aligned": summarize(aligned_v[keep]),
+                    "difference": paired_difference(aligned_v[keep], base_v[keep]),
+                }
         m, lo_, hi_ = mean_and_ci(kl_all)
-        report["kl"] = {"estimator": cfg.kl_estimator, "mean": m, "ci95": [lo_, hi_]}
+        report["kl"] = {"estimator": cfg.kl_estimator, "units": "nats", "mean": m, "ci95": [lo_, hi_], "n": n_images}
         constraints = []
         for j, c in enumerate(prob.constraints):
             if c.is_kl:
@@ -571,8 +832,8 @@ class ConstrainedDDPOTrainer:
                 pick = 1 if c.normalize else 0
                 values, base_values = per_model["aligned"][c.source][pick], per_model["base"][c.source][pick]
             m, lo_, hi_ = mean_and_ci(values)
-            slack = float(c.slack(torch.tensor(m)))
-            ci_clears = (lo_ >= c.threshold) if c.direction == "high" else (hi_ <= c.threshold)
+            base_m, base_lo, base_hi = mean_and_ci(base_values)
+            decision = constraint_decision(m, (lo_, hi_), c.threshold, c.direction)
             constraints.append(
                 {
                     "name": c.name,
@@ -580,12 +841,15 @@ class ConstrainedDDPOTrainer:
                     "direction": c.direction,
                     "threshold": c.threshold,
                     "normalized": c.normalize,
+                    "units": "kl nats (" + cfg.kl_estimator + ")" if c.is_kl else ("base std" if c.normalize else "raw"),
+                    "n": n_images,
                     "measured": m,
                     "ci95": [lo_, hi_],
-                    "base_measured": float(base_values.double().mean()),
-                    "slack": slack,
-                    "satisfied": slack <= 0,
-                    "ci_clears_threshold": bool(ci_clears),
+                    "base_measured": base_m,
+                    "base_ci95": [base_lo, base_hi],
+                    "base_slack": float(c.slack(torch.tensor(base_m))),
+                    "difference": paired_difference(values, base_values),
+                    **decision,
                     "dual": float(self.duals.multipliers[j]),
                     "flagged_infeasible_at_step": self.monitor.flagged.get(c.name),
                 }
@@ -639,8 +903,9 @@ class ConstrainedDDPOTrainer:
 
     def save_checkpoint(self) -> Path | None:
         """``output_dir/checkpoint-<step>``: LoRA, optimizer, duals, normalisation stats and
-        counters, written atomically; keeps the last ``save_total_limit``. Call it on every
-        process (sharded state is gathered first); the main process writes."""
+        their keys, counters and the run's config (``config.yaml``, checked on resume),
+        written atomically; keeps the last ``save_total_limit``. Call it on every process
+        (sharded state is gathered first); the main process writes."""
         acc = self.accelerator
         final = self.output_dir / f"checkpoint-{self.global_step}"
         lora = self.lora_state()  # gathered on every process (collectives when sharded)
@@ -658,9 +923,11 @@ class ConstrainedDDPOTrainer:
                     "slack_sum": self._slack_sum.tolist(),
                     "slack_count": self._slack_count,
                     "normalizers": {n: s.__dict__ for n, s in self.normalizers.items()},
+                    "normalization_keys": {n: self.normalization_keys()[n] for n in self.normalizers},
                     "history": self.history,
                 }
                 (tmp / "trainer_state.json").write_text(json.dumps(state))
+                save_config(self.recorded_config(), tmp / "config.yaml")
             rotate_checkpoints(self.output_dir, self.config.save_total_limit)
         acc.wait_for_everyone()
         return final
@@ -669,7 +936,10 @@ class ConstrainedDDPOTrainer:
         from torch.distributed.tensor import DTensor
 
         path = resolve_checkpoint(str(path), self.output_dir)
+        if self.resume_path is None or path.resolve() != Path(self.resume_path).resolve():
+            self._check_resume_config(path)  # the constructor checked resume_path
         params = self._lora_params()
+        check_checkpoint_files(path)
         lora = load_file(str(path / "lora.safetensors"))
         if set(lora) != set(params):
             raise ValueError(f"checkpoint {str(path)!r} does not match this LoRA configuration (rank/targets differ)")
@@ -692,7 +962,20 @@ class ConstrainedDDPOTrainer:
         self._slack_sum = torch.tensor(state["slack_sum"], dtype=torch.float64)
         self._slack_count = state["slack_count"]
         self.normalizers.clear()
-        self.normalizers.update({n: RewardStats(**s) for n, s in state["normalizers"].items()})
+        saved_keys = state.get("normalization_keys")
+        current = self.normalization_keys()
+        stale = sorted(
+            n for n in state["normalizers"]
+            if saved_keys is not None and (current.get(n) is None or saved_keys.get(n) != current.get(n))
+        )
+        if stale:  # statistics of another reward, model or setting: computed afresh instead (all, so none is missing)
+            warnings.warn(
+                f"checkpoint {str(path)!r}: the reward statistics of {', '.join(stale)} were computed for another "
+                "reward, model or setting (or a user callable without cache_key); recomputing them",
+                stacklevel=2,
+            )
+        else:
+            self.normalizers.update({n: RewardStats(**s) for n, s in state["normalizers"].items()})
         self.history = state["history"]
         if self.accelerator.is_main_process:  # the log continues from the checkpoint
             log = self.output_dir / "log.jsonl"
@@ -749,3 +1032,44 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def _recordable_prompts(given, resolved: list[str]):
+    """What ``config.yaml`` records for a ``prompts``/``eval_prompts`` argument: None (the
+    config's own source stands), the source string as given, or the list of prompts used
+    (for a list, and for a callable, which a config cannot name)."""
+    if given is None:
+        return None
+    if isinstance(given, str):
+        return given
+    if callable(given):
+        logger.info("prompts from %s: config.yaml records the %d prompts it returned", callable_name(given), len(resolved))
+    return list(resolved)
+
+
+def _is_cdalign_card(path: Path) -> bool:
+    """Whether ``README.md`` is a model card cdalign wrote (front matter tagged cdalign)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    head, sep, _ = text[3:].partition("\n---")
+    return text.startswith("---") and bool(sep) and "- cdalign" in head
+
+
+def _config_differences(old, new, path: str = "") -> list[tuple[str, object, object]]:
+    """``(field path, old, new)`` for every leaf where two config dicts differ; nested specs
+    as ``dual.kappa_i``, lists of specs as ``constraints[1].threshold``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in list(old) + [k for k in new if k not in old]:
+            out += _config_differences(old.get(key, "(absent)"), new.get(key, "(absent)"), f"{path}.{key}" if path else str(key))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and any(isinstance(v, dict) for v in old):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _config_differences(a, b, f"{path}[{i}]")]
+    return [] if old == new else [(path, old, new)]
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

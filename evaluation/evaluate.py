@@ -11,7 +11,9 @@ sampled through cdalign's one DiffusionSampler with the same prompts, seeds and 
 settings, and scored with the same rewards. Writes evaluation.json, evaluation.md,
 grid.png (one row per checkpoint, same seeds) and rewards.png into --output_dir. An
 interrupted run continues from <output_dir>/cache (pass --no_cache to recompute).
-Suites: the YAML files in evaluation/suites/ (fields of cdalign.evaluation.EvaluationSuite)."""
+Suites: the YAML files in evaluation/suites/ (fields of cdalign.evaluation.EvaluationSuite).
+The chain KL uses the suite's kl_estimator (or --kl_estimator); unset, the one the
+checkpoints were trained with (their config.yaml)."""
 
 from __future__ import annotations
 
@@ -54,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
+    from cdalign.config import check_output_dir_writable
     from cdalign.evaluation import CheckpointSpec, EvaluationSuite, evaluate, load_suite
+    from cdalign.pipeline import ModelNotFoundError
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -72,13 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         extra = [CheckpointSpec.from_value(c, f"--checkpoint {c!r}") for c in args.checkpoint]
         fields["checkpoints"] = extra if args.only else list(suite.checkpoints) + extra
         suite = EvaluationSuite(**fields)
+        out = Path(args.output_dir or f"outputs/eval-{suite.name}")
+        check_output_dir_writable(out, "--output_dir")
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.output_dir or f"outputs/eval-{suite.name}")
     try:
         result = evaluate(suite, out, device=args.device, use_cache=not args.no_cache)
-    except (ValueError, FileNotFoundError, NotImplementedError, OSError) as err:
+    except (ValueError, FileNotFoundError, ModelNotFoundError) as err:  # bad input: missing/corrupt checkpoint, unknown model
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (NotImplementedError, OSError) as err:  # e.g. the Hub unreachable
         print(f"error: {err}", file=sys.stderr)
         return 1
     if result.files:  # the main process (under accelerate launch, the others write nothing)

@@ -20,38 +20,66 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "tiny" / "multi_reward.yaml"
 
 
+def _ci(entry_mean: float, ci) -> str:
+    return f"{entry_mean:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
 def summary_table(report: dict) -> str:
+    """The run's verdict: per constraint, the base and the aligned model's held-out means
+    with 95% CIs, the paired aligned − base difference (same seeds) and λ; then the chain
+    KL (estimator named) and the evaluation metrics."""
+    n = report.get("num_eval_images", "?")
     lines = [
-        f"{'constraint':<26} {'threshold':>10} {'base':>9} {'aligned':>9} {'95% CI':>19} {'ok':>4} {'λ':>7}",
+        f"held-out evaluation: {n} images, base and aligned on the same seeds; means with 95% CI",
+        f"{'constraint':<24} {'threshold':>9} {'base':>24} {'aligned':>24} {'aligned − base':>24} {'ok':>4} {'λ':>7}",
     ]
     for c in report["constraints"]:
         op = ">=" if c["direction"] == "high" else "<="
-        ci = f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
+        base_ci = c.get("base_ci95", [c["base_measured"], c["base_measured"]])
+        diff = c.get("difference")
+        diff_s = _ci(diff["mean"], diff["ci95"]) if diff else "n/a"
         lines.append(
-            f"{c['name']:<26} {op}{c['threshold']:>8.3g} {c['base_measured']:>9.4f} {c['measured']:>9.4f} "
-            f"{ci:>19} {'yes' if c['satisfied'] else 'NO':>4} {c['dual']:>7.3f}"
+            f"{c['name']:<24} {op}{c['threshold']:>+7.3g} {_ci(c['base_measured'], base_ci):>24} "
+            f"{_ci(c['measured'], c['ci95']):>24} {diff_s:>24} {'yes' if c['satisfied'] else 'NO':>4} {c['dual']:>7.3f}"
         )
+    for name, m in report.get("metrics", {}).items():
+        lines.append(
+            f"{name:<24} {'':>9} {_ci(m['base']['mean'], m['base']['ci95']):>24} "
+            f"{_ci(m['aligned']['mean'], m['aligned']['ci95']):>24} {_ci(m['difference']['mean'], m['difference']['ci95']):>24}"
+        )
+    kl = report["kl"]
     obj = report["objective"]
     what = "chain KL to the base (minimised)" if obj["type"] == "kl" else f"mean {obj['reward']} (maximised)"
-    lines.append(f"objective: {what} = {obj['value']:.4g}; chain KL to base = {report['kl']['mean']:.4g}")
+    lines.append(
+        f"objective: {what} = {obj['value']:.4g}; chain KL to base ({kl['estimator']} estimator, nats) = "
+        f"{_ci(kl['mean'], kl['ci95'])}"
+    )
+    verdict = "every constraint satisfied" if report.get("all_satisfied") else "NOT every constraint satisfied"
+    lines.append(f"all_satisfied: {str(bool(report.get('all_satisfied'))).lower()} ({verdict} on held-out prompts)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from cdalign import ConstrainedDDPOTrainer, parse_config
+    from cdalign import ConstrainedDDPOTrainer, TrainingInterrupted, parse_config
 
-    if not any(a == "--config" or a.startswith("--config=") for a in argv) and "--help" not in argv and "-h" not in argv:
-        argv = ["--config", str(DEFAULT_RECIPE), *argv]
-    try:
-        config = parse_config(argv)
+    try:  # bad input (config, paths, models, trackers) is refused here, before any training
+        config = parse_config(argv, default_recipe=DEFAULT_RECIPE)
         trainer = ConstrainedDDPOTrainer(config)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
+    except (ValueError, OSError) as err:  # FileNotFoundError, FileExistsError, ... are OSErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         report = trainer.train()
-    except RuntimeError as err:  # e.g. too many non-finite batches: the last good outputs stay
+    except TrainingInterrupted as stop:  # SIGINT/SIGTERM: a checkpoint at the last whole step
+        if trainer.accelerator.is_main_process:
+            print(f"interrupted at step {stop.step}; checkpoint at {stop.checkpoint}; "
+                  "resume with `--resume_from_checkpoint latest`", file=sys.stderr)
+        return stop.exit_code
+    except ValueError as err:  # bad input found once training started, e.g. a corrupt checkpoint to resume
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as err:  # e.g. too many non-finite batches: the last good outputs stay
         print(f"error: training stopped: {err}", file=sys.stderr)
         return 1
     if trainer.accelerator.is_main_process:

@@ -26,8 +26,10 @@ DEFAULT_RECIPE = Path(__file__).resolve().parent / "compose" / "tiny_adapters.ya
 
 def run_and(config) -> dict:
     from cdalign.composition import ConstrainedComposer, kl_table, train_missing_components
+    from cdalign.composition.composer import check_composition_inputs
     from accelerate import Accelerator
 
+    check_composition_inputs(config)  # bad input fails before any component trains
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     t0 = time.time()
     trained = train_missing_components(config, accelerator)
@@ -74,18 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from cdalign.composition import parse_config
 
-    if not any(a == "--config" or a.startswith("--config=") for a in argv) and "--help" not in argv and "-h" not in argv:
-        argv = ["--config", str(DEFAULT_RECIPE), *argv]
     try:
-        config = parse_config(argv)
-    except (ValueError, FileNotFoundError) as err:
+        config = parse_config(argv, default_recipe=DEFAULT_RECIPE)
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         RUNNERS[config.composition](config)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
+    except (ValueError, OSError) as err:  # bad paths, models, LoRA files (FileNotFoundError etc. are OSErrors)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        print(f"error: stopped: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,6 +1,8 @@
 """Bad inputs give a clear message and leave no partial output behind."""
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,7 +54,13 @@ def test_checkpoint_from_another_lora_configuration_is_refused(tmp_path):
     first = ConstrainedDDPOTrainer(config(tmp_path, lora_rank=4))
     first.step()
     ckpt = first.save_checkpoint()
-    other = ConstrainedDDPOTrainer(config(tmp_path, lora_rank=2, resume_from_checkpoint=str(ckpt)))
+    # refused before the model loads, naming the setting that differs
+    with pytest.raises(ValueError, match=r"lora_rank: 4 in the checkpoint, 2 now"):
+        ConstrainedDDPOTrainer(config(tmp_path, lora_rank=2, resume_from_checkpoint=str(ckpt)))
+    # and if the user insists, the tensors themselves do not fit
+    other = ConstrainedDDPOTrainer(
+        config(tmp_path, lora_rank=2, resume_from_checkpoint=str(ckpt), resume_allow_config_change=True)
+    )
     with pytest.raises(ValueError, match="shape"):
         other.load_checkpoint(ckpt)
 
@@ -103,3 +111,177 @@ def test_lora_whose_shapes_do_not_fit_the_base_is_refused(tmp_path):
     pipe = load_pipeline("cdalign/tiny-random-sd")
     with pytest.raises(ValueError, match="does not fit this base model"):
         load_lora(pipe, str(tmp_path / "foreign-lora"), "foreign")
+
+
+# -- refused before the model loads ---------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the base model is loaded: these refusals must come first."""
+    import cdalign.trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(cdalign.trainer, "load_pipeline", refuse)
+
+
+def test_output_dir_that_is_a_file_is_refused_naming_it(tmp_path, no_model_load):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"output_dir='.*run' is a file, not a folder"):
+        ConstrainedDDPOTrainer(config(tmp_path))
+    with pytest.raises(ValueError, match=r"output_dir='.*run/sub' cannot be created: '.*run' is a file"):
+        ConstrainedDDPOTrainer(config(tmp_path, output_dir=str(tmp_path / "run" / "sub")))
+
+
+def test_output_dir_that_is_not_writable_is_refused_naming_it(tmp_path, no_model_load, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.geteuid() == 0:  # root may write anywhere: make the folder read-only for this process
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    try:
+        with pytest.raises(ValueError, match=r"output_dir='.*locked/run' is not writable \(its parent '.*locked': permission denied\)"):
+            ConstrainedDDPOTrainer(config(tmp_path, output_dir=str(locked / "run")))
+    finally:
+        locked.chmod(0o700)
+    assert not (locked / "run").exists()
+
+
+def test_tracker_that_is_not_installed_is_refused_naming_the_package(tmp_path, no_model_load):
+    import importlib.util
+
+    from cdalign.config import TRACKER_PACKAGES
+
+    missing = [n for n, (modules, _) in TRACKER_PACKAGES.items() if not any(importlib.util.find_spec(m) for m in modules)]
+    if not missing:
+        pytest.skip("every tracker is installed here")
+    with pytest.raises(ValueError, match=rf"report_to: {missing[0]} is not installed; `pip install {TRACKER_PACKAGES[missing[0]][1]}`"):
+        ConstrainedDDPOTrainer(config(tmp_path, report_to=missing[0]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_fp16_on_a_cpu_is_refused(tmp_path, no_model_load):
+    with pytest.raises(ValueError, match=r"mixed_precision: 'fp16' needs a GPU.*'no' \(float32\) or 'bf16'"):
+        ConstrainedDDPOTrainer(config(tmp_path, mixed_precision="fp16"))
+
+
+def test_misspelt_embedded_model_gets_a_suggestion(tmp_path):
+    with pytest.raises(OSError, match=r"'cdalign/tiny-shape-sd'.*Did you mean the embedded model 'cdalign/tiny-shapes-sd'"):
+        ConstrainedDDPOTrainer(config(tmp_path, pretrained_model_name_or_path="cdalign/tiny-shape-sd"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_uncached_hub_model_offline_names_it_and_the_download_command():
+    from cdalign.pipeline import ModelNotFoundError, load_pipeline
+
+    with pytest.raises(ModelNotFoundError) as err:
+        load_pipeline("someone/no-such-model", revision="v1")
+    message = str(err.value)
+    assert "pretrained_model_name_or_path='someone/no-such-model'" in message and "HF_HUB_OFFLINE" in message
+    assert "`hf download someone/no-such-model --revision v1`" in message and "huggingface-cli" not in message
+    assert "Did you mean" not in message
+
+
+def test_invalid_hub_model_id_is_refused_at_load():
+    with pytest.raises(ValueError, match=r"hub_model_id: 'me/a/b' is not a valid Hub repo id"):
+        config_from_dict({"objective": {"type": "reward", "reward": "saturation"}, "hub_model_id": "me/a/b"})
+
+
+# -- corrupt or truncated safetensors files -----------------------------------------------
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A finished tiny run (LoRA) and a checkpoint, made once."""
+    tmp = tmp_path_factory.mktemp("saved-run")
+    trainer = ConstrainedDDPOTrainer(config(tmp, max_steps=1))
+    trainer.step()
+    ckpt = trainer.save_checkpoint()
+    trainer.save_model(tmp / "run")
+    return tmp / "run", ckpt
+
+
+def test_truncated_checkpoint_is_refused_before_the_model_loads(saved_run, tmp_path, monkeypatch):
+    import shutil
+
+    import cdalign.trainer
+
+    ckpt = tmp_path / "checkpoint-1"
+    shutil.copytree(saved_run[1], ckpt)
+    _truncate(ckpt / "lora.safetensors")
+    monkeypatch.setattr(cdalign.trainer, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint: '.*checkpoint-1/lora.safetensors' is corrupt or truncated"):
+        ConstrainedDDPOTrainer(config(tmp_path, resume_from_checkpoint=str(ckpt)))
+
+
+def _corrupt_lora_copy(saved_run, tmp_path):
+    import shutil
+
+    folder = tmp_path / "corrupt-lora"
+    shutil.copytree(saved_run[0], folder)
+    _truncate(folder / "pytorch_lora_weights.safetensors")
+    return folder
+
+
+def test_corrupt_lora_in_evaluation_fails_up_front_naming_the_file(saved_run, tmp_path, monkeypatch):
+    import cdalign.pipeline
+    from cdalign.evaluation import CheckpointSpec, EvaluationSuite, evaluate
+    from cdalign.lora import CorruptFileError
+
+    folder = _corrupt_lora_copy(saved_run, tmp_path)
+    monkeypatch.setattr(cdalign.pipeline, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    suite = EvaluationSuite(checkpoints=[CheckpointSpec("torn", source=str(folder))], num_inference_steps=2, num_prompts=1)
+    with pytest.raises(CorruptFileError, match=r"checkpoint 'torn': '.*corrupt-lora/pytorch_lora_weights.safetensors' is corrupt or truncated"):
+        evaluate(suite, tmp_path / "eval", progress=False)
+    assert not (tmp_path / "eval").exists()  # no batch ran, nothing was cached
+
+
+def test_corrupt_lora_component_is_refused_before_the_model_loads(saved_run, tmp_path, monkeypatch):
+    import cdalign.composition.composer
+    from cdalign.composition import ConstrainedComposer
+    from cdalign.composition.components import load_lora_component
+    from cdalign.composition.config import config_from_dict as compose_config
+    from cdalign.lora import CorruptFileError
+
+    folder = _corrupt_lora_copy(saved_run, tmp_path)
+    cfg = compose_config({"components": [{"name": "torn", "path": str(folder)}, {"name": "base", "type": "base"}],
+                          "output_dir": str(tmp_path / "compose")})
+    monkeypatch.setattr(cdalign.composition.composer, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(CorruptFileError, match=r"component 'torn': .*corrupt or truncated"):
+        ConstrainedComposer(cfg)
+    from cdalign.tiny import build_tiny_pipeline
+
+    with pytest.raises(CorruptFileError, match=r"component 'torn'"):
+        load_lora_component(build_tiny_pipeline(seed=0), "torn", str(folder))
+    assert not (tmp_path / "compose").exists()
+
+
+def test_composition_inputs_are_checked_before_any_component_trains(tmp_path):
+    from cdalign.composition import train_missing_components
+    from cdalign.composition.config import config_from_dict as compose_config
+
+    data = {"components": [
+        {"name": "ok", "path": str(tmp_path / "ok"), "train_recipe": "recipes/compose/tiny_adapter_brightness.yaml"},
+        {"name": "typo", "path": str(tmp_path / "typo"), "train_recipe": str(tmp_path / "no-such-recipe.yaml")},
+    ], "output_dir": str(tmp_path / "compose")}
+    with pytest.raises(ValueError, match=r"components\[1\]\.train_recipe.*no-such-recipe.yaml: config file not found"):
+        train_missing_components(compose_config(data))
+    assert not (tmp_path / "ok").exists()  # the first component was not trained in vain
+    with pytest.raises(ValueError, match=r"mixed_precision: 'fp16' needs a GPU"):
+        train_missing_components(compose_config({**data, "mixed_precision": "fp16"}))
+
+
+def test_float16_evaluation_on_a_cpu_is_refused(tmp_path):
+    from cdalign.evaluation import EvaluationSuite, evaluate
+
+    with pytest.raises(ValueError, match=r"dtype: 'float16' needs a GPU.*'float32' or 'bfloat16'"):
+        evaluate(EvaluationSuite(dtype="float16"), tmp_path / "eval", device="cpu", progress=False)
+    assert not (tmp_path / "eval").exists()

@@ -550,3 +550,139 @@ def test_empty_nested_spec_in_yaml_means_defaults(tmp_path):
 
 def test_large_integers_keep_their_precision():
     assert config_from_dict(with_changes(seed="12345678901234567891")).seed == 12345678901234567891
+
+
+# -- assigning fields in Python ------------------------------------------------------------
+
+
+def test_assigning_a_mapping_to_a_spec_field_converts_and_checks_it():
+    cfg = ConstrainedDDPOConfig()
+    cfg.objective = {"type": "reward", "reward": "mps"}
+    cfg.constraints = [{"reward": "saturation", "direction": "low", "threshold": "-0.5"}]
+    cfg.dual = {"kappa_i": 0.1}
+    assert cfg.objective == ObjectiveSpec(type="reward", reward="mps")
+    assert cfg.constraints == [ConstraintSpec(reward="saturation", direction="low", threshold=-0.5)]
+    assert cfg.dual == DualSpec(kappa_i=0.1)
+    cfg.validate()
+    assert ConstrainedDDPOConfig(objective={"type": "kl"}).objective == ObjectiveSpec()
+    with pytest.raises(ValueError, match=r"objective\.tipe: unknown key; did you mean 'type'"):
+        cfg.objective = {"tipe": "kl"}
+
+
+def test_assigning_an_unknown_attribute_is_refused_with_a_suggestion():
+    cfg = ConstrainedDDPOConfig()
+    with pytest.raises(AttributeError, match=r"no field 'max_stepz'; did you mean 'max_steps'"):
+        cfg.max_stepz = 3
+    with pytest.raises(AttributeError, match=r"DualSpec has no field 'kapa_i'; did you mean 'kappa_i'"):
+        cfg.dual.kapa_i = 0.1
+    with pytest.raises(AttributeError, match=r"uses_kl: is derived"):
+        cfg.uses_kl = False
+    assert not hasattr(cfg, "max_stepz")
+
+
+def test_a_mapping_appended_to_constraints_is_named_by_validate():
+    cfg = config_from_dict(paper_dict())
+    cfg.constraints.append({"reward": "brightness", "threshold": 0.0})
+    with pytest.raises(ValueError, match=r"constraints\[3\]: expected a ConstraintSpec, got the plain mapping .*assign the field"):
+        cfg.validate()
+
+
+# -- --help shows what will run ------------------------------------------------------------
+
+
+def _help(capsys, parse, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+
+
+def test_help_shows_the_default_recipes_values_and_names_it(tmp_path, capsys, monkeypatch):
+    recipe = write_yaml(tmp_path, with_changes(max_steps=30, dual__kappa_i=1.0))
+    monkeypatch.chdir(tmp_path)
+    text = _help(capsys, lambda a: parse_config(a, default_recipe=recipe), ["--help"])
+    assert "--max_steps MAX_STEPS Optimiser steps to train for (the paper: 20). [int; default: 30 (from recipe.yaml)]" in text
+    assert "[float; default: 1.0 (from recipe.yaml)]" in text  # --dual.kappa_i
+    assert "--config PATH YAML recipe to load first (default: recipe.yaml)" in text
+    assert "[int; default: 1 (from" not in text  # fields the recipe leaves out show their own default
+    assert "--logging_steps LOGGING_STEPS Log metrics every this many optimiser steps. [int; default: 1]" in text
+
+
+def test_help_with_a_config_shows_that_recipes_values(tmp_path, capsys):
+    recipe = write_yaml(tmp_path, with_changes(max_steps=7), name="other.yaml")
+    text = _help(capsys, parse_config, ["--config", str(recipe), "--help"])
+    assert "default: 7 (from " in text and "other.yaml)]" in text
+
+
+def test_align_recipe_help_shows_the_default_recipe(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("align_recipe", Path(__file__).parents[1] / "recipes" / "align.py")
+    align = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(align)
+    steps = load_config_file(align.DEFAULT_RECIPE).max_steps
+    text = _help(capsys, align.main, ["--help"])
+    assert f"default: {steps} (from " in text and "multi_reward.yaml)" in text
+
+
+def test_compose_help_prints_real_defaults(capsys):
+    from cdalign.composition.config import parse_config as parse_compose
+
+    text = _help(capsys, parse_compose, ["--help"])
+    assert "MISSING" not in text and "default )" not in text
+    assert "train_overrides (list[str], default []):" in text
+    assert "name (str, default ''):" in text
+
+
+def test_compose_help_shows_its_default_recipe(capsys):
+    from pathlib import Path
+
+    from cdalign.composition.config import parse_config as parse_compose
+
+    recipe = Path(__file__).parents[1] / "recipes" / "compose" / "tiny_adapters.yaml"
+    text = _help(capsys, lambda a: parse_compose(a, default_recipe=recipe), ["--help"])
+    assert "[int; default: 8 (from" in text and "tiny_adapters.yaml)]" in text  # --dual.steps
+
+
+def test_mixture_help_shows_the_default_spec_of_the_config(capsys):
+    from cdalign.composition.config import parse_config as parse_compose
+
+    text = _help(capsys, parse_compose, ["--composition", "or", "--help"])
+    assert "--dual.lr LR Step size η (weight per nat of KL; the paper: 1). [float; default: 0.5]" in text
+
+
+# -- compose recipes: paths relative to the recipe file ----------------------------------
+
+
+def test_compose_train_recipe_is_resolved_against_the_recipe_file(tmp_path, monkeypatch):
+    from cdalign.composition.config import load_config_file as load_compose
+    from cdalign.composition.config import parse_config as parse_compose
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "adapter.yaml").write_text("max_steps: 1\n")
+    recipe = write_yaml(folder, {
+        "components": [{"name": "a", "path": "out/a", "train_recipe": "adapter.yaml"},
+                       {"name": "b", "path": "out/b", "train_recipe": str(tmp_path / "abs.yaml")},
+                       {"name": "base", "type": "base"}],
+    }, name="compose.yaml")
+    monkeypatch.chdir("/")  # not the folder the paths are relative to
+    for cfg in (load_compose(recipe), parse_compose(["--config", str(recipe)])):
+        assert cfg.components[0].train_recipe == str(folder / "adapter.yaml")
+        assert cfg.components[1].train_recipe == str(tmp_path / "abs.yaml")
+        assert cfg.components[0].path == "out/a"  # an output: relative to the current directory
+
+
+def test_shipped_compose_recipes_name_existing_train_recipes():
+    from pathlib import Path
+
+    from cdalign.composition.config import load_config_file as load_compose
+
+    for recipe in sorted((Path(__file__).parents[1] / "recipes" / "compose").glob("*.yaml")):
+        if "composition" not in yaml.safe_load(recipe.read_text()):
+            continue  # an align recipe of a component
+        cfg = load_compose(recipe)
+        for c in getattr(cfg, "components", []):
+            if c.train_recipe:
+                assert Path(c.train_recipe).is_file(), (recipe.name, c.train_recipe)

@@ -96,11 +96,11 @@ def test_shipped_suites_load(tmp_path):
         assert load_suite(name, [suites]).name == name
 
 
-def _train(tmp, name, lr):
+def _train(tmp, name, lr, **overrides):
     from cdalign import ConstrainedDDPOTrainer
     from cdalign.config import config_from_dict
 
-    cfg = config_from_dict(dict(
+    cfg = config_from_dict(dict(dict(
         pretrained_model_name_or_path="cdalign/tiny-random-sd", prompts="shapes", output_dir=str(tmp / name),
         normalization_cache_dir=str(tmp / "norm"), objective={"type": "kl"},
         constraints=[{"reward": "saturation", "direction": "high", "threshold": 0.5},
@@ -108,7 +108,7 @@ def _train(tmp, name, lr):
         dual={"optimizer": "ascent", "lr": 0.05, "init": 0.5}, num_inference_steps=4, backprop_steps=2,
         resolution=32, train_batch_size=2, max_steps=1, normalization_batches=2, eval_batches=1,
         num_grid_images=0, learning_rate=lr,
-    ))
+    ), **overrides))
     ConstrainedDDPOTrainer(cfg).train()
     return tmp / name
 
@@ -208,3 +208,37 @@ def test_composed_checkpoint_reports_kl_to_each_component(evaluated):
     assert set(mix["kl"]) == {"a", "b"}
     assert mix["kl"]["a"]["mean"] > 0.0 and mix["kl"]["b"]["mean"] > 0.0
     assert result.checkpoints["a_alone"]["kl"]["base"]["mean"] > 0.0
+
+
+def _small_suite(**fields):
+    return EvaluationSuite(**{**dict(name="small", model="cdalign/tiny-random-sd", prompts="shapes", num_prompts=2,
+                                     rewards=["saturation"], num_inference_steps=4, resolution=32, batch_size=2,
+                                     grid_images=0), **fields})
+
+
+def test_chain_kl_defaults_to_the_checkpoints_own_estimator_and_names_it(tmp_path):
+    run = _train(tmp_path, "uniform_run", 1e-2, kl_estimator="uniform")
+    assert json.loads((run / "report.json").read_text())["kl"]["estimator"] == "uniform"
+    suite = _small_suite(checkpoints=[CheckpointSpec("run", source=str(run))])
+    result = evaluate(suite, tmp_path / "out", progress=False)
+    assert result.data["kl_estimator"] == {"name": "uniform", "from": "run (config.yaml)"}
+    own = result.checkpoints["run"]["kl"]["base"]
+    assert own["estimator"] == "uniform" and own["mean"] > 0
+    assert "KL to base (uniform)" in comparison_table(result.data)
+    assert "chain KL estimator: uniform (from run (config.yaml))" in (tmp_path / "out" / "evaluation.md").read_text()
+    # a suite (or --kl_estimator) that names one wins, and says so
+    explicit = evaluate(_small_suite(checkpoints=suite.checkpoints, kl_estimator="path"), None, progress=False)
+    assert explicit.data["kl_estimator"] == {"name": "path", "from": "suite"}
+    assert explicit.checkpoints["run"]["kl"]["base"]["estimator"] == "path"
+    assert explicit.checkpoints["run"]["kl"]["base"]["mean"] != pytest.approx(own["mean"])
+
+
+def test_a_suite_asking_for_more_prompts_than_exist_is_refused_before_sampling(tmp_path):
+    with pytest.raises(ValueError, match="num_prompts: 16 requested but 'shapes' holds 12 prompts"):
+        evaluate(_small_suite(num_prompts=16), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_grid_larger_than_the_evaluation_warns(tmp_path):
+    with pytest.warns(UserWarning, match="grid_images: 8 requested but the evaluation has 2 images"):
+        evaluate(_small_suite(grid_images=8), tmp_path / "out", progress=False)

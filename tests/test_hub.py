@@ -35,11 +35,24 @@ torch.save(images, out)
 """ % (PROMPTS, SEEDS)
 
 
+# Each of these makes the HF libraries offline (TRANSFORMERS_OFFLINE too: huggingface_hub and
+# diffusers honour it); a process that must reach the loopback Hub has none of them.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "DIFFUSERS_OFFLINE")
+
+
+def _online_env(**extra) -> dict:
+    """This process's environment without the offline switches, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES}
+    env.update(extra)
+    return env
+
+
 def _point_client_at(mp, hub_url, home: Path):
     """huggingface_hub reads HF_ENDPOINT/HF_HUB_OFFLINE at import: patch its constants."""
     from huggingface_hub import constants
 
-    mp.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in OFFLINE_VARIABLES:
+        mp.delenv(name, raising=False)
     mp.setattr(constants, "HF_HUB_OFFLINE", False)
     mp.setattr(constants, "ENDPOINT", hub_url)
     mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub_url + "/{repo_id}/resolve/{revision}/{filename}")
@@ -100,8 +113,7 @@ def test_push_uploads_lora_card_report_and_plots_but_not_checkpoints(pushed, hub
 def test_fresh_process_loads_the_pushed_lora_by_repo_id_and_revision_with_identical_images(pushed, hub, tmp_path):
     trainer, _ = pushed
     revision = hub.repos[REPO].refs["main"]  # a commit sha: the revision argument is exercised
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "fresh-home"), OMP_WAIT_POLICY="PASSIVE")
+    env = _online_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "fresh-home"), OMP_WAIT_POLICY="PASSIVE")
     env.pop("HF_HUB_CACHE", None)
     outputs = {}
     for label, source, rev in [("hub", REPO, revision), ("local", str(trainer.output_dir), "")]:
@@ -154,11 +166,39 @@ def test_standalone_push_command_pushes_to_a_branch(pushed, client, capsys):
     assert "pytorch_lora_weights.safetensors" in client.files("cdalign-test/cli", "v1")
 
 
-def test_standalone_push_reports_a_missing_lora_with_exit_code_1(tmp_path, capsys):
+def test_standalone_push_reports_a_missing_lora_with_exit_code_2(tmp_path, capsys):
     from cdalign.hub import main
 
-    assert main(["push", str(tmp_path), "--repo_id", "a/b"]) == 1
+    assert main(["push", str(tmp_path), "--repo_id", "a/b"]) == 2
     assert "pytorch_lora_weights.safetensors" in capsys.readouterr().err
+
+
+def test_push_with_an_invalid_repo_id_exits_2_before_writing_anything(pushed, capsys):
+    from cdalign.hub import main
+
+    trainer, _ = pushed
+    before = _digest(trainer.output_dir)
+    assert main(["push", str(trainer.output_dir), "--repo_id", "not a/valid id"]) == 2
+    err = capsys.readouterr().err
+    assert "'not a/valid id' is not a valid Hub repo id" in err and "Traceback" not in err
+    assert _digest(trainer.output_dir) == before  # the card was not rewritten with the bad id
+
+
+def test_pull_of_a_missing_repo_exits_2_and_leaves_no_folder(client, tmp_path, capsys):
+    from cdalign.hub import main
+
+    local = tmp_path / "pulled"
+    assert main(["pull", "cdalign-test/no-such-repo", "--local_dir", str(local)]) == 2
+    err = capsys.readouterr().err
+    assert "'cdalign-test/no-such-repo'" in err and "does not exist" in err
+    assert not local.exists()
+
+
+def test_pull_downloads_the_pushed_run(pushed, client, tmp_path, capsys):
+    from cdalign.hub import main
+
+    assert main(["pull", REPO, "--local_dir", str(tmp_path / "pulled")]) == 0
+    assert (tmp_path / "pulled" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_evaluation_identifies_a_hub_checkpoint_by_its_weights(pushed, client):

@@ -133,3 +133,65 @@ def test_packaged_template_is_the_repository_template():
     path = default_template_path()
     assert path.parent.name == "data" and path.parent.parent.name == "cdalign"
     assert path.read_text() == (Path(__file__).parents[1] / "model_cards" / "cdalign_lora.md").read_text()
+
+
+# -- the card of a real (tiny) run: its usage snippet runs, it names no local path ---------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 1-step run on the embedded tiny model, with its model card."""
+    from cdalign import ConstrainedDDPOTrainer
+    from cdalign.config import config_from_dict
+
+    tmp = tmp_path_factory.mktemp("card-run")
+    cfg = config_from_dict(dict(
+        pretrained_model_name_or_path="cdalign/tiny-random-sd", prompts="shapes", output_dir=str(tmp / "tiny-run"),
+        normalization_cache_dir=str(tmp / "norm"), objective={"type": "kl"},
+        constraints=[{"reward": "saturation", "direction": "high", "threshold": 0.5}],
+        num_inference_steps=2, backprop_steps=1, resolution=32, train_batch_size=2, max_steps=1,
+        normalization_batches=1, eval_batches=1, num_grid_images=0,
+    ))
+    trainer = ConstrainedDDPOTrainer(cfg)
+    trainer.train()
+    return trainer.output_dir
+
+
+def _snippet(text: str, lang: str) -> str:
+    fence = re.search(rf"^(`{{3,}}){lang}\n(.*?)\n\1$", text, re.S | re.M)
+    assert fence, f"no {lang} block"
+    return fence.group(2)
+
+
+def test_card_usage_snippet_of_an_embedded_base_runs_as_written(tiny_run, monkeypatch):
+    text = (tiny_run / "README.md").read_text()
+    code = _snippet(text, "python")
+    assert "from cdalign import load_pipeline" in code and "from_pretrained" not in code
+    monkeypatch.chdir(tiny_run.parent)  # the card says: run it from the folder holding the run
+    namespace: dict = {}
+    exec(compile(code, "model card usage", "exec"), namespace)
+    assert namespace["image"].size == (32, 32)
+
+
+def test_card_carries_no_absolute_path_of_the_training_machine(tiny_run):
+    text = (tiny_run / "README.md").read_text()
+    assert str(tiny_run.parent) not in text
+    assert "pipe.load_lora_weights('tiny-run'" in text
+
+
+def test_card_rerun_configuration_is_a_valid_recipe_without_local_fields(tiny_run, tmp_path):
+    from cdalign.config import load_config_file
+
+    rerun = tmp_path / "rerun.yaml"
+    rerun.write_text(_snippet((tiny_run / "README.md").read_text(), "yaml"))
+    cfg = load_config_file(rerun)
+    assert cfg.output_dir == "outputs/align" and cfg.normalization_cache_dir is None  # defaults on another machine
+    assert cfg.resume_from_checkpoint is None and cfg.push_to_hub is False
+    assert cfg.max_steps == 1 and [c.name for c in cfg.constraints] == ["saturation_high"]
+
+
+def test_hub_base_model_keeps_from_pretrained(tmp_path):
+    cfg = {**config(), "pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+    code = _snippet(str(build_model_card(tmp_path, repo_id="me/lora", report=report(), config=cfg)), "python")
+    assert "StableDiffusionPipeline.from_pretrained('stable-diffusion-v1-5/stable-diffusion-v1-5')" in code
+    assert "pipe.load_lora_weights('me/lora'" in code

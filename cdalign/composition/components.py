@@ -23,7 +23,7 @@ import torch
 
 from ..kl import step_kl, step_weights
 from ..registry import Registry
-from ..lora import LORA_WEIGHT_NAME, load_lora, save_adapter  # noqa: F401 (re-exported)
+from ..lora import LORA_WEIGHT_NAME, load_lora, lora_weights_path, save_adapter  # noqa: F401 (re-exported)
 from ..sampling import DDIMChain, DiffusionSampler, set_unet_state
 
 logger = logging.getLogger(__name__)
@@ -58,15 +58,23 @@ COMPONENT_KINDS.register("base", lambda name, prompt=None, **_: Component(name, 
 COMPONENT_KINDS.register("concept", lambda name, prompt=None, **_: Component(name, adapter=BASE, prompt=prompt))
 
 
+def lora_component_path(name: str, source: str, weight_name: str | None = None, revision: str | None = None):
+    """The weights file of LoRA component ``name``, checked to exist and to be a complete
+    safetensors file (``FileNotFoundError`` / ``CorruptFileError`` naming it)."""
+    try:
+        return lora_weights_path(source, weight_name=weight_name or LORA_WEIGHT_NAME, revision=revision,
+                                 what=f"component {name!r}")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; or set the component's train_recipe to train it there first") from None
+
+
 def load_lora_component(pipe, name: str, source: str, weight_name: str | None = None, revision: str | None = None):
     """Load a LoRA (diffusers format: a local folder, a .safetensors file's folder, or a
     Hub repo id) onto ``pipe`` as adapter ``name``; frozen."""
-    try:
-        return load_lora(
-            pipe, source, name, weight_name=weight_name or LORA_WEIGHT_NAME, revision=revision, what=f"component {name!r}"
-        )
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err}; or set the component's train_recipe to train it there first") from None
+    lora_component_path(name, source, weight_name, revision)
+    return load_lora(
+        pipe, source, name, weight_name=weight_name or LORA_WEIGHT_NAME, revision=revision, what=f"component {name!r}"
+    )
 
 
 class ComponentPredictions:

@@ -25,8 +25,9 @@ from ..pipeline import load_pipeline
 from ..prompts import load_prompts
 from ..sampling import DiffusionSampler
 from ..seeding import batch_share, eval_batch_share
-from ..lora import LORA_WEIGHT_NAME
-from .components import COMPONENT_KINDS, ComponentSet, load_lora_component
+from ..config import check_mixed_precision, check_output_dir_writable
+from ..lora import LORA_WEIGHT_NAME, is_local_source
+from .components import COMPONENT_KINDS, ComponentSet, load_lora_component, lora_component_path
 from .config import ComposeConfig, save_config
 from .simplex import SimplexDual
 
@@ -34,14 +35,33 @@ logger = logging.getLogger(__name__)
 RUN_MARKERS = ("report.json", "weights.json")
 
 
+def check_composition_inputs(config: ComposeConfig, accelerator=None) -> None:
+    """What can be checked before any training or model loading, so that bad input fails in
+    seconds: ``mixed_precision`` on this device, ``output_dir``, and every local LoRA
+    component's weights file (present and complete, or to be trained by its ``train_recipe``)."""
+    from accelerate import PartialState
+
+    check_mixed_precision(config.mixed_precision, (accelerator or PartialState()).device)
+    check_output_dir_writable(config.output_dir)
+    for spec in config.components:
+        if spec.type != "lora" or not is_local_source(spec.path):
+            continue
+        weights = Path(spec.path) / (spec.weight_name or LORA_WEIGHT_NAME)
+        if spec.train_recipe and not weights.is_file():
+            continue  # trained by train_missing_components
+        lora_component_path(spec.name, spec.path, spec.weight_name)
+
+
 def train_missing_components(config: ComposeConfig, accelerator=None) -> list[str]:
     """Train every 'lora' component that has a ``train_recipe`` and no LoRA in ``path``
     yet, with ``recipes/align.py``'s trainer on this run's base model. Returns the names
-    trained (an existing LoRA is reused, never retrained)."""
+    trained (an existing LoRA is reused, never retrained). Every input, and every
+    component's recipe, is checked before the first component trains."""
     from ..config import parse_config as parse_align_config
     from ..trainer import ConstrainedDDPOTrainer
 
-    trained = []
+    check_composition_inputs(config, accelerator)
+    todo = []
     for i, c in enumerate(config.components):
         if c.type != "lora" or not c.train_recipe or (Path(c.path) / (c.weight_name or LORA_WEIGHT_NAME)).is_file():
             continue
@@ -53,9 +73,11 @@ def train_missing_components(config: ComposeConfig, accelerator=None) -> list[st
             *c.train_overrides,
         ]
         try:
-            align_cfg = parse_align_config(argv)
+            todo.append((c, parse_align_config(argv)))
         except ValueError as err:
             raise ValueError(f"components[{i}].train_recipe / train_overrides: {err}") from None
+    trained = []
+    for c, align_cfg in todo:
         logger.info("training component %s into %s", c.name, c.path)
         ConstrainedDDPOTrainer(align_cfg, accelerator=accelerator).train()
         trained.append(c.name)
@@ -73,12 +95,16 @@ class ConstrainedComposer:
     """
 
     def __init__(self, config: ComposeConfig, pipeline=None, prompts=None, eval_prompts=None, accelerator=None):
-        from accelerate import Accelerator
+        from accelerate import Accelerator, PartialState
 
         config.validate()
         self.config = cfg = config
         self.output_dir = Path(cfg.output_dir)
         self._check_output_dir()
+        check_mixed_precision(cfg.mixed_precision, (accelerator or PartialState()).device)
+        for spec in cfg.components:  # a missing or corrupt local LoRA fails before the base model loads
+            if spec.type == "lora" and is_local_source(spec.path):
+                lora_component_path(spec.name, spec.path, spec.weight_name)
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
         self.device = self.accelerator.device
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
@@ -110,6 +136,7 @@ class ConstrainedComposer:
 
     def _check_output_dir(self):
         out = self.output_dir
+        check_output_dir_writable(out)
         if self.config.overwrite_output_dir or not out.is_dir():
             return
         present = [m for m in RUN_MARKERS if (out / m).exists()]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 @dataclass
-class ComponentSpec:
+class ComponentSpec(_base.ConfigFields):
     """One component q_i of an AND composition."""
 
     name: str = field(default="", metadata={"help": "Unique name of the component (adapter name, table rows, plots)."})
@@ -71,7 +73,8 @@ class ComponentSpec:
         default=None,
         metadata={
             "help": "'lora': an align recipe (YAML of recipes/align.py) that trains this adapter into `path` when "
-            "`path` holds no LoRA yet (the base model is set to this run's)."
+            "`path` holds no LoRA yet (the base model is set to this run's). A relative path in a recipe file is "
+            "relative to that file's folder (given with --components: to the current directory)."
         },
     )
     train_overrides: list[str] = field(
@@ -81,7 +84,7 @@ class ComponentSpec:
 
 
 @dataclass
-class DualAscentSpec:
+class DualAscentSpec(_base.ConfigFields):
     """Projected dual ascent of the weights: μ ← Proj_simplex(μ + η_k·KL)."""
 
     steps: int = field(default=5, metadata={"help": "Dual steps (the paper: 5). 0 keeps the initial weights.", "ge": 0})
@@ -105,7 +108,7 @@ class DualAscentSpec:
 
 
 @dataclass
-class DistillSpec:
+class DistillSpec(_base.ConfigFields):
     """Distil ε_μ into one LoRA (one UNet pass per step at inference instead of n)."""
 
     enabled: bool = field(default=False, metadata={"help": "Train the distilled LoRA after the dual steps."})
@@ -124,7 +127,7 @@ class DistillSpec:
 
 
 @dataclass
-class ComposeConfig:
+class ComposeConfig(_base.ConfigFields):
     """An AND (product) composition run: constrained weights by dual ascent on the chain
     KL to each component, evaluation against equal weights, optional distillation."""
 
@@ -160,7 +163,7 @@ class ComposeConfig:
     eval_batches: int = field(default=2, metadata={"help": "Evaluation batches of dual.batch_size images (fixed seeds).", "ge": 1})
     eval_seed: int = field(default=1234, metadata={"help": "Seed of the evaluation images (same for every model).", "ge": 0})
     num_grid_images: int = field(default=6, metadata={"help": "Images per row of the sample grid (0: no grid).", "ge": 0})
-    mixed_precision: str = field(default="no", metadata={"help": "Frozen weights in fp16/bf16 (GPU).", "choices": MIXED_PRECISIONS})
+    mixed_precision: str = field(default="no", metadata={"help": "Frozen weights in fp16/bf16 (GPU); 'fp16' is refused on a CPU (use 'no' or 'bf16' there).", "choices": MIXED_PRECISIONS})
     output_dir: str = field(default="outputs/compose", metadata={"help": "Where the report, weights, grids and plots go."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing run in output_dir."})
     seed: int = field(default=0, metadata={"help": "Seed of the dual-step batches and the distillation.", "ge": 0})
@@ -190,7 +193,7 @@ class ComposeConfig:
 
 
 @dataclass
-class DatasetSpec:
+class DatasetSpec(_base.ConfigFields):
     """One dataset D_i of an OR (mixture) composition."""
 
     name: str = field(default="", metadata={"help": "Unique name of the dataset (tables, plots)."})
@@ -219,7 +222,7 @@ class DatasetSpec:
 
 
 @dataclass
-class MixtureConfig:
+class MixtureConfig(_base.ConfigFields):
     """An OR (mixture) composition run: fine-tune one LoRA on Σ μ_i·DSM_i with μ ascending
     on the simplex with the per-dataset losses (or excess losses)."""
 
@@ -284,8 +287,22 @@ def config_from_dict(data: dict):
     return cfg
 
 
+def resolve_recipe_paths(data: dict, recipe) -> dict:
+    """``data`` (a recipe file's mapping) with each relative ``components[i].train_recipe``
+    resolved against the folder of the file ``recipe``, so a recipe runs the same from any
+    current directory. Other paths (``path``, ``output_dir``) are outputs, relative to the
+    current directory like every output_dir."""
+    for component in data.get("components") or []:
+        if not isinstance(component, dict) or not isinstance(component.get("train_recipe"), str):
+            continue
+        target = Path(component["train_recipe"]).expanduser()
+        if component["train_recipe"].strip() and not target.is_absolute():
+            component["train_recipe"] = os.path.normpath(Path(recipe).parent / target)
+    return data
+
+
 def load_config_file(path):
-    data = _base.read_yaml_mapping(path)
+    data = resolve_recipe_paths(_base.read_yaml_mapping(path), path)
     try:
         return config_from_dict(data)
     except ValueError as error:
@@ -298,29 +315,39 @@ def save_config(cfg, path) -> None:
     path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True))
 
 
-def build_parser(cls) -> argparse.ArgumentParser:
+def build_parser(cls, recipe=None, default_recipe=None) -> argparse.ArgumentParser:
     return _base.build_parser(
         cls,
         description=f"Constrained composition of diffusion models ({cls.__name__}; arXiv 2508.19104). "
         "Give a YAML recipe with --config; --field flags override it (--dual.lr 0.5).",
+        recipe=recipe,
+        default_recipe=default_recipe,
     )
 
 
-def parse_config(argv: list[str] | None = None):
-    """``--config recipe.yaml`` then ``--field value`` overrides -> a validated config of
-    the class that the recipe's ``composition`` key names."""
-    pre = argparse.ArgumentParser(add_help=False)
+def parse_config(argv: list[str] | None = None, default_recipe=None):
+    """``--config recipe.yaml`` (``default_recipe`` when none is given) then ``--field
+    value`` overrides -> a validated config of the class that the recipe's
+    ``composition`` key names. ``--help`` shows the defaults that will run."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     pre.add_argument("--composition")
     known, _ = pre.parse_known_args(argv)
-    raw = _base.read_yaml_mapping(known.config) if known.config else {}
+    recipe = known.config or (str(default_recipe) if default_recipe is not None else None)
+    raw = _base.read_yaml_mapping(recipe) if recipe else {}
     kind = known.composition or raw.get("composition", "and")
     if kind not in CONFIG_CLASSES:
         raise _base.not_allowed("composition", kind, tuple(CONFIG_CLASSES))
     cls = CONFIG_CLASSES[kind]
-    raw = _base.parse_args_to_dict(cls, argv, build_parser(cls))
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    shown = recipe if wants_help and raw.get("composition", "and") == kind else None
+    raw = _base.parse_args_to_dict(
+        cls, argv, build_parser(cls, recipe=shown, default_recipe=default_recipe),
+        default_recipe=default_recipe, resolve_paths=resolve_recipe_paths,
+    )
     try:
         return config_from_dict(raw)
     except ValueError as error:
-        where = f"{known.config}: " if known.config else ""
+        where = f"{recipe}: " if recipe else ""
         raise ValueError(f"{where}{error}") from None

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..checkpointing import atomic_write_text
+from ..config import check_output_dir_writable
 from ..pipeline import load_pipeline
 from ..sampling import DiffusionSampler
 from ..seeding import derived_seed
@@ -126,6 +127,7 @@ class MixtureTrainer:
         config.validate()
         self.config = cfg = config
         self.output_dir = Path(cfg.output_dir)
+        check_output_dir_writable(self.output_dir)
         if self.output_dir.is_dir() and not cfg.overwrite_output_dir and (self.output_dir / "report.json").exists():
             raise FileExistsError(f"output_dir={str(self.output_dir)!r} already holds a run; set overwrite_output_dir=true or choose another")
         self.accelerator = accelerator or Accelerator()

@@ -1,0 +1,58 @@
+"""Statistics behind every reported number: means with 95% confidence intervals, paired
+differences, and the constraint verdict. Pure functions of tensors; nothing samples here.
+
+All intervals are normal-approximation 95% CIs of a mean, ``mean ± 1.96·s/√n`` with the
+sample standard deviation ``s`` (Bessel-corrected). A *paired* difference compares two
+models on the same images' noise (same prompts, same seeds): the CI of the mean of the
+per-image differences is much narrower than the two CIs side by side, because most of the
+image-to-image spread is shared by both models."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+Z95 = 1.959964  # two-sided 95% normal quantile
+
+
+def mean_and_ci(values: torch.Tensor, z: float = Z95) -> tuple[float, float, float]:
+    """Mean and normal-approximation 95% confidence interval of (N,) values:
+    ``(mean, lo, hi)``; with fewer than 2 values the interval is the mean itself."""
+    v = torch.as_tensor(values).double().flatten()
+    m = float(v.mean())
+    if v.numel() < 2:
+        return m, m, m
+    half = z * float(v.std()) / math.sqrt(v.numel())
+    return m, m - half, m + half
+
+
+def summarize(values: torch.Tensor) -> dict:
+    """``{"mean", "ci95": [lo, hi], "n"}`` of (N,) values."""
+    m, lo, hi = mean_and_ci(values)
+    return {"mean": m, "ci95": [lo, hi], "n": int(torch.as_tensor(values).numel())}
+
+
+def paired_difference(treated: torch.Tensor, control: torch.Tensor) -> dict:
+    """Mean and 95% CI of the per-sample difference ``treated − control`` of two (N,)
+    tensors measured on the same samples (e.g. aligned and base images from the same
+    seeds): ``{"mean", "ci95": [lo, hi], "n"}``."""
+    treated, control = torch.as_tensor(treated).flatten(), torch.as_tensor(control).flatten()
+    if treated.shape != control.shape:
+        raise ValueError(f"paired difference needs equal sample counts, got {treated.numel()} and {control.numel()}")
+    return summarize(treated.double() - control.double())
+
+
+def constraint_decision(measured: float, ci95: Sequence[float], threshold: float, direction: str) -> dict:
+    """Judge ``E[value] >= threshold`` (direction 'high') or ``<= threshold`` ('low').
+
+    Returns ``slack`` (positive = violated, the trainer's sign convention), ``satisfied``
+    (the mean is on the allowed side, ties count as satisfied) and ``ci_clears_threshold``
+    (the whole 95% CI is on the allowed side: satisfied with confidence)."""
+    if direction not in ("high", "low"):
+        raise ValueError(f"direction must be 'high' or 'low', got {direction!r}")
+    lo, hi = float(ci95[0]), float(ci95[1])
+    slack = threshold - measured if direction == "high" else measured - threshold
+    clears = lo >= threshold if direction == "high" else hi <= threshold
+    return {"slack": float(slack), "satisfied": bool(slack <= 0), "ci_clears_threshold": bool(clears)}
