@@ -87,14 +87,33 @@ def _num(x) -> str:
 
 
 def constraints_table(report: dict) -> str:
-    rows = ["| constraint | requirement | achieved [95% CI] | base model | satisfied | price λ |", "|---|---|---|---|---|---|"]
+    """Per constraint: requirement, this LoRA and the base model on the same held-out images
+    (means with 95% CIs), the paired difference, the verdict and the price λ."""
+    rows = [
+        "| constraint | requirement | this LoRA [95% CI] | base model [95% CI] | paired difference [95% CI] | satisfied | price λ |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in report.get("constraints", []):
         op = "≥" if c["direction"] == "high" else "≤"
         units = " σ" if c.get("normalized") else ""
         ok = "✓✓" if c.get("ci_clears_threshold") else ("✓" if c.get("satisfied") else "✗")
         achieved = _ci({"mean": c["measured"], "ci95": c["ci95"]})
+        base = _ci({"mean": c["base_measured"], "ci95": c["base_ci95"]}) if c.get("base_ci95") else _num(c.get("base_measured"))
+        diff = _ci(c.get("difference"))
         rows.append(f"| {md(c['name'])} | {md(c['source'])} {op} {c['threshold']:g}{units} | {achieved} | "
-                    f"{_num(c.get('base_measured'))} | {ok} | {_num(c.get('dual'))} |")
+                    f"{base} | {diff} | {ok} | {_num(c.get('dual'))} |")
+    return "\n".join(rows)
+
+
+def metrics_table(report: dict) -> str:
+    """Evaluation metrics (checks that are not rewards, e.g. shapes_accuracy), or '' without any."""
+    metrics = report.get("metrics") or {}
+    if not metrics:
+        return ""
+    rows = ["| metric | base model [95% CI] | this LoRA [95% CI] | paired difference [95% CI] | images |", "|---|---|---|---|---|"]
+    for name, m in metrics.items():
+        rows.append(f"| {md(name)} | {_ci(m.get('base'))} | {_ci(m.get('aligned'))} | {_ci(m.get('difference'))} | "
+                    f"{m.get('aligned', {}).get('n', 'n/a')} |")
     return "\n".join(rows)
 
 
@@ -323,6 +342,7 @@ def build_model_card(
         eval_prompts_md=f"prompts: {md(prompts_label(prompts))}",
         infeasible=", ".join(md(x) for x in (report or {}).get("infeasible", [])),
         rewards_table=rewards_table(report) if report and report.get("rewards") else "",
+        metrics_table=metrics_table(report) if report else "",
         record_notes=record_notes(report, config),
         evaluation_table=comparison_table(evaluation) if evaluation else "",
         evaluation_intro=(f"Suite **{md(evaluation.get('suite'))}** on `{md(evaluation.get('model'))}`, "

@@ -29,13 +29,19 @@ def shapes_accuracy(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, t
     """Shapes world (``cdalign/tiny-shapes-sd``): does each image show the colour and the
     shape its prompt names? Read back with the numpy classifier ``cdalign.shapes.classify_image``
     (nearest palette colour of the foreground majority; bounding-box fill ratio), which no
-    reward uses. Returns ``color_accuracy`` and ``shape_accuracy``, 1.0 per correct image;
-    a prompt that names no colour (shape) counts as NaN for that metric and is left out."""
+    reward uses. Returns ``color_accuracy``, ``shape_accuracy`` and ``background_accuracy``,
+    1.0 per correct image; a prompt that names no colour (shape, background) counts as NaN
+    for that metric and is left out."""
     from .shapes import classify_image, parse_prompt
 
-    color, shape = [], []
+    color, shape, background = [], [], []
     for image, prompt in zip(to_uint8(images), prompts):
         seen, asked = classify_image(image), parse_prompt(prompt)
         color.append(float("nan") if asked["color"] is None else float(seen["color"] == asked["color"]))
         shape.append(float("nan") if asked["shape"] is None else float(seen["shape"] == asked["shape"]))
-    return {"color_accuracy": torch.tensor(color), "shape_accuracy": torch.tensor(shape)}
+        background.append(float("nan") if asked["background"] is None else float(seen["background"] == asked["background"]))
+    return {
+        "color_accuracy": torch.tensor(color),
+        "shape_accuracy": torch.tensor(shape),
+        "background_accuracy": torch.tensor(background),
+    }

@@ -34,6 +34,25 @@ PROMPT_SETS.register("shapes", _packaged("shapes"))
 PROMPT_SETS.register("shapes_eval", _packaged("shapes_eval"))
 
 
+def _shapes_world() -> list[str]:
+    """Every caption of the shapes world (colour × shape × {no size, small, large} × {no
+    background, white, gray, black}: 216) except the 12 held-out ``shapes_eval`` prompts."""
+    from .shapes import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, SIZES, caption
+
+    held_out = set(PROMPT_SETS.get("shapes_eval")())
+    captions = [
+        caption(shape, color, size, background)
+        for color in COLOR_NAMES
+        for shape in SHAPES
+        for size in (None, *SIZES)
+        for background in (None, *BACKGROUND_NAMES)
+    ]
+    return [c for c in captions if c not in held_out]
+
+
+PROMPT_SETS.register("shapes_world", _shapes_world)
+
+
 def load_prompts(
     source: str | Sequence[str] | Callable[[], Sequence[str]],
     column: str = "prompt",

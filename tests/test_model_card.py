@@ -20,7 +20,8 @@ def report(name="saturation_high", reward="saturation"):
                              "aligned": {"mean": 0.4, "ci95": [0.3, 0.5], "normalized_mean": 0.9, "normalized_ci95": [0.6, 1.2]}}},
         "kl": {"estimator": "path", "mean": 0.05, "ci95": [0.03, 0.07]},
         "constraints": [{"name": name, "source": reward, "direction": "high", "threshold": 0.5, "normalized": True,
-                         "measured": 0.9, "ci95": [0.6, 1.2], "base_measured": 0.0, "slack": -0.4, "satisfied": True,
+                         "measured": 0.9, "ci95": [0.6, 1.2], "base_measured": 0.0, "base_ci95": [-0.3, 0.3],
+                         "difference": {"mean": 0.9, "ci95": [0.8, 1.0], "n": 64}, "slack": -0.4, "satisfied": True,
                          "ci_clears_threshold": True, "dual": 0.125}],
         "infeasible": [],
     }
@@ -60,7 +61,7 @@ def test_model_index_parses_with_huggingface_hub(tmp_path):
 
 def test_body_has_constraints_prices_usage_config_and_citation(tmp_path):
     text = str(build_model_card(tmp_path, repo_id="me/lora", report=report(), config=config()))
-    assert "| saturation\\_high | saturation ≥ 0.5 σ | +0.9 [+0.6, +1.2] | 0 | ✓✓ | 0.125 |" in text
+    assert "| saturation\\_high | saturation ≥ 0.5 σ | +0.9 [+0.6, +1.2] | +0 [-0.3, +0.3] | +0.9 [+0.8, +1] | ✓✓ | 0.125 |" in text
     assert "Price λ" in text
     assert "pipe.load_lora_weights('me/lora'" in text
     assert "`lora_rank` | 4" in text
@@ -79,7 +80,7 @@ def test_hostile_strings_break_neither_the_front_matter_nor_the_tables(tmp_path)
     reloaded = ModelCard(text)
     assert reloaded.data.license == "apache-2.0" and reloaded.text == card.text
     table = [l for l in text.splitlines() if l.startswith("| ") and "✓" in l]
-    assert len(table) == 1 and len(re.findall(r"(?<!\\)\|", table[0])) == 7  # 6 cells, no injected columns
+    assert len(table) == 1 and len(re.findall(r"(?<!\\)\|", table[0])) == 8  # 7 cells, no injected columns
     assert "<script>" not in card.text.split("python\n")[0]  # Markdown body: escaped
     fence = re.search(r"^(`{3,})python\n(.*?)\n\1$", text, re.S | re.M)
     snippet = fence.group(2)

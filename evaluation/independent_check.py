@@ -1,0 +1,154 @@
+"""Score a run with code that did not produce it: plain diffusers, fresh seeds, numpy.
+
+    python evaluation/independent_check.py outputs/tiny-multi-reward [outputs/tiny-multi-reward/equal_weights/init ...]
+
+For the base model and each run's LoRA (``StableDiffusionPipeline.from_pretrained`` on the
+embedded model folder, ``pipe.load_lora_weights(run)``, diffusers' own DDIM sampler and
+classifier-free guidance, ``pipe(...)`` with per-image ``torch.Generator`` seeds that cdalign's
+evaluation never uses), draws ``--num_images`` images of the held-out prompts and computes
+with numpy only, from the 8-bit images a user would save:
+
+- colorfulness (Hasler & Süsstrunk 2003) and brightness (mean Rec. 709 luminance), in σ
+  units of the run's own base-model statistics (``report.json`` → ``normalization``),
+- the shapes classifier's colour, shape and background accuracy (``cdalign.shapes.classify_image``,
+  numpy, no reward uses it).
+
+Prints a table (mean and 95% CI per model, and each LoRA's paired difference to the base on
+the same seeds) and writes ``independent_check.json`` into the first run's folder. It reads
+the run's ``config.yaml`` for the sampler settings and the evaluation prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+LUMA = np.array([0.2126, 0.7152, 0.0722])
+
+
+def colorfulness_np(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) floats in [0, 1] -> (N,): sqrt(σ_rg² + σ_yb²) + 0.3·sqrt(μ_rg² + μ_yb²)."""
+    r, g, b = images[..., 0], images[..., 1], images[..., 2]
+    rg, yb = (r - g).reshape(len(images), -1), (0.5 * (r + g) - b).reshape(len(images), -1)
+    return np.sqrt(rg.var(1) + yb.var(1)) + 0.3 * np.sqrt(rg.mean(1) ** 2 + yb.mean(1) ** 2)
+
+
+def brightness_np(images: np.ndarray) -> np.ndarray:
+    return (images @ LUMA).reshape(len(images), -1).mean(1)
+
+
+def summary(values: np.ndarray) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    half = 1.959964 * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0
+    return {"mean": float(v.mean()), "ci95": [float(v.mean() - half), float(v.mean() + half)], "n": int(len(v))}
+
+
+def main(argv=None) -> int:
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from cdalign.prompts import load_prompts
+    from cdalign.shapes import classify_image, parse_prompt
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run folders (config.yaml, report.json, pytorch_lora_weights.safetensors)")
+    parser.add_argument("--num_images", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=777, help="first image seed (cdalign's evaluation uses other seeds)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    import yaml
+
+    runs = [Path(r) for r in args.runs]
+    for run in runs:
+        missing = [f for f in ("config.yaml", "report.json", "pytorch_lora_weights.safetensors") if not (run / f).is_file()]
+        if missing:
+            print(f"error: {str(run)!r} is not a finished run (no {', '.join(missing)})", file=sys.stderr)
+            return 2
+    config = yaml.safe_load((runs[0] / "config.yaml").read_text())
+    report = json.loads((runs[0] / "report.json").read_text())
+    stats = report["normalization"]
+    model = config["pretrained_model_name_or_path"]
+    if model.startswith("cdalign/"):  # an embedded model: its diffusers folder inside the package
+        from importlib import resources
+
+        model = str(resources.files("cdalign").joinpath("data", model.split("/", 1)[1]))
+    prompts_all = load_prompts(config.get("eval_prompts") or config["prompts"])
+    prompts = [prompts_all[i % len(prompts_all)] for i in range(args.num_images)]
+    seeds = [args.seed + i for i in range(args.num_images)]
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw() -> np.ndarray:
+        out = []
+        for lo in range(0, len(prompts), args.batch_size):
+            gens = [torch.Generator().manual_seed(s) for s in seeds[lo : lo + args.batch_size]]
+            images = pipe(
+                prompts[lo : lo + args.batch_size], num_inference_steps=int(config["num_inference_steps"]),
+                guidance_scale=float(config["guidance_scale"]), eta=float(config["eta"]), generator=gens, output_type="np",
+            ).images
+            out.append(np.round(images * 255).astype(np.uint8))  # what a saved PNG holds
+        return np.concatenate(out)
+
+    def score(images_u8: np.ndarray) -> dict:
+        x = images_u8.astype(np.float64) / 255
+        values = {
+            "colorfulness": (colorfulness_np(x) - stats["colorfulness"]["mean"]) / stats["colorfulness"]["std"],
+            "brightness": (brightness_np(x) - stats["brightness"]["mean"]) / stats["brightness"]["std"],
+        }
+        seen = [classify_image(im) for im in images_u8]
+        asked = [parse_prompt(p) for p in prompts]
+        for key in ("color", "shape", "background"):
+            values[f"{key}_accuracy"] = np.array(
+                [np.nan if a[key] is None else float(s[key] == a[key]) for s, a in zip(seen, asked)]
+            )
+        return values
+
+    results = {"base": score(draw())}
+    for i, run in enumerate(runs):
+        name = f"run{i}"
+        pipe.load_lora_weights(str(run), weight_name="pytorch_lora_weights.safetensors", adapter_name=name)
+        pipe.set_adapters([name])
+        results[str(run)] = score(draw())
+        pipe.delete_adapters([name])
+
+    table = {}
+    for key, values in results.items():
+        table[key] = {}
+        for metric, v in values.items():
+            entry = summary(v)
+            if key != "base":
+                entry["difference"] = summary(v - results["base"][metric])
+            table[key][metric] = entry
+    lines = [f"independent check: diffusers pipe(), {args.num_images} images of {len(prompts_all)} held-out prompts, "
+             f"seeds {seeds[0]}..{seeds[-1]}, numpy metrics (σ units: the run's base statistics)"]
+    metrics = list(results["base"])
+    lines.append(f"{'model':<44}" + "".join(f"{m:>26}" for m in metrics))
+    for key, row in table.items():
+        cells = []
+        for m in metrics:
+            e = row[m]
+            cell = f"{e['mean']:+.3f} [{e['ci95'][0]:+.2f},{e['ci95'][1]:+.2f}]"
+            cells.append(f"{cell:>26}")
+        lines.append(f"{key[-44:]:<44}" + "".join(cells))
+        if key != "base":
+            diffs = [f"{'Δ ' + format(row[m]['difference']['mean'], '+.3f'):>26}" for m in metrics]
+            lines.append(f"{'  paired difference to base':<44}" + "".join(diffs))
+    print("\n".join(lines))
+    (runs[0] / "independent_check.json").write_text(json.dumps({"num_images": args.num_images, "seeds": [seeds[0], seeds[-1]], "results": table}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
