@@ -44,7 +44,7 @@ def save_grid(path: str | os.PathLike, rows: list[torch.Tensor], labels: list[st
         s.set_visible(False)
     fig.tight_layout(pad=0.2)
     path = Path(path)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.05)  # long row labels are kept whole
     plt.close(fig)
     return path
 

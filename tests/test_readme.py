@@ -37,7 +37,7 @@ def test_library_use_snippet_runs_as_written(tmp_path, monkeypatch):
     exec(compile(code, "README.md (Library use)", "exec"), namespace)
     assert namespace["config"].max_steps == 2  # the snippet's own setting
     assert namespace["trainer"].global_step == 2
-    assert {c["name"] for c in namespace["report"]["constraints"]} == {"saturation_high", "local_contrast_low"}
+    assert {c["name"] for c in namespace["report"]["constraints"]} == {"colorfulness_high", "brightness_high"}
     assert (tmp_path / "my-lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "outputs" / "library-run" / "report.json").is_file()
 

@@ -19,7 +19,13 @@ def test_default_recipe_is_the_tiny_multi_reward_problem():
     cfg = load_config_file(align.DEFAULT_RECIPE)
     assert cfg.pretrained_model_name_or_path.startswith("cdalign/tiny")
     assert cfg.objective.type == "kl"
-    assert [c.name for c in cfg.constraints] == ["saturation_high", "local_contrast_low"]
+    assert [c.name for c in cfg.constraints] == ["colorfulness_high", "brightness_high"]
+    # evaluated on held-out prompts of the same world, none of them trained on
+    from cdalign.prompts import load_prompts
+
+    train, held_out = load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts)
+    assert len(held_out) == 12 and not set(train) & set(held_out)
+    assert cfg.eval_batches * cfg.train_batch_size >= 64
 
 
 @pytest.mark.parametrize(
