@@ -23,7 +23,7 @@ from cdalign.config import (
     save_config,
 )
 
-KNOWN_REWARDS = ["brightness", "local_contrast", "mps", "saturation"]
+KNOWN_REWARDS = ["brightness", "colorfulness", "local_contrast", "mps", "saturation"]
 
 
 @pytest.fixture(autouse=True)
