@@ -5,7 +5,7 @@ LoRA published on the Hub at a revision, later a composed model) is sampled thro
 one :class:`~cdalign.sampling.DiffusionSampler` with the *same* prompts, the *same*
 per-image seeds and the *same* sampler settings, then scored with the same rewards:
 
-- each reward's mean with a 95% CI (``cdalign.estimators.mean_and_ci``), raw and, where
+- each reward's mean with a 95% CI (``cdalign.statistics.mean_and_ci``), raw and, where
   base-model statistics are known, in base-model standard deviations;
 - each constraint's measured value against its threshold: satisfied (the mean is on the
   right side) and whether the whole 95% CI clears the threshold;
@@ -41,9 +41,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .registry import Registry
-
 from .lora import LORA_WEIGHT_NAME, is_local_source, load_lora, lora_weights_path
+from .registry import Registry
+from .statistics import constraint_decision, summarize  # noqa: F401  (re-exported)
+
 CACHE_VERSION = 1  # bump when the cached batch layout or its meaning changes
 
 # ---------------------------------------------------------------------------------
@@ -198,26 +199,8 @@ def load_suite(name_or_path: str | os.PathLike, search_dirs: Sequence[str | os.P
 # ---------------------------------------------------------------------------------
 
 
-def constraint_decision(measured: float, ci95: Sequence[float], threshold: float, direction: str) -> dict:
-    """Judge ``E[value] >= threshold`` (direction 'high') or ``<= threshold`` ('low').
-
-    Returns ``slack`` (positive = violated, the trainer's sign convention), ``satisfied``
-    (the mean is on the allowed side, ties count as satisfied) and ``ci_clears_threshold``
-    (the whole 95% CI is on the allowed side: satisfied with confidence)."""
-    if direction not in ("high", "low"):
-        raise ValueError(f"direction must be 'high' or 'low', got {direction!r}")
-    lo, hi = float(ci95[0]), float(ci95[1])
-    slack = threshold - measured if direction == "high" else measured - threshold
-    clears = lo >= threshold if direction == "high" else hi <= threshold
-    return {"slack": float(slack), "satisfied": bool(slack <= 0), "ci_clears_threshold": bool(clears)}
-
-
-def summarize(values: torch.Tensor) -> dict:
-    """``{"mean", "ci95": [lo, hi], "n"}`` of (N,) values (normal-approximation 95% CI)."""
-    from .estimators import mean_and_ci
-
-    m, lo, hi = mean_and_ci(values)
-    return {"mean": m, "ci95": [lo, hi], "n": int(values.numel())}
+# constraint_decision and summarize live in cdalign.statistics (one definition each; the
+# trainer's report uses the same ones) and are re-exported here.
 
 
 # ---------------------------------------------------------------------------------
