@@ -151,7 +151,9 @@ def comparison_grid(run_dir: Path, config, runs: dict[str, Path], path: Path) ->
     pipe.set_progress_bar_config(disable=True)
     for name, folder in runs.items():
         load_lora(pipe, str(folder), name)
-    sampler = DiffusionSampler(pipe, config.num_inference_steps, config.eta, config.guidance_scale, config.resolution, "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe.to(device)
+    sampler = DiffusionSampler(pipe, config.num_inference_steps, config.eta, config.guidance_scale, config.resolution, device)
     prompts = load_prompts(config.eval_prompts or config.prompts, config.prompt_column, config.prompt_split)
     k = max(config.num_grid_images, 1)
     batch_prompts, seeds = eval_batch_share(config.eval_seed, 0, prompts, k)
@@ -159,7 +161,7 @@ def comparison_grid(run_dir: Path, config, runs: dict[str, Path], path: Path) ->
     with torch.no_grad():
         for name in ["base", *runs]:
             set_unet_state(pipe.unet, None if name == "base" else name)
-            rows.append(sampler.sample(sampler.guided(batch_prompts), seeds).cpu())
+            rows.append(sampler.sample(sampler.guided(batch_prompts), seeds).float().cpu())
             labels.append(LABELS.get(name, name))
     return save_grid(path, rows, labels)
 
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         help="reuse finished baselines under <run>/equal_weights whose config matches (default: retrain them)",
     )
     args = parser.parse_args(argv)
-    from cdalign import ConstrainedDDPOTrainer, load_config_file
+    from cdalign import ConstrainedDDPOTrainer, TrainingInterrupted, load_config_file
     from cdalign.config import config_to_dict
 
     run_dir = Path(args.run)
@@ -204,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{LABELS[name]}: training with every λ frozen at {lam:.4g} -> {out}")
             try:
                 ConstrainedDDPOTrainer(cfg).train()
+            except TrainingInterrupted as stop:
+                print(f"interrupted at step {stop.step}; checkpoint at {stop.checkpoint}; rerun this command "
+                      "(the baseline restarts; its folder is replaced)", file=sys.stderr)
+                return stop.exit_code
             except (ValueError, OSError) as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
