@@ -19,9 +19,10 @@ import torch
 import yaml
 
 from cdalign import ConstrainedDDPOTrainer
-from cdalign.config import config_from_dict, load_config_file
+from cdalign.config import load_config_file
 from cdalign.normalization import MIN_NORMALIZATION_SAMPLES, reward_identity
 from cdalign.rewards import build_reward
+from tiny_configs import tiny_config
 
 # Tiny runs normalise from 2 images on purpose; the warning itself is asserted below.
 pytestmark = pytest.mark.filterwarnings("ignore:reward normalisation of .* rests on only")
@@ -31,26 +32,12 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "OMP_N
 
 
 def tiny(tmp_path, **overrides):
-    base = dict(
-        pretrained_model_name_or_path="cdalign/tiny-random-sd",
-        prompts="shapes",
-        output_dir=str(tmp_path / "run"),
-        normalization_cache_dir=str(tmp_path / "cache"),
-        objective={"type": "kl"},
+    """A one-step run with one constraint: the trainer tests' tiny config, smaller."""
+    small = dict(
         constraints=[{"reward": "saturation", "direction": "high", "threshold": 0.5}],
-        dual={"optimizer": "ascent", "lr": 0.05, "init": 0.5},
-        num_inference_steps=4,
-        backprop_steps=1,
-        resolution=32,
-        train_batch_size=2,
-        max_steps=1,
-        normalization_batches=1,
-        eval_batches=1,
-        num_grid_images=0,
-        learning_rate=1e-2,
+        num_inference_steps=4, backprop_steps=1, max_steps=1, normalization_batches=1, num_grid_images=0,
     )
-    base.update(overrides)
-    return config_from_dict(base)
+    return tiny_config(tmp_path, **{**small, **overrides})
 
 
 _SATURATION = build_reward("saturation")
