@@ -42,9 +42,14 @@ def build(row: str, model_dir: str, config: dict | None = None):
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
 
-    from cdalign.composition import Component, ComponentSet, CompositionDistiller, DistillSpec
+    from cdalign.composition import (
+        Component,
+        ComponentSet,
+        CompositionDistiller,
+        DistillSpec,
+    )
     from cdalign.composition.distill import StudentPredictor
-    from cdalign.sampling import DiffusionSampler
+    from cdalign.core.sampling import DiffusionSampler
 
     kind, n = ROWS[row]
     c = tb.bench_config(config)

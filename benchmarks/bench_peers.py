@@ -157,8 +157,8 @@ def install_trl_venv(venv: Path = TRL_VENV, log=sys.stderr) -> None:
 # ---------------------------------------------------------------------- running rows
 def build_model_dir(path: Path) -> Path:
     """Save the seeded tiny pipeline (and the prompt list) once; every row loads it."""
-    from cdalign.prompts import load_prompts
-    from cdalign.tiny import build_tiny_pipeline
+    from cdalign.data.prompt_sets import load_prompts
+    from cdalign.models.tiny import build_tiny_pipeline
 
     path.mkdir(parents=True, exist_ok=True)
     build_tiny_pipeline(seed=0).save_pretrained(str(path))

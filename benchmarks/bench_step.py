@@ -77,7 +77,7 @@ def build_trainer(row: str, model_dir: str, output_dir: str, config: dict | None
     """cdalign's trainer for ``row`` on tiny-bench (``config`` overrides tiny-bench
     settings, e.g. a smaller ``num_inference_steps`` in the tests)."""
     from cdalign import ConstrainedDDPOTrainer
-    from cdalign.config import config_from_dict
+    from cdalign.alignment.config import config_from_dict
 
     c = tb.bench_config(config)
     spec = dict(ROWS[row])
@@ -137,7 +137,7 @@ def main() -> None:
         tb.emit(run_row(args._child[0], args._child[1], args.steps, args.warmup, args.threads, tb.parse_overrides(args.set)))
         return
 
-    from cdalign.tiny import build_tiny_pipeline
+    from cdalign.models.tiny import build_tiny_pipeline
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     results: dict[str, list[dict]] = {r: [] for r in args.rows}

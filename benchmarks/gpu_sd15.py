@@ -80,10 +80,15 @@ SMOKE = dict(
 
 def build_pipeline(shape: dict, seed: int = 0):
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from cdalign.tiny import byte_level_clip_tokenizer
+    from cdalign.models.tiny import byte_level_clip_tokenizer
 
     tok = byte_level_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -128,7 +133,7 @@ def _sync(device):
 
 def make_trainer(pipe, k: int, kl: bool, shape: dict, output_dir: str):
     from cdalign import ConstrainedDDPOTrainer
-    from cdalign.config import config_from_dict
+    from cdalign.alignment.config import config_from_dict
 
     constraints = [{"type": "kl", "max": 1.0}] if kl else []
     cfg = config_from_dict(dict(

@@ -41,7 +41,11 @@ _spec.loader.exec_module(tb)
 
 def build(model_dir: str, steps_total: int, logdir: str, config: dict | None = None):
     import accelerate
-    from trl import AlignPropConfig, AlignPropTrainer, DefaultDDPOStableDiffusionPipeline
+    from trl import (
+        AlignPropConfig,
+        AlignPropTrainer,
+        DefaultDDPOStableDiffusionPipeline,
+    )
 
     c = tb.bench_config(config)
     accelerate.PartialState()  # trl's DDPO/AlignProp need the state before the pipeline

@@ -32,12 +32,12 @@ REWARDS = ("saturation", "colorfulness", "local_contrast", "prompt_fidelity", "b
 def main(argv=None) -> None:
     import torch
 
-    from cdalign.estimators import score
-    from cdalign.pipeline import load_pipeline
-    from cdalign.prompts import load_prompts
+    from cdalign.alignment.estimators import score
+    from cdalign.core.sampling import DiffusionSampler
+    from cdalign.core.seeding import batch_share
+    from cdalign.data.prompt_sets import load_prompts
+    from cdalign.models.pipeline import load_pipeline
     from cdalign.rewards import REWARDS as REGISTRY
-    from cdalign.sampling import DiffusionSampler
-    from cdalign.seeding import batch_share
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cdalign/tiny-shapes-sd")

@@ -4,7 +4,7 @@ This module imports only the standard library and torch, so rows that run in ano
 virtual environment (trl 0.23.1 in ``benchmarks/.venv-trl``) load it by path and use the
 same settings, reward formula and measurement code as cdalign's rows.
 
-tiny-bench: seeded tiny SD (``cdalign.tiny.build_tiny_pipeline(seed=0)``: UNet (32, 64),
+tiny-bench: seeded tiny SD (``cdalign.models.tiny.build_tiny_pipeline(seed=0)``: UNet (32, 64),
 2 layers/block, cross-attention 32, latent 32 -> 64x64 images, VAE [32, 64], CLIP text
 32 x 5 layers, DDIM) saved once to a folder that every row loads; LoRA r=4, alpha 4 on
 to_q/to_k/to_v/to_out.0; AdamW lr 1e-3 (weight decay 1e-4, grad-norm clip 1.0, the

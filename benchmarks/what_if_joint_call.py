@@ -46,8 +46,8 @@ def main():
     torch.set_num_threads(args.threads)
     from peft import LoraConfig
 
-    from cdalign.sampling import DiffusionSampler, WithAdaptersDisabled
-    from cdalign.tiny import build_tiny_pipeline
+    from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
+    from cdalign.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=0)
     unet = pipe.unet.requires_grad_(False)

@@ -1,13 +1,25 @@
-"""cdalign: constrained alignment and composition of diffusion models (arXiv 2508.19104)."""
+"""cdalign: constrained alignment and composition of diffusion models (arXiv 2508.19104).
 
-from .config import ConstrainedDDPOConfig, ConstraintSpec, DualSpec, ObjectiveSpec, load_config_file, parse_config
-from .duals import DUAL_OPTIMIZERS, NuPI, ProjectedGradientAscent
-from .estimators import ESTIMATORS
-from .kl import KL_ESTIMATORS
-from .pipeline import EMBEDDED_MODELS, load_pipeline
-from .prompts import PROMPT_SETS, load_prompts
-from .sampling import DDIMChain, DiffusionSampler
-from .trainer import ConstrainedDDPOTrainer, TrainingInterrupted
+Layout (docs/ARCHITECTURE.md): ``core`` (the math of METHOD.md) ← ``fields`` (typed
+YAML/CLI configs) ← ``data`` ← ``models`` ← ``rewards`` ← ``publishing`` ← ``evaluation``
+← ``alignment`` ← ``composition``. This module only gathers the public names."""
+
+from cdalign import composition  # noqa: F401  (registers the ``composed`` checkpoint kind)
+from cdalign.alignment.config import (
+    ConstrainedDDPOConfig,
+    ConstraintSpec,
+    DualSpec,
+    ObjectiveSpec,
+    load_config_file,
+    parse_config,
+)
+from cdalign.alignment.estimators import ESTIMATORS
+from cdalign.alignment.trainer import ConstrainedDDPOTrainer, TrainingInterrupted
+from cdalign.core.duals import DUAL_OPTIMIZERS, NuPI, ProjectedGradientAscent
+from cdalign.core.kl import KL_ESTIMATORS
+from cdalign.core.sampling import DDIMChain, DiffusionSampler
+from cdalign.data.prompt_sets import PROMPT_SETS, load_prompts
+from cdalign.models.pipeline import EMBEDDED_MODELS, load_pipeline
 
 __version__ = "0.1.0"
 

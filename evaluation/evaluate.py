@@ -56,9 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from cdalign.config import check_output_dir_writable
-    from cdalign.evaluation import CheckpointSpec, EvaluationSuite, evaluate, load_suite
-    from cdalign.pipeline import ModelNotFoundError
+    from cdalign.alignment.config import check_output_dir_writable
+    from cdalign.evaluation.harness import (
+        CheckpointSpec,
+        EvaluationSuite,
+        evaluate,
+        load_suite,
+    )
+    from cdalign.models.pipeline import ModelNotFoundError
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)

@@ -10,7 +10,7 @@ with numpy only, from the 8-bit images a user would save:
 
 - colorfulness (Hasler & Süsstrunk 2003) and brightness (mean Rec. 709 luminance), in σ
   units of the run's own base-model statistics (``report.json`` → ``normalization``),
-- the shapes classifier's colour, shape and background accuracy (``cdalign.shapes.classify_image``,
+- the shapes classifier's colour, shape and background accuracy (``cdalign.data.shapes.classify_image``,
   numpy, no reward uses it).
 
 Prints a table (mean and 95% CI per model, and each LoRA's paired difference to the base on
@@ -56,8 +56,8 @@ def main(argv=None) -> int:
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from cdalign.prompts import load_prompts
-    from cdalign.shapes import classify_image, parse_prompt
+    from cdalign.data.prompt_sets import load_prompts
+    from cdalign.data.shapes import classify_image, parse_prompt
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders (config.yaml, report.json, pytorch_lora_weights.safetensors)")

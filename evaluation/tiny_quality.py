@@ -1,5 +1,5 @@
 """Quality gates of the embedded tiny model ``cdalign/tiny-shapes-sd``, measured with the
-plain numpy classifier of ``cdalign.shapes`` (never with a learned reward).
+plain numpy classifier of ``cdalign.data.shapes`` (never with a learned reward).
 
     python evaluation/tiny_quality.py [--model cdalign/tiny-shapes-sd] [--write_card]
 
@@ -56,7 +56,13 @@ def generate(pipe, prompts: list[str], seeds: list[int], guidance_scale: float, 
 def evaluation_prompts(samples_per_color: int, seed: int = 0) -> tuple[list[str], list[dict]]:
     """``samples_per_color`` full captions per colour word, shape / size / background
     drawn at random (seeded). Returns (prompts, their parsed words)."""
-    from cdalign.shapes import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, SIZES, caption
+    from cdalign.data.shapes import (
+        BACKGROUND_NAMES,
+        COLOR_NAMES,
+        SHAPES,
+        SIZES,
+        caption,
+    )
 
     rng = np.random.default_rng(seed)
     prompts, truths = [], []
@@ -78,7 +84,7 @@ def fidelity(images: np.ndarray, truths: list[dict]) -> dict:
     their prompts named. Returns ``color`` / ``shape``: {word: accuracy}, and
     ``color_min``, ``color_overall``, ``shape_overall``, ``background_overall``,
     ``size_overall``; all fractions in [0, 1]."""
-    from cdalign.shapes import COLOR_NAMES, SHAPES, classify_image
+    from cdalign.data.shapes import COLOR_NAMES, SHAPES, classify_image
 
     seen = [classify_image(image) for image in images]
 
@@ -104,7 +110,7 @@ def diversity(pipe, prompt: str, num_seeds: int, guidance_scale: float) -> dict:
     shape's bounding-box centre, x and y pooled, px), ``radius_std_px`` (std of its half
     extent, px), ``distinct_fraction`` (fraction of image pairs whose mean absolute
     difference exceeds 2/255) and ``images`` (uint8 (num_seeds, 64, 64, 3))."""
-    from cdalign.shapes import classify_image
+    from cdalign.data.shapes import classify_image
 
     images = generate(pipe, [prompt] * num_seeds, list(range(1000, 1000 + num_seeds)), guidance_scale)
     seen = [classify_image(image) for image in images]
@@ -138,7 +144,7 @@ def sample_grid(pipe, guidance_scale: float, seed: int = 0, upscale: int = 1) ->
     """One sample per (colour, shape): rows are the colour words, columns circle,
     square, triangle, each "a large <color> <shape> on a <background> background" with
     the backgrounds cycling. uint8 (6*64*upscale, 3*64*upscale, 3)."""
-    from cdalign.shapes import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, caption
+    from cdalign.data.shapes import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, caption
 
     prompts = [
         caption(shape, color, "large", BACKGROUND_NAMES[(i + j) % len(BACKGROUND_NAMES)])
@@ -153,7 +159,7 @@ def sample_grid(pipe, guidance_scale: float, seed: int = 0, upscale: int = 1) ->
 
 def evaluate(model: str, guidance_scales: list[float], samples_per_color: int, diversity_seeds: int, seed: int = 0) -> dict:
     """Run every measurement; returns a JSON-able dict (see the module docstring)."""
-    from cdalign.pipeline import load_pipeline
+    from cdalign.models.pipeline import load_pipeline
 
     pipe = load_pipeline(model)
     prompts, truths = evaluation_prompts(samples_per_color, seed)
@@ -182,7 +188,7 @@ def evaluate(model: str, guidance_scales: list[float], samples_per_color: int, d
 
 def format_table(results: dict) -> str:
     """The measured numbers as a Markdown table, one row per guidance scale."""
-    from cdalign.shapes import COLOR_NAMES, SHAPES
+    from cdalign.data.shapes import COLOR_NAMES, SHAPES
 
     header = ["guidance", *COLOR_NAMES, "colour (all)", *SHAPES, "shape (all)", "background", "size"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -196,7 +202,7 @@ def format_table(results: dict) -> str:
 
 def model_folder(model: str) -> Path:
     """The diffusers folder of an embedded model name or a local path."""
-    from cdalign.tiny_pretrained import TINY_SHAPES_ID, tiny_shapes_sd_path
+    from cdalign.models.tiny_pretrained import TINY_SHAPES_ID, tiny_shapes_sd_path
 
     return tiny_shapes_sd_path() if model == TINY_SHAPES_ID else Path(model)
 
@@ -206,7 +212,7 @@ def write_model_card(folder: Path, results: dict, command: str, grid: np.ndarray
     training log next to the weights) and ``samples.png`` (``grid``) into ``folder``."""
     from PIL import Image
 
-    from cdalign.shapes import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, SIZES
+    from cdalign.data.shapes import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, SIZES
 
     Image.fromarray(grid).save(folder / "samples.png", optimize=True)
     log = json.loads((folder / "training_log.json").read_text())
@@ -281,7 +287,7 @@ tags:
 # cdalign/tiny-shapes-sd
 
 A tiny Stable-Diffusion-architecture text-to-image model (64x64 pixels), trained from
-scratch on CPU on the procedurally generated *shapes world* of `cdalign.shapes`. It is
+scratch on CPU on the procedurally generated *shapes world* of `cdalign.data.shapes`. It is
 embedded in cdalign so that rewards, constraints and composition have visible,
 measurable effects offline and in tests; it is not a general image model.
 
@@ -293,7 +299,7 @@ background", guidance {best}, 20 DDIM steps, one seed each.*
 ## Use
 
 ```python
-from cdalign.pipeline import load_pipeline
+from cdalign.models.pipeline import load_pipeline
 pipe = load_pipeline("cdalign/tiny-shapes-sd")          # or StableDiffusionPipeline.from_pretrained(<this folder>)
 image = pipe("a small red circle on a black background", num_inference_steps=20, guidance_scale={best}).images[0]
 ```
@@ -342,7 +348,7 @@ without it, followed the named background in 42% of samples (chance: 33%).
 
 Command: `{command}` (torch threads: {eval_threads}).
 
-Numbers below come from the numpy classifier of `cdalign.shapes` (border-median
+Numbers below come from the numpy classifier of `cdalign.data.shapes` (border-median
 background, majority nearest palette colour of the foreground pixels, foreground cut at
 half the foreground's contrast, shape from the bounding-box fill ratio), never from a
 learned reward. {n} full-caption prompts per

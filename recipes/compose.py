@@ -25,9 +25,14 @@ DEFAULT_RECIPE = Path(__file__).resolve().parent / "compose" / "tiny_adapters.ya
 
 
 def run_and(config) -> dict:
-    from cdalign.composition import ConstrainedComposer, kl_table, train_missing_components
-    from cdalign.composition.composer import check_composition_inputs
     from accelerate import Accelerator
+
+    from cdalign.composition import (
+        ConstrainedComposer,
+        kl_table,
+        train_missing_components,
+    )
+    from cdalign.composition.composer import check_composition_inputs
 
     check_composition_inputs(config)  # bad input fails before any component trains
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
@@ -55,7 +60,11 @@ DEMO_DATA = "outputs/compose-or-data"
 
 
 def run_or(config) -> dict:
-    from cdalign.composition.mixture import MixtureTrainer, loss_table, write_demo_colour_datasets
+    from cdalign.composition.mixture import (
+        MixtureTrainer,
+        loss_table,
+        write_demo_colour_datasets,
+    )
 
     demo = [f"{DEMO_DATA}/red", f"{DEMO_DATA}/blue"]
     if [d.path for d in config.datasets] == demo and not any(Path(p).exists() for p in demo):

@@ -140,12 +140,12 @@ def comparison_grid(run_dir: Path, config, runs: dict[str, Path], path: Path) ->
     ``load_lora_weights`` and sampled by cdalign's sampler."""
     import torch
 
-    from cdalign.lora import load_lora
-    from cdalign.pipeline import load_pipeline
-    from cdalign.plotting import save_grid
-    from cdalign.prompts import load_prompts
-    from cdalign.sampling import DiffusionSampler, set_unet_state
-    from cdalign.seeding import eval_batch_share
+    from cdalign.core.sampling import DiffusionSampler, set_unet_state
+    from cdalign.core.seeding import eval_batch_share
+    from cdalign.data.prompt_sets import load_prompts
+    from cdalign.models.lora import load_lora
+    from cdalign.models.pipeline import load_pipeline
+    from cdalign.publishing.plotting import save_grid
 
     pipe = load_pipeline(config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant)
     pipe.set_progress_bar_config(disable=True)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     from cdalign import ConstrainedDDPOTrainer, TrainingInterrupted, load_config_file
-    from cdalign.config import config_to_dict
+    from cdalign.alignment.config import config_to_dict
 
     run_dir = Path(args.run)
     missing = [f for f in ("config.yaml", "report.json") if not (run_dir / f).is_file()]

@@ -2,7 +2,7 @@
 
     accelerate launch recipes/pretrain_tiny.py [--output_dir DIR] [--seed N] [--config recipes/pretrain_tiny.yaml]
 
-Two stages, both on freshly rendered shapes-world batches (``cdalign.shapes``), so the
+Two stages, both on freshly rendered shapes-world batches (``cdalign.data.shapes``), so the
 data never repeats and nothing is downloaded:
 
 1. VAE (64x64 RGB <-> 4x16x16): reconstruction MSE + L1 + a small KL weight; the latent
@@ -111,7 +111,7 @@ def lr_lambda(warmup: int, total: int, final_fraction: float = 0.1):
 
 def image_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, dict]:
     """Render ``n`` fresh scenes: images (n, 3, 64, 64) float in [-1, 1], and the scenes."""
-    from cdalign.shapes import render_scenes, sample_scenes
+    from cdalign.data.shapes import render_scenes, sample_scenes
 
     scenes = sample_scenes(rng, n)
     images = torch.from_numpy(render_scenes(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -120,7 +120,13 @@ def image_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, dict]:
 
 def training_captions(rng: np.random.Generator, scenes: dict, config: PretrainConfig) -> list[str]:
     """Captions for training: full, partial (size / background left out) or empty."""
-    from cdalign.shapes import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, SIZES, caption
+    from cdalign.data.shapes import (
+        BACKGROUND_NAMES,
+        COLOR_NAMES,
+        SHAPES,
+        SIZES,
+        caption,
+    )
 
     captions = []
     for i in range(len(scenes["shape"])):
@@ -175,7 +181,12 @@ def train_vae(vae, config: PretrainConfig, accelerator, rng: np.random.Generator
 def reconstruction_fidelity(vae, rng: np.random.Generator, device, n: int = 256) -> dict:
     """What the numpy classifier reads back from VAE reconstructions of fresh scenes: the
     ceiling the VAE sets on the model's fidelity. Returns accuracy per property."""
-    from cdalign.shapes import classify_image, render_scenes, sample_scenes, scene_records
+    from cdalign.data.shapes import (
+        classify_image,
+        render_scenes,
+        sample_scenes,
+        scene_records,
+    )
 
     scenes = sample_scenes(rng, n)
     images = torch.from_numpy(render_scenes(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -268,7 +279,7 @@ def main(config: PretrainConfig):
     from accelerate.utils import set_seed
     from diffusers import StableDiffusionPipeline
 
-    from cdalign.tiny_pretrained import build_untrained_components
+    from cdalign.models.tiny_pretrained import build_untrained_components
 
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)

@@ -5,7 +5,7 @@
 
 AND (reverse KL, product): three component score models, two similar ones on the left and
 one on the right. Composed ε_μ = Σ μ_i ε_i sampled with cdalign's DDIM chain; μ learned by
-projected dual ascent on the chain KL to each component (cdalign.kl). Equal weights are
+projected dual ascent on the chain KL to each component (cdalign.core.kl). Equal weights are
 pulled toward the similar pair; the min-max weights sit between the groups.
 OR (forward KL, mixture): dataset A = one Gaussian at (0.75, 0), dataset B = two at
 (-0.75, ±0.75), variance 0.025; one model trained on Σ μ_i·DSM_i with μ ascending on the
@@ -33,8 +33,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from cdalign.composition.simplex import SimplexDual  # noqa: E402
-from cdalign.kl import step_kl, step_weights  # noqa: E402
-from cdalign.sampling import DDIMChain, sample_latents  # noqa: E402
+from cdalign.core.kl import step_kl, step_weights  # noqa: E402
+from cdalign.core.sampling import DDIMChain, sample_latents  # noqa: E402
 
 # ----------------------------------------------------------------------------- setups
 # A Gaussian mixture is a list of (weight, mean (2,), variance); isotropic components.

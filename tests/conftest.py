@@ -12,7 +12,7 @@ import torch  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """The seeded tiny random pipeline saved once in diffusers format."""
-    from cdalign.tiny import build_tiny_pipeline
+    from cdalign.models.tiny import build_tiny_pipeline
 
     path = tmp_path_factory.mktemp("tiny-sd")
     build_tiny_pipeline(seed=0).save_pretrained(path)

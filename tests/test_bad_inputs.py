@@ -1,6 +1,5 @@
 """Bad inputs give a clear message and leave no partial output behind."""
 
-import math
 import os
 from pathlib import Path
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 from cdalign import ConstrainedDDPOTrainer
-from cdalign.config import config_from_dict
+from cdalign.alignment.config import config_from_dict
 
 
 def config(tmp_path, **kw):
@@ -97,9 +96,9 @@ def test_too_many_nonfinite_batches_abort_without_touching_saved_weights(tmp_pat
 def test_lora_whose_shapes_do_not_fit_the_base_is_refused(tmp_path):
     from peft import LoraConfig
 
-    from cdalign.lora import load_lora, save_adapter
-    from cdalign.pipeline import load_pipeline
-    from cdalign.tiny import build_tiny_pipeline
+    from cdalign.models.lora import load_lora, save_adapter
+    from cdalign.models.pipeline import load_pipeline
+    from cdalign.models.tiny import build_tiny_pipeline
 
     wide = build_tiny_pipeline(seed=0, sample_size=32)
     # Another architecture: cross-attention width 16 instead of 32.
@@ -119,12 +118,12 @@ def test_lora_whose_shapes_do_not_fit_the_base_is_refused(tmp_path):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if the base model is loaded: these refusals must come first."""
-    import cdalign.trainer
+    import cdalign.alignment.trainer
 
     def refuse(*args, **kwargs):
         raise AssertionError("the base model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(cdalign.trainer, "load_pipeline", refuse)
+    monkeypatch.setattr(cdalign.alignment.trainer, "load_pipeline", refuse)
 
 
 def test_output_dir_that_is_a_file_is_refused_naming_it(tmp_path, no_model_load):
@@ -153,7 +152,7 @@ def test_output_dir_that_is_not_writable_is_refused_naming_it(tmp_path, no_model
 def test_tracker_that_is_not_installed_is_refused_naming_the_package(tmp_path, no_model_load):
     import importlib.util
 
-    from cdalign.config import TRACKER_PACKAGES
+    from cdalign.alignment.config import TRACKER_PACKAGES
 
     missing = [n for n, (modules, _) in TRACKER_PACKAGES.items() if not any(importlib.util.find_spec(m) for m in modules)]
     if not missing:
@@ -175,7 +174,7 @@ def test_misspelt_embedded_model_gets_a_suggestion(tmp_path):
 
 
 def test_uncached_hub_model_offline_names_it_and_the_download_command():
-    from cdalign.pipeline import ModelNotFoundError, load_pipeline
+    from cdalign.models.pipeline import ModelNotFoundError, load_pipeline
 
     with pytest.raises(ModelNotFoundError) as err:
         load_pipeline("someone/no-such-model", revision="v1")
@@ -212,12 +211,12 @@ def saved_run(tmp_path_factory):
 def test_truncated_checkpoint_is_refused_before_the_model_loads(saved_run, tmp_path, monkeypatch):
     import shutil
 
-    import cdalign.trainer
+    import cdalign.alignment.trainer
 
     ckpt = tmp_path / "checkpoint-1"
     shutil.copytree(saved_run[1], ckpt)
     _truncate(ckpt / "lora.safetensors")
-    monkeypatch.setattr(cdalign.trainer, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(cdalign.alignment.trainer, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match=r"resume_from_checkpoint: '.*checkpoint-1/lora.safetensors' is corrupt or truncated"):
         ConstrainedDDPOTrainer(config(tmp_path, resume_from_checkpoint=str(ckpt)))
 
@@ -232,12 +231,12 @@ def _corrupt_lora_copy(saved_run, tmp_path):
 
 
 def test_corrupt_lora_in_evaluation_fails_up_front_naming_the_file(saved_run, tmp_path, monkeypatch):
-    import cdalign.pipeline
-    from cdalign.evaluation import CheckpointSpec, EvaluationSuite, evaluate
-    from cdalign.lora import CorruptFileError
+    import cdalign.evaluation.harness
+    from cdalign.evaluation.harness import CheckpointSpec, EvaluationSuite, evaluate
+    from cdalign.models.lora import CorruptFileError
 
     folder = _corrupt_lora_copy(saved_run, tmp_path)
-    monkeypatch.setattr(cdalign.pipeline, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(cdalign.evaluation.harness, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     suite = EvaluationSuite(checkpoints=[CheckpointSpec("torn", source=str(folder))], num_inference_steps=2, num_prompts=1)
     with pytest.raises(CorruptFileError, match=r"checkpoint 'torn': '.*corrupt-lora/pytorch_lora_weights.safetensors' is corrupt or truncated"):
         evaluate(suite, tmp_path / "eval", progress=False)
@@ -249,7 +248,7 @@ def test_corrupt_lora_component_is_refused_before_the_model_loads(saved_run, tmp
     from cdalign.composition import ConstrainedComposer
     from cdalign.composition.components import load_lora_component
     from cdalign.composition.config import config_from_dict as compose_config
-    from cdalign.lora import CorruptFileError
+    from cdalign.models.lora import CorruptFileError
 
     folder = _corrupt_lora_copy(saved_run, tmp_path)
     cfg = compose_config({"components": [{"name": "torn", "path": str(folder)}, {"name": "base", "type": "base"}],
@@ -257,7 +256,7 @@ def test_corrupt_lora_component_is_refused_before_the_model_loads(saved_run, tmp
     monkeypatch.setattr(cdalign.composition.composer, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(CorruptFileError, match=r"component 'torn': .*corrupt or truncated"):
         ConstrainedComposer(cfg)
-    from cdalign.tiny import build_tiny_pipeline
+    from cdalign.models.tiny import build_tiny_pipeline
 
     with pytest.raises(CorruptFileError, match=r"component 'torn'"):
         load_lora_component(build_tiny_pipeline(seed=0), "torn", str(folder))
@@ -280,7 +279,7 @@ def test_composition_inputs_are_checked_before_any_component_trains(tmp_path):
 
 
 def test_float16_evaluation_on_a_cpu_is_refused(tmp_path):
-    from cdalign.evaluation import EvaluationSuite, evaluate
+    from cdalign.evaluation.harness import EvaluationSuite, evaluate
 
     with pytest.raises(ValueError, match=r"dtype: 'float16' needs a GPU.*'float32' or 'bfloat16'"):
         evaluate(EvaluationSuite(dtype="float16"), tmp_path / "eval", device="cpu", progress=False)

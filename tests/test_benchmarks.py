@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def _load(name: str):
 def small_model_dir(tmp_path_factory):
     """The tiny pipeline at latent size 8 (16x16 images) and the prompt list, as
     ``bench_peers.build_model_dir`` writes them."""
-    from cdalign.tiny import build_tiny_pipeline
+    from cdalign.models.tiny import build_tiny_pipeline
 
     tb = _load("tinybench")
     path = tmp_path_factory.mktemp("tiny-bench-small")

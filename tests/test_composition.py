@@ -10,15 +10,15 @@ import torch
 from cdalign.composition import (
     Component,
     ComponentSet,
-    ConstrainedComposer,
     CompositionDistiller,
+    ConstrainedComposer,
     SimplexDual,
     project_simplex,
     set_unet_state,
 )
-from cdalign.composition.config import DistillSpec, config_from_dict, parse_config
 from cdalign.composition.components import load_lora_component
-from cdalign.sampling import DiffusionSampler
+from cdalign.composition.config import DistillSpec, config_from_dict, parse_config
+from cdalign.core.sampling import DiffusionSampler
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -30,7 +30,7 @@ def save_random_lora(path, seed: int, scale: float = 1.0):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from cdalign.tiny import build_tiny_pipeline
+    from cdalign.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=0)
     torch.manual_seed(seed)
@@ -50,7 +50,7 @@ def lora_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_adapters(lora_dirs):
-    from cdalign.tiny import build_tiny_pipeline
+    from cdalign.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=0)
     for name, path in zip("ab", lora_dirs):
@@ -222,7 +222,7 @@ def test_and_composition_end_to_end(lora_dirs, tmp_path):
     # b's threshold (1e-3 nats) cannot be met by mixing two different adapters: reported, not hidden
     assert saved["infeasible"] == ["b"] and saved["models"]["constrained"]["kl"]["b"]["satisfied"] is False
     # the distilled LoRA loads with the standard diffusers call
-    from cdalign.tiny import build_tiny_pipeline
+    from cdalign.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=0)
     pipe.load_lora_weights(str(out / "distilled"), adapter_name="distilled")
@@ -257,7 +257,7 @@ def test_missing_component_is_trained_with_the_align_recipe(tmp_path):
 
 
 def test_missing_lora_folder_names_the_component_and_the_fix(tmp_path):
-    from cdalign.tiny import build_tiny_pipeline
+    from cdalign.models.tiny import build_tiny_pipeline
 
     with pytest.raises(FileNotFoundError, match=r"component 'x': no LoRA weights at .*pytorch_lora_weights.safetensors.*train_recipe"):
         load_lora_component(build_tiny_pipeline(seed=0), "x", str(tmp_path / "nothing"))

@@ -144,7 +144,7 @@ def test_sharded_run_under_bf16_mixed_precision(tmp_path):
 
 def test_fsdp1_config_is_refused_with_the_fix(monkeypatch, tmp_path):
     from cdalign import ConstrainedDDPOTrainer
-    from cdalign.config import config_from_dict
+    from cdalign.alignment.config import config_from_dict
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")

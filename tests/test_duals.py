@@ -1,11 +1,15 @@
 """Dual updates: the math of METHOD.md §1 and convergence on a problem with a known answer."""
 
-import math
 
 import pytest
 import torch
 
-from cdalign.duals import DUAL_OPTIMIZERS, InfeasibilityMonitor, NuPI, ProjectedGradientAscent
+from cdalign.core.duals import (
+    DUAL_OPTIMIZERS,
+    InfeasibilityMonitor,
+    NuPI,
+    ProjectedGradientAscent,
+)
 
 
 def test_projected_ascent_raises_violated_and_lowers_satisfied_multipliers():

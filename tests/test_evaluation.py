@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cdalign.evaluation import (
+from cdalign.evaluation.harness import (
     CHECKPOINT_KINDS,
     CheckpointSpec,
     EvaluationSuite,
@@ -98,7 +98,7 @@ def test_shipped_suites_load(tmp_path):
 
 def _train(tmp, name, lr, **overrides):
     from cdalign import ConstrainedDDPOTrainer
-    from cdalign.config import config_from_dict
+    from cdalign.alignment.config import config_from_dict
 
     cfg = config_from_dict(dict(dict(
         pretrained_model_name_or_path="cdalign/tiny-random-sd", prompts="shapes", output_dir=str(tmp / name),
@@ -153,8 +153,9 @@ def test_comparison_table_has_one_row_per_checkpoint(evaluated):
     result, _, _ = evaluated
     table = comparison_table(result.data)
     rows = [l for l in table.splitlines() if l.startswith("| ") and not l.startswith("| checkpoint")]
-    assert [r.split("|")[1].strip() for r in rows] == ["base", "constrained", "bigger_lr"]
-    assert "saturation_high ≥ 0.5" in table and "local_contrast_low ≤ -0.25" in table
+    # cells are Markdown: "\\_" renders as "_"
+    assert [r.split("|")[1].strip().replace("\\_", "_") for r in rows] == ["base", "constrained", "bigger_lr"]
+    assert "saturation\\_high ≥ 0.5" in table and "local\\_contrast\\_low ≤ -0.25" in table
 
 
 def test_rerun_resumes_from_the_cache_with_identical_results(evaluated):
@@ -186,7 +187,6 @@ def test_a_missing_checkpoint_fails_before_sampling_and_names_the_path(tmp_path)
 
 def test_cli_reports_bad_input_with_exit_code_2(capsys):
     import runpy
-    import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "evaluation" / "evaluate.py"

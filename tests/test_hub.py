@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdalign.hub import HubPushError, files_to_push, push_output_dir
+from cdalign.publishing.hub import HubPushError, files_to_push, push_output_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import HubServer  # noqa: E402
@@ -24,7 +24,7 @@ LOAD_AND_SAMPLE = r"""
 import sys, torch
 torch.set_num_threads(1)
 from cdalign import load_pipeline
-from cdalign.sampling import DiffusionSampler
+from cdalign.core.sampling import DiffusionSampler
 source, revision, out = sys.argv[1], sys.argv[2] or None, sys.argv[3]
 pipe = load_pipeline("cdalign/tiny-random-sd")
 pipe.load_lora_weights(source, weight_name="pytorch_lora_weights.safetensors", revision=revision)
@@ -70,7 +70,7 @@ def hub():
 def pushed(hub, tmp_path_factory):
     """Train 2 steps on the tiny model with push_to_hub=true (the trainer's own push)."""
     from cdalign import ConstrainedDDPOTrainer
-    from cdalign.config import config_from_dict
+    from cdalign.alignment.config import config_from_dict
 
     tmp = tmp_path_factory.mktemp("hub")
     cfg = config_from_dict(dict(
@@ -158,7 +158,7 @@ def test_http_500_mid_commit_leaves_hub_and_local_unchanged_and_a_retry_succeeds
 
 
 def test_standalone_push_command_pushes_to_a_branch(pushed, client, capsys):
-    from cdalign.hub import main
+    from cdalign.publishing.hub import main
 
     trainer, _ = pushed
     assert main(["push", str(trainer.output_dir), "--repo_id", "cdalign-test/cli", "--revision", "v1"]) == 0
@@ -167,14 +167,14 @@ def test_standalone_push_command_pushes_to_a_branch(pushed, client, capsys):
 
 
 def test_standalone_push_reports_a_missing_lora_with_exit_code_2(tmp_path, capsys):
-    from cdalign.hub import main
+    from cdalign.publishing.hub import main
 
     assert main(["push", str(tmp_path), "--repo_id", "a/b"]) == 2
     assert "pytorch_lora_weights.safetensors" in capsys.readouterr().err
 
 
 def test_push_with_an_invalid_repo_id_exits_2_before_writing_anything(pushed, capsys):
-    from cdalign.hub import main
+    from cdalign.publishing.hub import main
 
     trainer, _ = pushed
     before = _digest(trainer.output_dir)
@@ -185,7 +185,7 @@ def test_push_with_an_invalid_repo_id_exits_2_before_writing_anything(pushed, ca
 
 
 def test_pull_of_a_missing_repo_exits_2_and_leaves_no_folder(client, tmp_path, capsys):
-    from cdalign.hub import main
+    from cdalign.publishing.hub import main
 
     local = tmp_path / "pulled"
     assert main(["pull", "cdalign-test/no-such-repo", "--local_dir", str(local)]) == 2
@@ -195,14 +195,14 @@ def test_pull_of_a_missing_repo_exits_2_and_leaves_no_folder(client, tmp_path, c
 
 
 def test_pull_downloads_the_pushed_run(pushed, client, tmp_path, capsys):
-    from cdalign.hub import main
+    from cdalign.publishing.hub import main
 
     assert main(["pull", REPO, "--local_dir", str(tmp_path / "pulled")]) == 0
     assert (tmp_path / "pulled" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_evaluation_identifies_a_hub_checkpoint_by_its_weights(pushed, client):
-    from cdalign.evaluation import CHECKPOINT_KINDS, CheckpointSpec
+    from cdalign.evaluation.harness import CHECKPOINT_KINDS, CheckpointSpec
 
     trainer, _ = pushed
     kind = CHECKPOINT_KINDS.build("lora")

@@ -6,8 +6,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from cdalign.kl import ChainKLAccumulator, choose_kl_steps, path_step_weights, step_kl, step_weights
-from cdalign.sampling import DDIMChain, sample_latents
+from cdalign.core.kl import (
+    ChainKLAccumulator,
+    choose_kl_steps,
+    path_step_weights,
+    step_kl,
+    step_weights,
+)
+from cdalign.core.sampling import DDIMChain, sample_latents
 
 
 def sd_scheduler():

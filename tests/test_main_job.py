@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from cdalign import ConstrainedDDPOTrainer
-from cdalign.config import config_from_dict
-from cdalign.metrics import EVAL_METRICS, shapes_accuracy
-from cdalign.statistics import constraint_decision, mean_and_ci, paired_difference
+from cdalign.alignment.config import config_from_dict
+from cdalign.core.statistics import constraint_decision, mean_and_ci, paired_difference
+from cdalign.rewards.metrics import EVAL_METRICS, shapes_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_constraint_decision_sides():
 def test_shapes_accuracy_reads_rendered_scenes_correctly():
     import numpy as np
 
-    from cdalign.shapes import caption, render_scenes, sample_scenes, scene_records
+    from cdalign.data.shapes import caption, render_scenes, sample_scenes, scene_records
 
     scenes = sample_scenes(np.random.default_rng(0), 8)
     images = torch.from_numpy(render_scenes(scenes)).permute(0, 3, 1, 2).float() / 255

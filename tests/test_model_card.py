@@ -8,7 +8,7 @@ import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from cdalign.cards import build_model_card, write_model_card
+from cdalign.publishing.cards import build_model_card, write_model_card
 
 HOSTILE = 'cat: "quoted" \'single\' # hash\n---\nlicense: mit\n| pipe | ``` <script> ☃ 猫 \\ [x](y) *b*'
 
@@ -129,7 +129,7 @@ def test_packaged_template_is_the_repository_template():
     wheel holds a copy), so cards render from a non-editable install too."""
     from pathlib import Path
 
-    from cdalign.cards import default_template_path
+    from cdalign.publishing.cards import default_template_path
 
     path = default_template_path()
     assert path.parent.name == "data" and path.parent.parent.name == "cdalign"
@@ -143,7 +143,7 @@ def test_packaged_template_is_the_repository_template():
 def tiny_run(tmp_path_factory):
     """A 1-step run on the embedded tiny model, with its model card."""
     from cdalign import ConstrainedDDPOTrainer
-    from cdalign.config import config_from_dict
+    from cdalign.alignment.config import config_from_dict
 
     tmp = tmp_path_factory.mktemp("card-run")
     cfg = config_from_dict(dict(
@@ -181,7 +181,7 @@ def test_card_carries_no_absolute_path_of_the_training_machine(tiny_run):
 
 
 def test_card_rerun_configuration_is_a_valid_recipe_without_local_fields(tiny_run, tmp_path):
-    from cdalign.config import load_config_file
+    from cdalign.alignment.config import load_config_file
 
     rerun = tmp_path / "rerun.yaml"
     rerun.write_text(_snippet((tiny_run / "README.md").read_text(), "yaml"))

@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "recipes"))
 
 import align  # noqa: E402
 
-from cdalign.config import load_config_file  # noqa: E402
+from cdalign.alignment.config import load_config_file  # noqa: E402
 
 
 def test_default_recipe_is_the_tiny_multi_reward_problem():
@@ -21,7 +21,7 @@ def test_default_recipe_is_the_tiny_multi_reward_problem():
     assert cfg.objective.type == "kl"
     assert [c.name for c in cfg.constraints] == ["colorfulness_high", "brightness_high"]
     # evaluated on held-out prompts of the same world, none of them trained on
-    from cdalign.prompts import load_prompts
+    from cdalign.data.prompt_sets import load_prompts
 
     train, held_out = load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts)
     assert len(held_out) == 12 and not set(train) & set(held_out)

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).parent / "scripts" / "resume_worker.py"

@@ -16,7 +16,10 @@ from scipy import ndimage
 import cdalign.rewards as rewards
 from cdalign.rewards import REWARDS, Reward, available_rewards, build_reward
 from cdalign.rewards._hub import RewardModelNotFoundError
-from cdalign.rewards._preprocess import ImageTransform, transform_from_preprocessor_config
+from cdalign.rewards._preprocess import (
+    ImageTransform,
+    transform_from_preprocessor_config,
+)
 
 STATISTICS = ["brightness", "global_contrast", "local_contrast", "saturation", "colorfulness"]
 MODEL_REWARDS = ["aesthetic", "clipscore", "pickscore", "hps", "imagereward", "mps"]

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cdalign.models.tiny import byte_level_clip_tokenizer
 from cdalign.rewards import build_reward
-from cdalign.tiny import byte_level_clip_tokenizer
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]

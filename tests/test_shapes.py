@@ -4,7 +4,7 @@ classifier that reads the drawing back."""
 import numpy as np
 import pytest
 
-from cdalign import shapes
+from cdalign.data import shapes
 
 
 def _scenes(n=300, seed=0):

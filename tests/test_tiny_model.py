@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from cdalign import shapes
-from cdalign.tiny_pretrained import EXTRA_WORDS, TINY_SHAPES_ID, shapes_clip_tokenizer, tiny_shapes_sd_path
+from cdalign.data import shapes
+from cdalign.models.tiny_pretrained import (
+    EXTRA_WORDS,
+    TINY_SHAPES_ID,
+    shapes_clip_tokenizer,
+    tiny_shapes_sd_path,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
 
@@ -21,7 +26,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from cdalign.pipeline import load_pipeline
+    from cdalign.models.pipeline import load_pipeline
 
     return load_pipeline(TINY_SHAPES_ID)
 
@@ -77,7 +82,7 @@ def test_loads_with_stable_diffusion_pipeline_from_pretrained():
 def test_loads_through_the_embedded_model_registry(pipe):
     from diffusers import StableDiffusionPipeline
 
-    from cdalign.pipeline import EMBEDDED_MODELS
+    from cdalign.models.pipeline import EMBEDDED_MODELS
 
     assert TINY_SHAPES_ID in EMBEDDED_MODELS
     assert isinstance(pipe, StableDiffusionPipeline)
@@ -92,7 +97,7 @@ def samples(pipe):
     """24 full-caption samples (4 per colour) at the recommended guidance, fixed seeds."""
     from tiny_quality import evaluation_prompts, generate
 
-    from cdalign.tiny_pretrained import RECOMMENDED_GUIDANCE_SCALE
+    from cdalign.models.tiny_pretrained import RECOMMENDED_GUIDANCE_SCALE
 
     prompts, truths = evaluation_prompts(samples_per_color=4, seed=123)
     images = generate(pipe, prompts, list(range(len(prompts))), RECOMMENDED_GUIDANCE_SCALE)

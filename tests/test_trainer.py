@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_configs import tiny_config
 
 from cdalign import ConstrainedDDPOTrainer, load_pipeline
-from cdalign.sampling import DiffusionSampler
-from tiny_configs import tiny_config
+from cdalign.core.sampling import DiffusionSampler
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_output_dir_holding_a_run_is_refused(trained, tmp_path):
 
 
 def test_reward_statistics_are_cached_and_reused_only_on_matching_key(tmp_path):
-    from cdalign.normalization import NormalizationCache, RewardStats
+    from cdalign.core.normalization import NormalizationCache, RewardStats
 
     cache = NormalizationCache(tmp_path)
     key = {"reward": "saturation", "model": "m", "sampler": {"num_inference_steps": 6}}

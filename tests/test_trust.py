@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_configs import tiny_config
 
 from cdalign import ConstrainedDDPOTrainer
-from cdalign.config import load_config_file
-from cdalign.normalization import MIN_NORMALIZATION_SAMPLES, reward_identity
+from cdalign.alignment.config import load_config_file
+from cdalign.core.normalization import MIN_NORMALIZATION_SAMPLES, reward_identity
 from cdalign.rewards import build_reward
-from tiny_configs import tiny_config
 
 # Tiny runs normalise from 2 images on purpose; the warning itself is asserted below.
 pytestmark = pytest.mark.filterwarnings("ignore:reward normalisation of .* rests on only")
@@ -57,7 +57,7 @@ def cache_files(tmp_path):
 def test_user_reward_named_like_a_builtin_does_not_reuse_its_statistics(tmp_path, caplog):
     builtin = ConstrainedDDPOTrainer(tiny(tmp_path)).compute_normalization()["saturation"]
     assert len(cache_files(tmp_path)) == 1
-    caplog.set_level(logging.INFO, logger="cdalign.trainer")
+    caplog.set_level(logging.INFO, logger="cdalign.alignment.trainer")
     user = ConstrainedDDPOTrainer(tiny(tmp_path), rewards={"saturation": saturation_x100}).compute_normalization()
     assert user["saturation"].mean == pytest.approx(100 * builtin.mean, rel=1e-4)
     assert user["saturation"].std == pytest.approx(100 * builtin.std, rel=1e-4)

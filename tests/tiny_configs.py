@@ -1,6 +1,6 @@
 """Config builders shared by the tests: tiny runs of the seeded random pipeline."""
 
-from cdalign.config import config_from_dict
+from cdalign.alignment.config import config_from_dict
 
 
 def tiny_config(tmp_path, **overrides):

@@ -5,7 +5,7 @@ AND (reverse KL, product): :class:`ConstrainedComposer` finds weights μ on the 
 :class:`CompositionDistiller` distils ε_μ into one LoRA. OR (forward KL, mixture):
 :class:`MixtureTrainer` fine-tunes on Σ μ_i·DSM_i with μ ascending on the losses."""
 
-from .components import (
+from cdalign.composition.components import (
     COMPONENT_KINDS,
     Component,
     ComponentKL,
@@ -17,10 +17,24 @@ from .components import (
     save_adapter,
     set_unet_state,
 )
-from .composer import ConstrainedComposer, kl_table, train_missing_components
-from .config import ComponentSpec, ComposeConfig, DatasetSpec, DistillSpec, DualAscentSpec, MixtureConfig, load_config_file, parse_config
-from .distill import CompositionDistiller
-from .simplex import STEP_SCHEDULES, SimplexDual, project_simplex
+from cdalign.composition.composer import (
+    ConstrainedComposer,
+    kl_table,
+    train_missing_components,
+)
+from cdalign.composition.config import (
+    ComponentSpec,
+    ComposeConfig,
+    DatasetSpec,
+    DistillSpec,
+    DualAscentSpec,
+    MixtureConfig,
+    load_config_file,
+    parse_config,
+)
+from cdalign.composition.distill import CompositionDistiller
+from cdalign.composition.evaluation_kind import ComposedKind
+from cdalign.composition.simplex import STEP_SCHEDULES, SimplexDual, project_simplex
 
 __all__ = [
     "COMPONENT_KINDS",
@@ -31,6 +45,7 @@ __all__ = [
     "ComponentSpec",
     "ComposeConfig",
     "ComposedPredictor",
+    "ComposedKind",
     "CompositionDistiller",
     "ConstrainedComposer",
     "DatasetSpec",

@@ -21,10 +21,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..kl import step_kl, step_weights
-from ..registry import Registry
-from ..lora import LORA_WEIGHT_NAME, load_lora, lora_weights_path, save_adapter  # noqa: F401 (re-exported)
-from ..sampling import DDIMChain, DiffusionSampler, set_unet_state
+from cdalign.core.kl import step_kl, step_weights
+from cdalign.core.sampling import DDIMChain, DiffusionSampler, set_unet_state
+from cdalign.models.lora import (  # noqa: F401 (re-exported)
+    LORA_WEIGHT_NAME,
+    load_lora,
+    lora_weights_path,
+    save_adapter,
+)
+from cdalign.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +149,7 @@ class ComponentKL:
     p (the composed model, or a distilled student), per sample: ``per_sample`` (n, B).
 
     ``reference(x_t, t) -> (n,B,C,h,w)``: the components' ε̃_i on the same x_t. Uses
-    ``cdalign.kl.step_weights``/``step_kl`` (the training KL's definition): ``path``
+    ``cdalign.core.kl.step_weights``/``step_kl`` (the training KL's definition): ``path``
     Σ_t c_t²/(2σ_t²)·‖ε̃_p − ε̃_i‖² in nats per image, or ``uniform``."""
 
     def __init__(self, reference: Callable, chain: DDIMChain, estimator: str, n: int):
@@ -163,7 +168,7 @@ class ComponentKL:
 class ComponentSet:
     """The components of one composition on one pipeline, in a fixed order.
 
-    ``sampler``: the shared :class:`~cdalign.sampling.DiffusionSampler` (its chain and
+    ``sampler``: the shared :class:`~cdalign.core.sampling.DiffusionSampler` (its chain and
     guidance scale define every ε̃_i)."""
 
     def __init__(self, sampler: DiffusionSampler, components: Sequence[Component]):

@@ -3,8 +3,8 @@
     minimise_{p,t} t   s.t.  KL(p‖q_i) ≤ t   (and KL(p‖q_j) ≤ b_j for thresholded j)
 
 over p_μ ∝ Π q_i^{μ_i}, i.e. ε_μ = Σ μ_i ε̃_i. Each dual step samples p_μ with the shared
-:class:`~cdalign.sampling.DiffusionSampler`, estimates KL(p_μ‖q_i) for every i along that
-path with ``cdalign.kl`` (no extra UNet call: the ε̃_i are the terms of ε_μ), and updates
+:class:`~cdalign.core.sampling.DiffusionSampler`, estimates KL(p_μ‖q_i) for every i along that
+path with ``cdalign.core.kl`` (no extra UNet call: the ε̃_i are the terms of ε_μ), and updates
 μ ← Proj_simplex(μ + η_k·KL). Evaluation compares the learned weights with equal weights
 (and the distilled LoRA, if any) on the same seeds."""
 
@@ -19,17 +19,28 @@ from typing import Sequence
 
 import torch
 
-from ..checkpointing import atomic_write_text
-from ..estimators import mean_and_ci
-from ..pipeline import load_pipeline
-from ..prompts import load_prompts
-from ..sampling import DiffusionSampler
-from ..seeding import batch_share, eval_batch_share
-from ..config import check_mixed_precision, check_output_dir_writable
-from ..lora import LORA_WEIGHT_NAME, is_local_source
-from .components import COMPONENT_KINDS, ComponentSet, load_lora_component, lora_component_path
-from .config import ComposeConfig, save_config
-from .simplex import SimplexDual
+from cdalign.alignment.config import check_mixed_precision, check_output_dir_writable
+from cdalign.alignment.config import parse_config as parse_align_config
+from cdalign.alignment.estimators import mean_and_ci
+from cdalign.alignment.trainer import ConstrainedDDPOTrainer
+from cdalign.composition.components import (
+    COMPONENT_KINDS,
+    ComponentSet,
+    load_lora_component,
+    lora_component_path,
+)
+from cdalign.composition.config import ComposeConfig, save_config
+from cdalign.composition.distill import CompositionDistiller
+from cdalign.composition.plotting import plot_divergence_bars, plot_weight_trajectory
+from cdalign.composition.simplex import SimplexDual
+from cdalign.core.sampling import DiffusionSampler
+from cdalign.core.seeding import batch_share, eval_batch_share
+from cdalign.data.prompt_sets import load_prompts
+from cdalign.models.checkpointing import atomic_write_text
+from cdalign.models.lora import LORA_WEIGHT_NAME, is_local_source
+from cdalign.models.pipeline import load_pipeline
+from cdalign.publishing.plotting import save_grid
+from cdalign.rewards import REWARDS
 
 logger = logging.getLogger(__name__)
 RUN_MARKERS = ("report.json", "weights.json")
@@ -57,8 +68,6 @@ def train_missing_components(config: ComposeConfig, accelerator=None) -> list[st
     yet, with ``recipes/align.py``'s trainer on this run's base model. Returns the names
     trained (an existing LoRA is reused, never retrained). Every input, and every
     component's recipe, is checked before the first component trains."""
-    from ..config import parse_config as parse_align_config
-    from ..trainer import ConstrainedDDPOTrainer
 
     check_composition_inputs(config, accelerator)
     todo = []
@@ -238,7 +247,6 @@ class ConstrainedComposer:
         that component was sampled with (a concept's own prompt). ``min_over_components``:
         per image the minimum over the scored components, averaged (the paper's concept
         composition score)."""
-        from ..rewards import REWARDS
 
         prompts = [p for ps, _ in self._eval_batches() for p in ps]
         out, per_image = {}, {label: [] for label in models}
@@ -313,7 +321,6 @@ class ConstrainedComposer:
         return report
 
     def _distill(self, learned, entries) -> dict:
-        from .distill import CompositionDistiller
 
         cfg = self.config
         distiller = self.distiller = CompositionDistiller(self.components, learned, self.prompts, cfg.distill, cfg.seed)
@@ -341,8 +348,6 @@ class ConstrainedComposer:
         }
 
     def _write_outputs(self, report, entries, singles, learned):
-        from .plotting import plot_divergence_bars, plot_weight_trajectory
-        from ..plotting import save_grid
 
         out, cfg = self.output_dir, self.config
         traj = self.trajectory

@@ -1,5 +1,5 @@
 """Configuration of composition runs (METHOD.md §2): dataclasses whose fields document
-themselves, read from YAML and the command line with the helpers of ``cdalign.config``
+themselves, read from YAML and the command line with the helpers of ``cdalign.alignment.config``
 (same conversion, same error messages naming the field and the fix).
 
 ``composition: and`` -> :class:`ComposeConfig` (reverse KL, product of adapters/concepts);
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from .. import config as _base
-from ..kl import KL_ESTIMATORS
-from .components import COMPONENT_KINDS
-from .simplex import STEP_SCHEDULES
+from cdalign.alignment import config as _base
+from cdalign.composition.components import COMPONENT_KINDS
+from cdalign.composition.simplex import STEP_SCHEDULES
+from cdalign.core.kl import KL_ESTIMATORS
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 

@@ -17,10 +17,10 @@ from typing import Sequence
 
 import torch
 
-from ..seeding import derived_seed
-from ..lora import save_adapter
-from ..sampling import set_unet_state
-from .components import ComponentKL, ComponentSet
+from cdalign.composition.components import ComponentKL, ComponentSet
+from cdalign.core.sampling import set_unet_state
+from cdalign.core.seeding import derived_seed
+from cdalign.models.lora import save_adapter
 
 STUDENT = "student"
 

@@ -4,7 +4,9 @@ A composed checkpoint is ``components`` (each a ``lora`` or ``base`` checkpoint 
 ``weights`` μ. It is the same composed model as everywhere else in cdalign:
 :class:`~cdalign.composition.components.ComposedPredictor` (``ε_μ = Σ μ_i ε̃_i``) sampled
 through the shared sampler, with the chain KL reported to each component along the
-composed path, reusing the component predictions the composed step already made."""
+composed path, reusing the component predictions the composed step already made.
+
+Importing this module registers the kind; ``import cdalign`` does."""
 
 from __future__ import annotations
 
@@ -12,10 +14,16 @@ import re
 
 import torch
 
-from ..evaluation import CheckpointKind, CheckpointSpec, LoadedCheckpoint, LoraKind
-from ..lora import load_lora
-from ..sampling import set_unet_state
-from .components import BASE, Component, ComponentSet
+from cdalign.composition.components import BASE, Component, ComponentSet
+from cdalign.core.sampling import set_unet_state
+from cdalign.evaluation.harness import (
+    CHECKPOINT_KINDS,
+    CheckpointKind,
+    CheckpointSpec,
+    LoadedCheckpoint,
+    LoraKind,
+)
+from cdalign.models.lora import load_lora
 
 
 def _component_specs(spec: CheckpointSpec) -> list[CheckpointSpec]:
@@ -58,6 +66,7 @@ class _ComposedLoaded(LoadedCheckpoint):
             self.pipe.delete_adapters(self.adapters)
 
 
+@CHECKPOINT_KINDS.register("composed")
 class ComposedKind(CheckpointKind):
     """``ε_μ = Σ μ_i ε̃_i`` of ``components`` with ``weights`` (default: equal weights)."""
 

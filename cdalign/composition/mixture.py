@@ -24,15 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpointing import atomic_write_text
-from ..config import check_output_dir_writable
-from ..pipeline import load_pipeline
-from ..sampling import DiffusionSampler
-from ..seeding import derived_seed
-from ..lora import LORA_WEIGHT_NAME
-from ..lora import save_adapter
-from .config import MixtureConfig, save_config
-from .simplex import SimplexDual
+from cdalign.alignment.config import check_output_dir_writable
+from cdalign.composition.config import MixtureConfig, save_config
+from cdalign.composition.plotting import plot_weight_trajectory
+from cdalign.composition.simplex import SimplexDual
+from cdalign.core.sampling import DiffusionSampler
+from cdalign.core.seeding import derived_seed
+from cdalign.models.checkpointing import atomic_write_text
+from cdalign.models.lora import LORA_WEIGHT_NAME, save_adapter
+from cdalign.models.pipeline import load_pipeline
+from cdalign.publishing.plotting import save_grid
 
 ADAPTER = "mixture"
 
@@ -304,8 +305,6 @@ class MixtureTrainer:
 
     @torch.no_grad()
     def _pictures(self, report):
-        from ..plotting import save_grid
-        from .plotting import plot_weight_trajectory
 
         if self.history:
             plot_weight_trajectory(self.output_dir / "weights.png", self.names, [h["weights"] for h in self.history],

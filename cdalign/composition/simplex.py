@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from ..registry import Registry
+from cdalign.registry import Registry
 
 STEP_SCHEDULES: Registry = Registry("dual step schedule")
 

@@ -17,7 +17,13 @@ from __future__ import annotations
 
 import importlib
 
-from .base import REWARDS, Reward, available_rewards, build_reward, check_inputs
+from cdalign.rewards.base import (
+    REWARDS,
+    Reward,
+    available_rewards,
+    build_reward,
+    check_inputs,
+)
 
 # Submodules whose import registers rewards. Add new reward modules here.
 _REWARD_MODULES: tuple[str, ...] = (

@@ -10,8 +10,17 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ._hub import CLIP_TOKENIZER_FILES, PREPROCESSOR_FILES, require_file, resolve_folder
-from ._preprocess import ImageTransform, transform_from_preprocessor_config
+from cdalign.rewards._hub import (
+    CLIP_TOKENIZER_FILES,
+    PREPROCESSOR_FILES,
+    quiet_transformers,
+    require_file,
+    resolve_folder,
+)
+from cdalign.rewards._preprocess import (
+    ImageTransform,
+    transform_from_preprocessor_config,
+)
 
 # A real CLIP BPE vocabulary has 49408 tokens; transformers 5.x builds a 2-token
 # tokenizer, without raising, when the vocabulary files are missing.
@@ -163,7 +172,6 @@ def build_clip_from_config(config_folder: Path, purpose: str):
     loaded by the caller)."""
     from transformers import CLIPConfig, CLIPModel
 
-    from ._hub import quiet_transformers
 
     with quiet_transformers():
         config = CLIPConfig.from_pretrained(str(config_folder))

@@ -16,10 +16,17 @@ from typing import Sequence
 
 import torch
 
-from ._clip import l2_normalize
-from ._hub import from_pretrained_checked, load_into, load_state_dict, require_file, resolve_folder, resolve_transformers_model
-from ._preprocess import clip_transform
-from .base import REWARDS, Reward, check_inputs
+from cdalign.rewards._clip import l2_normalize
+from cdalign.rewards._hub import (
+    from_pretrained_checked,
+    load_into,
+    load_state_dict,
+    require_file,
+    resolve_folder,
+    resolve_transformers_model,
+)
+from cdalign.rewards._preprocess import clip_transform
+from cdalign.rewards.base import REWARDS, Reward, check_inputs
 
 DEFAULT_AESTHETIC_HEAD_ID = "trl-lib/ddpo-aesthetic-predictor"
 DEFAULT_AESTHETIC_HEAD_FILE = "aesthetic-model.pth"

@@ -13,9 +13,16 @@ from typing import Sequence
 
 import torch
 
-from ._clip import cosine_similarity, image_embeds, load_clip_tokenizer, load_image_transform, text_embeds, tokenize
-from ._hub import from_pretrained_checked, resolve_transformers_model
-from .base import REWARDS, Reward, check_inputs
+from cdalign.rewards._clip import (
+    cosine_similarity,
+    image_embeds,
+    load_clip_tokenizer,
+    load_image_transform,
+    text_embeds,
+    tokenize,
+)
+from cdalign.rewards._hub import from_pretrained_checked, resolve_transformers_model
+from cdalign.rewards.base import REWARDS, Reward, check_inputs
 
 DEFAULT_CLIPSCORE_ID = "openai/clip-vit-large-patch14"
 

@@ -9,14 +9,14 @@ pixels whose colour is the prompt's foreground colour word:
 
 where ``x_p`` is the pixel's RGB in [0, 1], ``b`` the background colour (median of the
 image border, treated as a constant), ``c_k`` the shapes-world palette
-(``cdalign.shapes.COLORS``) and ``target`` the colour the prompt names (parsed by
-``cdalign.shapes.parse_prompt``: the first colour word not followed by "background").
+(``cdalign.data.shapes.COLORS``) and ``target`` the colour the prompt names (parsed by
+``cdalign.data.shapes.parse_prompt``: the first colour word not followed by "background").
 An image with no foreground scores ~0 (``eps`` is one pixel). A prompt that names no
 shapes-world colour scores 0 with zero gradient: there is nothing to be faithful to.
 
 This reward is for the embedded ``cdalign/tiny-shapes-sd`` model; the quality gates in
 ``evaluation/tiny_quality.py`` deliberately use the hard numpy classifier of
-``cdalign.shapes`` instead, so the reward is never graded by itself.
+``cdalign.data.shapes`` instead, so the reward is never graded by itself.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Sequence
 
 import torch
 
-from .base import REWARDS, Reward, check_inputs
+from cdalign.data.shapes import COLORS, parse_prompt
+from cdalign.rewards.base import REWARDS, Reward, check_inputs
 
 FOREGROUND_THRESHOLD = 80 / 255  # RGB distance from the background, [0, 1] units
 FOREGROUND_SOFTNESS = 10 / 255  # width of the sigmoid around the threshold
@@ -78,13 +79,11 @@ class PromptFidelity(Reward):
 
     def __init__(self):
         super().__init__()
-        from cdalign.shapes import COLORS
 
         self.color_names = tuple(COLORS)
         self.register_buffer("palette", torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255, persistent=False)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        from cdalign.shapes import parse_prompt
 
         check_inputs(images, prompts, needs_prompts=True)
         colors = [parse_prompt(p)["color"] for p in prompts]

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from ._clip import (
+from cdalign.rewards._clip import (
     build_clip_from_config,
     cosine_similarity,
     image_embeds,
@@ -35,8 +35,13 @@ from ._clip import (
     text_embeds,
     tokenize,
 )
-from ._hub import load_into, load_state_dict, require_file, resolve_folder
-from .base import REWARDS, Reward, check_inputs
+from cdalign.rewards._hub import (
+    load_into,
+    load_state_dict,
+    require_file,
+    resolve_folder,
+)
+from cdalign.rewards.base import REWARDS, Reward, check_inputs
 
 DEFAULT_HPS_ID = "xswu/HPSv2"
 DEFAULT_HPS_FILE = "HPS_v2_compressed.pt"

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import REWARDS, Reward, check_inputs
+from cdalign.rewards.base import REWARDS, Reward, check_inputs
 
 LUMA_WEIGHTS = (0.2126, 0.7152, 0.0722)
 SATURATION_EPS = 1e-8

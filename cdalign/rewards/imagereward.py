@@ -31,10 +31,16 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ._hub import load_into, load_state_dict, require_file, resolve_folder
-from ._preprocess import clip_transform
-from .aesthetic import AestheticMLP
-from .base import REWARDS, Reward, check_inputs
+from cdalign.rewards._hub import (
+    load_into,
+    load_state_dict,
+    quiet_transformers,
+    require_file,
+    resolve_folder,
+)
+from cdalign.rewards._preprocess import clip_transform
+from cdalign.rewards.aesthetic import AestheticMLP
+from cdalign.rewards.base import REWARDS, Reward, check_inputs
 
 DEFAULT_IMAGEREWARD_ID = "THUDM/ImageReward"
 DEFAULT_IMAGEREWARD_FILE = "ImageReward.pt"
@@ -176,7 +182,6 @@ class ImageRewardReward(Reward):
         super().__init__()
         from transformers import BlipTextModel, BlipVisionModel
 
-        from ._hub import quiet_transformers
 
         folder = resolve_folder(model_id, (filename, "med_config.json"), revision=revision, purpose=self.purpose)
         med_config = json.loads(require_file(folder, "med_config.json", model_id, self.purpose).read_text())

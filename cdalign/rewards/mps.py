@@ -41,9 +41,21 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._clip import build_clip_from_config, cosine_similarity, load_clip_tokenizer, load_image_transform, tokenize
-from ._hub import RewardModelNotFoundError, load_into, load_state_dict, require_file, resolve_folder
-from .base import REWARDS, Reward, check_inputs
+from cdalign.rewards._clip import (
+    build_clip_from_config,
+    cosine_similarity,
+    load_clip_tokenizer,
+    load_image_transform,
+    tokenize,
+)
+from cdalign.rewards._hub import (
+    RewardModelNotFoundError,
+    load_into,
+    load_state_dict,
+    require_file,
+    resolve_folder,
+)
+from cdalign.rewards.base import REWARDS, Reward, check_inputs
 
 DEFAULT_MPS_FILE = "MPS_overall_checkpoint.safetensors"
 DEFAULT_MPS_CLIP_CONFIG_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

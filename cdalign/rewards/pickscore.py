@@ -15,9 +15,9 @@ from typing import Sequence
 
 import torch
 
-from ._clip import cosine_similarity
-from .base import REWARDS
-from .clipscore import ClipSimilarityReward
+from cdalign.rewards._clip import cosine_similarity
+from cdalign.rewards.base import REWARDS
+from cdalign.rewards.clipscore import ClipSimilarityReward
 
 DEFAULT_PICKSCORE_ID = "yuvalkirstain/PickScore_v1"
 DEFAULT_PICKSCORE_PROCESSOR_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

@@ -24,7 +24,7 @@ from accelerate import Accelerator  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from cdalign import ConstrainedDDPOTrainer  # noqa: E402
-from cdalign.config import config_from_dict  # noqa: E402
+from cdalign.alignment.config import config_from_dict  # noqa: E402
 
 
 def main(out: str, batch_per_process: int, steps: int, shard: bool, save_steps: int, resume: str | None,

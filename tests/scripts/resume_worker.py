@@ -17,7 +17,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from cdalign import ConstrainedDDPOTrainer  # noqa: E402
-from cdalign.config import config_from_dict  # noqa: E402
+from cdalign.alignment.config import config_from_dict  # noqa: E402
 
 
 def main() -> None:

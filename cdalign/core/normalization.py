@@ -126,3 +126,8 @@ class NormalizationCache:
         tmp.write_text(json.dumps(payload, indent=2))
         os.replace(tmp, path)
         return path
+
+
+def model_fingerprint(unet) -> str:
+    """Identifies base weights for the normalisation cache, whatever their source."""
+    return sampled_fingerprint([(name, p) for name, p in unet.named_parameters() if "lora" not in name])

@@ -2,15 +2,15 @@
 
 Every checkpoint of an evaluation (the base model, a LoRA in a local output folder, a
 LoRA published on the Hub at a revision, later a composed model) is sampled through the
-one :class:`~cdalign.sampling.DiffusionSampler` with the *same* prompts, the *same*
+one :class:`~cdalign.core.sampling.DiffusionSampler` with the *same* prompts, the *same*
 per-image seeds and the *same* sampler settings, then scored with the same rewards:
 
-- each reward's mean with a 95% CI (``cdalign.statistics.mean_and_ci``), raw and, where
+- each reward's mean with a 95% CI (``cdalign.core.statistics.mean_and_ci``), raw and, where
   base-model statistics are known, in base-model standard deviations;
 - each constraint's measured value against its threshold: satisfied (the mean is on the
   right side) and whether the whole 95% CI clears the threshold;
 - the chain KL to the base model (the same UNet with the adapter disabled,
-  ``cdalign.kl``), and for composed models the chain KL to each component.
+  ``cdalign.core.kl``), and for composed models the chain KL to each component.
 
 Checkpoint kinds are a registry (:data:`CHECKPOINT_KINDS`): ``base`` and ``lora`` live
 here; ``composed`` comes from ``cdalign.composition`` (components + weights μ).
@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import warnings
@@ -41,9 +40,37 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .lora import LORA_WEIGHT_NAME, is_local_source, load_lora, lora_weights_path
-from .registry import Registry
-from .statistics import constraint_decision, summarize  # noqa: F401  (re-exported)
+from cdalign.alignment.config import (
+    ConstrainedDDPOConfig,
+    check_mixed_precision,
+    config_from_dict,
+    load_config_file,
+    read_yaml_mapping,
+)
+from cdalign.core.kl import ChainKLAccumulator, choose_kl_steps
+from cdalign.core.normalization import (
+    MIN_NORMALIZATION_SAMPLES,
+    model_fingerprint,
+    reward_identity,
+    stats_from_samples,
+)
+from cdalign.core.problem import ConstrainedProblem
+from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
+from cdalign.core.statistics import constraint_decision, summarize  # noqa: F401  (re-exported)
+from cdalign.data.prompt_sets import load_prompts
+from cdalign.models.checkpointing import atomic_write_text
+from cdalign.models.hub_files import download_file
+from cdalign.models.lora import (
+    LORA_WEIGHT_NAME,
+    is_local_source,
+    load_lora,
+    lora_weights_path,
+)
+from cdalign.models.pipeline import load_pipeline
+from cdalign.publishing.plotting import save_grid
+from cdalign.publishing.tables import comparison_table, md, md_code
+from cdalign.registry import Registry
+from cdalign.rewards import REWARDS
 
 CACHE_VERSION = 1  # bump when the cached batch layout or its meaning changes
 
@@ -199,7 +226,7 @@ def load_suite(name_or_path: str | os.PathLike, search_dirs: Sequence[str | os.P
 # ---------------------------------------------------------------------------------
 
 
-# constraint_decision and summarize live in cdalign.statistics (one definition each; the
+# constraint_decision and summarize live in cdalign.core.statistics (one definition each; the
 # trainer's report uses the same ones) and are re-exported here.
 
 
@@ -245,7 +272,6 @@ CHECKPOINT_KINDS: Registry[Callable[[], CheckpointKind]] = Registry("checkpoint 
 
 class _BaseLoaded(LoadedCheckpoint):
     def policy(self, sampler, prompts):
-        from .sampling import WithAdaptersDisabled
 
         return WithAdaptersDisabled(sampler.guided(prompts))
 
@@ -281,7 +307,6 @@ class _LoraLoaded(LoadedCheckpoint):
         return sampler.guided(prompts)
 
     def references(self, sampler, prompts, policy):
-        from .sampling import WithAdaptersDisabled
 
         return {"base": WithAdaptersDisabled(policy)}
 
@@ -313,7 +338,6 @@ class LoraKind(CheckpointKind):
                 if p.is_file():
                     out[fname] = p
             else:
-                from .hub import download_file
 
                 try:
                     out[fname] = download_file(spec.source, fname, revision=spec.revision, what=f"checkpoint {spec.name!r}")
@@ -329,13 +353,6 @@ class LoraKind(CheckpointKind):
         return _LoraLoaded(pipe, adapter)
 
 
-@CHECKPOINT_KINDS.register("composed")
-def _composed_kind() -> CheckpointKind:
-    """Composed models (``components`` + ``weights`` μ): the one composed model of
-    :mod:`cdalign.composition`, with the chain KL to each component."""
-    from .composition.evaluation_kind import ComposedKind
-
-    return ComposedKind()
 
 
 # ---------------------------------------------------------------------------------
@@ -344,10 +361,8 @@ def _composed_kind() -> CheckpointKind:
 
 
 def problem_from_constraints(constraints: list[dict], model: str, rewards: Sequence[str], where: str):
-    """A :class:`~cdalign.problem.ConstrainedProblem` from trainer-schema constraint dicts,
+    """A :class:`~cdalign.core.problem.ConstrainedProblem` from trainer-schema constraint dicts,
     validated by the trainer's own config parser (errors name the field)."""
-    from .config import config_from_dict
-    from .problem import ConstrainedProblem
 
     has_kl = any(isinstance(c, Mapping) and c.get("type") == "kl" for c in constraints)
     objective = {"type": "reward", "reward": rewards[0], "normalize": False} if has_kl else {"type": "kl"}
@@ -451,13 +466,6 @@ def evaluate(
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from .kl import ChainKLAccumulator, choose_kl_steps
-    from .normalization import MIN_NORMALIZATION_SAMPLES, reward_identity, stats_from_samples
-    from .config import check_mixed_precision
-    from .pipeline import load_pipeline
-    from .prompts import load_prompts
-    from .sampling import DiffusionSampler
-    from .trainer import model_fingerprint
 
     out = Path(output_dir) if output_dir is not None else None
     state = PartialState()
@@ -667,8 +675,6 @@ def _problem_for(suite, checkpoints, run_files):
         if not suite.constraints:
             return None, "none"
         return problem_from_constraints(suite.constraints, suite.model, suite.rewards, "suite constraints"), "suite"
-    from .config import load_config_file
-    from .problem import ConstrainedProblem
 
     for c in checkpoints:
         cfg_path = run_files[c.name].get("config.yaml")
@@ -687,7 +693,6 @@ def _problem_for(suite, checkpoints, run_files):
 
 def _run_configs(checkpoints, run_files) -> dict[str, dict]:
     """The training ``config.yaml`` of each checkpoint that has one, as a plain mapping."""
-    from .config import read_yaml_mapping
 
     return {c.name: read_yaml_mapping(run_files[c.name]["config.yaml"]) for c in checkpoints
             if run_files[c.name].get("config.yaml") is not None}
@@ -699,7 +704,6 @@ def _kl_estimator_for(suite, run_configs: dict[str, dict]) -> tuple[str, str]:
     differ, the first one's, with a warning); else the trainer's default."""
     if suite.kl_estimator is not None:
         return suite.kl_estimator, "suite"
-    from .config import ConstrainedDDPOConfig
 
     default = ConstrainedDDPOConfig.__dataclass_fields__["kl_estimator"].default
     found = {name: cfg.get("kl_estimator") or default for name, cfg in run_configs.items()}
@@ -724,7 +728,6 @@ def _read_report(files: dict) -> dict | None:
 
 
 def _build_rewards(names, reward_kwargs, given, device):
-    from .rewards import REWARDS
 
     fns = {}
     for n in names:
@@ -740,70 +743,21 @@ def _build_rewards(names, reward_kwargs, given, device):
 # ---------------------------------------------------------------------------------
 
 
-def _md(text: Any) -> str:
-    """A user string made safe for one Markdown table cell."""
-    s = " ".join(str(text).split())
-    return s.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _fmt_ci(mean: float, ci: Sequence[float]) -> str:
-    if not all(math.isfinite(x) for x in (mean, *ci)):
-        return "n/a"
-    return f"{mean:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
-
-
-def comparison_table(data: dict) -> str:
-    """Markdown table: one row per checkpoint; rewards (normalised where possible) with
-    95% CIs, chain KL to the base, and each constraint ✓/✗ (✓✓: the CI clears it)."""
-    ckpts = data["checkpoints"]
-    if not ckpts:
-        return ""
-    first = next(iter(ckpts.values()))
-    rewards = list(first["rewards"])
-    cons = [c["name"] for c in first["constraints"]]
-    head = ["checkpoint"]
-    for n in rewards:
-        head.append(f"{n} (σ)" if "normalized_mean" in first["rewards"][n] else n)
-    head.append(f"KL to base ({data['sampler']['kl_estimator']})")
-    for c in first["constraints"]:
-        op = "≥" if c["direction"] == "high" else "≤"
-        head.append(f"{c['name']} {op} {c['threshold']:g}")
-    lines = ["| " + " | ".join(_md(h) for h in head) + " |", "|" + "---|" * len(head)]
-    for name, e in ckpts.items():
-        row = [_md(name)]
-        for n in rewards:
-            r = e["rewards"][n]
-            row.append(_fmt_ci(r["normalized_mean"], r["normalized_ci95"]) if "normalized_mean" in r else _fmt_ci(r["mean"], r["ci95"]))
-        kl = e["kl"].get("base")
-        row.append(_fmt_ci(kl["mean"], kl["ci95"]) if kl else "n/a")
-        by_name = {c["name"]: c for c in e["constraints"]}
-        for cn in cons:
-            c = by_name.get(cn)
-            row.append("n/a" if c is None else ("✓✓" if c["ci_clears_threshold"] else "✓" if c["satisfied"] else "✗"))
-        lines.append("| " + " | ".join(row) + " |")
-    legend = ("\nRewards: mean [95% CI]; (σ) columns are in base-model standard deviations. Constraints: ✓ the mean "
-              "meets the threshold, ✓✓ the whole 95% CI does, ✗ violated.") if cons else (
-              "\nRewards: mean [95% CI]; (σ) columns are in base-model standard deviations.")
-    return "\n".join(lines) + "\n" + legend + "\n"
-
-
 def _write_outputs(out: Path, data: dict, gathered: dict, order: list[str], grid_images: int) -> dict[str, Path]:
-    from .checkpointing import atomic_write_text
-    from .plotting import save_grid
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / "evaluation.json", "markdown": out / "evaluation.md"}
     atomic_write_text(files["json"], json.dumps(data, indent=2))
-    md = [f"# Evaluation: {_md(data['suite'])}", ""]
+    lines = [f"# Evaluation: {md(data['suite'])}", ""]
     if data.get("description"):
-        md += [_md(data["description"]), ""]
-    md += [f"Model `{_md(data['model'])}`; {data['num_images']} images per checkpoint "
-           f"({data['prompts']['count']} prompts × {data['prompts']['images_per_prompt']}, seed {data['prompts']['seed']}); "
-           f"sampler {_md(json.dumps(data['sampler']))}; constraints from: {_md(data['constraints_from'])}; "
-           f"chain KL estimator: {_md(data['sampler']['kl_estimator'])} "
-           f"(from {_md((data.get('kl_estimator') or {}).get('from', 'the suite'))}).", "",
-           comparison_table(data)]
-    atomic_write_text(files["markdown"], "\n".join(md))
+        lines += [md(data["description"]), ""]
+    lines += [f"Model {md_code(data['model'])}; {data['num_images']} images per checkpoint "
+              f"({data['prompts']['count']} prompts × {data['prompts']['images_per_prompt']}, seed {data['prompts']['seed']}); "
+              f"sampler {md_code(json.dumps(data['sampler']))}; constraints from: {md(data['constraints_from'])}; "
+              f"chain KL estimator: {md(data['sampler']['kl_estimator'])} "
+              f"(from {md((data.get('kl_estimator') or {}).get('from', 'the suite'))}).", "",
+              comparison_table(data)]
+    atomic_write_text(files["markdown"], "\n".join(lines))
     if grid_images > 0:
         rows = [gathered[n]["images"][:grid_images].float() / 255.0 for n in order]
         files["grid"] = save_grid(out / "grid.png", rows, order)

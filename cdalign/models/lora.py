@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from cdalign.models.hub_files import download_file
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -55,7 +57,6 @@ def lora_weights_path(source: str, *, weight_name: str = LORA_WEIGHT_NAME, revis
                 f"{LORA_WEIGHT_NAME}), a .safetensors file, or a Hub repo id"
             )
         return check_safetensors(path, what)
-    from .hub import download_file
 
     return check_safetensors(download_file(source, weight_name, revision=revision, what=what), what)
 

@@ -10,7 +10,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .registry import Registry
+from cdalign.data.shapes import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, SIZES, caption
+from cdalign.registry import Registry
 
 PROMPT_SETS: Registry[Callable[[], list[str]]] = Registry("prompt set")
 
@@ -37,7 +38,6 @@ PROMPT_SETS.register("shapes_eval", _packaged("shapes_eval"))
 def _shapes_world() -> list[str]:
     """Every caption of the shapes world (colour × shape × {no size, small, large} × {no
     background, white, gray, black}: 216) except the 12 held-out ``shapes_eval`` prompts."""
-    from .shapes import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, SIZES, caption
 
     held_out = set(PROMPT_SETS.get("shapes_eval")())
     captions = [

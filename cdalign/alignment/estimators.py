@@ -1,6 +1,6 @@
 """Gradient estimators: how one micro-batch turns into a differentiable Lagrangian.
 
-An estimator samples through the shared :class:`~cdalign.sampling.DiffusionSampler`,
+An estimator samples through the shared :class:`~cdalign.core.sampling.DiffusionSampler`,
 scores the images, adds the chain KL where the problem needs it, and returns a
 :class:`MicroBatch`. Reward backpropagation (the paper's) is here; a DDPO
 policy-gradient estimator plugs into the same registry."""
@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kl import ChainKLAccumulator, choose_kl_steps
-from .problem import ConstrainedProblem
-from .registry import Registry
-from .sampling import DiffusionSampler, WithAdaptersDisabled
-from .statistics import mean_and_ci  # noqa: F401  (re-exported: estimators report with it)
+from cdalign.core.kl import ChainKLAccumulator, choose_kl_steps
+from cdalign.core.problem import ConstrainedProblem
+from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
+from cdalign.core.statistics import mean_and_ci  # noqa: F401  (re-exported: estimators report with it)
+from cdalign.registry import Registry
 
 ESTIMATORS: Registry = Registry("estimator")
 

@@ -3,7 +3,7 @@
 Noise predictions come from a *predictor*: any callable ``(x_t, t) -> ε̃`` (B,4,h,w), e.g.
 :class:`GuidedUNet` (classifier-free guidance on one UNet) or a weighted sum of several
 predictors (composition). The DDIM step math lives in :class:`DDIMChain`, including the
-coefficient ``c_t`` of ε in the step mean that the chain KL (``cdalign.kl``) needs.
+coefficient ``c_t`` of ε in the step mean that the chain KL (``cdalign.core.kl``) needs.
 """
 
 from __future__ import annotations

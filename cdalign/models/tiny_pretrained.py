@@ -2,7 +2,7 @@
 
 A Stable-Diffusion-architecture pipeline (UNet2DConditionModel, AutoencoderKL,
 CLIPTextModel, CLIPTokenizer, DDIMScheduler with SD 1.5's schedule) trained from scratch
-on the shapes world (``cdalign.shapes``) by ``recipes/pretrain_tiny.py``, shipped in
+on the shapes world (``cdalign.data.shapes``) by ``recipes/pretrain_tiny.py``, shipped in
 diffusers format under ``cdalign/data/tiny-shapes-sd``. Its 64x64 pictures mean
 something ("a large red circle on a black background"), so rewards, constraints and
 composition have visible, measurable effects offline.
@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+
+from cdalign.data.shapes import VOCABULARY
+from cdalign.models.tiny import clip_text_encoder, sd_ddim_scheduler
 
 TINY_SHAPES_ID = "cdalign/tiny-shapes-sd"
 # Sampling defaults the model card recommends (measured by evaluation/tiny_quality.py).
@@ -31,7 +34,7 @@ EXTRA_WORDS = ("an", "the", "and", "with", "of", "in", "shape", "picture", "phot
 
 def tiny_shapes_sd_path() -> Path:
     """The packaged diffusers folder of ``cdalign/tiny-shapes-sd``."""
-    path = Path(__file__).resolve().parent / "data" / "tiny-shapes-sd"
+    path = Path(__file__).resolve().parents[1] / "data" / "tiny-shapes-sd"
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
             f"the embedded model {TINY_SHAPES_ID!r} is missing at {path}; "
@@ -70,7 +73,7 @@ def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
 
 def shapes_clip_tokenizer(model_max_length: int = 77):
     """A CLIP tokenizer built offline: the byte-level base vocabulary of
-    ``cdalign.tiny.byte_level_clip_tokenizer`` (so any text, any script, tokenizes
+    ``cdalign.models.tiny.byte_level_clip_tokenizer`` (so any text, any script, tokenizes
     without unknown tokens) plus BPE merges that make each shapes-world word one token.
 
     Ids: 0-255 the byte symbols, 256-511 their end-of-word forms, then the merged
@@ -78,7 +81,6 @@ def shapes_clip_tokenizer(model_max_length: int = 77):
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
-    from .shapes import VOCABULARY
 
     words = sorted({w for w in VOCABULARY + EXTRA_WORDS if len(w) > 1})
     merges = _learn_merges(words)
@@ -101,7 +103,6 @@ def build_untrained_components(seed: int = 0) -> dict:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from .tiny import clip_text_encoder, sd_ddim_scheduler
 
     tokenizer = shapes_clip_tokenizer()
     rng_state = torch.random.get_rng_state()

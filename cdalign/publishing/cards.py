@@ -24,6 +24,12 @@ from typing import Any
 
 import yaml
 
+from cdalign.core.normalization import MIN_NORMALIZATION_SAMPLES
+from cdalign.models.checkpointing import atomic_write_text
+from cdalign.models.lora import is_local_source
+from cdalign.models.pipeline import EMBEDDED_MODELS
+from cdalign.publishing.tables import comparison_table, fence, md
+
 TEMPLATE_NAME = "cdalign_lora.md"
 TAGS = ["lora", "cdalign", "constrained-alignment", "diffusers", "text-to-image", "stable-diffusion"]
 # Licenses of known base models (a LoRA inherits its base model's terms); others: "other".
@@ -41,7 +47,7 @@ PICTURES = (("samples: base (top) vs aligned (bottom), same seeds", "samples_bas
 def default_template_path() -> Path:
     """The card template shipped with the package: ``cdalign/data/cdalign_lora.md``, which in
     the repository is a link to ``model_cards/cdalign_lora.md`` (built wheels hold a copy)."""
-    path = Path(__file__).parent / "data" / TEMPLATE_NAME
+    path = Path(__file__).resolve().parents[1] / "data" / TEMPLATE_NAME
     if not path.is_file():
         raise FileNotFoundError(
             f"model card template {str(path)!r} not found (a broken install: it ships with the package, "
@@ -56,23 +62,6 @@ def yaml_safe(text: Any) -> str:
     s = str(text)
     s = "".join(ch if ch.isprintable() or ch == " " else " " for ch in s)
     return " ".join(s.split())
-
-
-def md(text: Any) -> str:
-    """A user string made safe for Markdown text or a table cell (one line, escaped)."""
-    s = " ".join(str(text).split())
-    for ch in ("\\", "|", "`", "*", "_", "[", "]"):
-        s = s.replace(ch, "\\" + ch)
-    return s.replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _fence(text: str, lang: str = "") -> str:
-    longest, run = 0, 0
-    for ch in text:
-        run = run + 1 if ch == "`" else 0
-        longest = max(longest, run)
-    fence = "`" * max(3, longest + 1)
-    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
 
 
 def _ci(entry: dict | None, mean_key: str = "mean", ci_key: str = "ci95") -> str:
@@ -149,7 +138,6 @@ def record_notes(report: dict | None, config: dict) -> str:
     """What a reader must know to trust the numbers: rewards that came from user code (a
     rerun from config.yaml would use the registry reward of that name) and reward
     statistics resting on fewer than ``MIN_NORMALIZATION_SAMPLES`` base-model images."""
-    from .normalization import MIN_NORMALIZATION_SAMPLES
 
     notes = []
     sources = {**(config.get("reward_sources") or {}), **((report or {}).get("reward_sources") or {})}
@@ -228,7 +216,6 @@ def eval_results(report: dict | None, config: dict, evaluation: dict | None, che
 
 
 def _is_embedded(base_model: str) -> bool:
-    from .pipeline import EMBEDDED_MODELS
 
     return base_model in EMBEDDED_MODELS
 
@@ -245,7 +232,6 @@ def usage_snippet(base_model: str, repo: str, prompt: str, steps: int, guidance:
     """Code that loads the base model and the LoRA and samples one image; user strings
     enter only as Python literals. An embedded base model (not a Hub repo) loads with
     ``cdalign.load_pipeline``, any other with diffusers' ``from_pretrained``."""
-    from .lora import is_local_source
 
     if _is_embedded(base_model):
         head = ("from cdalign import load_pipeline\n\n"
@@ -294,7 +280,6 @@ def build_model_card(
     first non-base checkpoint) describes this model."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .evaluation import comparison_table
 
     out = Path(output_dir)
     if report is None and (out / "report.json").is_file():
@@ -350,7 +335,7 @@ def build_model_card(
                           if evaluation else ""),
         evaluation_grid="evaluation/grid.png" if (out / "evaluation" / "grid.png").is_file() else "",
         pictures=pictures,
-        usage_block=_fence(usage_snippet(base_model, lora_source, example,
+        usage_block=fence(usage_snippet(base_model, lora_source, example,
                                          int(config.get("num_inference_steps") or 25),
                                          float(config.get("guidance_scale") or 5.0),
                                          config.get("resolution")), "python"),
@@ -360,7 +345,7 @@ def build_model_card(
             + ([] if repo_id else [f"Run the snippet from the folder that holds `{md(lora_source)}` (or put the "
                                    "LoRA's Hub repo id there once it is pushed)."])),
         training_table=training_table(config),
-        config_block=(_fence(yaml.safe_dump(rerun_config(config), sort_keys=False, allow_unicode=True), "yaml")
+        config_block=(fence(yaml.safe_dump(rerun_config(config), sort_keys=False, allow_unicode=True), "yaml")
                       if config else "(no config.yaml)"),
     )
     tpl = Path(template_path) if template_path else default_template_path()
@@ -369,7 +354,6 @@ def build_model_card(
 
 def write_model_card(output_dir: str | os.PathLike, **kwargs) -> Path:
     """Render :func:`build_model_card` into ``output_dir/README.md`` (atomically)."""
-    from .checkpointing import atomic_write_text
 
     card = build_model_card(output_dir, **kwargs)
     path = Path(output_dir) / "README.md"

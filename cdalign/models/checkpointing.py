@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cdalign.models.lora import full_tensor, like_param
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -49,7 +51,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def gathered_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """``optimizer.state_dict()`` with every sharded (FSDP2 ``DTensor``) state tensor
     gathered whole. A collective on a sharded model: call it on every process."""
-    from .lora import full_tensor
 
     sd = optimizer.state_dict()
     state = {idx: {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in st.items()} for idx, st in sd["state"].items()}
@@ -81,7 +82,6 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, directory: Path) -> N
     # Sharded parameters (FSDP2 DTensors) take their per-parameter state in the same layout.
     from torch.distributed.tensor import DTensor
 
-    from .lora import like_param
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for idx, st in state.items():

@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .registry import Registry
-from .sampling import DDIMChain
+from cdalign.core.sampling import DDIMChain
+from cdalign.registry import Registry
+
 
 @dataclass(frozen=True)
 class KLEstimator:
@@ -88,7 +89,7 @@ def choose_kl_steps(
 
 class ChainKLAccumulator:
     """Collects the chain KL along one sampling pass, as an ``on_step`` hook of
-    :func:`cdalign.sampling.sample_latents`.
+    :func:`cdalign.core.sampling.sample_latents`.
 
     ``reference``: predictor of the base (or a component) evaluated on the same x_t.
     ``steps``: step -> inclusion probability (see :func:`choose_kl_steps`).

@@ -1,4 +1,5 @@
-"""Evaluation metrics: checks of generated images that are *not* rewards.
+"""Evaluation metrics: checks of generated images that are *not* rewards (they sit beside
+the rewards because both are image scorers selected by name; the config validates both).
 
 A reward is something a run optimises or constrains; a metric here only watches, so an
 aligned model can be graded by something independent of what it was trained on (e.g.
@@ -14,7 +15,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .registry import Registry
+from cdalign.data.shapes import classify_image, parse_prompt
+from cdalign.registry import Registry
 
 EVAL_METRICS: Registry[Callable[[torch.Tensor, Sequence[str]], dict[str, torch.Tensor]]] = Registry("evaluation metric")
 
@@ -27,12 +29,11 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 @EVAL_METRICS.register("shapes_accuracy")
 def shapes_accuracy(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Shapes world (``cdalign/tiny-shapes-sd``): does each image show the colour and the
-    shape its prompt names? Read back with the numpy classifier ``cdalign.shapes.classify_image``
+    shape its prompt names? Read back with the numpy classifier ``cdalign.data.shapes.classify_image``
     (nearest palette colour of the foreground majority; bounding-box fill ratio), which no
     reward uses. Returns ``color_accuracy``, ``shape_accuracy`` and ``background_accuracy``,
     1.0 per correct image; a prompt that names no colour (shape, background) counts as NaN
     for that metric and is left out."""
-    from .shapes import classify_image, parse_prompt
 
     color, shape, background = [], [], []
     for image, prompt in zip(to_uint8(images), prompts):

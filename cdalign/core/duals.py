@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .registry import Registry
+from cdalign.registry import Registry
 
 DUAL_OPTIMIZERS: Registry = Registry("dual optimizer")
 
@@ -108,7 +108,7 @@ class NuPI(DualOptimizer):
 
 
 def build_dual_optimizer(spec, num_constraints: int) -> DualOptimizer:
-    """From a ``DualSpec`` (cdalign.config)."""
+    """From a ``DualSpec`` (cdalign.alignment.config)."""
     common = dict(init=spec.init, warmup_steps=spec.warmup_steps, warmup_start=spec.warmup_start, frozen=spec.freeze)
     gains = {"ascent": dict(lr=spec.lr), "nupi": dict(kappa_i=spec.kappa_i, kappa_p=spec.kappa_p, nu=spec.nu)}
     return DUAL_OPTIMIZERS.get(spec.optimizer)(num_constraints, **gains[spec.optimizer], **common)

@@ -1,0 +1,1448 @@
+"""Configuration of a constrained alignment run: dataclasses whose fields document
+themselves, and one parser for the command line and YAML recipes.
+
+    minimise_θ  f_0(θ)   subject to   g_i(θ) ≤ 0,   i = 1..m
+
+``objective`` is f_0 (the chain KL to the base model, or minus a reward),
+``constraints`` are the g_i (reward thresholds in either direction, or a KL budget),
+``dual`` says how the multipliers λ_i are updated (arXiv 2508.19104, section on
+constrained alignment; the README's "Method choices").
+
+A recipe is a YAML file whose keys are the fields below; on the command line
+``--config recipe.yaml`` loads it and ``--field value`` flags override it
+(``--dual.kappa_i 0.1`` for a field of a nested spec, ``--constraints '<YAML list>'``
+for the whole constraint list).
+
+Field metadata: ``help`` (required), and optionally ``choices`` (allowed values) and
+bounds ``ge``/``gt``/``le``/``lt`` that :meth:`ConstrainedDDPOConfig.validate` enforces
+and ``--help`` prints. Rules that relate several fields live in ``_check_problem``,
+``_check_sampler`` and ``_check_run``.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import math
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cdalign.alignment.estimators import ESTIMATORS
+from cdalign.core.duals import DUAL_OPTIMIZERS
+from cdalign.core.kl import KL_ESTIMATORS
+from cdalign.rewards import available_rewards
+from cdalign.rewards.metrics import EVAL_METRICS
+
+__all__ = [
+    "ObjectiveSpec",
+    "ConstraintSpec",
+    "DualSpec",
+    "ConstrainedDDPOConfig",
+    "parse_config",
+    "load_config_file",
+    "config_from_dict",
+    "config_to_dict",
+    "save_config",
+    "build_parser",
+    "parse_args_to_dict",
+    "dataclass_from_dict",
+    "check_fields",
+    "read_yaml_mapping",
+    "not_allowed",
+    "check_output_dir_writable",
+    "check_trackers_installed",
+    "check_mixed_precision",
+    "ConfigFields",
+]
+
+OBJECTIVE_TYPES = ("kl", "reward")
+CONSTRAINT_TYPES = ("reward", "kl")
+DIRECTIONS = ("high", "low")
+BACKPROP_STRATEGIES = ("fixed", "uniform", "gaussian")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+REPORT_TO = ("none", "all", "tensorboard", "wandb", "trackio")
+
+# On the command line these spell "no value" for a field whose type allows None.
+_CLI_NONE = ("none", "null", "~")
+_CLI_TRUE = ("true", "yes", "on", "1")
+_CLI_FALSE = ("false", "no", "off", "0")
+
+
+class ConfigFields:
+    """Base of the config dataclasses: an attribute that is not a field is refused (a
+    misspelt ``config.max_stepz = 3`` would otherwise be ignored silently), and a plain
+    mapping assigned where a spec is declared (``config.objective = {"type": "kl"}``, or a
+    list of them for ``constraints``) is converted and checked like a YAML value."""
+
+    def __setattr__(self, name, value):
+        if not name.startswith("_"):
+            typed = _declared_types(type(self))
+            if name not in typed:
+                raise _unknown_attribute(type(self), name, typed)
+            value = _specs_from_mappings(value, typed[name], name)
+        object.__setattr__(self, name, value)
+
+
+def _unknown_attribute(cls, name: str, typed) -> AttributeError:
+    if isinstance(getattr(cls, name, None), property):
+        return AttributeError(f"{name}: is derived from the other fields of {cls.__name__} and cannot be set")
+    close = difflib.get_close_matches(name, list(typed), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"fields: {', '.join(typed)}"
+    return AttributeError(f"{cls.__name__} has no field {name!r}; {hint}")
+
+
+def _specs_from_mappings(value, tp, path: str):
+    """``value`` with plain mappings turned into the spec dataclass ``tp`` declares (also
+    inside a list of specs); anything else unchanged (``validate`` checks it)."""
+    if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+        return _from_mapping(tp, value, path)
+    if _is_spec_list(tp) and isinstance(value, (list, tuple)):
+        (item_tp,) = typing.get_args(tp)
+        return [_from_mapping(item_tp, v, f"{path}[{i}]") if isinstance(v, Mapping) else v for i, v in enumerate(value)]
+    return value
+
+
+# ---------------------------------------------------------------------------------
+# The problem: objective, constraints, dual updates
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ObjectiveSpec(ConfigFields):
+    """What is minimised: f_0 = KL(p_θ ‖ q) (the paper's main form), or f_0 = −E[r_0]."""
+
+    type: str = field(
+        default="kl",
+        metadata={
+            "help": "What the primal step minimises. 'kl': the chain KL(p_θ ‖ q) to the base model "
+            "(the paper's main form: stay close to the base while constraints hold). 'reward': "
+            "maximise E[r_0] of `objective.reward` (then bound drift with a `type: kl` constraint).",
+            "choices": OBJECTIVE_TYPES,
+        },
+    )
+    reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Registry name of the reward r_0 to maximise (see cdalign.rewards.available_rewards()). "
+            "Required when objective.type is 'reward'; must be unset when it is 'kl'."
+        },
+    )
+    normalize: bool = field(
+        default=True,
+        metadata={
+            "help": "Maximise the reward in base-model standard units, (r_0 − m_0)/s_0, with m_0 and s_0 "
+            "estimated on base-model samples (see normalization_batches). Rescales the reward's gradient "
+            "to a comparable size across rewards. Ignored when objective.type is 'kl'."
+        },
+    )
+
+
+@dataclass
+class ConstraintSpec(ConfigFields):
+    """One constraint g_i ≤ 0 of the Lagrangian L = f_0 + Σ_i λ_i g_i.
+
+    - reward, direction 'high':  E[r_i] ≥ threshold,  g_i = threshold − E[r_i]
+    - reward, direction 'low':   E[r_i] ≤ threshold,  g_i = E[r_i] − threshold
+    - kl:                        KL(p_θ ‖ q) ≤ max,   g_i = KL − max
+    """
+
+    type: str = field(
+        default="reward",
+        metadata={
+            "help": "'reward': bound the expected value of `reward` by `threshold` (in `direction`). "
+            "'kl': bound the chain KL(p_θ ‖ q) to the base model by `max` (at most one such constraint, "
+            "and only with a reward objective).",
+            "choices": CONSTRAINT_TYPES,
+        },
+    )
+    reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward constraints: registry name of the reward r_i (see "
+            "cdalign.rewards.available_rewards()). Must be unset for 'kl' constraints."
+        },
+    )
+    direction: str = field(
+        default="high",
+        metadata={
+            "help": "Reward constraints: 'high' requires E[r_i] ≥ threshold (e.g. the paper's MPS ≥ +0.5σ); "
+            "'low' requires E[r_i] ≤ threshold (e.g. the paper's saturation ≤ −0.5σ). Ignored for 'kl' "
+            "constraints, which are always upper bounds.",
+            "choices": DIRECTIONS,
+        },
+    )
+    threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Reward constraints (required): the bound b_i. With normalize (the default) it is in "
+            "base-model standard deviations from the base-model mean, so 0.5 means 'half a std above what "
+            "the base model scores'; otherwise in the reward's raw units. Must be unset for 'kl' constraints."
+        },
+    )
+    normalize: bool = field(
+        default=True,
+        metadata={
+            "help": "Reward constraints: state E[r_i] and the threshold in base-model std units, "
+            "(r_i − m_i)/s_i (the paper's convention). Ignored for 'kl' constraints."
+        },
+    )
+    max: float | None = field(
+        default=None,
+        metadata={
+            "help": "KL constraints (required, > 0): the budget ε in KL(p_θ ‖ q) ≤ ε, in nats per image, "
+            "measured by `kl_estimator` (so 'path' and 'uniform' budgets are not interchangeable). "
+            "Must be unset for reward constraints.",
+            "gt": 0.0,
+        },
+    )
+
+    @property
+    def name(self) -> str:
+        """A stable display name for logs and metrics: ``<reward>_<direction>`` for a
+        reward constraint (e.g. ``saturation_low``), ``kl`` for the KL constraint.
+        Unique within a valid config."""
+        if self.type == "kl":
+            return "kl"
+        return f"{self.reward or 'reward'}_{self.direction}"
+
+
+@dataclass
+class DualSpec(ConfigFields):
+    """How the multipliers λ_i ≥ 0 are updated from the slacks g_i (averaged over the
+    whole global batch of a dual step)."""
+
+    optimizer: str = field(
+        default="nupi",
+        metadata={
+            "help": "Dual update rule. 'ascent': projected gradient ascent λ ← max(0, λ + lr·g). "
+            "'nupi': the νPI controller (Sohrabi et al. 2024), λ ← max(0, λ + kappa_i·e + kappa_p·(ξ_t − ξ_{t−1})) "
+            "with ξ_t = nu·ξ_{t−1} + (1 − nu)·e; the paper's choice.",
+            "choices": DUAL_OPTIMIZERS,
+        },
+    )
+    lr: float = field(
+        default=0.05,
+        metadata={
+            "help": "Step size η of 'ascent' (λ units per unit of slack). Not used by 'nupi', whose "
+            "integral gain `kappa_i` plays the same role (nupi with nu=0, kappa_p=0 is ascent with step kappa_i).",
+            "gt": 0.0,
+        },
+    )
+    kappa_i: float = field(
+        default=0.05,
+        metadata={"help": "'nupi' integral gain κ_i (the paper: 0.05).", "ge": 0.0},
+    )
+    kappa_p: float = field(
+        default=0.0,
+        metadata={
+            "help": "'nupi' proportional gain κ_p, applied to the change of the smoothed error (the paper: 0; "
+            "a positive value damps oscillations of λ).",
+            "ge": 0.0,
+        },
+    )
+    nu: float = field(
+        default=0.1,
+        metadata={
+            "help": "'nupi' smoothing ν of the error average ξ, in [0, 1) (the paper: 0.1).",
+            "ge": 0.0,
+            "lt": 1.0,
+        },
+    )
+    init: float | list[float] = field(
+        default=0.2,
+        metadata={
+            "help": "Initial λ ≥ 0: one value for every constraint, or a list with one value per constraint "
+            "in the order of `constraints` (the paper: 0.2).",
+            "ge": 0.0,
+        },
+    )
+    update_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Micro-batches between dual updates (slacks are averaged over them and over all processes). "
+            "Default (unset): gradient_accumulation_steps, i.e. one dual step per optimiser step. The paper "
+            "updated every 5 micro-batches of 4 images.",
+            "ge": 1,
+        },
+    )
+    warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Number of dual steps over which the gains (lr, or kappa_i and kappa_p) ramp linearly from "
+            "warmup_start × gain to the full gain; 0 disables warm-up (the paper: 10).",
+            "ge": 0,
+        },
+    )
+    warmup_start: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of the gains used at the first dual step of the warm-up, in [0, 1].", "ge": 0.0, "le": 1.0},
+    )
+    freeze: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep λ fixed at `init` (no dual updates): a weighted-penalty run, the paper's "
+            "'equal weights' baseline when init is the same for every constraint."
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ConstrainedDDPOConfig(ConfigFields):
+    """Everything a constrained alignment run needs; every field is a YAML key and a
+    ``--flag``. Build one with :func:`parse_config`, :func:`load_config_file` or
+    :func:`config_from_dict` (these validate), or directly and then call
+    :meth:`validate` (construction alone does not validate, so a config can be built
+    up field by field)."""
+
+    # model
+    pretrained_model_name_or_path: str = field(
+        default="cdalign/tiny-random-sd",
+        metadata={
+            "help": "Base model q: an embedded model name (cdalign/tiny-random-sd, for tests), a local "
+            "diffusers folder, or a Hub id of a Stable Diffusion 1.x/2.x pipeline (the paper: "
+            "stable-diffusion-v1-5)."
+        },
+    )
+    revision: str | None = field(
+        default=None, metadata={"help": "Hub branch, tag or commit of the base model; unset = the default branch."}
+    )
+    variant: str | None = field(
+        default=None, metadata={"help": "Weight file variant of the base model, e.g. 'fp16'; unset = the full-precision files."}
+    )
+    # prompts
+    prompts: str | list[str] = field(
+        default="tiny",
+        metadata={
+            "help": "Training prompts: a prompt-set registry name (e.g. the paper's animal names), a .txt file "
+            "(one prompt per line), a .json list or .jsonl file, a Hub dataset id (see prompt_column, prompt_split), "
+            "or the prompts themselves as a list (what config.yaml records when a library run passed a list)."
+        },
+    )
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Column (or .json/.jsonl key) that holds the prompt text, for dataset sources."}
+    )
+    prompt_split: str = field(default="train", metadata={"help": "Split to read when `prompts` is a Hub dataset id."})
+    eval_prompts: str | list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts for the end-of-training evaluation, in the same forms as `prompts` (a list too); unset = "
+            "`prompts`. The paper evaluated on held-out animals (snail, hippopotamus, cheetah, …)."
+        },
+    )
+    # problem
+    objective: ObjectiveSpec = field(
+        default_factory=ObjectiveSpec, metadata={"help": "What is minimised (a mapping; see the objective.* fields)."}
+    )
+    constraints: list[ConstraintSpec] = field(
+        default_factory=list,
+        metadata={
+            "help": "The constraints, a list of mappings with the keys listed below. May be empty only with a "
+            "reward objective (plain reward fine-tuning). On the command line: a YAML or JSON list, e.g. "
+            "--constraints '[{reward: saturation, direction: low, threshold: -0.5}]'."
+        },
+    )
+    dual: DualSpec = field(
+        default_factory=DualSpec, metadata={"help": "Dual (multiplier) updates (a mapping; see the dual.* fields)."}
+    )
+    # sampler
+    num_inference_steps: int = field(
+        default=20, metadata={"help": "DDIM sampling steps T per image (the paper: 15).", "ge": 1}
+    )
+    eta: float = field(
+        default=1.0,
+        metadata={
+            "help": "DDIM η in [0, 1]; 1 (the paper) makes every step Gaussian. The exact chain KL "
+            "(kl_estimator 'path') needs η > 0.",
+            "ge": 0.0,
+            "le": 1.0,
+        },
+    )
+    guidance_scale: float = field(
+        default=5.0,
+        metadata={"help": "Classifier-free guidance w in ε̃ = ε_u + w·(ε_c − ε_u); 1 = no guidance (the paper: 5).", "ge": 0.0},
+    )
+    resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "Image side in pixels; unset = the model's default (512 for SD 1.5). Must suit the model "
+            "(a multiple of the VAE scale factor, 8 for SD), which is checked when the model is loaded.",
+            "ge": 1,
+        },
+    )
+    # gradient estimator
+    estimator: str = field(
+        default="reward_backprop",
+        metadata={
+            "help": "Primal gradient estimator. 'reward_backprop' (the paper's): backpropagate differentiable "
+            "rewards and the KL through the last K sampling steps and the VAE decoder.",
+            "choices": ESTIMATORS,
+        },
+    )
+    backprop_strategy: str = field(
+        default="fixed",
+        metadata={
+            "help": "How K, the number of final sampling steps the gradient flows through, is chosen per batch. "
+            "'fixed': K = backprop_steps. 'uniform': K ~ U{backprop_min_steps, …, backprop_steps}. 'gaussian' "
+            "(the paper's): a cut-off index ~ N(backprop_gaussian_mean·T, backprop_gaussian_std), rounded and clipped "
+            "to [1, T−1], and K = T − index (about 0.2·T with the paper's settings).",
+            "choices": BACKPROP_STRATEGIES,
+        },
+    )
+    backprop_steps: int = field(
+        default=4,
+        metadata={"help": "K for 'fixed'; the upper bound of K for 'uniform'. In [1, num_inference_steps].", "ge": 1},
+    )
+    backprop_min_steps: int = field(
+        default=1,
+        metadata={"help": "Lower bound of K for 'uniform', in [1, backprop_steps].", "ge": 1},
+    )
+    backprop_gaussian_mean: float = field(
+        default=0.8,
+        metadata={
+            "help": "'gaussian': mean of the cut-off index as a fraction of T, in (0, 1] (the paper: 0.8, i.e. "
+            "gradient through the last ~20% of the steps).",
+            "gt": 0.0,
+            "le": 1.0,
+        },
+    )
+    backprop_gaussian_std: float = field(
+        default=5.0,
+        metadata={"help": "'gaussian': std of the cut-off index, in sampling steps (the paper: 5).", "ge": 0.0},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Checkpoint each UNet call: memory flat in K for about one extra forward pass per step."},
+    )
+    # KL
+    kl_estimator: str = field(
+        default="path",
+        metadata={
+            "help": "How KL(p_θ ‖ q) is computed along the sampled chain. 'path' (default): the exact chain KL, "
+            "Σ_t c_t²/(2σ_t²)·‖ε̃_θ − ε̃_q‖² summed over latent elements (nats per image). 'uniform': the "
+            "paper's code, the unweighted mean of (ε̃_θ − ε̃_q)² over steps and elements (use it to reproduce "
+            "the paper's numbers).",
+            "choices": KL_ESTIMATORS,
+        },
+    )
+    kl_value_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Base-model predictions per chain for the KL value: unset = at every step. m = at the K "
+            "gradient steps (always) plus m of the other steps, drawn uniformly without replacement and "
+            "weighted by their inverse inclusion probability: an unbiased estimate of the all-steps sum for "
+            "fewer base-model passes (the gradient is unchanged; it only flows through the K steps). In "
+            "[1, num_inference_steps]; m at or above the number of other steps means every step.",
+            "ge": 1,
+        },
+    )
+    # LoRA
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank r of the trained adapter (the paper: 4).", "ge": 1})
+    lora_alpha: float = field(
+        default=4.0, metadata={"help": "LoRA α; the adapter's update is scaled by α/r (the paper: α = r).", "gt": 0.0}
+    )
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        metadata={
+            "help": "UNet module names that receive LoRA layers (the paper: the attention projections "
+            "to_q to_k to_v to_out.0). On the command line: space-separated."
+        },
+    )
+    # optimisation
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "AdamW learning rate of the LoRA weights (the paper: 1e-3).", "gt": 0.0}
+    )
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW β1, in [0, 1).", "ge": 0.0, "lt": 1.0})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW β2, in [0, 1).", "ge": 0.0, "lt": 1.0})
+    adam_weight_decay: float = field(
+        default=1e-4, metadata={"help": "AdamW decoupled weight decay (the paper: 1e-4).", "ge": 0.0}
+    )
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW ε added to the denominator for numerical stability.", "gt": 0.0})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "Clip the LoRA gradient to this global L2 norm; unset = no clipping.", "gt": 0.0}
+    )
+    train_batch_size: int = field(
+        default=4,
+        metadata={"help": "Prompts (images) per micro-batch, per process (the paper: 4).", "ge": 1},
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Micro-batches per optimiser step; images per step = train_batch_size × this × processes "
+            "(the paper: 4 × 16 = 64).",
+            "ge": 1,
+        },
+    )
+    max_steps: int = field(default=20, metadata={"help": "Optimiser steps to train for (the paper: 20).", "ge": 1})
+    # reward normalisation
+    normalization_batches: int = field(
+        default=10,
+        metadata={
+            "help": "Batches of train_batch_size base-model samples (per process) used to estimate each "
+            "normalised reward's mean and std before training (the paper: 10 batches of 4); fewer than 32 "
+            "images in all warn (cdalign.core.normalization.MIN_NORMALIZATION_SAMPLES).",
+            "ge": 1,
+        },
+    )
+    normalization_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where normalisation statistics are cached, keyed by the reward itself (registry name, kwargs, "
+            "weights; a user callable only by its cache_key attribute, else not cached), the base model, prompts "
+            "and sampler settings; unset = ~/.cache/cdalign/normalization."
+        },
+    )
+    # evaluation at the end of training
+    eval_batches: int = field(
+        default=16,
+        metadata={
+            "help": "Batches of train_batch_size images (per process) sampled from eval_prompts after training to "
+            "report rewards, constraints and KL, base and trained model on the same seeds; 0 = no evaluation. "
+            "Default 16 × 4 = 64 images: fewer make a verdict mostly sampling noise.",
+            "ge": 0,
+        },
+    )
+    eval_metrics: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Checks of the evaluation images that are not rewards (cdalign.rewards.metrics.EVAL_METRICS, e.g. "
+            "shapes_accuracy: colour and shape read back by the shapes-world classifier), reported for the "
+            "base and the trained model with the paired difference. On the command line: space-separated."
+        },
+    )
+    eval_seed: int = field(
+        default=1234,
+        metadata={"help": "Seed of the evaluation samples (the same images for the base and the trained model).", "ge": 0},
+    )
+    num_grid_images: int = field(
+        default=8, metadata={"help": "Images in the base-versus-trained comparison grid saved after evaluation; 0 = none.", "ge": 0}
+    )
+    # run
+    output_dir: str = field(
+        default="outputs/align",
+        metadata={"help": "Folder for the LoRA weights, checkpoints, config, metrics and images."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a fresh run in an output_dir that holds one: the earlier run's cdalign files (config, log, "
+            "LoRA, report, pictures, model card, checkpoint-N folders) are removed when the trainer is created; "
+            "other files stay."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the training run (prompts, noise, K).", "ge": 0})
+    mixed_precision: str = field(
+        default="no",
+        metadata={
+            "help": "Mixed precision of the frozen base weights and the forward passes; LoRA weights and the "
+            "optimiser stay in float32. 'fp16' needs a GPU and is refused on a CPU (use 'no' or 'bf16' there).",
+            "choices": MIXED_PRECISIONS,
+        },
+    )
+    logging_steps: int = field(default=1, metadata={"help": "Log metrics every this many optimiser steps.", "ge": 1})
+    save_steps: int = field(
+        default=0,
+        metadata={"help": "Save a resumable checkpoint every this many optimiser steps; 0 = only the final weights.", "ge": 0},
+    )
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Keep at most this many checkpoints (oldest deleted first); unset = keep all.", "ge": 1}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resume training (LoRA, optimiser, duals, RNG, step) from a checkpoint folder, or 'latest' "
+            "for the newest one in output_dir; unset = start fresh."
+        },
+    )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "Experiment trackers, comma-separated: tensorboard, wandb, trackio; or 'all' (those installed) "
+            "or 'none' alone. A named tracker must be installed (pip install wandb, ...); the run refuses to start "
+            "otherwise. Metrics are always written to output_dir as well."
+        },
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Upload the final LoRA weights and a model card to the Hub repo hub_model_id."},
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repo id ('user/name') for push_to_hub; required when pushing."}
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    reward_kwargs: dict[str, dict] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Keyword arguments for building each reward from the registry, by reward name, e.g. "
+            "{mps: {model_id: /path/to/mps-safetensors}, aesthetic: {revision: main}}. On the command line: "
+            "--reward_kwargs '{mps: {model_id: ./mps}}'."
+        },
+    )
+    max_nonfinite_batches: int = field(
+        default=3,
+        metadata={
+            "help": "A micro-batch whose rewards, KL or loss are NaN/inf is skipped with a warning; stop with an "
+            "error once more than this many were skipped in the run (0 = stop at the first).",
+            "ge": 0,
+        },
+    )
+    resume_allow_config_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint whose saved config differs from this one in fields that change the run "
+            "(learning rate, constraints, prompts, ...), with a warning naming them; by default such a resume is "
+            "refused. Cadence, destination and length (max_steps, save_steps, output_dir, ...) may always differ."
+        },
+    )
+    reward_sources: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Written by the trainer into the config.yaml it saves: rewards that came from user callables "
+            "(ConstrainedDDPOTrainer(rewards=...)), by name, e.g. {saturation: 'user callable mymod.fn (not "
+            "recordable)'}. A run from such a config that does not pass the callable again builds the registry "
+            "reward of that name instead, and warns."
+        },
+    )
+
+    # -- derived values ------------------------------------------------------------
+
+    @property
+    def dual_update_every(self) -> int:
+        """Micro-batches between dual updates, with the default resolved."""
+        return self.dual.update_every if self.dual.update_every is not None else self.gradient_accumulation_steps
+
+    @property
+    def dual_init_values(self) -> list[float]:
+        """Initial λ, one float per constraint, in the order of ``constraints``."""
+        if isinstance(self.dual.init, list):
+            return [float(v) for v in self.dual.init]
+        return [float(self.dual.init)] * len(self.constraints)
+
+    @property
+    def report_to_list(self) -> list[str]:
+        """``report_to`` as a list of tracker names: [] for 'none', ['all'] for 'all'."""
+        names = [n.strip() for n in self.report_to.split(",")]
+        return [] if names == ["none"] else names
+
+    @property
+    def uses_kl(self) -> bool:
+        """Whether the run needs base-model predictions for a KL (objective or constraint)."""
+        return self.objective.type == "kl" or any(c.type == "kl" for c in self.constraints)
+
+    def validate(self) -> None:
+        """Check types, allowed values, ranges and the consistency of the problem; raise
+        ``ValueError`` naming the field path (e.g. ``constraints[1].direction``), the bad
+        value and the fix. Pure: it reads the config and changes nothing."""
+        check_fields(self)
+        _check_problem(self)
+        _check_sampler(self)
+        _check_run(self)
+
+
+# ---------------------------------------------------------------------------------
+# Types: conversion from YAML/CLI values (lenient) and checking of objects (strict)
+# ---------------------------------------------------------------------------------
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping ({tp.__name__})"
+    args = typing.get_args(tp)
+    if _is_union(tp):
+        return " | ".join(_type_name(a) for a in args)
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(args[0])}]"
+    if typing.get_origin(tp) is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _is_optional(tp) -> bool:
+    return _is_union(tp) and type(None) in typing.get_args(tp)
+
+
+def _type_error(path: str, value, tp, hint: str = "") -> ValueError:
+    got = type(value).__name__
+    msg = f"{path or 'config'}: expected {_type_name(tp)}, got {value!r} ({got})"
+    return ValueError(msg + (f"; {hint}" if hint else ""))
+
+
+def _coerce(value, tp, path: str, lenient: bool):
+    """Return ``value`` as declared type ``tp`` or raise ``ValueError`` naming ``path``.
+
+    ``lenient`` (YAML and the command line): strings are parsed by the declared type
+    ("0.5" → 0.5, "true" → True; this also repairs YAML's reading of ``1e-3`` as a
+    string), integral floats become ints, mappings become spec dataclasses. Strict
+    (:meth:`ConstrainedDDPOConfig.validate`): only the declared types, plus ints where
+    floats are declared. Both reject bools as numbers and non-finite floats."""
+    if _is_union(tp):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            if len(members) < len(typing.get_args(tp)):
+                return None
+            raise _type_error(path, value, tp)
+        is_list = isinstance(value, list) or (lenient and isinstance(value, tuple))
+        for member in members:
+            if (typing.get_origin(member) is list) == is_list:
+                return _coerce(value, member, path, lenient)
+        raise _type_error(path, value, tp)
+    if value is None and lenient and dataclasses.is_dataclass(tp):
+        value = {}  # `dual:` with every key commented out means the defaults
+    if value is None:
+        raise _type_error(path, value, tp, "this field cannot be null")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            if lenient:  # a fresh, converted copy
+                return _from_mapping(tp, {f.name: getattr(value, f.name) for f in dataclasses.fields(tp)}, path)
+            for f, hint in _fields_with_types(tp):
+                _coerce(getattr(value, f.name), hint, _join(path, f.name), lenient)
+            return value
+        if lenient and isinstance(value, Mapping):
+            return _from_mapping(tp, value, path)
+        if isinstance(value, Mapping):  # e.g. a dict appended to config.constraints
+            raise ValueError(
+                f"{path}: expected a {tp.__name__}, got the plain mapping {value!r}, which is converted only when "
+                f"the whole field is assigned; assign the field again or build {tp.__name__}(**mapping)"
+            )
+        raise _type_error(path, value, tp)
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        if not (isinstance(value, list) or (lenient and isinstance(value, tuple))):
+            raise _type_error(path, value, tp, "write a list, e.g. [a, b]")
+        return [_coerce(v, item_tp, f"{path}[{i}]", lenient) for i, v in enumerate(value)]
+    if typing.get_origin(tp) is dict or tp is dict:
+        key_tp, value_tp = typing.get_args(tp) or (str, dict)
+        if not isinstance(value, Mapping):
+            raise _type_error(path, value, tp, "write a mapping, e.g. {name: {key: value}}")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise _type_error(f"{path}.{k}", k, str, "keys must be names")
+            if value_tp is not dict:
+                out[k] = _coerce(v, value_tp, f"{path}.{k}", lenient)
+            elif isinstance(v, Mapping):
+                out[k] = dict(v)
+            else:
+                raise _type_error(f"{path}.{k}", v, dict, "write a mapping of keyword arguments")
+        return out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if lenient and isinstance(value, str) and value.strip().lower() in _CLI_TRUE + _CLI_FALSE:
+            return value.strip().lower() in _CLI_TRUE
+        raise _type_error(path, value, tp, "use true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if lenient and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        if lenient and isinstance(value, (str, float)):
+            number = _parse_float(value)  # "1e3" and 4.0 are integers too
+            if number is not None and math.isfinite(number) and number.is_integer():
+                return int(number)
+        raise _type_error(path, value, tp)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif lenient and isinstance(value, str) and _parse_float(value) is not None:
+            number = _parse_float(value)
+        else:
+            raise _type_error(path, value, tp)
+        if not math.isfinite(number):
+            raise ValueError(f"{path}: must be a finite number, got {value!r}")
+        return number
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(path, value, tp, "quote it in YAML if it is meant as text")
+    raise TypeError(f"{path}: unsupported declared type {tp!r}")  # a bug in this module
+
+
+def _parse_float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fields_with_types(cls) -> list[tuple[dataclasses.Field, object]]:
+    """(field, resolved declared type) pairs of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+
+
+def _field_types(cls) -> dict[str, object]:
+    """Field name -> resolved declared type of dataclass ``cls``."""
+    return {f.name: tp for f, tp in _fields_with_types(cls)}
+
+
+@functools.lru_cache(maxsize=None)
+def _declared_types(cls) -> dict[str, object]:
+    """:func:`_field_types`, cached per class (read on every attribute assignment)."""
+    return _field_types(cls)
+
+
+def _from_mapping(cls, mapping, path: str):
+    """Build dataclass ``cls`` from a mapping, converting each value by its declared type."""
+    if not isinstance(mapping, Mapping):
+        raise _type_error(path, mapping, cls, f"valid keys: {', '.join(f.name for f in dataclasses.fields(cls))}")
+    typed = _field_types(cls)
+    problems = []
+    for key in mapping:
+        if key in typed:
+            continue
+        where = _join(path, str(key))
+        if isinstance(getattr(cls, str(key), None), property):
+            problems.append(f"{where}: is derived from the other fields and cannot be set")
+            continue
+        close = difflib.get_close_matches(str(key), list(typed), n=1)
+        suggestion = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(typed)}"
+        problems.append(f"{where}: unknown key; {suggestion}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    kwargs = {key: _coerce(value, typed[key], _join(path, key), lenient=True) for key, value in mapping.items()}
+    return cls(**kwargs)
+
+
+def _check_type(value, cls, path: str) -> None:
+    _coerce(value, cls, path, lenient=False)
+
+
+def dataclass_from_dict(cls, data: Mapping, path: str = ""):
+    """Build config dataclass ``cls`` from a mapping (YAML or CLI text values converted by
+    the declared types; unknown keys rejected with a suggestion). Does not validate."""
+    return _from_mapping(cls, data, path)
+
+
+def check_fields(obj, path: str = "") -> None:
+    """Check every field of config dataclass ``obj`` against its declared type, its
+    ``choices`` and its bounds (the per-field half of a ``validate`` method)."""
+    _check_type(obj, type(obj), path)
+    _check_field_metadata(obj, path)
+
+
+# ---------------------------------------------------------------------------------
+# Values: per-field metadata, then rules that relate fields
+# ---------------------------------------------------------------------------------
+
+_BOUNDS = {
+    "ge": (lambda v, b: v >= b, ">="),
+    "gt": (lambda v, b: v > b, ">"),
+    "le": (lambda v, b: v <= b, "<="),
+    "lt": (lambda v, b: v < b, "<"),
+}
+
+
+def not_allowed(path: str, value, allowed) -> ValueError:
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"{path}: {value!r} is not allowed{hint}; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def _check_field_metadata(obj, path: str) -> None:
+    """Enforce each field's ``choices`` and bounds, recursing into specs."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        where = _join(path, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_field_metadata(value, where)
+            continue
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                _check_field_metadata(item, f"{where}[{i}]")
+            continue
+        if value is None:
+            continue
+        choices = _choices(f)
+        if choices is not None and value not in choices:
+            raise not_allowed(where, value, choices)
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"{where}: must not be empty (leave it out to use the default)")
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            item_path = f"{where}[{i}]" if isinstance(value, list) else where
+            for key, (holds, symbol) in _BOUNDS.items():
+                if key in f.metadata and not holds(item, f.metadata[key]):
+                    raise ValueError(f"{item_path}: {item!r} is out of range; must be {symbol} {f.metadata[key]}")
+
+
+def _choices(f: dataclasses.Field):
+    """A field's allowed values: a fixed tuple, or a registry's current names (so that a
+    registered estimator or dual optimizer is accepted without editing this module)."""
+    choices = f.metadata.get("choices")
+    return tuple(choices.names()) if hasattr(choices, "names") else choices
+
+
+def _known_rewards() -> list[str]:
+    """Reward names of ``cdalign.rewards.available_rewards()`` (registered at import)."""
+    return list(available_rewards())
+
+
+def _check_reward_name(path: str, name: str, known: list[str] | None) -> None:
+    if known is not None and name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"{path}: unknown reward {name!r}; {hint}available rewards: {', '.join(sorted(known))}")
+
+
+def _check_problem(cfg: ConstrainedDDPOConfig) -> None:
+    """The objective, the constraints and the duals make a well-posed problem."""
+    objective, constraints, dual = cfg.objective, cfg.constraints, cfg.dual
+    if objective.type == "reward" and objective.reward is None:
+        raise ValueError("objective.reward: required when objective.type is 'reward'; name the reward to maximise")
+    if objective.type == "kl" and objective.reward is not None:
+        raise ValueError(
+            f"objective.reward: {objective.reward!r} is only used when objective.type is 'reward'; "
+            "remove it, or set objective.type: reward to maximise it"
+        )
+
+    for i, c in enumerate(constraints):
+        where = f"constraints[{i}]"
+        if c.type == "reward":
+            if c.reward is None:
+                raise ValueError(f"{where}.reward: required for a reward constraint; name the reward to bound")
+            if c.threshold is None:
+                raise ValueError(
+                    f"{where}.threshold: required for reward constraint {c.reward!r} "
+                    f"(E[r] {'>=' if c.direction == 'high' else '<='} threshold)"
+                )
+            if c.max is not None:
+                raise ValueError(f"{where}.max: only used by kl constraints; use threshold for a reward bound")
+        else:
+            if c.max is None:
+                raise ValueError(f"{where}.max: required for a kl constraint (KL <= max, a positive number)")
+            for unused in ("reward", "threshold"):
+                if getattr(c, unused) is not None:
+                    raise ValueError(f"{where}.{unused}: not used by kl constraints (KL <= max); remove it")
+
+    known = _known_rewards()
+    if objective.type == "reward":
+        _check_reward_name("objective.reward", objective.reward, known)
+    for i, c in enumerate(constraints):
+        if c.type == "reward":
+            _check_reward_name(f"constraints[{i}].reward", c.reward, known)
+
+    for name in cfg.reward_kwargs:
+        _check_reward_name(f"reward_kwargs.{name}", name, known)
+
+    kl_indices = [i for i, c in enumerate(constraints) if c.type == "kl"]
+    if len(kl_indices) > 1:
+        raise ValueError(
+            f"constraints[{kl_indices[1]}].type: more than one kl constraint (constraints{kl_indices}); "
+            "keep only the one with the smallest max"
+        )
+    if objective.type == "kl" and kl_indices:
+        # min KL s.t. KL <= max: the bound is either inactive or makes the problem infeasible.
+        raise ValueError(
+            f"constraints[{kl_indices[0]}].type: a kl constraint with objective.type 'kl' is pointless (the "
+            "objective already minimises the KL; the bound can only be inactive or infeasible); remove it, or "
+            "set objective.type: reward to maximise a reward under the KL budget"
+        )
+    if not constraints and objective.type == "kl":
+        raise ValueError(
+            "constraints: empty with objective.type 'kl', a trivial problem (the base model itself is the "
+            "optimum); add reward constraints, or set objective.type: reward for plain reward fine-tuning"
+        )
+    _check_repeated_rewards(constraints)
+
+    if isinstance(dual.init, list) and len(dual.init) != len(constraints):
+        raise ValueError(
+            f"dual.init: has {len(dual.init)} values but there are {len(constraints)} constraints; give one "
+            "value per constraint, or a single number for all"
+        )
+    if dual.optimizer == "nupi" and not dual.freeze and dual.kappa_i == 0 and dual.kappa_p == 0:
+        raise ValueError(
+            "dual.kappa_i: kappa_i and kappa_p are both 0, so λ would never move; set a gain, or dual.freeze: true "
+            "to keep λ at dual.init on purpose"
+        )
+
+
+def _check_repeated_rewards(constraints: list[ConstraintSpec]) -> None:
+    """One constraint per (reward, direction); a high and a low bound on one reward must
+    leave a non-empty interval (a two-sided band is fine, equal bounds pin E[r]). Bounds
+    in different units (normalize differs) cannot be compared here and are allowed."""
+    seen: dict[tuple[str, str], int] = {}
+    for i, c in enumerate(constraints):
+        if c.type != "reward":
+            continue
+        key = (c.reward, c.direction)
+        if key in seen:
+            j = seen[key]
+            other = constraints[j]
+            if other.normalize == c.normalize:
+                tighter = max if c.direction == "high" else min
+                keep = j if tighter(other.threshold, c.threshold) == other.threshold else i
+                advice = f"keep the tighter one, constraints[{keep}] (threshold {constraints[keep].threshold})"
+            else:
+                advice = "keep one (their thresholds are in different units: normalize differs)"
+            raise ValueError(
+                f"constraints[{i}]: repeats reward {c.reward!r} with direction {c.direction!r} of constraints[{j}] "
+                f"(redundant, and both would be named {c.name!r}); {advice} and remove the other"
+            )
+        seen[key] = i
+    for (reward, direction), i in seen.items():
+        j = seen.get((reward, "low"))
+        if direction != "high" or j is None:
+            continue
+        high, low = constraints[i], constraints[j]
+        if high.normalize == low.normalize and high.threshold > low.threshold:
+            raise ValueError(
+                f"constraints[{j}].threshold: reward {reward!r} must be >= {high.threshold} (constraints[{i}]) and "
+                f"<= {low.threshold} (constraints[{j}]), an empty feasible set; make the low threshold at least "
+                "the high one, or drop one of them"
+            )
+
+
+def _check_sampler(cfg: ConstrainedDDPOConfig) -> None:
+    """Sampling, truncation and KL settings fit together."""
+    T = cfg.num_inference_steps
+    if cfg.backprop_steps > T:
+        raise ValueError(f"backprop_steps: {cfg.backprop_steps} exceeds num_inference_steps ({T}); must be in [1, {T}]")
+    if cfg.backprop_min_steps > cfg.backprop_steps:
+        raise ValueError(
+            f"backprop_min_steps: {cfg.backprop_min_steps} exceeds backprop_steps ({cfg.backprop_steps}); "
+            f"must be in [1, {cfg.backprop_steps}]"
+        )
+    if cfg.backprop_strategy == "gaussian" and T < 2:
+        raise ValueError(
+            f"num_inference_steps: {T} is too few for backprop_strategy 'gaussian' (cut-off index in [1, T-1]); "
+            "use at least 2, or backprop_strategy: fixed"
+        )
+    if cfg.kl_value_steps is not None and cfg.kl_value_steps > T:
+        raise ValueError(f"kl_value_steps: {cfg.kl_value_steps} exceeds num_inference_steps ({T}); must be in [1, {T}]")
+    if cfg.uses_kl and cfg.kl_estimator == "path" and cfg.eta == 0:
+        raise ValueError(
+            "eta: 0 makes DDIM deterministic, so the exact chain KL (kl_estimator 'path') is undefined; "
+            "use eta > 0 (the paper: 1), or kl_estimator: uniform"
+        )
+
+
+def _check_run(cfg: ConstrainedDDPOConfig) -> None:
+    """Run-level settings: normalisation sample size, trackers, Hub, LoRA targets."""
+    normalized = (cfg.objective.type == "reward" and cfg.objective.normalize) or any(
+        c.type == "reward" and c.normalize for c in cfg.constraints
+    )
+    if normalized and cfg.normalization_batches * cfg.train_batch_size < 2:
+        raise ValueError(
+            f"normalization_batches: {cfg.normalization_batches} batch(es) of {cfg.train_batch_size} image(s) "
+            "cannot estimate a standard deviation; use at least 2 images in total"
+        )
+    if not cfg.lora_target_modules:
+        raise ValueError("lora_target_modules: empty; name at least one UNet module, e.g. to_q to_k to_v to_out.0")
+    for i, name in enumerate(cfg.lora_target_modules):
+        if not name.strip():
+            raise ValueError(f"lora_target_modules[{i}]: empty module name")
+    names = [n.strip() for n in cfg.report_to.split(",")]
+    for name in names:
+        if name not in REPORT_TO:
+            raise not_allowed("report_to", name, REPORT_TO)
+    if len(names) > 1 and ({"none", "all"} & set(names)):
+        raise ValueError(f"report_to: {cfg.report_to!r}; 'none' and 'all' must stand alone")
+    if len(set(names)) != len(names):
+        raise ValueError(f"report_to: {cfg.report_to!r} names a tracker twice")
+    if cfg.push_to_hub and cfg.hub_model_id is None:
+        raise ValueError("hub_model_id: required when push_to_hub is true; set it to 'user/repo'")
+    if cfg.hub_model_id is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(cfg.hub_model_id)
+        except HFValidationError as err:
+            raise ValueError(f"hub_model_id: {cfg.hub_model_id!r} is not a valid Hub repo id ({err}); use 'user/name'") from None
+    for i, name in enumerate(cfg.eval_metrics):
+        if name not in EVAL_METRICS:
+            raise not_allowed(f"eval_metrics[{i}]", name, EVAL_METRICS.names())
+
+
+# ---------------------------------------------------------------------------------
+# Dicts and YAML files
+# ---------------------------------------------------------------------------------
+
+
+def config_from_dict(d: Mapping) -> ConstrainedDDPOConfig:
+    """Build and validate a config from a plain mapping (YAML or JSON shaped): values are
+    converted by their declared types and unknown keys are rejected at every level."""
+    cfg = _from_mapping(ConstrainedDDPOConfig, d, "")
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: ConstrainedDDPOConfig) -> dict:
+    """A plain dict of builtins (YAML/JSON serialisable) that round-trips through
+    :func:`config_from_dict`. Derived values (``ConstraintSpec.name``) are not included."""
+    return dataclasses.asdict(cfg)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (same safe constructors) that rejects a key repeated in one
+    mapping, which plain YAML loading resolves silently to the last value."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader reports unhashable keys itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_mapping(path) -> dict:
+    """The top-level mapping of a YAML file (safe loader, duplicate keys rejected); errors
+    name the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: config file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"{where}: malformed YAML: {problem}") from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise ValueError(f"{path}: the top level is {kind}; a config file must be a mapping of field: value")
+    return data
+
+
+def load_config_file(path) -> ConstrainedDDPOConfig:
+    """Load and validate a YAML recipe; errors name the file."""
+    data = read_yaml_mapping(path)
+    try:
+        return config_from_dict(data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def check_output_dir_writable(path, field_name: str = "output_dir") -> None:
+    """Raise ``ValueError`` naming ``path`` unless it is a folder this process can write
+    into, or one it can create (its nearest existing ancestor is a writable folder).
+    Reads the file system only; creates nothing."""
+    path = Path(path).expanduser()
+    shown = f"{field_name}={str(path)!r}"
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{shown} is a file, not a folder; choose another {field_name} (or move the file away)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"{shown} cannot be created: {str(existing)!r} is a file, not a folder; choose another {field_name}"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == path else f"its parent {str(existing)!r}"
+        raise ValueError(f"{shown} is not writable ({where}: permission denied); choose a folder you can write to")
+
+
+# Tracker name -> (modules accelerate looks for, the package to install).
+TRACKER_PACKAGES = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "trackio": (("trackio",), "trackio"),
+}
+
+
+def check_trackers_installed(names, field_name: str = "report_to") -> None:
+    """Raise ``ValueError`` naming the package to install for each tracker in ``names``
+    that is not importable ('all' and 'none' need nothing: accelerate uses what exists)."""
+    import importlib.util
+
+    missing = [n for n in names if n in TRACKER_PACKAGES
+               and not any(importlib.util.find_spec(m) for m in TRACKER_PACKAGES[n][0])]
+    if missing:
+        packages = " ".join(TRACKER_PACKAGES[n][1] for n in missing)
+        raise ValueError(
+            f"{field_name}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
+            f"`pip install {packages}`, or set {field_name} to none (metrics are written to output_dir anyway)"
+        )
+
+
+def check_mixed_precision(mixed_precision: str, device, field_name: str = "mixed_precision") -> None:
+    """Refuse ``fp16`` (or ``float16``) on a CPU (``ValueError``): float16 is a GPU format;
+    on a CPU it is slow where it runs at all, so a run would not be what was asked for."""
+    if mixed_precision in ("fp16", "float16") and getattr(device, "type", str(device)) == "cpu":
+        others = "'float32' or 'bfloat16'" if mixed_precision == "float16" else "'no' (float32) or 'bf16'"
+        raise ValueError(
+            f"{field_name}: {mixed_precision!r} needs a GPU, and this process runs on the CPU; use {others} on a CPU"
+        )
+
+
+def save_config(cfg: ConstrainedDDPOConfig, path) -> None:
+    """Write ``cfg`` as a YAML recipe that :func:`load_config_file` reads back equal."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------
+
+
+def _field_default(f: dataclasses.Field):
+    """A field's built-in default value (``dataclasses.MISSING`` when it has none)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _format_default(value, limit: int = 300) -> str:
+    """A default value as a user would write it on the command line or in YAML."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value.strip() else repr(value)
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value):
+        return " ".join(map(str, value))
+    if isinstance(value, (list, dict)):
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**9, allow_unicode=True, sort_keys=False).strip()
+        return text if len(text) <= limit else text[: limit - 1] + "…"
+    return str(value)
+
+
+def _help_text(f: dataclasses.Field, tp, default=dataclasses.MISSING, source: str | None = None) -> str:
+    """``f``'s help, its choices, type and the default that will run (``source``: the
+    recipe it comes from, if not the field's own default)."""
+    parts = [f.metadata["help"]]
+    if "choices" in f.metadata:
+        parts.append(f"Choices: {', '.join(_choices(f))}.")
+    if default is not dataclasses.MISSING and not dataclasses.is_dataclass(default):
+        where = f" (from {source})" if source else ""
+        parts.append(f"[{_type_name(tp)}; default: {_format_default(default)}{where}]")
+    return " ".join(parts).replace("%", "%%")  # argparse %-formats help strings
+
+
+def _add_field_argument(group, flag: str, f: dataclasses.Field, tp, default=dataclasses.MISSING, source=None) -> None:
+    kwargs = dict(dest=flag, default=argparse.SUPPRESS, help=_help_text(f, tp, default, source))
+    members = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
+    if members == [bool]:
+        kwargs.update(nargs="?", const="true", metavar="{true,false}")
+    elif any(typing.get_origin(m) is list and not dataclasses.is_dataclass(typing.get_args(m)[0]) for m in members):
+        kwargs.update(nargs="+", metavar="VALUE")
+    else:
+        kwargs.update(metavar=flag.split(".")[-1].upper())
+    group.add_argument(f"--{flag}", **kwargs)
+
+
+_ALIGN_DESCRIPTION = (
+    "Constrained alignment of a diffusion model (arXiv 2508.19104). Give a YAML recipe with --config; any "
+    "--field flag overrides the recipe's value. Nested fields: --objective.type, --dual.kappa_i, ...; 'null' "
+    "unsets an optional field."
+)
+
+
+def _is_spec_list(tp) -> bool:
+    return typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0])
+
+
+def _display_path(path) -> str:
+    """``path`` relative to the current directory when it lies below it, else as given."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def build_parser(
+    cls=None,
+    prog: str | None = None,
+    description: str | None = None,
+    recipe: str | os.PathLike | None = None,
+    default_recipe: str | os.PathLike | None = None,
+) -> argparse.ArgumentParser:
+    """The ``argparse`` parser for config dataclass ``cls`` (default
+    :class:`ConstrainedDDPOConfig`): ``--config``, one ``--field`` flag per field, dotted
+    ``--spec.key`` flags for nested specs, and one YAML flag per list of specs. Values are
+    kept as text and converted by :func:`dataclass_from_dict`, so CLI and YAML share one
+    conversion.
+
+    ``recipe``: a YAML recipe whose values ``--help`` shows as the defaults, marked
+    "(from <recipe>)", where it sets a field (what a run with it uses); ``default_recipe``:
+    the recipe loaded when no ``--config`` is given, named in ``--config``'s help."""
+    cls = cls or ConstrainedDDPOConfig
+    values = read_yaml_mapping(recipe) if recipe is not None else {}
+    label = _display_path(recipe) if recipe is not None else None
+    description = description or (_ALIGN_DESCRIPTION if cls is ConstrainedDDPOConfig else cls.__doc__)
+    if label:
+        description += (f" Defaults shown are what runs: the values of {label} where it sets a field "
+                        f"(marked 'from {label}'), else the field's built-in default.")
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    config_help = "YAML recipe to load first" + (
+        f" (default: {_display_path(default_recipe)})." if default_recipe is not None else " (default: none).")
+    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help.replace("%", "%%"))
+    for f, tp in _fields_with_types(cls):
+        from_recipe = f.name in values
+        if dataclasses.is_dataclass(tp):
+            given = values.get(f.name) if isinstance(values.get(f.name), Mapping) else None
+            shown = f" [default: {_format_default(values[f.name])} (from {label})]" if from_recipe else ""
+            group = parser.add_argument_group(f.name, f.metadata["help"])
+            group.add_argument(
+                f"--{f.name}",
+                dest=f.name,
+                metavar="YAML",
+                default=argparse.SUPPRESS,
+                help=(f"The whole {f.name} spec as a YAML/JSON mapping (replaces the recipe's); "
+                      f"--{f.name}.<key> flags apply after it.{shown}").replace("%", "%%"),
+            )
+            # A recipe's mapping replaces the whole spec: keys it leaves out take the spec
+            # class's defaults, not those of the config's default spec.
+            parent = _field_default(f) if given is None else None
+            for sub, sub_tp in _fields_with_types(tp):
+                if given is not None and sub.name in given:
+                    default, source = given[sub.name], label
+                elif given is not None:
+                    default, source = _field_default(sub), None
+                else:
+                    default, source = getattr(parent, sub.name), None
+                _add_field_argument(group, f"{f.name}.{sub.name}", sub, sub_tp, default, source)
+        elif _is_spec_list(tp):
+            keys = " ".join(
+                f"{sub.name} ({_type_name(sub_tp)}, default {_format_default(_field_default(sub))}): "
+                f"{sub.metadata['help']}"
+                for sub, sub_tp in _fields_with_types(typing.get_args(tp)[0])
+            )
+            default = values[f.name] if from_recipe else _field_default(f)
+            shown = f"[default: {_format_default(default) if default else 'none'}" + (f" (from {label})]" if from_recipe else "]")
+            parser.add_argument(
+                f"--{f.name}",
+                dest=f.name,
+                metavar="YAML",
+                default=argparse.SUPPRESS,
+                help=(f"{f.metadata['help']} Keys of each item: {keys} {shown}").replace("%", "%%"),
+            )
+        else:
+            default = values[f.name] if from_recipe else _field_default(f)
+            _add_field_argument(parser, f.name, f, tp, default, label if from_recipe else None)
+    return parser
+
+
+def _cli_value(text_or_list, tp, flag: str):
+    """Turn argparse text into a value for :func:`config_from_dict`: 'null' unsets an
+    optional field, YAML text where a list or mapping is expected; the rest stays text."""
+    if isinstance(text_or_list, list):
+        if len(text_or_list) == 1 and not (typing.get_origin(tp) is list):
+            return _cli_value(text_or_list[0], tp, flag)  # e.g. --dual.init 0.2 for `float | list[float]`
+        return text_or_list
+    text = text_or_list
+    if _is_optional(tp) and text.strip().lower() in _CLI_NONE:
+        return None
+    wants_structure = dataclasses.is_dataclass(tp) or typing.get_origin(tp) in (list, dict)
+    if wants_structure or (_is_union(tp) and text.lstrip().startswith("[")):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"--{flag}: malformed YAML/JSON {text!r}: {getattr(error, 'problem', error)}") from None
+    return text
+
+
+def _config_argument(argv: list[str]) -> str | None:
+    """The value of the last ``--config`` in ``argv`` (as argparse would read it), or None."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith("--config="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def parse_args_to_dict(
+    cls,
+    argv: list[str] | None = None,
+    parser: argparse.ArgumentParser | None = None,
+    *,
+    default_recipe: str | os.PathLike | None = None,
+    resolve_paths: typing.Callable[[dict, Path], dict] | None = None,
+) -> dict:
+    """The raw mapping that ``--config recipe.yaml`` plus ``--field value`` overrides
+    describe for config dataclass ``cls`` (overrides win; dotted flags set one key of a
+    nested spec). Unknown options raise ``ValueError`` with the closest valid flag.
+
+    ``default_recipe``: loaded when ``argv`` has no ``--config`` (``--help`` then shows its
+    values as the defaults). ``resolve_paths(mapping, recipe_path)``: rewrites paths in the
+    file's mapping that are relative to the recipe file, before the flags apply."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = _config_argument(argv)
+    if recipe is None and default_recipe is not None:
+        recipe = str(default_recipe)
+        argv = ["--config", recipe, *argv]
+    if parser is None:
+        wants_help = any(a in ("-h", "--help") for a in argv)
+        parser = build_parser(cls, recipe=recipe if wants_help else None, default_recipe=default_recipe)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        options = [o for o in parser._option_string_actions if o.startswith("--")]
+        problems = []
+        for arg in unknown:
+            if arg.startswith("-"):
+                close = difflib.get_close_matches(arg.split("=")[0], options, n=1)
+                problems.append(f"{arg}: unknown option" + (f"; did you mean {close[0]}?" if close else ""))
+            else:
+                problems.append(f"{arg!r}: unexpected argument (values follow a --field flag)")
+        raise ValueError("; ".join(problems))
+    given = vars(namespace)
+    raw = {}
+    if "config" in given:
+        path = given.pop("config")
+        raw = read_yaml_mapping(path)
+        if resolve_paths is not None:
+            raw = resolve_paths(raw, Path(path))
+    typed = _field_types(cls)
+    for flag in sorted(given, key=lambda k: "." in k):  # whole specs before their dotted keys
+        if flag not in typed and "." not in flag:
+            continue  # an option the caller added to the parser itself
+        if "." not in flag:
+            raw[flag] = _cli_value(given[flag], typed[flag], flag)
+            continue
+        top, key = flag.split(".", 1)
+        sub_types = _field_types(typed[top])
+        spec = raw.setdefault(top, {})
+        if spec is None:
+            spec = raw[top] = {}
+        if not isinstance(spec, dict):
+            raise ValueError(f"{top}: expected a mapping before applying --{flag}, got {spec!r}")
+        spec[key] = _cli_value(given[flag], sub_types[key], flag)
+    return raw
+
+
+def parse_config(argv: list[str] | None = None, default_recipe: str | os.PathLike | None = None) -> ConstrainedDDPOConfig:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None) into a validated
+    config: ``--config recipe.yaml`` (``default_recipe`` when none is given) first, then
+    every ``--field value`` on top of it (dotted ``--dual.kappa_i 0.1`` for nested specs).
+    ``--help`` prints every field with the default that will run."""
+    return config_from_dict(parse_args_to_dict(ConstrainedDDPOConfig, argv, default_recipe=default_recipe))

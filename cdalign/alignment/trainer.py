@@ -1,0 +1,1079 @@
+"""ConstrainedDDPOTrainer: constrained multi-reward alignment of a diffusion model.
+
+Primal: LoRA weights θ minimise the Lagrangian ``f_0 + Σ λ_i g_i`` with a gradient
+estimator (reward backpropagation through DDIM by default). Dual: λ ascend on the
+slacks averaged over the global batch (projected ascent or νPI). See METHOD.md §1.
+
+The shape follows TRL's old DDPO trainer: ``__init__`` wires, ``step`` is one optimiser
+step, ``train`` loops, ``save_model`` writes a LoRA in the diffusers format."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cdalign.alignment.config import (
+    ConstrainedDDPOConfig,
+    check_mixed_precision,
+    check_output_dir_writable,
+    check_trackers_installed,
+    config_from_dict,
+    config_to_dict,
+    read_yaml_mapping,
+    save_config,
+)
+from cdalign.alignment.estimators import ESTIMATORS, MicroBatch, is_finite_batch
+from cdalign.core.duals import InfeasibilityMonitor, build_dual_optimizer
+from cdalign.core.kl import ChainKLAccumulator, choose_kl_steps
+from cdalign.core.normalization import (
+    MIN_NORMALIZATION_SAMPLES,
+    NormalizationCache,
+    RewardStats,
+    callable_name,
+    model_fingerprint,
+    prompts_fingerprint,
+    reward_identity,
+    stats_from_samples,
+)
+from cdalign.core.problem import ConstrainedProblem
+from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
+from cdalign.core.seeding import batch_share, derived_seed, eval_batch_share
+from cdalign.core.statistics import (
+    constraint_decision,
+    mean_and_ci,
+    paired_difference,
+    summarize,
+)
+from cdalign.data.prompt_sets import load_prompts
+from cdalign.models.checkpointing import (
+    atomic_directory,
+    atomic_write_text,
+    gathered_optimizer_state,
+    list_checkpoints,
+    optimizer_from_files,
+    optimizer_to_files,
+    remove_stale_temporaries,
+    resolve_checkpoint,
+    rotate_checkpoints,
+)
+from cdalign.models.lora import (
+    LORA_WEIGHT_NAME,
+    adapter_state_dict,
+    check_safetensors,
+    full_tensor,
+    like_param,
+    save_adapter,
+)
+from cdalign.models.pipeline import load_pipeline
+from cdalign.publishing.cards import write_model_card
+from cdalign.publishing.hub import push_output_dir
+from cdalign.publishing.plotting import plot_duals, save_grid
+from cdalign.rewards import REWARDS
+from cdalign.rewards.metrics import EVAL_METRICS
+
+logger = logging.getLogger(__name__)
+
+# Below this many evaluation images a constraint verdict is mostly sampling noise (measured on the
+# tiny model: 16 base images read +0.15σ / +0.55σ against the base model's own statistics).
+MIN_VERDICT_IMAGES = 32
+
+RUN_MARKERS = ("config.yaml", "log.jsonl", LORA_WEIGHT_NAME, "report.json")
+RUN_PICTURES = ("samples_base_vs_aligned.png", "duals.png")
+# Config fields a resumed run may change: length, cadence, destination, evaluation and
+# reporting. Any other difference from the checkpoint's config changes the run itself.
+RESUME_MAY_DIFFER = (
+    "max_steps", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "resume_allow_config_change",
+    "logging_steps", "save_steps", "save_total_limit", "report_to", "push_to_hub", "hub_model_id", "hub_private",
+    "normalization_cache_dir", "max_nonfinite_batches", "eval_prompts", "eval_batches", "eval_seed", "num_grid_images",
+)
+
+
+class TrainingInterrupted(Exception):
+    """``train()`` stopped on SIGINT/SIGTERM after a whole optimiser step and saved
+    ``checkpoint``; ``resume_from_checkpoint='latest'`` continues the run exactly."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = int(signum), step, checkpoint
+        super().__init__(f"interrupted by {signal.Signals(self.signum).name} at step {step}; checkpoint at {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + signal number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + self.signum
+
+
+class _CallableReward(torch.nn.Module):
+    """Adapts a plain ``f(images, prompts) -> (B,)`` callable to the Reward interface."""
+
+    def __init__(self, name: str, fn: Callable):
+        super().__init__()
+        self.name, self.fn, self.differentiable = name, fn, getattr(fn, "differentiable", True)
+
+    def forward(self, images, prompts):
+        return torch.as_tensor(self.fn(images, prompts))
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """The safetensors files of checkpoint folder ``path`` are complete (``CorruptFileError``
+    naming the file otherwise, e.g. after a crash or a full disk while copying it)."""
+    for name in ("lora.safetensors", "optimizer.safetensors"):
+        if (Path(path) / name).is_file():
+            check_safetensors(Path(path) / name, what="resume_from_checkpoint")
+
+
+class ConstrainedDDPOTrainer:
+    """Constrained alignment of a Stable Diffusion pipeline with LoRA on its UNet.
+
+    Args:
+        config: a :class:`~cdalign.alignment.config.ConstrainedDDPOConfig`.
+        pipeline: a loaded ``StableDiffusionPipeline``, a Hub id / local folder / embedded
+            name, or None for ``config.pretrained_model_name_or_path``.
+        rewards: ``{name: Reward or callable(images, prompts) -> (B,)}``; names the
+            problem needs and that are missing are built from ``cdalign.rewards.REWARDS``.
+            A user reward's base-model statistics are cached only if it has a ``cache_key``
+            attribute (a string you change whenever the function changes); otherwise they
+            are recomputed every run. ``config.yaml`` marks it in ``reward_sources``.
+        prompts / eval_prompts: a list, a callable, or anything ``load_prompts`` takes;
+            None uses ``config.prompts`` / ``config.eval_prompts``. A list or a callable is
+            recorded in ``config.yaml`` as the list of prompts used.
+        accelerator: an ``accelerate.Accelerator`` (one is made from the config if None).
+        shard_unet: shard the UNet (base weights, LoRA, gradients and optimizer state) over
+            the processes with FSDP2 (``torch.distributed.fsdp.fully_shard``, one unit per
+            UNet block plus the root) instead of replicating it. None (default): shard when
+            accelerate is configured for FSDP (``recipes/accelerate_configs/fsdp.yaml``).
+            Results match the replicated run up to floating-point reduction order.
+    """
+
+    def __init__(
+        self,
+        config: ConstrainedDDPOConfig,
+        pipeline=None,
+        rewards: Mapping[str, Callable] | None = None,
+        prompts: Sequence[str] | Callable | str | None = None,
+        eval_prompts: Sequence[str] | Callable | str | None = None,
+        accelerator=None,
+        shard_unet: bool | None = None,
+    ):
+        from accelerate import Accelerator, PartialState
+
+        config.validate()
+        self.config = cfg = config
+        self.problem = ConstrainedProblem.from_config(cfg)
+        self.output_dir = Path(cfg.output_dir)
+        self.resume_path = None
+        if cfg.resume_from_checkpoint:
+            self.resume_path = resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
+            check_checkpoint_files(self.resume_path)  # a torn checkpoint fails before the model loads
+        self._check_output_dir()
+
+        check_trackers_installed(cfg.report_to_list)
+        check_mixed_precision(cfg.mixed_precision, (accelerator or PartialState()).device)
+        log_with = cfg.report_to_list or None
+        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with)
+        acc = self.accelerator
+        self.device = acc.device
+
+        self.prompts = load_prompts(cfg.prompts if prompts is None else prompts, cfg.prompt_column, cfg.prompt_split)
+        eval_source = eval_prompts if eval_prompts is not None else (cfg.eval_prompts or None)
+        self.eval_prompts = (
+            load_prompts(eval_source, cfg.prompt_column, cfg.prompt_split) if eval_source is not None else self.prompts
+        )
+        self._recorded_prompts = {
+            "prompts": _recordable_prompts(prompts, self.prompts),
+            "eval_prompts": _recordable_prompts(eval_prompts, self.eval_prompts),
+        }
+        self._user_rewards = dict(rewards or {})
+        self.reward_sources = {
+            n: f"user callable {callable_name(fn)} (not recordable"
+            + (f"; cache_key {str(fn.cache_key)!r})" if getattr(fn, "cache_key", None) is not None else ")")
+            for n, fn in self._user_rewards.items()
+        }
+        for n, source in cfg.reward_sources.items():
+            if n not in self._user_rewards:
+                warnings.warn(
+                    f"reward {n!r}: the config records it as {source}, which a config cannot rebuild; this run "
+                    f"uses the registry reward {n!r} instead (pass the callable again with rewards= to reuse it)",
+                    stacklevel=2,
+                )
+        if self.resume_path is not None:
+            self._check_resume_config(self.resume_path)
+
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        if pipeline is None or isinstance(pipeline, str):
+            name = cfg.pretrained_model_name_or_path if pipeline is None else pipeline
+            pipeline = load_pipeline(name, revision=cfg.revision, variant=cfg.variant)
+            self.model_name = name
+        else:
+            self.model_name = getattr(pipeline, "name_or_path", None) or pipeline.config.get("_name_or_path", "pipeline")
+        self.pipe = pipeline
+        self.sharded = self._wants_sharding(shard_unet)
+        self._prepare_models(weight_dtype)
+        self.base_fingerprint = model_fingerprint(self.pipe.unet)  # before sharding
+        if self.sharded:
+            self._shard_unet()
+
+        self.rewards = self._build_rewards(rewards or {})
+        self.sampler = DiffusionSampler(
+            self.pipe, cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, cfg.resolution, self.device
+        )
+        self.normalizers: dict[str, RewardStats] = {}
+        self.estimator = ESTIMATORS.get(cfg.estimator)(self.sampler, self.problem, self.rewards, self.normalizers, cfg)
+
+        params = [p for p in self.pipe.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+        )
+        self.duals = build_dual_optimizer(cfg.dual, len(self.problem.constraints))
+        self.monitor = InfeasibilityMonitor(self.problem.names)
+        self.update_every = cfg.dual_update_every
+        self.global_step = 0
+        self.micro_batches_seen = 0
+        self.nonfinite_batches = 0
+        self.history: list[dict] = []
+        self._slack_sum = torch.zeros(len(self.problem.constraints), dtype=torch.float64)
+        self._slack_count = 0
+        self._normalization_keys: dict[str, dict | None] | None = None
+        self._stop_signal: int | None = None
+        if self.resume_path is None and cfg.overwrite_output_dir:
+            if acc.is_main_process:  # only now that everything above succeeded
+                self._clear_previous_run()
+            acc.wait_for_everyone()
+        if acc.is_main_process and log_with:
+            acc.init_trackers("cdalign", config=_flat(config_to_dict(self.recorded_config())))
+
+    # ------------------------------------------------------------------ setup
+    def _check_output_dir(self):
+        check_output_dir_writable(self.output_dir)  # a file, or a folder this process cannot write: refused
+        out = self.output_dir
+        if self.resume_path is not None or self.config.overwrite_output_dir or not out.is_dir():
+            return
+        present = [m for m in RUN_MARKERS if (out / m).exists()] + [p.name for p in list_checkpoints(out)]
+        if present:
+            raise FileExistsError(
+                f"output_dir={str(out)!r} already holds a run ({', '.join(present[:4])}); set "
+                "overwrite_output_dir=true to replace it, resume_from_checkpoint=latest to continue it, "
+                "or choose another output_dir"
+            )
+
+    def _clear_previous_run(self) -> list[str]:
+        """Before a fresh run writes into ``output_dir`` (``overwrite_output_dir``): remove
+        what an earlier run wrote there, so no old checkpoint, log line or picture passes for
+        this run's. Only cdalign's own files go: the run markers, ``checkpoint-N`` folders
+        holding a trainer state, the pictures, a cdalign model card, stale temporaries."""
+        out = self.output_dir
+        if not out.is_dir():
+            return []
+        removed = [n for n in (*RUN_MARKERS, *RUN_PICTURES) if (out / n).is_file()]
+        for name in removed:
+            (out / name).unlink()
+        card = out / "README.md"
+        if card.is_file() and _is_cdalign_card(card):
+            card.unlink()
+            removed.append(card.name)
+        for ckpt in list_checkpoints(out):
+            if (ckpt / "trainer_state.json").is_file():
+                shutil.rmtree(ckpt)
+                removed.append(ckpt.name)
+        remove_stale_temporaries(out)
+        if removed:
+            logger.info("overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(removed), out)
+        return removed
+
+    def recorded_config(self) -> ConstrainedDDPOConfig:
+        """The config as this trainer runs it, for ``config.yaml`` and checkpoints: prompts
+        passed to the trainer replace the config's sources (a list or a callable as the
+        list of prompts used), and ``reward_sources`` marks rewards from user callables."""
+        changes: dict = {"reward_sources": dict(self.reward_sources)}
+        for key, value in self._recorded_prompts.items():
+            if value is not None:
+                changes[key] = value
+        return dataclasses.replace(self.config, **changes)
+
+    def _check_resume_config(self, path: Path) -> None:
+        """Refuse to resume from a checkpoint whose saved config differs from this run's in a
+        field that changes the run (all but :data:`RESUME_MAY_DIFFER`), unless
+        ``resume_allow_config_change``; then warn, naming the fields."""
+        saved_path = Path(path) / "config.yaml"
+        if not saved_path.is_file():
+            warnings.warn(
+                f"checkpoint {str(path)!r} holds no config.yaml (an older cdalign wrote it): cannot check that it "
+                "belongs to a run with these settings",
+                stacklevel=3,
+            )
+            return
+        raw = read_yaml_mapping(saved_path)
+        try:
+            saved = config_to_dict(config_from_dict(raw))
+        except ValueError:
+            saved = raw  # a config of another cdalign version: compare the fields it has
+        current = config_to_dict(self.recorded_config())
+        changed = [(k, old, new) for k, old, new in _config_differences(saved, current)
+                   if re.split(r"[.\[]", k, maxsplit=1)[0] not in RESUME_MAY_DIFFER]
+        if not changed:
+            return
+        listing = "; ".join(f"{k}: {_short(old)} in the checkpoint, {_short(new)} now" for k, old, new in changed)
+        if not self.config.resume_allow_config_change:
+            raise ValueError(
+                f"resume_from_checkpoint: {str(path)!r} was written by a run with other settings ({listing}); "
+                "resuming would mix two runs. Resume with the checkpoint's settings (its config.yaml), start a new "
+                "run (another output_dir, or overwrite_output_dir=true), or set resume_allow_config_change=true"
+            )
+        msg = f"resuming from {str(path)!r}, whose run had other settings: {listing} (resume_allow_config_change=true)"
+        warnings.warn(msg, stacklevel=3)
+        logger.warning(msg)
+
+    def _prepare_models(self, weight_dtype):
+        pipe, cfg = self.pipe, self.config
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        # LoRA B starts at zero: the initial model *is* the base model (chain KL = 0). A's
+        # random init is drawn on the CPU from the run's seed, not from the global RNG.
+        pipe.unet.to("cpu")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(cfg.seed, 3))
+            self._add_lora(pipe.unet)
+        pipe.to(self.device)
+        if weight_dtype != torch.float32:  # frozen weights in half precision
+            for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+                module.to(dtype=weight_dtype)
+        for p in pipe.unet.parameters():
+            if p.requires_grad:  # trainable LoRA weights stay fp32 under mixed precision
+                p.data = p.data.float()
+        pipe.set_progress_bar_config(disable=True)
+
+    def _wants_sharding(self, shard_unet: bool | None) -> bool:
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError(
+                "cdalign does not run under DeepSpeed: the base UNet is frozen and only the LoRA trains, so "
+                "ZeRO would shard a few MB; to shard the UNet's weights use FSDP2 "
+                "(accelerate launch --config_file recipes/accelerate_configs/fsdp.yaml ...)"
+            )
+        # accelerate sets FSDP on GPUs; on CPUs (gloo) its launcher still exports the FSDP
+        # config (ACCELERATE_USE_FSDP, FSDP_*), which cdalign honours the same way.
+        fsdp = acc.distributed_type == DistributedType.FSDP or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        self._fsdp_plugin = getattr(acc.state, "fsdp_plugin", None)
+        if fsdp and self._fsdp_plugin is None:
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            self._fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
+        if fsdp and self._fsdp_plugin.fsdp_version != 2:
+            raise ValueError(
+                "cdalign shards with FSDP2: set fsdp_version: 2 in the accelerate config's fsdp_config "
+                "(see recipes/accelerate_configs/fsdp.yaml)"
+            )
+        want = fsdp if shard_unet is None else bool(shard_unet)
+        return want and acc.num_processes > 1
+
+    def _shard_unet(self) -> None:
+        """FSDP2 over the UNet: each down/mid/up block and the root become one sharding unit.
+        Dtypes are the replicated run's (under mixed precision the frozen base in fp16/bf16,
+        the LoRA in fp32; FSDP2 gathers each dtype on its own). Gradients are averaged by
+        FSDP's reduce-scatter, so :meth:`_reduce_gradients` does nothing."""
+        from torch.distributed.fsdp import fully_shard
+
+        plugin = self._fsdp_plugin
+        kwargs: dict = {}
+        if plugin is not None:
+            kwargs["reshard_after_forward"] = plugin.reshard_after_forward
+            if plugin.cpu_offload is not None and not isinstance(plugin.cpu_offload, bool):
+                kwargs["offload_policy"] = plugin.cpu_offload
+        unet = self.pipe.unet
+        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+            if block is not None:
+                fully_shard(block, **kwargs)
+        fully_shard(unet, **kwargs)
+
+    def _add_lora(self, unet):
+        from peft import LoraConfig
+
+        cfg = self.config
+        unet.add_adapter(
+            LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha,
+                init_lora_weights=True,
+                target_modules=list(cfg.lora_target_modules),
+            )
+        )
+
+    def _build_rewards(self, given: Mapping[str, Callable]) -> dict:
+        rewards = {}
+        for name, fn in given.items():
+            rewards[name] = fn if isinstance(fn, torch.nn.Module) else _CallableReward(name, fn)
+        for name in self.problem.reward_names:
+            if name not in rewards:
+
+                rewards[name] = REWARDS.build(name, **self.config.reward_kwargs.get(name, {}))
+        for name, r in rewards.items():
+            if name in self.problem.reward_names and not getattr(r, "differentiable", True) and self.config.estimator == "reward_backprop":
+                raise ValueError(
+                    f"reward {name!r} is not differentiable; reward_backprop cannot use it (choose a "
+                    "policy-gradient estimator or another reward)"
+                )
+            r.to(self.device)
+        return rewards
+
+    def _lora_params(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.pipe.unet.named_parameters() if p.requires_grad}
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """The trainable LoRA weights as whole fp32 CPU tensors, by parameter name. On a
+        sharded UNet this gathers the shards: call it on every process."""
+        return {n: full_tensor(p.detach()).float().cpu().contiguous() for n, p in self._lora_params().items()}
+
+    # ------------------------------------------------------------------ batches
+    def _global_batch(self, purpose: int, index: int, prompts: list[str], size: int):
+        """This process's share of a global batch: (prompts, image seeds, generator)."""
+        acc = self.accelerator
+        return batch_share(self.config.seed, purpose, index, prompts, size, acc.num_processes, acc.process_index)
+
+    # ------------------------------------------------------------------ normalisation
+    def normalization_keys(self) -> dict[str, dict | None]:
+        """Per reward, the key of its base-model statistics: what the reward is
+        (:func:`~cdalign.core.normalization.reward_identity`: registry name, kwargs, weights; or
+        a user callable's ``cache_key``), the base model, prompts and sampler settings.
+        None: a user callable without ``cache_key``, whose statistics are never reused."""
+        if self._normalization_keys is None:
+            cfg = self.config
+            base_key = {
+                "model": self.model_name,
+                "revision": cfg.revision,
+                "weights": self.base_fingerprint,
+                "prompts": prompts_fingerprint(self.prompts),
+                "sampler": self.sampler.settings(),
+                "batches": cfg.normalization_batches,
+                "global_batch": cfg.train_batch_size * self.accelerator.num_processes,
+                "seed": cfg.seed,
+            }
+            keys = {}
+            for n, reward in self.rewards.items():
+                user = n in self._user_rewards
+                identity = reward_identity(
+                    n, self._user_rewards[n] if user else reward, kwargs=cfg.reward_kwargs.get(n, {}), user=user
+                )
+                key = {"reward": n, "reward_identity": identity, **base_key}
+                # Through JSON once, so keys compare equal to the ones read back from a checkpoint.
+                keys[n] = None if identity is None else json.loads(json.dumps(key, default=str))
+            self._normalization_keys = keys
+        return self._normalization_keys
+
+    def compute_normalization(self) -> dict[str, RewardStats]:
+        """Mean/std of every reward on base-model samples of the training prompts,
+        gathered over processes and cached (reused only on a matching key; a user
+        callable without ``cache_key`` is recomputed every run). Warns when the statistics
+        rest on fewer than ``MIN_NORMALIZATION_SAMPLES`` images."""
+        cfg = self.config
+        names = list(self.rewards)
+        cache = NormalizationCache(cfg.normalization_cache_dir)
+        keys = self.normalization_keys()
+        missing = []
+        for n in names:
+            cached = cache.load(keys[n]) if keys[n] is not None else None
+            if cached is None:
+                missing.append(n)
+            else:
+                self.normalizers[n] = cached
+            if keys[n] is None and self.accelerator.is_main_process:
+                logger.warning(
+                    "reward %r is a user callable without a cache_key attribute: its base-model statistics are "
+                    "recomputed every run (set a cache_key string on it, changed whenever it changes, to cache them)",
+                    n,
+                )
+        if missing:
+            from tqdm.auto import tqdm
+
+            collected = {n: [] for n in missing}
+            show = self.accelerator.is_main_process
+            for b in tqdm(range(cfg.normalization_batches), desc="reward statistics (base model)", disable=not show):
+                prompts, seeds, _ = self._global_batch(1, b, self.prompts, cfg.train_batch_size)
+                with torch.no_grad(), self.accelerator.autocast():
+                    predictor = WithAdaptersDisabled(self.sampler.guided(prompts))
+                    images = self.sampler.sample(predictor, seeds)
+                    for n in missing:
+                        collected[n].append(self.rewards[n](images, prompts).float().detach())
+            for n in missing:
+                values = self.accelerator.gather(torch.cat(collected[n]).to(self.device)).cpu()
+                self.normalizers[n] = stats_from_samples(values)
+                if self.accelerator.is_main_process and keys[n] is not None:
+                    cache.save(keys[n], self.normalizers[n])
+            self.accelerator.wait_for_everyone()
+        few = sorted(n for n in names if self.normalizers[n].count < MIN_NORMALIZATION_SAMPLES)
+        if few:
+            count = min(self.normalizers[n].count for n in few)
+            warnings.warn(
+                f"reward normalisation of {', '.join(few)} rests on only {count} base-model samples (fewer than "
+                f"{MIN_NORMALIZATION_SAMPLES}): values in σ units (thresholds, slacks, the report) are noisy; raise "
+                f"normalization_batches (now {cfg.normalization_batches} batches of "
+                f"{cfg.train_batch_size * self.accelerator.num_processes} images)",
+                stacklevel=2,
+            )
+        return dict(self.normalizers)
+
+    # ------------------------------------------------------------------ training
+    def _micro_batch(self, index: int) -> MicroBatch:
+        prompts, seeds, g = self._global_batch(0, index, self.prompts, self.config.train_batch_size)
+        multipliers = self.duals.multipliers.to(torch.float32)
+        with self.accelerator.autocast():
+            return self.estimator(prompts, seeds, multipliers, g)
+
+    def step(self) -> dict:
+        """One optimiser step: ``gradient_accumulation_steps`` micro-batches, dual updates
+        every ``update_every`` micro-batches, gradients averaged over processes."""
+        cfg, acc = self.config, self.accelerator
+        if not self.normalizers and any(self.problem.normalized(n) for n in self.problem.reward_names):
+            self.compute_normalization()
+        self.pipe.unet.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        records: list[MicroBatch] = []
+        for _ in range(cfg.gradient_accumulation_steps):
+            mb = self._micro_batch(self.micro_batches_seen)
+            self.micro_batches_seen += 1
+            if self._on_all_processes(is_finite_batch(mb)):
+                acc.backward(mb.loss / cfg.gradient_accumulation_steps)
+                records.append(mb)
+                self._slack_sum += mb.slacks.double().cpu()
+                self._slack_count += 1
+            else:
+                self.nonfinite_batches += 1
+                warnings.warn(
+                    f"step {self.global_step}: non-finite reward/KL/loss; micro-batch skipped "
+                    f"({self.nonfinite_batches}/{cfg.max_nonfinite_batches} allowed)",
+                    stacklevel=2,
+                )
+                if self.nonfinite_batches > cfg.max_nonfinite_batches:
+                    raise RuntimeError(
+                        f"{self.nonfinite_batches} micro-batches had non-finite rewards, KL or loss "
+                        f"(max_nonfinite_batches={cfg.max_nonfinite_batches}); check the rewards and the "
+                        "learning rate. The last saved checkpoint and LoRA are left as they were."
+                    )
+            del mb
+            if self.micro_batches_seen % self.update_every == 0:
+                self._dual_step()
+        self._reduce_gradients()
+        params = list(self._lora_params().values())
+        grad_norm = None
+        if cfg.max_grad_norm:
+            grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
+        self.optimizer.step()
+        self.global_step += 1
+        return self._log_step(records, grad_norm)
+
+    def _on_all_processes(self, flag: bool) -> bool:
+        """True only if ``flag`` holds on every process: ranks skip a micro-batch together
+        (and abort together), so no collective waits on a rank that bailed out."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() == self.accelerator.num_processes)
+
+    def _dual_step(self):
+        acc = self.accelerator
+        stats = torch.cat([self._slack_sum, torch.tensor([float(self._slack_count)], dtype=torch.float64)])
+        if acc.num_processes > 1:
+            stats = acc.reduce(stats.to(self.device), reduction="sum").cpu()
+        self._slack_sum.zero_()
+        self._slack_count = 0
+        count = float(stats[-1])
+        if count == 0 or not self.problem.constraints:
+            return
+        slacks = stats[:-1] / count
+        multipliers = self.duals.step(slacks)
+        for name in self.monitor.update(multipliers, slacks, self.global_step):
+            msg = (
+                f"constraint {name!r} looks infeasible: its dual variable keeps growing while its slack "
+                f"does not improve (step {self.global_step}); consider loosening its threshold"
+            )
+            warnings.warn(msg, stacklevel=2)
+            logger.warning(msg)
+
+    def _reduce_gradients(self):
+        acc = self.accelerator
+        if acc.num_processes == 1 or self.sharded:  # FSDP already averaged them (reduce-scatter)
+            return
+        params = list(self._lora_params().values())
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        flat = acc.reduce(flat, reduction="mean")
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def _log_step(self, records: list[MicroBatch], grad_norm) -> dict:
+        acc, prob = self.accelerator, self.problem
+        names = list(records[0].rewards_raw) if records else []
+        keys, vals = [], []
+
+        def add(key, tensors):
+            keys.append(key)
+            vals.append(torch.stack([t.float().mean() for t in tensors]).mean() if tensors else torch.tensor(float("nan")))
+
+        add("loss", [r.loss.detach() for r in records])
+        add("objective", [r.objective for r in records])
+        if prob.needs_kl:
+            add("kl", [r.kl for r in records])
+        for n in names:
+            add(f"reward/{n}", [r.rewards_raw[n] for r in records])
+            add(f"reward_normalized/{n}", [r.rewards_norm[n] for r in records])
+        for j, c in enumerate(prob.constraints):
+            add(f"value/{c.name}", [r.values[j] for r in records])
+            add(f"slack/{c.name}", [r.slacks[j] for r in records])
+        vec = torch.stack(vals).to(self.device)
+        if acc.num_processes > 1:
+            vec = acc.reduce(vec, reduction="mean")
+        log = {"step": self.global_step, **{k: float(v) for k, v in zip(keys, vec.cpu())}}
+        for j, c in enumerate(prob.constraints):
+            log[f"dual/{c.name}"] = float(self.duals.multipliers[j])
+        log["backprop_steps"] = records[-1].num_grad_steps if records else 0
+        log["skipped_micro_batches"] = self.nonfinite_batches
+        if grad_norm is not None:
+            log["grad_norm"] = grad_norm
+        self.history.append(log)
+        if acc.is_main_process:
+            if self.config.logging_steps and self.global_step % self.config.logging_steps == 0:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.output_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(log) + "\n")
+            if acc.trackers:
+                acc.log({k: v for k, v in log.items() if k != "step"}, step=self.global_step)
+        return log
+
+    def train(self) -> dict:
+        """Run ``max_steps`` optimiser steps (continuing a resumed run), save the LoRA,
+        evaluate on held-out samples and write the report, grid and plots.
+
+        SIGINT/SIGTERM while it trains stop it after the current optimiser step: it saves
+        ``checkpoint-<step>`` and raises :class:`TrainingInterrupted` (a second Ctrl-C
+        interrupts at once, without a checkpoint). The previous handlers are restored."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.config, self.accelerator
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.output_dir)
+            save_config(self.recorded_config(), self.output_dir / "config.yaml")
+        acc.wait_for_everyone()
+        with self._stop_on_signals():
+            saved = None  # (step, checkpoint) of the newest checkpoint holding this state
+            if self.resume_path is not None:
+                self.load_checkpoint(self.resume_path)
+                saved = (self.global_step, self.resume_path)
+            if any(self.problem.normalized(n) for n in self.problem.reward_names) and not self.normalizers:
+                self.compute_normalization()
+            bar = tqdm(total=cfg.max_steps, initial=self.global_step, desc="constrained alignment", disable=not acc.is_main_process)
+            stopping = self._stop_requested()
+            while not stopping and self.global_step < cfg.max_steps:
+                log = self.step()
+                slacks = [v for k, v in log.items() if k.startswith("slack/")]
+                post = {}
+                if "kl" in log:
+                    post["kl"] = f"{log['kl']:.4g}"
+                if slacks:
+                    post["worst_slack"] = f"{max(slacks):+.3f}"
+                bar.set_postfix(post)
+                bar.update(1)
+                if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < cfg.max_steps:
+                    saved = (self.global_step, self.save_checkpoint())
+                stopping = self._stop_requested()
+            bar.close()
+            if stopping:
+                checkpoint = saved[1] if saved and saved[0] == self.global_step else self.save_checkpoint()
+                acc.end_training()
+                raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, self.global_step, checkpoint)
+        self.save_model(self.output_dir)
+        report = self.evaluate()
+        if self.reward_sources:
+            report["reward_sources"] = dict(self.reward_sources)
+        if acc.is_main_process:
+            atomic_write_text(self.output_dir / "report.json", json.dumps(report, indent=2))
+            self._plot_history()
+            self._write_model_card(report)
+        if cfg.push_to_hub:
+            self.push_to_hub()
+        acc.end_training()
+        return report
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While training: SIGINT/SIGTERM only set a flag, read between optimiser steps by
+        :meth:`_stop_requested` (no step is cut in half); a second Ctrl-C (SIGINT after
+        SIGINT) raises KeyboardInterrupt at once. A SIGTERM after a SIGINT (what a launcher
+        sends its workers on Ctrl-C) changes nothing. Outside the main thread a no-op."""
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
+                raise KeyboardInterrupt
+            if self._stop_signal is None:
+                self._stop_signal = signum
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _stop_requested(self) -> bool:
+        """Whether any process was signalled to stop: all processes stop at the same step."""
+        return not self._on_all_processes(self._stop_signal is None)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, num_batches: int | None = None) -> dict:
+        """Held-out evaluation with fixed seeds: base and aligned images from the same noise,
+        each reward's and metric's mean with its 95% CI for both models and the *paired*
+        aligned − base difference, each constraint's measured value against its threshold,
+        and the chain KL over all steps (estimator named in the report)."""
+        cfg, acc, prob = self.config, self.accelerator, self.problem
+        if not self.normalizers and any(prob.normalized(n) for n in prob.reward_names):
+            self.compute_normalization()
+        self.pipe.unet.eval()
+        batches = cfg.eval_batches if num_batches is None else num_batches
+        metric_fns = {name: EVAL_METRICS.get(name) for name in cfg.eval_metrics}
+        results = {"base": {n: [] for n in self.rewards}, "aligned": {n: [] for n in self.rewards}}
+        metric_values: dict[str, dict[str, list]] = {"base": {}, "aligned": {}}
+        kls, grid = [], {"base": [], "aligned": []}
+        T = len(self.sampler.chain)
+        for b in range(batches):
+            prompts, seeds = eval_batch_share(
+                cfg.eval_seed, b, self.eval_prompts, cfg.train_batch_size, acc.num_processes, acc.process_index
+            )
+            with acc.autocast():
+                policy = self.sampler.guided(prompts)
+                kl_acc = ChainKLAccumulator(
+                    WithAdaptersDisabled(policy), self.sampler.chain, cfg.kl_estimator, choose_kl_steps(T, set())
+                )
+                aligned = self.sampler.sample(policy, seeds, on_step=kl_acc)
+                base = self.sampler.sample(WithAdaptersDisabled(policy), seeds)
+            kls.append(kl_acc.per_sample.float())
+            for key, images in (("base", base), ("aligned", aligned)):
+                if len(grid[key]) * cfg.train_batch_size < cfg.num_grid_images:
+                    grid[key].append(images.cpu())
+                for n in self.rewards:
+                    results[key][n].append(self.rewards[n](images, prompts).float())
+                for fn in metric_fns.values():
+                    for k, v in fn(images, prompts).items():
+                        metric_values[key].setdefault(k, []).append(v.float().to(self.device))
+
+        def gathered(chunks):
+            return acc.gather(torch.cat(chunks).to(self.device)).cpu()
+
+        kl_all = gathered(kls)
+        n_images = int(kl_all.numel())
+        if n_images < MIN_VERDICT_IMAGES:
+            warnings.warn(
+                f"evaluation on {n_images} images: a constraint verdict from fewer than {MIN_VERDICT_IMAGES} is "
+                "mostly sampling noise (raise eval_batches)",
+                stacklevel=2,
+            )
+        report = {
+            "model": self.model_name,
+            "steps": self.global_step,
+            "num_eval_images": n_images,
+            "eval": {"seed": cfg.eval_seed, "images": n_images, "prompts": len(self.eval_prompts), "paired": True},
+        }
+        per_model = {}
+        for key in ("base", "aligned"):
+            per_model[key] = {}
+            for n in self.rewards:
+                raw = gathered(results[key][n])
+                stats = self.normalizers.get(n)
+                per_model[key][n] = (raw, stats.normalize(raw) if stats is not None else raw)
+        rewards_report = {}
+        for n in self.rewards:
+            entry = {}
+            for key in ("base", "aligned"):
+                raw, normed = per_model[key][n]
+                m, lo_, hi_ = mean_and_ci(raw)
+                entry[key] = {"mean": m, "ci95": [lo_, hi_]}
+                if n in self.normalizers:
+                    m, lo_, hi_ = mean_and_ci(normed)
+                    entry[key]["normalized_mean"] = m
+                    entry[key]["normalized_ci95"] = [lo_, hi_]
+            pick = 1 if n in self.normalizers else 0
+            entry["difference"] = paired_difference(per_model["aligned"][n][pick], per_model["base"][n][pick])
+            entry["difference"]["units"] = "base std" if pick else "raw"
+            rewards_report[n] = entry
+        report["rewards"] = rewards_report
+        if metric_fns:
+            report["metrics"] = {}
+            for k in metric_values["aligned"]:
+                aligned_v, base_v = gathered(metric_values["aligned"][k]), gathered(metric_values["base"][k])
+                keep = ~(aligned_v.isnan() | base_v.isnan())
+                report["metrics"][k] = {
+                    "base": summarize(base_v[keep]),
+                    "aligned": summarize(aligned_v[keep]),
+                    "difference": paired_difference(aligned_v[keep], base_v[keep]),
+                }
+        m, lo_, hi_ = mean_and_ci(kl_all)
+        report["kl"] = {"estimator": cfg.kl_estimator, "units": "nats", "mean": m, "ci95": [lo_, hi_], "n": n_images}
+        constraints = []
+        for j, c in enumerate(prob.constraints):
+            if c.is_kl:
+                values, base_values = kl_all, torch.zeros_like(kl_all)
+            else:
+                pick = 1 if c.normalize else 0
+                values, base_values = per_model["aligned"][c.source][pick], per_model["base"][c.source][pick]
+            m, lo_, hi_ = mean_and_ci(values)
+            base_m, base_lo, base_hi = mean_and_ci(base_values)
+            decision = constraint_decision(m, (lo_, hi_), c.threshold, c.direction)
+            constraints.append(
+                {
+                    "name": c.name,
+                    "source": c.source,
+                    "direction": c.direction,
+                    "threshold": c.threshold,
+                    "normalized": c.normalize,
+                    "units": "kl nats (" + cfg.kl_estimator + ")" if c.is_kl else ("base std" if c.normalize else "raw"),
+                    "n": n_images,
+                    "measured": m,
+                    "ci95": [lo_, hi_],
+                    "base_measured": base_m,
+                    "base_ci95": [base_lo, base_hi],
+                    "base_slack": float(c.slack(torch.tensor(base_m))),
+                    "difference": paired_difference(values, base_values),
+                    **decision,
+                    "dual": float(self.duals.multipliers[j]),
+                    "flagged_infeasible_at_step": self.monitor.flagged.get(c.name),
+                }
+            )
+        report["constraints"] = constraints
+        obj = prob.objective
+        if obj.is_kl:
+            report["objective"] = {"type": "kl", "value": report["kl"]["mean"]}
+        else:
+            raw, normed = per_model["aligned"][obj.source]
+            report["objective"] = {"type": "reward", "reward": obj.source, "value": float((normed if obj.normalize else raw).mean())}
+        report["all_satisfied"] = all(c["satisfied"] for c in constraints)
+        report["infeasible"] = sorted(self.monitor.flagged)
+        report["normalization"] = {n: s.__dict__ for n, s in self.normalizers.items()}
+        if acc.is_main_process and cfg.num_grid_images > 0:
+
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            k = cfg.num_grid_images
+            rows = [torch.cat(grid["base"])[:k], torch.cat(grid["aligned"])[:k]]
+            save_grid(self.output_dir / "samples_base_vs_aligned.png", rows, ["base", "aligned"])
+            report["sample_grid"] = "samples_base_vs_aligned.png"
+        return report
+
+    def _plot_history(self):
+
+        if not self.history:
+            return
+        names = self.problem.names
+        steps = [h["step"] for h in self.history]
+        lam = [[h.get(f"dual/{n}", float("nan")) for n in names] for h in self.history]
+        sl = [[h.get(f"slack/{n}", float("nan")) for n in names] for h in self.history]
+        kl = [h["kl"] for h in self.history] if "kl" in self.history[0] else None
+        plot_duals(self.output_dir / "duals.png", steps, names, lam, sl, kl)
+
+    # ------------------------------------------------------------------ saving
+    def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
+        """Write ``pytorch_lora_weights.safetensors`` (loadable with
+        ``pipe.load_lora_weights(output_dir)``). Refuses non-finite weights, and replaces
+        an existing file only once the new one is completely written. Call it on every
+        process (a sharded UNet's weights are gathered first); the main process writes."""
+        out = Path(output_dir or self.output_dir)
+        main = self.accelerator.is_main_process
+        # Sharded: every process takes part in gathering the weights; replicated: the writer reads its own.
+        state = adapter_state_dict(self.pipe.unet, "default") if (self.sharded or main) else None
+        if main:
+            save_adapter(self.pipe.unet, "default", out, state=state)
+        self.accelerator.wait_for_everyone()
+        return out / LORA_WEIGHT_NAME
+
+    def save_checkpoint(self) -> Path | None:
+        """``output_dir/checkpoint-<step>``: LoRA, optimizer, duals, normalisation stats and
+        their keys, counters and the run's config (``config.yaml``, checked on resume),
+        written atomically; keeps the last ``save_total_limit``. Call it on every process
+        (sharded state is gathered first); the main process writes."""
+        acc = self.accelerator
+        final = self.output_dir / f"checkpoint-{self.global_step}"
+        lora = self.lora_state()  # gathered on every process (collectives when sharded)
+        optimizer_state = gathered_optimizer_state(self.optimizer)
+        if acc.is_main_process:
+            with atomic_directory(final) as tmp:
+                save_file(lora, str(tmp / "lora.safetensors"))
+                optimizer_to_files(self.optimizer, tmp, optimizer_state)
+                state = {
+                    "global_step": self.global_step,
+                    "micro_batches_seen": self.micro_batches_seen,
+                    "nonfinite_batches": self.nonfinite_batches,
+                    "duals": self.duals.state_dict(),
+                    "monitor": self.monitor.state_dict(),
+                    "slack_sum": self._slack_sum.tolist(),
+                    "slack_count": self._slack_count,
+                    "normalizers": {n: s.__dict__ for n, s in self.normalizers.items()},
+                    "normalization_keys": {n: self.normalization_keys()[n] for n in self.normalizers},
+                    "history": self.history,
+                }
+                (tmp / "trainer_state.json").write_text(json.dumps(state))
+                save_config(self.recorded_config(), tmp / "config.yaml")
+            rotate_checkpoints(self.output_dir, self.config.save_total_limit)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        from torch.distributed.tensor import DTensor
+
+        path = resolve_checkpoint(str(path), self.output_dir)
+        if self.resume_path is None or path.resolve() != Path(self.resume_path).resolve():
+            self._check_resume_config(path)  # the constructor checked resume_path
+        params = self._lora_params()
+        check_checkpoint_files(path)
+        lora = load_file(str(path / "lora.safetensors"))
+        if set(lora) != set(params):
+            raise ValueError(f"checkpoint {str(path)!r} does not match this LoRA configuration (rank/targets differ)")
+        with torch.no_grad():
+            for name, p in params.items():
+                if lora[name].shape != p.shape:
+                    raise ValueError(f"checkpoint {str(path)!r}: {name} has shape {tuple(lora[name].shape)}, expected {tuple(p.shape)}")
+                value = like_param(lora[name], p)  # a sharded parameter keeps this process's shard
+                if isinstance(value, DTensor):
+                    p.to_local().copy_(value.to_local())
+                else:
+                    p.copy_(value)
+        optimizer_from_files(self.optimizer, path)
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.global_step = state["global_step"]
+        self.micro_batches_seen = state["micro_batches_seen"]
+        self.nonfinite_batches = state["nonfinite_batches"]
+        self.duals.load_state_dict(state["duals"])
+        self.monitor.load_state_dict(state["monitor"])
+        self._slack_sum = torch.tensor(state["slack_sum"], dtype=torch.float64)
+        self._slack_count = state["slack_count"]
+        self.normalizers.clear()
+        saved_keys = state.get("normalization_keys")
+        current = self.normalization_keys()
+        stale = sorted(
+            n for n in state["normalizers"]
+            if saved_keys is not None and (current.get(n) is None or saved_keys.get(n) != current.get(n))
+        )
+        if stale:  # statistics of another reward, model or setting: computed afresh instead (all, so none is missing)
+            warnings.warn(
+                f"checkpoint {str(path)!r}: the reward statistics of {', '.join(stale)} were computed for another "
+                "reward, model or setting (or a user callable without cache_key); recomputing them",
+                stacklevel=2,
+            )
+        else:
+            self.normalizers.update({n: RewardStats(**s) for n, s in state["normalizers"].items()})
+        self.history = state["history"]
+        if self.accelerator.is_main_process:  # the log continues from the checkpoint
+            log = self.output_dir / "log.jsonl"
+            if log.exists():
+                kept = [l for l in log.read_text().splitlines() if l and json.loads(l)["step"] <= self.global_step]
+                atomic_write_text(log, "".join(l + "\n" for l in kept))
+
+    def push_to_hub(self, repo_id: str | None = None, private: bool | None = None, commit_message: str | None = None) -> str:
+        """Upload ``output_dir`` (LoRA, model card, config, report, pictures; not the
+        checkpoints) to the Hub in one commit, after the local save, so a failed push loses
+        nothing and can be retried (``python -m cdalign.hub push <output_dir> --repo_id ...``).
+        Returns the commit URL; raises :class:`cdalign.hub.HubPushError` on failure."""
+
+        repo_id = repo_id or self.config.hub_model_id
+        if not repo_id:
+            raise ValueError("push_to_hub needs hub_model_id (e.g. 'your-name/sd15-constrained-lora')")
+        if not (self.output_dir / LORA_WEIGHT_NAME).is_file():
+            self.save_model(self.output_dir)
+        url, error = "", None
+        if self.accelerator.is_main_process:
+            try:
+                url = push_output_dir(
+                    self.output_dir,
+                    repo_id,
+                    private=self.config.hub_private if private is None else private,
+                    commit_message=commit_message or f"cdalign: constrained LoRA after {self.global_step} steps",
+                )
+            except Exception as err:  # re-raised after the barrier, so other ranks do not hang
+                error = err
+        self.accelerator.wait_for_everyone()
+        if error is not None:
+            raise error
+        return url
+
+    def _write_model_card(self, report: dict) -> None:
+        """``output_dir/README.md`` from the config and report (cdalign.publishing.cards). A card that
+        cannot be rendered warns instead of failing a finished run."""
+
+        try:
+            write_model_card(self.output_dir, repo_id=self.config.hub_model_id, report=report)
+        except Exception as err:
+            warnings.warn(f"model card not written to {str(self.output_dir / 'README.md')!r}: {err}", stacklevel=2)
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out
+
+
+def _recordable_prompts(given, resolved: list[str]):
+    """What ``config.yaml`` records for a ``prompts``/``eval_prompts`` argument: None (the
+    config's own source stands), the source string as given, or the list of prompts used
+    (for a list, and for a callable, which a config cannot name)."""
+    if given is None:
+        return None
+    if isinstance(given, str):
+        return given
+    if callable(given):
+        logger.info("prompts from %s: config.yaml records the %d prompts it returned", callable_name(given), len(resolved))
+    return list(resolved)
+
+
+def _is_cdalign_card(path: Path) -> bool:
+    """Whether ``README.md`` is a model card cdalign wrote (front matter tagged cdalign)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    head, sep, _ = text[3:].partition("\n---")
+    return text.startswith("---") and bool(sep) and "- cdalign" in head
+
+
+def _config_differences(old, new, path: str = "") -> list[tuple[str, object, object]]:
+    """``(field path, old, new)`` for every leaf where two config dicts differ; nested specs
+    as ``dual.kappa_i``, lists of specs as ``constraints[1].threshold``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in list(old) + [k for k in new if k not in old]:
+            out += _config_differences(old.get(key, "(absent)"), new.get(key, "(absent)"), f"{path}.{key}" if path else str(key))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and any(isinstance(v, dict) for v in old):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _config_differences(a, b, f"{path}[{i}]")]
+    return [] if old == new else [(path, old, new)]
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

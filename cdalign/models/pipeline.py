@@ -1,0 +1,144 @@
+"""Loading base pipelines: embedded models by name, local diffusers folders, Hub ids.
+
+Every path ends in a ``diffusers.StableDiffusionPipeline`` (SD 1.x/2.x architecture),
+so the code that trains SD 1.5 is the code the embedded tiny models exercise."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cdalign.models.lora import is_local_source
+from cdalign.models.tiny import TINY_RANDOM_ID, build_tiny_pipeline
+from cdalign.models.tiny_pretrained import TINY_SHAPES_ID, tiny_shapes_sd_path
+from cdalign.registry import Registry
+
+# Embedded models: name -> zero-argument factory returning a StableDiffusionPipeline
+# or a local folder path (str/Path) holding one in diffusers format.
+EMBEDDED_MODELS: Registry[Callable[[], object]] = Registry("embedded model")
+EMBEDDED_MODELS.register(TINY_RANDOM_ID, lambda: build_tiny_pipeline(seed=0))
+EMBEDDED_MODELS.register(TINY_SHAPES_ID, tiny_shapes_sd_path)
+
+_REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _check_pipeline(pipe, source: str):
+    """Validate what was loaded: a 2-token tokenizer (transformers 5.x silently builds
+    one for an uncached id) or a missing component would train garbage silently."""
+    for name in _REQUIRED_COMPONENTS:
+        if getattr(pipe, name, None) is None:
+            raise ValueError(f"pipeline {source!r} has no {name}; a Stable Diffusion (1.x/2.x) pipeline is required")
+    vocab = len(pipe.tokenizer)
+    if vocab < 100:
+        raise ValueError(
+            f"pipeline {source!r}: its tokenizer has only {vocab} tokens, which means its vocabulary "
+            "files were not found (an uncached Hub id offline?); check the path or download the model first"
+        )
+    if vocab > pipe.text_encoder.config.vocab_size:
+        raise ValueError(
+            f"pipeline {source!r}: tokenizer has {vocab} tokens but the text encoder embeds "
+            f"{pipe.text_encoder.config.vocab_size}; tokenizer and text_encoder do not belong together"
+        )
+
+
+class ModelNotFoundError(OSError):
+    """A base model that is not embedded, not a local folder, and not loadable from the Hub
+    (absent, misspelt, or offline and not cached)."""
+
+
+def _download_command(name: str, revision: str | None) -> str:
+    return f"hf download {name}" + (f" --revision {revision}" if revision else "")
+
+
+def _embedded_suggestion(name: str) -> str | None:
+    close = difflib.get_close_matches(name, list(EMBEDDED_MODELS.names()), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _model_not_found(name: str, revision: str | None, what: str, err: Exception) -> ModelNotFoundError:
+    """One message: what was looked for where, a did-you-mean over the embedded models,
+    and the command that downloads a Hub model. ``err``: the Hub's (or cache's) error."""
+    from huggingface_hub import constants
+
+    close = _embedded_suggestion(name)
+    guess = f"Did you mean the embedded model {close!r}? " if close else ""
+    looked = f"not an embedded model ({', '.join(EMBEDDED_MODELS.names())}), not a local folder"
+    if constants.HF_HUB_OFFLINE:
+        hub = ", and not in the local Hub cache (HF_HUB_OFFLINE=1: the Hub is off)"
+    else:
+        cause = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        hub = f", and the Hugging Face Hub did not serve it ({cause})"
+    return ModelNotFoundError(
+        f"{what}={name!r} (revision {revision or 'main'}): {looked}{hub}. {guess}A Hub model: check the id and "
+        f"download it once with `{_download_command(name, revision)}` (then it loads offline too); or give a "
+        "local diffusers folder"
+    )
+
+
+def _check_hub_id(name: str, revision: str | None, what: str) -> None:
+    """Refuse, without a network call, a name that cannot be a Hub repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        raise ModelNotFoundError(
+            f"{what}={name!r} is not an embedded model ({', '.join(EMBEDDED_MODELS.names())}), not a local folder "
+            f"(none exists there), and not a valid Hub repo id ({err})"
+        ) from None
+
+
+def load_pipeline(
+    name_or_path: str,
+    revision: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    what: str = "pretrained_model_name_or_path",
+):
+    """Load a Stable Diffusion pipeline from an embedded name, a local diffusers folder,
+    or a Hub repo id (``revision`` selects a branch, tag or commit). Never trusts remote
+    code. A model found nowhere raises :class:`ModelNotFoundError` naming it (``what``:
+    the field it came from), with a did-you-mean over the embedded models and the
+    download command."""
+    from diffusers import StableDiffusionPipeline
+
+    if name_or_path in EMBEDDED_MODELS:
+        made = EMBEDDED_MODELS.get(name_or_path)()
+        if isinstance(made, (str, os.PathLike)):
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(made), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+            )
+        else:
+            pipe = made.to(dtype=torch_dtype) if torch_dtype is not None else made
+    else:
+        local = Path(name_or_path).expanduser()
+        looks_local = is_local_source(name_or_path)
+        if looks_local and not (local / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"pretrained_model_name_or_path={name_or_path!r}: no diffusers pipeline folder there "
+                "(expected a model_index.json); give a folder written by save_pretrained, a Hub repo id, "
+                f"or an embedded model ({', '.join(EMBEDDED_MODELS.names())})"
+            )
+        if not looks_local:
+            _check_hub_id(name_or_path, revision, what)
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(local) if looks_local else name_or_path,
+                revision=revision,
+                torch_dtype=torch_dtype,
+                variant=variant,
+                safety_checker=None,
+                requires_safety_checker=False,
+                use_safetensors=True,
+            )
+        except OSError as err:
+            if looks_local:
+                raise
+            raise _model_not_found(name_or_path, revision, what, err) from None
+    _check_pipeline(pipe, name_or_path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

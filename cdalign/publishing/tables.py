@@ -1,0 +1,78 @@
+"""Markdown for reports and model cards: escaping user strings, code fences, and the
+checkpoint comparison table. Pure functions of plain dicts (``evaluation.json``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+
+def md(text: Any) -> str:
+    """A user string made safe for Markdown text or a table cell (one line, escaped)."""
+    s = " ".join(str(text).split())
+    for ch in ("\\", "|", "`", "*", "_", "[", "]"):
+        s = s.replace(ch, "\\" + ch)
+    return s.replace("<", "&lt;").replace(">", "&gt;")
+
+
+def md_code(text: Any) -> str:
+    """A user string as one inline code span (one line; the fence outlasts any backtick run)."""
+    s = " ".join(str(text).split())
+    longest, run = 0, 0
+    for ch in s:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    ticks = "`" * (longest + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    return f"{ticks}{pad}{s}{pad}{ticks}"
+
+
+def fence(text: str, lang: str = "") -> str:
+    """``text`` in a fenced block whose fence outlasts any backtick run inside it."""
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
+
+
+def _fmt_ci(mean: float, ci: Sequence[float]) -> str:
+    if not all(math.isfinite(x) for x in (mean, *ci)):
+        return "n/a"
+    return f"{mean:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def comparison_table(data: dict) -> str:
+    """Markdown table: one row per checkpoint; rewards (normalised where possible) with
+    95% CIs, chain KL to the base, and each constraint ✓/✗ (✓✓: the CI clears it)."""
+    ckpts = data["checkpoints"]
+    if not ckpts:
+        return ""
+    first = next(iter(ckpts.values()))
+    rewards = list(first["rewards"])
+    cons = [c["name"] for c in first["constraints"]]
+    head = ["checkpoint"]
+    for n in rewards:
+        head.append(f"{n} (σ)" if "normalized_mean" in first["rewards"][n] else n)
+    head.append(f"KL to base ({data['sampler']['kl_estimator']})")
+    for c in first["constraints"]:
+        op = "≥" if c["direction"] == "high" else "≤"
+        head.append(f"{c['name']} {op} {c['threshold']:g}")
+    lines = ["| " + " | ".join(md(h) for h in head) + " |", "|" + "---|" * len(head)]
+    for name, e in ckpts.items():
+        row = [md(name)]
+        for n in rewards:
+            r = e["rewards"][n]
+            row.append(_fmt_ci(r["normalized_mean"], r["normalized_ci95"]) if "normalized_mean" in r else _fmt_ci(r["mean"], r["ci95"]))
+        kl = e["kl"].get("base")
+        row.append(_fmt_ci(kl["mean"], kl["ci95"]) if kl else "n/a")
+        by_name = {c["name"]: c for c in e["constraints"]}
+        for cn in cons:
+            c = by_name.get(cn)
+            row.append("n/a" if c is None else ("✓✓" if c["ci_clears_threshold"] else "✓" if c["satisfied"] else "✗"))
+        lines.append("| " + " | ".join(row) + " |")
+    legend = ("\nRewards: mean [95% CI]; (σ) columns are in base-model standard deviations. Constraints: ✓ the mean "
+              "meets the threshold, ✓✓ the whole 95% CI does, ✗ violated.") if cons else (
+              "\nRewards: mean [95% CI]; (σ) columns are in base-model standard deviations.")
+    return "\n".join(lines) + "\n" + legend + "\n"
