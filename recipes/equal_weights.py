@@ -141,7 +141,7 @@ def comparison_grid(run_dir: Path, config, runs: dict[str, Path], path: Path) ->
     import torch
 
     from cdalign.core.sampling import DiffusionSampler, set_unet_state
-    from cdalign.core.seeding import eval_batch_share
+    from cdalign.core.seeding import evaluation_items
     from cdalign.data.prompt_sets import load_prompts
     from cdalign.models.lora import load_lora
     from cdalign.models.pipeline import load_pipeline
@@ -156,7 +156,8 @@ def comparison_grid(run_dir: Path, config, runs: dict[str, Path], path: Path) ->
     sampler = DiffusionSampler(pipe, config.num_inference_steps, config.eta, config.guidance_scale, config.resolution, device)
     prompts = load_prompts(config.eval_prompts or config.prompts, config.prompt_column, config.prompt_split)
     k = max(config.num_grid_images, 1)
-    batch_prompts, seeds = eval_batch_share(config.eval_seed, 0, prompts, k)
+    first = evaluation_items(prompts, k, config.eval_seed)  # the first images of every run's report
+    batch_prompts, seeds = [p for p, _ in first], [s for _, s in first]
     rows, labels = [], []
     with torch.no_grad():
         for name in ["base", *runs]:

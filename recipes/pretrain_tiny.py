@@ -255,11 +255,9 @@ def train_unet(unet, text_encoder, tokenizer, vae, noise_scheduler, config, acce
 
 def save_loss_curve(path: Path, vae_losses: list[float], unet_losses: list[float]):
     """Plot both stages' losses (raw and 50-step moving average), log scale."""
-    import matplotlib
+    from cdalign.publishing.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, losses, title in zip(axes, (vae_losses, unet_losses), ("VAE: MSE + KL", "UNet: epsilon MSE")):
         steps = np.arange(1, len(losses) + 1)

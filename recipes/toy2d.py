@@ -4,12 +4,14 @@
     python recipes/toy2d.py --out /tmp/toy --quick
 
 AND (reverse KL, product): three component score models, two similar ones on the left and
-one on the right. Composed ε_μ = Σ μ_i ε_i sampled with cdalign's DDIM chain; μ learned by
-projected dual ascent on the chain KL to each component (cdalign.core.kl). Equal weights are
-pulled toward the similar pair; the min-max weights sit between the groups.
+one on the right. Composed ε_μ = Σ μ_i ε_i (cdalign's ComposedPredictor) sampled with
+cdalign's DDIM chain; μ learned by projected dual ascent on the chain KL to each component
+(cdalign's ComponentKL hook). Equal weights are pulled toward the similar pair; the
+min-max weights sit between the groups.
 OR (forward KL, mixture): dataset A = one Gaussian at (0.75, 0), dataset B = two at
-(-0.75, ±0.75), variance 0.025; one model trained on Σ μ_i·DSM_i with μ ascending on the
-raw losses or on the excess losses (loss minus each dataset's irreducible loss).
+(-0.75, ±0.75), variance 0.025; one model trained on Σ μ_i·DSM_i (cdalign's dsm_loss) with
+μ ascending on the raw losses or on the excess losses (loss minus each dataset's
+irreducible loss).
 
 Because everything is 2D, the exact answer is computed on a dense grid from the true data
 densities: the product Π q_i^μ_i / Z (or the mixture Σ μ_i q_i), KL to each component,
@@ -32,9 +34,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from cdalign.composition.components import (  # noqa: E402
+    ComponentKL,
+    ComposedPredictor,
+    StackedPredictors,
+)
+from cdalign.composition.mixture import dsm_loss, excess_loss  # noqa: E402
 from cdalign.composition.simplex import SimplexDual  # noqa: E402
-from cdalign.core.kl import step_kl, step_weights  # noqa: E402
 from cdalign.core.sampling import DDIMChain, sample_latents  # noqa: E402
+from cdalign.publishing.plotting import pyplot  # noqa: E402
 
 # ----------------------------------------------------------------------------- setups
 # A Gaussian mixture is a list of (weight, mean (2,), variance); isotropic components.
@@ -142,11 +150,10 @@ def make_schedule():
                          set_alpha_to_one=False, steps_offset=1)
 
 
-def dsm_loss(model, x0, t, noise, alphas_cumprod) -> torch.Tensor:
-    """Per-sample denoising score-matching loss ‖ε − ε_θ(√ᾱ x0 + √(1−ᾱ) ε, t)‖² (B,)."""
-    ab = alphas_cumprod[t].unsqueeze(1)
-    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-    return (model(x_t, t.float()) - noise).pow(2).sum(1)
+def point_dsm(model, x0, t, noise, alphas_cumprod) -> torch.Tensor:
+    """Per-sample DSM loss ‖ε − ε_θ(√ᾱ x0 + √(1−ᾱ) ε, t)‖² (B,), summed over the two
+    coordinates: cdalign's :func:`~cdalign.composition.mixture.dsm_loss` on points."""
+    return dsm_loss(model, x0, t, noise, alphas_cumprod, reduce="sum")
 
 
 def train_score(mixes, weights_fn, steps, g, ac, batch=512, lr=2e-3, on_dual=None, dual_every=50):
@@ -161,7 +168,7 @@ def train_score(mixes, weights_fn, steps, g, ac, batch=512, lr=2e-3, on_dual=Non
         for i, mix in enumerate(mixes):
             x0 = sample_mixture(mix, batch, g)
             t = torch.randint(0, 1000, (batch,), generator=g)
-            loss = loss + float(mu[i]) * dsm_loss(model, x0, t, torch.randn(batch, 2, generator=g), ac).mean()
+            loss = loss + float(mu[i]) * point_dsm(model, x0, t, torch.randn(batch, 2, generator=g), ac).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -174,35 +181,21 @@ def train_score(mixes, weights_fn, steps, g, ac, batch=512, lr=2e-3, on_dual=Non
 @torch.no_grad()
 def fixed_losses(model, eval_sets, ac) -> np.ndarray:
     """DSM loss of ``model`` on each dataset's fixed (x0, t, ε) triples (n,)."""
-    return np.array([float(dsm_loss(model, x0, t, e, ac).mean()) for x0, t, e in eval_sets])
+    return np.array([float(point_dsm(model, x0, t, e, ac).mean()) for x0, t, e in eval_sets])
 
 
 # ----------------------------------------------------------------------------- composed sampling and chain KL
-class Composed:
-    """ε_μ = Σ μ_i ε_i, remembering the component predictions for the chain KL."""
-
-    def __init__(self, models, weights):
-        self.models, self.w = models, torch.as_tensor(weights, dtype=torch.float32)
-
-    def __call__(self, x, t):
-        self.last = torch.stack([m(x, t) for m in self.models])
-        return torch.tensordot(self.w, self.last, dims=1)
-
-
 @torch.no_grad()
 def sample_and_kl(models, weights, chain, n, seed, estimator="path"):
-    """Samples of p_μ (n, 2) and the chain KL(p_μ‖q_i) per component (n_comp,) along its path."""
+    """Samples of p_μ (n, 2) and the chain KL(p_μ‖q_i) per component (n_comp,) along its path:
+    the library's composed model ε_μ = Σ μ_i ε_i and its KL hook, which reuses the component
+    predictions of each composed step."""
     g = torch.Generator().manual_seed(seed)
     x_T, noise = torch.randn(n, 2, generator=g), torch.randn(len(chain), n, 2, generator=g)
-    composed, w = Composed(models, weights), step_weights(chain, estimator)
-    kl = torch.zeros(len(models), n)
-
-    def hook(i, x_t, eps, tracked):
-        for k in range(len(models)):
-            kl[k] += step_kl(eps, composed.last[k], float(w[i]), estimator)
-
+    composed = ComposedPredictor(StackedPredictors(models), weights)
+    hook = ComponentKL(composed.cached, chain, estimator, len(models))
     x0 = sample_latents(composed, chain, x_T, noise, on_step=hook)
-    return x0, kl.mean(1).double()
+    return x0, hook.per_sample.mean(1).double()
 
 
 # ----------------------------------------------------------------------------- the experiments
@@ -259,10 +252,10 @@ def run_or(args, chain, ac, grid, dA, shape, g):
 
         def on_dual(model, dual=dual, variant=variant, seen=seen):
             losses = fixed_losses(model, eval_sets, ac)
-            d = losses - irreducible if variant == "excess" else losses
+            d = excess_loss(losses, irreducible) if variant == "excess" else losses
             if variant is not None:
                 dual.step(torch.tensor(d))
-            seen.append({"weights": dual.weights.tolist(), "loss": losses.tolist(), "excess": (losses - irreducible).tolist()})
+            seen.append({"weights": dual.weights.tolist(), "loss": losses.tolist(), "excess": excess_loss(losses, irreducible).tolist()})
 
         model = train_score(mixes, lambda dual=dual: dual.weights.tolist(), args.train_steps, g, ac, on_dual=on_dual)
         tail = np.array([s["weights"] for s in seen[len(seen) // 2 :]])
@@ -291,17 +284,8 @@ def run_or(args, chain, ac, grid, dA, shape, g):
 
 
 # ----------------------------------------------------------------------------- plots and tables
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_and(path, names, log_q, rows, grid, shape):
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(rows) + 1, figsize=(4 * (len(rows) + 1), 4), sharex=True, sharey=True)
     X, Y = grid[:, 0].reshape(shape), grid[:, 1].reshape(shape)
     for lq, name in zip(log_q, names):
@@ -324,7 +308,7 @@ def plot_and(path, names, log_q, rows, grid, shape):
 
 
 def plot_or(path, rows):
-    plt = _plt()
+    plt = pyplot()
     sampled = {k: v for k, v in rows.items() if "_samples" in v}
     fig, axes = plt.subplots(1, len(sampled), figsize=(4 * len(sampled), 4), sharex=True, sharey=True)
     for ax, (label, row) in zip(axes, sampled.items()):
@@ -365,7 +349,7 @@ def markdown(results) -> str:
         out.append(f"| {label} | " + " | ".join(f"{r['weights'][n]:.3f}" for n in names)
                    + f" | {m[0]:.2f}, {m[1]:.2f}, {m[2]:.2f} | " + " | ".join(f"{r['kl'][n]:.4f}" for n in names)
                    + f" | **{r['max_kl']:.4f}** | {r.get('max_kl_of_sampled_masses', float('nan')):.4f} |")
-    out.append(f"\nIrreducible DSM loss per dataset (model fitted on it alone): "
+    out.append("\nIrreducible DSM loss per dataset (model fitted on it alone): "
                + ", ".join(f"{k} {v:.4f}" for k, v in o["irreducible_loss"].items()) + ".\n")
     return "\n".join(out)
 

@@ -2,9 +2,13 @@
 a thread in the test process). It implements the subset of the Hub HTTP API that
 ``huggingface_hub`` 2.x uses for ``create_repo``, ``create_branch``, ``create_commit``
 (``validate-yaml``, ``preupload``, ``commit`` with regular base64 files),
-``repo_info``/``model_info``, ``list_repo_tree`` and ``hf_hub_download`` /
-``snapshot_download`` (``HEAD``/``GET`` on ``/resolve/`` with the ``X-Repo-Commit`` and
-``ETag`` headers), with the ``X-Error-Code`` headers the client maps to its exceptions.
+``repo_info``/``model_info``/``dataset_info``, ``list_repo_tree`` (files and folders,
+``recursive``), ``get_paths_info``, and ``hf_hub_download`` / ``snapshot_download``
+(``HEAD``/``GET`` on ``/resolve/`` with the ``X-Repo-Commit`` and ``ETag`` headers, and
+``Range`` requests, which ``HfFileSystem`` makes), with the ``X-Error-Code`` headers the
+client maps to its exceptions. Model and dataset repos are separate namespaces, as on the
+Hub, so ``datasets.load_dataset("user/name", revision=...)`` resolves through
+``HF_ENDPOINT`` like ``snapshot_download`` of a diffusers pipeline with subfolders.
 
 Every file is uploaded in "regular" mode (no LFS/Xet): fine for tiny test files.
 ``fail_commits = n`` makes the next n commit requests answer HTTP 500 (nothing stored).
@@ -29,9 +33,12 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+REPO_TYPES = ("model", "dataset", "space")
+
+
 class _Repo:
-    def __init__(self, repo_id: str, private: bool):
-        self.repo_id, self.private = repo_id, private
+    def __init__(self, repo_id: str, private: bool, repo_type: str = "model"):
+        self.repo_id, self.private, self.repo_type = repo_id, private, repo_type
         self.commits: dict[str, dict[str, bytes]] = {}
         self.refs: dict[str, str] = {}
         self.commit({".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, None, "main")
@@ -54,7 +61,7 @@ class HubServer:
     """The server and its state; ``url`` is the endpoint to give ``HF_ENDPOINT``."""
 
     def __init__(self):
-        self.repos: dict[str, _Repo] = {}
+        self.repos: dict[tuple[str, str], _Repo] = {}  # (repo type, repo id) -> repo
         self.fail_commits = 0
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
@@ -77,9 +84,13 @@ class HubServer:
     def __exit__(self, *exc):
         self.stop()
 
-    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
-        repo = self.repos[repo_id]
+    def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
+        repo = self.repos[(repo_type, repo_id)]
         return repo.commits[repo.resolve(revision)]
+
+    def head(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> str:
+        """The commit sha ``revision`` resolves to."""
+        return self.repos[(repo_type, repo_id)].resolve(revision)
 
     # ------------------------------------------------------------------ HTTP
     def _handler(self):
@@ -135,13 +146,19 @@ class HubServer:
                     if method == "POST" and path == "/api/validate-yaml":
                         self._body()
                         return self._json(200, {})
-                    m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(preupload|commit|branch|revision|tree)/([^/]+)(/.*)?)?", path)
+                    m = re.fullmatch(
+                        r"/api/(models|datasets|spaces)/([^/]+/[^/]+)(?:/(preupload|commit|branch|revision|tree|paths-info)/([^/]+)(/.*)?)?",
+                        path,
+                    )
                     if m:
-                        repo_id, action, rev, rest = m.group(1), m.group(2), unquote(m.group(3) or ""), m.group(4)
-                        repo = server.repos.get(repo_id)
+                        repo_type = m.group(1)[:-1]
+                        repo_id, action, rev, rest = m.group(2), m.group(3), unquote(m.group(4) or ""), m.group(5)
+                        repo = server.repos.get((repo_type, repo_id))
                         if repo is None:
                             self._body()
                             return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
+                        if action == "paths-info":
+                            return self._paths_info(repo, rev, parse_qs(self._body().decode()))
                         if action is None or action == "revision":
                             return self._info(repo, rev or "main")
                         if action == "preupload":
@@ -152,21 +169,25 @@ class HubServer:
                             return self._branch(repo, rev, json.loads(self._body() or b"{}"))
                         if action == "tree":
                             return self._tree(repo, rev, unquote(rest or "/")[1:], query)
-                    m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                    m = re.fullmatch(r"/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
                     if m and method in ("GET", "HEAD"):
-                        return self._resolve(m.group(1), unquote(m.group(2)), unquote(m.group(3)), method == "HEAD")
+                        repo_type = (m.group(1) or "models")[:-1]
+                        return self._resolve(repo_type, m.group(2), unquote(m.group(3)), unquote(m.group(4)), method == "HEAD")
                     self._error(404, None, f"no route for {method} {path}", head=method == "HEAD")
                 except Exception as err:  # surface server bugs as 500s with a message
                     self._error(500, None, f"fake hub error: {type(err).__name__}: {err}", head=method == "HEAD")
 
             def _create(self, payload):
                 name, org = payload.get("name"), payload.get("organization")
+                repo_type = payload.get("type") or "model"
                 repo_id = f"{org}/{name}" if org else f"user/{name}"
+                prefix = "" if repo_type == "model" else f"{repo_type}s/"
+                url = f"{server.url}/{prefix}{repo_id}"
                 with server.lock:
-                    if repo_id in server.repos:
-                        return self._json(409, {"error": "You already created this model repo", "url": f"{server.url}/{repo_id}"})
-                    server.repos[repo_id] = _Repo(repo_id, payload.get("visibility") == "private")
-                self._json(200, {"url": f"{server.url}/{repo_id}", "name": repo_id})
+                    if (repo_type, repo_id) in server.repos:
+                        return self._json(409, {"error": f"You already created this {repo_type} repo", "url": url})
+                    server.repos[(repo_type, repo_id)] = _Repo(repo_id, payload.get("visibility") == "private", repo_type)
+                self._json(200, {"url": url, "name": repo_id})
 
             def _info(self, repo, rev):
                 sha = repo.resolve(rev)
@@ -222,19 +243,41 @@ class HubServer:
                 repo.refs[branch] = start
                 self._json(200, {})
 
+            def _entries(self, files: dict[str, bytes]) -> dict[str, dict]:
+                """Every file and folder of a commit, by path, as the tree API lists them."""
+                out = {}
+                for p, d in files.items():
+                    out[p] = {"type": "file", "path": p, "size": len(d), "oid": git_blob_sha1(d)}
+                    parts = p.split("/")
+                    for k in range(1, len(parts)):
+                        folder = "/".join(parts[:k])
+                        out.setdefault(folder, {"type": "directory", "path": folder, "oid": git_blob_sha1(folder.encode())})
+                return out
+
             def _tree(self, repo, rev, prefix, query):
                 sha = repo.resolve(rev)
                 if sha is None:
                     return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
-                entries = [
-                    {"type": "file", "path": p, "size": len(d), "oid": git_blob_sha1(d)}
-                    for p, d in sorted(repo.commits[sha].items())
-                    if not prefix or p.startswith(prefix.rstrip("/") + "/")
-                ]
-                self._json(200, entries)
+                prefix = prefix.strip("/")
+                recursive = (query.get("recursive") or ["false"])[0].lower() == "true"
+                entries = self._entries(repo.commits[sha])
+                if prefix and (prefix not in entries or entries[prefix]["type"] != "directory"):
+                    return self._error(404, "EntryNotFound", f"{prefix} does not exist on {rev}")
+                below = [e for path, e in sorted(entries.items()) if not prefix or path.startswith(prefix + "/")]
+                if not recursive:
+                    depth = prefix.count("/") + 1 if prefix else 0
+                    below = [e for e in below if e["path"].count("/") == depth]
+                self._json(200, below)
 
-            def _resolve(self, repo_id, rev, filename, head):
-                repo = server.repos.get(repo_id)
+            def _paths_info(self, repo, rev, form):
+                sha = repo.resolve(rev)
+                if sha is None:
+                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+                entries = self._entries(repo.commits[sha])
+                self._json(200, [entries[p.strip("/")] for p in form.get("paths", []) if p.strip("/") in entries])
+
+            def _resolve(self, repo_type, repo_id, rev, filename, head):
+                repo = server.repos.get((repo_type, repo_id))
                 if repo is None:
                     return self._error(404, "RepoNotFound", f"Repository {repo_id} not found", head=head)
                 sha = repo.resolve(rev)
@@ -244,7 +287,15 @@ class HubServer:
                 if data is None:
                     return self._error(404, "EntryNotFound", f"{filename} does not exist on {rev}", head=head,
                                        extra={"X-Repo-Commit": sha})
-                etag = f'"{git_blob_sha1(data)}"'
-                self._send(200, data, {"Content-Type": "application/octet-stream", "X-Repo-Commit": sha, "ETag": etag}, head=head)
+                headers = {"Content-Type": "application/octet-stream", "X-Repo-Commit": sha,
+                           "ETag": f'"{git_blob_sha1(data)}"', "Accept-Ranges": "bytes"}
+                m = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range") or "")
+                if m and data:
+                    start = int(m.group(1)) if m.group(1) else max(0, len(data) - int(m.group(2)))
+                    end = int(m.group(2)) if m.group(1) and m.group(2) else len(data) - 1
+                    end = min(end, len(data) - 1)
+                    headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+                    return self._send(206, data[start : end + 1], headers, head=head)
+                self._send(200, data, headers, head=head)
 
         return Handler

@@ -86,8 +86,16 @@ def test_nonfinite_reward_batches_are_skipped_with_a_warning(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in trainer._lora_params().items())
 
 
+def test_train_without_an_evaluation_is_refused_before_training(tmp_path):
+    trainer = ConstrainedDDPOTrainer(config(tmp_path))  # eval_batches=0: for driving step() only
+    with pytest.raises(ValueError, match="eval_batches: train\\(\\) ends with the evaluation"):
+        trainer.train()
+    assert trainer.global_step == 0
+
+
 def test_too_many_nonfinite_batches_abort_without_touching_saved_weights(tmp_path):
-    trainer = ConstrainedDDPOTrainer(config(tmp_path, max_nonfinite_batches=1), rewards={"saturation": _nan_every(1)})
+    trainer = ConstrainedDDPOTrainer(config(tmp_path, max_nonfinite_batches=1, eval_batches=1),
+                                     rewards={"saturation": _nan_every(1)})
     with pytest.raises(RuntimeError, match="max_nonfinite_batches=1"), pytest.warns(UserWarning):
         trainer.train()
     assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
@@ -123,7 +131,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the base model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(cdalign.alignment.trainer, "load_pipeline", refuse)
+    monkeypatch.setattr(cdalign.alignment.trainer, "load_pipeline_with_source", refuse)
 
 
 def test_output_dir_that_is_a_file_is_refused_naming_it(tmp_path, no_model_load):
@@ -216,7 +224,7 @@ def test_truncated_checkpoint_is_refused_before_the_model_loads(saved_run, tmp_p
     ckpt = tmp_path / "checkpoint-1"
     shutil.copytree(saved_run[1], ckpt)
     _truncate(ckpt / "lora.safetensors")
-    monkeypatch.setattr(cdalign.alignment.trainer, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(cdalign.alignment.trainer, "load_pipeline_with_source", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match=r"resume_from_checkpoint: '.*checkpoint-1/lora.safetensors' is corrupt or truncated"):
         ConstrainedDDPOTrainer(config(tmp_path, resume_from_checkpoint=str(ckpt)))
 

@@ -676,3 +676,73 @@ def test_shipped_compose_recipes_name_existing_train_recipes():
         for c in getattr(cfg, "components", []):
             if c.train_recipe:
                 assert Path(c.train_recipe).is_file(), (recipe.name, c.train_recipe)
+
+
+# -- one engine (cdalign.fields) for every config --------------------------------------
+
+
+def test_the_config_engine_imports_nothing_from_cdalign_but_itself():
+    import ast
+    from pathlib import Path
+
+    import cdalign.fields
+
+    for path in Path(cdalign.fields.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name.split(".")[0] == "cdalign":
+                    assert name.startswith("cdalign.fields") or name == "cdalign.registry", (path.name, name)
+
+
+def test_old_import_paths_keep_every_public_name():
+    import cdalign.config
+    import cdalign.fields
+
+    for name in config_module.__all__:
+        assert getattr(cdalign.config, name) is getattr(config_module, name)
+    for name in ("ConfigFields", "dataclass_from_dict", "check_fields", "read_yaml_mapping", "not_allowed",
+                 "check_output_dir_writable", "check_trackers_installed", "check_mixed_precision"):
+        assert getattr(config_module, name) is getattr(cdalign.fields, name)
+
+
+def test_build_parser_defaults_to_the_alignment_config():
+    text = config_module.build_parser().format_help()
+    assert "Constrained alignment of a diffusion model" in text and "--dual.kappa_i" in text
+
+
+def test_duplicate_key_in_a_compose_recipe_names_the_key_and_line(tmp_path):
+    from cdalign.composition.config import load_config_file as load_compose
+    from cdalign.composition.config import parse_config as parse_compose
+
+    path = write_yaml(tmp_path, "composition: and\ncomponents: []\nseed: 1\nseed: 2\n", name="compose.yaml")
+    for load in (load_compose, lambda p: parse_compose(["--config", str(p)])):
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:4:1: malformed YAML: found duplicate key 'seed'"):
+            load(path)
+
+
+def test_duplicate_key_in_a_yaml_flag_value_is_rejected():
+    with pytest.raises(ValueError, match=r"--constraints: malformed YAML/JSON .*found duplicate key 'threshold'"):
+        parse_config(["--constraints", "[{reward: mps, threshold: 0.5, threshold: 0.7}]"])
+
+
+def test_unknown_compose_key_gets_a_did_you_mean():
+    from cdalign.composition.config import config_from_dict as compose_config
+
+    with pytest.raises(ValueError, match=r"dual\.step: unknown key; did you mean 'steps'\?"):
+        compose_config({"components": [{"name": "a", "type": "base"}, {"name": "b", "type": "base"}],
+                        "dual": {"step": 3}})
+
+
+def test_a_field_without_a_default_is_required_in_a_mapping():
+    from cdalign.fields import dataclass_from_dict
+
+    @dataclasses.dataclass
+    class Item(config_module.ConfigFields):
+        name: str = dataclasses.field(metadata={"help": "A name."})
+        size: int = dataclasses.field(default=1, metadata={"help": "A size.", "ge": 1})
+
+    assert dataclass_from_dict(Item, {"name": "a", "size": "3"}) == Item("a", 3)
+    with pytest.raises(ValueError, match=r"item\.name: required"):
+        dataclass_from_dict(Item, {"size": 2}, "item")

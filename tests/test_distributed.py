@@ -132,6 +132,18 @@ def test_sharded_run_resumes_exactly(sharded):
     assert len(duals(straight)[0]) == 2 and duals(resumed) == duals(straight)  # the λ trajectory
 
 
+def test_no_process_group_thread_outlives_train(runs, sharded):
+    """train() ends the process group and frees it: no gloo thread is left running into
+    interpreter exit, where C++ static destructors ran under it (a sharded CPU run aborted
+    now and then at exit: "terminate called without an active exception"). The workers
+    exit normally, so such an abort fails the launch."""
+    two, _ = runs
+    straight, resumed = sharded
+    for folder in (two, straight, resumed):
+        for rank in (0, 1):
+            assert _meta(folder, rank)["gloo_threads_after_train"] == [], (folder.name, rank)
+
+
 def test_sharded_run_under_bf16_mixed_precision(tmp_path):
     """Frozen base in bf16 and LoRA in fp32, sharded together (FSDP2 gathers each dtype)."""
     _accelerate_fsdp(tmp_path, "--mixed_precision", "bf16")
@@ -140,6 +152,35 @@ def test_sharded_run_under_bf16_mixed_precision(tmp_path):
     assert all(math.isfinite(v) for v in meta0["multipliers"]) and math.isfinite(meta0["report_kl"])
     lora = load_file(str(tmp_path / "run" / "pytorch_lora_weights.safetensors"))
     assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in lora.values())
+
+
+def _fake_accelerator(num_processes=2, distributed_type="MULTI_CPU", plugin=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(num_processes=num_processes, distributed_type=distributed_type,
+                           state=SimpleNamespace(fsdp_plugin=plugin))
+
+
+def test_wants_sharding_only_answers(monkeypatch):
+    from cdalign.models import distributed
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    acc = _fake_accelerator()
+    before = (vars(acc).copy(), vars(acc.state).copy())
+    assert not distributed.wants_sharding(acc)  # replicated unless asked or configured
+    assert distributed.wants_sharding(acc, True)
+    assert not distributed.wants_sharding(_fake_accelerator(num_processes=1), True)  # one process: nothing to shard
+    assert distributed.wants_sharding(_fake_accelerator(distributed_type="FSDP"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate's launcher exports on CPUs
+    assert distributed.wants_sharding(acc) and not distributed.wants_sharding(acc, False)
+    assert (vars(acc), vars(acc.state)) == before  # a predicate: it sets nothing
+
+
+def test_deepspeed_is_refused_with_the_fix():
+    from cdalign.models import distributed
+
+    with pytest.raises(ValueError, match="FSDP2"):
+        distributed.check_distributed_setup(_fake_accelerator(distributed_type="DEEPSPEED"))
 
 
 def test_fsdp1_config_is_refused_with_the_fix(monkeypatch, tmp_path):

@@ -3,6 +3,7 @@ evaluation of two tiny trained checkpoints (table, pictures, resume from the cac
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -72,6 +73,83 @@ def test_suite_rejects_unknown_fields_and_repeated_names(tmp_path):
         EvaluationSuite(checkpoints=["a=x/y", "a=x/z"])
     with pytest.raises(FileNotFoundError, match="known suites"):
         load_suite("no-such-suite", [tmp_path])
+
+
+def test_unknown_key_in_a_suite_file_gets_a_did_you_mean(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("name: x\ngrid_image: 3\n")
+    with pytest.raises(ValueError, match=r"s\.yaml: grid_image: unknown key; did you mean 'grid_images'\?"):
+        load_suite(bad)
+    bad.write_text("name: x\ncheckpoints:\n  - {name: a, sorce: x/y}\n")
+    with pytest.raises(ValueError, match=r"s\.yaml: checkpoints\[0\]\.sorce: unknown key; did you mean 'source'\?"):
+        load_suite(bad)
+
+
+def test_repeated_key_in_a_suite_file_is_an_error_naming_the_key_and_line(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("name: x\nseed: 1\nbatch_size: 2\nseed: 2\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:4:1: malformed YAML: found duplicate key 'seed'"):
+        load_suite(bad)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch_size: many\n", r"batch_size: expected int, got 'many' \(str\)"),
+    ("checkpoints:\n  - {name: a, source: x/y, scale: big}\n", r"checkpoints\[0\]\.scale: expected float, got 'big'"),
+    ("rewards: saturation\n", r"rewards: expected list\[str\], got 'saturation'"),
+    ("dtype: fp16\n", r"dtype: 'fp16' is not allowed; allowed values: 'float32', 'float16', 'bfloat16'"),
+    ("eta: 2\n", r"eta: 2.0 is out of range; must be <= 1.0"),
+    ("checkpoints:\n  - {source: x/y}\n", r"checkpoints\[0\]\.name: required"),
+    ("checkpoints:\n  - {name: a}\n", r"checkpoints\[0\]\.source: required for kind 'lora'"),
+])
+def test_a_bad_suite_field_is_named_by_its_path(tmp_path, text, message):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("name: x\n" + text)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}: {message}"):
+        load_suite(bad)
+
+
+def test_suite_checkpoints_may_be_mappings_or_strings():
+    suite = EvaluationSuite(checkpoints=["base", "hub=user/repo@v1", {"name": "run", "source": "outputs/run", "scale": "0.5"}])
+    assert [(c.name, c.kind, c.source, c.revision) for c in suite.checkpoints] == [
+        ("base", "base", None, None), ("hub", "lora", "user/repo", "v1"), ("run", "lora", "outputs/run", None)]
+    assert suite.checkpoints[2].scale == 0.5
+
+
+def _evaluate_script() -> dict:
+    import runpy
+    from pathlib import Path
+
+    return runpy.run_path(str(Path(__file__).resolve().parents[1] / "evaluation" / "evaluate.py"))
+
+
+def test_cli_flags_are_the_suite_fields_over_the_suite_file():
+    suite, options = _evaluate_script()["parse_suite"](
+        ["--suite", "tiny", "--batch_size", "2", "--rewards", "saturation,brightness", "--resolution", "null",
+         "--checkpoint", "a=outputs/a", "--only", "--output_dir", "out"])
+    assert (suite.name, suite.model, suite.batch_size, suite.resolution) == ("tiny", "cdalign/tiny-shapes-sd", 2, None)
+    assert suite.rewards == ["saturation", "brightness"]
+    assert [c.name for c in suite.checkpoints] == ["a"]
+    assert options["output_dir"] == "out"
+
+
+def test_cli_help_shows_the_values_of_the_suite(capsys):
+    with pytest.raises(SystemExit):
+        _evaluate_script()["main"](["--suite", "sd15_concepts", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--guidance_scale GUIDANCE_SCALE" in text
+    assert "[float; default: 7.5 (from evaluation/suites/sd15_concepts.yaml)]" in text
+    assert "--checkpoint NAME=SOURCE[@REVISION]" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_sise", "2"], "--batch_sise: unknown option; did you mean --batch_size?"),
+    (["--kl_estimator", "pth"], "kl_estimator: 'pth' is not allowed (did you mean 'path'?)"),
+    (["--suite", "tiny", "--config", "x.yaml"], "give --config or --suite, not both"),
+])
+def test_cli_bad_flags_exit_2_with_one_line(capsys, argv, message):
+    assert _evaluate_script()["main"](argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and message in err
 
 
 def test_composed_checkpoint_needs_components_and_simplex_weights():

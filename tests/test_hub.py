@@ -112,7 +112,7 @@ def test_push_uploads_lora_card_report_and_plots_but_not_checkpoints(pushed, hub
 
 def test_fresh_process_loads_the_pushed_lora_by_repo_id_and_revision_with_identical_images(pushed, hub, tmp_path):
     trainer, _ = pushed
-    revision = hub.repos[REPO].refs["main"]  # a commit sha: the revision argument is exercised
+    revision = hub.head(REPO)  # a commit sha: the revision argument is exercised
     env = _online_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "fresh-home"), OMP_WAIT_POLICY="PASSIVE")
     env.pop("HF_HUB_CACHE", None)
     outputs = {}

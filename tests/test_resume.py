@@ -52,3 +52,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     log = [json.loads(l)["step"] for l in (run / "log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4]
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # save_total_limit=2
+
+
+def test_trainer_state_of_a_checkpoint_without_normalization_keys_reads():
+    """Checkpoints of older cdalign lack ``normalization_keys``: read as None (their reward
+    statistics are then reused without a key check), and unknown fields are ignored."""
+    from cdalign.alignment.checkpoint import TrainerState
+
+    saved = {"global_step": 2, "micro_batches_seen": 4, "nonfinite_batches": 0, "duals": {}, "monitor": {},
+             "slack_sum": [0.0], "slack_count": 0, "normalizers": {}, "history": [], "from_a_newer_cdalign": 1}
+    state = TrainerState.from_dict(saved)
+    assert state.normalization_keys is None and state.global_step == 2 and state.micro_batches_seen == 4

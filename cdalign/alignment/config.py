@@ -1,5 +1,7 @@
-"""Configuration of a constrained alignment run: dataclasses whose fields document
-themselves, and one parser for the command line and YAML recipes.
+"""Configuration of a constrained alignment run: the problem's specs and
+:class:`ConstrainedDDPOConfig`, whose fields document themselves, with the rules that
+relate fields, read from YAML recipes and the command line by the typed config engine
+(:mod:`cdalign.fields`).
 
     minimise_θ  f_0(θ)   subject to   g_i(θ) ≤ 0,   i = 1..m
 
@@ -15,28 +17,43 @@ for the whole constraint list).
 
 Field metadata: ``help`` (required), and optionally ``choices`` (allowed values) and
 bounds ``ge``/``gt``/``le``/``lt`` that :meth:`ConstrainedDDPOConfig.validate` enforces
-and ``--help`` prints. Rules that relate several fields live in ``_check_problem``,
-``_check_sampler`` and ``_check_run``.
+(through :func:`cdalign.fields.check_fields`) and ``--help`` prints. Rules that relate
+several fields live here, in ``_check_problem``, ``_check_sampler`` and ``_check_run``.
+
+The engine's names (``ConfigFields``, ``dataclass_from_dict``, ``check_fields``,
+``read_yaml_mapping``, ``not_allowed``, ``build_parser``, ``parse_args_to_dict``, the run
+checks ``check_output_dir_writable``, ``check_trackers_installed``,
+``check_mixed_precision``) stay importable from here; they live in :mod:`cdalign.fields`.
 """
 
 import argparse
 import dataclasses
-import difflib
-import functools
-import math
 import os
-import sys
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from cdalign.alignment.estimators import ESTIMATORS
 from cdalign.core.duals import DUAL_OPTIMIZERS
 from cdalign.core.kl import KL_ESTIMATORS
+from cdalign.core.truncation import TRUNCATION_STRATEGIES
+from cdalign.fields import (
+    TRACKER_PACKAGES,  # noqa: F401  (re-exported: its old home)
+    ConfigFields,
+    check_fields,
+    check_mixed_precision,
+    check_output_dir_writable,
+    check_trackers_installed,
+    dataclass_from_dict,
+    did_you_mean,
+    not_allowed,
+    read_yaml_mapping,
+    save_yaml,
+)
+from cdalign.fields import build_parser as _build_parser
+from cdalign.fields import parse_args_to_dict as _parse_args_to_dict
+from cdalign.models.pipeline import MIXED_PRECISIONS
 from cdalign.rewards import available_rewards
 from cdalign.rewards.metrics import EVAL_METRICS
 
@@ -65,48 +82,7 @@ __all__ = [
 OBJECTIVE_TYPES = ("kl", "reward")
 CONSTRAINT_TYPES = ("reward", "kl")
 DIRECTIONS = ("high", "low")
-BACKPROP_STRATEGIES = ("fixed", "uniform", "gaussian")
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "all", "tensorboard", "wandb", "trackio")
-
-# On the command line these spell "no value" for a field whose type allows None.
-_CLI_NONE = ("none", "null", "~")
-_CLI_TRUE = ("true", "yes", "on", "1")
-_CLI_FALSE = ("false", "no", "off", "0")
-
-
-class ConfigFields:
-    """Base of the config dataclasses: an attribute that is not a field is refused (a
-    misspelt ``config.max_stepz = 3`` would otherwise be ignored silently), and a plain
-    mapping assigned where a spec is declared (``config.objective = {"type": "kl"}``, or a
-    list of them for ``constraints``) is converted and checked like a YAML value."""
-
-    def __setattr__(self, name, value):
-        if not name.startswith("_"):
-            typed = _declared_types(type(self))
-            if name not in typed:
-                raise _unknown_attribute(type(self), name, typed)
-            value = _specs_from_mappings(value, typed[name], name)
-        object.__setattr__(self, name, value)
-
-
-def _unknown_attribute(cls, name: str, typed) -> AttributeError:
-    if isinstance(getattr(cls, name, None), property):
-        return AttributeError(f"{name}: is derived from the other fields of {cls.__name__} and cannot be set")
-    close = difflib.get_close_matches(name, list(typed), n=1)
-    hint = f"did you mean {close[0]!r}?" if close else f"fields: {', '.join(typed)}"
-    return AttributeError(f"{cls.__name__} has no field {name!r}; {hint}")
-
-
-def _specs_from_mappings(value, tp, path: str):
-    """``value`` with plain mappings turned into the spec dataclass ``tp`` declares (also
-    inside a list of specs); anything else unchanged (``validate`` checks it)."""
-    if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
-        return _from_mapping(tp, value, path)
-    if _is_spec_list(tp) and isinstance(value, (list, tuple)):
-        (item_tp,) = typing.get_args(tp)
-        return [_from_mapping(item_tp, v, f"{path}[{i}]") if isinstance(v, Mapping) else v for i, v in enumerate(value)]
-    return value
 
 
 # ---------------------------------------------------------------------------------
@@ -292,7 +268,6 @@ class DualSpec(ConfigFields):
         },
     )
 
-
 # ---------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------
@@ -316,7 +291,11 @@ class ConstrainedDDPOConfig(ConfigFields):
         },
     )
     revision: str | None = field(
-        default=None, metadata={"help": "Hub branch, tag or commit of the base model; unset = the default branch."}
+        default=None,
+        metadata={
+            "help": "Hub branch, tag or commit of the base model; unset = the default branch. config.yaml records the "
+            "commit it resolved to."
+        },
     )
     variant: str | None = field(
         default=None, metadata={"help": "Weight file variant of the base model, e.g. 'fp16'; unset = the full-precision files."}
@@ -334,12 +313,23 @@ class ConstrainedDDPOConfig(ConfigFields):
         default="prompt", metadata={"help": "Column (or .json/.jsonl key) that holds the prompt text, for dataset sources."}
     )
     prompt_split: str = field(default="train", metadata={"help": "Split to read when `prompts` is a Hub dataset id."})
+    prompt_revision: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub branch, tag or commit of the prompt dataset(s) (`prompts`, `eval_prompts` when they are Hub "
+            "dataset ids); unset = the default branch. config.yaml records the commit it resolved to."
+        },
+    )
     eval_prompts: str | list[str] | None = field(
         default=None,
         metadata={
             "help": "Prompts for the end-of-training evaluation, in the same forms as `prompts` (a list too); unset = "
             "`prompts`. The paper evaluated on held-out animals (snail, hippopotamus, cheetah, …)."
         },
+    )
+    eval_prompt_split: str | None = field(
+        default=None,
+        metadata={"help": "Split to read when `eval_prompts` is a Hub dataset id (e.g. 'test'); unset = `prompt_split`."},
     )
     # problem
     objective: ObjectiveSpec = field(
@@ -397,7 +387,7 @@ class ConstrainedDDPOConfig(ConfigFields):
             "'fixed': K = backprop_steps. 'uniform': K ~ U{backprop_min_steps, …, backprop_steps}. 'gaussian' "
             "(the paper's): a cut-off index ~ N(backprop_gaussian_mean·T, backprop_gaussian_std), rounded and clipped "
             "to [1, T−1], and K = T − index (about 0.2·T with the paper's settings).",
-            "choices": BACKPROP_STRATEGIES,
+            "choices": TRUNCATION_STRATEGIES,
         },
     )
     backprop_steps: int = field(
@@ -507,8 +497,10 @@ class ConstrainedDDPOConfig(ConfigFields):
     eval_batches: int = field(
         default=16,
         metadata={
-            "help": "Batches of train_batch_size images (per process) sampled from eval_prompts after training to "
-            "report rewards, constraints and KL, base and trained model on the same seeds; 0 = no evaluation. "
+            "help": "Batches of train_batch_size images (per process) of eval_prompts (each prompt in turn) after "
+            "training to report rewards, constraints and KL, base and trained model on the same seeds (the "
+            "evaluation harness's images for the same prompts, count and seed); 0 only when you drive step() "
+            "yourself (train() refuses it). "
             "Default 16 × 4 = 64 images: fewer make a verdict mostly sampling noise.",
             "ge": 0,
         },
@@ -650,248 +642,10 @@ class ConstrainedDDPOConfig(ConfigFields):
         _check_run(self)
 
 
-# ---------------------------------------------------------------------------------
-# Types: conversion from YAML/CLI values (lenient) and checking of objects (strict)
-# ---------------------------------------------------------------------------------
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-def _type_name(tp) -> str:
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return f"mapping ({tp.__name__})"
-    args = typing.get_args(tp)
-    if _is_union(tp):
-        return " | ".join(_type_name(a) for a in args)
-    if typing.get_origin(tp) is list:
-        return f"list[{_type_name(args[0])}]"
-    if typing.get_origin(tp) is dict:
-        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _is_union(tp) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType)
-
-
-def _is_optional(tp) -> bool:
-    return _is_union(tp) and type(None) in typing.get_args(tp)
-
-
-def _type_error(path: str, value, tp, hint: str = "") -> ValueError:
-    got = type(value).__name__
-    msg = f"{path or 'config'}: expected {_type_name(tp)}, got {value!r} ({got})"
-    return ValueError(msg + (f"; {hint}" if hint else ""))
-
-
-def _coerce(value, tp, path: str, lenient: bool):
-    """Return ``value`` as declared type ``tp`` or raise ``ValueError`` naming ``path``.
-
-    ``lenient`` (YAML and the command line): strings are parsed by the declared type
-    ("0.5" → 0.5, "true" → True; this also repairs YAML's reading of ``1e-3`` as a
-    string), integral floats become ints, mappings become spec dataclasses. Strict
-    (:meth:`ConstrainedDDPOConfig.validate`): only the declared types, plus ints where
-    floats are declared. Both reject bools as numbers and non-finite floats."""
-    if _is_union(tp):
-        members = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            if len(members) < len(typing.get_args(tp)):
-                return None
-            raise _type_error(path, value, tp)
-        is_list = isinstance(value, list) or (lenient and isinstance(value, tuple))
-        for member in members:
-            if (typing.get_origin(member) is list) == is_list:
-                return _coerce(value, member, path, lenient)
-        raise _type_error(path, value, tp)
-    if value is None and lenient and dataclasses.is_dataclass(tp):
-        value = {}  # `dual:` with every key commented out means the defaults
-    if value is None:
-        raise _type_error(path, value, tp, "this field cannot be null")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            if lenient:  # a fresh, converted copy
-                return _from_mapping(tp, {f.name: getattr(value, f.name) for f in dataclasses.fields(tp)}, path)
-            for f, hint in _fields_with_types(tp):
-                _coerce(getattr(value, f.name), hint, _join(path, f.name), lenient)
-            return value
-        if lenient and isinstance(value, Mapping):
-            return _from_mapping(tp, value, path)
-        if isinstance(value, Mapping):  # e.g. a dict appended to config.constraints
-            raise ValueError(
-                f"{path}: expected a {tp.__name__}, got the plain mapping {value!r}, which is converted only when "
-                f"the whole field is assigned; assign the field again or build {tp.__name__}(**mapping)"
-            )
-        raise _type_error(path, value, tp)
-    if typing.get_origin(tp) is list:
-        (item_tp,) = typing.get_args(tp)
-        if not (isinstance(value, list) or (lenient and isinstance(value, tuple))):
-            raise _type_error(path, value, tp, "write a list, e.g. [a, b]")
-        return [_coerce(v, item_tp, f"{path}[{i}]", lenient) for i, v in enumerate(value)]
-    if typing.get_origin(tp) is dict or tp is dict:
-        key_tp, value_tp = typing.get_args(tp) or (str, dict)
-        if not isinstance(value, Mapping):
-            raise _type_error(path, value, tp, "write a mapping, e.g. {name: {key: value}}")
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise _type_error(f"{path}.{k}", k, str, "keys must be names")
-            if value_tp is not dict:
-                out[k] = _coerce(v, value_tp, f"{path}.{k}", lenient)
-            elif isinstance(v, Mapping):
-                out[k] = dict(v)
-            else:
-                raise _type_error(f"{path}.{k}", v, dict, "write a mapping of keyword arguments")
-        return out
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if lenient and isinstance(value, str) and value.strip().lower() in _CLI_TRUE + _CLI_FALSE:
-            return value.strip().lower() in _CLI_TRUE
-        raise _type_error(path, value, tp, "use true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if lenient and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            return int(value)
-        if lenient and isinstance(value, (str, float)):
-            number = _parse_float(value)  # "1e3" and 4.0 are integers too
-            if number is not None and math.isfinite(number) and number.is_integer():
-                return int(number)
-        raise _type_error(path, value, tp)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif lenient and isinstance(value, str) and _parse_float(value) is not None:
-            number = _parse_float(value)
-        else:
-            raise _type_error(path, value, tp)
-        if not math.isfinite(number):
-            raise ValueError(f"{path}: must be a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(path, value, tp, "quote it in YAML if it is meant as text")
-    raise TypeError(f"{path}: unsupported declared type {tp!r}")  # a bug in this module
-
-
-def _parse_float(value) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _fields_with_types(cls) -> list[tuple[dataclasses.Field, object]]:
-    """(field, resolved declared type) pairs of dataclass ``cls``."""
-    hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
-
-
-def _field_types(cls) -> dict[str, object]:
-    """Field name -> resolved declared type of dataclass ``cls``."""
-    return {f.name: tp for f, tp in _fields_with_types(cls)}
-
-
-@functools.lru_cache(maxsize=None)
-def _declared_types(cls) -> dict[str, object]:
-    """:func:`_field_types`, cached per class (read on every attribute assignment)."""
-    return _field_types(cls)
-
-
-def _from_mapping(cls, mapping, path: str):
-    """Build dataclass ``cls`` from a mapping, converting each value by its declared type."""
-    if not isinstance(mapping, Mapping):
-        raise _type_error(path, mapping, cls, f"valid keys: {', '.join(f.name for f in dataclasses.fields(cls))}")
-    typed = _field_types(cls)
-    problems = []
-    for key in mapping:
-        if key in typed:
-            continue
-        where = _join(path, str(key))
-        if isinstance(getattr(cls, str(key), None), property):
-            problems.append(f"{where}: is derived from the other fields and cannot be set")
-            continue
-        close = difflib.get_close_matches(str(key), list(typed), n=1)
-        suggestion = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(typed)}"
-        problems.append(f"{where}: unknown key; {suggestion}")
-    if problems:
-        raise ValueError("; ".join(problems))
-    kwargs = {key: _coerce(value, typed[key], _join(path, key), lenient=True) for key, value in mapping.items()}
-    return cls(**kwargs)
-
-
-def _check_type(value, cls, path: str) -> None:
-    _coerce(value, cls, path, lenient=False)
-
-
-def dataclass_from_dict(cls, data: Mapping, path: str = ""):
-    """Build config dataclass ``cls`` from a mapping (YAML or CLI text values converted by
-    the declared types; unknown keys rejected with a suggestion). Does not validate."""
-    return _from_mapping(cls, data, path)
-
-
-def check_fields(obj, path: str = "") -> None:
-    """Check every field of config dataclass ``obj`` against its declared type, its
-    ``choices`` and its bounds (the per-field half of a ``validate`` method)."""
-    _check_type(obj, type(obj), path)
-    _check_field_metadata(obj, path)
-
 
 # ---------------------------------------------------------------------------------
-# Values: per-field metadata, then rules that relate fields
+# Rules that relate fields
 # ---------------------------------------------------------------------------------
-
-_BOUNDS = {
-    "ge": (lambda v, b: v >= b, ">="),
-    "gt": (lambda v, b: v > b, ">"),
-    "le": (lambda v, b: v <= b, "<="),
-    "lt": (lambda v, b: v < b, "<"),
-}
-
-
-def not_allowed(path: str, value, allowed) -> ValueError:
-    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ValueError(f"{path}: {value!r} is not allowed{hint}; allowed values: {', '.join(map(repr, allowed))}")
-
-
-def _check_field_metadata(obj, path: str) -> None:
-    """Enforce each field's ``choices`` and bounds, recursing into specs."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        where = _join(path, f.name)
-        if dataclasses.is_dataclass(value):
-            _check_field_metadata(value, where)
-            continue
-        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
-            for i, item in enumerate(value):
-                _check_field_metadata(item, f"{where}[{i}]")
-            continue
-        if value is None:
-            continue
-        choices = _choices(f)
-        if choices is not None and value not in choices:
-            raise not_allowed(where, value, choices)
-        if isinstance(value, str) and not value.strip():
-            raise ValueError(f"{where}: must not be empty (leave it out to use the default)")
-        items = value if isinstance(value, list) else [value]
-        for i, item in enumerate(items):
-            item_path = f"{where}[{i}]" if isinstance(value, list) else where
-            for key, (holds, symbol) in _BOUNDS.items():
-                if key in f.metadata and not holds(item, f.metadata[key]):
-                    raise ValueError(f"{item_path}: {item!r} is out of range; must be {symbol} {f.metadata[key]}")
-
-
-def _choices(f: dataclasses.Field):
-    """A field's allowed values: a fixed tuple, or a registry's current names (so that a
-    registered estimator or dual optimizer is accepted without editing this module)."""
-    choices = f.metadata.get("choices")
-    return tuple(choices.names()) if hasattr(choices, "names") else choices
 
 
 def _known_rewards() -> list[str]:
@@ -901,8 +655,8 @@ def _known_rewards() -> list[str]:
 
 def _check_reward_name(path: str, name: str, known: list[str] | None) -> None:
     if known is not None and name not in known:
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        close = did_you_mean(name, known)
+        hint = f"{close} " if close else ""
         raise ValueError(f"{path}: unknown reward {name!r}; {hint}available rewards: {', '.join(sorted(known))}")
 
 
@@ -1064,8 +818,6 @@ def _check_run(cfg: ConstrainedDDPOConfig) -> None:
     if cfg.push_to_hub and cfg.hub_model_id is None:
         raise ValueError("hub_model_id: required when push_to_hub is true; set it to 'user/repo'")
     if cfg.hub_model_id is not None:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
         try:
             validate_repo_id(cfg.hub_model_id)
         except HFValidationError as err:
@@ -1076,14 +828,14 @@ def _check_run(cfg: ConstrainedDDPOConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------
-# Dicts and YAML files
+# Dicts, YAML files and the command line (the engine, for this config)
 # ---------------------------------------------------------------------------------
 
 
 def config_from_dict(d: Mapping) -> ConstrainedDDPOConfig:
     """Build and validate a config from a plain mapping (YAML or JSON shaped): values are
     converted by their declared types and unknown keys are rejected at every level."""
-    cfg = _from_mapping(ConstrainedDDPOConfig, d, "")
+    cfg = dataclass_from_dict(ConstrainedDDPOConfig, d)
     cfg.validate()
     return cfg
 
@@ -1092,44 +844,6 @@ def config_to_dict(cfg: ConstrainedDDPOConfig) -> dict:
     """A plain dict of builtins (YAML/JSON serialisable) that round-trips through
     :func:`config_from_dict`. Derived values (``ConstraintSpec.name``) are not included."""
     return dataclasses.asdict(cfg)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` (same safe constructors) that rejects a key repeated in one
-    mapping, which plain YAML loading resolves silently to the last value."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, typing.Hashable):
-                continue  # SafeLoader reports unhashable keys itself
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml_mapping(path) -> dict:
-    """The top-level mapping of a YAML file (safe loader, duplicate keys rejected); errors
-    name the file, line and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: config file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(error, "problem", None) or str(error)
-        raise ValueError(f"{where}: malformed YAML: {problem}") from None
-    if not isinstance(data, dict):
-        kind = "empty" if data is None else f"a {type(data).__name__}"
-        raise ValueError(f"{path}: the top level is {kind}; a config file must be a mapping of field: value")
-    return data
 
 
 def load_config_file(path) -> ConstrainedDDPOConfig:
@@ -1141,121 +855,9 @@ def load_config_file(path) -> ConstrainedDDPOConfig:
         raise ValueError(f"{path}: {error}") from None
 
 
-def check_output_dir_writable(path, field_name: str = "output_dir") -> None:
-    """Raise ``ValueError`` naming ``path`` unless it is a folder this process can write
-    into, or one it can create (its nearest existing ancestor is a writable folder).
-    Reads the file system only; creates nothing."""
-    path = Path(path).expanduser()
-    shown = f"{field_name}={str(path)!r}"
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{shown} is a file, not a folder; choose another {field_name} (or move the file away)")
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(
-            f"{shown} cannot be created: {str(existing)!r} is a file, not a folder; choose another {field_name}"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        where = "it" if existing == path else f"its parent {str(existing)!r}"
-        raise ValueError(f"{shown} is not writable ({where}: permission denied); choose a folder you can write to")
-
-
-# Tracker name -> (modules accelerate looks for, the package to install).
-TRACKER_PACKAGES = {
-    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
-    "wandb": (("wandb",), "wandb"),
-    "trackio": (("trackio",), "trackio"),
-}
-
-
-def check_trackers_installed(names, field_name: str = "report_to") -> None:
-    """Raise ``ValueError`` naming the package to install for each tracker in ``names``
-    that is not importable ('all' and 'none' need nothing: accelerate uses what exists)."""
-    import importlib.util
-
-    missing = [n for n in names if n in TRACKER_PACKAGES
-               and not any(importlib.util.find_spec(m) for m in TRACKER_PACKAGES[n][0])]
-    if missing:
-        packages = " ".join(TRACKER_PACKAGES[n][1] for n in missing)
-        raise ValueError(
-            f"{field_name}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
-            f"`pip install {packages}`, or set {field_name} to none (metrics are written to output_dir anyway)"
-        )
-
-
-def check_mixed_precision(mixed_precision: str, device, field_name: str = "mixed_precision") -> None:
-    """Refuse ``fp16`` (or ``float16``) on a CPU (``ValueError``): float16 is a GPU format;
-    on a CPU it is slow where it runs at all, so a run would not be what was asked for."""
-    if mixed_precision in ("fp16", "float16") and getattr(device, "type", str(device)) == "cpu":
-        others = "'float32' or 'bfloat16'" if mixed_precision == "float16" else "'no' (float32) or 'bf16'"
-        raise ValueError(
-            f"{field_name}: {mixed_precision!r} needs a GPU, and this process runs on the CPU; use {others} on a CPU"
-        )
-
-
 def save_config(cfg: ConstrainedDDPOConfig, path) -> None:
     """Write ``cfg`` as a YAML recipe that :func:`load_config_file` reads back equal."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, allow_unicode=True)
-
-
-# ---------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------
-
-
-def _field_default(f: dataclasses.Field):
-    """A field's built-in default value (``dataclasses.MISSING`` when it has none)."""
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
-
-
-def _format_default(value, limit: int = 300) -> str:
-    """A default value as a user would write it on the command line or in YAML."""
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value if value.strip() else repr(value)
-    if dataclasses.is_dataclass(value):
-        value = dataclasses.asdict(value)
-    if isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value):
-        return " ".join(map(str, value))
-    if isinstance(value, (list, dict)):
-        text = yaml.safe_dump(value, default_flow_style=True, width=10**9, allow_unicode=True, sort_keys=False).strip()
-        return text if len(text) <= limit else text[: limit - 1] + "…"
-    return str(value)
-
-
-def _help_text(f: dataclasses.Field, tp, default=dataclasses.MISSING, source: str | None = None) -> str:
-    """``f``'s help, its choices, type and the default that will run (``source``: the
-    recipe it comes from, if not the field's own default)."""
-    parts = [f.metadata["help"]]
-    if "choices" in f.metadata:
-        parts.append(f"Choices: {', '.join(_choices(f))}.")
-    if default is not dataclasses.MISSING and not dataclasses.is_dataclass(default):
-        where = f" (from {source})" if source else ""
-        parts.append(f"[{_type_name(tp)}; default: {_format_default(default)}{where}]")
-    return " ".join(parts).replace("%", "%%")  # argparse %-formats help strings
-
-
-def _add_field_argument(group, flag: str, f: dataclasses.Field, tp, default=dataclasses.MISSING, source=None) -> None:
-    kwargs = dict(dest=flag, default=argparse.SUPPRESS, help=_help_text(f, tp, default, source))
-    members = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
-    if members == [bool]:
-        kwargs.update(nargs="?", const="true", metavar="{true,false}")
-    elif any(typing.get_origin(m) is list and not dataclasses.is_dataclass(typing.get_args(m)[0]) for m in members):
-        kwargs.update(nargs="+", metavar="VALUE")
-    else:
-        kwargs.update(metavar=flag.split(".")[-1].upper())
-    group.add_argument(f"--{flag}", **kwargs)
+    save_yaml(config_to_dict(cfg), path)
 
 
 _ALIGN_DESCRIPTION = (
@@ -1265,19 +867,6 @@ _ALIGN_DESCRIPTION = (
 )
 
 
-def _is_spec_list(tp) -> bool:
-    return typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0])
-
-
-def _display_path(path) -> str:
-    """``path`` relative to the current directory when it lies below it, else as given."""
-    p = Path(path)
-    try:
-        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return str(p)
-
-
 def build_parser(
     cls=None,
     prog: str | None = None,
@@ -1285,159 +874,20 @@ def build_parser(
     recipe: str | os.PathLike | None = None,
     default_recipe: str | os.PathLike | None = None,
 ) -> argparse.ArgumentParser:
-    """The ``argparse`` parser for config dataclass ``cls`` (default
-    :class:`ConstrainedDDPOConfig`): ``--config``, one ``--field`` flag per field, dotted
-    ``--spec.key`` flags for nested specs, and one YAML flag per list of specs. Values are
-    kept as text and converted by :func:`dataclass_from_dict`, so CLI and YAML share one
-    conversion.
-
-    ``recipe``: a YAML recipe whose values ``--help`` shows as the defaults, marked
-    "(from <recipe>)", where it sets a field (what a run with it uses); ``default_recipe``:
-    the recipe loaded when no ``--config`` is given, named in ``--config``'s help."""
+    """:func:`cdalign.fields.build_parser` for config dataclass ``cls`` (default
+    :class:`ConstrainedDDPOConfig`, with the alignment description): ``--config``, one
+    ``--field`` flag per field; ``--help`` shows ``recipe``'s values as the defaults."""
     cls = cls or ConstrainedDDPOConfig
-    values = read_yaml_mapping(recipe) if recipe is not None else {}
-    label = _display_path(recipe) if recipe is not None else None
-    description = description or (_ALIGN_DESCRIPTION if cls is ConstrainedDDPOConfig else cls.__doc__)
-    if label:
-        description += (f" Defaults shown are what runs: the values of {label} where it sets a field "
-                        f"(marked 'from {label}'), else the field's built-in default.")
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
-    config_help = "YAML recipe to load first" + (
-        f" (default: {_display_path(default_recipe)})." if default_recipe is not None else " (default: none).")
-    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help.replace("%", "%%"))
-    for f, tp in _fields_with_types(cls):
-        from_recipe = f.name in values
-        if dataclasses.is_dataclass(tp):
-            given = values.get(f.name) if isinstance(values.get(f.name), Mapping) else None
-            shown = f" [default: {_format_default(values[f.name])} (from {label})]" if from_recipe else ""
-            group = parser.add_argument_group(f.name, f.metadata["help"])
-            group.add_argument(
-                f"--{f.name}",
-                dest=f.name,
-                metavar="YAML",
-                default=argparse.SUPPRESS,
-                help=(f"The whole {f.name} spec as a YAML/JSON mapping (replaces the recipe's); "
-                      f"--{f.name}.<key> flags apply after it.{shown}").replace("%", "%%"),
-            )
-            # A recipe's mapping replaces the whole spec: keys it leaves out take the spec
-            # class's defaults, not those of the config's default spec.
-            parent = _field_default(f) if given is None else None
-            for sub, sub_tp in _fields_with_types(tp):
-                if given is not None and sub.name in given:
-                    default, source = given[sub.name], label
-                elif given is not None:
-                    default, source = _field_default(sub), None
-                else:
-                    default, source = getattr(parent, sub.name), None
-                _add_field_argument(group, f"{f.name}.{sub.name}", sub, sub_tp, default, source)
-        elif _is_spec_list(tp):
-            keys = " ".join(
-                f"{sub.name} ({_type_name(sub_tp)}, default {_format_default(_field_default(sub))}): "
-                f"{sub.metadata['help']}"
-                for sub, sub_tp in _fields_with_types(typing.get_args(tp)[0])
-            )
-            default = values[f.name] if from_recipe else _field_default(f)
-            shown = f"[default: {_format_default(default) if default else 'none'}" + (f" (from {label})]" if from_recipe else "]")
-            parser.add_argument(
-                f"--{f.name}",
-                dest=f.name,
-                metavar="YAML",
-                default=argparse.SUPPRESS,
-                help=(f"{f.metadata['help']} Keys of each item: {keys} {shown}").replace("%", "%%"),
-            )
-        else:
-            default = values[f.name] if from_recipe else _field_default(f)
-            _add_field_argument(parser, f.name, f, tp, default, label if from_recipe else None)
-    return parser
+    description = description or (_ALIGN_DESCRIPTION if cls is ConstrainedDDPOConfig else None)
+    return _build_parser(cls, prog=prog, description=description, recipe=recipe, default_recipe=default_recipe)
 
 
-def _cli_value(text_or_list, tp, flag: str):
-    """Turn argparse text into a value for :func:`config_from_dict`: 'null' unsets an
-    optional field, YAML text where a list or mapping is expected; the rest stays text."""
-    if isinstance(text_or_list, list):
-        if len(text_or_list) == 1 and not (typing.get_origin(tp) is list):
-            return _cli_value(text_or_list[0], tp, flag)  # e.g. --dual.init 0.2 for `float | list[float]`
-        return text_or_list
-    text = text_or_list
-    if _is_optional(tp) and text.strip().lower() in _CLI_NONE:
-        return None
-    wants_structure = dataclasses.is_dataclass(tp) or typing.get_origin(tp) in (list, dict)
-    if wants_structure or (_is_union(tp) and text.lstrip().startswith("[")):
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ValueError(f"--{flag}: malformed YAML/JSON {text!r}: {getattr(error, 'problem', error)}") from None
-    return text
-
-
-def _config_argument(argv: list[str]) -> str | None:
-    """The value of the last ``--config`` in ``argv`` (as argparse would read it), or None."""
-    found = None
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            found = argv[i + 1]
-        elif arg.startswith("--config="):
-            found = arg.split("=", 1)[1]
-    return found
-
-
-def parse_args_to_dict(
-    cls,
-    argv: list[str] | None = None,
-    parser: argparse.ArgumentParser | None = None,
-    *,
-    default_recipe: str | os.PathLike | None = None,
-    resolve_paths: typing.Callable[[dict, Path], dict] | None = None,
-) -> dict:
-    """The raw mapping that ``--config recipe.yaml`` plus ``--field value`` overrides
-    describe for config dataclass ``cls`` (overrides win; dotted flags set one key of a
-    nested spec). Unknown options raise ``ValueError`` with the closest valid flag.
-
-    ``default_recipe``: loaded when ``argv`` has no ``--config`` (``--help`` then shows its
-    values as the defaults). ``resolve_paths(mapping, recipe_path)``: rewrites paths in the
-    file's mapping that are relative to the recipe file, before the flags apply."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    recipe = _config_argument(argv)
-    if recipe is None and default_recipe is not None:
-        recipe = str(default_recipe)
-        argv = ["--config", recipe, *argv]
-    if parser is None:
-        wants_help = any(a in ("-h", "--help") for a in argv)
-        parser = build_parser(cls, recipe=recipe if wants_help else None, default_recipe=default_recipe)
-    namespace, unknown = parser.parse_known_args(argv)
-    if unknown:
-        options = [o for o in parser._option_string_actions if o.startswith("--")]
-        problems = []
-        for arg in unknown:
-            if arg.startswith("-"):
-                close = difflib.get_close_matches(arg.split("=")[0], options, n=1)
-                problems.append(f"{arg}: unknown option" + (f"; did you mean {close[0]}?" if close else ""))
-            else:
-                problems.append(f"{arg!r}: unexpected argument (values follow a --field flag)")
-        raise ValueError("; ".join(problems))
-    given = vars(namespace)
-    raw = {}
-    if "config" in given:
-        path = given.pop("config")
-        raw = read_yaml_mapping(path)
-        if resolve_paths is not None:
-            raw = resolve_paths(raw, Path(path))
-    typed = _field_types(cls)
-    for flag in sorted(given, key=lambda k: "." in k):  # whole specs before their dotted keys
-        if flag not in typed and "." not in flag:
-            continue  # an option the caller added to the parser itself
-        if "." not in flag:
-            raw[flag] = _cli_value(given[flag], typed[flag], flag)
-            continue
-        top, key = flag.split(".", 1)
-        sub_types = _field_types(typed[top])
-        spec = raw.setdefault(top, {})
-        if spec is None:
-            spec = raw[top] = {}
-        if not isinstance(spec, dict):
-            raise ValueError(f"{top}: expected a mapping before applying --{flag}, got {spec!r}")
-        spec[key] = _cli_value(given[flag], sub_types[key], flag)
-    return raw
+def parse_args_to_dict(cls, argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None, **kwargs) -> dict:
+    """:func:`cdalign.fields.parse_args_to_dict`, with the alignment description for
+    :class:`ConstrainedDDPOConfig`."""
+    if cls is ConstrainedDDPOConfig:
+        kwargs.setdefault("description", _ALIGN_DESCRIPTION)
+    return _parse_args_to_dict(cls, argv, parser, **kwargs)
 
 
 def parse_config(argv: list[str] | None = None, default_recipe: str | os.PathLike | None = None) -> ConstrainedDDPOConfig:

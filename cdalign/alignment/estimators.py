@@ -2,12 +2,13 @@
 
 An estimator samples through the shared :class:`~cdalign.core.sampling.DiffusionSampler`,
 scores the images, adds the chain KL where the problem needs it, and returns a
-:class:`MicroBatch`. Reward backpropagation (the paper's) is here; a DDPO
-policy-gradient estimator plugs into the same registry."""
+:class:`MicroBatch`. Reward backpropagation (the paper's) is the one registered in
+:data:`ESTIMATORS`; another estimator (e.g. a DDPO-style policy gradient for rewards
+without gradients, METHOD.md §3) would register there under its own name."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +16,7 @@ from cdalign.core.kl import ChainKLAccumulator, choose_kl_steps
 from cdalign.core.problem import ConstrainedProblem
 from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
 from cdalign.core.statistics import mean_and_ci  # noqa: F401  (re-exported: estimators report with it)
+from cdalign.core.truncation import TRUNCATION_STRATEGIES, truncation_steps  # noqa: F401  (re-exported)
 from cdalign.registry import Registry
 
 ESTIMATORS: Registry = Registry("estimator")
@@ -30,26 +32,6 @@ class MicroBatch:
     rewards_norm: dict[str, torch.Tensor]
     kl: torch.Tensor | None  # (B,) detached
     num_grad_steps: int
-    unet_calls: dict = field(default_factory=dict)
-
-
-def truncation_steps(strategy: str, num_steps: int, config, generator: torch.Generator) -> int:
-    """K, the number of final denoising steps that carry gradient.
-
-    fixed: ``backprop_steps``; uniform: U{backprop_min_steps .. backprop_steps};
-    gaussian (paper): cut-off index ~ N(backprop_gaussian_mean·T, backprop_gaussian_std),
-    rounded and clipped to [1, T−1], and K = T − cut-off."""
-    if strategy == "fixed":
-        return min(config.backprop_steps, num_steps)
-    if strategy == "uniform":
-        lo, hi = config.backprop_min_steps, min(config.backprop_steps, num_steps)
-        return int(torch.randint(lo, hi + 1, (1,), generator=generator))
-    if strategy == "gaussian":
-        z = float(torch.randn((1,), generator=generator))
-        cut = round(config.backprop_gaussian_mean * num_steps + config.backprop_gaussian_std * z)
-        cut = min(max(cut, 1), num_steps - 1)
-        return num_steps - cut
-    raise ValueError(f"unknown backprop_strategy {strategy!r}; allowed values: fixed, uniform, gaussian")
 
 
 @ESTIMATORS.register("reward_backprop")
@@ -96,12 +78,13 @@ class RewardBackprop:
             rewards_norm={n: v.detach() for n, v in norm.items()},
             kl=None if kl is None else kl.detach(),
             num_grad_steps=k,
-            unet_calls={"policy": T, "reference": 0 if kl_acc is None else kl_acc.reference_calls},
         )
 
 
 def score(images: torch.Tensor, prompts: list[str], names: list[str], rewards: dict, normalizers: dict):
-    """Raw and normalised values (B,) of each named reward; raises on non-finite values."""
+    """Raw and normalised values (B,) of each named reward (as float32). Non-finite values
+    pass through unchanged: the trainer checks each micro-batch with :func:`is_finite_batch`
+    and skips a non-finite one (up to ``max_nonfinite_batches``)."""
     raw, norm = {}, {}
     for name in names:
         values = rewards[name](images, prompts).float()

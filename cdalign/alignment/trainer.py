@@ -19,12 +19,19 @@ import shutil
 import signal
 import threading
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from accelerate import Accelerator, PartialState
+from tqdm.auto import tqdm
 
+from cdalign.alignment.checkpoint import (
+    TrainerState,
+    check_checkpoint_files,
+    read_checkpoint,
+    write_checkpoint,
+)
 from cdalign.alignment.config import (
     ConstrainedDDPOConfig,
     check_mixed_precision,
@@ -36,35 +43,32 @@ from cdalign.alignment.config import (
     save_config,
 )
 from cdalign.alignment.estimators import ESTIMATORS, MicroBatch, is_finite_batch
+from cdalign.alignment.normalization import compute_reward_statistics
 from cdalign.core.duals import InfeasibilityMonitor, build_dual_optimizer
-from cdalign.core.kl import ChainKLAccumulator, choose_kl_steps
 from cdalign.core.normalization import (
-    MIN_NORMALIZATION_SAMPLES,
-    NormalizationCache,
     RewardStats,
     callable_name,
     model_fingerprint,
     prompts_fingerprint,
     reward_identity,
-    stats_from_samples,
 )
 from cdalign.core.problem import ConstrainedProblem
-from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
-from cdalign.core.seeding import batch_share, derived_seed, eval_batch_share
-from cdalign.core.statistics import (
-    constraint_decision,
-    mean_and_ci,
-    paired_difference,
-    summarize,
+from cdalign.core.sampling import DiffusionSampler
+from cdalign.core.seeding import (
+    LORA_INIT,
+    TRAIN_BATCH,
+    batch_share,
+    derived_seed,
+    evaluation_items,
 )
-from cdalign.data.prompt_sets import load_prompts
+from cdalign.core.statistics import paired_difference, summarize
+from cdalign.data.prompt_sets import load_prompts_with_source
+from cdalign.evaluation.scoring import AdaptedModel, BaseModel, score_checkpoints
+from cdalign.models import distributed
 from cdalign.models.checkpointing import (
-    atomic_directory,
     atomic_write_text,
     gathered_optimizer_state,
     list_checkpoints,
-    optimizer_from_files,
-    optimizer_to_files,
     remove_stale_temporaries,
     resolve_checkpoint,
     rotate_checkpoints,
@@ -72,17 +76,17 @@ from cdalign.models.checkpointing import (
 from cdalign.models.lora import (
     LORA_WEIGHT_NAME,
     adapter_state_dict,
-    check_safetensors,
+    add_lora_adapter,
     full_tensor,
-    like_param,
     save_adapter,
 )
-from cdalign.models.pipeline import load_pipeline
+from cdalign.models.pipeline import load_pipeline_with_source, precision_dtype
 from cdalign.publishing.cards import write_model_card
 from cdalign.publishing.hub import push_output_dir
 from cdalign.publishing.plotting import plot_duals, save_grid
 from cdalign.rewards import REWARDS
 from cdalign.rewards.metrics import EVAL_METRICS
+from cdalign.utils.files import check_no_previous_run
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +98,9 @@ RUN_MARKERS = ("config.yaml", "log.jsonl", LORA_WEIGHT_NAME, "report.json")
 RUN_PICTURES = ("samples_base_vs_aligned.png", "duals.png")
 # Config fields a resumed run may change: length, cadence, destination, evaluation and
 # reporting. Any other difference from the checkpoint's config changes the run itself.
+# Fields a Hub source pins to its resolved commit in config.yaml: known only once the model
+# has been fetched, so a resume compares them after loading (everything else before).
+PINNED_FIELDS = ("revision", "prompt_revision")
 RESUME_MAY_DIFFER = (
     "max_steps", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "resume_allow_config_change",
     "logging_steps", "save_steps", "save_total_limit", "report_to", "push_to_hub", "hub_model_id", "hub_private",
@@ -124,14 +131,6 @@ class _CallableReward(torch.nn.Module):
 
     def forward(self, images, prompts):
         return torch.as_tensor(self.fn(images, prompts))
-
-
-def check_checkpoint_files(path: Path) -> None:
-    """The safetensors files of checkpoint folder ``path`` are complete (``CorruptFileError``
-    naming the file otherwise, e.g. after a crash or a full disk while copying it)."""
-    for name in ("lora.safetensors", "optimizer.safetensors"):
-        if (Path(path) / name).is_file():
-            check_safetensors(Path(path) / name, what="resume_from_checkpoint")
 
 
 class ConstrainedDDPOTrainer:
@@ -167,8 +166,6 @@ class ConstrainedDDPOTrainer:
         accelerator=None,
         shard_unet: bool | None = None,
     ):
-        from accelerate import Accelerator, PartialState
-
         config.validate()
         self.config = cfg = config
         self.problem = ConstrainedProblem.from_config(cfg)
@@ -186,11 +183,24 @@ class ConstrainedDDPOTrainer:
         acc = self.accelerator
         self.device = acc.device
 
-        self.prompts = load_prompts(cfg.prompts if prompts is None else prompts, cfg.prompt_column, cfg.prompt_split)
-        eval_source = eval_prompts if eval_prompts is not None else (cfg.eval_prompts or None)
-        self.eval_prompts = (
-            load_prompts(eval_source, cfg.prompt_column, cfg.prompt_split) if eval_source is not None else self.prompts
+        self.prompts, prompts_snapshot = load_prompts_with_source(
+            cfg.prompts if prompts is None else prompts, cfg.prompt_column, cfg.prompt_split, cfg.prompt_revision
         )
+        eval_source = eval_prompts if eval_prompts is not None else (cfg.eval_prompts or None)
+        eval_snapshot = prompts_snapshot
+        if eval_source is not None:
+            self.eval_prompts, eval_snapshot = load_prompts_with_source(
+                eval_source, cfg.prompt_column, cfg.eval_prompt_split or cfg.prompt_split, cfg.prompt_revision
+            )
+        else:
+            self.eval_prompts = self.prompts
+        # What the run read from the Hub: repo id, asked revision, resolved commit (None: not from
+        # the Hub); the model's entry is filled when it loads.
+        self.sources = {
+            "model": None,
+            "prompts": prompts_snapshot.record() if prompts_snapshot else None,
+            "eval_prompts": eval_snapshot.record() if eval_snapshot else None,
+        }
         self._recorded_prompts = {
             "prompts": _recordable_prompts(prompts, self.prompts),
             "eval_prompts": _recordable_prompts(eval_prompts, self.eval_prompts),
@@ -211,19 +221,24 @@ class ConstrainedDDPOTrainer:
         if self.resume_path is not None:
             self._check_resume_config(self.resume_path)
 
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        weight_dtype = precision_dtype(cfg.mixed_precision)
+        model_snapshot = None
         if pipeline is None or isinstance(pipeline, str):
             name = cfg.pretrained_model_name_or_path if pipeline is None else pipeline
-            pipeline = load_pipeline(name, revision=cfg.revision, variant=cfg.variant)
+            pipeline, model_snapshot = load_pipeline_with_source(name, revision=cfg.revision, variant=cfg.variant)
             self.model_name = name
         else:
             self.model_name = getattr(pipeline, "name_or_path", None) or pipeline.config.get("_name_or_path", "pipeline")
         self.pipe = pipeline
-        self.sharded = self._wants_sharding(shard_unet)
+        self.sources["model"] = model_snapshot.record() if model_snapshot else None
+        if self.resume_path is not None:
+            self._check_resume_config(self.resume_path, pinned=True)
+        distributed.check_distributed_setup(acc)
+        self.sharded = distributed.wants_sharding(acc, shard_unet)
         self._prepare_models(weight_dtype)
         self.base_fingerprint = model_fingerprint(self.pipe.unet)  # before sharding
         if self.sharded:
-            self._shard_unet()
+            distributed.shard_unet(self.pipe.unet, distributed.fsdp_plugin(acc))
 
         self.rewards = self._build_rewards(rewards or {})
         self.sampler = DiffusionSampler(
@@ -261,16 +276,13 @@ class ConstrainedDDPOTrainer:
     # ------------------------------------------------------------------ setup
     def _check_output_dir(self):
         check_output_dir_writable(self.output_dir)  # a file, or a folder this process cannot write: refused
-        out = self.output_dir
-        if self.resume_path is not None or self.config.overwrite_output_dir or not out.is_dir():
+        if self.resume_path is not None or self.config.overwrite_output_dir:
             return
-        present = [m for m in RUN_MARKERS if (out / m).exists()] + [p.name for p in list_checkpoints(out)]
-        if present:
-            raise FileExistsError(
-                f"output_dir={str(out)!r} already holds a run ({', '.join(present[:4])}); set "
-                "overwrite_output_dir=true to replace it, resume_from_checkpoint=latest to continue it, "
-                "or choose another output_dir"
-            )
+        markers = [*RUN_MARKERS, *(p.name for p in list_checkpoints(self.output_dir))]
+        check_no_previous_run(
+            self.output_dir, markers, remedies="set overwrite_output_dir=true to replace it, "
+            "resume_from_checkpoint=latest to continue it, or choose another output_dir",
+        )
 
     def _clear_previous_run(self) -> list[str]:
         """Before a fresh run writes into ``output_dir`` (``overwrite_output_dir``): remove
@@ -304,12 +316,19 @@ class ConstrainedDDPOTrainer:
         for key, value in self._recorded_prompts.items():
             if value is not None:
                 changes[key] = value
+        # Hub sources pinned to the commits they resolved to: a rerun of config.yaml reads the same files.
+        if self.sources["model"]:
+            changes["revision"] = self.sources["model"]["commit"]
+        prompt_commits = {s["commit"] for s in (self.sources["prompts"], self.sources["eval_prompts"]) if s}
+        if len(prompt_commits) == 1:
+            changes["prompt_revision"] = prompt_commits.pop()
         return dataclasses.replace(self.config, **changes)
 
-    def _check_resume_config(self, path: Path) -> None:
+    def _check_resume_config(self, path: Path, pinned: bool = False) -> None:
         """Refuse to resume from a checkpoint whose saved config differs from this run's in a
         field that changes the run (all but :data:`RESUME_MAY_DIFFER`), unless
-        ``resume_allow_config_change``; then warn, naming the fields."""
+        ``resume_allow_config_change``; then warn, naming the fields. ``pinned``: compare
+        only :data:`PINNED_FIELDS` (after the sources resolved), else all the others."""
         saved_path = Path(path) / "config.yaml"
         if not saved_path.is_file():
             warnings.warn(
@@ -325,7 +344,8 @@ class ConstrainedDDPOTrainer:
             saved = raw  # a config of another cdalign version: compare the fields it has
         current = config_to_dict(self.recorded_config())
         changed = [(k, old, new) for k, old, new in _config_differences(saved, current)
-                   if re.split(r"[.\[]", k, maxsplit=1)[0] not in RESUME_MAY_DIFFER]
+                   if (top := re.split(r"[.\[]", k, maxsplit=1)[0]) not in RESUME_MAY_DIFFER
+                   and (top in PINNED_FIELDS) == pinned]
         if not changed:
             return
         listing = "; ".join(f"{k}: {_short(old)} in the checkpoint, {_short(new)} now" for k, old, new in changed)
@@ -347,9 +367,8 @@ class ConstrainedDDPOTrainer:
         # LoRA B starts at zero: the initial model *is* the base model (chain KL = 0). A's
         # random init is drawn on the CPU from the run's seed, not from the global RNG.
         pipe.unet.to("cpu")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(cfg.seed, 3))
-            self._add_lora(pipe.unet)
+        add_lora_adapter(pipe.unet, "default", rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                         target_modules=cfg.lora_target_modules, seed=derived_seed(cfg.seed, LORA_INIT))
         pipe.to(self.device)
         if weight_dtype != torch.float32:  # frozen weights in half precision
             for module in (pipe.vae, pipe.text_encoder, pipe.unet):
@@ -359,77 +378,18 @@ class ConstrainedDDPOTrainer:
                 p.data = p.data.float()
         pipe.set_progress_bar_config(disable=True)
 
-    def _wants_sharding(self, shard_unet: bool | None) -> bool:
-        from accelerate.utils import DistributedType
-
-        acc = self.accelerator
-        if acc.distributed_type == DistributedType.DEEPSPEED:
-            raise ValueError(
-                "cdalign does not run under DeepSpeed: the base UNet is frozen and only the LoRA trains, so "
-                "ZeRO would shard a few MB; to shard the UNet's weights use FSDP2 "
-                "(accelerate launch --config_file recipes/accelerate_configs/fsdp.yaml ...)"
-            )
-        # accelerate sets FSDP on GPUs; on CPUs (gloo) its launcher still exports the FSDP
-        # config (ACCELERATE_USE_FSDP, FSDP_*), which cdalign honours the same way.
-        fsdp = acc.distributed_type == DistributedType.FSDP or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-        self._fsdp_plugin = getattr(acc.state, "fsdp_plugin", None)
-        if fsdp and self._fsdp_plugin is None:
-            from accelerate.utils import FullyShardedDataParallelPlugin
-
-            self._fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
-        if fsdp and self._fsdp_plugin.fsdp_version != 2:
-            raise ValueError(
-                "cdalign shards with FSDP2: set fsdp_version: 2 in the accelerate config's fsdp_config "
-                "(see recipes/accelerate_configs/fsdp.yaml)"
-            )
-        want = fsdp if shard_unet is None else bool(shard_unet)
-        return want and acc.num_processes > 1
-
-    def _shard_unet(self) -> None:
-        """FSDP2 over the UNet: each down/mid/up block and the root become one sharding unit.
-        Dtypes are the replicated run's (under mixed precision the frozen base in fp16/bf16,
-        the LoRA in fp32; FSDP2 gathers each dtype on its own). Gradients are averaged by
-        FSDP's reduce-scatter, so :meth:`_reduce_gradients` does nothing."""
-        from torch.distributed.fsdp import fully_shard
-
-        plugin = self._fsdp_plugin
-        kwargs: dict = {}
-        if plugin is not None:
-            kwargs["reshard_after_forward"] = plugin.reshard_after_forward
-            if plugin.cpu_offload is not None and not isinstance(plugin.cpu_offload, bool):
-                kwargs["offload_policy"] = plugin.cpu_offload
-        unet = self.pipe.unet
-        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
-            if block is not None:
-                fully_shard(block, **kwargs)
-        fully_shard(unet, **kwargs)
-
-    def _add_lora(self, unet):
-        from peft import LoraConfig
-
-        cfg = self.config
-        unet.add_adapter(
-            LoraConfig(
-                r=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha,
-                init_lora_weights=True,
-                target_modules=list(cfg.lora_target_modules),
-            )
-        )
-
     def _build_rewards(self, given: Mapping[str, Callable]) -> dict:
         rewards = {}
         for name, fn in given.items():
             rewards[name] = fn if isinstance(fn, torch.nn.Module) else _CallableReward(name, fn)
         for name in self.problem.reward_names:
             if name not in rewards:
-
                 rewards[name] = REWARDS.build(name, **self.config.reward_kwargs.get(name, {}))
         for name, r in rewards.items():
             if name in self.problem.reward_names and not getattr(r, "differentiable", True) and self.config.estimator == "reward_backprop":
                 raise ValueError(
-                    f"reward {name!r} is not differentiable; reward_backprop cannot use it (choose a "
-                    "policy-gradient estimator or another reward)"
+                    f"reward {name!r} is not differentiable, and reward_backprop needs its gradient; use a "
+                    "differentiable reward (cdalign has no estimator for non-differentiable rewards yet)"
                 )
             r.to(self.device)
         return rewards
@@ -458,7 +418,8 @@ class ConstrainedDDPOTrainer:
             cfg = self.config
             base_key = {
                 "model": self.model_name,
-                "revision": cfg.revision,
+                # the commit a Hub revision resolved to (a branch that moves recomputes); else as given
+                "revision": self.sources["model"]["commit"] if self.sources["model"] else cfg.revision,
                 "weights": self.base_fingerprint,
                 "prompts": prompts_fingerprint(self.prompts),
                 "sampler": self.sampler.settings(),
@@ -481,58 +442,27 @@ class ConstrainedDDPOTrainer:
     def compute_normalization(self) -> dict[str, RewardStats]:
         """Mean/std of every reward on base-model samples of the training prompts,
         gathered over processes and cached (reused only on a matching key; a user
-        callable without ``cache_key`` is recomputed every run). Warns when the statistics
-        rest on fewer than ``MIN_NORMALIZATION_SAMPLES`` images."""
+        callable without ``cache_key`` is recomputed every run); see
+        :func:`~cdalign.alignment.normalization.compute_reward_statistics`."""
         cfg = self.config
-        names = list(self.rewards)
-        cache = NormalizationCache(cfg.normalization_cache_dir)
-        keys = self.normalization_keys()
-        missing = []
-        for n in names:
-            cached = cache.load(keys[n]) if keys[n] is not None else None
-            if cached is None:
-                missing.append(n)
-            else:
-                self.normalizers[n] = cached
-            if keys[n] is None and self.accelerator.is_main_process:
-                logger.warning(
-                    "reward %r is a user callable without a cache_key attribute: its base-model statistics are "
-                    "recomputed every run (set a cache_key string on it, changed whenever it changes, to cache them)",
-                    n,
-                )
-        if missing:
-            from tqdm.auto import tqdm
-
-            collected = {n: [] for n in missing}
-            show = self.accelerator.is_main_process
-            for b in tqdm(range(cfg.normalization_batches), desc="reward statistics (base model)", disable=not show):
-                prompts, seeds, _ = self._global_batch(1, b, self.prompts, cfg.train_batch_size)
-                with torch.no_grad(), self.accelerator.autocast():
-                    predictor = WithAdaptersDisabled(self.sampler.guided(prompts))
-                    images = self.sampler.sample(predictor, seeds)
-                    for n in missing:
-                        collected[n].append(self.rewards[n](images, prompts).float().detach())
-            for n in missing:
-                values = self.accelerator.gather(torch.cat(collected[n]).to(self.device)).cpu()
-                self.normalizers[n] = stats_from_samples(values)
-                if self.accelerator.is_main_process and keys[n] is not None:
-                    cache.save(keys[n], self.normalizers[n])
-            self.accelerator.wait_for_everyone()
-        few = sorted(n for n in names if self.normalizers[n].count < MIN_NORMALIZATION_SAMPLES)
-        if few:
-            count = min(self.normalizers[n].count for n in few)
-            warnings.warn(
-                f"reward normalisation of {', '.join(few)} rests on only {count} base-model samples (fewer than "
-                f"{MIN_NORMALIZATION_SAMPLES}): values in σ units (thresholds, slacks, the report) are noisy; raise "
-                f"normalization_batches (now {cfg.normalization_batches} batches of "
-                f"{cfg.train_batch_size * self.accelerator.num_processes} images)",
-                stacklevel=2,
+        self.normalizers.update(  # in place: the estimator holds this dict
+            compute_reward_statistics(
+                self.sampler, self.rewards, self.prompts, self.accelerator,
+                keys=self.normalization_keys(), cache_dir=cfg.normalization_cache_dir,
+                batches=cfg.normalization_batches, batch_size=cfg.train_batch_size, seed=cfg.seed,
             )
+        )
         return dict(self.normalizers)
+
+    def ensure_normalization(self) -> None:
+        """Compute the reward statistics if the problem normalises a reward and none are
+        loaded yet (from a checkpoint or an earlier call). Every process calls it."""
+        if not self.normalizers and any(self.problem.normalized(n) for n in self.problem.reward_names):
+            self.compute_normalization()
 
     # ------------------------------------------------------------------ training
     def _micro_batch(self, index: int) -> MicroBatch:
-        prompts, seeds, g = self._global_batch(0, index, self.prompts, self.config.train_batch_size)
+        prompts, seeds, g = self._global_batch(TRAIN_BATCH, index, self.prompts, self.config.train_batch_size)
         multipliers = self.duals.multipliers.to(torch.float32)
         with self.accelerator.autocast():
             return self.estimator(prompts, seeds, multipliers, g)
@@ -541,15 +471,14 @@ class ConstrainedDDPOTrainer:
         """One optimiser step: ``gradient_accumulation_steps`` micro-batches, dual updates
         every ``update_every`` micro-batches, gradients averaged over processes."""
         cfg, acc = self.config, self.accelerator
-        if not self.normalizers and any(self.problem.normalized(n) for n in self.problem.reward_names):
-            self.compute_normalization()
+        self.ensure_normalization()
         self.pipe.unet.train()
         self.optimizer.zero_grad(set_to_none=True)
         records: list[MicroBatch] = []
         for _ in range(cfg.gradient_accumulation_steps):
             mb = self._micro_batch(self.micro_batches_seen)
             self.micro_batches_seen += 1
-            if self._on_all_processes(is_finite_batch(mb)):
+            if distributed.on_all_processes(is_finite_batch(mb), acc):
                 acc.backward(mb.loss / cfg.gradient_accumulation_steps)
                 records.append(mb)
                 self._slack_sum += mb.slacks.double().cpu()
@@ -570,22 +499,15 @@ class ConstrainedDDPOTrainer:
             del mb
             if self.micro_batches_seen % self.update_every == 0:
                 self._dual_step()
-        self._reduce_gradients()
         params = list(self._lora_params().values())
+        if not self.sharded:  # a sharded UNet's gradients are already averaged (FSDP's reduce-scatter)
+            distributed.reduce_gradients(params, acc)
         grad_norm = None
         if cfg.max_grad_norm:
             grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
         self.optimizer.step()
         self.global_step += 1
         return self._log_step(records, grad_norm)
-
-    def _on_all_processes(self, flag: bool) -> bool:
-        """True only if ``flag`` holds on every process: ranks skip a micro-batch together
-        (and abort together), so no collective waits on a rank that bailed out."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        return bool(self.accelerator.reduce(t, reduction="sum").item() == self.accelerator.num_processes)
 
     def _dual_step(self):
         acc = self.accelerator
@@ -606,19 +528,6 @@ class ConstrainedDDPOTrainer:
             )
             warnings.warn(msg, stacklevel=2)
             logger.warning(msg)
-
-    def _reduce_gradients(self):
-        acc = self.accelerator
-        if acc.num_processes == 1 or self.sharded:  # FSDP already averaged them (reduce-scatter)
-            return
-        params = list(self._lora_params().values())
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-        flat = acc.reduce(flat, reduction="mean")
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
-            offset += n
 
     def _log_step(self, records: list[MicroBatch], grad_norm) -> dict:
         acc, prob = self.accelerator, self.problem
@@ -661,14 +570,17 @@ class ConstrainedDDPOTrainer:
 
     def train(self) -> dict:
         """Run ``max_steps`` optimiser steps (continuing a resumed run), save the LoRA,
-        evaluate on held-out samples and write the report, grid and plots.
+        evaluate on held-out samples and write the report, grid and plots. Last, it ends
+        the run's process group and frees it (:func:`~cdalign.models.distributed.end_process_group`):
+        a sharded UNet's shards cannot be gathered afterwards; the saved LoRA holds them.
 
         SIGINT/SIGTERM while it trains stop it after the current optimiser step: it saves
         ``checkpoint-<step>`` and raises :class:`TrainingInterrupted` (a second Ctrl-C
         interrupts at once, without a checkpoint). The previous handlers are restored."""
-        from tqdm.auto import tqdm
-
         cfg, acc = self.config, self.accelerator
+        if cfg.eval_batches < 1:  # refused before training, not after it
+            raise ValueError("eval_batches: train() ends with the evaluation its report and model card come from; "
+                             "give eval_batches >= 1 (0 only for driving step() yourself)")
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.output_dir)
@@ -679,8 +591,7 @@ class ConstrainedDDPOTrainer:
             if self.resume_path is not None:
                 self.load_checkpoint(self.resume_path)
                 saved = (self.global_step, self.resume_path)
-            if any(self.problem.normalized(n) for n in self.problem.reward_names) and not self.normalizers:
-                self.compute_normalization()
+            self.ensure_normalization()
             bar = tqdm(total=cfg.max_steps, initial=self.global_step, desc="constrained alignment", disable=not acc.is_main_process)
             stopping = self._stop_requested()
             while not stopping and self.global_step < cfg.max_steps:
@@ -699,7 +610,7 @@ class ConstrainedDDPOTrainer:
             bar.close()
             if stopping:
                 checkpoint = saved[1] if saved and saved[0] == self.global_step else self.save_checkpoint()
-                acc.end_training()
+                distributed.end_process_group(acc)
                 raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, self.global_step, checkpoint)
         self.save_model(self.output_dir)
         report = self.evaluate()
@@ -711,7 +622,7 @@ class ConstrainedDDPOTrainer:
             self._write_model_card(report)
         if cfg.push_to_hub:
             self.push_to_hub()
-        acc.end_training()
+        distributed.end_process_group(acc)
         return report
 
     @contextlib.contextmanager
@@ -740,51 +651,36 @@ class ConstrainedDDPOTrainer:
 
     def _stop_requested(self) -> bool:
         """Whether any process was signalled to stop: all processes stop at the same step."""
-        return not self._on_all_processes(self._stop_signal is None)
+        return not distributed.on_all_processes(self._stop_signal is None, self.accelerator)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, num_batches: int | None = None) -> dict:
         """Held-out evaluation with fixed seeds: base and aligned images from the same noise,
         each reward's and metric's mean with its 95% CI for both models and the *paired*
-        aligned − base difference, each constraint's measured value against its threshold,
-        and the chain KL over all steps (estimator named in the report)."""
+        aligned − base difference, each constraint's verdict (:meth:`Constraint.verdict
+        <cdalign.core.problem.Constraint.verdict>`) on its measured values, and the chain
+        KL over all steps (estimator named in the report).
+
+        The images are :func:`~cdalign.core.seeding.evaluation_items` of ``eval_prompts``
+        (``num_batches × train_batch_size`` per process, ``eval_seed``), scored by
+        :func:`~cdalign.evaluation.scoring.score_checkpoints`: the evaluation harness
+        scores the same images for the same prompts, count and seed."""
         cfg, acc, prob = self.config, self.accelerator, self.problem
-        if not self.normalizers and any(prob.normalized(n) for n in prob.reward_names):
-            self.compute_normalization()
+        self.ensure_normalization()
         self.pipe.unet.eval()
         batches = cfg.eval_batches if num_batches is None else num_batches
-        metric_fns = {name: EVAL_METRICS.get(name) for name in cfg.eval_metrics}
-        results = {"base": {n: [] for n in self.rewards}, "aligned": {n: [] for n in self.rewards}}
-        metric_values: dict[str, dict[str, list]] = {"base": {}, "aligned": {}}
-        kls, grid = [], {"base": [], "aligned": []}
-        T = len(self.sampler.chain)
-        for b in range(batches):
-            prompts, seeds = eval_batch_share(
-                cfg.eval_seed, b, self.eval_prompts, cfg.train_batch_size, acc.num_processes, acc.process_index
-            )
-            with acc.autocast():
-                policy = self.sampler.guided(prompts)
-                kl_acc = ChainKLAccumulator(
-                    WithAdaptersDisabled(policy), self.sampler.chain, cfg.kl_estimator, choose_kl_steps(T, set())
-                )
-                aligned = self.sampler.sample(policy, seeds, on_step=kl_acc)
-                base = self.sampler.sample(WithAdaptersDisabled(policy), seeds)
-            kls.append(kl_acc.per_sample.float())
-            for key, images in (("base", base), ("aligned", aligned)):
-                if len(grid[key]) * cfg.train_batch_size < cfg.num_grid_images:
-                    grid[key].append(images.cpu())
-                for n in self.rewards:
-                    results[key][n].append(self.rewards[n](images, prompts).float())
-                for fn in metric_fns.values():
-                    for k, v in fn(images, prompts).items():
-                        metric_values[key].setdefault(k, []).append(v.float().to(self.device))
-
-        def gathered(chunks):
-            return acc.gather(torch.cat(chunks).to(self.device)).cpu()
-
-        kl_all = gathered(kls)
-        n_images = int(kl_all.numel())
+        size = cfg.train_batch_size
+        # batches × processes batches of train_batch_size: every process scores as many
+        # (a sharded UNet needs every process in every forward).
+        items = evaluation_items(self.eval_prompts, batches * size * acc.num_processes, cfg.eval_seed)
+        scores = score_checkpoints(
+            self.sampler, {"base": BaseModel, "aligned": AdaptedModel}, items, batch_size=size,
+            rewards=self.rewards, metrics={name: EVAL_METRICS.get(name) for name in cfg.eval_metrics},
+            kl_estimator=cfg.kl_estimator, stats=self.normalizers, autocast=acc.autocast,
+        )
+        base, aligned = scores["base"], scores["aligned"]
+        n_images = aligned.n
         if n_images < MIN_VERDICT_IMAGES:
             warnings.warn(
                 f"evaluation on {n_images} images: a constraint verdict from fewer than {MIN_VERDICT_IMAGES} is "
@@ -797,51 +693,38 @@ class ConstrainedDDPOTrainer:
             "num_eval_images": n_images,
             "eval": {"seed": cfg.eval_seed, "images": n_images, "prompts": len(self.eval_prompts), "paired": True},
         }
-        per_model = {}
-        for key in ("base", "aligned"):
-            per_model[key] = {}
-            for n in self.rewards:
-                raw = gathered(results[key][n])
-                stats = self.normalizers.get(n)
-                per_model[key][n] = (raw, stats.normalize(raw) if stats is not None else raw)
         rewards_report = {}
         for n in self.rewards:
             entry = {}
-            for key in ("base", "aligned"):
-                raw, normed = per_model[key][n]
-                m, lo_, hi_ = mean_and_ci(raw)
-                entry[key] = {"mean": m, "ci95": [lo_, hi_]}
-                if n in self.normalizers:
-                    m, lo_, hi_ = mean_and_ci(normed)
-                    entry[key]["normalized_mean"] = m
-                    entry[key]["normalized_ci95"] = [lo_, hi_]
-            pick = 1 if n in self.normalizers else 0
-            entry["difference"] = paired_difference(per_model["aligned"][n][pick], per_model["base"][n][pick])
-            entry["difference"]["units"] = "base std" if pick else "raw"
+            for key, model in (("base", base), ("aligned", aligned)):
+                s = summarize(model.rewards[n])
+                entry[key] = {"mean": s["mean"], "ci95": s["ci95"]}
+                if n in model.normalized:
+                    s = summarize(model.normalized[n])
+                    entry[key]["normalized_mean"] = s["mean"]
+                    entry[key]["normalized_ci95"] = s["ci95"]
+            normed = n in aligned.normalized
+            treated, control = (aligned.normalized[n], base.normalized[n]) if normed else (aligned.rewards[n], base.rewards[n])
+            entry["difference"] = paired_difference(treated, control)
+            entry["difference"]["units"] = "base std" if normed else "raw"
             rewards_report[n] = entry
         report["rewards"] = rewards_report
-        if metric_fns:
+        if cfg.eval_metrics:
             report["metrics"] = {}
-            for k in metric_values["aligned"]:
-                aligned_v, base_v = gathered(metric_values["aligned"][k]), gathered(metric_values["base"][k])
+            for k in aligned.metrics:
+                aligned_v, base_v = aligned.metrics[k], base.metrics[k]
                 keep = ~(aligned_v.isnan() | base_v.isnan())
                 report["metrics"][k] = {
                     "base": summarize(base_v[keep]),
                     "aligned": summarize(aligned_v[keep]),
                     "difference": paired_difference(aligned_v[keep], base_v[keep]),
                 }
-        m, lo_, hi_ = mean_and_ci(kl_all)
-        report["kl"] = {"estimator": cfg.kl_estimator, "units": "nats", "mean": m, "ci95": [lo_, hi_], "n": n_images}
+        kl = summarize(aligned.kl["base"])
+        report["kl"] = {"estimator": cfg.kl_estimator, "units": "nats", "mean": kl["mean"], "ci95": kl["ci95"], "n": n_images}
         constraints = []
         for j, c in enumerate(prob.constraints):
-            if c.is_kl:
-                values, base_values = kl_all, torch.zeros_like(kl_all)
-            else:
-                pick = 1 if c.normalize else 0
-                values, base_values = per_model["aligned"][c.source][pick], per_model["base"][c.source][pick]
-            m, lo_, hi_ = mean_and_ci(values)
-            base_m, base_lo, base_hi = mean_and_ci(base_values)
-            decision = constraint_decision(m, (lo_, hi_), c.threshold, c.direction)
+            values, base_values = aligned.constraint_values(c), base.constraint_values(c)
+            verdict, base_verdict = c.verdict(values), c.verdict(base_values)
             constraints.append(
                 {
                     "name": c.name,
@@ -850,14 +733,16 @@ class ConstrainedDDPOTrainer:
                     "threshold": c.threshold,
                     "normalized": c.normalize,
                     "units": "kl nats (" + cfg.kl_estimator + ")" if c.is_kl else ("base std" if c.normalize else "raw"),
-                    "n": n_images,
-                    "measured": m,
-                    "ci95": [lo_, hi_],
-                    "base_measured": base_m,
-                    "base_ci95": [base_lo, base_hi],
-                    "base_slack": float(c.slack(torch.tensor(base_m))),
+                    "n": verdict["n"],
+                    "measured": verdict["measured"],
+                    "ci95": verdict["ci95"],
+                    "base_measured": base_verdict["measured"],
+                    "base_ci95": base_verdict["ci95"],
+                    "base_slack": base_verdict["slack"],
                     "difference": paired_difference(values, base_values),
-                    **decision,
+                    "slack": verdict["slack"],
+                    "satisfied": verdict["satisfied"],
+                    "ci_clears_threshold": verdict["ci_clears_threshold"],
                     "dual": float(self.duals.multipliers[j]),
                     "flagged_infeasible_at_step": self.monitor.flagged.get(c.name),
                 }
@@ -867,22 +752,21 @@ class ConstrainedDDPOTrainer:
         if obj.is_kl:
             report["objective"] = {"type": "kl", "value": report["kl"]["mean"]}
         else:
-            raw, normed = per_model["aligned"][obj.source]
-            report["objective"] = {"type": "reward", "reward": obj.source, "value": float((normed if obj.normalize else raw).mean())}
+            values = aligned.normalized[obj.source] if obj.normalize else aligned.rewards[obj.source]
+            report["objective"] = {"type": "reward", "reward": obj.source, "value": float(values.mean())}
         report["all_satisfied"] = all(c["satisfied"] for c in constraints)
         report["infeasible"] = sorted(self.monitor.flagged)
         report["normalization"] = {n: s.__dict__ for n, s in self.normalizers.items()}
+        report["sources"] = self.sources
         if acc.is_main_process and cfg.num_grid_images > 0:
-
             self.output_dir.mkdir(parents=True, exist_ok=True)
             k = cfg.num_grid_images
-            rows = [torch.cat(grid["base"])[:k], torch.cat(grid["aligned"])[:k]]
+            rows = [base.images[:k].float() / 255.0, aligned.images[:k].float() / 255.0]
             save_grid(self.output_dir / "samples_base_vs_aligned.png", rows, ["base", "aligned"])
             report["sample_grid"] = "samples_base_vs_aligned.png"
         return report
 
     def _plot_history(self):
-
         if not self.history:
             return
         names = self.problem.names
@@ -908,8 +792,8 @@ class ConstrainedDDPOTrainer:
         return out / LORA_WEIGHT_NAME
 
     def save_checkpoint(self) -> Path | None:
-        """``output_dir/checkpoint-<step>``: LoRA, optimizer, duals, normalisation stats and
-        their keys, counters and the run's config (``config.yaml``, checked on resume),
+        """``output_dir/checkpoint-<step>`` (:func:`~cdalign.alignment.checkpoint.write_checkpoint`:
+        LoRA, optimizer, :class:`~cdalign.alignment.checkpoint.TrainerState`, config),
         written atomically; keeps the last ``save_total_limit``. Call it on every process
         (sharded state is gathered first); the main process writes."""
         acc = self.accelerator
@@ -917,61 +801,47 @@ class ConstrainedDDPOTrainer:
         lora = self.lora_state()  # gathered on every process (collectives when sharded)
         optimizer_state = gathered_optimizer_state(self.optimizer)
         if acc.is_main_process:
-            with atomic_directory(final) as tmp:
-                save_file(lora, str(tmp / "lora.safetensors"))
-                optimizer_to_files(self.optimizer, tmp, optimizer_state)
-                state = {
-                    "global_step": self.global_step,
-                    "micro_batches_seen": self.micro_batches_seen,
-                    "nonfinite_batches": self.nonfinite_batches,
-                    "duals": self.duals.state_dict(),
-                    "monitor": self.monitor.state_dict(),
-                    "slack_sum": self._slack_sum.tolist(),
-                    "slack_count": self._slack_count,
-                    "normalizers": {n: s.__dict__ for n, s in self.normalizers.items()},
-                    "normalization_keys": {n: self.normalization_keys()[n] for n in self.normalizers},
-                    "history": self.history,
-                }
-                (tmp / "trainer_state.json").write_text(json.dumps(state))
-                save_config(self.recorded_config(), tmp / "config.yaml")
+            state = TrainerState(
+                global_step=self.global_step,
+                micro_batches_seen=self.micro_batches_seen,
+                nonfinite_batches=self.nonfinite_batches,
+                duals=self.duals.state_dict(),
+                monitor=self.monitor.state_dict(),
+                slack_sum=self._slack_sum.tolist(),
+                slack_count=self._slack_count,
+                normalizers={n: s.__dict__ for n, s in self.normalizers.items()},
+                normalization_keys={n: self.normalization_keys()[n] for n in self.normalizers},
+                history=self.history,
+            )
+            write_checkpoint(
+                final, lora=lora, optimizer=self.optimizer, optimizer_state=optimizer_state, state=state,
+                config=self.recorded_config(),
+            )
             rotate_checkpoints(self.output_dir, self.config.save_total_limit)
         acc.wait_for_everyone()
         return final
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        from torch.distributed.tensor import DTensor
-
+        """Continue from checkpoint ``path`` (a folder or ``latest``): LoRA, optimizer and
+        :class:`~cdalign.alignment.checkpoint.TrainerState`; reward statistics computed for
+        another reward, model or setting are dropped (recomputed, with a warning); the main
+        process cuts ``log.jsonl`` back to the checkpoint's step."""
         path = resolve_checkpoint(str(path), self.output_dir)
         if self.resume_path is None or path.resolve() != Path(self.resume_path).resolve():
             self._check_resume_config(path)  # the constructor checked resume_path
-        params = self._lora_params()
-        check_checkpoint_files(path)
-        lora = load_file(str(path / "lora.safetensors"))
-        if set(lora) != set(params):
-            raise ValueError(f"checkpoint {str(path)!r} does not match this LoRA configuration (rank/targets differ)")
-        with torch.no_grad():
-            for name, p in params.items():
-                if lora[name].shape != p.shape:
-                    raise ValueError(f"checkpoint {str(path)!r}: {name} has shape {tuple(lora[name].shape)}, expected {tuple(p.shape)}")
-                value = like_param(lora[name], p)  # a sharded parameter keeps this process's shard
-                if isinstance(value, DTensor):
-                    p.to_local().copy_(value.to_local())
-                else:
-                    p.copy_(value)
-        optimizer_from_files(self.optimizer, path)
-        state = json.loads((path / "trainer_state.json").read_text())
-        self.global_step = state["global_step"]
-        self.micro_batches_seen = state["micro_batches_seen"]
-        self.nonfinite_batches = state["nonfinite_batches"]
-        self.duals.load_state_dict(state["duals"])
-        self.monitor.load_state_dict(state["monitor"])
-        self._slack_sum = torch.tensor(state["slack_sum"], dtype=torch.float64)
-        self._slack_count = state["slack_count"]
+            self._check_resume_config(path, pinned=True)
+        state = read_checkpoint(path, lora_params=self._lora_params(), optimizer=self.optimizer)
+        self.global_step = state.global_step
+        self.micro_batches_seen = state.micro_batches_seen
+        self.nonfinite_batches = state.nonfinite_batches
+        self.duals.load_state_dict(state.duals)
+        self.monitor.load_state_dict(state.monitor)
+        self._slack_sum = torch.tensor(state.slack_sum, dtype=torch.float64)
+        self._slack_count = state.slack_count
         self.normalizers.clear()
-        saved_keys = state.get("normalization_keys")
-        current = self.normalization_keys()
+        saved_keys, current = state.normalization_keys, self.normalization_keys()
         stale = sorted(
-            n for n in state["normalizers"]
+            n for n in state.normalizers
             if saved_keys is not None and (current.get(n) is None or saved_keys.get(n) != current.get(n))
         )
         if stale:  # statistics of another reward, model or setting: computed afresh instead (all, so none is missing)
@@ -981,8 +851,8 @@ class ConstrainedDDPOTrainer:
                 stacklevel=2,
             )
         else:
-            self.normalizers.update({n: RewardStats(**s) for n, s in state["normalizers"].items()})
-        self.history = state["history"]
+            self.normalizers.update({n: RewardStats(**s) for n, s in state.normalizers.items()})
+        self.history = state.history
         if self.accelerator.is_main_process:  # the log continues from the checkpoint
             log = self.output_dir / "log.jsonl"
             if log.exists():
@@ -994,7 +864,6 @@ class ConstrainedDDPOTrainer:
         checkpoints) to the Hub in one commit, after the local save, so a failed push loses
         nothing and can be retried (``python -m cdalign.hub push <output_dir> --repo_id ...``).
         Returns the commit URL; raises :class:`cdalign.hub.HubPushError` on failure."""
-
         repo_id = repo_id or self.config.hub_model_id
         if not repo_id:
             raise ValueError("push_to_hub needs hub_model_id (e.g. 'your-name/sd15-constrained-lora')")
@@ -1019,7 +888,6 @@ class ConstrainedDDPOTrainer:
     def _write_model_card(self, report: dict) -> None:
         """``output_dir/README.md`` from the config and report (cdalign.publishing.cards). A card that
         cannot be rendered warns instead of failing a finished run."""
-
         try:
             write_model_card(self.output_dir, repo_id=self.config.hub_model_id, report=report)
         except Exception as err:

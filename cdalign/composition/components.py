@@ -15,14 +15,18 @@ So n adapters cost n calls (CFG batched) and any number of concepts cost one."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from cdalign.core.kl import step_kl, step_weights
-from cdalign.core.sampling import DDIMChain, DiffusionSampler, set_unet_state
+from cdalign.core.kl import ChainKLAccumulator
+from cdalign.core.sampling import (
+    DDIMChain,
+    DiffusionSampler,
+    classifier_free_guidance,
+    set_unet_state,
+)
 from cdalign.models.lora import (  # noqa: F401 (re-exported)
     LORA_WEIGHT_NAME,
     load_lora,
@@ -30,8 +34,6 @@ from cdalign.models.lora import (  # noqa: F401 (re-exported)
     save_adapter,
 )
 from cdalign.registry import Registry
-
-logger = logging.getLogger(__name__)
 
 BASE = None  # the UNet state "no adapter"
 PROMPT_FIELD = "{prompt}"
@@ -106,19 +108,35 @@ class ComponentPredictions:
             uncond = chunks[0] if use_cfg else None
             for j, k in enumerate(members):
                 cond = chunks[j + 1] if use_cfg else chunks[j]
-                guided = uncond + self.w * (cond - uncond) if use_cfg else cond
+                guided = classifier_free_guidance(uncond, cond, self.w) if use_cfg else cond
                 out[k] = self.chain.to_epsilon(self._index[int(t)], x_t, guided)
         return torch.stack(out)
 
 
+class StackedPredictors:
+    """Callable ``(x_t, t) -> (n, B, ...)``: the predictions of ``n`` separate predictors
+    (any callables ``(x_t, t) -> ε``, e.g. small score networks), stacked in order. The
+    components of a composition whose members are not adapters of one UNet."""
+
+    def __init__(self, predictors: Sequence[Callable]):
+        self.predictors = list(predictors)
+        self.n = len(self.predictors)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.stack([p(x_t, t) for p in self.predictors])
+
+
 class ComposedPredictor:
-    """``ε_μ(x_t) = Σ_i μ_i ε̃_i(x_t)``, a predictor for ``DiffusionSampler.sample``.
+    """``ε_μ(x_t) = Σ_i μ_i ε̃_i(x_t)``, a predictor for ``DiffusionSampler.sample`` (or
+    :func:`~cdalign.core.sampling.sample_latents`): the one composed model of cdalign.
 
-    ``weights``: μ (n,) on the simplex. Components with μ_i = 0 are still evaluated when
-    ``keep_components`` (the dual step needs every ε̃_i for its KL); ``last`` holds the
-    latest (n,B,C,h,w) component predictions for :class:`ComponentKL`."""
+    ``components``: callable ``(x_t, t) -> (n, B, ...)`` with an ``n`` attribute, e.g.
+    :class:`ComponentPredictions` or :class:`StackedPredictors`. ``weights``: μ (n,) on the
+    simplex. Every component is evaluated, also at μ_i = 0 (the dual step needs every ε̃_i
+    for its KL); ``last`` holds the latest (n,B,...) component predictions, which
+    :meth:`cached` hands to the KL hook (:meth:`ComponentSet.kl_hook`)."""
 
-    def __init__(self, components: ComponentPredictions, weights: torch.Tensor):
+    def __init__(self, components, weights: torch.Tensor):
         self.components = components
         self.weights = torch.as_tensor(weights, dtype=torch.float64)
         if self.weights.shape != (components.n,):
@@ -144,25 +162,18 @@ def composed_eps(component_eps: torch.Tensor, weights: torch.Tensor) -> torch.Te
     return torch.tensordot(w, component_eps, dims=1)
 
 
-class ComponentKL:
+class ComponentKL(ChainKLAccumulator):
     """``on_step`` hook: chain KL(p ‖ q_i) for every component i along the sampled path of
     p (the composed model, or a distilled student), per sample: ``per_sample`` (n, B).
 
-    ``reference(x_t, t) -> (n,B,C,h,w)``: the components' ε̃_i on the same x_t. Uses
-    ``cdalign.core.kl.step_weights``/``step_kl`` (the training KL's definition): ``path``
-    Σ_t c_t²/(2σ_t²)·‖ε̃_p − ε̃_i‖² in nats per image, or ``uniform``."""
+    ``reference(x_t, t) -> (n,B,C,h,w)``: the components' ε̃_i on the same x_t. This is
+    :class:`cdalign.core.kl.ChainKLAccumulator` (the training KL's definition) over every
+    step, value only: ``path`` Σ_t c_t²/(2σ_t²)·‖ε̃_p − ε̃_i‖² in nats per image, or
+    ``uniform``."""
 
     def __init__(self, reference: Callable, chain: DDIMChain, estimator: str, n: int):
-        self.reference, self.chain, self.estimator = reference, chain, estimator
-        self.weights = step_weights(chain, estimator)
+        super().__init__(reference, chain, estimator, num_references=n, value_only=True)
         self.n = n
-        self.per_sample: torch.Tensor | None = None
-
-    def __call__(self, i: int, x_t: torch.Tensor, eps: torch.Tensor, tracked: bool) -> None:
-        refs = self.reference(x_t, self.chain.timesteps[i])
-        w = float(self.weights[i])
-        kl = torch.stack([step_kl(eps.detach(), refs[k].detach(), w, self.estimator) for k in range(self.n)])
-        self.per_sample = kl if self.per_sample is None else self.per_sample + kl
 
 
 class ComponentSet:

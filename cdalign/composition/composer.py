@@ -6,7 +6,9 @@ over p_μ ∝ Π q_i^{μ_i}, i.e. ε_μ = Σ μ_i ε̃_i. Each dual step samples
 :class:`~cdalign.core.sampling.DiffusionSampler`, estimates KL(p_μ‖q_i) for every i along that
 path with ``cdalign.core.kl`` (no extra UNet call: the ε̃_i are the terms of ε_μ), and updates
 μ ← Proj_simplex(μ + η_k·KL). Evaluation compares the learned weights with equal weights
-(and the distilled LoRA, if any) on the same seeds."""
+(and the distilled LoRA, if any) on the same items, through the one scoring path
+(:func:`cdalign.evaluation.scoring.score_checkpoints`, the harness's and the trainer's): the
+harness's ``kind: composed`` checkpoint at the same weights reports the same numbers."""
 
 from __future__ import annotations
 
@@ -14,14 +16,13 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from cdalign.alignment.config import check_mixed_precision, check_output_dir_writable
 from cdalign.alignment.config import parse_config as parse_align_config
-from cdalign.alignment.estimators import mean_and_ci
 from cdalign.alignment.trainer import ConstrainedDDPOTrainer
 from cdalign.composition.components import (
     COMPONENT_KINDS,
@@ -31,16 +32,25 @@ from cdalign.composition.components import (
 )
 from cdalign.composition.config import ComposeConfig, save_config
 from cdalign.composition.distill import CompositionDistiller
+from cdalign.composition.evaluation_kind import ComposedModel, DistilledModel
 from cdalign.composition.plotting import plot_divergence_bars, plot_weight_trajectory
 from cdalign.composition.simplex import SimplexDual
+from cdalign.core.problem import Constraint
 from cdalign.core.sampling import DiffusionSampler
-from cdalign.core.seeding import batch_share, eval_batch_share
+from cdalign.core.seeding import COMPOSITION_DUAL_BATCH, batch_share, evaluation_items
+from cdalign.core.statistics import summarize
 from cdalign.data.prompt_sets import load_prompts
+from cdalign.evaluation.scoring import (
+    CheckpointScores,
+    LoadedCheckpoint,
+    score_checkpoints,
+)
 from cdalign.models.checkpointing import atomic_write_text
 from cdalign.models.lora import LORA_WEIGHT_NAME, is_local_source
-from cdalign.models.pipeline import load_pipeline
+from cdalign.models.pipeline import load_pipeline, precision_dtype
 from cdalign.publishing.plotting import save_grid
 from cdalign.rewards import REWARDS
+from cdalign.utils.files import check_no_previous_run
 
 logger = logging.getLogger(__name__)
 RUN_MARKERS = ("report.json", "weights.json")
@@ -116,7 +126,7 @@ class ConstrainedComposer:
                 lora_component_path(spec.name, spec.path, spec.weight_name)
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
         self.device = self.accelerator.device
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+        dtype = precision_dtype(cfg.mixed_precision)
         self.pipe = pipeline if pipeline is not None else load_pipeline(
             cfg.pretrained_model_name_or_path, revision=cfg.revision, torch_dtype=dtype, variant=cfg.variant
         )
@@ -142,18 +152,12 @@ class ConstrainedComposer:
         self.eval_prompts = load_prompts(source, cfg.prompt_column, cfg.prompt_split) if source is not None else self.prompts
         self.trajectory: list[dict] = []
         self.distiller = None
+        self._rewards: dict[str, Callable] | None = None
 
     def _check_output_dir(self):
-        out = self.output_dir
-        check_output_dir_writable(out)
-        if self.config.overwrite_output_dir or not out.is_dir():
-            return
-        present = [m for m in RUN_MARKERS if (out / m).exists()]
-        if present:
-            raise FileExistsError(
-                f"output_dir={str(out)!r} already holds a composition run ({', '.join(present)}); set "
-                "overwrite_output_dir=true to replace it, or choose another output_dir"
-            )
+        check_output_dir_writable(self.output_dir)
+        if not self.config.overwrite_output_dir:
+            check_no_previous_run(self.output_dir, RUN_MARKERS, what="a composition run")
 
     # ------------------------------------------------------------------ batches
     def _batch(self, purpose: int, index: int, prompts: list[str], size: int):
@@ -162,11 +166,13 @@ class ConstrainedComposer:
         share, seeds, _ = batch_share(self.config.seed, purpose, index, prompts, size, acc.num_processes, acc.process_index)
         return share, seeds
 
-    def _eval_batches(self):
-        cfg, acc = self.config, self.accelerator
-        size = cfg.dual.batch_size
-        for b in range(cfg.eval_batches):
-            yield eval_batch_share(cfg.eval_seed, b, self.eval_prompts, size, acc.num_processes, acc.process_index)
+    def _eval_items(self) -> list[tuple[str, int]]:
+        """(prompt, seed) of every evaluation image: ``eval_batches`` batches of
+        ``dual.batch_size`` per process (:func:`~cdalign.core.seeding.evaluation_items` of
+        ``eval_prompts`` and ``eval_seed``, as in the trainer and the harness)."""
+        cfg = self.config
+        count = cfg.eval_batches * cfg.dual.batch_size * self.accelerator.num_processes
+        return evaluation_items(self.eval_prompts, count, cfg.eval_seed)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         """Gather (n, B) per-sample values over processes -> (n, B_total)."""
@@ -182,7 +188,7 @@ class ConstrainedComposer:
     def dual_step(self) -> dict:
         """Sample p_ω, estimate KL(p_ω‖q_i) for every i, and take one dual ascent step."""
         k = self.dual.num_steps
-        prompts, seeds = self._batch(10, k, self.prompts, self.config.dual.batch_size)
+        prompts, seeds = self._batch(COMPOSITION_DUAL_BATCH, k, self.prompts, self.config.dual.batch_size)
         weights = self.dual.weights
         _, kl = self.divergences(weights, prompts, seeds)
         kl_mean = self._gather(kl).double().mean(1)
@@ -210,64 +216,83 @@ class ConstrainedComposer:
         return self.dual.weights
 
     # ------------------------------------------------------------------ evaluation
+    def _score(self, model: LoadedCheckpoint, rewards: dict[str, Callable]) -> CheckpointScores:
+        """``model`` on the evaluation items, through the one scoring path (all processes'
+        images, in item order)."""
+        cfg = self.config
+        return score_checkpoints(self.sampler, {"model": lambda: model}, self._eval_items(), batch_size=cfg.dual.batch_size,
+                                 rewards=rewards, kl_estimator=cfg.kl_estimator)["model"]
+
+    def _component_rewards(self) -> dict[str, Callable]:
+        """``{component: reward(images, prompts) -> (B,)}`` for every component with a
+        reward; each sees the prompts its component was sampled with (a concept's own
+        prompt). Built once."""
+        if self._rewards is None:
+            built: dict[str, torch.nn.Module] = {}
+            self._rewards = {}
+            for spec, comp in zip(self.config.components, self.components.components):
+                if not spec.reward:
+                    continue
+                if spec.reward not in built:
+                    built[spec.reward] = REWARDS.build(spec.reward).to(self.device)
+                self._rewards[spec.name] = (
+                    lambda images, prompts, reward=built[spec.reward], comp=comp: reward(images, comp.prompts_for(prompts))
+                )
+        return self._rewards
+
     @torch.no_grad()
     def evaluate_weights(self, weights, label: str) -> dict:
-        """KL(p_ω‖q_i) per component (mean and 95% CI) on the fixed evaluation seeds."""
-        kls, images = [], []
-        for prompts, seeds in self._eval_batches():
-            imgs, kl = self.divergences(weights, prompts, seeds)
-            kls.append(kl)
-            images.append(imgs.cpu())
-        return self._kl_entry(label, torch.as_tensor(weights).tolist(), self._gather(torch.cat(kls, 1)), torch.cat(images))
+        """KL(p_ω‖q_i) per component (mean and 95% CI) on the fixed evaluation items, and
+        each component's reward on them (per image in ``_scores``)."""
+        scores = self._score(ComposedModel(self.components.components, weights), self._component_rewards())
+        return self._kl_entry(label, torch.as_tensor(weights, dtype=torch.float64).tolist(), scores)
 
-    def _kl_entry(self, label, weights, kl: torch.Tensor, images: torch.Tensor) -> dict:
+    def _kl_entry(self, label, weights, scores: CheckpointScores) -> dict:
         per = {}
-        for j, name in enumerate(self.names):
-            m, lo, hi = mean_and_ci(kl[j])
-            per[name] = {"mean": m, "ci95": [lo, hi]}
+        for name in self.names:
+            s = summarize(scores.kl[name])
+            per[name] = {"mean": s["mean"], "ci95": s["ci95"]}
         means = [per[n]["mean"] for n in self.names]
         entry = {"label": label, "weights": dict(zip(self.names, weights)) if weights is not None else None, "kl": per,
                  "max_kl": max(means), "worst_component": self.names[means.index(max(means))]}
-        entry["_images"] = images
+        entry["_scores"] = scores
         return entry
 
     @torch.no_grad()
-    def sample_components(self) -> list[torch.Tensor]:
-        """Each component alone on the evaluation seeds (one UNet pass per step)."""
-        rows = []
-        for k, comp in enumerate(self.components.components):
-            single = ComponentSet(self.sampler, [comp])
-            imgs = [self.sampler.sample(single.composed(p, [1.0]), s).cpu() for p, s in self._eval_batches()]
-            rows.append(torch.cat(imgs))
-        return rows
+    def _score_components(self) -> list[CheckpointScores]:
+        """Each component alone on the evaluation items (one UNet pass per step), scored
+        with its own reward."""
+        rewards = self._component_rewards()
+        return [
+            self._score(ComposedModel([comp], [1.0], kl_to_components=False),
+                        {comp.name: rewards[comp.name]} if comp.name in rewards else {})
+            for comp in self.components.components
+        ]
 
-    def _score_rewards(self, models: dict[str, torch.Tensor], singles: list[torch.Tensor]) -> dict:
+    def sample_components(self) -> list[torch.Tensor]:
+        """Each component alone on the evaluation items: images (N,3,H,W) in [0,1] per component."""
+        return [s.images.float() / 255.0 for s in self._score_components()]
+
+    def _score_rewards(self, entries: dict[str, dict], singles: list[CheckpointScores]) -> dict:
         """Each component's reward on every model's evaluation images, raw and relative to
         that component alone (the paper's metric). A component's reward sees the prompts
         that component was sampled with (a concept's own prompt). ``min_over_components``:
         per image the minimum over the scored components, averaged (the paper's concept
         composition score)."""
-
-        prompts = [p for ps, _ in self._eval_batches() for p in ps]
-        out, per_image = {}, {label: [] for label in models}
-        built: dict[str, torch.nn.Module] = {}
+        out, per_image = {}, {key: [] for key in entries}
         for j, spec in enumerate(self.config.components):
             if not spec.reward:
                 continue
-            if spec.reward not in built:
-                built[spec.reward] = REWARDS.build(spec.reward).to(self.device)
-            reward, texts = built[spec.reward], self.components.components[j].prompts_for(prompts)
-            with torch.no_grad():
-                single = float(reward(singles[j].to(self.device), texts).float().mean())
-                entry = {"reward": spec.reward, "component_alone": single}
-                for label, imgs in models.items():
-                    values = reward(imgs.to(self.device), texts).float().cpu()
-                    per_image[label].append(values)
-                    value = float(values.mean())
-                    entry[label] = {"mean": value, "relative_to_component": value / single if single > 0 else None}
+            single = float(singles[j].rewards[spec.name].mean())
+            entry = {"reward": spec.reward, "component_alone": single}
+            for key, e in entries.items():
+                values = e["_scores"].rewards[spec.name]
+                per_image[key].append(values)
+                value = float(values.mean())
+                entry[key] = {"mean": value, "relative_to_component": value / single if single > 0 else None}
             out[spec.name] = entry
         if len(out) > 1:
-            out["min_over_components"] = {label: float(torch.stack(v).min(0).values.mean()) for label, v in per_image.items()}
+            out["min_over_components"] = {key: float(torch.stack(v).min(0).values.mean()) for key, v in per_image.items()}
         return out
 
     # ------------------------------------------------------------------ the run
@@ -293,29 +318,30 @@ class ConstrainedComposer:
         distill_report = None
         if cfg.distill.enabled:
             distill_report = self._distill(learned, entries)
-        singles = self.sample_components() if (cfg.num_grid_images or any(c.reward for c in cfg.components)) else []
+        singles = self._score_components() if (cfg.num_grid_images or any(c.reward for c in cfg.components)) else []
         report = {
             "model": cfg.pretrained_model_name_or_path,
             "components": self.names,
             "kl_estimator": cfg.kl_estimator,
             "sampler": self.sampler.settings(),
-            "num_eval_images": int(entries["constrained"]["_images"].shape[0]) * acc.num_processes,
+            "num_eval_images": entries["constrained"]["_scores"].n,
             "learned_weights": dict(zip(self.names, learned.tolist())),
             "multipliers": self.dual.state_dict()["multipliers"],
             "thresholds": dict(zip(self.names, [c.threshold for c in cfg.components])),
             "infeasible": infeasible,
             "dual_steps": self.trajectory,
             "dual_seconds": fit_s,
-            "models": {k: {kk: vv for kk, vv in e.items() if kk != "_images"} for k, e in entries.items()},
+            "models": {k: {kk: vv for kk, vv in e.items() if kk != "_scores"} for k, e in entries.items()},
         }
-        for i, c in enumerate(cfg.components):
-            if c.threshold is not None:
+        for c in cfg.components:
+            if c.threshold is not None:  # KL(p_μ‖q_i) ≤ b_i, judged like every constraint
+                verdict = Constraint(c.name, "kl", "low", c.threshold).verdict(entries["constrained"]["_scores"].kl[c.name])
                 report["models"]["constrained"]["kl"][c.name]["threshold"] = c.threshold
-                report["models"]["constrained"]["kl"][c.name]["satisfied"] = float(final_kl[i]) <= c.threshold
+                report["models"]["constrained"]["kl"][c.name]["satisfied"] = verdict["satisfied"]
         if distill_report is not None:
             report["distillation"] = distill_report
         if any(c.reward for c in cfg.components):
-            report["rewards"] = self._score_rewards({k: e["_images"] for k, e in entries.items()}, singles)
+            report["rewards"] = self._score_rewards(entries, singles)
         if main:
             self._write_outputs(report, entries, singles, learned)
         return report
@@ -324,18 +350,15 @@ class ConstrainedComposer:
 
         cfg = self.config
         distiller = self.distiller = CompositionDistiller(self.components, learned, self.prompts, cfg.distill, cfg.seed)
-        eval_p, eval_s = next(iter(self._eval_batches()))
+        first = self._eval_items()[: cfg.dual.batch_size]
+        eval_p, eval_s = [p for p, _ in first], [s for _, s in first]
         before = distiller.distance(eval_p, eval_s)
         t0 = time.time()
         distiller.train(progress=self.accelerator.is_main_process)
         seconds = time.time() - t0
         after = distiller.distance(eval_p, eval_s)
-        kls, images = [], []
-        for prompts, seeds in self._eval_batches():
-            imgs, kl = distiller.sample_with_kl(prompts, seeds, cfg.kl_estimator)
-            kls.append(kl)
-            images.append(imgs.cpu())
-        entries["distilled"] = self._kl_entry("distilled LoRA", None, self._gather(torch.cat(kls, 1)), torch.cat(images))
+        scores = self._score(DistilledModel(self.components), self._component_rewards())
+        entries["distilled"] = self._kl_entry("distilled LoRA", None, scores)
         if self.accelerator.is_main_process:
             distiller.save(self.output_dir / "distilled")
         return {
@@ -361,7 +384,8 @@ class ConstrainedComposer:
         report.setdefault("plots", []).append("kl_per_component.png")
         if cfg.num_grid_images:
             k = cfg.num_grid_images
-            rows = [s[:k] for s in singles] + [e["_images"][:k] for e in entries.values()]
+            rows = [s.images[:k].float() / 255.0 for s in singles] + [e["_scores"].images[:k].float() / 255.0
+                                                                        for e in entries.values()]
             labels = self.names + [e["label"] for e in entries.values()]
             save_grid(out / "samples.png", rows, labels)
             report["sample_grid"] = "samples.png"

@@ -1,6 +1,7 @@
 """Configuration of composition runs (METHOD.md §2): dataclasses whose fields document
-themselves, read from YAML and the command line with the helpers of ``cdalign.alignment.config``
-(same conversion, same error messages naming the field and the fix).
+themselves, read from YAML and the command line by the typed config engine
+(:mod:`cdalign.fields`; same conversion, duplicate-key check, did-you-mean suggestions and
+error messages naming the field and the fix as the alignment config).
 
 ``composition: and`` -> :class:`ComposeConfig` (reverse KL, product of adapters/concepts);
 ``composition: or``  -> :class:`MixtureConfig` (forward KL, mixture fine-tuning on datasets)."""
@@ -8,24 +9,29 @@ themselves, read from YAML and the command line with the helpers of ``cdalign.al
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from cdalign.alignment import config as _base
 from cdalign.composition.components import COMPONENT_KINDS
 from cdalign.composition.simplex import STEP_SCHEDULES
 from cdalign.core.kl import KL_ESTIMATORS
-
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
+from cdalign.fields import (
+    ConfigFields,
+    check_fields,
+    dataclass_from_dict,
+    not_allowed,
+    parse_args_to_dict,
+    read_yaml_mapping,
+    save_yaml,
+)
+from cdalign.fields import build_parser as _build_parser
+from cdalign.models.pipeline import MIXED_PRECISIONS
 
 
 @dataclass
-class ComponentSpec(_base.ConfigFields):
+class ComponentSpec(ConfigFields):
     """One component q_i of an AND composition."""
 
     name: str = field(default="", metadata={"help": "Unique name of the component (adapter name, table rows, plots)."})
@@ -84,7 +90,7 @@ class ComponentSpec(_base.ConfigFields):
 
 
 @dataclass
-class DualAscentSpec(_base.ConfigFields):
+class DualAscentSpec(ConfigFields):
     """Projected dual ascent of the weights: μ ← Proj_simplex(μ + η_k·KL)."""
 
     steps: int = field(default=5, metadata={"help": "Dual steps (the paper: 5). 0 keeps the initial weights.", "ge": 0})
@@ -108,7 +114,7 @@ class DualAscentSpec(_base.ConfigFields):
 
 
 @dataclass
-class DistillSpec(_base.ConfigFields):
+class DistillSpec(ConfigFields):
     """Distil ε_μ into one LoRA (one UNet pass per step at inference instead of n)."""
 
     enabled: bool = field(default=False, metadata={"help": "Train the distilled LoRA after the dual steps."})
@@ -127,7 +133,7 @@ class DistillSpec(_base.ConfigFields):
 
 
 @dataclass
-class ComposeConfig(_base.ConfigFields):
+class ComposeConfig(ConfigFields):
     """An AND (product) composition run: constrained weights by dual ascent on the chain
     KL to each component, evaluation against equal weights, optional distillation."""
 
@@ -169,7 +175,7 @@ class ComposeConfig(_base.ConfigFields):
     seed: int = field(default=0, metadata={"help": "Seed of the dual-step batches and the distillation.", "ge": 0})
 
     def validate(self) -> None:
-        _base.check_fields(self)
+        check_fields(self)
         if len(self.components) < 2:
             raise ValueError(f"components: {len(self.components)} given; a composition needs at least 2")
         seen = set()
@@ -193,7 +199,7 @@ class ComposeConfig(_base.ConfigFields):
 
 
 @dataclass
-class DatasetSpec(_base.ConfigFields):
+class DatasetSpec(ConfigFields):
     """One dataset D_i of an OR (mixture) composition."""
 
     name: str = field(default="", metadata={"help": "Unique name of the dataset (tables, plots)."})
@@ -222,7 +228,7 @@ class DatasetSpec(_base.ConfigFields):
 
 
 @dataclass
-class MixtureConfig(_base.ConfigFields):
+class MixtureConfig(ConfigFields):
     """An OR (mixture) composition run: fine-tune one LoRA on Σ μ_i·DSM_i with μ ascending
     on the simplex with the per-dataset losses (or excess losses)."""
 
@@ -261,7 +267,7 @@ class MixtureConfig(_base.ConfigFields):
     seed: int = field(default=0, metadata={"help": "Seed.", "ge": 0})
 
     def validate(self) -> None:
-        _base.check_fields(self)
+        check_fields(self)
         if len(self.datasets) < 2:
             raise ValueError(f"datasets: {len(self.datasets)} given; a mixture needs at least 2")
         names = [d.name for d in self.datasets]
@@ -281,8 +287,8 @@ def config_from_dict(data: dict):
     """Build and validate the config class that ``data['composition']`` names (default 'and')."""
     kind = data.get("composition", "and")
     if kind not in CONFIG_CLASSES:
-        raise _base.not_allowed("composition", kind, tuple(CONFIG_CLASSES))
-    cfg = _base.dataclass_from_dict(CONFIG_CLASSES[kind], data)
+        raise not_allowed("composition", kind, tuple(CONFIG_CLASSES))
+    cfg = dataclass_from_dict(CONFIG_CLASSES[kind], data)
     cfg.validate()
     return cfg
 
@@ -302,7 +308,8 @@ def resolve_recipe_paths(data: dict, recipe) -> dict:
 
 
 def load_config_file(path):
-    data = resolve_recipe_paths(_base.read_yaml_mapping(path), path)
+    """Load and validate a composition recipe (``and`` or ``or``); errors name the file."""
+    data = resolve_recipe_paths(read_yaml_mapping(path), path)
     try:
         return config_from_dict(data)
     except ValueError as error:
@@ -310,13 +317,13 @@ def load_config_file(path):
 
 
 def save_config(cfg, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True))
+    """Write ``cfg`` as a YAML recipe that :func:`load_config_file` reads back equal."""
+    save_yaml(cfg, path)
 
 
 def build_parser(cls, recipe=None, default_recipe=None) -> argparse.ArgumentParser:
-    return _base.build_parser(
+    """The command line of composition config ``cls`` (``--help`` shows ``recipe``'s values)."""
+    return _build_parser(
         cls,
         description=f"Constrained composition of diffusion models ({cls.__name__}; arXiv 2508.19104). "
         "Give a YAML recipe with --config; --field flags override it (--dual.lr 0.5).",
@@ -335,14 +342,14 @@ def parse_config(argv: list[str] | None = None, default_recipe=None):
     pre.add_argument("--composition")
     known, _ = pre.parse_known_args(argv)
     recipe = known.config or (str(default_recipe) if default_recipe is not None else None)
-    raw = _base.read_yaml_mapping(recipe) if recipe else {}
+    raw = read_yaml_mapping(recipe) if recipe else {}
     kind = known.composition or raw.get("composition", "and")
     if kind not in CONFIG_CLASSES:
-        raise _base.not_allowed("composition", kind, tuple(CONFIG_CLASSES))
+        raise not_allowed("composition", kind, tuple(CONFIG_CLASSES))
     cls = CONFIG_CLASSES[kind]
     wants_help = any(a in ("-h", "--help") for a in argv)
     shown = recipe if wants_help and raw.get("composition", "and") == kind else None
-    raw = _base.parse_args_to_dict(
+    raw = parse_args_to_dict(
         cls, argv, build_parser(cls, recipe=shown, default_recipe=default_recipe),
         default_recipe=default_recipe, resolve_paths=resolve_recipe_paths,
     )

@@ -19,8 +19,13 @@ import torch
 
 from cdalign.composition.components import ComponentKL, ComponentSet
 from cdalign.core.sampling import set_unet_state
-from cdalign.core.seeding import derived_seed
-from cdalign.models.lora import save_adapter
+from cdalign.core.seeding import (
+    DISTILL_BATCH,
+    DISTILL_LORA_INIT,
+    batch_share,
+    derived_seed,
+)
+from cdalign.models.lora import save_adapter, trainable_adapter
 
 STUDENT = "student"
 
@@ -58,8 +63,6 @@ class CompositionDistiller:
     """
 
     def __init__(self, components: ComponentSet, weights, prompts: Sequence[str], spec, seed: int = 0):
-        from peft import LoraConfig
-
         self.components, self.spec, self.seed = components, spec, seed
         self.weights = torch.as_tensor(weights, dtype=torch.float64)
         self.prompts = list(prompts)
@@ -67,26 +70,11 @@ class CompositionDistiller:
         unet = self.unet = self.sampler.unet
         if getattr(unet, "_hf_peft_config_loaded", False) and STUDENT in unet.peft_config:
             raise ValueError(f"the UNet already has an adapter named {STUDENT!r}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(seed, 21))
-            unet.add_adapter(
-                LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, init_lora_weights=True,
-                           target_modules=list(spec.lora_target_modules)),
-                adapter_name=STUDENT,
-            )
-        self.params = [p for n, p in unet.named_parameters() if f".{STUDENT}." in n]
-        for p in self.params:
-            p.data = p.data.float()
-            p.requires_grad_(True)
+        self.params = trainable_adapter(unet, STUDENT, rank=spec.lora_rank, alpha=spec.lora_alpha,
+                                        target_modules=spec.lora_target_modules, seed=derived_seed(seed, DISTILL_LORA_INIT))
         self.optimizer = torch.optim.AdamW(self.params, lr=spec.learning_rate, weight_decay=1e-4)
         self.global_step = 0
         self.history: list[dict] = []
-
-    def _batch(self, purpose: int, index: int, size: int):
-        g = torch.Generator().manual_seed(derived_seed(self.seed, purpose, index))
-        idx = torch.randint(0, len(self.prompts), (size,), generator=g).tolist()
-        seeds = torch.randint(0, 2**62, (size,), generator=g).tolist()
-        return [self.prompts[i] for i in idx], seeds, g
 
     def _composed_path(self, prompts, seeds, steps: set[int]):
         recorder = _PathRecorder(steps)
@@ -102,7 +90,7 @@ class CompositionDistiller:
     def step(self) -> dict:
         """One optimiser step on ``spec.batch_size`` fresh composed chains."""
         spec, T = self.spec, len(self.sampler.chain)
-        prompts, seeds, g = self._batch(30, self.global_step, spec.batch_size)
+        prompts, seeds, g = batch_share(self.seed, DISTILL_BATCH, self.global_step, self.prompts, spec.batch_size)
         k = min(spec.timesteps_per_chain, T)
         steps = set(torch.randperm(T, generator=g)[:k].tolist())
         records = self._composed_path(prompts, seeds, steps)

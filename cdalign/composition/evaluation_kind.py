@@ -1,20 +1,32 @@
-"""Composed models as checkpoints of the evaluation harness (``kind: composed``).
+"""Composed and distilled models as checkpoints of the one scoring path
+(:func:`cdalign.evaluation.scoring.score_checkpoints`), and ``kind: composed`` of the
+evaluation harness.
 
-A composed checkpoint is ``components`` (each a ``lora`` or ``base`` checkpoint spec) with
-``weights`` μ. It is the same composed model as everywhere else in cdalign:
+:class:`ComposedModel` is the same composed model as everywhere else in cdalign:
 :class:`~cdalign.composition.components.ComposedPredictor` (``ε_μ = Σ μ_i ε̃_i``) sampled
 through the shared sampler, with the chain KL reported to each component along the
-composed path, reusing the component predictions the composed step already made.
+composed path, reusing the component predictions the composed step already made. The
+composer scores its weights with it, and the harness's composed checkpoint (``components``,
+each a ``lora`` or ``base`` checkpoint spec, with ``weights`` μ) is one too, so both report
+the same numbers for the same weights and items. :class:`DistilledModel` is the distilled
+student LoRA, with its chain KL to every component along its own path.
 
 Importing this module registers the kind; ``import cdalign`` does."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 
-from cdalign.composition.components import BASE, Component, ComponentSet
+from cdalign.composition.components import (
+    BASE,
+    Component,
+    ComponentPredictions,
+    ComponentSet,
+)
+from cdalign.composition.distill import StudentPredictor
 from cdalign.core.sampling import set_unet_state
 from cdalign.evaluation.harness import (
     CHECKPOINT_KINDS,
@@ -49,21 +61,61 @@ def _weights(spec: CheckpointSpec, n: int) -> torch.Tensor:
     return mu
 
 
-class _ComposedLoaded(LoadedCheckpoint):
-    def __init__(self, pipe, components: list[Component], weights: torch.Tensor, adapters: list[str]):
-        self.pipe, self.components, self.weights, self.adapters = pipe, components, weights, adapters
+class ComposedModel(LoadedCheckpoint):
+    """``ε_μ = Σ μ_i ε̃_i`` of ``components`` (their adapters already on the pipeline) at
+    ``weights`` μ (n,), with the chain KL to every component (``kl_to_components``).
+
+    ``pipe`` / ``adapters``: the adapters loaded for this checkpoint alone, deleted (and the
+    UNet returned to the base state) on :meth:`unload`; none for the composer's own."""
+
+    def __init__(self, components: Sequence[Component], weights, *, kl_to_components: bool = True, pipe=None,
+                 adapters: Sequence[str] = ()):
+        self.components, self.weights = list(components), torch.as_tensor(weights, dtype=torch.float64)
+        self.kl_to_components, self.pipe, self.adapters = kl_to_components, pipe, list(adapters)
 
     def policy(self, sampler, prompts):
         return ComponentSet(sampler, self.components).composed(prompts, self.weights)
 
     def references(self, sampler, prompts, policy):
+        if not self.kl_to_components:
+            return {}
         # Each component's ε̃_i on the composed path is a term of ε_μ: reuse it (no extra UNet call).
         return {c.name: (lambda x, t, k=k: policy.cached(x, t)[k]) for k, c in enumerate(self.components)}
 
     def unload(self):
+        if self.pipe is None:
+            return
         set_unet_state(self.pipe.unet, None)
         if self.adapters:
             self.pipe.delete_adapters(self.adapters)
+
+
+class _LatestPredictions:
+    """Every component's ε̃_i at the latest x_t, computed once per step for all references."""
+
+    def __init__(self, predictions: ComponentPredictions):
+        self.predictions, self._x, self._eps = predictions, None, None
+
+    def __call__(self, x_t, t):
+        if self._x is not x_t:
+            self._x, self._eps = x_t, self.predictions(x_t, t)
+        return self._eps
+
+
+class DistilledModel(LoadedCheckpoint):
+    """The distilled ``student`` LoRA of :mod:`cdalign.composition.distill` (one UNet pass per
+    step), with its chain KL to every component of ``components`` along its own path (n
+    extra component passes per step)."""
+
+    def __init__(self, components: ComponentSet):
+        self.components = components
+
+    def policy(self, sampler, prompts):
+        return StudentPredictor(sampler.guided(prompts))
+
+    def references(self, sampler, prompts, policy):
+        latest = _LatestPredictions(self.components.predictor(prompts))
+        return {name: (lambda x, t, k=k: latest(x, t)[k]) for k, name in enumerate(self.components.names)}
 
 
 @CHECKPOINT_KINDS.register("composed")
@@ -92,4 +144,4 @@ class ComposedKind(CheckpointKind):
                       what=f"checkpoint {spec.name!r}, component {c.name!r}")
             adapters.append(adapter)
             components.append(Component(c.name, adapter=adapter))
-        return _ComposedLoaded(pipe, components, mu, adapters)
+        return ComposedModel(components, mu, pipe=pipe, adapters=adapters)

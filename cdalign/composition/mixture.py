@@ -24,16 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdalign.alignment.config import check_output_dir_writable
 from cdalign.composition.config import MixtureConfig, save_config
 from cdalign.composition.plotting import plot_weight_trajectory
 from cdalign.composition.simplex import SimplexDual
-from cdalign.core.sampling import DiffusionSampler
+from cdalign.core import seeding
+from cdalign.core.sampling import DiffusionSampler, encode_images
 from cdalign.core.seeding import derived_seed
-from cdalign.models.checkpointing import atomic_write_text
-from cdalign.models.lora import LORA_WEIGHT_NAME, save_adapter
+from cdalign.core.statistics import slack
+from cdalign.fields.checks import check_output_dir_writable
+from cdalign.models.lora import LORA_WEIGHT_NAME, save_adapter, trainable_adapter
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.plotting import save_grid
+from cdalign.utils.files import atomic_write_text, check_no_previous_run
 
 ADAPTER = "mixture"
 
@@ -100,17 +102,40 @@ def write_demo_colour_datasets(root) -> list[Path]:
             write_colour_folder(Path(root) / "blue", (30, 30, 220), "a blue image", noise=60.0, seed=1)]
 
 
-def dsm_loss(unet, scheduler, latents, embeds, t, noise) -> torch.Tensor:
-    """Per-sample denoising score-matching loss (B,): mean over elements of
-    ‖target − UNet(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, c)‖², target ε (or v for v-prediction)."""
-    x_t = scheduler.add_noise(latents, noise, t)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, t)
-    else:
+def dsm_loss(
+    predict, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
+    prediction_type: str = "epsilon", reduce: str = "mean",
+) -> torch.Tensor:
+    """Per-sample denoising score-matching loss DSM_i (METHOD.md §2, OR), shape (B,):
+
+        ‖target − predict(x_t, t)‖²,   x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε,
+
+    reduced over the elements of each sample by ``reduce`` (``mean`` or ``sum``); target ε,
+    or ``v = √ᾱ_t ε − √(1−ᾱ_t) x_0`` for ``prediction_type='v_prediction'``.
+
+    ``predict(x_t, t)``: the model's output (B, ...); ``x0``, ``noise``: (B, ...);
+    ``t``: (B,) integer timesteps indexing ``alphas_cumprod`` (ᾱ, (num_train_timesteps,)).
+    The one DSM of cdalign: the mixture trainer and the 2D recipe use it."""
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    ab = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)]
+    ab = ab.reshape(-1, *[1] * (x0.ndim - 1))
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    if prediction_type == "v_prediction":
+        target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    elif prediction_type == "epsilon":
         target = noise
-    dtype = next(unet.parameters()).dtype
-    pred = unet(x_t.to(dtype), t, encoder_hidden_states=embeds.to(dtype)).sample.float()
-    return (pred - target.float()).pow(2).flatten(1).mean(1)
+    else:
+        raise ValueError(f"prediction_type {prediction_type!r} is not supported; use epsilon or v_prediction")
+    sq = (predict(x_t, t).float() - target.float()).pow(2).flatten(1)
+    return sq.mean(1) if reduce == "mean" else sq.sum(1)
+
+
+def excess_loss(loss, irreducible):
+    """``DSM_i(θ) − DSM_i*``: the loss above the component's own irreducible loss (METHOD.md
+    §2, OR), which ranks datasets by how badly the model fits them rather than by their
+    entropy. Tensors or arrays of the same shape (n,)."""
+    return loss - irreducible
 
 
 class MixtureTrainer:
@@ -129,8 +154,8 @@ class MixtureTrainer:
         self.config = cfg = config
         self.output_dir = Path(cfg.output_dir)
         check_output_dir_writable(self.output_dir)
-        if self.output_dir.is_dir() and not cfg.overwrite_output_dir and (self.output_dir / "report.json").exists():
-            raise FileExistsError(f"output_dir={str(self.output_dir)!r} already holds a run; set overwrite_output_dir=true or choose another")
+        if not cfg.overwrite_output_dir:
+            check_no_previous_run(self.output_dir, ["report.json"], what="a mixture run")
         self.accelerator = accelerator or Accelerator()
         self.device = self.accelerator.device
         self.pipe = pipeline if pipeline is not None else load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)
@@ -154,9 +179,7 @@ class MixtureTrainer:
     @torch.no_grad()
     def _encode_dataset(self, spec) -> dict:
         images, captions = load_image_dataset(spec, self.config.resolution)
-        vae = self.pipe.vae
-        scaling = getattr(vae.config, "scaling_factor", 0.18215)
-        latents = torch.cat([vae.encode(chunk.to(self.device, vae.dtype)).latent_dist.mean for chunk in images.split(16)]) * scaling
+        latents = torch.cat([encode_images(self.pipe.vae, chunk.to(self.device)) for chunk in images.split(16)])
         unique = sorted(set(captions))
         table = self.sampler.encode(unique)
         index = torch.tensor([unique.index(c) for c in captions])
@@ -164,7 +187,7 @@ class MixtureTrainer:
 
     def _eval_triples(self, i: int):
         """Fixed (latent index, t, noise) triples of dataset i for comparable loss estimates."""
-        g = torch.Generator().manual_seed(derived_seed(self.config.seed, 40, i))
+        g = torch.Generator().manual_seed(derived_seed(self.config.seed, seeding.MIXTURE_EVAL_TRIPLES, i))
         n, size = self.data[i]["latents"].shape[0], self.config.eval_size
         idx = torch.randint(0, n, (size,), generator=g)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,), generator=g)
@@ -174,7 +197,14 @@ class MixtureTrainer:
     def _loss(self, i: int, idx, t, noise) -> torch.Tensor:
         d = self.data[i]
         embeds = d["embeds"][d["caption_index"][idx]]
-        return dsm_loss(self.unet, self.noise_scheduler, d["latents"][idx], embeds, t.to(self.device), noise.to(self.device))
+        dtype = next(self.unet.parameters()).dtype
+
+        def predict(x_t, t):
+            return self.unet(x_t.to(dtype), t, encoder_hidden_states=embeds.to(dtype)).sample
+
+        sched = self.noise_scheduler
+        return dsm_loss(predict, d["latents"][idx], t.to(self.device), noise.to(self.device), sched.alphas_cumprod,
+                        sched.config.prediction_type)
 
     @torch.no_grad()
     def eval_losses(self) -> torch.Tensor:
@@ -185,19 +215,11 @@ class MixtureTrainer:
                              for i, trip in enumerate(self.eval_sets)], dtype=torch.float64)
 
     # ------------------------------------------------------------------ LoRA
-    def _add_adapter(self, name: str, seed_part: int):
-        from peft import LoraConfig
-
+    def _add_adapter(self, name: str, purpose: int):
         cfg = self.config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(cfg.seed, seed_part))
-            self.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True,
-                                             target_modules=list(cfg.lora_target_modules)), adapter_name=name)
+        params = trainable_adapter(self.unet, name, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                   target_modules=cfg.lora_target_modules, seed=derived_seed(cfg.seed, purpose))
         self.unet.set_adapters([name])
-        params = [p for n, p in self.unet.named_parameters() if f".{name}." in n]
-        for p in params:
-            p.data = p.data.float()
-            p.requires_grad_(True)
         return params
 
     def _train_steps(self, params, steps: int, weights_fn, purpose: int, on_step=None):
@@ -232,9 +254,9 @@ class MixtureTrainer:
                 out.append(float(spec.irreducible_loss))
                 continue
             name = f"alone_{i}"
-            params = self._add_adapter(name, 50 + i)
+            params = self._add_adapter(name, seeding.MIXTURE_ALONE_LORA_INIT + i)
             one_hot = [1.0 if j == i else 0.0 for j in range(len(self.data))]
-            self._train_steps(params, cfg.irreducible_fit_steps, lambda: one_hot, 60 + i)
+            self._train_steps(params, cfg.irreducible_fit_steps, lambda: one_hot, seeding.MIXTURE_ALONE_BATCH + i)
             out.append(float(self.eval_losses()[i]))
             self.unet.delete_adapters(name)
         self.irreducible = out
@@ -243,7 +265,7 @@ class MixtureTrainer:
     # ------------------------------------------------------------------ training
     def divergences(self, losses: torch.Tensor) -> torch.Tensor:
         if self.config.loss == "excess":
-            return losses - torch.tensor(self.irreducible, dtype=torch.float64)
+            return excess_loss(losses, torch.tensor(self.irreducible, dtype=torch.float64))
         return losses
 
     def train(self) -> dict:
@@ -257,7 +279,7 @@ class MixtureTrainer:
         if cfg.loss == "excess" and self.irreducible is None:
             self.fit_irreducible()
         base_losses = self.eval_losses()
-        params = self._add_adapter(ADAPTER, 70)
+        params = self._add_adapter(ADAPTER, seeding.MIXTURE_LORA_INIT)
         bar = tqdm(total=cfg.max_steps, desc="mixture fine-tuning", disable=not acc.is_main_process)
 
         def on_step(step, batch_losses):
@@ -272,7 +294,7 @@ class MixtureTrainer:
                                      "slack": self.dual.slacks(d).tolist(), "new_weights": self.dual.weights.tolist()})
                 bar.set_postfix(weights=" ".join(f"{w:.2f}" for w in self.dual.weights.tolist()))
 
-        self._train_steps(params, cfg.max_steps, lambda: self.dual.weights, 80, on_step)
+        self._train_steps(params, cfg.max_steps, lambda: self.dual.weights, seeding.MIXTURE_TRAIN_BATCH, on_step)
         bar.close()
         final = self.eval_losses()
         d = self.divergences(final)
@@ -287,7 +309,8 @@ class MixtureTrainer:
             "base_loss": dict(zip(self.names, base_losses.tolist())),
             "per_dataset": {
                 n: {"loss": float(final[i]), "divergence": float(d[i]), "threshold": cfg.datasets[i].threshold,
-                    "satisfied": None if cfg.datasets[i].threshold is None else float(d[i]) <= cfg.datasets[i].threshold}
+                    "satisfied": None if cfg.datasets[i].threshold is None
+                    else slack(float(d[i]), cfg.datasets[i].threshold, "low") <= 0}
                 for i, n in enumerate(self.names)
             },
             "max_divergence": float(d.max()), "infeasible": infeasible, "dual_steps": self.history,
@@ -305,7 +328,6 @@ class MixtureTrainer:
 
     @torch.no_grad()
     def _pictures(self, report):
-
         if self.history:
             plot_weight_trajectory(self.output_dir / "weights.png", self.names, [h["weights"] for h in self.history],
                                    [h["divergence"] for h in self.history], ylabel=f"{self.config.loss} DSM loss")

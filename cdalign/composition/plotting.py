@@ -7,14 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from cdalign.publishing.plotting import pyplot as _plt
 
 
 def plot_weight_trajectory(path: str | os.PathLike, names: list[str], weights: list[list[float]], divergences: list[list[float]], ylabel: str = "KL(p_μ‖q_i)") -> Path:

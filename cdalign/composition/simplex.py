@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 
+from cdalign.core.duals import projected_ascent
+from cdalign.core.statistics import slack
 from cdalign.registry import Registry
 
 STEP_SCHEDULES: Registry = Registry("dual step schedule")
@@ -127,7 +129,7 @@ class SimplexDual:
     def slacks(self, divergences: torch.Tensor) -> torch.Tensor:
         """d_i − b_i for thresholded components (> 0: violated); NaN for free ones."""
         d = torch.as_tensor(divergences, dtype=torch.float64)
-        return torch.where(self.free, torch.full_like(d, float("nan")), d - self.bounds)
+        return torch.where(self.free, torch.full_like(d, float("nan")), slack(d, self.bounds, "low"))
 
     def step(self, divergences: torch.Tensor) -> torch.Tensor:
         """One projected dual ascent step from d (n,); returns the new weights ω."""
@@ -142,7 +144,7 @@ class SimplexDual:
             new[self.free] = project_simplex(self.multipliers[self.free] + eta * d[self.free])
         fixed = ~self.free
         if bool(fixed.any()):
-            new[fixed] = (self.multipliers[fixed] + eta * (d[fixed] - self.bounds[fixed])).clamp(min=0)
+            new[fixed] = projected_ascent(self.multipliers[fixed], eta * self.slacks(d)[fixed])
         self.history.append(
             {"step": self.num_steps, "eta": eta, "divergences": d.tolist(), "weights_before": self.weights.tolist()}
         )
@@ -156,10 +158,10 @@ class SimplexDual:
         d = torch.as_tensor(divergences, dtype=torch.float64)
         out = []
         for i in range(self.n):
-            if bool(self.free[i]) or float(d[i]) <= float(self.bounds[i]):
+            if bool(self.free[i]) or slack(float(d[i]), float(self.bounds[i]), "low") <= 0:
                 continue
             recent = self.history[-patience:]
-            if len(recent) == patience and all(h["divergences"][i] > float(self.bounds[i]) for h in recent):
+            if len(recent) == patience and all(slack(h["divergences"][i], float(self.bounds[i]), "low") > 0 for h in recent):
                 out.append(i)
         return out
 

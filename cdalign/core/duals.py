@@ -1,6 +1,8 @@
 """Dual variables (Lagrange multipliers) and their update rules (METHOD.md §1).
 
-Each rule is one class with ``step(slacks)`` and ``state_dict``/``load_state_dict``.
+Each rule is one class with ``step(slacks)`` and ``state_dict``/``load_state_dict``,
+registered in :data:`DUAL_OPTIMIZERS` and built from a config's ``DualSpec`` by its own
+:meth:`DualOptimizer.from_spec` (a newly registered rule needs no edit elsewhere).
 A *slack* ``g_i`` is positive when constraint i is violated (``g = b − E[r]`` for
 "high", ``E[r] − b`` for "low", ``KL − max`` for a KL constraint); multipliers λ_i ≥ 0
 grow while their constraint is violated and shrink toward 0 while it holds."""
@@ -25,9 +27,19 @@ def _as_vector(values: float | Sequence[float], n: int, what: str) -> torch.Tens
     return v.clone()
 
 
+def projected_ascent(multipliers: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``λ ← max(0, λ + step)``: one ascent step projected onto λ ≥ 0 (elementwise), where
+    ``step`` is the gain times the slack (``η·g`` for gradient ascent). The one projected
+    ascent of cdalign: the alignment duals and the thresholded composition duals use it."""
+    return (multipliers + step).clamp(min=0)
+
+
 class DualOptimizer:
     """Common state: multipliers λ (m,), step counter, and the linear gain warm-up
-    (gains ramp from ``warmup_start`` to 1 over the first ``warmup_steps`` dual steps)."""
+    (gains ramp from ``warmup_start`` to 1 over the first ``warmup_steps`` dual steps).
+
+    A rule subclasses this, implements :meth:`_update` (the new λ ≥ 0, via
+    :func:`projected_ascent`) and, if it has gains of its own, :meth:`from_spec`."""
 
     def __init__(self, num_constraints: int, init=0.0, warmup_steps: int = 0, warmup_start: float = 0.1, frozen=False):
         self.multipliers = _as_vector(init, num_constraints, "dual.init").clamp(min=0)
@@ -46,12 +58,24 @@ class DualOptimizer:
         if slacks.shape != self.multipliers.shape:
             raise ValueError(f"expected {tuple(self.multipliers.shape)} slacks, got {tuple(slacks.shape)}")
         if not self.frozen:
-            self.multipliers = self._update(slacks, self.gain_scale()).clamp(min=0)
+            self.multipliers = self._update(slacks, self.gain_scale())
         self.num_steps += 1
         return self.multipliers.clone()
 
     def _update(self, slacks: torch.Tensor, scale: float) -> torch.Tensor:
+        """The new multipliers (m,), ≥ 0, from the slacks and the warm-up gain ``scale``."""
         raise NotImplementedError
+
+    @staticmethod
+    def common_kwargs(spec) -> dict:
+        """The constructor arguments every rule takes from a ``DualSpec``."""
+        return dict(init=spec.init, warmup_steps=spec.warmup_steps, warmup_start=spec.warmup_start, frozen=spec.freeze)
+
+    @classmethod
+    def from_spec(cls, spec, num_constraints: int) -> "DualOptimizer":
+        """Build from a ``DualSpec`` (cdalign.alignment.config). A rule with gains of its own
+        overrides this to read them; the default passes the common arguments only."""
+        return cls(num_constraints, **cls.common_kwargs(spec))
 
     def state_dict(self) -> dict:
         return {"multipliers": self.multipliers.tolist(), "num_steps": self.num_steps}
@@ -69,8 +93,12 @@ class ProjectedGradientAscent(DualOptimizer):
         super().__init__(num_constraints, **kw)
         self.lr = _as_vector(lr, num_constraints, "dual.lr")
 
+    @classmethod
+    def from_spec(cls, spec, num_constraints: int) -> "ProjectedGradientAscent":
+        return cls(num_constraints, lr=spec.lr, **cls.common_kwargs(spec))
+
     def _update(self, slacks, scale):
-        return self.multipliers + scale * self.lr * slacks
+        return projected_ascent(self.multipliers, scale * self.lr * slacks)
 
 
 @DUAL_OPTIMIZERS.register("nupi")
@@ -86,9 +114,13 @@ class NuPI(DualOptimizer):
         self.nu = float(nu)
         self.xi = torch.zeros(num_constraints, dtype=torch.float64)
 
+    @classmethod
+    def from_spec(cls, spec, num_constraints: int) -> "NuPI":
+        return cls(num_constraints, kappa_i=spec.kappa_i, kappa_p=spec.kappa_p, nu=spec.nu, **cls.common_kwargs(spec))
+
     def _update(self, slacks, scale):
         xi_new = self.nu * self.xi + (1 - self.nu) * slacks
-        new = self.multipliers + scale * (self.kappa_i * slacks + self.kappa_p * (xi_new - self.xi))
+        new = projected_ascent(self.multipliers, scale * (self.kappa_i * slacks + self.kappa_p * (xi_new - self.xi)))
         self.xi = xi_new
         return new
 
@@ -108,10 +140,9 @@ class NuPI(DualOptimizer):
 
 
 def build_dual_optimizer(spec, num_constraints: int) -> DualOptimizer:
-    """From a ``DualSpec`` (cdalign.alignment.config)."""
-    common = dict(init=spec.init, warmup_steps=spec.warmup_steps, warmup_start=spec.warmup_start, frozen=spec.freeze)
-    gains = {"ascent": dict(lr=spec.lr), "nupi": dict(kappa_i=spec.kappa_i, kappa_p=spec.kappa_p, nu=spec.nu)}
-    return DUAL_OPTIMIZERS.get(spec.optimizer)(num_constraints, **gains[spec.optimizer], **common)
+    """The rule ``spec.optimizer`` of :data:`DUAL_OPTIMIZERS`, built by its ``from_spec``
+    from a ``DualSpec`` (cdalign.alignment.config)."""
+    return DUAL_OPTIMIZERS.get(spec.optimizer).from_spec(spec, num_constraints)
 
 
 class InfeasibilityMonitor:

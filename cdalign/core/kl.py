@@ -89,24 +89,38 @@ def choose_kl_steps(
 
 class ChainKLAccumulator:
     """Collects the chain KL along one sampling pass, as an ``on_step`` hook of
-    :func:`cdalign.core.sampling.sample_latents`.
+    :func:`cdalign.core.sampling.sample_latents`: the one KL hook of cdalign (training,
+    evaluation, composition and the 2D recipe).
 
-    ``reference``: predictor of the base (or a component) evaluated on the same x_t.
-    ``steps``: step -> inclusion probability (see :func:`choose_kl_steps`).
-    After sampling, ``per_sample`` is the KL estimate per sample (B,), carrying gradient
-    from the tracked steps."""
+    ``reference``: predictor evaluated on the same x_t as the sampled model: the base
+    model's ε̃_q (B,C,h,w), or, with ``num_references=n``, every component's ε̃_i stacked
+    (n,B,C,h,w) (composition: KL(p ‖ q_i) for each i along p's path).
+    ``steps``: step -> inclusion probability (see :func:`choose_kl_steps`); None: every
+    step, with probability 1.
+    ``value_only``: detach both predictions (a KL that is reported, never differentiated).
+    After sampling, ``per_sample`` is the KL estimate per sample, (B,) or (n,B), carrying
+    gradient from the tracked steps unless ``value_only``; ``reference_calls`` counts the
+    reference evaluations."""
 
     def __init__(
-        self, reference, chain: DDIMChain, estimator: str, steps: dict[int, float], gradient_checkpointing: bool = False
+        self,
+        reference,
+        chain: DDIMChain,
+        estimator: str,
+        steps: dict[int, float] | None = None,
+        gradient_checkpointing: bool = False,
+        num_references: int | None = None,
+        value_only: bool = False,
     ):
         self.reference, self.chain, self.estimator, self.steps = reference, chain, estimator, steps
         self.gradient_checkpointing = gradient_checkpointing
+        self.num_references, self.value_only = num_references, value_only
         self.weights = step_weights(chain, estimator)
         self.per_sample: torch.Tensor | float = 0.0
         self.reference_calls = 0
 
     def __call__(self, i: int, x_t: torch.Tensor, eps: torch.Tensor, tracked: bool) -> None:
-        p = self.steps.get(i)
+        p = 1.0 if self.steps is None else self.steps.get(i)
         if p is None:
             return
         t = self.chain.timesteps[i]
@@ -115,4 +129,11 @@ class ChainKLAccumulator:
         else:
             eps_ref = self.reference(x_t, t)
         self.reference_calls += 1
-        self.per_sample = self.per_sample + step_kl(eps, eps_ref, float(self.weights[i]) / p, self.estimator)
+        if self.value_only:
+            eps, eps_ref = eps.detach(), eps_ref.detach()
+        weight = float(self.weights[i]) / p  # Horvitz–Thompson: unbiased for the all-steps sum
+        if self.num_references is None:
+            kl = step_kl(eps, eps_ref, weight, self.estimator)
+        else:
+            kl = torch.stack([step_kl(eps, eps_ref[k], weight, self.estimator) for k in range(self.num_references)])
+        self.per_sample = self.per_sample + kl

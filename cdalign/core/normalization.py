@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from cdalign.core.sampling import adapter_parameters
+from cdalign.utils.files import atomic_write_text
+
 # Fewer base-model samples than this give a σ too noisy to read values like "+0.5σ" by.
 MIN_NORMALIZATION_SAMPLES = 32
 
@@ -121,13 +124,13 @@ class NormalizationCache:
     def save(self, fields: dict, stats: RewardStats) -> Path:
         path = self._path(fields)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         payload = {"key_fields": json.loads(json.dumps(fields, default=str)), "stats": stats.__dict__}
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def model_fingerprint(unet) -> str:
-    """Identifies base weights for the normalisation cache, whatever their source."""
-    return sampled_fingerprint([(name, p) for name, p in unet.named_parameters() if "lora" not in name])
+    """Identifies base weights for the normalisation cache, whatever their source: every
+    parameter except those of adapters (told apart structurally, see
+    :func:`cdalign.core.sampling.adapter_parameters`), so adding a LoRA leaves it unchanged."""
+    adapters = {id(p) for p in adapter_parameters(unet)}
+    return sampled_fingerprint([(name, p) for name, p in unet.named_parameters() if id(p) not in adapters])

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cdalign.core.statistics import constraint_decision, mean_and_ci, slack
+
 
 @dataclass(frozen=True)
 class Constraint:
@@ -26,8 +28,20 @@ class Constraint:
         return self.source == "kl"
 
     def slack(self, value: torch.Tensor) -> torch.Tensor:
-        """``g = b − E[r]`` for "high", ``E[r] − b`` for "low": positive means violated."""
-        return self.threshold - value if self.direction == "high" else value - self.threshold
+        """``g = b − E[r]`` for "high", ``E[r] − b`` for "low": positive means violated
+        (:func:`cdalign.core.statistics.slack`)."""
+        return slack(value, self.threshold, self.direction)
+
+    def verdict(self, values: torch.Tensor) -> dict:
+        """The constraint judged on per-sample values (N,) in its own units (raw, base-model
+        std, or KL nats): ``measured`` (their mean), ``ci95`` ([lo, hi], normal 95% CI of
+        the mean), ``n``, ``slack`` (positive = violated), ``satisfied`` (the mean is on the
+        allowed side; ties count) and ``ci_clears_threshold`` (the whole CI is). The one
+        place a measured mean meets a threshold: the trainer's report, the evaluation
+        harness and the composer all judge here."""
+        m, lo, hi = mean_and_ci(values)
+        decision = constraint_decision(m, (lo, hi), self.threshold, self.direction)
+        return {"measured": m, "ci95": [lo, hi], "n": int(torch.as_tensor(values).numel()), **decision}
 
 
 @dataclass(frozen=True)

@@ -83,14 +83,11 @@ class DDIMChain:
         s = float(self.sigma[i])
         return mean if (s == 0.0 or noise is None) else mean + s * noise
 
-    def step_log_prob(self, i: int, x_prev: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        """log N(x_prev; mean, σ_i²) summed over non-batch dims, shape (B,) (for policy gradients)."""
-        s = float(self.sigma[i])
-        if s == 0.0:
-            raise ValueError("log-probabilities need eta > 0 (a deterministic step has no density)")
-        d = x_prev[0].numel()
-        sq = (x_prev - mean).pow(2).flatten(1).sum(1)
-        return -sq / (2 * s**2) - d * (torch.log(torch.tensor(s)) + 0.5 * torch.log(torch.tensor(2 * torch.pi)))
+def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """``ε̃ = ε_u + w(ε_c − ε_u)`` (METHOD.md §1) of an unconditional and a conditional UNet
+    output of the same shape; w = 1 is the conditional output, w > 1 extrapolates past it.
+    The one guidance formula: :class:`GuidedUNet` and the composition components use it."""
+    return uncond + guidance_scale * (cond - uncond)
 
 
 class GuidedUNet:
@@ -112,18 +109,37 @@ class GuidedUNet:
         out = self.unet(x_in.to(dtype), t, encoder_hidden_states=self.embeds.to(dtype)).sample.to(x_t.dtype)
         if self.use_cfg:
             out_u, out_c = out.chunk(2)
-            out = out_u + self.guidance_scale * (out_c - out_u)
+            out = classifier_free_guidance(out_u, out_c, self.guidance_scale)
         return self.chain.to_epsilon(self._index[int(t)], x_t, out)
+
+
+def _tuner_layers(module):
+    """The peft tuner layers (LoRA-wrapped linears and convolutions) inside ``module``, lazily."""
+    # peft is imported here, not at the top: the math core imports torch only.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return (m for m in module.modules() if isinstance(m, BaseTunerLayer))
 
 
 def _first_lora_layer(unet):
     """A peft tuner layer of ``unet`` (all share the adapter state set by UNet-level calls)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    return next(_tuner_layers(unet), None)
 
-    for module in unet.modules():
-        if isinstance(module, BaseTunerLayer):
-            return module
-    return None
+
+def adapter_parameters(module, adapter: str | None = None) -> list[torch.nn.Parameter]:
+    """The parameters of adapter ``adapter`` (None: of every adapter) on ``module``, found
+    structurally (the adapter's own sub-modules of each peft tuner layer, e.g. ``lora_A``
+    and ``lora_B``), never by matching parameter names. In ``named_parameters`` order;
+    empty for a module without adapters. Everything else is the base model."""
+    ids = set()
+    for layer in _tuner_layers(module):
+        for attr in layer.adapter_layer_names:  # peft: the per-adapter dicts holding trainable weights
+            holder = getattr(layer, attr)  # ModuleDict or ParameterDict keyed by adapter name
+            for name in holder.keys() if adapter is None else [adapter]:
+                if name in holder:
+                    part = holder[name]
+                    ids.update(map(id, part.parameters() if isinstance(part, torch.nn.Module) else [part]))
+    return [p for p in module.parameters() if id(p) in ids]
 
 
 def set_unet_state(unet, adapter: str | None) -> None:
@@ -208,12 +224,23 @@ def sample_latents(
     return x
 
 
+def vae_scaling(vae) -> float:
+    """The factor between the VAE's latents and the diffusion model's (SD 1.x: 0.18215)."""
+    return getattr(vae.config, "scaling_factor", 0.18215)
+
+
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode to images in [0, 1], (B,3,H,W), differentiable."""
-    scaling = getattr(vae.config, "scaling_factor", 0.18215)
     dtype = next(vae.parameters()).dtype
-    images = vae.decode((latents / scaling).to(dtype)).sample.float()
+    images = vae.decode((latents / vae_scaling(vae)).to(dtype)).sample.float()
     return (images / 2 + 0.5).clamp(0, 1)
+
+
+def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
+    """Diffusion latents (B,4,h,w) of images (B,3,H,W) in [-1, 1]: the VAE posterior mean
+    times :func:`vae_scaling` (the inverse of :func:`decode_latents` up to the VAE's error)."""
+    dtype = next(vae.parameters()).dtype
+    return vae.encode(images.to(dtype)).latent_dist.mean * vae_scaling(vae)
 
 
 @torch.no_grad()

@@ -44,15 +44,26 @@ def paired_difference(treated: torch.Tensor, control: torch.Tensor) -> dict:
     return summarize(treated.double() - control.double())
 
 
+def slack(value, threshold, direction: str):
+    """The slack of METHOD.md §1, ``g = b − v`` for "high" (``E[v] ≥ b``) and ``v − b`` for
+    "low" (``E[v] ≤ b``): positive means violated, in the units of ``v``. ``value`` and
+    ``threshold``: floats or tensors (broadcast). The one definition: constraints, the
+    verdict and the composition duals all take their slack from here."""
+    if direction == "high":
+        return threshold - value
+    if direction == "low":
+        return value - threshold
+    raise ValueError(f"direction must be 'high' or 'low', got {direction!r}")
+
+
 def constraint_decision(measured: float, ci95: Sequence[float], threshold: float, direction: str) -> dict:
     """Judge ``E[value] >= threshold`` (direction 'high') or ``<= threshold`` ('low').
 
     Returns ``slack`` (positive = violated, the trainer's sign convention), ``satisfied``
     (the mean is on the allowed side, ties count as satisfied) and ``ci_clears_threshold``
     (the whole 95% CI is on the allowed side: satisfied with confidence)."""
-    if direction not in ("high", "low"):
-        raise ValueError(f"direction must be 'high' or 'low', got {direction!r}")
+    g = slack(measured, threshold, direction)
     lo, hi = float(ci95[0]), float(ci95[1])
-    slack = threshold - measured if direction == "high" else measured - threshold
-    clears = lo >= threshold if direction == "high" else hi <= threshold
-    return {"slack": float(slack), "satisfied": bool(slack <= 0), "ci_clears_threshold": bool(clears)}
+    # The CI clears the threshold when even its worst end has slack <= 0.
+    clears = slack(lo if direction == "high" else hi, threshold, direction) <= 0
+    return {"slack": float(g), "satisfied": bool(g <= 0), "ci_clears_threshold": bool(clears)}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from cdalign.data.shapes import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, SIZES, caption
+from cdalign.models.hub_files import HubSnapshot, download_snapshot
 from cdalign.registry import Registry
 
 PROMPT_SETS: Registry[Callable[[], list[str]]] = Registry("prompt set")
@@ -65,9 +66,21 @@ def load_prompts(
     - a registered set name (``PROMPT_SETS``: animals, animals_eval, shapes, ...);
     - a local ``.txt`` (one prompt per line), ``.json`` (list of strings, or list of
       objects with ``column``) or ``.jsonl`` (objects with ``column``) file;
-    - otherwise a Hub dataset id loaded with ``datasets.load_dataset(source, split=split)``
-      whose ``column`` holds the prompts.
+    - otherwise a Hub dataset repo id, read at ``revision`` (branch, tag or commit; None:
+      main) and loaded with ``datasets.load_dataset`` (split ``split``, column ``column``).
     """
+    return load_prompts_with_source(source, column, split, revision)[0]
+
+
+def load_prompts_with_source(
+    source: str | Sequence[str] | Callable[[], Sequence[str]],
+    column: str = "prompt",
+    split: str = "train",
+    revision: str | None = None,
+) -> tuple[list[str], HubSnapshot | None]:
+    """:func:`load_prompts`, and the Hub snapshot (repo id, asked revision, resolved
+    commit) the prompts came from, or None when they did not come from the Hub."""
+    snapshot = None
     if callable(source):
         prompts = list(source())
         where = getattr(source, "__name__", "prompt callable")
@@ -78,14 +91,15 @@ def load_prompts(
     elif Path(source).suffix in (".txt", ".json", ".jsonl") or Path(source).is_file():
         prompts, where = _from_file(Path(source), column), f"prompt file {source!r}"
     else:
-        prompts, where = _from_hub(source, column, split, revision), f"Hub dataset {source!r}"
+        prompts, snapshot = _from_hub(source, column, split, revision)
+        where = f"Hub dataset {source!r}"
     bad = [p for p in prompts if not isinstance(p, str)]
     if bad:
         raise ValueError(f"{where}: prompts must be strings, got {type(bad[0]).__name__}")
     prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
         raise ValueError(f"{where} holds no prompts; give a non-empty prompt set")
-    return prompts
+    return prompts, snapshot
 
 
 def _from_file(path: Path, column: str) -> list[str]:
@@ -113,16 +127,37 @@ def _from_file(path: Path, column: str) -> list[str]:
     return out
 
 
-def _from_hub(dataset_id: str, column: str, split: str, revision: str | None) -> list[str]:
-    import datasets
+def _from_hub(dataset_id: str, column: str, split: str, revision: str | None) -> tuple[list[str], HubSnapshot]:
+    """Prompts of a Hub dataset repo: the repo's snapshot at ``revision`` (so the commit
+    it resolved to is known and the offline cache serves it), loaded by ``datasets``."""
+    import datasets  # heavy (pyarrow, pandas): only runs that read a Hub dataset need it
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    at = f"revision {revision or 'main'}"
+    sets = ", ".join(PROMPT_SETS.names())
     try:
-        ds = datasets.load_dataset(dataset_id, split=split, revision=revision)
-    except (ConnectionError, FileNotFoundError, OSError, ValueError) as err:
+        validate_repo_id(dataset_id)
+    except HFValidationError:
         raise ValueError(
-            f"prompts={dataset_id!r} is neither a prompt set ({', '.join(PROMPT_SETS.names())}), nor a local "
-            f".txt/.json/.jsonl file, nor a loadable Hub dataset ({type(err).__name__}: {err})"
-        ) from err
+            f"prompts={dataset_id!r} is neither a prompt set ({sets}), nor a local .txt/.json/.jsonl file "
+            "(none exists there), nor a valid Hub dataset id"
+        ) from None
+    try:
+        snapshot = download_snapshot(dataset_id, revision=revision, repo_type="dataset")
+    except Exception as err:  # huggingface_hub's errors: not found, revision not found, offline and uncached
+        offline = " (HF_HUB_OFFLINE=1 and it is not in the local Hub cache)" if constants.HF_HUB_OFFLINE else ""
+        cause = str(err).strip().splitlines()[0][:200].rstrip(".") if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"prompts={dataset_id!r} ({at}) is neither a prompt set ({sets}), nor a local .txt/.json/.jsonl file, "
+            f"nor a Hub dataset that could be fetched{offline}: {cause}. Download it once with "
+            f"`hf download {dataset_id} --repo-type dataset" + (f" --revision {revision}" if revision else "") + "`"
+        ) from None
+    try:
+        ds = datasets.load_dataset(str(snapshot.path), split=split)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise ValueError(f"Hub dataset {dataset_id!r} ({at}, commit {snapshot.commit[:12]}): cannot load split "
+                         f"{split!r} ({type(err).__name__}: {err}); set prompt_split") from None
     if column not in ds.column_names:
         raise ValueError(f"Hub dataset {dataset_id!r} has no column {column!r}; columns: {ds.column_names} (set prompt_column)")
-    return list(ds[column])
+    return list(ds[column]), snapshot

@@ -12,10 +12,22 @@ from cdalign.evaluation.harness import (
     evaluation_items,
     load_suite,
 )
+from cdalign.evaluation.scoring import (
+    AdaptedModel,
+    BaseModel,
+    BatchStore,
+    CheckpointScores,
+    score_batch,
+    score_checkpoints,
+)
 
 __all__ = [
     "CHECKPOINT_KINDS",
+    "AdaptedModel",
+    "BaseModel",
+    "BatchStore",
     "CheckpointKind",
+    "CheckpointScores",
     "CheckpointSpec",
     "EvaluationResult",
     "EvaluationSuite",
@@ -23,4 +35,6 @@ __all__ = [
     "evaluate",
     "evaluation_items",
     "load_suite",
+    "score_batch",
+    "score_checkpoints",
 ]

@@ -28,26 +28,23 @@ continues where it stopped, and a changed setting never reuses a stale batch.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from cdalign.alignment.config import (
     ConstrainedDDPOConfig,
-    check_mixed_precision,
     config_from_dict,
     load_config_file,
-    read_yaml_mapping,
 )
-from cdalign.core.kl import ChainKLAccumulator, choose_kl_steps
 from cdalign.core.normalization import (
     MIN_NORMALIZATION_SAMPLES,
     model_fingerprint,
@@ -55,171 +52,42 @@ from cdalign.core.normalization import (
     stats_from_samples,
 )
 from cdalign.core.problem import ConstrainedProblem
-from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
+from cdalign.core.sampling import DiffusionSampler
+from cdalign.core.seeding import evaluation_items
 from cdalign.core.statistics import constraint_decision, summarize  # noqa: F401  (re-exported)
 from cdalign.data.prompt_sets import load_prompts
+from cdalign.evaluation.scoring import (
+    AdaptedModel,
+    BaseModel,
+    CheckpointScores,
+    LoadedCheckpoint,
+    score_checkpoints,
+)
+
+# The suite and its checkpoint specs live in cdalign.evaluation.suite (typed configs of
+# cdalign.fields); re-exported here, their old home.
+from cdalign.evaluation.suite import (  # noqa: F401
+    _DTYPES,
+    CheckpointSpec,
+    EvaluationSuite,
+    load_suite,
+)
+from cdalign.fields import check_mixed_precision, read_yaml_mapping
 from cdalign.models.checkpointing import atomic_write_text
 from cdalign.models.hub_files import download_file
 from cdalign.models.lora import (
-    LORA_WEIGHT_NAME,
     is_local_source,
     load_lora,
     lora_weights_path,
 )
-from cdalign.models.pipeline import load_pipeline
-from cdalign.publishing.plotting import save_grid
+from cdalign.models.pipeline import load_pipeline, precision_dtype
+from cdalign.publishing.plotting import pyplot, save_grid
 from cdalign.publishing.tables import comparison_table, md, md_code
 from cdalign.registry import Registry
 from cdalign.rewards import REWARDS
+from cdalign.utils.files import atomic_write
 
 CACHE_VERSION = 1  # bump when the cached batch layout or its meaning changes
-
-# ---------------------------------------------------------------------------------
-# Specs
-# ---------------------------------------------------------------------------------
-
-
-@dataclass
-class CheckpointSpec:
-    """One model to score.
-
-    - ``kind='base'``: the suite's base model itself.
-    - ``kind='lora'``: a LoRA in the diffusers format; ``source`` is a local output folder
-      (holding ``pytorch_lora_weights.safetensors``, usually also ``config.yaml`` and
-      ``report.json``) or a Hub repo id, read at ``revision`` (branch, tag or commit).
-    - ``kind='composed'``: ``components`` (checkpoint specs as dicts) combined with
-      ``weights`` μ (default equal), KL reported to each component.
-    """
-
-    name: str
-    kind: str = "lora"
-    source: str | None = None
-    revision: str | None = None
-    weight_name: str = LORA_WEIGHT_NAME
-    scale: float = 1.0
-    components: list[dict] = field(default_factory=list)
-    weights: list[float] | None = None
-
-    @classmethod
-    def from_value(cls, value: Any, where: str) -> "CheckpointSpec":
-        """From a mapping (YAML) or a ``NAME=SOURCE[@REVISION]`` / ``base`` string (CLI)."""
-        if isinstance(value, CheckpointSpec):
-            return value
-        if isinstance(value, str):
-            if value == "base":
-                return cls("base", kind="base")
-            name, sep, rest = value.partition("=")
-            if not sep or not name or not rest:
-                raise ValueError(f"{where}: {value!r} is not NAME=SOURCE[@REVISION] (e.g. aligned=outputs/run or "
-                                 "hub=user/repo@main) nor 'base'")
-            source, _, revision = rest.partition("@")
-            return cls(name, kind="lora", source=source, revision=revision or None)
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where}: expected a mapping or NAME=SOURCE string, got {type(value).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        if "name" not in value:
-            raise ValueError(f"{where}: every checkpoint needs a 'name'")
-        spec = cls(**dict(value))
-        if spec.kind == "lora" and not spec.source:
-            raise ValueError(f"{where} ({spec.name!r}): kind 'lora' needs 'source' (a local folder or a Hub repo id)")
-        return spec
-
-
-@dataclass
-class EvaluationSuite:
-    """What to evaluate and how: the model, prompts, seeds, sampler, rewards, constraints.
-
-    Constraints use the trainer's schema (``{reward, direction, threshold, normalize}`` or
-    ``{type: kl, max}``); when ``constraints`` is None they come from the first checkpoint
-    whose ``config.yaml`` states them (the trainer writes it), and every checkpoint is
-    judged against the same thresholds. Likewise ``kl_estimator``: None means the one the
-    checkpoints were trained with (their ``config.yaml``), so the harness reports the
-    same chain KL as the run's own report. ``num_prompts`` more than the source holds is
-    an error."""
-
-    name: str = "custom"
-    description: str = ""
-    model: str = "cdalign/tiny-random-sd"
-    revision: str | None = None
-    dtype: str = "float32"
-    prompts: Any = "shapes"
-    prompt_column: str = "prompt"
-    prompt_split: str = "train"
-    num_prompts: int | None = None
-    images_per_prompt: int = 1
-    rewards: list[str] = field(default_factory=lambda: ["saturation", "local_contrast", "brightness"])
-    reward_kwargs: dict[str, dict] = field(default_factory=dict)
-    constraints: list[dict] | None = None
-    num_inference_steps: int = 20
-    eta: float = 1.0
-    guidance_scale: float = 5.0
-    resolution: int | None = None
-    kl_estimator: str | None = None
-    batch_size: int = 4
-    seed: int = 0
-    grid_images: int = 8
-    checkpoints: list[CheckpointSpec] = field(default_factory=list)
-    paper: str = ""
-
-    def __post_init__(self):
-        self.checkpoints = [CheckpointSpec.from_value(c, f"checkpoints[{i}]") for i, c in enumerate(self.checkpoints)]
-        for key in ("batch_size", "images_per_prompt", "num_inference_steps"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
-        if self.num_prompts is not None and self.num_prompts < 1:
-            raise ValueError(f"num_prompts: must be >= 1 or null, got {self.num_prompts!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype: {self.dtype!r} is not one of {sorted(_DTYPES)}")
-        if not self.rewards:
-            raise ValueError("rewards: list at least one reward name (see cdalign.rewards.available_rewards())")
-        names = [c.name for c in self.checkpoints]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"checkpoints: names must be unique; repeated: {dup}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping, where: str = "suite") -> "EvaluationSuite":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        try:
-            return cls(**dict(data))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}: {err}") from None
-
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def load_suite(name_or_path: str | os.PathLike, search_dirs: Sequence[str | os.PathLike] = ()) -> EvaluationSuite:
-    """A suite from a YAML file, or by name from ``<dir>/<name>.yaml`` in ``search_dirs``.
-    A relative ``prompts`` path in the file is resolved against the file's folder."""
-    import yaml
-
-    path = Path(name_or_path)
-    if not path.is_file():
-        candidates = [Path(d) / f"{name_or_path}.yaml" for d in search_dirs]
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            names = sorted({p.stem for d in search_dirs if Path(d).is_dir() for p in Path(d).glob("*.yaml")})
-            raise FileNotFoundError(f"evaluation suite {str(name_or_path)!r}: no such file, and no suite of that name "
-                                    f"(known suites: {', '.join(names) or 'none'})")
-        path = found[0]
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: malformed YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a suite file must be a mapping of field: value")
-    prompts = data.get("prompts")
-    if isinstance(prompts, str) and (path.parent / prompts).is_file():
-        data["prompts"] = str(path.parent / prompts)
-    return EvaluationSuite.from_dict(data, where=str(path))
-
 
 # ---------------------------------------------------------------------------------
 # Statistics and decisions (pure)
@@ -235,21 +103,8 @@ def load_suite(name_or_path: str | os.PathLike, search_dirs: Sequence[str | os.P
 # ---------------------------------------------------------------------------------
 
 
-class LoadedCheckpoint:
-    """A checkpoint made active on the shared pipeline.
-
-    ``policy(sampler, prompts)``: the predictor to sample from. ``references(sampler,
-    prompts, policy)``: ``{name: predictor}`` to measure the chain KL against (``base``;
-    for composed models one entry per component). ``unload()`` restores the pipeline."""
-
-    def policy(self, sampler, prompts: list[str]):
-        raise NotImplementedError
-
-    def references(self, sampler, prompts: list[str], policy) -> dict:
-        return {}
-
-    def unload(self) -> None:
-        pass
+# LoadedCheckpoint (what a loaded checkpoint samples and measures its KL against) lives in
+# cdalign.evaluation.scoring, the one scoring path, and is re-exported here.
 
 
 class CheckpointKind:
@@ -270,12 +125,6 @@ class CheckpointKind:
 CHECKPOINT_KINDS: Registry[Callable[[], CheckpointKind]] = Registry("checkpoint kind")
 
 
-class _BaseLoaded(LoadedCheckpoint):
-    def policy(self, sampler, prompts):
-
-        return WithAdaptersDisabled(sampler.guided(prompts))
-
-
 @CHECKPOINT_KINDS.register("base")
 class BaseKind(CheckpointKind):
     """The base model (any adapters on the shared UNet switched off). Its KL to itself is 0."""
@@ -284,7 +133,7 @@ class BaseKind(CheckpointKind):
         return {"kind": "base"}
 
     def load(self, spec, pipe):
-        return _BaseLoaded()
+        return BaseModel()
 
 
 def _sha256_file(path: Path) -> str:
@@ -299,16 +148,11 @@ def _adapter_name(name: str) -> str:
     return "eval_" + re.sub(r"\W", "_", name)
 
 
-class _LoraLoaded(LoadedCheckpoint):
+class _LoraLoaded(AdaptedModel):
+    """A loaded LoRA adapter (the only active one); KL to the base. Unloading deletes it."""
+
     def __init__(self, pipe, adapter: str):
         self.pipe, self.adapter = pipe, adapter
-
-    def policy(self, sampler, prompts):
-        return sampler.guided(prompts)
-
-    def references(self, sampler, prompts, policy):
-
-        return {"base": WithAdaptersDisabled(policy)}
 
     def unload(self):
         self.pipe.delete_adapters(self.adapter)
@@ -378,16 +222,6 @@ def problem_from_constraints(constraints: list[dict], model: str, rewards: Seque
 # ---------------------------------------------------------------------------------
 
 
-def _seed(*parts: int) -> int:
-    h = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
-
-
-def evaluation_items(prompts: list[str], images_per_prompt: int, seed: int) -> list[tuple[str, int]]:
-    """(prompt, image seed) per image; identical for every checkpoint of an evaluation."""
-    return [(p, _seed(seed, i, j)) for i, p in enumerate(prompts) for j in range(images_per_prompt)]
-
-
 def _cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -397,35 +231,41 @@ def _safe_name(name: str) -> str:
 
 
 class _BatchCache:
-    """One safetensors file per checkpoint × batch, written atomically."""
+    """One safetensors file per checkpoint × batch, written atomically: the
+    :class:`~cdalign.evaluation.scoring.BatchStore` of the harness. A batch's file name is
+    the hash of ``fields[checkpoint]`` (what decides its numbers) and its items; ``hits``
+    counts the batches served."""
 
-    def __init__(self, root: Path | None):
-        self.root = root
+    def __init__(self, root: Path | None, fields: Mapping[str, dict]):
+        self.root, self.fields, self.hits = root, fields, 0
 
-    def path(self, checkpoint: str, key: str) -> Path | None:
-        return None if self.root is None else self.root / _safe_name(checkpoint) / f"{key}.safetensors"
+    def path(self, checkpoint: str, batch) -> Path | None:
+        if self.root is None:
+            return None
+        key = _cache_key({**self.fields[checkpoint], "prompts": [p for p, _ in batch], "seeds": [s for _, s in batch]})
+        return self.root / _safe_name(checkpoint) / f"{key}.safetensors"
 
-    def load(self, checkpoint, key) -> dict | None:
+    def load(self, checkpoint, index, batch) -> dict | None:
         from safetensors.torch import load_file
 
-        p = self.path(checkpoint, key)
+        p = self.path(checkpoint, batch)
         if p is None or not p.is_file():
             return None
         try:
-            return load_file(str(p))
+            tensors = load_file(str(p))
         except Exception:  # a torn or foreign file is recomputed, never trusted
             return None
+        self.hits += 1
+        return tensors
 
-    def save(self, checkpoint, key, tensors: dict) -> None:
+    def save(self, checkpoint, index, batch, tensors: dict) -> None:
         from safetensors.torch import save_file
 
-        p = self.path(checkpoint, key)
+        p = self.path(checkpoint, batch)
         if p is None:
             return
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, p)
+        atomic_write(p, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
 @dataclass
@@ -458,18 +298,20 @@ def evaluate(
     overriding registry rewards. A ``base`` checkpoint is added first when the suite has
     none: KL and normalisation are relative to it.
 
+    The images are :func:`~cdalign.core.seeding.evaluation_items` of the prompts (``num_prompts
+    × images_per_prompt``, ``seed``), scored by :func:`~cdalign.evaluation.scoring.score_checkpoints`:
+    the trainer's report scores the same items for the same prompts, count and seed.
+
     Under ``accelerate launch`` with N processes, process r samples batches r, r+N, ...
     (each on its own device), the results are all-gathered, and only the main process
     writes files; every process returns the same result. A batch's numbers do not depend
     on which process or how many processes computed it."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-
 
     out = Path(output_dir) if output_dir is not None else None
     state = PartialState()
-    rank, world = state.process_index, state.num_processes
+    world = state.num_processes
     device = torch.device(device or state.device)
     check_mixed_precision(suite.dtype, device, "dtype")  # float16 on a CPU: refused before anything runs
     checkpoints = list(suite.checkpoints)
@@ -488,8 +330,7 @@ def evaluate(
                 f"set num_prompts to at most {len(prompts)} (or null for all), or raise images_per_prompt"
             )
         prompts = prompts[: suite.num_prompts]
-    items = evaluation_items(prompts, suite.images_per_prompt, suite.seed)
-    batches = [items[i : i + suite.batch_size] for i in range(0, len(items), suite.batch_size)]
+    items = evaluation_items(prompts, len(prompts) * suite.images_per_prompt, suite.seed)
 
     # Identities first (cheap, and a missing checkpoint fails before any sampling).
     identities = {c.name: kinds[c.name].identity(c) for c in checkpoints}
@@ -511,8 +352,8 @@ def evaluate(
                               "function)", stacklevel=2)
 
     if pipeline is None:
-        dtype = None if suite.dtype == "float32" else _DTYPES[suite.dtype]
-        pipeline = load_pipeline(suite.model, revision=suite.revision, torch_dtype=dtype, what="model")
+        pipeline = load_pipeline(suite.model, revision=suite.revision, torch_dtype=precision_dtype(suite.dtype),
+                                 what="model")
     pipe = pipeline.to(device)
     pipe.set_progress_bar_config(disable=True)
     sampler = DiffusionSampler(pipe, suite.num_inference_steps, suite.eta, suite.guidance_scale, suite.resolution, device)
@@ -529,71 +370,22 @@ def evaluate(
                       "recomputed, not cached (set a cache_key string on them, changed whenever they change)",
                       stacklevel=2)
         use_cache = False
-    cache = _BatchCache(out / "cache" if (out is not None and use_cache) else None)
-
-    per_ckpt: dict[str, dict[str, list[torch.Tensor]]] = {}
-    cached_batches = 0
-    mine = [b for b in range(len(batches)) if b % world == rank]
-    bar = tqdm(total=len(checkpoints) * len(mine), desc="evaluation", disable=not (progress and state.is_main_process))
-    for spec in checkpoints:
-        keys = [
-            _cache_key({"v": CACHE_VERSION, "checkpoint": identities[spec.name], "model": model_identity,
-                        "prompts": [p for p, _ in batch], "seeds": [s for _, s in batch], "sampler": settings,
-                        "rewards": identities_of_rewards})
-            for batch in batches
-        ]
-        results = [cache.load(spec.name, k) if b in mine else None for b, k in enumerate(keys)]
-        loaded = None
-        for b in mine:
-            batch = batches[b]
-            bar.set_postfix(checkpoint=spec.name)
-            if results[b] is not None and all(f"reward/{n}" in results[b] for n in reward_names):
-                cached_batches += 1
-                bar.update(1)
-                continue
-            if loaded is None:
-                loaded = kinds[spec.name].load(spec, pipe)
-            batch_prompts, seeds = [p for p, _ in batch], [s for _, s in batch]
-            with torch.no_grad():
-                policy = loaded.policy(sampler, batch_prompts)
-                refs = loaded.references(sampler, batch_prompts, policy)
-                hooks = {
-                    name: ChainKLAccumulator(ref, sampler.chain, kl_estimator,
-                                             choose_kl_steps(len(sampler.chain), set(), None, torch.Generator()))
-                    for name, ref in refs.items()
-                }
-
-                def on_step(i, x_t, eps, tracked, hooks=hooks):
-                    for h in hooks.values():
-                        h(i, x_t, eps, tracked)
-
-                images = sampler.sample(policy, seeds, on_step=on_step if hooks else None)
-                tensors = {"images": (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()}
-                for n in reward_names:
-                    tensors[f"reward/{n}"] = reward_fns[n](images.float(), batch_prompts).detach().double().cpu().reshape(-1)
-                for name, h in hooks.items():
-                    tensors[f"kl/{name}"] = torch.as_tensor(h.per_sample).detach().double().cpu().reshape(-1)
-            cache.save(spec.name, keys[b], tensors)
-            results[b] = tensors
-            bar.update(1)
-        if loaded is not None:
-            loaded.unload()
-        if world > 1:  # every process gets every batch's numbers
-            for part in gather_object([{b: results[b] for b in mine}]):
-                for b, tensors in part.items():
-                    results[b] = tensors
-        per_ckpt[spec.name] = {k: [r[k] for r in results] for k in results[0]}
-    bar.close()
-    if world > 1:
-        cached_batches = sum(gather_object([cached_batches]))
-
-    gathered = {name: {k: torch.cat(v) for k, v in d.items()} for name, d in per_ckpt.items()}
+    cache = _BatchCache(
+        out / "cache" if (out is not None and use_cache) else None,
+        {c.name: {"v": CACHE_VERSION, "checkpoint": identities[c.name], "model": model_identity, "sampler": settings,
+                  "rewards": identities_of_rewards} for c in checkpoints},
+    )
+    # Lazily: a checkpoint whose batches are all cached is never loaded.
+    loaders = {c.name: (lambda c=c: kinds[c.name].load(c, pipe)) for c in checkpoints}
+    scores = score_checkpoints(sampler, loaders, items, batch_size=suite.batch_size, rewards=reward_fns,
+                               kl_estimator=kl_estimator, store=cache, progress=progress)
+    cached_batches = sum(gather_object([cache.hits])) if world > 1 else cache.hits
     base_name = next(c.name for c in checkpoints if c.kind == "base")
     reports = {c.name: _read_report(run_files[c.name]) for c in checkpoints}
     base_stats = {}
     for n in reward_names:
         try:
-            base_stats[n] = stats_from_samples(gathered[base_name][f"reward/{n}"])
+            base_stats[n] = stats_from_samples(scores[base_name].rewards[n])
         except ValueError:
             pass
     if base_stats and len(items) < MIN_NORMALIZATION_SAMPLES:
@@ -601,54 +393,34 @@ def evaluate(
                       "normalised rewards and constraint verdicts are noisy; raise num_prompts or images_per_prompt",
                       stacklevel=2)
 
+    # One normalisation for every row (same footing): base-model samples of this
+    # evaluation. A run's training statistics come from other prompts and settings.
+    norm_from = {n: f"{base_stats[n].count} base-model samples of this evaluation ({base_name!r})" for n in base_stats}
     summaries = {}
     for spec in checkpoints:
-        values = gathered[spec.name]
-        # One normalisation for every row (same footing): base-model samples of this
-        # evaluation. A run's training statistics come from other prompts and settings.
-        stats_used = {n: base_stats[n] for n in reward_names if n in base_stats}
-        norm_from = {n: f"{stats_used[n].count} base-model samples of this evaluation ({base_name!r})" for n in stats_used}
+        values = scores[spec.name] = scores[spec.name].with_stats(base_stats)
         entry: dict[str, Any] = {
             "kind": spec.kind, "source": spec.source, "revision": spec.revision,
             "identity": identities[spec.name], "num_images": len(items),
         }
-        rew = {}
-        for n in reward_names:
-            raw = values[f"reward/{n}"]
-            rew[n] = {**summarize(raw)}
-            if n in stats_used:
-                normed = stats_used[n].normalize(raw)
-                s = summarize(normed)
-                rew[n]["normalized_mean"], rew[n]["normalized_ci95"] = s["mean"], s["ci95"]
-                rew[n]["normalized_by"] = norm_from[n]
-        entry["rewards"] = rew
+        entry["rewards"] = _reward_summaries(values, reward_names, norm_from)
         kl = {}
         if spec.kind == "base":
             kl["base"] = {"mean": 0.0, "ci95": [0.0, 0.0], "n": len(items), "note": "the base model itself"}
-        for k, v in values.items():
-            if k.startswith("kl/"):
-                kl[k[3:]] = summarize(v)
+        for ref, v in values.kl.items():
+            kl[ref] = summarize(v)
         for v in kl.values():
             v["estimator"] = kl_estimator
         entry["kl"] = kl
         duals = {c["name"]: c.get("dual") for c in (reports[spec.name] or {}).get("constraints", [])}
         cons = []
         for c in (problem.constraints if problem else []):
-            if c.is_kl:
-                v = values.get("kl/base", torch.zeros(len(items), dtype=torch.float64))
-                units = f"KL ({kl_estimator})"
-            elif c.normalize:
-                if c.source not in stats_used:
-                    raise ValueError(f"constraint {c.name!r} is normalised but no statistics of {c.source!r} exist")
-                v, units = stats_used[c.source].normalize(values[f"reward/{c.source}"]), "base-model std"
-            else:
-                v, units = values[f"reward/{c.source}"], "raw"
-            s = summarize(v)
+            units = f"KL ({kl_estimator})" if c.is_kl else ("base-model std" if c.normalize else "raw")
+            verdict = c.verdict(values.constraint_values(c))
+            verdict.pop("n")  # evaluation.json gives the count once per checkpoint (num_images)
             cons.append({
                 "name": c.name, "source": c.source, "direction": c.direction, "threshold": c.threshold,
-                "normalized": c.normalize, "units": units, "measured": s["mean"], "ci95": s["ci95"],
-                **constraint_decision(s["mean"], s["ci95"], c.threshold, c.direction),
-                "dual": duals.get(c.name),
+                "normalized": c.normalize, "units": units, **verdict, "dual": duals.get(c.name),
             })
         entry["constraints"] = cons
         entry["all_satisfied"] = all(c["satisfied"] for c in cons) if cons else None
@@ -665,9 +437,20 @@ def evaluate(
     }
     files: dict[str, Path] = {}
     if out is not None and state.is_main_process:
-        files = _write_outputs(out, data, gathered, [c.name for c in checkpoints], suite.grid_images)
+        files = _write_outputs(out, data, scores, [c.name for c in checkpoints], suite.grid_images)
     state.wait_for_everyone()
     return EvaluationResult(data, files)
+
+
+def _reward_summaries(values: CheckpointScores, names: Sequence[str], norm_from: Mapping[str, str]) -> dict:
+    """Per reward: mean, 95% CI and n of the raw values; in base-model std too where normalised."""
+    out = {}
+    for n in names:
+        out[n] = summarize(values.rewards[n])
+        if n in values.normalized:
+            s = summarize(values.normalized[n])
+            out[n].update(normalized_mean=s["mean"], normalized_ci95=s["ci95"], normalized_by=norm_from[n])
+    return out
 
 
 def _problem_for(suite, checkpoints, run_files):
@@ -743,7 +526,8 @@ def _build_rewards(names, reward_kwargs, given, device):
 # ---------------------------------------------------------------------------------
 
 
-def _write_outputs(out: Path, data: dict, gathered: dict, order: list[str], grid_images: int) -> dict[str, Path]:
+def _write_outputs(out: Path, data: dict, scores: dict[str, CheckpointScores], order: list[str],
+                   grid_images: int) -> dict[str, Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / "evaluation.json", "markdown": out / "evaluation.md"}
@@ -759,7 +543,7 @@ def _write_outputs(out: Path, data: dict, gathered: dict, order: list[str], grid
               comparison_table(data)]
     atomic_write_text(files["markdown"], "\n".join(lines))
     if grid_images > 0:
-        rows = [gathered[n]["images"][:grid_images].float() / 255.0 for n in order]
+        rows = [scores[n].images[:grid_images].float() / 255.0 for n in order]
         files["grid"] = save_grid(out / "grid.png", rows, order)
     files["bars"] = plot_reward_bars(out / "rewards.png", data)
     return files
@@ -768,12 +552,9 @@ def _write_outputs(out: Path, data: dict, gathered: dict, order: list[str], grid
 def plot_reward_bars(path: str | os.PathLike, data: dict) -> Path:
     """One panel per reward: a bar per checkpoint with its 95% CI (normalised units where
     available), and the constraint thresholds on that reward as dashed lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = pyplot()
     ckpts = data["checkpoints"]
     names = list(ckpts)
     rewards = list(next(iter(ckpts.values()))["rewards"])

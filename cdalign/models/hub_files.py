@@ -1,8 +1,45 @@
-"""Downloading single files from the Hub with errors that name repo, revision and file."""
+"""Downloads from the Hub: single files with errors that name repo, revision and file,
+and snapshots that say which commit a revision resolved to (the provenance a run records)."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
+
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class HubSnapshot:
+    """A Hub repo read at one commit: ``revision`` as asked (branch, tag, sha or None =
+    main), ``commit`` the 40-hex sha it resolved to, ``path`` the local snapshot folder."""
+
+    repo_id: str
+    repo_type: str
+    revision: str | None
+    commit: str
+    path: Path
+
+    def record(self) -> dict:
+        """What a run writes down: enough to fetch exactly these files again."""
+        return {"repo_id": self.repo_id, "repo_type": self.repo_type, "revision": self.revision, "commit": self.commit}
+
+
+def snapshot_of(repo_id: str, revision: str | None, repo_type: str, path: str | Path) -> HubSnapshot:
+    """The :class:`HubSnapshot` of a folder in the Hub cache (``.../snapshots/<commit>``)."""
+    path = Path(path)
+    if not COMMIT_RE.fullmatch(path.name):
+        raise ValueError(f"{path} is not a Hub cache snapshot folder (its name is not a commit sha)")
+    return HubSnapshot(repo_id, repo_type, revision, path.name, path)
+
+
+def download_snapshot(repo_id: str, *, revision: str | None = None, repo_type: str = "model") -> HubSnapshot:
+    """``snapshot_download`` of a whole repo (cached; offline it answers from the cache).
+    Errors are huggingface_hub's own (callers word them for their field)."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_of(repo_id, revision, repo_type, snapshot_download(repo_id, repo_type=repo_type, revision=revision))
 
 
 def download_file(

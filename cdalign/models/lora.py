@@ -1,5 +1,6 @@
-"""LoRA adapters on the UNet in the diffusers format: where their weights are, loading
-them onto a pipeline (local folder or Hub repo at a revision), saving one atomically.
+"""LoRA adapters on the UNet in the diffusers format: adding a trainable one, where their
+weights are, loading them onto a pipeline (local folder or Hub repo at a revision), saving
+one atomically.
 
 ``pipe.load_lora_weights(output_dir)`` loads what :func:`save_adapter` writes."""
 
@@ -7,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from cdalign.core.sampling import adapter_parameters
 from cdalign.models.hub_files import download_file
+from cdalign.utils.files import atomic_write
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -90,10 +93,37 @@ def load_lora(
             f"{what}: the LoRA {source!r} does not fit this base model ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:300]}); it was trained for another architecture or rank layout"
         ) from err
-    for name, p in pipe.unet.named_parameters():
-        if f".{adapter_name}." in name:
-            p.requires_grad_(False)
+    for p in adapter_parameters(pipe.unet, adapter_name):
+        p.requires_grad_(False)
     return path
+
+
+def add_lora_adapter(
+    unet, adapter_name: str, *, rank: int, alpha: float, target_modules: Sequence[str], seed: int
+) -> None:
+    """Add a LoRA adapter ``adapter_name`` (peft ``LoraConfig``) to ``unet``. B starts at
+    zero, so the adapted model starts as the base model; A's random init is drawn from
+    ``seed`` on a forked CPU RNG (the global RNG is left as it was). The adapter's
+    parameters are :func:`~cdalign.core.sampling.adapter_parameters` ``(unet, adapter_name)``."""
+    from peft import LoraConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(target_modules)),
+            adapter_name=adapter_name,
+        )
+
+
+def trainable_adapter(unet, adapter_name: str, **lora) -> list[torch.nn.Parameter]:
+    """:func:`add_lora_adapter` (keyword arguments ``lora``), then its parameters in fp32 with
+    ``requires_grad``: the LoRA a composition or distillation trains. Returns them."""
+    add_lora_adapter(unet, adapter_name, **lora)
+    params = adapter_parameters(unet, adapter_name)
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -136,13 +166,11 @@ def save_adapter(unet, adapter_name: str, output_dir: str | os.PathLike, state: 
     if not all(bool(torch.isfinite(v).all()) for v in state.values()):
         raise RuntimeError(f"adapter {adapter_name!r} has non-finite weights; not saving over {str(out)!r}")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".lora-tmp-{os.getpid()}"
-    StableDiffusionPipeline.save_lora_weights(
-        tmp,
-        unet_lora_layers=state,
-        safe_serialization=True,
-        unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(),
+    metadata = unet.peft_config[adapter_name].to_dict()
+    return atomic_write(
+        out / LORA_WEIGHT_NAME,
+        lambda tmp: StableDiffusionPipeline.save_lora_weights(
+            tmp.parent, unet_lora_layers=state, weight_name=tmp.name, safe_serialization=True,
+            unet_lora_adapter_metadata=metadata,
+        ),
     )
-    os.replace(tmp / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out / LORA_WEIGHT_NAME

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from cdalign.models.hub_files import snapshot_of
 from cdalign.models.lora import is_local_source
 from cdalign.models.tiny import TINY_RANDOM_ID, build_tiny_pipeline
 from cdalign.models.tiny_pretrained import TINY_SHAPES_ID, tiny_shapes_sd_path
@@ -24,6 +25,25 @@ EMBEDDED_MODELS.register(TINY_RANDOM_ID, lambda: build_tiny_pipeline(seed=0))
 EMBEDDED_MODELS.register(TINY_SHAPES_ID, tiny_shapes_sd_path)
 
 _REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# Precision names as configs spell them -> dtype of the frozen weights: accelerate's
+# ``mixed_precision`` ('no', 'fp16', 'bf16') and torch's names (an evaluation suite's ``dtype``).
+PRECISION_DTYPES: dict[str, torch.dtype] = {
+    "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+}
+# What a config's ``mixed_precision`` may say (accelerate's names): the first three keys.
+MIXED_PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype of the frozen weights for ``precision`` (a key of :data:`PRECISION_DTYPES`);
+    an unknown name raises ``ValueError`` listing the known ones. Trainable LoRA weights stay
+    float32 whatever this is."""
+    try:
+        return PRECISION_DTYPES[precision]
+    except KeyError:
+        raise ValueError(f"unknown precision {precision!r}; allowed values: {', '.join(PRECISION_DTYPES)}") from None
 
 
 def _check_pipeline(pipe, source: str):
@@ -104,8 +124,21 @@ def load_pipeline(
     code. A model found nowhere raises :class:`ModelNotFoundError` naming it (``what``:
     the field it came from), with a did-you-mean over the embedded models and the
     download command."""
+    return load_pipeline_with_source(name_or_path, revision, torch_dtype, variant, what)[0]
+
+
+def load_pipeline_with_source(
+    name_or_path: str,
+    revision: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    what: str = "pretrained_model_name_or_path",
+):
+    """:func:`load_pipeline`, and the :class:`HubSnapshot` (repo id, asked revision,
+    resolved commit) of a Hub model, or None for an embedded model or a local folder."""
     from diffusers import StableDiffusionPipeline
 
+    snapshot = None
     if name_or_path in EMBEDDED_MODELS:
         made = EMBEDDED_MODELS.get(name_or_path)()
         if isinstance(made, (str, os.PathLike)):
@@ -125,20 +158,24 @@ def load_pipeline(
             )
         if not looks_local:
             _check_hub_id(name_or_path, revision, what)
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(local) if looks_local else name_or_path,
-                revision=revision,
-                torch_dtype=torch_dtype,
-                variant=variant,
-                safety_checker=None,
-                requires_safety_checker=False,
-                use_safetensors=True,
-            )
-        except OSError as err:
-            if looks_local:
-                raise
-            raise _model_not_found(name_or_path, revision, what, err) from None
+            try:
+                # diffusers' own download: only the files from_pretrained needs (safetensors, this
+                # variant), into the Hub cache folder named after the commit the revision resolved to
+                folder = StableDiffusionPipeline.download(
+                    name_or_path, revision=revision, variant=variant, use_safetensors=True
+                )
+            except Exception as err:  # not found / revision not found / offline and uncached
+                raise _model_not_found(name_or_path, revision, what, err) from None
+            snapshot = snapshot_of(name_or_path, revision, "model", folder)
+            local = snapshot.path
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(local),
+            torch_dtype=torch_dtype,
+            variant=variant,
+            safety_checker=None,
+            requires_safety_checker=False,
+            use_safetensors=True,
+        )
     _check_pipeline(pipe, name_or_path)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe, snapshot

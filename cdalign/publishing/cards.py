@@ -154,7 +154,7 @@ def record_notes(report: dict | None, config: dict) -> str:
     return "\n\n".join(notes)
 
 
-TRAINING_FIELDS = ("pretrained_model_name_or_path", "revision", "prompts", "eval_prompts", "estimator",
+TRAINING_FIELDS = ("pretrained_model_name_or_path", "revision", "prompts", "eval_prompts", "prompt_revision", "estimator",
                    "num_inference_steps", "eta", "guidance_scale", "resolution", "backprop_strategy",
                    "backprop_steps", "kl_estimator", "lora_rank", "lora_alpha", "learning_rate",
                    "train_batch_size", "gradient_accumulation_steps", "max_steps", "seed", "mixed_precision")
@@ -228,7 +228,7 @@ def _portable_path(path: str) -> str:
 
 
 def usage_snippet(base_model: str, repo: str, prompt: str, steps: int, guidance: float,
-                  resolution: int | None = None) -> str:
+                  resolution: int | None = None, revision: str | None = None) -> str:
     """Code that loads the base model and the LoRA and samples one image; user strings
     enter only as Python literals. An embedded base model (not a Hub repo) loads with
     ``cdalign.load_pipeline``, any other with diffusers' ``from_pretrained``."""
@@ -241,8 +241,9 @@ def usage_snippet(base_model: str, repo: str, prompt: str, steps: int, guidance:
                 f"pipe = StableDiffusionPipeline.from_pretrained({_portable_path(base_model)!r})  "
                 "# the base model: a local folder where it was trained\n")
     else:
+        pin = f", revision={str(revision)!r}" if revision else ""  # the commit the run trained on
         head = ("from diffusers import StableDiffusionPipeline\n\n"
-                f"pipe = StableDiffusionPipeline.from_pretrained({str(base_model)!r})\n")
+                f"pipe = StableDiffusionPipeline.from_pretrained({str(base_model)!r}{pin})\n")
     size = f", height={resolution}, width={resolution}" if resolution else ""
     return (
         head
@@ -338,7 +339,7 @@ def build_model_card(
         usage_block=fence(usage_snippet(base_model, lora_source, example,
                                          int(config.get("num_inference_steps") or 25),
                                          float(config.get("guidance_scale") or 5.0),
-                                         config.get("resolution")), "python"),
+                                         config.get("resolution"), config.get("revision")), "python"),
         embedded_note=" ".join(
             ([f"`{md(base_model)}` ships inside the cdalign package, not as a Hub repo, hence "
               "`cdalign.load_pipeline` instead of `from_pretrained`."] if embedded else [])

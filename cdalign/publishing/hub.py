@@ -10,7 +10,8 @@ Hub at a new revision or none of it is. Checkpoints, caches and hidden files sta
 
 Loading a published LoRA: ``pipe.load_lora_weights("<repo>", weight_name=
 "pytorch_lora_weights.safetensors", revision=...)`` (diffusers), or
-:func:`load_lora_into` here, which fetches the file with ``hf_hub_download``.
+:func:`cdalign.models.lora.load_lora` (``load_lora(pipe, "<repo>", adapter_name,
+revision=...)``), which fetches the file with ``hf_hub_download`` and checks it.
 ``HF_ENDPOINT`` selects another Hub (read when huggingface_hub is imported); ``endpoint=``
 does the same per call."""
 
@@ -23,8 +24,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cdalign.models.lora import LORA_WEIGHT_NAME, load_lora
+from cdalign.models.lora import LORA_WEIGHT_NAME
 from cdalign.publishing.cards import write_model_card
+from cdalign.publishing.embedded import MODEL_NAME, publish_embedded
 
 # What a pushed run holds: the LoRA (diffusers format), its card, the config to rerun it,
 # the report, the training log and the pictures (and an evaluation, if one was written).
@@ -102,7 +104,6 @@ def push_output_dir(
             "(trainer.save_model / train())"
         )
     if write_card:
-
         write_model_card(root, repo_id=repo_id, evaluation=evaluation)
     paths = files_to_push(root)
     retry = f"python -m cdalign.hub push {str(root)!r} --repo_id {repo_id}"
@@ -126,15 +127,6 @@ def push_output_dir(
     return str(info.commit_url)
 
 
-def load_lora_into(pipe, source: str, *, revision: str | None = None, weight_name: str = LORA_WEIGHT_NAME,
-                   adapter_name: str = "default"):
-    """Load a LoRA (diffusers format) into ``pipe`` from a local folder or a Hub repo id
-    at ``revision``; returns ``pipe``."""
-
-    load_lora(pipe, source, adapter_name, weight_name=weight_name, revision=revision)
-    return pipe
-
-
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cdalign.hub", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +143,11 @@ def _build_parser() -> argparse.ArgumentParser:
     pull.add_argument("repo_id")
     pull.add_argument("--revision", default=None)
     pull.add_argument("--local_dir", required=True)
+    publish = sub.add_parser("publish-embedded",
+                             help="publish the embedded tiny model and the shapes prompts to your namespace")
+    publish.add_argument("--namespace", required=True, help="Hub user or organisation; creates <namespace>/tiny-shapes-sd "
+                         "(model) and <namespace>/shape-prompts (dataset)")
+    publish.add_argument("--private", action="store_true", help="create the repos as private")
     return parser
 
 
@@ -210,6 +207,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         print(url)
+        return 0
+    if args.command == "publish-embedded":
+        try:
+            check_repo_id(f"{args.namespace}/{MODEL_NAME}", "--namespace")
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        try:
+            urls = publish_embedded(args.namespace, private=args.private)
+        except Exception as err:  # the Hub's errors (unreachable, refused): nothing half-published per repo
+            print(f"error: publishing to {args.namespace!r} failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
+        for repo_id, url in urls.items():
+            print(f"{repo_id}: {url}")
         return 0
     try:
         path = pull(args.repo_id, args.local_dir, revision=args.revision)

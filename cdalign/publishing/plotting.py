@@ -9,6 +9,17 @@ import numpy as np
 import torch
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
+    # matplotlib is imported on first use only: `import cdalign` stays light.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def image_grid(rows: list[torch.Tensor], pad: int = 2) -> np.ndarray:
     """Stack rows of images (each (N,3,H,W) in [0,1]) into one uint8 HxWx3 array."""
     n = max(r.shape[0] for r in rows)
@@ -24,11 +35,7 @@ def image_grid(rows: list[torch.Tensor], pad: int = 2) -> np.ndarray:
 
 def save_grid(path: str | os.PathLike, rows: list[torch.Tensor], labels: list[str] | None = None, scale: int = 2) -> Path:
     """Write a PNG grid, one labelled row per entry of ``rows`` (same seeds across rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     grid = image_grid(rows)
     dpi = 100
     fig_w = max(grid.shape[1] * scale / dpi, 2.0) + (1.2 if labels else 0)
@@ -51,11 +58,8 @@ def save_grid(path: str | os.PathLike, rows: list[torch.Tensor], labels: list[st
 
 def plot_duals(path: str | os.PathLike, steps: list[int], names: list[str], multipliers: list[list[float]], slacks: list[list[float]], kl: list[float] | None = None) -> Path:
     """λ (top) and slack (bottom, 0 = on the threshold, > 0 violated) per constraint."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    import matplotlib.ticker  # after pyplot(): the backend is chosen first
 
     nrows = 3 if kl else 2
     fig, axes = plt.subplots(nrows, 1, figsize=(7, 2.4 * nrows), sharex=True)

@@ -15,26 +15,27 @@ def md(text: Any) -> str:
     return s.replace("<", "&lt;").replace(">", "&gt;")
 
 
+def _longest_backtick_run(text: str) -> int:
+    """Length of the longest run of consecutive backticks in ``text`` (0 if none)."""
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    return longest
+
+
 def md_code(text: Any) -> str:
     """A user string as one inline code span (one line; the fence outlasts any backtick run)."""
     s = " ".join(str(text).split())
-    longest, run = 0, 0
-    for ch in s:
-        run = run + 1 if ch == "`" else 0
-        longest = max(longest, run)
-    ticks = "`" * (longest + 1)
+    ticks = "`" * (_longest_backtick_run(s) + 1)
     pad = " " if s.startswith("`") or s.endswith("`") else ""
     return f"{ticks}{pad}{s}{pad}{ticks}"
 
 
 def fence(text: str, lang: str = "") -> str:
     """``text`` in a fenced block whose fence outlasts any backtick run inside it."""
-    longest, run = 0, 0
-    for ch in text:
-        run = run + 1 if ch == "`" else 0
-        longest = max(longest, run)
-    fence = "`" * max(3, longest + 1)
-    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
+    ticks = "`" * max(3, _longest_backtick_run(text) + 1)
+    return f"{ticks}{lang}\n{text.rstrip()}\n{ticks}"
 
 
 def _fmt_ci(mean: float, ci: Sequence[float]) -> str:

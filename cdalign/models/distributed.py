@@ -1,0 +1,164 @@
+"""Sharding and collectives of a multi-process run, as small stateless helpers.
+
+Which setups cdalign runs (:func:`check_distributed_setup`), whether this run shards the
+UNet (:func:`wants_sharding`, a predicate), how it shards it (:func:`shard_unet`, FSDP2),
+the collectives the training loop needs: the gradient mean over processes
+(:func:`reduce_gradients`) and "does a flag hold on every process" (:func:`on_all_processes`),
+and the end of a run (:func:`end_process_group`). Each takes the ``accelerate.Accelerator``
+of the run; none keeps state."""
+
+from __future__ import annotations
+
+import gc
+import os
+import types
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+DEEPSPEED, FSDP = "DEEPSPEED", "FSDP"  # accelerate's DistributedType values (a str enum)
+
+
+def fsdp_requested(accelerator) -> bool:
+    """Whether accelerate is configured for FSDP. On GPUs accelerate sets its distributed
+    type; on CPUs (gloo) its launcher still exports the FSDP config (``ACCELERATE_USE_FSDP``,
+    ``FSDP_*``), which counts the same."""
+    return accelerator.distributed_type == FSDP or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def fsdp_plugin(accelerator):
+    """The ``FullyShardedDataParallelPlugin`` accelerate is configured with: its own, or
+    one read from the launcher's ``FSDP_*`` variables (CPU launches); None without FSDP."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None and fsdp_requested(accelerator):
+        # Imported here: accelerate.utils is only needed on this path (and `import cdalign` stays light).
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
+    return plugin
+
+
+def check_distributed_setup(accelerator) -> None:
+    """Refuse the setups cdalign does not run (``ValueError`` naming the fix): DeepSpeed,
+    and FSDP other than FSDP2."""
+    if accelerator.distributed_type == DEEPSPEED:
+        raise ValueError(
+            "cdalign does not run under DeepSpeed: the base UNet is frozen and only the LoRA trains, so "
+            "ZeRO would shard a few MB; to shard the UNet's weights use FSDP2 "
+            "(accelerate launch --config_file recipes/accelerate_configs/fsdp.yaml ...)"
+        )
+    if fsdp_requested(accelerator) and fsdp_plugin(accelerator).fsdp_version != 2:
+        raise ValueError(
+            "cdalign shards with FSDP2: set fsdp_version: 2 in the accelerate config's fsdp_config "
+            "(see recipes/accelerate_configs/fsdp.yaml)"
+        )
+
+
+def wants_sharding(accelerator, shard_unet: bool | None = None) -> bool:
+    """Whether the UNet is sharded over the processes: as ``shard_unet`` says, or (None)
+    when accelerate is configured for FSDP; never with a single process."""
+    want = fsdp_requested(accelerator) if shard_unet is None else bool(shard_unet)
+    return want and accelerator.num_processes > 1
+
+
+def shard_unet(unet: torch.nn.Module, plugin=None) -> None:
+    """FSDP2 (``fully_shard``) over ``unet`` in place: each down/mid/up block and the root
+    become one sharding unit. ``plugin`` (:func:`fsdp_plugin`) supplies
+    ``reshard_after_forward`` and a CPU offload policy. Dtypes stay as they are (under mixed
+    precision the frozen base in fp16/bf16, the LoRA in fp32; FSDP2 gathers each dtype on
+    its own). Gradients are then averaged by FSDP's reduce-scatter."""
+    # Imported here: torch.distributed.fsdp is only needed by sharded runs.
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs: dict = {}
+    if plugin is not None:
+        kwargs["reshard_after_forward"] = plugin.reshard_after_forward
+        if plugin.cpu_offload is not None and not isinstance(plugin.cpu_offload, bool):
+            kwargs["offload_policy"] = plugin.cpu_offload
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        if block is not None:
+            fully_shard(block, **kwargs)
+    fully_shard(unet, **kwargs)
+
+
+def reduce_gradients(params: Iterable[torch.nn.Parameter], accelerator) -> None:
+    """Replace each parameter's gradient by its mean over the processes, in one all-reduce
+    (a parameter without a gradient counts as zeros). For a replicated model; a sharded
+    one's gradients are already averaged. A collective: every process calls it."""
+    if accelerator.num_processes == 1:
+        return
+    params = list(params)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def on_all_processes(flag: bool, accelerator) -> bool:
+    """True only if ``flag`` holds on every process, so that ranks skip a micro-batch (or
+    stop) together and no collective waits on a rank that bailed out. A collective."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() == accelerator.num_processes)
+
+
+def end_process_group(accelerator) -> None:
+    """End the run: ``accelerator.end_training()`` (trackers, then the process group), and
+    free the destroyed group's C++ object now, while the interpreter is fully alive.
+
+    Why: ``destroy_process_group`` unregisters a gloo group, but its object (a TCP loop
+    thread polling every 10 ms, two worker threads) lives on while a Python object still
+    references it, and torch's own objects do: DTensor device meshes (``_pg_registry``; an
+    FSDP2-sharded UNet's, and those DTensor's caches keep), FSDP2's ``FSDPMeshInfo``, and
+    ``torch.distributed`` functions whose ``group=group.WORLD`` default was bound when their
+    module was first imported after the group was made. The group then outlived Python's
+    finalisation: exit() ran C++ static destructors with gloo's threads still running, and
+    sharded CPU runs aborted now and then at exit ("terminate called without an active
+    exception", exit -6). Once every group is destroyed those references are dead, so they
+    are dropped (a default becomes None: the default group) and the group is freed."""
+    was_initialized = dist.is_available() and dist.is_initialized()
+    accelerator.end_training()
+    if was_initialized and not dist.is_initialized():
+        drop_process_group_references()
+
+
+def drop_process_group_references() -> int:
+    """Drop the references torch.distributed's own objects and functions hold to process
+    groups (see :func:`end_process_group`; only for after every group was destroyed).
+    Returns how many were dropped."""
+    gc.collect()  # unreachable cycles (e.g. a trainer already let go) are freed, not scanned
+    dropped = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, types.FunctionType):
+            defaults = obj.__defaults__ or ()
+            held = sum(isinstance(d, dist.ProcessGroup) for d in defaults)
+            if held and _of_torch_distributed(obj):
+                obj.__defaults__ = tuple(None if isinstance(d, dist.ProcessGroup) else d for d in defaults)
+                dropped += held
+            continue
+        if isinstance(obj, type) or not _of_torch_distributed(type(obj)):
+            continue
+        attrs = getattr(obj, "__dict__", None)
+        if type(attrs) is not dict:
+            continue
+        for key, value in list(attrs.items()):
+            if isinstance(value, dist.ProcessGroup):
+                attrs[key] = None
+                dropped += 1
+            elif type(value) is dict:
+                for name in [k for k, v in value.items() if isinstance(v, dist.ProcessGroup)]:
+                    del value[name]
+                    dropped += 1
+    gc.collect()
+    return dropped
+
+
+def _of_torch_distributed(obj) -> bool:
+    """Whether a function or class is defined in a ``torch.distributed`` module."""
+    module = getattr(obj, "__module__", None)
+    return isinstance(module, str) and module.startswith("torch.distributed")

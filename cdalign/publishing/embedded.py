@@ -1,0 +1,127 @@
+"""Publish the embedded tiny model and the shapes prompts to your own Hub namespace, so
+others load them with plain diffusers and datasets and recipes name them by repo id:
+
+    python -m cdalign.hub publish-embedded --namespace you
+    # -> you/tiny-shapes-sd (model repo), you/shape-prompts (dataset repo)
+
+    StableDiffusionPipeline.from_pretrained("you/tiny-shapes-sd")
+    datasets.load_dataset("you/shape-prompts", split="train")   # 204 prompts; split "test": 12 held out
+    accelerate launch recipes/align.py --pretrained_model_name_or_path you/tiny-shapes-sd \\
+        --prompts you/shape-prompts --eval_prompts you/shape-prompts --eval_prompt_split test
+
+Each repo gets **one** commit (``HfApi.create_commit``): all of it or none."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cdalign.data.prompt_sets import PROMPT_SETS
+from cdalign.models.tiny_pretrained import TINY_SHAPES_ID, tiny_shapes_sd_path
+
+MODEL_NAME = "tiny-shapes-sd"
+DATASET_NAME = "shape-prompts"
+# The model folder's files that go up (everything a diffusers pipeline and its card need).
+MODEL_PATTERNS = ("model_index.json", "*/*.json", "*/*.safetensors", "*.png", "training_log.json")
+DATASET_SPLITS = {"train": "shapes_world", "test": "shapes_eval"}
+
+
+def model_card(namespace: str) -> str:
+    """The shipped README of the tiny model with its Use section in the published form:
+    plain diffusers from this repo first, the cdalign-package form beside it."""
+    text = (tiny_shapes_sd_path() / "README.md").read_text(encoding="utf-8")
+    repo = f"{namespace}/{MODEL_NAME}"
+    start, end = text.index("## Use\n"), text.index("\n## ", text.index("## Use\n") + 1)
+    use = f"""## Use
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained({repo!r})
+image = pipe("a small red circle on a black background", num_inference_steps=20, guidance_scale=3.0).images[0]
+```
+
+The same model ships inside the cdalign package (no download):
+
+```python
+from cdalign import load_pipeline
+
+pipe = load_pipeline({TINY_SHAPES_ID!r})
+```
+
+Prompts of the shapes world, with a held-out split: the dataset `{namespace}/{DATASET_NAME}`.
+"""
+    return text[:start] + use + text[end:].replace(f"# {TINY_SHAPES_ID}\n", f"# {repo}\n", 1)
+
+
+def dataset_files(namespace: str) -> dict[str, bytes]:
+    """``train.jsonl`` / ``test.jsonl`` (one ``{"prompt": ...}`` per line; ``datasets``
+    names the splits after the files) and a dataset card."""
+    files = {}
+    counts = {}
+    for split, name in DATASET_SPLITS.items():
+        prompts = PROMPT_SETS.get(name)()
+        counts[split] = (name, len(prompts))
+        files[f"{split}.jsonl"] = "".join(json.dumps({"prompt": p}) + "\n" for p in prompts).encode()
+    rows = "\n".join(f"| `{split}` | {n} | cdalign prompt set `{name}` |" for split, (name, n) in counts.items())
+    card = f"""---
+license: apache-2.0
+task_categories:
+- text-to-image
+tags:
+- cdalign
+- shapes
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: train.jsonl
+  - split: test
+    path: test.jsonl
+---
+
+# {namespace}/{DATASET_NAME}
+
+Captions of the shapes world of the tiny text-to-image model `{namespace}/{MODEL_NAME}`
+(`a [size] <colour> <shape> [on a <background> background]`), one `prompt` column.
+
+| split | prompts | source |
+|---|---|---|
+{rows}
+
+The `test` prompts are held out: the same shapes, sizes and backgrounds with the colours
+permuted, none of them in `train`.
+
+```python
+import datasets
+prompts = datasets.load_dataset("{namespace}/{DATASET_NAME}", split="train")["prompt"]
+```
+"""
+    files["README.md"] = card.encode()
+    return files
+
+
+def publish_embedded(namespace: str, *, private: bool = False, endpoint: str | None = None) -> dict[str, str]:
+    """Create (if missing) and fill ``<namespace>/tiny-shapes-sd`` and
+    ``<namespace>/shape-prompts``; returns {repo id: commit url}. Raises the Hub's errors."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=endpoint)
+    folder = Path(tiny_shapes_sd_path())
+    model_files = {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and any(p.relative_to(folder).match(pat) for pat in MODEL_PATTERNS)
+    }
+    model_files["README.md"] = model_card(namespace).encode()
+    out = {}
+    for name, repo_type, files in (
+        (MODEL_NAME, "model", model_files),
+        (DATASET_NAME, "dataset", dataset_files(namespace)),
+    ):
+        repo_id = f"{namespace}/{name}"
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+        ops = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=data) for path, data in files.items()]
+        info = api.create_commit(repo_id, ops, repo_type=repo_type, commit_message=f"{name} from cdalign")
+        out[repo_id] = str(info.commit_url)
+    return out

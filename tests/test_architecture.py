@@ -1,0 +1,127 @@
+"""The layout of docs/ARCHITECTURE.md, checked: imports go one way (down the layers), no
+import cycle, no cdalign import hidden inside a function, and the old-path shims are for
+users only. Reads the source with ``ast``; imports nothing."""
+
+import ast
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "cdalign"
+
+# Lower layers never import higher ones (docs/ARCHITECTURE.md). One rank may hold two
+# packages that use each other's leaves (data <-> models: prompts read Hub snapshots, the
+# tiny model is trained on the shapes world) as long as no module cycle forms.
+LAYERS = [
+    (0, r"cdalign\.(registry|utils|fields)(\..*)?"),
+    (1, r"cdalign\.core(\..*)?"),
+    (2, r"cdalign\.(data|models)(\..*)?"),
+    (3, r"cdalign\.rewards(\..*)?"),
+    (4, r"cdalign\.(publishing(\..*)?|evaluation\.scoring)"),
+    (5, r"cdalign\.alignment\.(config|estimators)"),
+    (6, r"cdalign\.evaluation(\..*)?"),
+    (7, r"cdalign\.alignment(\..*)?"),
+    (8, r"cdalign\.composition(\..*)?"),
+    (9, r"cdalign|cdalign\.(config|trainer|pipeline|hub)"),  # the public names, and the old-path shims
+]
+SHIMS = {"cdalign.config", "cdalign.trainer", "cdalign.pipeline", "cdalign.hub"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    name = ".".join(parts)
+    return name[: -len(".__init__")] if name.endswith(".__init__") else name
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(name: str, path: Path, modules) -> list[tuple[str, int, bool]]:
+    """(imported cdalign module, line, inside a function or class body) for each import."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            targets = [target] + [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in modules]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            continue
+        for t in targets:
+            if t in modules and t != name:
+                out.append((t, node.lineno, node.col_offset > 0))
+    return out
+
+
+def _rank(name: str) -> int:
+    ranks = [rank for rank, pattern in LAYERS if re.fullmatch(pattern, name)]
+    if not ranks:
+        pytest.fail(f"{name} is in no layer of docs/ARCHITECTURE.md: add it to LAYERS and to the document")
+    return ranks[0]
+
+
+@pytest.fixture(scope="module")
+def graph():
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def test_every_import_goes_down_the_layers(graph):
+    wrong = [f"{a} (layer {_rank(a)}) imports {b} (layer {_rank(b)}) at line {line}"
+             for a, edges in graph.items() for b, line, _ in edges if _rank(b) > _rank(a)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycle(graph):
+    edges = {a: {b for b, _, _ in e} for a, e in graph.items()}
+    state: dict[str, int] = defaultdict(int)  # 0 new, 1 on the stack, 2 done
+    cycles = []
+
+    def visit(node, stack):
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state[nxt] == 1:
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif state[nxt] == 0:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(edges):
+        if state[node] == 0:
+            visit(node, [])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_no_cdalign_import_inside_a_function(graph):
+    hidden = [f"{a}:{line} imports {b} inside a function" for a, edges in graph.items() for b, line, inner in edges if inner]
+    assert not hidden, "\n".join(hidden)
+
+
+def test_the_old_path_shims_are_imported_by_nothing_inside_cdalign(graph):
+    users = [f"{a} imports the shim {b}" for a, edges in graph.items() for b, _, _ in edges
+             if b in SHIMS and a != "cdalign"]
+    assert not users, "\n".join(users)
+
+
+def test_the_math_core_imports_only_the_registry_and_the_stdlib_helpers(graph):
+    outside = [f"{a} imports {b}" for a, edges in graph.items() if a.startswith("cdalign.core")
+               for b, _, _ in edges if not re.fullmatch(r"cdalign\.(core(\..*)?|registry|utils(\..*)?)", b)]
+    assert not outside, "\n".join(outside)
+
+
+def test_old_import_paths_still_give_the_public_names():
+    from cdalign.config import ConstrainedDDPOConfig, load_config_file  # noqa: F401
+    from cdalign.hub import main  # noqa: F401
+    from cdalign.pipeline import load_pipeline  # noqa: F401  (published model cards use it)
+    from cdalign.trainer import ConstrainedDDPOTrainer  # noqa: F401
