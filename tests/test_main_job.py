@@ -143,6 +143,9 @@ def test_claim_holds_only_if_every_baseline_misses_a_constraint_or_pays_more_kl(
     assert "misses saturation_high" in holds["reasons"][0] and "larger chain KL" in holds["reasons"][1]
     cheaper = ew.compare({"init": _report(0.2, -0.3, 0.002), "final_mean": _report(0.7, -0.4, 0.005), "constrained": constrained})
     assert cheaper["claim_holds"] is False
+    # a larger KL inside the noise (overlapping 95% CIs) proves nothing
+    noisy = ew.compare({"init": _report(0.2, -0.3, 0.002), "final_mean": _report(0.7, -0.4, 0.0105), "constrained": constrained})
+    assert noisy["claim_holds"] is False and "the 95% CIs overlap" in noisy["reasons"][1]
     failed = ew.compare({"init": _report(0.2, -0.3, 0.002), "final_mean": _report(0.2, -0.3, 0.002), "constrained": _report(0.3, -0.3, 0.01)})
     assert failed["claim_holds"] is False and "constrained run misses" in failed["reasons"][0]
     table = ew.comparison_table(holds)
