@@ -85,6 +85,15 @@ def test_unknown_key_in_a_suite_file_gets_a_did_you_mean(tmp_path):
         load_suite(bad)
 
 
+def test_an_unknown_checkpoint_kind_is_refused_when_the_suite_loads(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("name: x\ncheckpoints:\n  - {name: a, kind: lorra, source: x/y}\n")
+    # the allowed kinds are the registry's, "composed" (registered by cdalign.composition) included
+    with pytest.raises(ValueError, match=r"checkpoints\[0\]\.kind: 'lorra' is not allowed \(did you mean 'lora'\?\); "
+                                         r"allowed values: 'base', 'composed', 'lora'"):
+        load_suite(bad)
+
+
 def test_repeated_key_in_a_suite_file_is_an_error_naming_the_key_and_line(tmp_path):
     bad = tmp_path / "s.yaml"
     bad.write_text("name: x\nseed: 1\nbatch_size: 2\nseed: 2\n")

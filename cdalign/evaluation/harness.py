@@ -68,6 +68,7 @@ from cdalign.evaluation.scoring import (
 # cdalign.fields); re-exported here, their old home.
 from cdalign.evaluation.suite import (  # noqa: F401
     _DTYPES,
+    CHECKPOINT_KINDS,
     CheckpointSpec,
     EvaluationSuite,
     load_suite,
@@ -83,7 +84,6 @@ from cdalign.models.lora import (
 from cdalign.models.pipeline import load_pipeline, precision_dtype
 from cdalign.publishing.plotting import pyplot, save_grid
 from cdalign.publishing.tables import comparison_table, md, md_code
-from cdalign.registry import Registry
 from cdalign.rewards import REWARDS
 from cdalign.utils.files import atomic_write
 
@@ -120,9 +120,6 @@ class CheckpointKind:
     def run_files(self, spec: CheckpointSpec) -> dict[str, Path]:
         """Local paths of the run's ``config.yaml`` / ``report.json`` where available."""
         return {}
-
-
-CHECKPOINT_KINDS: Registry[Callable[[], CheckpointKind]] = Registry("checkpoint kind")
 
 
 @CHECKPOINT_KINDS.register("base")

@@ -26,6 +26,12 @@ from cdalign.fields import (
 )
 from cdalign.models.lora import LORA_WEIGHT_NAME
 from cdalign.models.pipeline import PRECISION_DTYPES
+from cdalign.registry import Registry
+
+# How each checkpoint kind is loaded: name -> zero-argument factory of a CheckpointKind.
+# Defined with the specs so that a suite names only registered kinds; the kinds themselves
+# register where they are written (``base``/``lora``: the harness; ``composed``: cdalign.composition).
+CHECKPOINT_KINDS: Registry = Registry("checkpoint kind")
 
 __all__ = ["CheckpointSpec", "EvaluationSuite", "find_suite", "load_suite", "resolve_suite_paths"]
 
@@ -53,7 +59,8 @@ class CheckpointSpec(ConfigFields):
         default="lora",
         metadata={
             "help": "How the checkpoint is loaded, a name of cdalign.evaluation.CHECKPOINT_KINDS: 'base', 'lora', "
-            "'composed'."
+            "'composed'.",
+            "choices": CHECKPOINT_KINDS,
         },
     )
     source: str | None = field(
