@@ -184,3 +184,15 @@ def test_round_schedule_brackets_every_row_with_the_reference():
         "a": [{"round": 0, "seq": 2, "median_s": 4.5}],
     }
     assert peers._ratios(results, "a", "trl_alignprop") == [0.9]
+
+
+def test_flop_counts_in_reproduce_md_are_what_the_counting_script_prints():
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "benchmarks/flops_sd15.py"], cwd=root, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    unet, vae = (float(x) for x in re.findall(r"\| ([\d.]+) \|", out))
+    doc = (root / "docs" / "REPRODUCE.md").read_text()
+    assert f"**C = {unet:.2f} TFLOP**" in doc and f"**D = {vae:.2f} TFLOP**" in doc
