@@ -1,12 +1,12 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install align compare test test-fast bench bench-step
+.PHONY: install align compare test test-fast bench bench-step demo
 
 # torch first, pinned: an unpinned torch (or a package wanting a newer one) pulls a multi-GB CUDA build.
 install:
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test,demo,metric]"
 
 # The main job: constrained alignment of the embedded tiny model, offline on a CPU.
 align: install
@@ -16,6 +16,10 @@ align: install
 # the mean of the constrained run's final λ; writes comparison.md and samples_comparison.png.
 compare:
 	HF_HUB_OFFLINE=1 accelerate launch --config_file recipes/accelerate_configs/cpu.yaml recipes/equal_weights.py --run outputs/tiny-multi-reward
+
+# The Space demo on the embedded tiny model: http://127.0.0.1:7860 (runs listed from outputs/).
+demo:
+	HF_HUB_OFFLINE=1 $(PYTHON) demo/app.py --runs_dir outputs
 
 test:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q

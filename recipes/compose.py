@@ -29,7 +29,11 @@ def run_and(config) -> dict:
 
     from cdalign.composition import (
         ConstrainedComposer,
+        concept_table,
         kl_table,
+        pairwise_table,
+        reward_table,
+        run_concept_sets,
         train_missing_components,
     )
     from cdalign.composition.composer import check_composition_inputs
@@ -37,6 +41,13 @@ def run_and(config) -> dict:
     check_composition_inputs(config)  # bad input fails before any component trains
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     t0 = time.time()
+    if config.concept_sets:
+        report = run_concept_sets(config, accelerator=accelerator)
+        if accelerator.is_main_process:
+            print(concept_table(report))
+            print(f"total {time.time() - t0:.0f} s; outputs in {config.output_dir}: report.json, concepts.md, samples.png, "
+                  "set_<k>/ (each set's own run)")
+        return report
     trained = train_missing_components(config, accelerator)
     train_s = time.time() - t0
     composer = ConstrainedComposer(config, accelerator=accelerator)
@@ -45,6 +56,10 @@ def run_and(config) -> dict:
         if trained:
             print(f"trained components {', '.join(trained)} in {train_s:.0f} s")
         print(kl_table(report))
+        if report.get("pairwise_kl"):
+            print(pairwise_table(report))
+        if report.get("rewards"):
+            print(reward_table(report))
         if report["infeasible"]:
             print(f"INFEASIBLE thresholds: {', '.join(report['infeasible'])} (KL stays above b_i; loosen them)")
         d = report.get("distillation")
@@ -56,24 +71,27 @@ def run_and(config) -> dict:
     return report
 
 
-DEMO_DATA = "outputs/compose-or-data"
+DEMO_DATA = "outputs/compose-or-shapes"
 
 
 def run_or(config) -> dict:
     from cdalign.composition.mixture import (
         MixtureTrainer,
         loss_table,
-        write_demo_colour_datasets,
+        mass_table,
+        write_demo_shapes_datasets,
     )
 
-    demo = [f"{DEMO_DATA}/red", f"{DEMO_DATA}/blue"]
+    demo = [f"{DEMO_DATA}/narrow", f"{DEMO_DATA}/broad"]
     if [d.path for d in config.datasets] == demo and not any(Path(p).exists() for p in demo):
-        write_demo_colour_datasets(DEMO_DATA)  # the tiny recipe's generated data
+        write_demo_shapes_datasets(DEMO_DATA)  # the tiny recipe's generated data
     t0 = time.time()
     trainer = MixtureTrainer(config)
     report = trainer.train()
     if trainer.accelerator.is_main_process:
         print(loss_table(report))
+        if report.get("masses"):
+            print(mass_table(report))
         print(f"total {time.time() - t0:.0f} s; outputs in {config.output_dir}")
     return report
 

@@ -218,6 +218,18 @@ def test_and_composition_end_to_end(lora_dirs, tmp_path):
     assert len(saved["dual_steps"]) == 2 and set(saved["rewards"]) >= {"a", "b"}
     eq = saved["models"]["equal_weights"]
     assert eq["max_kl"] == max(v["mean"] for v in eq["kl"].values())
+    # on the simplex, and the first dual step gives weight to the component farthest away
+    first = saved["dual_steps"][0]
+    far = max(range(2), key=lambda i: first["kl"][i])
+    assert first["new_weights"][far] > first["weights"][far] and sum(first["new_weights"]) == pytest.approx(1.0)
+    # each component alone, with its KL to the other (itself: 0), and each reward with its CI
+    assert saved["pairwise_kl"]["a"]["a"] == pytest.approx(0.0, abs=1e-12) and saved["pairwise_kl"]["a"]["b"] > 0
+    lo, hi = saved["rewards"]["a"]["constrained"]["ci95"]
+    assert lo <= saved["rewards"]["a"]["constrained"]["mean"] <= hi
+    from cdalign.composition import kl_table, pairwise_table, reward_table
+
+    assert "| a (brightness) |" in reward_table(saved) and "| sampled alone" in pairwise_table(saved)
+    assert "mean [95% CI] over 2 evaluation images" in kl_table(saved)
     assert report["learned_weights"] == saved["learned_weights"]
     # b's threshold (1e-3 nats) cannot be met by mixing two different adapters: reported, not hidden
     assert saved["infeasible"] == ["b"] and saved["models"]["constrained"]["kl"]["b"]["satisfied"] is False
@@ -247,6 +259,7 @@ def test_missing_component_is_trained_with_the_align_recipe(tmp_path):
         "components": [
             {"name": "bright", "path": str(tmp_path / "bright"), "train_recipe": "recipes/compose/tiny_adapter_brightness.yaml",
              "train_overrides": ["--max_steps", "1", "--num_inference_steps", "2", "--backprop_steps", "1",
+                                 "--normalization_batches", "1", "--eval_batches", "1", "--num_grid_images", "0",
                                  "--normalization_cache_dir", str(tmp_path / "cache")]},
             {"name": "base", "type": "base"},
         ],

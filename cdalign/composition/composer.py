@@ -25,7 +25,9 @@ from cdalign.alignment.config import check_mixed_precision, check_output_dir_wri
 from cdalign.alignment.config import parse_config as parse_align_config
 from cdalign.alignment.trainer import ConstrainedDDPOTrainer
 from cdalign.composition.components import (
+    BASE,
     COMPONENT_KINDS,
+    Component,
     ComponentSet,
     load_lora_component,
     lora_component_path,
@@ -260,39 +262,60 @@ class ConstrainedComposer:
 
     @torch.no_grad()
     def _score_components(self) -> list[CheckpointScores]:
-        """Each component alone on the evaluation items (one UNet pass per step), scored
-        with its own reward."""
-        rewards = self._component_rewards()
+        """Each component alone on the evaluation items, scored with its own reward, with the
+        chain KL from it to every other component along its path (the composed model at the
+        one-hot weights: n UNet passes per step; ``pairwise_kl`` of the report)."""
+        rewards, n = self._component_rewards(), len(self.names)
         return [
-            self._score(ComposedModel([comp], [1.0], kl_to_components=False),
+            self._score(ComposedModel(self.components.components, torch.eye(n, dtype=torch.float64)[k]),
                         {comp.name: rewards[comp.name]} if comp.name in rewards else {})
-            for comp in self.components.components
+            for k, comp in enumerate(self.components.components)
         ]
 
     def sample_components(self) -> list[torch.Tensor]:
         """Each component alone on the evaluation items: images (N,3,H,W) in [0,1] per component."""
         return [s.images.float() / 255.0 for s in self._score_components()]
 
+    @torch.no_grad()
+    def evaluate_joint_prompt(self, prompt: str) -> dict:
+        """The base model under the one ``prompt`` (e.g. the concepts joined into a caption):
+        the baseline of concept composition, on the same items, with its chain KL to every
+        component along its own path and each component's reward (on that component's prompt)."""
+        joint = Component("joint prompt", adapter=BASE, prompt=prompt)
+        n = len(self.names)
+        weights = torch.zeros(n + 1, dtype=torch.float64)
+        weights[n] = 1.0
+        scores = self._score(ComposedModel([*self.components.components, joint], weights), self._component_rewards())
+        entry = self._kl_entry("joint prompt", None, scores)
+        entry["prompt"] = prompt
+        return entry
+
     def _score_rewards(self, entries: dict[str, dict], singles: list[CheckpointScores]) -> dict:
-        """Each component's reward on every model's evaluation images, raw and relative to
-        that component alone (the paper's metric). A component's reward sees the prompts
-        that component was sampled with (a concept's own prompt). ``min_over_components``:
-        per image the minimum over the scored components, averaged (the paper's concept
-        composition score)."""
+        """Each component's reward on every model's evaluation images (mean, 95% CI), raw and
+        relative to that component alone (the paper's metric). A component's reward sees the
+        prompts that component was sampled with (a concept's own prompt).
+        ``min_over_components``: per image the minimum over the scored components (the
+        paper's concept composition score; with ``shapes_match`` 1 = the image shows every
+        concept), its mean and CI, and the per-image values (to pool runs)."""
         out, per_image = {}, {key: [] for key in entries}
         for j, spec in enumerate(self.config.components):
             if not spec.reward:
                 continue
-            single = float(singles[j].rewards[spec.name].mean())
-            entry = {"reward": spec.reward, "component_alone": single}
+            alone = summarize(singles[j].rewards[spec.name])
+            single = alone["mean"]
+            entry = {"reward": spec.reward, "component_alone": single, "component_alone_ci95": alone["ci95"]}
             for key, e in entries.items():
                 values = e["_scores"].rewards[spec.name]
                 per_image[key].append(values)
-                value = float(values.mean())
-                entry[key] = {"mean": value, "relative_to_component": value / single if single > 0 else None}
+                s = summarize(values)
+                entry[key] = {"mean": s["mean"], "ci95": s["ci95"], "n": s["n"],
+                              "relative_to_component": s["mean"] / single if single > 0 else None}
             out[spec.name] = entry
         if len(out) > 1:
-            out["min_over_components"] = {key: float(torch.stack(v).min(0).values.mean()) for key, v in per_image.items()}
+            out["min_over_components"] = {}
+            for key, v in per_image.items():
+                values = torch.stack(v).min(0).values
+                out["min_over_components"][key] = {**summarize(values), "per_image": values.tolist()}
         return out
 
     # ------------------------------------------------------------------ the run
@@ -310,6 +333,8 @@ class ConstrainedComposer:
         equal = torch.full((n,), 1.0 / n, dtype=torch.float64)
         entries = {"equal_weights": self.evaluate_weights(equal, "equal weights"),
                    "constrained": self.evaluate_weights(learned, "constrained")}
+        if cfg.joint_prompt:
+            entries["joint_prompt"] = self.evaluate_joint_prompt(cfg.joint_prompt)
         final_kl = torch.tensor([entries["constrained"]["kl"][nm]["mean"] for nm in self.names])
         infeasible = [self.names[i] for i in self.dual.infeasible(final_kl)]
         for name in infeasible:
@@ -333,6 +358,10 @@ class ConstrainedComposer:
             "dual_seconds": fit_s,
             "models": {k: {kk: vv for kk, vv in e.items() if kk != "_scores"} for k, e in entries.items()},
         }
+        if singles:  # row: the component sampled alone; column: KL from it to that component
+            report["pairwise_kl"] = {
+                a: {b: summarize(s.kl[b])["mean"] for b in self.names} for a, s in zip(self.names, singles)
+            }
         for c in cfg.components:
             if c.threshold is not None:  # KL(p_μ‖q_i) ≤ b_i, judged like every constraint
                 verdict = Constraint(c.name, "kl", "low", c.threshold).verdict(entries["constrained"]["_scores"].kl[c.name])
@@ -344,6 +373,7 @@ class ConstrainedComposer:
             report["rewards"] = self._score_rewards(entries, singles)
         if main:
             self._write_outputs(report, entries, singles, learned)
+        self.entries = entries  # with the per-image scores and images (``_scores``), for callers that pool runs
         return report
 
     def _distill(self, learned, entries) -> dict:
@@ -395,14 +425,59 @@ class ConstrainedComposer:
         atomic_write_text(out / "report.json", json.dumps(report, indent=2))
 
 
+def reward_table(report: dict) -> str:
+    """Markdown table: each component's own reward (mean [95% CI]) on every model's
+    evaluation images, beside the component alone; and the minimum over components."""
+    rewards = report.get("rewards")
+    if not rewards:
+        return ""
+    keys = list(report["models"])
+    names = [n for n in report["components"] if n in rewards]
+    head = "| reward of component | component alone | " + " | ".join(report["models"][k]["label"] for k in keys) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 2)]
+    for n in names:
+        r = rewards[n]
+        alone = f"{r['component_alone']:.3f} [{r['component_alone_ci95'][0]:.3f}, {r['component_alone_ci95'][1]:.3f}]"
+        cells = [f"{r[k]['mean']:.3f} [{r[k]['ci95'][0]:.3f}, {r[k]['ci95'][1]:.3f}]" for k in keys]
+        lines.append(f"| {n} ({r['reward']}) | {alone} | " + " | ".join(cells) + " |")
+    low = rewards.get("min_over_components")
+    if low:
+        cells = [f"{low[k]['mean']:.3f} [{low[k]['ci95'][0]:.3f}, {low[k]['ci95'][1]:.3f}]" for k in keys]
+        lines.append("| min over components, per image | – | " + " | ".join(cells) + " |")
+    n_img = report.get("num_eval_images")
+    lines.append(f"\n{n_img} evaluation images per model, the same (prompt, seed) items for every model; raw reward values, "
+                 "mean [95% CI over images].")
+    return "\n".join(lines)
+
+
+KL_UNITS = {"path": "exact chain KL, nats per image", "uniform": "the paper code's mean squared ε̃ difference per step"}
+
+
 def kl_table(report: dict) -> str:
-    """Markdown table: one row per model (equal, constrained, distilled), KL per component and max."""
+    """Markdown table: one row per model (equal, constrained, distilled, joint prompt):
+    weights, KL to each component (mean [95% CI] over the evaluation images) and the max."""
     names = report["components"]
     head = "| model | " + " | ".join(f"w_{n}" for n in names) + " | " + " | ".join(f"KL(p‖{n})" for n in names) + " | max KL |"
     lines = [head, "|" + "---|" * (2 * len(names) + 2)]
     for key, m in report["models"].items():
         w = m["weights"]
         ws = " | ".join(f"{w[n]:.3f}" if w else "–" for n in names)
-        ks = " | ".join(f"{m['kl'][n]['mean']:.4g}" for n in names)
-        lines.append(f"| {m['label']} | {ws} | {ks} | {m['max_kl']:.4g} |")
+        ks = " | ".join(f"{m['kl'][n]['mean']:.3g} [{m['kl'][n]['ci95'][0]:.3g}, {m['kl'][n]['ci95'][1]:.3g}]" for n in names)
+        lines.append(f"| {m['label']} | {ws} | {ks} | {m['max_kl']:.3g} |")
+    estimator = report.get("kl_estimator")
+    lines.append(f"\nKL along each model's own sampling path ({estimator}: {KL_UNITS.get(estimator, estimator)}), "
+                 f"mean [95% CI] over {report.get('num_eval_images')} evaluation images.")
+    return "\n".join(lines)
+
+
+def pairwise_table(report: dict) -> str:
+    """Markdown: KL from each component sampled alone (row) to every component (column),
+    i.e. how far apart the components are; '' when the report has none."""
+    pairs = report.get("pairwise_kl")
+    if not pairs:
+        return ""
+    names = report["components"]
+    lines = ["| sampled alone \\ KL to | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for a in names:
+        lines.append(f"| {a} | " + " | ".join(f"{pairs[a][b]:.3g}" for b in names) + " |")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cdalign.composition.components import COMPONENT_KINDS
 from cdalign.composition.simplex import STEP_SCHEDULES
+from cdalign.composition.supports import SUPPORT_LABELERS
 from cdalign.core.kl import KL_ESTIMATORS
 from cdalign.fields import (
     ConfigFields,
@@ -133,6 +134,20 @@ class DistillSpec(ConfigFields):
 
 
 @dataclass
+class ConceptSetSpec(ConfigFields):
+    """One set of concept prompts of a concept composition run over several sets."""
+
+    prompts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "One prompt per 'concept' component, in the order of `components` (e.g. [red, square, black background])."},
+    )
+    joint_prompt: str | None = field(
+        default=None,
+        metadata={"help": "The single prompt baseline for this set (e.g. 'a red square on a black background'); unset = none."},
+    )
+
+
+@dataclass
 class ComposeConfig(ConfigFields):
     """An AND (product) composition run: constrained weights by dual ascent on the chain
     KL to each component, evaluation against equal weights, optional distillation."""
@@ -166,6 +181,23 @@ class ComposeConfig(ConfigFields):
     )
     dual: DualAscentSpec = field(default_factory=DualAscentSpec, metadata={"help": "Dual ascent of the weights (see dual.*)."})
     distill: DistillSpec = field(default_factory=DistillSpec, metadata={"help": "Distillation into one LoRA (see distill.*)."})
+    joint_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "Concept composition's baseline: the base model under this one prompt (e.g. the concepts joined "
+            "into a caption), evaluated beside equal and constrained weights on the same seeds, each concept's "
+            "reward taken on that concept's own prompt. Unset: no baseline."
+        },
+    )
+    concept_sets: list[ConceptSetSpec] = field(
+        default_factory=list,
+        metadata={
+            "help": "Concept composition over several sets of concepts: each set replaces the 'concept' components' "
+            "prompts (and joint_prompt); the weights are found for each set on its own (as the paper does per "
+            "prompt set), each set's run goes to output_dir/set_<k>, and the report pools the evaluation over sets. "
+            "Empty: one run with the components as given."
+        },
+    )
     eval_batches: int = field(default=2, metadata={"help": "Evaluation batches of dual.batch_size images (fixed seeds).", "ge": 1})
     eval_seed: int = field(default=1234, metadata={"help": "Seed of the evaluation images (same for every model).", "ge": 0})
     num_grid_images: int = field(default=6, metadata={"help": "Images per row of the sample grid (0: no grid).", "ge": 0})
@@ -194,6 +226,15 @@ class ComposeConfig(ConfigFields):
                 raise ValueError(f"{where}.prompt: required for type 'concept' (the concept's prompt)")
         if self.dual.init is not None and len(self.dual.init) != len(self.components):
             raise ValueError(f"dual.init: {len(self.dual.init)} values for {len(self.components)} components")
+        concepts = [c for c in self.components if c.type == "concept"]
+        for k, cs in enumerate(self.concept_sets):
+            if len(cs.prompts) != len(concepts):
+                raise ValueError(
+                    f"concept_sets[{k}].prompts: {len(cs.prompts)} prompts for {len(concepts)} 'concept' components "
+                    f"({[c.name for c in concepts]}); give one prompt per concept, in order"
+                )
+            if any(not p.strip() for p in cs.prompts):
+                raise ValueError(f"concept_sets[{k}].prompts: a prompt is empty; every concept needs its prompt")
         if self.kl_estimator == "path" and self.eta == 0:
             raise ValueError("eta: 0 makes DDIM deterministic, so kl_estimator 'path' is undefined; use eta > 0 or 'uniform'")
 
@@ -262,6 +303,19 @@ class MixtureConfig(ConfigFields):
     num_inference_steps: int = field(default=10, metadata={"help": "DDIM steps for the sample grid.", "ge": 1})
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale for the sample grid.", "ge": 0.0})
     num_grid_images: int = field(default=4, metadata={"help": "Grid images per dataset caption (0: none).", "ge": 0})
+    support_labeler: str | None = field(
+        default=None,
+        metadata={
+            "help": "Count the mass the trained model (and the base) puts in each dataset's support with this "
+            "labeler (e.g. 'shapes': (colour, shape) read by the shapes classifier; the datasets need those "
+            "columns). With disjoint supports the exact min-max answer is equal masses. Unset: not measured.",
+            "choices": SUPPORT_LABELERS,
+        },
+    )
+    mass_samples: int = field(default=64, metadata={"help": "support_labeler: images sampled to count the masses.", "ge": 1})
+    mass_prompt: str = field(
+        default="", metadata={"help": "support_labeler: the prompt the masses are sampled with (\"\": unconditional)."}
+    )
     output_dir: str = field(default="outputs/compose-or", metadata={"help": "Output folder."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing run in output_dir."})
     seed: int = field(default=0, metadata={"help": "Seed.", "ge": 0})

@@ -17,6 +17,7 @@ by a LoRA fitted on dataset i alone (same fixed evaluation triples), or given.""
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -28,23 +29,25 @@ from cdalign.composition.config import MixtureConfig, save_config
 from cdalign.composition.plotting import plot_weight_trajectory
 from cdalign.composition.simplex import SimplexDual
 from cdalign.core import seeding
-from cdalign.core.sampling import DiffusionSampler, encode_images
+from cdalign.core.sampling import DiffusionSampler, encode_images, set_unet_state
 from cdalign.core.seeding import derived_seed
-from cdalign.core.statistics import slack
+from cdalign.core.statistics import slack, summarize
+from cdalign.composition.supports import SUPPORT_LABELERS, SupportLabeler
+from cdalign.data.shapes import COLOR_NAMES, write_shapes_folder
 from cdalign.fields.checks import check_output_dir_writable
 from cdalign.models.lora import LORA_WEIGHT_NAME, save_adapter, trainable_adapter
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.plotting import save_grid
+from cdalign.rewards.metrics import to_uint8
 from cdalign.utils.files import atomic_write_text, check_no_previous_run
 
 ADAPTER = "mixture"
 
 
-def load_image_dataset(spec, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """Images (N,3,R,R) in [-1,1] and captions of one :class:`DatasetSpec`: a local image
-    folder (``imagefolder``; captions from metadata.jsonl/csv) or a Hub dataset id."""
-    import datasets
-    from PIL import Image
+def open_dataset(spec):
+    """The ``datasets.Dataset`` of one :class:`DatasetSpec` (a local image folder through
+    ``imagefolder``, or a Hub dataset id), its image column checked."""
+    import datasets  # heavy: only mixture runs read datasets
 
     local = Path(spec.path).expanduser()
     try:
@@ -59,6 +62,15 @@ def load_image_dataset(spec, resolution: int) -> tuple[torch.Tensor, list[str]]:
         ) from err
     if spec.image_column not in ds.column_names:
         raise ValueError(f"datasets[{spec.name}].image_column={spec.image_column!r}: not a column of {spec.path!r} ({ds.column_names})")
+    return ds
+
+
+def load_image_dataset(spec, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """Images (N,3,R,R) in [-1,1] and captions of one :class:`DatasetSpec`: a local image
+    folder (``imagefolder``; captions from metadata.jsonl/csv) or a Hub dataset id."""
+    from PIL import Image
+
+    ds = open_dataset(spec)
     has_caption = spec.caption_column in ds.column_names
     if not has_caption and spec.caption is None:
         raise ValueError(
@@ -100,6 +112,44 @@ def write_demo_colour_datasets(root) -> list[Path]:
     entropy, so a larger irreducible loss) in ``root/red`` and ``root/blue``."""
     return [write_colour_folder(Path(root) / "red", (220, 30, 30), "a red image"),
             write_colour_folder(Path(root) / "blue", (30, 30, 220), "a blue image", noise=60.0, seed=1)]
+
+
+def write_demo_shapes_datasets(root, n: int = 64) -> list[Path]:
+    """The default OR recipe's data, from the shapes world, with disjoint supports and
+    different entropies: ``root/narrow`` (red circles only: sizes, positions and backgrounds
+    vary) and ``root/broad`` (the five other colours × all three shapes), every image captioned
+    "" so that the mixture is one unconditional distribution whose mass in each support the
+    shapes classifier can count."""
+    others = [c for c in COLOR_NAMES if c != "red"]
+    return [write_shapes_folder(Path(root) / "narrow", n, colors=["red"], shapes=["circle"], caption="", seed=0),
+            write_shapes_folder(Path(root) / "broad", n, colors=others, caption="", seed=1)]
+
+
+def dataset_support(spec, labeler: SupportLabeler) -> set[tuple]:
+    """The cells (``labeler.columns`` of every row) of one dataset."""
+    ds = open_dataset(spec)
+    missing = [c for c in labeler.columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"datasets[{spec.name}]: {spec.path!r} has no column(s) {missing} ({ds.column_names}), which "
+                         "support_labeler needs to place its rows (write the data with cdalign.data.shapes.write_shapes_folder)")
+    columns = [ds[c] for c in labeler.columns]
+    return set(zip(*columns))
+
+
+def support_masses(cells: list[tuple], supports: dict[str, set]) -> dict:
+    """The fraction of samples (their ``cells``) inside each dataset's support, with 95% CI,
+    and ``-log`` of it (the forward KL KL(q_i‖p) if p drew that support exactly as q_i), plus
+    the fraction outside every support: ``{name: {mass, ci95, minus_log_mass}, ...,
+    "outside_every_support": {mass, ci95}}``."""
+    entry = {}
+    for name, support in supports.items():
+        s = summarize(torch.tensor([float(c in support) for c in cells], dtype=torch.float64))
+        entry[name] = {"mass": s["mean"], "ci95": s["ci95"],
+                       "minus_log_mass": -math.log(s["mean"]) if s["mean"] > 0 else float("inf")}
+    outside = [float(not any(c in sup for sup in supports.values())) for c in cells]
+    s = summarize(torch.tensor(outside, dtype=torch.float64))
+    entry["outside_every_support"] = {"mass": s["mean"], "ci95": s["ci95"]}
+    return entry
 
 
 def dsm_loss(
@@ -171,6 +221,7 @@ class MixtureTrainer:
         self.eval_sets = [self._eval_triples(i) for i in range(len(self.data))]
         self.dual = SimplexDual(len(self.names), cfg.dual.lr, cfg.dual.schedule, [d.threshold for d in cfg.datasets],
                                 cfg.dual.init, normalize=cfg.dual.normalize)
+        self.supports = self._supports() if cfg.support_labeler else None  # checked before any training
         self.irreducible: list[float] | None = None
         self.history: list[dict] = []
         self.global_step = 0
@@ -184,6 +235,20 @@ class MixtureTrainer:
         table = self.sampler.encode(unique)
         index = torch.tensor([unique.index(c) for c in captions])
         return {"latents": latents.float(), "embeds": table, "caption_index": index, "captions": captions}
+
+    def _supports(self) -> dict[str, set]:
+        """Each dataset's support cells under ``support_labeler`` (overlaps warned about: the
+        equal-mass answer holds for disjoint supports)."""
+        labeler = SUPPORT_LABELERS.get(self.config.support_labeler)
+        supports = {d.name: dataset_support(d, labeler) for d in self.config.datasets}
+        names = list(supports)
+        for i in range(len(names)):
+            for j in range(i):
+                shared = supports[names[i]] & supports[names[j]]
+                if shared:
+                    warnings.warn(f"datasets {names[j]!r} and {names[i]!r} share support cells {sorted(shared)}: "
+                                  "their masses overlap, and equal masses is no longer the min-max answer", stacklevel=2)
+        return supports
 
     def _eval_triples(self, i: int):
         """Fixed (latent index, t, noise) triples of dataset i for comparable loss estimates."""
@@ -316,11 +381,42 @@ class MixtureTrainer:
             "max_divergence": float(d.max()), "infeasible": infeasible, "dual_steps": self.history,
             "lora": LORA_WEIGHT_NAME,
         }
+        if cfg.support_labeler:
+            report["masses"] = self.measure_masses()
         if acc.is_main_process:
             self.save_model(self.output_dir)
             self._pictures(report)
             atomic_write_text(self.output_dir / "report.json", json.dumps(report, indent=2))
         return report
+
+    @torch.no_grad()
+    def measure_masses(self) -> dict:
+        """The fraction of ``mass_samples`` images (prompt ``mass_prompt``) that fall in each
+        dataset's support, for the mixture LoRA and for the base model on the same seeds,
+        with 95% CIs, beside the exact min-max forward-KL answer for disjoint supports (equal
+        masses, max_i KL(q_i‖p) = log n) and, per dataset, −log(mass): the forward KL if the
+        model drew each support's images exactly as its dataset."""
+        cfg = self.config
+        labeler = SUPPORT_LABELERS.get(cfg.support_labeler)
+        seeds = [derived_seed(cfg.seed, seeding.MIXTURE_MASS_SAMPLES, k) for k in range(cfg.mass_samples)]
+        out = {"labeler": cfg.support_labeler, "cells": labeler.columns, "prompt": cfg.mass_prompt, "n": cfg.mass_samples,
+               "guidance_scale": cfg.guidance_scale, "num_inference_steps": cfg.num_inference_steps,
+               "min_max_answer": {n: 1.0 / len(self.names) for n in self.names},
+               "min_max_max_kl": math.log(len(self.names))}
+        grids = {}
+        for model, adapter in (("mixture", ADAPTER), ("base", None)):
+            set_unet_state(self.unet, adapter)
+            cells = []
+            for k in range(0, len(seeds), 16):
+                chunk = seeds[k:k + 16]
+                images = self.sampler.sample(self.sampler.guided([cfg.mass_prompt] * len(chunk)), chunk)
+                cells += [labeler.read(img) for img in to_uint8(images)]
+                if k == 0:
+                    grids[model] = images[:8].cpu()
+            out[model] = support_masses(cells, self.supports)
+        set_unet_state(self.unet, ADAPTER)
+        self._mass_grids = grids
+        return out
 
     def save_model(self, output_dir) -> Path:
         """The mixture LoRA as ``output_dir/pytorch_lora_weights.safetensors`` (diffusers format)."""
@@ -328,6 +424,11 @@ class MixtureTrainer:
 
     @torch.no_grad()
     def _pictures(self, report):
+        grids = getattr(self, "_mass_grids", None)
+        if grids:
+            prompt = repr(self.config.mass_prompt)
+            save_grid(self.output_dir / "samples_mass.png", [grids["base"], grids["mixture"]],
+                      [f"base, {prompt}", f"mixture LoRA, {prompt}"])
         if self.history:
             plot_weight_trajectory(self.output_dir / "weights.png", self.names, [h["weights"] for h in self.history],
                                    [h["divergence"] for h in self.history], ylabel=f"{self.config.loss} DSM loss")
@@ -336,6 +437,26 @@ class MixtureTrainer:
             self.unet.set_adapters([ADAPTER])
             rows = [self.sampler.sample(self.sampler.guided([d["captions"][0]] * k), list(range(k))).cpu() for d in self.data]
             save_grid(self.output_dir / "samples.png", rows, [f"{n}: {d['captions'][0]}" for n, d in zip(self.names, self.data)])
+
+
+def mass_table(report: dict) -> str:
+    """Markdown: the mass in each dataset's support (base, trained mixture, the exact
+    min-max answer for disjoint supports); '' when the run did not count masses."""
+    m = report.get("masses")
+    if not m:
+        return ""
+    names = report["datasets"]
+    lines = ["| model | " + " | ".join(f"mass in {n}" for n in names) + " | outside every support |",
+             "|" + "---|" * (len(names) + 2)]
+    for model in ("base", "mixture"):
+        e = m[model]
+        cells = [f"{e[n]['mass']:.3f} [{e[n]['ci95'][0]:.3f}, {e[n]['ci95'][1]:.3f}]" for n in names]
+        o = e["outside_every_support"]
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {o['mass']:.3f} [{o['ci95'][0]:.3f}, {o['ci95'][1]:.3f}] |")
+    lines.append("| exact min-max (disjoint supports) | " + " | ".join(f"{m['min_max_answer'][n]:.3f}" for n in names) + " | 0 |")
+    lines.append(f"\n{m['n']} images per model, prompt {m['prompt']!r}, the same seeds; a sample's cell "
+                 f"({', '.join(m['cells'])}) read by the '{m['labeler']}' labeler; mean [95% CI]. Loss: {report['loss']}.")
+    return "\n".join(lines)
 
 
 def loss_table(report: dict) -> str:

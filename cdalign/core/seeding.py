@@ -26,6 +26,7 @@ MIXTURE_ALONE_LORA_INIT = 50  # mixture: + i, the LoRA fitted on dataset i alone
 MIXTURE_ALONE_BATCH = 60  # mixture: + i, its training batches (…, step)
 MIXTURE_LORA_INIT = 70  # mixture: the mixture LoRA
 MIXTURE_TRAIN_BATCH = 80  # mixture: its training batches (…, step)
+MIXTURE_MASS_SAMPLES = 90  # mixture: the images whose support masses are counted (…, image index)
 
 
 def derived_seed(*parts: int) -> int:
@@ -43,6 +44,26 @@ def batch_share(
     g = torch.Generator().manual_seed(derived_seed(seed, purpose, index))
     total = size * num_processes
     idx = torch.randint(0, len(prompts), (total,), generator=g).tolist()
+    seeds = torch.randint(0, 2**62, (total,), generator=g).tolist()
+    lo, hi = process_index * size, (process_index + 1) * size
+    return [prompts[i] for i in idx[lo:hi]], seeds[lo:hi], g
+
+
+def grouped_batch_share(
+    seed: int, purpose: int, index: int, prompts: list[str], size: int, group: int,
+    num_processes: int = 1, process_index: int = 0,
+) -> tuple[list[str], list[int], torch.Generator]:
+    """:func:`batch_share` with the global batch drawn as prompt groups: ``size × num_processes
+    / group`` prompts, each shown on ``group`` consecutive images with their own seeds
+    (``size`` a multiple of ``group``, so a group never spans two processes). ``group = 1``
+    is :func:`batch_share` itself (the same draws)."""
+    if group == 1:
+        return batch_share(seed, purpose, index, prompts, size, num_processes, process_index)
+    if size % group:
+        raise ValueError(f"batch size {size} is not a multiple of the prompt group size {group}")
+    g = torch.Generator().manual_seed(derived_seed(seed, purpose, index))
+    total = size * num_processes
+    idx = torch.randint(0, len(prompts), (total // group,), generator=g).repeat_interleave(group).tolist()
     seeds = torch.randint(0, 2**62, (total,), generator=g).tolist()
     lo, hi = process_index * size, (process_index + 1) * size
     return [prompts[i] for i in idx[lo:hi]], seeds[lo:hi], g

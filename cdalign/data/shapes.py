@@ -25,6 +25,8 @@ ratio) used by the quality gates and tests; it never uses a learned model.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -273,3 +275,48 @@ def classify_image(image: np.ndarray) -> dict:
     result["size"] = "small" if result["radius"] <= SMALL_LARGE_BOUNDARY else "large"
     result["center"] = ((cols.max() + cols.min()) / 2 + 0.5, (rows.max() + rows.min()) / 2 + 0.5)
     return result
+
+
+def prompt_match(image: np.ndarray, prompt: str) -> float:
+    """1.0 if the classifier reads back every shapes-world property ``prompt`` names
+    (colour, shape, size, background; see :func:`parse_prompt`), else 0.0; NaN if the prompt
+    names none. A concept prompt such as "red" or "black background" is judged on that
+    property alone; a full caption on all of its words."""
+    asked = {k: v for k, v in parse_prompt(prompt).items() if v is not None}
+    if not asked:
+        return float("nan")
+    seen = classify_image(image)
+    return float(all(seen[k] == v for k, v in asked.items()))
+
+
+def write_shapes_folder(path, n: int, colors=COLOR_NAMES, shapes=SHAPES, backgrounds=BACKGROUND_NAMES,
+                        caption: str | None = None, seed: int = 0, image_size: int = IMAGE_SIZE):
+    """Write ``n`` shapes-world scenes whose colour is in ``colors``, shape in ``shapes`` and
+    background in ``backgrounds`` (uniform over each, sizes and positions as in the world) as
+    PNGs with a ``metadata.jsonl`` (columns ``file_name``, ``text``, ``color``, ``shape``,
+    ``background``, ``size``): a local image folder for ``datasets``' ``imagefolder``.
+    ``caption``: the ``text`` of every image (e.g. "" for one shared, unconditional caption);
+    None = each scene's own caption. Returns the folder."""
+    from PIL import Image  # as in _generate_examples: pillow only when images are written
+
+    for name, values, known in (("colors", colors, COLOR_NAMES), ("shapes", shapes, SHAPES),
+                                ("backgrounds", backgrounds, BACKGROUND_NAMES)):
+        unknown = [v for v in values if v not in known]
+        if not values or unknown:
+            raise ValueError(f"{name}: {list(values)} must be a non-empty subset of {list(known)}")
+    rng = np.random.default_rng(seed)
+    scenes = sample_scenes(rng, n, image_size)
+    scenes["color"] = np.array([COLOR_NAMES.index(c) for c in rng.choice(list(colors), n)])
+    scenes["shape"] = np.array([SHAPES.index(s) for s in rng.choice(list(shapes), n)])
+    scenes["background"] = np.array([BACKGROUND_NAMES.index(b) for b in rng.choice(list(backgrounds), n)])
+    images = render_scenes(scenes, image_size)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, record in enumerate(scene_records(scenes)):
+        Image.fromarray(images[i]).save(folder / f"{i:04d}.png")
+        text = record["prompt"] if caption is None else caption
+        lines.append(json.dumps({"file_name": f"{i:04d}.png", "text": text, "color": record["color"],
+                                 "shape": record["shape"], "background": record["background"], "size": record["size"]}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

@@ -35,6 +35,7 @@ _REWARD_MODULES: tuple[str, ...] = (
     "hps",
     "imagereward",
     "mps",
+    "shapes_match",
 )
 
 for _module in _REWARD_MODULES:
