@@ -294,9 +294,10 @@ class ConstrainedComposer:
         """Each component's reward on every model's evaluation images (mean, 95% CI), raw and
         relative to that component alone (the paper's metric). A component's reward sees the
         prompts that component was sampled with (a concept's own prompt).
-        ``min_over_components``: per image the minimum over the scored components (the
-        paper's concept composition score; with ``shapes_match`` 1 = the image shows every
-        concept), its mean and CI, and the per-image values (to pool runs)."""
+        ``min_over_components`` (when every scored component has the same reward, so the
+        values share a unit): per image the minimum over the scored components (the paper's
+        concept composition score; with ``shapes_match`` 1 = the image shows every concept),
+        its mean and CI, and the per-image values (to pool runs)."""
         out, per_image = {}, {key: [] for key in entries}
         for j, spec in enumerate(self.config.components):
             if not spec.reward:
@@ -311,7 +312,7 @@ class ConstrainedComposer:
                 entry[key] = {"mean": s["mean"], "ci95": s["ci95"], "n": s["n"],
                               "relative_to_component": s["mean"] / single if single > 0 else None}
             out[spec.name] = entry
-        if len(out) > 1:
+        if len(out) > 1 and len({out[n]["reward"] for n in out}) == 1:  # a minimum only of values in one unit
             out["min_over_components"] = {}
             for key, v in per_image.items():
                 values = torch.stack(v).min(0).values
