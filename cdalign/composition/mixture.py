@@ -435,8 +435,11 @@ class MixtureTrainer:
         k = self.config.num_grid_images
         if k:
             self.unet.set_adapters([ADAPTER])
-            rows = [self.sampler.sample(self.sampler.guided([d["captions"][0]] * k), list(range(k))).cpu() for d in self.data]
-            save_grid(self.output_dir / "samples.png", rows, [f"{n}: {d['captions'][0]}" for n, d in zip(self.names, self.data)])
+            captions: dict[str, list[str]] = {}  # one row per distinct first caption (datasets may share one)
+            for n, d in zip(self.names, self.data):
+                captions.setdefault(d["captions"][0], []).append(n)
+            rows = [self.sampler.sample(self.sampler.guided([c] * k), list(range(k))).cpu() for c in captions]
+            save_grid(self.output_dir / "samples.png", rows, [f"{', '.join(ns)}: {c!r}" for c, ns in captions.items()])
 
 
 def mass_table(report: dict) -> str:
