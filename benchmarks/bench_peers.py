@@ -21,6 +21,13 @@ round so that slow drifts in machine load do not favour a row):
 5. ``floor``: only the network passes tiny-bench needs (``floor.py``); ``floor_kl`` adds the
    base-model passes the chain KL needs.
 
+6. policy gradient (rewards without gradient): ``trl_ddpo``, trl 0.23.1 ``DDPOTrainer``
+   (``peer_trl_ddpo.py``, in ``benchmarks/.venv-trl``), against cdalign's ``estimator:
+   policy_gradient`` (``bench_step.py`` rows ``pg_*``): reward only, and a KL constraint +
+   one reward constraint (KL value at all 20 steps, 4 trained + 4 sampled, or the 4 trained
+   alone); 4 samples, 4 of the 20 steps trained, one update per step. Their
+   ratios are taken against ``trl_ddpo`` of the same round, with seconds per sample trained.
+
 Composition rows (``bench_composition.py``, sampling only): a composed model of n
 adapters and the distilled adapter; ratios to the distilled adapter of the same round.
 
@@ -76,7 +83,19 @@ TRAIN_ROWS: dict[str, tuple[str, str, list[str], str]] = {
     "whatif_floor_kl_sampled_no_base_grad": (
         "what-if: floor + KL at 4 gradient + 4 other steps, no gradient through the base prediction",
         "floor.py", ["--kl", "--kl-value-steps", "4", "--no-base-grad"], "main"),
+    # policy gradient (rewards without gradient): trl's DDPOTrainer against estimator: policy_gradient
+    "trl_ddpo": ("6. trl 0.23.1 DDPOTrainer, reward only (policy gradient, 4 of 20 steps trained)",
+                 "peer_trl_ddpo.py", [], "trl"),
+    "pg_reward_only": ("6. cdalign policy_gradient, reward only (4 of 20 steps trained)", "bench_step.py", [], "main"),
+    "pg_kl_all_steps": ("6. cdalign policy_gradient, KL constraint + reward constraint (KL value at all 20 steps)",
+                        "bench_step.py", [], "main"),
+    "pg_kl_sampled": ("6. cdalign policy_gradient, KL + reward constraint (KL value: 4 trained + 4 sampled steps)",
+                      "bench_step.py", [], "main"),
+    "pg_kl_trained": ("6. cdalign policy_gradient, KL + reward constraint (KL value from the 4 trained steps alone)",
+                      "bench_step.py", [], "main"),
 }
+# rows compared with another reference than trl's AlignProp (the ratio column, the targets)
+ROW_REFERENCE = {row: "trl_ddpo" for row in ("trl_ddpo", "pg_reward_only", "pg_kl_all_steps", "pg_kl_sampled", "pg_kl_trained")}
 # the floor each row is compared with (the same passes, nothing else)
 FLOOR_OF = {
     "trl_alignprop": "floor", "reward_only": "floor", "reward_only_gc": "floor", "whatif_floor_merged": "floor",
@@ -105,11 +124,18 @@ TIME_TARGETS = [
     ("cdalign KL-constrained (all steps, gradient checkpointing) <= 0.65 x research-code KL", "kl_all_steps_gc", "research_kl", 0.65),
     ("cdalign KL-constrained (4+4 sampled steps) <= 0.65 x research-code KL", "kl_sampled", "research_kl", 0.65),
     ("cdalign KL-constrained (4+4 sampled, gradient checkpointing) <= 0.65 x research-code KL", "kl_sampled_gc", "research_kl", 0.65),
+    ("cdalign policy_gradient reward-only <= 0.9 x trl DDPO", "pg_reward_only", "trl_ddpo", 0.9),
+    ("cdalign policy_gradient KL-constrained (all steps) <= 1.2 x trl DDPO (unconstrained)", "pg_kl_all_steps", "trl_ddpo", 1.2),
+    ("cdalign policy_gradient KL-constrained (4+4 sampled steps) <= 1.2 x trl DDPO (unconstrained)", "pg_kl_sampled", "trl_ddpo", 1.2),
+    ("cdalign policy_gradient KL-constrained (the 4 trained steps) <= 1.2 x trl DDPO (unconstrained)", "pg_kl_trained", "trl_ddpo", 1.2),
 ]
 MEMORY_TARGETS = [
     ("peak RSS of cdalign KL (all steps) <= trl + 10%", "kl_all_steps", REFERENCE, 1.10),
     ("peak RSS of cdalign KL (all steps, gradient checkpointing) <= trl + 10%", "kl_all_steps_gc", REFERENCE, 1.10),
     ("peak RSS of cdalign KL (4+4 sampled, gradient checkpointing) <= trl + 10%", "kl_sampled_gc", REFERENCE, 1.10),
+    ("peak RSS of cdalign policy_gradient reward-only <= trl DDPO + 10%", "pg_reward_only", "trl_ddpo", 1.10),
+    ("peak RSS of cdalign policy_gradient KL (all steps) <= trl DDPO + 10%", "pg_kl_all_steps", "trl_ddpo", 1.10),
+    ("peak RSS of cdalign policy_gradient KL (the 4 trained steps) <= trl DDPO + 10%", "pg_kl_trained", "trl_ddpo", 1.10),
 ]
 
 
@@ -240,18 +266,19 @@ def _ratios(results: dict, row: str, ref: str, key: str = "median_s") -> list[fl
     return out
 
 
-def round_schedule(train: list[str], comp: list[str], rnd: int, ref_every: int) -> list[str]:
+def round_schedule(train: list[str], comp: list[str], rnd: int, ref_every: int, reference: str = REFERENCE) -> list[str]:
     """One round's order: the rows rotated by ``rnd``, with the reference (trl) run first
     and again after every ``ref_every`` rows and at the end (so each row has a
-    reference run on both sides); composition rows after, rotated too."""
-    others = rotated([r for r in train if r != REFERENCE], rnd)
+    reference run on both sides); composition rows after, rotated too. ``reference``:
+    trl's AlignProp row, or trl's DDPO row when only the policy-gradient rows run."""
+    others = rotated([r for r in train if r != reference], rnd)
     order = []
-    if REFERENCE in train:
-        order.append(REFERENCE)
+    if reference in train:
+        order.append(reference)
         for k, row in enumerate(others):
             order.append(row)
             if ref_every and (k + 1) % ref_every == 0 or k == len(others) - 1:
-                order.append(REFERENCE)
+                order.append(reference)
     else:
         order = others
     return order + rotated(comp, rnd)
@@ -277,21 +304,21 @@ def render(results: dict, meta: dict) -> str:
     out.append("")
     train = [r for r in TRAIN_ROWS if r in results]
     if train:
-        has_ref = REFERENCE in results
         out.append("| row | s/step (median of rounds) | ratio to trl, same round: median (each round) | "
                    "ratio to its floor, same round | peak RSS MB (vs trl) | UNet calls/step (recomputed in backward) |")
         out.append("|---|---|---|---|---|---|")
         for row in train:
             rs = results[row]
             t = statistics.median(r["median_s"] for r in rs)
-            rr = _ratios(results, row, REFERENCE) if has_ref else []
+            ref = ROW_REFERENCE.get(row, REFERENCE)
+            rr = _ratios(results, row, ref) if ref in results else []
             ratio = f"{statistics.median(rr):.2f} ({_fmt_ratio_list(rr)})" if rr else "n/a"
             fr = _ratios(results, row, FLOOR_OF[row]) if row in FLOOR_OF else []
             floor = f"{statistics.median(fr):.2f} ({FLOOR_OF[row]})" if fr else "—"
             rss = max(r["peak_rss_mb"] for r in rs)
             rss_s = f"{rss:.0f}"
-            if has_ref:
-                ref_rss = max(r["peak_rss_mb"] for r in results[REFERENCE])
+            if ref in results:
+                ref_rss = max(r["peak_rss_mb"] for r in results[ref])
                 rss_s += f" ({100 * (rss / ref_rss - 1):+.0f}%)"
             calls = rs[0].get("unet_calls_per_step")
             rec = rs[0].get("unet_recomputed_per_step")
@@ -315,6 +342,22 @@ def render(results: dict, meta: dict) -> str:
             out.append("Targets (ratios from this run):")
             out.extend(lines)
             out.append("")
+    pg = [r for r in TRAIN_ROWS if ROW_REFERENCE.get(r) == "trl_ddpo" and r in results]
+    if pg:
+        out.append("| policy-gradient row | s per sample trained (median of rounds) | ratio to trl DDPO, same round | "
+                   "peak RSS MB (vs trl DDPO) |")
+        out.append("|---|---|---|---|")
+        for row in pg:
+            rs = results[row]
+            per_sample = statistics.median(r["median_s"] / r.get("samples_per_step", tb.TINY_BENCH["batch_size"]) for r in rs)
+            rr = _ratios(results, row, "trl_ddpo") if "trl_ddpo" in results else []
+            rss = max(r["peak_rss_mb"] for r in rs)
+            vs = ""
+            if "trl_ddpo" in results:
+                vs = f" ({100 * (rss / max(r['peak_rss_mb'] for r in results['trl_ddpo']) - 1):+.0f}%)"
+            out.append(f"| {TRAIN_ROWS[row][0]} | {per_sample:.3f} | "
+                       f"{f'{statistics.median(rr):.2f} ({_fmt_ratio_list(rr)})' if rr else 'n/a'} | {rss:.0f}{vs} |")
+        out.append("")
     comp = [r for r in COMPOSITION_ROWS if r in results]
     if comp:
         out.append("| composition row (batch 4, 20 DDIM steps, no grad) | s/batch (median of rounds) | "
@@ -361,10 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_composition and args.rows == list(TRAIN_ROWS):
         rows += list(COMPOSITION_ROWS)
     skipped = []
-    if REFERENCE in rows and not trl_ready():
+    trl_rows = [r for r in rows if r in TRAIN_ROWS and TRAIN_ROWS[r][3] == "trl"]
+    if trl_rows and not trl_ready():
         if args.no_install:
-            rows.remove(REFERENCE)
-            skipped.append(f"{REFERENCE} ({TRL_VENV} missing; run without --no-install to create it)")
+            for row in trl_rows:
+                rows.remove(row)
+                skipped.append(f"{row} ({TRL_VENV} missing; run without --no-install to create it)")
         else:
             install_trl_venv()
     tb.parse_overrides(args.set)
@@ -384,8 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         train = [r for r in rows if r in TRAIN_ROWS]
         comp = [r for r in rows if r in COMPOSITION_ROWS]
         seq = 0
+        # the row re-run between the others: trl's AlignProp, or trl's DDPO when only its rows run
+        reference = REFERENCE if REFERENCE in train or "trl_ddpo" not in train else "trl_ddpo"
         for rnd in range(args.rounds):
-            for row in round_schedule(train, comp, rnd, args.ref_every):
+            for row in round_schedule(train, comp, rnd, args.ref_every, reference):
                 is_comp = row in COMPOSITION_ROWS
                 steps, warmup = (args.comp_steps, args.comp_warmup) if is_comp else (args.steps, args.warmup)
                 load = _load()

@@ -69,6 +69,38 @@ ROWS = {
         kl_value_steps=4,
         gradient_checkpointing=True,
     ),
+    # estimator: policy_gradient, against trl's DDPOTrainer (peer_trl_ddpo.py): rewards without gradient,
+    # batch-standardised advantages (trl's default), one update per step, the same 4 of 20 steps trained
+    "pg_reward_only": dict(
+        label="cdalign policy_gradient, reward only",
+        objective={"type": "reward", "reward": "saturation", "normalize": False},
+        constraints=[],
+        estimator="policy_gradient",
+        advantage="batch_std",
+    ),
+    "pg_kl_all_steps": dict(
+        label="cdalign policy_gradient, KL constraint + 1 reward constraint (KL value at all 20 steps)",
+        objective={"type": "reward", "reward": "saturation", "normalize": False},
+        constraints=[{"type": "kl", "max": 1.0}, {"reward": "local_contrast", "direction": "low", "threshold": 0.05, "normalize": False}],
+        estimator="policy_gradient",
+        advantage="batch_std",
+    ),
+    "pg_kl_sampled": dict(
+        label="cdalign policy_gradient, KL constraint + 1 reward constraint (KL value: 4 trained steps + 4 sampled steps)",
+        objective={"type": "reward", "reward": "saturation", "normalize": False},
+        constraints=[{"type": "kl", "max": 1.0}, {"reward": "local_contrast", "direction": "low", "threshold": 0.05, "normalize": False}],
+        estimator="policy_gradient",
+        advantage="batch_std",
+        kl_value_steps=4,
+    ),
+    "pg_kl_trained": dict(
+        label="cdalign policy_gradient, KL constraint + 1 reward constraint (KL value from the 4 trained steps alone)",
+        objective={"type": "reward", "reward": "saturation", "normalize": False},
+        constraints=[{"type": "kl", "max": 1.0}, {"reward": "local_contrast", "direction": "low", "threshold": 0.05, "normalize": False}],
+        estimator="policy_gradient",
+        advantage="batch_std",
+        kl_value_steps=0,
+    ),
 }
 DEFAULT_ROWS = ["reward_only", "kl_all_steps", "kl_sampled"]
 
@@ -82,7 +114,7 @@ def build_trainer(row: str, model_dir: str, output_dir: str, config: dict | None
     c = tb.bench_config(config)
     spec = dict(ROWS[row])
     spec.pop("label")
-    if "kl_value_steps" in spec:  # a smaller chain (tests) keeps some no-gradient steps unsampled
+    if spec.get("kl_value_steps"):  # a smaller chain (tests) keeps some no-gradient steps unsampled
         T, K = c["num_inference_steps"], c["backprop_steps"]
         spec["kl_value_steps"] = min(spec["kl_value_steps"], max(1, T - K - 1))
     fields = dict(
@@ -108,6 +140,10 @@ def build_trainer(row: str, model_dir: str, output_dir: str, config: dict | None
         seed=0,
         **spec,
     )
+    if spec.get("estimator") == "policy_gradient":  # no truncation: the same number of steps trained instead
+        for key in ("backprop_strategy", "backprop_steps"):
+            fields.pop(key)
+        fields["timestep_fraction"] = c["backprop_steps"] / c["num_inference_steps"]
     return ConstrainedDDPOTrainer(config_from_dict(fields))
 
 

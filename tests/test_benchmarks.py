@@ -123,7 +123,7 @@ def test_row_commands_and_overrides(small_model_dir):
         cmd = peers.row_command(row, Path(small_model_dir), 8, 2, 2)
         assert Path(cmd[1]).is_file(), cmd
         assert ("--steps" in cmd) and ("8" in cmd)
-        assert cmd[0] == (str(peers.trl_python()) if row == "trl_alignprop" else sys.executable)
+        assert cmd[0] == (str(peers.trl_python()) if row in ("trl_alignprop", "trl_ddpo") else sys.executable)
     assert tb.parse_overrides(["num_inference_steps=4"]) == {"num_inference_steps": 4}
     with pytest.raises(ValueError, match="unknown tiny-bench"):
         tb.parse_overrides(["num_steps=4"])

@@ -41,7 +41,8 @@ class TrainerState:
     ``state_dict`` of the dual optimizer and of the infeasibility monitor. ``normalizers``:
     reward name → :class:`~cdalign.core.normalization.RewardStats` fields;
     ``normalization_keys``: what they were computed for (None in checkpoints of older cdalign).
-    ``history``: the logged step records."""
+    ``history``: the logged step records. ``estimator``: the estimator's own state (the
+    policy gradient's per-prompt reward statistics; empty for a stateless estimator)."""
 
     global_step: int
     micro_batches_seen: int
@@ -53,6 +54,7 @@ class TrainerState:
     normalizers: dict[str, dict]
     normalization_keys: dict[str, dict | None] | None
     history: list[dict]
+    estimator: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainerState:

@@ -37,6 +37,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from cdalign.alignment.estimators import ESTIMATORS
 from cdalign.core.duals import DUAL_OPTIMIZERS
 from cdalign.core.kl import KL_ESTIMATORS
+from cdalign.core.policy_gradient import ADVANTAGES
 from cdalign.core.truncation import TRUNCATION_STRATEGIES
 from cdalign.fields import (
     TRACKER_PACKAGES,  # noqa: F401  (re-exported: its old home)
@@ -376,7 +377,10 @@ class ConstrainedDDPOConfig(ConfigFields):
         default="reward_backprop",
         metadata={
             "help": "Primal gradient estimator. 'reward_backprop' (the paper's): backpropagate differentiable "
-            "rewards and the KL through the last K sampling steps and the VAE decoder.",
+            "rewards and the KL through the last K sampling steps and the VAE decoder. 'policy_gradient' (DDPO/GRPO, "
+            "METHOD.md §3): score-function gradient with PPO clipping, for rewards without gradients (e.g. "
+            "jpeg_compressibility, detectors, black-box scorers); needs eta > 0. Then max_steps counts rounds of "
+            "sampling, each followed by ppo_epochs × ppo_updates_per_epoch optimiser updates.",
             "choices": ESTIMATORS,
         },
     )
@@ -433,7 +437,81 @@ class ConstrainedDDPOConfig(ConfigFields):
             "gradient steps (always) plus m of the other steps, drawn uniformly without replacement and "
             "weighted by their inverse inclusion probability: an unbiased estimate of the all-steps sum for "
             "fewer base-model passes (the gradient is unchanged; it only flows through the K steps). In "
-            "[1, num_inference_steps]; m at or above the number of other steps means every step.",
+            "[1, num_inference_steps]; m at or above the number of other steps means every step. With estimator "
+            "policy_gradient the trained steps play the K steps' part, and 0 is allowed: the KL value from the "
+            "trained steps alone, each weighted by its inverse probability of being drawn (no base-model pass "
+            "beyond those the KL's gradient needs).",
+            "ge": 0,
+        },
+    )
+    # policy gradient (estimator: policy_gradient)
+    images_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "policy_gradient: images per prompt in a micro-batch (a prompt group, GRPO); train_batch_size must be a "
+            "multiple of it, so a group never spans two processes. 1 with reward_backprop.",
+            "ge": 1,
+        },
+    )
+    advantage: str = field(
+        default="group_std",
+        metadata={
+            "help": "policy_gradient: how each reward's values become advantages before the duals weigh them, "
+            "A = s_0 A_0 + Σ_i λ_i s_i A_i. 'group_std' (GRPO): standardised within each prompt group "
+            "(images_per_prompt >= 2). 'group_mean': centred within the group, unscaled (the Lagrangian's own units, "
+            "so λ keeps its meaning as a price). 'batch_std': standardised over the global batch (trl DDPO's default). "
+            "'prompt_tracker': DDPO's per-prompt statistics tracking (see prompt_tracker_buffer).",
+            "choices": ADVANTAGES,
+        },
+    )
+    advantage_clip: float = field(
+        default=5.0,
+        metadata={
+            "help": "policy_gradient: each reward's advantage is clipped to [-advantage_clip, advantage_clip] before the "
+            "duals weigh it (trl DDPO's train_adv_clip_max, applied per reward).",
+            "gt": 0.0,
+        },
+    )
+    ppo_clip_range: float = field(
+        default=0.2,
+        metadata={
+            "help": "policy_gradient: PPO clips the ratio ρ = π_θ/π_old of each step's exact Gaussian density (summed "
+            "over latent elements) to [1 − ε, 1 + ε]. trl DDPO's train_clip_range is on the per-element mean log-ratio; "
+            "to first order ε ≈ D·train_clip_range (D latent elements: 1024 on the tiny model, 16384 for SD 1.5 at 512 px).",
+            "gt": 0.0,
+            "lt": 1.0,
+        },
+    )
+    ppo_epochs: int = field(
+        default=1,
+        metadata={"help": "policy_gradient: inner epochs over each round's samples (trl DDPO's train_num_inner_epochs).", "ge": 1},
+    )
+    ppo_updates_per_epoch: int = field(
+        default=1,
+        metadata={
+            "help": "policy_gradient: optimiser updates per inner epoch; the round's gradient_accumulation_steps "
+            "micro-batches are split evenly among them (must divide gradient_accumulation_steps).",
+            "ge": 1,
+        },
+    )
+    timestep_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "policy_gradient: fraction of the stochastic sampling steps trained on per inner epoch, drawn afresh "
+            "for each micro-batch and epoch (trl DDPO's train_timestep_fraction), at least one step.",
+            "gt": 0.0,
+            "le": 1.0,
+        },
+    )
+    prompt_tracker_buffer: int = field(
+        default=16,
+        metadata={"help": "advantage 'prompt_tracker': rewards kept per prompt (trl's per_prompt_stat_tracking_buffer_size).", "ge": 1},
+    )
+    prompt_tracker_min_count: int = field(
+        default=16,
+        metadata={
+            "help": "advantage 'prompt_tracker': below this many rewards of a prompt, the batch's statistics are used "
+            "(trl's per_prompt_stat_tracking_min_count).",
             "ge": 1,
         },
     )
@@ -639,6 +717,7 @@ class ConstrainedDDPOConfig(ConfigFields):
         check_fields(self)
         _check_problem(self)
         _check_sampler(self)
+        _check_estimator(self)
         _check_run(self)
 
 
@@ -771,18 +850,6 @@ def _check_repeated_rewards(constraints: list[ConstraintSpec]) -> None:
 def _check_sampler(cfg: ConstrainedDDPOConfig) -> None:
     """Sampling, truncation and KL settings fit together."""
     T = cfg.num_inference_steps
-    if cfg.backprop_steps > T:
-        raise ValueError(f"backprop_steps: {cfg.backprop_steps} exceeds num_inference_steps ({T}); must be in [1, {T}]")
-    if cfg.backprop_min_steps > cfg.backprop_steps:
-        raise ValueError(
-            f"backprop_min_steps: {cfg.backprop_min_steps} exceeds backprop_steps ({cfg.backprop_steps}); "
-            f"must be in [1, {cfg.backprop_steps}]"
-        )
-    if cfg.backprop_strategy == "gaussian" and T < 2:
-        raise ValueError(
-            f"num_inference_steps: {T} is too few for backprop_strategy 'gaussian' (cut-off index in [1, T-1]); "
-            "use at least 2, or backprop_strategy: fixed"
-        )
     if cfg.kl_value_steps is not None and cfg.kl_value_steps > T:
         raise ValueError(f"kl_value_steps: {cfg.kl_value_steps} exceeds num_inference_steps ({T}); must be in [1, {T}]")
     if cfg.uses_kl and cfg.kl_estimator == "path" and cfg.eta == 0:
@@ -790,6 +857,24 @@ def _check_sampler(cfg: ConstrainedDDPOConfig) -> None:
             "eta: 0 makes DDIM deterministic, so the exact chain KL (kl_estimator 'path') is undefined; "
             "use eta > 0 (the paper: 1), or kl_estimator: uniform"
         )
+
+
+def _check_estimator(cfg: ConstrainedDDPOConfig) -> None:
+    """The estimator's own fields fit together (its ``check_config``), and no field of another
+    estimator is set away from its default (it would be silently ignored): each estimator of
+    :data:`~cdalign.alignment.estimators.ESTIMATORS` lists its fields in ``config_fields``."""
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(cfg)}
+    for name in ESTIMATORS:
+        if name == cfg.estimator:
+            continue
+        for key in ESTIMATORS.get(name).config_fields:
+            if getattr(cfg, key) != defaults[key]:
+                raise ValueError(
+                    f"{key}: {getattr(cfg, key)!r} is only used by estimator: {name} (this run uses "
+                    f"{cfg.estimator}); remove it, or set estimator: {name}"
+                )
+    ESTIMATORS.get(cfg.estimator).check_config(cfg)
 
 
 def _check_run(cfg: ConstrainedDDPOConfig) -> None:

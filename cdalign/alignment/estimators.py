@@ -2,19 +2,35 @@
 
 An estimator samples through the shared :class:`~cdalign.core.sampling.DiffusionSampler`,
 scores the images, adds the chain KL where the problem needs it, and returns a
-:class:`MicroBatch`. Reward backpropagation (the paper's) is the one registered in
-:data:`ESTIMATORS`; another estimator (e.g. a DDPO-style policy gradient for rewards
-without gradients, METHOD.md §3) would register there under its own name."""
+:class:`MicroBatch`. Two are registered in :data:`ESTIMATORS`: reward backpropagation
+(the paper's) and a DDPO/GRPO-style policy gradient for rewards without gradients
+(METHOD.md §3), a :class:`RolloutEstimator` whose micro-batches are trained on afterwards.
+
+Each estimator class names the config fields only it reads (``config_fields``; another
+estimator's run refuses them) and checks how they fit together (``check_config``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
-from cdalign.core.kl import ChainKLAccumulator, choose_kl_steps
+from cdalign.core.kl import ChainKLAccumulator, choose_kl_steps, step_kl, step_weights
+from cdalign.core.policy_gradient import (
+    ADVANTAGES,
+    PerPromptStatTracker,
+    combined_advantage,
+    group_centered,
+    inclusion_probability,
+    kl_weight,
+    ppo_clipped_loss,
+    reward_weights,
+)
 from cdalign.core.problem import ConstrainedProblem
-from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
+from cdalign.core.sampling import DiffusionSampler, Trajectory, WithAdaptersDisabled
 from cdalign.core.statistics import mean_and_ci  # noqa: F401  (re-exported: estimators report with it)
 from cdalign.core.truncation import TRUNCATION_STRATEGIES, truncation_steps  # noqa: F401  (re-exported)
 from cdalign.registry import Registry
@@ -23,8 +39,23 @@ ESTIMATORS: Registry = Registry("estimator")
 
 
 @dataclass
+class Rollout:
+    """What a policy-gradient micro-batch keeps for its updates: the prompts, the sampled
+    :class:`~cdalign.core.sampling.Trajectory`, the combined advantage A (B,) (λ as at
+    sampling), the steps trained on in each inner epoch, the KL's coefficient in the
+    Lagrangian and the base model's ε̃_q at the recorded states of those steps."""
+
+    prompts: list[str]
+    trajectory: Trajectory
+    advantages: torch.Tensor
+    train_steps: list[list[int]]
+    kl_weight: float
+    base_eps: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class MicroBatch:
-    loss: torch.Tensor  # Lagrangian to backpropagate (scalar)
+    loss: torch.Tensor  # Lagrangian (scalar): to backpropagate (reward_backprop), or its detached value (rollouts)
     objective: torch.Tensor  # f_0 (scalar, detached)
     values: torch.Tensor  # per-constraint batch means (m,), detached
     slacks: torch.Tensor  # (m,), detached
@@ -32,6 +63,17 @@ class MicroBatch:
     rewards_norm: dict[str, torch.Tensor]
     kl: torch.Tensor | None  # (B,) detached
     num_grad_steps: int
+    rollout: Rollout | None = None  # policy gradient: what its updates train on
+
+
+def _check_rewards_differentiable(rewards: dict, names: list[str]) -> None:
+    for name in names:
+        if not getattr(rewards[name], "differentiable", True):
+            raise ValueError(
+                f"reward {name!r} is not differentiable, and estimator: reward_backprop needs its gradient; set "
+                "estimator: policy_gradient (a score-function estimator that needs no reward gradient, METHOD.md §3), "
+                "or use a differentiable reward"
+            )
 
 
 @ESTIMATORS.register("reward_backprop")
@@ -42,7 +84,35 @@ class RewardBackprop:
     estimated over all steps (``kl_value_steps`` may subsample the no-gradient steps,
     unbiasedly) with base predictions from the same UNet, adapters disabled."""
 
+    config_fields = (
+        "backprop_strategy", "backprop_steps", "backprop_min_steps", "backprop_gaussian_mean", "backprop_gaussian_std",
+        "gradient_checkpointing",
+    )
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        """The truncation settings fit the chain."""
+        T = cfg.num_inference_steps
+        if cfg.backprop_steps > T:
+            raise ValueError(f"backprop_steps: {cfg.backprop_steps} exceeds num_inference_steps ({T}); must be in [1, {T}]")
+        if cfg.backprop_min_steps > cfg.backprop_steps:
+            raise ValueError(
+                f"backprop_min_steps: {cfg.backprop_min_steps} exceeds backprop_steps ({cfg.backprop_steps}); "
+                f"must be in [1, {cfg.backprop_steps}]"
+            )
+        if cfg.backprop_strategy == "gaussian" and T < 2:
+            raise ValueError(
+                f"num_inference_steps: {T} is too few for backprop_strategy 'gaussian' (cut-off index in [1, T-1]); "
+                "use at least 2, or backprop_strategy: fixed"
+            )
+        if cfg.kl_value_steps == 0:  # the last K steps are not drawn: a KL from them alone would be biased
+            raise ValueError(
+                "kl_value_steps: 0 is only allowed with estimator: policy_gradient (whose trained steps are drawn at "
+                "random); give at least 1, or unset it for every step"
+            )
+
     def __init__(self, sampler: DiffusionSampler, problem: ConstrainedProblem, rewards: dict, normalizers: dict, config):
+        _check_rewards_differentiable(rewards, problem.reward_names)
         self.sampler, self.problem, self.rewards, self.normalizers = sampler, problem, rewards, normalizers
         self.config = config
 
@@ -79,6 +149,252 @@ class RewardBackprop:
             kl=None if kl is None else kl.detach(),
             num_grad_steps=k,
         )
+
+
+class RolloutEstimator:
+    """An estimator whose micro-batches are rollouts (sampled without gradient) that the
+    trainer then trains on: ``ppo_epochs`` inner epochs of ``ppo_updates_per_epoch``
+    optimiser updates, each backpropagating :meth:`surrogate_losses` of its micro-batches."""
+
+    def surrogate_losses(  # pragma: no cover
+        self, mb: MicroBatch, epoch: int, update: int, autocast=contextlib.nullcontext
+    ) -> Iterator[torch.Tensor]:
+        """Losses to backpropagate for micro-batch ``mb`` in inner epoch ``epoch``, optimiser
+        update ``update`` of the round (0: the first, before any parameter change); the
+        forward passes run under ``autocast()`` (the sampling's mixed precision), the caller
+        backpropagates each loss outside it."""
+        raise NotImplementedError
+
+    def pop_stats(self) -> dict[str, float]:  # pragma: no cover
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class _RecordingReference:
+    """A reference predictor that keeps its outputs at the steps ``keep`` (by step index),
+    so that the updates reuse the sampling pass's base predictions instead of recomputing."""
+
+    def __init__(self, reference, chain, keep: set[int]):
+        self.reference, self.keep, self.outputs = reference, keep, {}
+        self._index = {int(t): i for i, t in enumerate(chain.timesteps)}
+
+    def __call__(self, x_t, t):
+        out = self.reference(x_t, t)
+        i = self._index[int(t)]
+        if i in self.keep:
+            self.outputs[i] = out.detach()
+        return out
+
+
+def _gather(values: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, list[str], int]:
+    """The global batch's values and prompts (every process's, in process order) and the
+    offset of this process's share; the local batch when not distributed."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values, list(prompts), 0
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (values.detach().cpu().tolist(), list(prompts)))
+    offset = sum(len(p[1]) for p in parts[: dist.get_rank()])
+    all_values = torch.tensor([v for p in parts for v in p[0]], dtype=values.dtype)
+    return all_values.to(values.device), [q for p in parts for q in p[1]], offset
+
+
+@ESTIMATORS.register("policy_gradient")
+class PolicyGradient(RolloutEstimator):
+    """Constrained policy gradient (DDPO / GRPO with duals, METHOD.md §3).
+
+    Rollout (:meth:`__call__`, no gradient): sample through the one sampler with a
+    :class:`~cdalign.core.sampling.Trajectory` (every DDIM step's Gaussian log-probability
+    with the chain's own σ_t), score the rewards (no gradient needed), compute the KL to
+    the base (adapters disabled, same UNet) where the problem has one, and the advantage
+
+        A = s_0 A_0 + Σ_i λ_i s_i A_i − c_KL · (KL − baseline)
+
+    per sample: each reward's advantage by ``advantage`` (group-relative by default),
+    clipped, then weighed by the duals with the sign of its direction.
+
+    Update (:meth:`surrogate_losses`, per trained step i of the inner epoch's subset S):
+    ``(1/|S|)·[PPO_i(A) + c_KL · mean_b KL_i]``. ``PPO_i`` is the clipped surrogate on the
+    exact ratio of step i's density (old = the sampling model). The KL's gradient is exact:
+    ``∇ E[Σ_t KL_t(x_t)] = E[Σ_t ∇KL_t(x_t)] + E[Σ_t KL_t ∇ log p_θ(x_{T..t})]``. The first
+    part is the per-step Gaussian KL ``c_t²/(2σ_t²)‖ε̃_θ − ε̃_q‖²`` differentiated with
+    respect to the policy's mean at the recorded states (as Flow-GRPO and DPOK do); the
+    second, the score-function part for the states' own distribution, is the per-sample
+    chain KL entering the advantage as a cost, centred by its group (or batch) mean (which
+    includes the sample itself, as GRPO's baseline: a bias of order 1/group size). Both
+    parts, like PPO's per-step mean, carry the scale 1/(number of stochastic steps), so the
+    loss is the Lagrangian's gradient estimator divided by that count.
+
+    The KL value (the duals', the report's, the advantage's) is the chain KL over every step,
+    or with ``kl_value_steps`` m the trained steps plus m others, or with 0 the trained steps
+    alone, each divided by its probability of being drawn (unbiased for the sum over the
+    stochastic steps; a deterministic step, σ_t = 0, is never trained, and has no path KL)."""
+
+    config_fields = (
+        "images_per_prompt", "advantage", "advantage_clip", "ppo_clip_range", "ppo_epochs", "ppo_updates_per_epoch",
+        "timestep_fraction", "prompt_tracker_buffer", "prompt_tracker_min_count",
+    )
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        """A stochastic chain, prompt groups inside one micro-batch, updates that share the round."""
+        if cfg.eta == 0:
+            raise ValueError(
+                "eta: 0 makes every DDIM step deterministic, and estimator policy_gradient needs each step to be a "
+                "Gaussian policy with a log-probability; use eta > 0 (1 is DDPO's and the paper's)"
+            )
+        if cfg.train_batch_size % cfg.images_per_prompt:
+            raise ValueError(
+                f"train_batch_size: {cfg.train_batch_size} is not a multiple of images_per_prompt "
+                f"({cfg.images_per_prompt}); a prompt group must sit in one micro-batch of one process"
+            )
+        if ADVANTAGES.get(cfg.advantage).needs_groups and cfg.images_per_prompt < 2:
+            raise ValueError(
+                f"images_per_prompt: {cfg.images_per_prompt} leaves advantage {cfg.advantage!r} nothing to compare "
+                "within a prompt group (every advantage would be 0); set images_per_prompt >= 2, or advantage: "
+                "batch_std or prompt_tracker"
+            )
+        if cfg.gradient_accumulation_steps % cfg.ppo_updates_per_epoch:
+            raise ValueError(
+                f"ppo_updates_per_epoch: {cfg.ppo_updates_per_epoch} does not divide gradient_accumulation_steps "
+                f"({cfg.gradient_accumulation_steps}); each update takes an equal share of the round's micro-batches"
+            )
+
+    def __init__(self, sampler: DiffusionSampler, problem: ConstrainedProblem, rewards: dict, normalizers: dict, config):
+        self.sampler, self.problem, self.rewards, self.normalizers = sampler, problem, rewards, normalizers
+        self.config = cfg = config
+        chain = sampler.chain
+        self.stochastic_steps = [i for i in range(len(chain)) if float(chain.sigma[i]) > 0]
+        if not self.stochastic_steps:
+            raise ValueError("eta: every DDIM step is deterministic; estimator policy_gradient needs eta > 0")
+        self.num_train_steps = max(1, min(len(self.stochastic_steps), round(cfg.timestep_fraction * len(self.stochastic_steps))))
+        self.kind = ADVANTAGES.get(cfg.advantage)
+        self.trackers = (
+            {n: PerPromptStatTracker(cfg.prompt_tracker_buffer, cfg.prompt_tracker_min_count) for n in problem.reward_names}
+            if self.kind.stateful else {}
+        )
+        self.kl_step_weights = step_weights(chain, cfg.kl_estimator) if problem.needs_kl else None
+        # kl_value_steps 0: a stochastic step's probability of being trained in one of the ppo_epochs draws
+        self.trained_step_probability = inclusion_probability(self.num_train_steps, len(self.stochastic_steps), cfg.ppo_epochs)
+        self._stats: list[dict] = []
+
+    # ------------------------------------------------------------------ rollout
+    def _advantages(self, name: str, values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        cfg = self.config
+        if not self.kind.global_batch:  # prompt groups lie within this process's micro-batch
+            return self.kind.compute(values, cfg.images_per_prompt, None, prompts)
+        all_values, all_prompts, offset = _gather(values, prompts)
+        out = self.kind.compute(all_values, cfg.images_per_prompt, self.trackers.get(name), all_prompts)
+        return out[offset : offset + len(prompts)]
+
+    def _kl_baseline(self, kl: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The per-sample KL minus its group mean (group advantages) or global-batch mean."""
+        if not self.kind.global_batch:
+            return group_centered(kl, self.config.images_per_prompt)
+        all_kl, _, _ = _gather(kl, prompts)
+        return kl - all_kl.mean()
+
+    def __call__(self, prompts: list[str], seeds: list[int], multipliers: torch.Tensor, generator: torch.Generator) -> MicroBatch:
+        cfg, chain, prob = self.config, self.sampler.chain, self.problem
+        T, n = len(chain), self.num_train_steps
+        train_steps = [
+            sorted(self.stochastic_steps[j] for j in torch.randperm(len(self.stochastic_steps), generator=generator)[:n].tolist())
+            for _ in range(cfg.ppo_epochs)
+        ]
+        trained = set().union(*train_steps)
+        policy = self.sampler.guided(prompts)
+        trajectory = Trajectory()
+        kl_acc = reference = None
+        if prob.needs_kl:
+            reference = _RecordingReference(WithAdaptersDisabled(policy), chain, trained)
+            if cfg.kl_value_steps == 0:  # the trained steps alone, Horvitz–Thompson weighted
+                steps = {i: self.trained_step_probability for i in trained}
+            else:
+                steps = choose_kl_steps(T, trained, cfg.kl_value_steps, generator)
+            kl_acc = ChainKLAccumulator(reference, chain, cfg.kl_estimator, steps, value_only=True)
+        with torch.no_grad():
+            images = self.sampler.sample(policy, seeds, on_step=kl_acc, trajectory=trajectory)
+            raw, norm = score(images, prompts, prob.reward_names, self.rewards, self.normalizers)
+        used = {name: (norm[name] if prob.normalized(name) else raw[name]) for name in raw}
+        kl = kl_acc.per_sample if kl_acc is not None else None
+        if isinstance(kl, float):
+            kl = torch.zeros(len(seeds))
+        objective = prob.objective.value(kl, used)
+        values = prob.values(kl, used)
+        slacks = prob.slacks(values)
+        lagrangian = prob.lagrangian(objective, slacks, multipliers)
+        weights = reward_weights(prob, multipliers)
+        per_reward = {name: self._advantages(name, used[name].detach(), prompts) for name in weights}
+        advantages = combined_advantage(per_reward, weights, cfg.advantage_clip)
+        c_kl = kl_weight(prob, multipliers) if prob.needs_kl else 0.0
+        if c_kl:
+            advantages = advantages - c_kl * self._kl_baseline(kl.detach().to(advantages), prompts)
+        rollout = Rollout(
+            prompts=list(prompts), trajectory=trajectory, advantages=advantages.detach(), train_steps=train_steps,
+            kl_weight=c_kl, base_eps=reference.outputs if reference is not None else {},
+        )
+        return MicroBatch(
+            loss=lagrangian.detach(),
+            objective=objective.detach(),
+            values=values.detach(),
+            slacks=slacks.detach(),
+            rewards_raw={k: v.detach() for k, v in raw.items()},
+            rewards_norm={k: v.detach() for k, v in norm.items()},
+            kl=None if kl is None else kl.detach(),
+            num_grad_steps=n,
+            rollout=rollout,
+        )
+
+    # ------------------------------------------------------------------ updates
+    def surrogate_losses(
+        self, mb: MicroBatch, epoch: int, update: int = 0, autocast=contextlib.nullcontext
+    ) -> Iterator[torch.Tensor]:
+        """One loss per trained step of inner epoch ``epoch`` (backpropagate each at once:
+        memory holds one UNet call's graph), ``(PPO_i + c_KL·mean_b KL_i) / |S|``."""
+        cfg, chain, r = self.config, self.sampler.chain, mb.rollout
+        policy = self.sampler.guided(r.prompts)
+        steps = r.train_steps[epoch]
+        for i in steps:
+            x_t, x_prev, t = r.trajectory.states[i], r.trajectory.states[i + 1], chain.timesteps[i]
+            with autocast():  # as the sampling ran, so that the first update's ratio is exactly 1
+                eps = policy(x_t, t)
+                log_prob = chain.log_prob(i, x_t, eps, x_prev)
+                loss, stats = ppo_clipped_loss(log_prob, r.trajectory.log_probs[i], r.advantages, cfg.ppo_clip_range)
+                if r.kl_weight:
+                    eps_ref = r.base_eps.get(i)
+                    if eps_ref is None:
+                        with torch.no_grad():
+                            eps_ref = WithAdaptersDisabled(policy)(x_t, t)
+                    kl_i = step_kl(eps, eps_ref, float(self.kl_step_weights[i]), cfg.kl_estimator).mean()
+                    loss = loss + r.kl_weight * kl_i
+            self._stats.append({"update": update, **stats})
+            yield loss / len(steps)
+
+    def pop_stats(self) -> dict[str, float]:
+        """PPO diagnostics since the last call, averaged over the trained steps of every
+        epoch: ``ratio_mean``, ``clip_fraction``, ``approx_kl``; and
+        ``first_update_max_abs_log_ratio``, over the round's first update, before any
+        parameter changed (0: the update recomputes the sampling model's log-probabilities
+        exactly, so its ratio is exactly 1)."""
+        stats, self._stats = self._stats, []
+        if not stats:
+            return {}
+        out = {k: sum(s[k] for s in stats) / len(stats) for k in ("ratio_mean", "clip_fraction", "approx_kl")}
+        first = [s["max_abs_log_ratio"] for s in stats if s["update"] == 0]
+        out["first_update_max_abs_log_ratio"] = max(first) if first else math.nan
+        return out
+
+    def state_dict(self) -> dict:
+        return {"trackers": {n: t.state_dict() for n, t in self.trackers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, t in self.trackers.items():
+            t.load_state_dict(state.get("trackers", {}).get(n, {}))
 
 
 def score(images: torch.Tensor, prompts: list[str], names: list[str], rewards: dict, normalizers: dict):

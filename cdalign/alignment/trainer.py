@@ -42,7 +42,7 @@ from cdalign.alignment.config import (
     read_yaml_mapping,
     save_config,
 )
-from cdalign.alignment.estimators import ESTIMATORS, MicroBatch, is_finite_batch
+from cdalign.alignment.estimators import ESTIMATORS, MicroBatch, RolloutEstimator, is_finite_batch
 from cdalign.alignment.normalization import compute_reward_statistics
 from cdalign.core.duals import InfeasibilityMonitor, build_dual_optimizer
 from cdalign.core.normalization import (
@@ -57,9 +57,9 @@ from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import (
     LORA_INIT,
     TRAIN_BATCH,
-    batch_share,
     derived_seed,
     evaluation_items,
+    grouped_batch_share,
 )
 from cdalign.core.statistics import paired_difference, summarize
 from cdalign.data.prompt_sets import load_prompts_with_source
@@ -385,12 +385,7 @@ class ConstrainedDDPOTrainer:
         for name in self.problem.reward_names:
             if name not in rewards:
                 rewards[name] = REWARDS.build(name, **self.config.reward_kwargs.get(name, {}))
-        for name, r in rewards.items():
-            if name in self.problem.reward_names and not getattr(r, "differentiable", True) and self.config.estimator == "reward_backprop":
-                raise ValueError(
-                    f"reward {name!r} is not differentiable, and reward_backprop needs its gradient; use a "
-                    "differentiable reward (cdalign has no estimator for non-differentiable rewards yet)"
-                )
+        for r in rewards.values():  # whether the estimator can use each reward is the estimator's check
             r.to(self.device)
         return rewards
 
@@ -405,8 +400,10 @@ class ConstrainedDDPOTrainer:
     # ------------------------------------------------------------------ batches
     def _global_batch(self, purpose: int, index: int, prompts: list[str], size: int):
         """This process's share of a global batch: (prompts, image seeds, generator)."""
-        acc = self.accelerator
-        return batch_share(self.config.seed, purpose, index, prompts, size, acc.num_processes, acc.process_index)
+        acc, cfg = self.accelerator, self.config
+        return grouped_batch_share(
+            cfg.seed, purpose, index, prompts, size, cfg.images_per_prompt, acc.num_processes, acc.process_index
+        )
 
     # ------------------------------------------------------------------ normalisation
     def normalization_keys(self) -> dict[str, dict | None]:
@@ -469,17 +466,25 @@ class ConstrainedDDPOTrainer:
 
     def step(self) -> dict:
         """One optimiser step: ``gradient_accumulation_steps`` micro-batches, dual updates
-        every ``update_every`` micro-batches, gradients averaged over processes."""
+        every ``update_every`` micro-batches, gradients averaged over processes.
+
+        With a :class:`~cdalign.alignment.estimators.RolloutEstimator` (``policy_gradient``)
+        one step is one round: the micro-batches are sampled without gradient (duals
+        updated on the same cadence), then trained on for ``ppo_epochs`` inner epochs of
+        ``ppo_updates_per_epoch`` optimiser updates each."""
         cfg, acc = self.config, self.accelerator
         self.ensure_normalization()
         self.pipe.unet.train()
         self.optimizer.zero_grad(set_to_none=True)
+        rollouts = isinstance(self.estimator, RolloutEstimator)
         records: list[MicroBatch] = []
         for _ in range(cfg.gradient_accumulation_steps):
-            mb = self._micro_batch(self.micro_batches_seen)
+            with torch.no_grad() if rollouts else contextlib.nullcontext():
+                mb = self._micro_batch(self.micro_batches_seen)
             self.micro_batches_seen += 1
             if distributed.on_all_processes(is_finite_batch(mb), acc):
-                acc.backward(mb.loss / cfg.gradient_accumulation_steps)
+                if not rollouts:
+                    acc.backward(mb.loss / cfg.gradient_accumulation_steps)
                 records.append(mb)
                 self._slack_sum += mb.slacks.double().cpu()
                 self._slack_count += 1
@@ -499,6 +504,17 @@ class ConstrainedDDPOTrainer:
             del mb
             if self.micro_batches_seen % self.update_every == 0:
                 self._dual_step()
+        if rollouts:
+            grad_norm, extra = self._train_on_rollouts(records)
+        else:
+            grad_norm, extra = self._optimizer_update(), {}
+        self.global_step += 1
+        return self._log_step(records, grad_norm, extra)
+
+    def _optimizer_update(self) -> float | None:
+        """Average the LoRA gradients over processes, clip them, take one AdamW step;
+        returns the gradient norm before clipping (None without ``max_grad_norm``)."""
+        cfg, acc = self.config, self.accelerator
         params = list(self._lora_params().values())
         if not self.sharded:  # a sharded UNet's gradients are already averaged (FSDP's reduce-scatter)
             distributed.reduce_gradients(params, acc)
@@ -506,8 +522,35 @@ class ConstrainedDDPOTrainer:
         if cfg.max_grad_norm:
             grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
         self.optimizer.step()
-        self.global_step += 1
-        return self._log_step(records, grad_norm)
+        return grad_norm
+
+    def _train_on_rollouts(self, records: list[MicroBatch]) -> tuple[float | None, dict]:
+        """``ppo_epochs`` inner epochs over the round's rollouts, each split into
+        ``ppo_updates_per_epoch`` optimiser updates (micro-batches in sampling order; every
+        process the same number). Returns the last update's gradient norm and the PPO
+        diagnostics (``ppo/…``) for the log."""
+        cfg, acc = self.config, self.accelerator
+        per_update = max(1, cfg.gradient_accumulation_steps // cfg.ppo_updates_per_epoch)
+        grad_norm, norms, updates = None, [], 0
+        for epoch in range(cfg.ppo_epochs):
+            for k in range(cfg.ppo_updates_per_epoch):
+                # the update's share of the micro-batches (fewer when non-finite ones were skipped)
+                chunk = records[k * per_update : (k + 1) * per_update]
+                if not chunk:
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                for mb in chunk:
+                    for loss in self.estimator.surrogate_losses(mb, epoch, updates, acc.autocast):
+                        acc.backward(loss / len(chunk))
+                grad_norm = self._optimizer_update()
+                updates += 1
+                if grad_norm is not None:
+                    norms.append(grad_norm)
+        extra = {f"ppo/{k}": v for k, v in self.estimator.pop_stats().items()}
+        extra["ppo/updates"] = float(updates)
+        if norms:
+            extra["ppo/grad_norm_mean"] = sum(norms) / len(norms)
+        return grad_norm, extra
 
     def _dual_step(self):
         acc = self.accelerator
@@ -529,7 +572,7 @@ class ConstrainedDDPOTrainer:
             warnings.warn(msg, stacklevel=2)
             logger.warning(msg)
 
-    def _log_step(self, records: list[MicroBatch], grad_norm) -> dict:
+    def _log_step(self, records: list[MicroBatch], grad_norm, extra: dict | None = None) -> dict:
         acc, prob = self.accelerator, self.problem
         names = list(records[0].rewards_raw) if records else []
         keys, vals = [], []
@@ -548,6 +591,9 @@ class ConstrainedDDPOTrainer:
         for j, c in enumerate(prob.constraints):
             add(f"value/{c.name}", [r.values[j] for r in records])
             add(f"slack/{c.name}", [r.slacks[j] for r in records])
+        for key, value in (extra or {}).items():  # estimator diagnostics (PPO ratio, clip fraction): process means
+            keys.append(key)
+            vals.append(torch.tensor(float(value)))
         vec = torch.stack(vals).to(self.device)
         if acc.num_processes > 1:
             vec = acc.reduce(vec, reduction="mean")
@@ -754,6 +800,18 @@ class ConstrainedDDPOTrainer:
         else:
             values = aligned.normalized[obj.source] if obj.normalize else aligned.rewards[obj.source]
             report["objective"] = {"type": "reward", "reward": obj.source, "value": float(values.mean())}
+        ppo = [h for h in self.history if "ppo/ratio_mean" in h]
+        if ppo:  # the policy gradient's PPO diagnostics over the run's rounds
+            report["estimator"] = {
+                "name": cfg.estimator,
+                "rounds": len(ppo),
+                "optimizer_updates": int(sum(h["ppo/updates"] for h in ppo)),
+                **{k: float(sum(h[f"ppo/{k}"] for h in ppo) / len(ppo)) for k in ("ratio_mean", "clip_fraction", "approx_kl")},
+                "first_update_max_abs_log_ratio": max(h["ppo/first_update_max_abs_log_ratio"] for h in ppo),
+                "what": "means over rounds of each round's mean over trained steps: PPO ratio, share of clipped ratios, "
+                "½·mean(log ratio)²; first_update_max_abs_log_ratio: max |log ratio| in each round's first update, "
+                "before any parameter changed (0: the ratio is exactly 1 there)",
+            }
         report["all_satisfied"] = all(c["satisfied"] for c in constraints)
         report["infeasible"] = sorted(self.monitor.flagged)
         report["normalization"] = {n: s.__dict__ for n, s in self.normalizers.items()}
@@ -812,6 +870,7 @@ class ConstrainedDDPOTrainer:
                 normalizers={n: s.__dict__ for n, s in self.normalizers.items()},
                 normalization_keys={n: self.normalization_keys()[n] for n in self.normalizers},
                 history=self.history,
+                estimator=self.estimator.state_dict() if isinstance(self.estimator, RolloutEstimator) else {},
             )
             write_checkpoint(
                 final, lora=lora, optimizer=self.optimizer, optimizer_state=optimizer_state, state=state,
@@ -853,6 +912,8 @@ class ConstrainedDDPOTrainer:
         else:
             self.normalizers.update({n: RewardStats(**s) for n, s in state.normalizers.items()})
         self.history = state.history
+        if isinstance(self.estimator, RolloutEstimator):
+            self.estimator.load_state_dict(state.estimator)
         if self.accelerator.is_main_process:  # the log continues from the checkpoint
             log = self.output_dir / "log.jsonl"
             if log.exists():

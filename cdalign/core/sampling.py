@@ -9,6 +9,7 @@ coefficient ``c_t`` of ε in the step mean that the chain KL (``cdalign.core.kl`
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
@@ -82,6 +83,40 @@ class DDIMChain:
         mean = self.step_mean(i, x_t, eps)
         s = float(self.sigma[i])
         return mean if (s == 0.0 or noise is None) else mean + s * noise
+
+    def log_prob(self, i: int, x_t: torch.Tensor, eps: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
+        """``log π(x_{t'} | x_t)`` (B,) of step ``i`` as a policy (METHOD.md §3): the density
+        of ``N(mean_i(x_t, ε), σ_i² I)`` at ``x_prev``, summed over latent elements,
+        ``−‖x_prev − mean‖²/(2σ²) − D·log σ − (D/2)·log 2π``. Differentiable in ``eps``
+        (and so in the weights that predicted it); refuses a deterministic step (σ_i = 0)."""
+        s = float(self.sigma[i])
+        if s == 0.0:
+            raise ValueError(f"DDIM step {i} is deterministic (sigma = 0, eta = {self.eta}); it has no log-probability")
+        mean = self.step_mean(i, x_t, eps)
+        dtype = torch.float64 if mean.dtype == torch.float64 else torch.float32  # float32 at least
+        diff = (x_prev.detach().to(dtype) - mean.to(dtype)).flatten(1)
+        d = diff.shape[1]
+        return -diff.pow(2).sum(1) / (2 * s * s) - d * math.log(s) - 0.5 * d * math.log(2 * math.pi)
+
+
+class Trajectory:
+    """What a sampling pass records for a policy-gradient update: the states
+    ``states[i]`` = x at step i's input (x_T first, x_0 last, T + 1 tensors (B,C,h,w),
+    detached) and ``log_probs[i]`` = ``log π(states[i+1] | states[i])`` (B,) under the
+    sampling model, detached (NaN for a deterministic step)."""
+
+    def __init__(self):
+        self.states: list[torch.Tensor] = []
+        self.log_probs: list[torch.Tensor] = []
+
+    def record(self, chain: DDIMChain, i: int, x_t: torch.Tensor, eps: torch.Tensor, x_prev: torch.Tensor) -> None:
+        if not self.states:
+            self.states.append(x_t.detach())
+        self.states.append(x_prev.detach())
+        if float(chain.sigma[i]) > 0:
+            self.log_probs.append(chain.log_prob(i, x_t, eps, x_prev).detach())
+        else:
+            self.log_probs.append(torch.full((x_t.shape[0],), float("nan"), device=x_t.device))
 
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """``ε̃ = ε_u + w(ε_c − ε_u)`` (METHOD.md §1) of an unconditional and a conditional UNet
@@ -200,13 +235,15 @@ def sample_latents(
     grad_steps: Iterable[int] = (),
     gradient_checkpointing: bool = False,
     on_step: StepHook | None = None,
+    trajectory: Trajectory | None = None,
 ) -> torch.Tensor:
     """Run the DDIM chain from ``latents`` (x_T, (B,4,h,w)) and return x_0.
 
     ``noise``: (T, B, 4, h, w) step noises (None: deterministic steps). Gradient flows only
     through the step indices in ``grad_steps`` (and anything after them); predictions at
     other steps run under ``no_grad`` with their input detached. ``on_step(i, x_t, eps,
-    tracked)`` is called after each prediction (e.g. to add a chain-KL term)."""
+    tracked)`` is called after each prediction (e.g. to add a chain-KL term).
+    ``trajectory``: records every state and step log-probability (policy gradient)."""
     grad_steps = set(grad_steps)
     x = latents
     for i, t in enumerate(chain.timesteps):
@@ -220,7 +257,10 @@ def sample_latents(
                 eps = predictor(x, t)
             if on_step is not None:
                 on_step(i, x, eps, tracked)
-            x = chain.step(i, x, eps, None if noise is None else noise[i].to(x))
+            x_prev = chain.step(i, x, eps, None if noise is None else noise[i].to(x))
+            if trajectory is not None:
+                trajectory.record(chain, i, x, eps, x_prev)
+            x = x_prev
     return x
 
 
@@ -311,12 +351,16 @@ class DiffusionSampler:
         gradient_checkpointing: bool = False,
         on_step: StepHook | None = None,
         decode: bool = True,
+        trajectory: Trajectory | None = None,
     ) -> torch.Tensor:
         """Images (B,3,H,W) in [0,1] (or x_0 latents when ``decode=False``) for one seed each.
-        Gradient flows through ``grad_steps`` and, if any, the VAE decode."""
+        Gradient flows through ``grad_steps`` and, if any, the VAE decode. ``trajectory``
+        records the states and step log-probabilities (see :class:`Trajectory`)."""
         x_T, noise = initial_noise(seeds, self.latent_shape, len(self.chain))
         x_T, noise = x_T.to(self.device), noise.to(self.device)
-        latents = sample_latents(predictor, self.chain, x_T, noise, grad_steps, gradient_checkpointing, on_step)
+        latents = sample_latents(
+            predictor, self.chain, x_T, noise, grad_steps, gradient_checkpointing, on_step, trajectory=trajectory
+        )
         if not decode:
             return latents
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(set(grad_steps))):

@@ -171,6 +171,6 @@ def _colorfulness() -> Reward:
 
 @REWARDS.register("jpeg_compressibility")
 def _jpeg_compressibility(quality: int = 95) -> Reward:
-    # Not differentiable: reward_backprop refuses it. It can be evaluated (the harness), but training
-    # on it needs a score-function (DDPO-style) estimator, which cdalign does not have yet.
+    # Not differentiable: reward_backprop refuses it; estimator policy_gradient (a score-function
+    # estimator, cdalign.alignment.estimators) trains on it, and the harness evaluates it.
     return _StatisticReward("jpeg_compressibility", jpeg_compressibility, differentiable=False, quality=quality)

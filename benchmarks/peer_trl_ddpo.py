@@ -1,0 +1,147 @@
+"""Row 6: trl 0.23.1 ``DDPOTrainer`` on tiny-bench, reward only (runs in ``benchmarks/.venv-trl``).
+
+    benchmarks/.venv-trl/bin/python benchmarks/peer_trl_ddpo.py MODEL_DIR --steps 8 --warmup 2
+
+The policy-gradient counterpart of ``peer_trl.py`` (AlignProp), compared with cdalign's
+``estimator: policy_gradient`` rows of ``bench_step.py`` (``pg_*``) at the same
+configuration, from trl's own ``DDPOConfig`` / ``DefaultDDPOStableDiffusionPipeline``
+(trl/trainer/ddpo_config.py, ddpo_trainer.py in trl 0.23.1):
+
+- ``sample_num_steps=20, sample_eta=1.0, sample_guidance_scale=5.0``; one batch of 4
+  prompts sampled per step (``sample_batch_size=4, sample_num_batches_per_epoch=1``) and
+  trained as one batch (``train_batch_size=4, train_gradient_accumulation_steps=1``): one
+  optimiser update per step, ``train_num_inner_epochs=1``;
+- timesteps trained: ``train_timestep_fraction = backprop_steps / num_inference_steps``
+  (4 of the 20 steps: the same count as the reward-backprop rows' gradient steps; cdalign's
+  ``timestep_fraction`` is the same number), each a CFG-batched UNet call with backward
+  (``train_cfg=True``);
+- ``train_learning_rate=1e-3``, weight decay 1e-4, grad-norm clip 1.0, LoRA r=4 on
+  to_q/to_k/to_v/to_out.0 (trl hard-codes it), ``mixed_precision="no"``; advantages
+  standardised over the batch (trl's default, no per-prompt tracking; cdalign's rows use
+  ``advantage: batch_std``); no async rewards, no image hook, no trackers, no saving;
+- reward: tiny-bench's mean saturation, computed without gradient, as DDPO treats rewards.
+
+What the API does not let us make identical: trl draws the noise from the global RNG and
+shuffles timesteps per sample (cdalign draws per-image seeds and one subset of steps per
+micro-batch); its log-probability is the per-element *mean* (cdalign's: the sum, the
+exact density); neither changes the work done."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+_spec = importlib.util.spec_from_file_location("tinybench", Path(__file__).with_name("tinybench.py"))
+tb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tb)
+
+
+def build(model_dir: str, steps_total: int, logdir: str, config: dict | None = None):
+    import accelerate
+    import torch
+    from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+
+    c = tb.bench_config(config)
+    accelerate.PartialState()  # trl's DDPO needs the state before the pipeline
+    pipeline = DefaultDDPOStableDiffusionPipeline(model_dir, use_lora=True)
+    fraction = c["backprop_steps"] / c["num_inference_steps"]
+    config = DDPOConfig(
+        num_epochs=steps_total,
+        save_freq=10**9,
+        log_with=None,
+        logdir=logdir,
+        project_kwargs={"project_dir": logdir},
+        mixed_precision="no",
+        seed=0,
+        sample_num_steps=c["num_inference_steps"],
+        sample_eta=c["eta"],
+        sample_guidance_scale=c["guidance_scale"],
+        sample_batch_size=c["batch_size"],
+        sample_num_batches_per_epoch=1,
+        train_batch_size=c["batch_size"],
+        train_gradient_accumulation_steps=1,
+        train_num_inner_epochs=1,
+        train_timestep_fraction=fraction,
+        train_learning_rate=c["learning_rate"],
+        train_adam_weight_decay=c["adam_weight_decay"],
+        train_max_grad_norm=c["max_grad_norm"],
+        train_cfg=True,
+        per_prompt_stat_tracking=False,
+        async_reward_computation=False,
+    )
+    prompts = tb.load_prompts(model_dir)
+    state = {"i": 0}
+
+    def prompt_fn():
+        p = prompts[state["i"] % len(prompts)]
+        state["i"] += 1
+        return p, {}
+
+    def reward_fn(images, prompts, metadata):
+        with torch.no_grad():
+            return tb.saturation(images.float()), {}
+
+    trainer = DDPOTrainer(config, reward_fn, prompt_fn, pipeline)
+    trainer.sd_pipeline.set_progress_bar_config(disable=True)  # tqdm per denoising step: noise, not work
+    return trainer
+
+
+def check_configuration(trainer, config: dict | None = None) -> dict:
+    """What trl actually built (asserted against tiny-bench)."""
+    c = tb.bench_config(config)
+    unet = trainer.sd_pipeline.unet
+    peft_cfg = unet.peft_config["default"]
+    assert peft_cfg.r == c["lora_rank"] and peft_cfg.lora_alpha == c["lora_alpha"], peft_cfg
+    assert set(peft_cfg.target_modules) == set(c["lora_target_modules"]), peft_cfg.target_modules
+    assert trainer.num_train_timesteps == c["backprop_steps"], trainer.num_train_timesteps
+    group = trainer.optimizer.param_groups[0]
+    assert group["lr"] == c["learning_rate"], group["lr"]
+    n_train = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    return {"trainable_params": n_train, "timesteps_trained": trainer.num_train_timesteps,
+            "samples_per_step": c["batch_size"]}
+
+
+def run(model_dir: str, steps: int, warmup: int, threads: int, config: dict | None = None) -> dict:
+    import torch
+
+    tb.set_threads(threads)
+    import trl
+
+    with tempfile.TemporaryDirectory() as logdir:
+        trainer = build(model_dir, steps + warmup + 1, logdir, config)
+        info = check_configuration(trainer, config)
+        counter = tb.UNetCallCounter(trainer.sd_pipeline.unet)
+        state = {"epoch": 0, "global_step": 0}
+
+        def step():
+            state["global_step"] = trainer.step(state["epoch"], state["global_step"])
+            state["epoch"] += 1
+
+        res = tb.time_steps(step, steps, warmup, counter)
+        assert state["global_step"] == steps + warmup, state  # one optimiser update per step
+        saved = [p for p in Path(logdir).rglob("*") if p.is_file()]
+        assert not saved, f"trl saved state inside the timed loop: {saved[:3]}"
+    res.update(info, trl_version=trl.__version__, torch_version=torch.__version__)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tb.add_common_args(ap)
+    args = ap.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    res = run(args.model_dir, args.steps, args.warmup, args.threads, tb.parse_overrides(args.set))
+    tb.emit({"row": "trl_ddpo", **res})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
