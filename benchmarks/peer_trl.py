@@ -24,11 +24,9 @@ as ``-mean(reward)``)."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -99,37 +97,11 @@ def check_configuration(trainer, config: dict | None = None) -> dict:
 
 
 def run(model_dir: str, steps: int, warmup: int, threads: int, config: dict | None = None) -> dict:
-    import torch
-
-    tb.set_threads(threads)
-    import trl
-
-    with tempfile.TemporaryDirectory() as logdir:
-        trainer = build(model_dir, steps + warmup + 1, logdir, config)
-        info = check_configuration(trainer, config)
-        counter = tb.UNetCallCounter(trainer.sd_pipeline.unet)
-        state = {"epoch": 0, "global_step": 0}
-
-        def step():
-            state["global_step"] = trainer.step(state["epoch"], state["global_step"])
-            state["epoch"] += 1
-
-        res = tb.time_steps(step, steps, warmup, counter)
-        saved = [p for p in Path(logdir).rglob("*") if p.is_file()]
-        assert not saved, f"trl saved state inside the timed loop: {saved[:3]}"
-    res.update(info, trl_version=trl.__version__, torch_version=torch.__version__)
-    return res
+    return tb.time_trl_trainer(build, check_configuration, model_dir, steps, warmup, threads, config)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tb.add_common_args(ap)
-    args = ap.parse_args()
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    res = run(args.model_dir, args.steps, args.warmup, args.threads, tb.parse_overrides(args.set))
-    tb.emit({"row": "trl_alignprop", **res})
+    tb.peer_main(run, "trl_alignprop", __doc__)
 
 
 if __name__ == "__main__":

@@ -153,3 +153,49 @@ def time_steps(step, steps: int, warmup: int, counter: UNetCallCounter | None = 
 def emit(result: dict) -> None:
     """A child process's result line for the orchestrator."""
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def time_trl_trainer(build, check_configuration, model_dir: str, steps: int, warmup: int, threads: int,
+                     config: dict | None = None, one_update_per_step: bool = False) -> dict:
+    """Time a trl 0.23 trainer's ``step(epoch, global_step)`` (AlignProp and DDPO share it):
+    ``build(model_dir, epochs, logdir, config)`` makes the trainer, ``check_configuration(trainer,
+    config)`` returns what it checked; nothing may be saved inside the timed loop. With
+    ``one_update_per_step`` the global step must advance by one per call."""
+    import tempfile
+    from pathlib import Path
+
+    import torch  # in the row's own interpreter (trl's venv): after set_threads
+
+    set_threads(threads)
+    import trl
+
+    with tempfile.TemporaryDirectory() as logdir:
+        trainer = build(model_dir, steps + warmup + 1, logdir, config)
+        info = check_configuration(trainer, config)
+        counter = UNetCallCounter(trainer.sd_pipeline.unet)
+        state = {"epoch": 0, "global_step": 0}
+
+        def step():
+            state["global_step"] = trainer.step(state["epoch"], state["global_step"])
+            state["epoch"] += 1
+
+        res = time_steps(step, steps, warmup, counter)
+        if one_update_per_step:
+            assert state["global_step"] == steps + warmup, state
+        saved = [p for p in Path(logdir).rglob("*") if p.is_file()]
+        assert not saved, f"trl saved state inside the timed loop: {saved[:3]}"
+    res.update(info, trl_version=trl.__version__, torch_version=torch.__version__)
+    return res
+
+
+def peer_main(run, row: str, doc: str | None) -> None:
+    """The command line of a peer row: the common arguments, then ``run(...)``'s result as
+    the row ``row``'s RESULT line."""
+    import argparse
+    import warnings
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    emit({"row": row, **run(args.model_dir, args.steps, args.warmup, args.threads, parse_overrides(args.set))})
