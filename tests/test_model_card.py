@@ -196,3 +196,17 @@ def test_hub_base_model_keeps_from_pretrained(tmp_path):
     code = _snippet(str(build_model_card(tmp_path, repo_id="me/lora", report=report(), config=cfg)), "python")
     assert "StableDiffusionPipeline.from_pretrained('stable-diffusion-v1-5/stable-diffusion-v1-5')" in code
     assert "pipe.load_lora_weights('me/lora'" in code
+
+
+def test_training_table_lists_the_estimators_own_settings():
+    from cdalign.publishing.cards import training_table
+
+    config = {"estimator": "policy_gradient", "eta": 1.0, "backprop_strategy": "fixed", "backprop_steps": 4,
+              "advantage": "group_std", "ppo_epochs": 2}
+    pg = training_table(config, {"estimator": {"name": "policy_gradient", "settings": {"advantage": "group_std", "ppo_epochs": 2}}})
+    assert "| `advantage` |" in pg and "| `ppo_epochs` | 2 |" in pg and "backprop" not in pg
+    backprop = training_table(config, {"estimator": {"name": "reward_backprop", "settings": {"backprop_strategy": "fixed"}}})
+    assert "| `backprop_strategy` |" in backprop and "advantage" not in backprop
+    # a report from before the estimator named its settings: reward backpropagation's truncation, as cards always showed
+    legacy = training_table(config, {})
+    assert "| `backprop_steps` | 4 |" in legacy and "advantage" not in legacy

@@ -800,10 +800,12 @@ class ConstrainedDDPOTrainer:
         else:
             values = aligned.normalized[obj.source] if obj.normalize else aligned.rewards[obj.source]
             report["objective"] = {"type": "reward", "reward": obj.source, "value": float(values.mean())}
+        # the estimator and its own settings (the model card's training table lists them)
+        report["estimator"] = {"name": cfg.estimator,
+                               "settings": {f: getattr(cfg, f) for f in type(self.estimator).config_fields}}
         ppo = [h for h in self.history if "ppo/ratio_mean" in h]
         if ppo:  # the policy gradient's PPO diagnostics over the run's rounds
-            report["estimator"] = {
-                "name": cfg.estimator,
+            report["estimator"] |= {
                 "rounds": len(ppo),
                 "optimizer_updates": int(sum(h["ppo/updates"] for h in ppo)),
                 **{k: float(sum(h[f"ppo/{k}"] for h in ppo) / len(ppo)) for k in ("ratio_mean", "clip_fraction", "approx_kl")},

@@ -155,14 +155,20 @@ def record_notes(report: dict | None, config: dict) -> str:
 
 
 TRAINING_FIELDS = ("pretrained_model_name_or_path", "revision", "prompts", "eval_prompts", "prompt_revision", "estimator",
-                   "num_inference_steps", "eta", "guidance_scale", "resolution", "backprop_strategy",
-                   "backprop_steps", "kl_estimator", "lora_rank", "lora_alpha", "learning_rate",
-                   "train_batch_size", "gradient_accumulation_steps", "max_steps", "seed", "mixed_precision")
+                   "num_inference_steps", "eta", "guidance_scale", "resolution", "kl_estimator", "lora_rank",
+                   "lora_alpha", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "max_steps", "seed",
+                   "mixed_precision")
+# Reports written before they named the estimator's own settings all came from reward backpropagation.
+LEGACY_ESTIMATOR_FIELDS = ("backprop_strategy", "backprop_steps")
 
 
-def training_table(config: dict) -> str:
+def training_table(config: dict, report: dict | None = None) -> str:
+    """The run's settings: the common fields, then the estimator's own (from the report's
+    ``estimator.settings``; the reward-backprop truncation for reports that predate it)."""
     rows = ["| field | value |", "|---|---|"]
-    for key in TRAINING_FIELDS:
+    own = ((report or {}).get("estimator") or {}).get("settings")
+    own_fields = list(own) if own is not None else [k for k in LEGACY_ESTIMATOR_FIELDS if k in config]
+    for key in (*TRAINING_FIELDS, *own_fields):
         if key in config and config[key] is not None:
             value = config[key]
             listed = key in ("prompts", "eval_prompts") and isinstance(value, list)
@@ -345,7 +351,7 @@ def build_model_card(
               "`cdalign.load_pipeline` instead of `from_pretrained`."] if embedded else [])
             + ([] if repo_id else [f"Run the snippet from the folder that holds `{md(lora_source)}` (or put the "
                                    "LoRA's Hub repo id there once it is pushed)."])),
-        training_table=training_table(config),
+        training_table=training_table(config, report),
         config_block=(fence(yaml.safe_dump(rerun_config(config), sort_keys=False, allow_unicode=True), "yaml")
                       if config else "(no config.yaml)"),
     )
