@@ -51,36 +51,16 @@ def build(model_dir: str, steps_total: int, logdir: str, config: dict | None = N
     pipeline = DefaultDDPOStableDiffusionPipeline(model_dir, use_lora=True)
     fraction = c["backprop_steps"] / c["num_inference_steps"]
     config = DDPOConfig(
-        num_epochs=steps_total,
-        save_freq=10**9,
-        log_with=None,
-        logdir=logdir,
-        project_kwargs={"project_dir": logdir},
-        mixed_precision="no",
-        seed=0,
-        sample_num_steps=c["num_inference_steps"],
-        sample_eta=c["eta"],
-        sample_guidance_scale=c["guidance_scale"],
+        **tb.trl_config_kwargs(c, steps_total, logdir),
         sample_batch_size=c["batch_size"],
         sample_num_batches_per_epoch=1,
-        train_batch_size=c["batch_size"],
-        train_gradient_accumulation_steps=1,
         train_num_inner_epochs=1,
         train_timestep_fraction=fraction,
-        train_learning_rate=c["learning_rate"],
-        train_adam_weight_decay=c["adam_weight_decay"],
-        train_max_grad_norm=c["max_grad_norm"],
         train_cfg=True,
         per_prompt_stat_tracking=False,
         async_reward_computation=False,
     )
-    prompts = tb.load_prompts(model_dir)
-    state = {"i": 0}
-
-    def prompt_fn():
-        p = prompts[state["i"] % len(prompts)]
-        state["i"] += 1
-        return p, {}
+    prompt_fn = tb.trl_prompt_fn(model_dir)
 
     def reward_fn(images, prompts, metadata):
         with torch.no_grad():
@@ -94,14 +74,8 @@ def build(model_dir: str, steps_total: int, logdir: str, config: dict | None = N
 def check_configuration(trainer, config: dict | None = None) -> dict:
     """What trl actually built (asserted against tiny-bench)."""
     c = tb.bench_config(config)
-    unet = trainer.sd_pipeline.unet
-    peft_cfg = unet.peft_config["default"]
-    assert peft_cfg.r == c["lora_rank"] and peft_cfg.lora_alpha == c["lora_alpha"], peft_cfg
-    assert set(peft_cfg.target_modules) == set(c["lora_target_modules"]), peft_cfg.target_modules
+    n_train = tb.check_trl_lora(trainer, c)
     assert trainer.num_train_timesteps == c["backprop_steps"], trainer.num_train_timesteps
-    group = trainer.optimizer.param_groups[0]
-    assert group["lr"] == c["learning_rate"], group["lr"]
-    n_train = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     return {"trainable_params": n_train, "timesteps_trained": trainer.num_train_timesteps,
             "samples_per_step": c["batch_size"]}
 

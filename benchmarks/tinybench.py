@@ -199,3 +199,37 @@ def peer_main(run, row: str, doc: str | None) -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     emit({"row": row, **run(args.model_dir, args.steps, args.warmup, args.threads, parse_overrides(args.set))})
+
+
+def trl_config_kwargs(c: dict, steps_total: int, logdir: str) -> dict:
+    """The settings trl's AlignPropConfig and DDPOConfig share, from tiny-bench ``c``."""
+    return dict(
+        num_epochs=steps_total, save_freq=10**9, log_with=None, logdir=logdir, project_kwargs={"project_dir": logdir},
+        mixed_precision="no", seed=0, sample_num_steps=c["num_inference_steps"], sample_eta=c["eta"],
+        sample_guidance_scale=c["guidance_scale"], train_batch_size=c["batch_size"],
+        train_gradient_accumulation_steps=1, train_learning_rate=c["learning_rate"],
+        train_adam_weight_decay=c["adam_weight_decay"], train_max_grad_norm=c["max_grad_norm"],
+    )
+
+
+def trl_prompt_fn(model_dir: str):
+    """trl's ``prompt_fn() -> (prompt, metadata)`` over tiny-bench's prompts in turn."""
+    prompts, state = load_prompts(model_dir), {"i": 0}
+
+    def prompt_fn():
+        p = prompts[state["i"] % len(prompts)]
+        state["i"] += 1
+        return p, {}
+
+    return prompt_fn
+
+
+def check_trl_lora(trainer, c: dict) -> int:
+    """Assert that trl built tiny-bench's LoRA and learning rate; returns the trainable parameters."""
+    unet = trainer.sd_pipeline.unet
+    peft_cfg = unet.peft_config["default"]
+    assert peft_cfg.r == c["lora_rank"] and peft_cfg.lora_alpha == c["lora_alpha"], peft_cfg
+    assert set(peft_cfg.target_modules) == set(c["lora_target_modules"]), peft_cfg.target_modules
+    group = trainer.optimizer.param_groups[0]
+    assert group["lr"] == c["learning_rate"], group["lr"]
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)

@@ -272,10 +272,6 @@ class ConstrainedComposer:
             for k, comp in enumerate(self.components.components)
         ]
 
-    def sample_components(self) -> list[torch.Tensor]:
-        """Each component alone on the evaluation items: images (N,3,H,W) in [0,1] per component."""
-        return [s.images.float() / 255.0 for s in self._score_components()]
-
     @torch.no_grad()
     def evaluate_joint_prompt(self, prompt: str) -> dict:
         """The base model under the one ``prompt`` (e.g. the concepts joined into a caption):
