@@ -181,11 +181,11 @@ class _RecordingReference:
 
     def __init__(self, reference, chain, keep: set[int]):
         self.reference, self.keep, self.outputs = reference, keep, {}
-        self._index = {int(t): i for i, t in enumerate(chain.timesteps)}
+        self.chain = chain
 
     def __call__(self, x_t, t):
         out = self.reference(x_t, t)
-        i = self._index[int(t)]
+        i = self.chain.index_of(t)
         if i in self.keep:
             self.outputs[i] = out.detach()
         return out

@@ -45,6 +45,7 @@ from cdalign.alignment.config import (
 from cdalign.alignment.estimators import ESTIMATORS, MicroBatch, RolloutEstimator, is_finite_batch
 from cdalign.alignment.normalization import compute_reward_statistics
 from cdalign.core.duals import InfeasibilityMonitor, build_dual_optimizer
+from cdalign.core.families import denoiser_of, family_of, freeze_pipeline
 from cdalign.core.normalization import (
     RewardStats,
     callable_name,
@@ -230,15 +231,17 @@ class ConstrainedDDPOTrainer:
         else:
             self.model_name = getattr(pipeline, "name_or_path", None) or pipeline.config.get("_name_or_path", "pipeline")
         self.pipe = pipeline
+        self.family = family_of(pipeline)  # an unsupported pipeline class fails here, naming the supported ones
+        self.denoiser = self.family.denoiser_of(pipeline)
         self.sources["model"] = model_snapshot.record() if model_snapshot else None
         if self.resume_path is not None:
             self._check_resume_config(self.resume_path, pinned=True)
         distributed.check_distributed_setup(acc)
         self.sharded = distributed.wants_sharding(acc, shard_unet)
         self._prepare_models(weight_dtype)
-        self.base_fingerprint = model_fingerprint(self.pipe.unet)  # before sharding
+        self.base_fingerprint = model_fingerprint(self.denoiser)  # before sharding
         if self.sharded:
-            distributed.shard_unet(self.pipe.unet, distributed.fsdp_plugin(acc))
+            distributed.shard_unet(self.denoiser, distributed.fsdp_plugin(acc))
 
         self.rewards = self._build_rewards(rewards or {})
         self.sampler = DiffusionSampler(
@@ -247,7 +250,7 @@ class ConstrainedDDPOTrainer:
         self.normalizers: dict[str, RewardStats] = {}
         self.estimator = ESTIMATORS.get(cfg.estimator)(self.sampler, self.problem, self.rewards, self.normalizers, cfg)
 
-        params = [p for p in self.pipe.unet.parameters() if p.requires_grad]
+        params = [p for p in self.denoiser.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params,
             lr=cfg.learning_rate,
@@ -361,19 +364,19 @@ class ConstrainedDDPOTrainer:
 
     def _prepare_models(self, weight_dtype):
         pipe, cfg = self.pipe, self.config
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False)
-            module.eval()
+        freeze_pipeline(pipe)
         # LoRA B starts at zero: the initial model *is* the base model (chain KL = 0). A's
         # random init is drawn on the CPU from the run's seed, not from the global RNG.
-        pipe.unet.to("cpu")
-        add_lora_adapter(pipe.unet, "default", rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                         target_modules=cfg.lora_target_modules, seed=derived_seed(cfg.seed, LORA_INIT))
+        denoiser = denoiser_of(pipe)
+        denoiser.to("cpu")
+        add_lora_adapter(denoiser, "default", rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                         target_modules=cfg.lora_target_modules,
+                         seed=derived_seed(cfg.seed, LORA_INIT))
         pipe.to(self.device)
         if weight_dtype != torch.float32:  # frozen weights in half precision
-            for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+            for module in family_of(pipe).modules(pipe):
                 module.to(dtype=weight_dtype)
-        for p in pipe.unet.parameters():
+        for p in denoiser.parameters():
             if p.requires_grad:  # trainable LoRA weights stay fp32 under mixed precision
                 p.data = p.data.float()
         pipe.set_progress_bar_config(disable=True)
@@ -390,7 +393,7 @@ class ConstrainedDDPOTrainer:
         return rewards
 
     def _lora_params(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.pipe.unet.named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.denoiser.named_parameters() if p.requires_grad}
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         """The trainable LoRA weights as whole fp32 CPU tensors, by parameter name. On a
@@ -474,7 +477,7 @@ class ConstrainedDDPOTrainer:
         ``ppo_updates_per_epoch`` optimiser updates each."""
         cfg, acc = self.config, self.accelerator
         self.ensure_normalization()
-        self.pipe.unet.train()
+        self.denoiser.train()
         self.optimizer.zero_grad(set_to_none=True)
         rollouts = isinstance(self.estimator, RolloutEstimator)
         records: list[MicroBatch] = []
@@ -714,7 +717,7 @@ class ConstrainedDDPOTrainer:
         scores the same images for the same prompts, count and seed."""
         cfg, acc, prob = self.config, self.accelerator, self.problem
         self.ensure_normalization()
-        self.pipe.unet.eval()
+        self.denoiser.eval()
         batches = cfg.eval_batches if num_batches is None else num_batches
         size = cfg.train_batch_size
         # batches × processes batches of train_batch_size: every process scores as many
@@ -845,9 +848,9 @@ class ConstrainedDDPOTrainer:
         out = Path(output_dir or self.output_dir)
         main = self.accelerator.is_main_process
         # Sharded: every process takes part in gathering the weights; replicated: the writer reads its own.
-        state = adapter_state_dict(self.pipe.unet, "default") if (self.sharded or main) else None
+        state = adapter_state_dict(self.denoiser, "default") if (self.sharded or main) else None
         if main:
-            save_adapter(self.pipe.unet, "default", out, state=state)
+            save_adapter(self.denoiser, "default", out, state=state)
         self.accelerator.wait_for_everyone()
         return out / LORA_WEIGHT_NAME
 

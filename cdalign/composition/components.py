@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from cdalign.core.kl import ChainKLAccumulator
+from cdalign.core.families import Conditioning, family_of_denoiser
 from cdalign.core.sampling import (
     DDIMChain,
     DiffusionSampler,
@@ -89,9 +90,9 @@ class ComponentPredictions:
 
     Built by :meth:`ComponentSet.predictor` for one batch of prompts."""
 
-    def __init__(self, unet, chain: DDIMChain, groups, guidance_scale: float, n: int):
+    def __init__(self, unet, chain: DDIMChain, groups, guidance_scale: float, n: int, family=None):
         self.unet, self.chain, self.groups, self.w, self.n = unet, chain, groups, guidance_scale, n
-        self._index = {int(t): i for i, t in enumerate(chain.timesteps)}
+        self.family = family or family_of_denoiser(unet)
         self.unet_calls = 0
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -100,16 +101,16 @@ class ComponentPredictions:
         dtype = next(self.unet.parameters()).dtype
         for adapter, members, embeds, use_cfg in self.groups:
             set_unet_state(self.unet, adapter)
-            reps = embeds.shape[0] // B
+            reps = len(embeds) // B
             x_in = x_t.repeat(reps, 1, 1, 1)
-            pred = self.unet(x_in.to(dtype), t, encoder_hidden_states=embeds.to(dtype)).sample.to(x_t.dtype)
+            pred = self.family.forward(self.unet, x_in.to(dtype), t, embeds.to(dtype)).to(x_t.dtype)
             self.unet_calls += 1
             chunks = pred.split(B)
             uncond = chunks[0] if use_cfg else None
             for j, k in enumerate(members):
                 cond = chunks[j + 1] if use_cfg else chunks[j]
                 guided = classifier_free_guidance(uncond, cond, self.w) if use_cfg else cond
-                out[k] = self.chain.to_epsilon(self._index[int(t)], x_t, guided)
+                out[k] = self.chain.prediction(self.chain.index_of(t), x_t, guided)
         return torch.stack(out)
 
 
@@ -198,7 +199,7 @@ class ComponentSet:
         """Component predictions for a batch of ``prompts`` (one per image)."""
         s = self.sampler
         use_cfg = s.guidance_scale > 1.0
-        uncond = s.encode([""]).expand(len(prompts), -1, -1) if use_cfg else None
+        uncond = s.uncond(len(prompts)) if use_cfg else None
         groups: dict = {}
         for k, comp in enumerate(self.components):
             groups.setdefault(comp.adapter, []).append(k)
@@ -211,9 +212,9 @@ class ComponentSet:
                 if texts not in cache:
                     cache[texts] = s.encode(list(texts))
                 conds.append(cache[texts])
-            embeds = torch.cat(([uncond] if use_cfg else []) + conds)
+            embeds = Conditioning.cat(([uncond] if use_cfg else []) + conds)
             built.append((adapter, members, embeds, use_cfg))
-        return ComponentPredictions(s.unet, s.chain, built, s.guidance_scale, len(self.components))
+        return ComponentPredictions(s.denoiser, s.chain, built, s.guidance_scale, len(self.components), s.family)
 
     def composed(self, prompts: Sequence[str], weights) -> ComposedPredictor:
         return ComposedPredictor(self.predictor(prompts), weights)

@@ -37,6 +37,7 @@ from cdalign.composition.distill import CompositionDistiller
 from cdalign.composition.evaluation_kind import ComposedModel, DistilledModel
 from cdalign.composition.plotting import plot_divergence_bars, plot_weight_trajectory
 from cdalign.composition.simplex import SimplexDual
+from cdalign.core.families import freeze_pipeline
 from cdalign.core.problem import Constraint
 from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import COMPOSITION_DUAL_BATCH, batch_share, evaluation_items
@@ -132,9 +133,7 @@ class ConstrainedComposer:
         self.pipe = pipeline if pipeline is not None else load_pipeline(
             cfg.pretrained_model_name_or_path, revision=cfg.revision, torch_dtype=dtype, variant=cfg.variant
         )
-        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
-            module.requires_grad_(False)
-            module.eval()
+        freeze_pipeline(self.pipe)
         comps = []
         for spec in cfg.components:
             if spec.type == "lora":

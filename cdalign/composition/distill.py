@@ -37,7 +37,7 @@ class StudentPredictor:
         self.guided = guided
 
     def __call__(self, x_t, t):
-        set_unet_state(self.guided.unet, STUDENT)
+        set_unet_state(self.guided.model, STUDENT)
         return self.guided(x_t, t)
 
 
@@ -67,7 +67,7 @@ class CompositionDistiller:
         self.weights = torch.as_tensor(weights, dtype=torch.float64)
         self.prompts = list(prompts)
         self.sampler = components.sampler
-        unet = self.unet = self.sampler.unet
+        unet = self.unet = self.sampler.denoiser
         if getattr(unet, "_hf_peft_config_loaded", False) and STUDENT in unet.peft_config:
             raise ValueError(f"the UNet already has an adapter named {STUDENT!r}")
         self.params = trainable_adapter(unet, STUDENT, rank=spec.lora_rank, alpha=spec.lora_alpha,

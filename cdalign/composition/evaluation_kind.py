@@ -27,6 +27,7 @@ from cdalign.composition.components import (
     ComponentSet,
 )
 from cdalign.composition.distill import StudentPredictor
+from cdalign.core.families import denoiser_of
 from cdalign.core.sampling import set_unet_state
 from cdalign.evaluation.harness import (
     CHECKPOINT_KINDS,
@@ -85,7 +86,7 @@ class ComposedModel(LoadedCheckpoint):
     def unload(self):
         if self.pipe is None:
             return
-        set_unet_state(self.pipe.unet, None)
+        set_unet_state(denoiser_of(self.pipe), None)
         if self.adapters:
             self.pipe.delete_adapters(self.adapters)
 

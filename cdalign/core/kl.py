@@ -1,7 +1,9 @@
 """The chain KL between the trained sampler p_θ and the base sampler q (METHOD.md §1).
 
-Both chains share the sampled path of p_θ. With DDIM η > 0 each step is Gaussian with
-std σ_t for both models and means differing by ``c_t·(ε̃_θ − ε̃_q)``, hence
+Both chains share the sampled path of p_θ. With DDIM η > 0 (or a flow SDE noise level
+a > 0, ``cdalign.core.chains.FlowSDEChain``) each step is Gaussian with std σ_t for both
+models and means differing by ``c_t·(ε̃_θ − ε̃_q)`` (velocities ṽ for a flow model; ``c_t``
+is the chain's ``output_coef``), hence
 
     KL = Σ_t  c_t² / (2σ_t²) · E‖ε̃_θ(x_t) − ε̃_q(x_t)‖²     (sum over latent dims)
 
@@ -18,7 +20,7 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from cdalign.core.sampling import DDIMChain
+from cdalign.core.chains import DDIMChain
 from cdalign.registry import Registry
 
 
@@ -32,15 +34,15 @@ class KLEstimator:
 
 
 def path_step_weights(chain: DDIMChain) -> torch.Tensor:
-    """Weights ``c_t²/(2σ_t²)`` per step (T,), float64; multiply the *sum* of squared ε
+    """Weights ``c_t²/(2σ_t²)`` per step (T,), float64 (any chain: DDIM or flow SDE); multiply the *sum* of squared ε
     differences over latent elements. Deterministic steps (σ_t = 0) get weight 0 (their
     contribution is not a density ratio); with η = 0 there is no path KL at all."""
     sigma = chain.sigma
     if bool((sigma == 0).all()):
         raise ValueError("kl_estimator='path' needs eta > 0 (with eta = 0 the chains are deterministic); use 'uniform'")
     if bool((sigma == 0).any()):
-        warnings.warn("some DDIM steps are deterministic (sigma = 0); they are left out of the path KL", stacklevel=2)
-    w = chain.eps_coef**2 / (2 * sigma**2)
+        warnings.warn("some steps are deterministic (sigma = 0); they are left out of the path KL", stacklevel=2)
+    w = chain.output_coef**2 / (2 * sigma**2)
     return torch.where(sigma > 0, w, torch.zeros_like(w))
 
 

@@ -1,102 +1,25 @@
-"""The one DDIM sampler of cdalign: training, evaluation and composition all sample here.
+"""The one sampler of cdalign: training, evaluation and composition all sample here.
 
-Noise predictions come from a *predictor*: any callable ``(x_t, t) -> ε̃`` (B,4,h,w), e.g.
-:class:`GuidedUNet` (classifier-free guidance on one UNet) or a weighted sum of several
-predictors (composition). The DDIM step math lives in :class:`DDIMChain`, including the
-coefficient ``c_t`` of ε in the step mean that the chain KL (``cdalign.core.kl``) needs.
+Predictions come from a *predictor*: any callable ``(x_t, t) -> ε̃`` (or the velocity ṽ of
+a flow model), (B,C,h,w), e.g. :class:`GuidedDenoiser` (classifier-free guidance on one
+UNet or transformer) or a weighted sum of several predictors (composition). A *chain*
+holds one family's step math: :class:`DDIMChain` (SD 1.x/2.x, ε or v prediction) and
+:class:`FlowSDEChain` (rectified-flow transformers such as SD3, velocity prediction, the
+SDE form of the flow ODE). Both are Gaussian per step, ``x' = mean + σ_i·z``, with the
+prediction entering the mean through a coefficient ``c_i`` (:attr:`output_coef`), which is
+what the chain KL (``cdalign.core.kl``) and the step log-probability need.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-
-class Predictor(Protocol):
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class DDIMChain:
-    """DDIM sampling schedule with stochasticity ``eta`` (METHOD.md §1).
-
-    Per step ``i`` (timestep ``t``, previous ``t'``):
-    ``σ_i = η·sqrt((1−ᾱ_{t'})/(1−ᾱ_t))·sqrt(1−ᾱ_t/ᾱ_{t'})``,
-    ``mean_i = sqrt(ᾱ_{t'})·(x_t − sqrt(1−ᾱ_t)·ε)/sqrt(ᾱ_t) + sqrt(1−ᾱ_{t'}−σ_i²)·ε``,
-    ``x_{t'} = mean_i + σ_i·z``. All tensors have shape (T,), float64 for exact weights.
-    """
-
-    timesteps: torch.Tensor  # (T,) long, descending
-    alpha_bar: torch.Tensor  # ᾱ_t
-    alpha_bar_prev: torch.Tensor  # ᾱ_{t'}
-    sigma: torch.Tensor  # σ_t
-    eta: float
-    prediction_type: str = "epsilon"
-
-    @classmethod
-    def from_scheduler(cls, scheduler, num_inference_steps: int, eta: float) -> "DDIMChain":
-        """Build from any diffusers scheduler config with ``alphas_cumprod`` (DDIM timestep
-        spacing: the scheduler's own ``set_timesteps``)."""
-        from diffusers import DDIMScheduler
-
-        ddim = DDIMScheduler.from_config(scheduler.config)
-        ddim.set_timesteps(num_inference_steps)
-        timesteps = ddim.timesteps.long()
-        ac = ddim.alphas_cumprod.double()
-        prev = timesteps - ddim.config.num_train_timesteps // num_inference_steps
-        alpha_bar = ac[timesteps]
-        final = torch.as_tensor(ddim.final_alpha_cumprod, dtype=torch.float64)
-        alpha_bar_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
-        variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
-        sigma = eta * variance.clamp(min=0).sqrt()
-        return cls(timesteps, alpha_bar, alpha_bar_prev, sigma, float(eta), ddim.config.prediction_type)
-
-    def __len__(self) -> int:
-        return len(self.timesteps)
-
-    @property
-    def eps_coef(self) -> torch.Tensor:
-        """``c_t``: the coefficient of ε in the step mean (METHOD.md, chain KL)."""
-        ab, abp, s = self.alpha_bar, self.alpha_bar_prev, self.sigma
-        return (1 - abp - s**2).clamp(min=0).sqrt() - abp.sqrt() * (1 - ab).sqrt() / ab.sqrt()
-
-    def to_epsilon(self, i: int, x_t: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
-        """Convert a UNet output (ε or v prediction) to ε."""
-        if self.prediction_type == "epsilon":
-            return model_output
-        if self.prediction_type == "v_prediction":
-            ab = float(self.alpha_bar[i])
-            return ab**0.5 * model_output + (1 - ab) ** 0.5 * x_t
-        raise ValueError(f"prediction_type {self.prediction_type!r} is not supported; use epsilon or v_prediction")
-
-    def step_mean(self, i: int, x_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        ab, abp, s = float(self.alpha_bar[i]), float(self.alpha_bar_prev[i]), float(self.sigma[i])
-        x0 = (x_t - (1 - ab) ** 0.5 * eps) / ab**0.5
-        return abp**0.5 * x0 + max(1 - abp - s**2, 0.0) ** 0.5 * eps
-
-    def step(self, i: int, x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        mean = self.step_mean(i, x_t, eps)
-        s = float(self.sigma[i])
-        return mean if (s == 0.0 or noise is None) else mean + s * noise
-
-    def log_prob(self, i: int, x_t: torch.Tensor, eps: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
-        """``log π(x_{t'} | x_t)`` (B,) of step ``i`` as a policy (METHOD.md §3): the density
-        of ``N(mean_i(x_t, ε), σ_i² I)`` at ``x_prev``, summed over latent elements,
-        ``−‖x_prev − mean‖²/(2σ²) − D·log σ − (D/2)·log 2π``. Differentiable in ``eps``
-        (and so in the weights that predicted it); refuses a deterministic step (σ_i = 0)."""
-        s = float(self.sigma[i])
-        if s == 0.0:
-            raise ValueError(f"DDIM step {i} is deterministic (sigma = 0, eta = {self.eta}); it has no log-probability")
-        mean = self.step_mean(i, x_t, eps)
-        dtype = torch.float64 if mean.dtype == torch.float64 else torch.float32  # float32 at least
-        diff = (x_prev.detach().to(dtype) - mean.to(dtype)).flatten(1)
-        d = diff.shape[1]
-        return -diff.pow(2).sum(1) / (2 * s * s) - d * math.log(s) - 0.5 * d * math.log(2 * math.pi)
+from cdalign.core.chains import DDIMChain, FlowSDEChain, Predictor, gaussian_step_log_prob  # noqa: F401  (re-exported)
+from cdalign.core.families import Conditioning, ModelFamily, family_of, family_of_denoiser
 
 
 class Trajectory:
@@ -109,7 +32,7 @@ class Trajectory:
         self.states: list[torch.Tensor] = []
         self.log_probs: list[torch.Tensor] = []
 
-    def record(self, chain: DDIMChain, i: int, x_t: torch.Tensor, eps: torch.Tensor, x_prev: torch.Tensor) -> None:
+    def record(self, chain, i: int, x_t: torch.Tensor, eps: torch.Tensor, x_prev: torch.Tensor) -> None:
         if not self.states:
             self.states.append(x_t.detach())
         self.states.append(x_prev.detach())
@@ -125,27 +48,39 @@ def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_
     return uncond + guidance_scale * (cond - uncond)
 
 
-class GuidedUNet:
-    """Classifier-free guided noise prediction ``ε̃ = ε_u + w(ε_c − ε_u)`` of one UNet.
+class GuidedDenoiser:
+    """Classifier-free guided prediction ``ε̃ = ε_u + w(ε_c − ε_u)`` (or ṽ for a flow model)
+    of one denoiser (UNet or transformer).
 
-    ``cond``/``uncond``: text embeddings (B, L, D). With ``guidance_scale <= 1`` only the
-    conditional branch runs. Output is converted to ε with ``chain.to_epsilon``."""
+    ``cond``/``uncond``: :class:`Conditioning` (a bare (B, L, D) tensor is taken as a UNet's
+    embeddings). With ``guidance_scale <= 1`` only the conditional branch runs. The output
+    is the chain's prediction variable (``chain.prediction``). ``family``: how the
+    denoiser is called (default: found from its class)."""
 
-    def __init__(self, unet, chain: DDIMChain, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float):
-        self.unet, self.chain = unet, chain
+    def __init__(self, model, chain, cond, uncond, guidance_scale: float, family: ModelFamily | None = None):
+        self.model, self.chain = model, chain
+        self.family = family or family_of_denoiser(model)
+        as_cond = lambda c: c if (c is None or isinstance(c, Conditioning)) else Conditioning(c)  # noqa: E731
+        cond, uncond = as_cond(cond), as_cond(uncond)
         self.guidance_scale = guidance_scale
         self.use_cfg = guidance_scale > 1.0 and uncond is not None
-        self.embeds = torch.cat([uncond, cond]) if self.use_cfg else cond
-        self._index = {int(t): i for i, t in enumerate(chain.timesteps)}
+        self.cond = Conditioning.cat([uncond, cond]) if self.use_cfg else cond
+
+    @property
+    def unet(self):  # the denoiser, under its SD 1.x name
+        return self.model
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in = torch.cat([x_t, x_t]) if self.use_cfg else x_t
-        dtype = next(self.unet.parameters()).dtype
-        out = self.unet(x_in.to(dtype), t, encoder_hidden_states=self.embeds.to(dtype)).sample.to(x_t.dtype)
+        dtype = next(self.model.parameters()).dtype
+        out = self.family.forward(self.model, x_in.to(dtype), t, self.cond.to(dtype)).to(x_t.dtype)
         if self.use_cfg:
             out_u, out_c = out.chunk(2)
             out = classifier_free_guidance(out_u, out_c, self.guidance_scale)
-        return self.chain.to_epsilon(self._index[int(t)], x_t, out)
+        return self.chain.prediction(self.chain.index_of(t), x_t, out)
+
+
+GuidedUNet = GuidedDenoiser  # the SD 1.x name
 
 
 def _tuner_layers(module):
@@ -216,11 +151,11 @@ def adapters_disabled(unet):
 class WithAdaptersDisabled:
     """Wrap a predictor so that it runs with its UNet's adapters disabled."""
 
-    def __init__(self, predictor: GuidedUNet):
+    def __init__(self, predictor: GuidedDenoiser):
         self.predictor = predictor
 
     def __call__(self, x_t, t):
-        with adapters_disabled(self.predictor.unet):
+        with adapters_disabled(self.predictor.model):
             return self.predictor(x_t, t)
 
 
@@ -269,27 +204,24 @@ def vae_scaling(vae) -> float:
     return getattr(vae.config, "scaling_factor", 0.18215)
 
 
+def vae_shift(vae) -> float:
+    """The VAE latents' shift (SD3: 0.0609; SD 1.x has none: 0)."""
+    return float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode to images in [0, 1], (B,3,H,W), differentiable."""
+    """VAE decode to images in [0, 1], (B,3,H,W), differentiable: the VAE sees
+    ``latents / scaling + shift``."""
     dtype = next(vae.parameters()).dtype
-    images = vae.decode((latents / vae_scaling(vae)).to(dtype)).sample.float()
+    images = vae.decode((latents / vae_scaling(vae) + vae_shift(vae)).to(dtype)).sample.float()
     return (images / 2 + 0.5).clamp(0, 1)
 
 
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-    """Diffusion latents (B,4,h,w) of images (B,3,H,W) in [-1, 1]: the VAE posterior mean
-    times :func:`vae_scaling` (the inverse of :func:`decode_latents` up to the VAE's error)."""
+    """Diffusion latents (B,C,h,w) of images (B,3,H,W) in [-1, 1]: ``(posterior mean −
+    shift) × scaling`` (the inverse of :func:`decode_latents` up to the VAE's error)."""
     dtype = next(vae.parameters()).dtype
-    return vae.encode(images.to(dtype)).latent_dist.mean * vae_scaling(vae)
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    """CLIP text embeddings (B, L, D) of ``prompts`` (padded to the tokenizer's max length)."""
-    ids = tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-    return text_encoder(ids)[0]
+    return (vae.encode(images.to(dtype)).latent_dist.mean - vae_shift(vae)) * vae_scaling(vae)
 
 
 def initial_noise(seeds: list[int], latent_shape: tuple[int, int, int], num_steps: int, dtype=torch.float32):
@@ -305,23 +237,35 @@ def initial_noise(seeds: list[int], latent_shape: tuple[int, int, int], num_step
 
 
 class DiffusionSampler:
-    """Samples images from a Stable Diffusion pipeline's components with a chosen
-    predictor. Training, evaluation and composition share this object.
+    """Samples images from a diffusers pipeline's components with a chosen predictor.
+    Training, evaluation and composition share this object.
 
-    ``resolution``: image side in pixels (None: the UNet's sample size × VAE factor)."""
+    The pipeline's :class:`~cdalign.core.families.ModelFamily` (by its class) picks the
+    chain (DDIM for SD 1.x/2.x UNets, the flow SDE for SD3 transformers), the text encoding
+    and the denoiser call. ``eta``: the chain's stochasticity (DDIM η, or the flow SDE's
+    noise level a). ``resolution``: image side in pixels (None: the denoiser's sample size ×
+    VAE factor)."""
 
     def __init__(self, pipe, num_inference_steps: int, eta: float, guidance_scale: float, resolution: int | None, device):
         self.pipe, self.device = pipe, torch.device(device)
-        self.unet, self.vae = pipe.unet, pipe.vae
+        self.family = family_of(pipe)
+        self.denoiser, self.vae = self.family.denoiser_of(pipe), pipe.vae
         self.guidance_scale = guidance_scale
-        self.chain = DDIMChain.from_scheduler(pipe.scheduler, num_inference_steps, eta)
+        self.chain = self.family.chain(pipe.scheduler, num_inference_steps, eta)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        side = resolution or self.unet.config.sample_size * factor
-        if side % factor:
-            raise ValueError(f"resolution={side} must be a multiple of the VAE factor {factor}")
+        side = resolution or self.denoiser.config.sample_size * factor
+        multiple = factor * getattr(self.denoiser.config, "patch_size", 1)
+        if side % multiple:
+            raise ValueError(f"resolution={side} must be a multiple of {multiple} (VAE factor {factor}"
+                             + (f" x patch size {multiple // factor})" if multiple != factor else ")"))
         self.resolution = side
-        self.latent_shape = (self.unet.config.in_channels, side // factor, side // factor)
-        self._uncond_cache: torch.Tensor | None = None
+        self.latent_shape = (self.denoiser.config.in_channels, side // factor, side // factor)
+        self._uncond_cache: Conditioning | None = None
+
+    @property
+    def unet(self):
+        """The denoiser (a UNet for SD 1.x/2.x), under its historical name."""
+        return self.denoiser
 
     def settings(self) -> dict:
         return {
@@ -331,17 +275,21 @@ class DiffusionSampler:
             "resolution": self.resolution,
         }
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        return encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts, self.device)
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """The text conditioning of ``prompts`` (one row each)."""
+        return self.family.encode(self.pipe, list(prompts), self.device)
 
-    def guided(self, prompts: list[str], guidance_scale: float | None = None) -> GuidedUNet:
-        """The CFG predictor of the pipeline's UNet (with whatever adapters are active)."""
+    def uncond(self, n: int) -> Conditioning:
+        """The empty prompt's conditioning (cached), broadcast to ``n`` rows."""
         if self._uncond_cache is None:
             self._uncond_cache = self.encode([""])
+        return self._uncond_cache.expand(n)
+
+    def guided(self, prompts: list[str], guidance_scale: float | None = None) -> GuidedDenoiser:
+        """The CFG predictor of the pipeline's denoiser (with whatever adapters are active)."""
         cond = self.encode(prompts)
-        uncond = self._uncond_cache.expand(len(prompts), -1, -1)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        return GuidedUNet(self.unet, self.chain, cond, uncond, scale)
+        return GuidedDenoiser(self.denoiser, self.chain, cond, self.uncond(len(prompts)), scale, self.family)
 
     def sample(
         self,

@@ -51,6 +51,7 @@ from cdalign.core.normalization import (
     reward_identity,
     stats_from_samples,
 )
+from cdalign.core.families import denoiser_of
 from cdalign.core.problem import ConstrainedProblem
 from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import evaluation_items
@@ -354,7 +355,7 @@ def evaluate(
     pipe = pipeline.to(device)
     pipe.set_progress_bar_config(disable=True)
     sampler = DiffusionSampler(pipe, suite.num_inference_steps, suite.eta, suite.guidance_scale, suite.resolution, device)
-    model_identity = {"model": suite.model, "revision": suite.revision, "weights": model_fingerprint(pipe.unet),
+    model_identity = {"model": suite.model, "revision": suite.revision, "weights": model_fingerprint(denoiser_of(pipe)),
                       "dtype": suite.dtype}
     settings = {**sampler.settings(), "kl_estimator": kl_estimator}
     identities_of_rewards = {

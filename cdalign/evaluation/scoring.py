@@ -231,9 +231,8 @@ def score_checkpoints(
     rank, world = state.process_index, state.num_processes
     # Scoring is inference: a module left in training mode (a pipeline built in code) decodes
     # differently (~1e-7), and the same checkpoint must give the same numbers everywhere.
-    for module in (sampler.unet, sampler.vae, getattr(sampler.pipe, "text_encoder", None)):
-        if module is not None:
-            module.eval()
+    for module in sampler.family.modules(sampler.pipe):
+        module.eval()
     batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
     mine = [b for b in range(len(batches)) if b % world == rank]
     wanted = [f"reward/{n}" for n in rewards]

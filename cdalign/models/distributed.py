@@ -17,6 +17,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from cdalign.core.families import family_of_denoiser
+
 DEEPSPEED, FSDP = "DEEPSPEED", "FSDP"  # accelerate's DistributedType values (a str enum)
 
 
@@ -63,7 +65,8 @@ def wants_sharding(accelerator, shard_unet: bool | None = None) -> bool:
 
 
 def shard_unet(unet: torch.nn.Module, plugin=None) -> None:
-    """FSDP2 (``fully_shard``) over ``unet`` in place: each down/mid/up block and the root
+    """FSDP2 (``fully_shard``) over the denoiser ``unet`` in place: each of its family's
+    blocks (a UNet's down/mid/up blocks, a transformer's transformer blocks) and the root
     become one sharding unit. ``plugin`` (:func:`fsdp_plugin`) supplies
     ``reshard_after_forward`` and a CPU offload policy. Dtypes stay as they are (under mixed
     precision the frozen base in fp16/bf16, the LoRA in fp32; FSDP2 gathers each dtype on
@@ -76,7 +79,7 @@ def shard_unet(unet: torch.nn.Module, plugin=None) -> None:
         kwargs["reshard_after_forward"] = plugin.reshard_after_forward
         if plugin.cpu_offload is not None and not isinstance(plugin.cpu_offload, bool):
             kwargs["offload_policy"] = plugin.cpu_offload
-    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+    for block in family_of_denoiser(unet).blocks(unet):
         if block is not None:
             fully_shard(block, **kwargs)
     fully_shard(unet, **kwargs)

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from cdalign.core.families import denoiser_of, family_of_denoiser
 from cdalign.core.sampling import adapter_parameters
 from cdalign.models.hub_files import download_file
 from cdalign.utils.files import atomic_write
@@ -82,7 +83,7 @@ def quiet_diffusers():
 def load_lora(
     pipe, source: str, adapter_name: str, *, weight_name: str = LORA_WEIGHT_NAME, revision: str | None = None, what: str = "LoRA"
 ) -> Path:
-    """Load a LoRA onto ``pipe``'s UNet as adapter ``adapter_name`` (frozen). A LoRA made
+    """Load a LoRA onto ``pipe``'s denoiser (UNet or transformer) as adapter ``adapter_name`` (frozen). A LoRA made
     for another architecture raises ``ValueError`` saying so. Returns the weights path."""
     path = lora_weights_path(source, weight_name=weight_name, revision=revision, what=what)
     try:
@@ -93,7 +94,7 @@ def load_lora(
             f"{what}: the LoRA {source!r} does not fit this base model ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:300]}); it was trained for another architecture or rank layout"
         ) from err
-    for p in adapter_parameters(pipe.unet, adapter_name):
+    for p in adapter_parameters(denoiser_of(pipe), adapter_name):
         p.requires_grad_(False)
     return path
 
@@ -145,22 +146,25 @@ def like_param(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 def adapter_state_dict(unet, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Adapter ``adapter_name`` of ``unet`` in the diffusers LoRA format, as whole fp32 CPU
-    tensors. On a sharded UNet this gathers the shards: call it on every process."""
+    """Adapter ``adapter_name`` of the denoiser ``unet`` (a UNet or an SD3 transformer) in
+    the diffusers LoRA format of its family, as whole fp32 CPU tensors. On a sharded
+    denoiser this gathers the shards: call it on every process."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    if family_of_denoiser(unet).convert_lora_state:
+        state = convert_state_dict_to_diffusers(state)
     return {k: full_tensor(v.detach()).float().cpu().contiguous() for k, v in state.items()}
 
 
 def save_adapter(unet, adapter_name: str, output_dir: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write adapter ``adapter_name`` of ``unet`` as ``output_dir/pytorch_lora_weights.safetensors``
-    (diffusers format, with its LoRA config as metadata). Refuses non-finite weights and
+    """Write adapter ``adapter_name`` of the denoiser ``unet`` as
+    ``output_dir/pytorch_lora_weights.safetensors`` (the diffusers format its pipeline class's
+    ``load_lora_weights`` reads, with its LoRA config as metadata). Refuses non-finite weights and
     replaces an existing file only once the new one is completely written. ``state``: the
     weights from :func:`adapter_state_dict` when they were gathered beforehand (sharded UNet)."""
-    from diffusers import StableDiffusionPipeline
-
+    family = family_of_denoiser(unet)
     out = Path(output_dir)
     state = adapter_state_dict(unet, adapter_name) if state is None else state
     if not all(bool(torch.isfinite(v).all()) for v in state.values()):
@@ -169,8 +173,8 @@ def save_adapter(unet, adapter_name: str, output_dir: str | os.PathLike, state: 
     metadata = unet.peft_config[adapter_name].to_dict()
     return atomic_write(
         out / LORA_WEIGHT_NAME,
-        lambda tmp: StableDiffusionPipeline.save_lora_weights(
-            tmp.parent, unet_lora_layers=state, weight_name=tmp.name, safe_serialization=True,
-            unet_lora_adapter_metadata=metadata,
+        lambda tmp: family.pipeline_type().save_lora_weights(
+            tmp.parent, weight_name=tmp.name, safe_serialization=True,
+            **{family.lora_layers_kwarg: state, family.lora_metadata_kwarg: metadata},
         ),
     )

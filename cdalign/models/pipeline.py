@@ -1,7 +1,10 @@
 """Loading base pipelines: embedded models by name, local diffusers folders, Hub ids.
 
-Every path ends in a ``diffusers.StableDiffusionPipeline`` (SD 1.x/2.x architecture),
-so the code that trains SD 1.5 is the code the embedded tiny models exercise."""
+Every path ends in a pipeline of a registered model family (``cdalign.core.families``:
+``StableDiffusionPipeline`` for SD 1.x/2.x, ``StableDiffusion3Pipeline`` for SD3/SD3.5),
+picked by the folder's ``model_index.json`` class name, so the code that trains SD 1.5 or
+SD3.5 is the code the embedded tiny models exercise. Another pipeline class is refused
+with a message naming the supported ones."""
 
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ from typing import Callable
 
 import torch
 
+from cdalign.core.families import MODEL_FAMILIES, family_of, supported_pipelines
 from cdalign.models.hub_files import snapshot_of
 from cdalign.models.lora import is_local_source
-from cdalign.models.tiny import TINY_RANDOM_ID, build_tiny_pipeline
+from cdalign.models.tiny import TINY_RANDOM_ID, TINY_RANDOM_SD3_ID, build_tiny_pipeline, build_tiny_sd3_pipeline
 from cdalign.models.tiny_pretrained import TINY_SHAPES_ID, tiny_shapes_sd_path
 from cdalign.registry import Registry
 
@@ -23,8 +27,9 @@ from cdalign.registry import Registry
 EMBEDDED_MODELS: Registry[Callable[[], object]] = Registry("embedded model")
 EMBEDDED_MODELS.register(TINY_RANDOM_ID, lambda: build_tiny_pipeline(seed=0))
 EMBEDDED_MODELS.register(TINY_SHAPES_ID, tiny_shapes_sd_path)
+EMBEDDED_MODELS.register(TINY_RANDOM_SD3_ID, lambda: build_tiny_sd3_pipeline(seed=0))
 
-_REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_REQUIRED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")  # and the family's denoiser
 
 # Precision names as configs spell them -> dtype of the frozen weights: accelerate's
 # ``mixed_precision`` ('no', 'fp16', 'bf16') and torch's names (an evaluation suite's ``dtype``).
@@ -49,9 +54,10 @@ def precision_dtype(precision: str) -> torch.dtype:
 def _check_pipeline(pipe, source: str):
     """Validate what was loaded: a 2-token tokenizer (transformers 5.x silently builds
     one for an uncached id) or a missing component would train garbage silently."""
-    for name in _REQUIRED_COMPONENTS:
+    family = family_of(pipe)
+    for name in (family.denoiser, *_REQUIRED_COMPONENTS):
         if getattr(pipe, name, None) is None:
-            raise ValueError(f"pipeline {source!r} has no {name}; a Stable Diffusion (1.x/2.x) pipeline is required")
+            raise ValueError(f"pipeline {source!r} has no {name}; a complete {family.pipeline_class} is required")
     vocab = len(pipe.tokenizer)
     if vocab < 100:
         raise ValueError(
@@ -119,12 +125,50 @@ def load_pipeline(
     variant: str | None = None,
     what: str = "pretrained_model_name_or_path",
 ):
-    """Load a Stable Diffusion pipeline from an embedded name, a local diffusers folder,
-    or a Hub repo id (``revision`` selects a branch, tag or commit). Never trusts remote
+    """Load a pipeline of a supported family (SD 1.x/2.x, SD3/SD3.5) from an embedded name,
+    a local diffusers folder, or a Hub repo id (``revision`` selects a branch, tag or commit). Never trusts remote
     code. A model found nowhere raises :class:`ModelNotFoundError` naming it (``what``:
     the field it came from), with a did-you-mean over the embedded models and the
     download command."""
     return load_pipeline_with_source(name_or_path, revision, torch_dtype, variant, what)[0]
+
+
+def pipeline_class_of(folder: Path, source: str):
+    """The diffusers pipeline class a folder's ``model_index.json`` names, if cdalign has a
+    family for it; else ``ValueError`` naming the supported classes."""
+    import json
+
+    import diffusers
+
+    try:
+        name = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))["_class_name"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"pipeline {source!r}: its model_index.json is unreadable or has no _class_name ({err})") from None
+    if name not in MODEL_FAMILIES:
+        raise ValueError(
+            f"pipeline {source!r} is a {name}; cdalign supports {supported_pipelines()} (see cdalign.core.families)"
+        )
+    return getattr(diffusers, name)
+
+
+def _from_folder(folder: Path, source: str, **kwargs):
+    """Load a diffusers folder as its own pipeline class; an SD3 folder saved without T5
+    (``text_encoder_3`` null) loads without it."""
+    cls = pipeline_class_of(folder, source)
+    extra = {}
+    if cls.__name__ == "StableDiffusionPipeline":
+        extra = {"safety_checker": None, "requires_safety_checker": False}
+    elif cls.__name__ == "StableDiffusion3Pipeline":
+        extra = _absent_t5(folder)
+    return cls.from_pretrained(str(folder), **kwargs, **extra)
+
+
+def _absent_t5(folder: Path) -> dict:
+    import json
+
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    absent = lambda key: index.get(key) in (None, [None, None]) or not (folder / key).is_dir()  # noqa: E731
+    return {key: None for key in ("text_encoder_3", "tokenizer_3") if absent(key)}
 
 
 def load_pipeline_with_source(
@@ -136,15 +180,13 @@ def load_pipeline_with_source(
 ):
     """:func:`load_pipeline`, and the :class:`HubSnapshot` (repo id, asked revision,
     resolved commit) of a Hub model, or None for an embedded model or a local folder."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     snapshot = None
     if name_or_path in EMBEDDED_MODELS:
         made = EMBEDDED_MODELS.get(name_or_path)()
         if isinstance(made, (str, os.PathLike)):
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(made), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
-            )
+            pipe = _from_folder(Path(made), name_or_path, torch_dtype=torch_dtype)
         else:
             pipe = made.to(dtype=torch_dtype) if torch_dtype is not None else made
     else:
@@ -161,21 +203,14 @@ def load_pipeline_with_source(
             try:
                 # diffusers' own download: only the files from_pretrained needs (safetensors, this
                 # variant), into the Hub cache folder named after the commit the revision resolved to
-                folder = StableDiffusionPipeline.download(
+                folder = DiffusionPipeline.download(
                     name_or_path, revision=revision, variant=variant, use_safetensors=True
                 )
             except Exception as err:  # not found / revision not found / offline and uncached
                 raise _model_not_found(name_or_path, revision, what, err) from None
             snapshot = snapshot_of(name_or_path, revision, "model", folder)
             local = snapshot.path
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(local),
-            torch_dtype=torch_dtype,
-            variant=variant,
-            safety_checker=None,
-            requires_safety_checker=False,
-            use_safetensors=True,
-        )
+        pipe = _from_folder(local, name_or_path, torch_dtype=torch_dtype, variant=variant, use_safetensors=True)
     _check_pipeline(pipe, name_or_path)
     pipe.set_progress_bar_config(disable=True)
     return pipe, snapshot

@@ -1,4 +1,5 @@
-"""The embedded tiny pretrained text-to-image model ``cdalign/tiny-shapes-sd``.
+"""The embedded tiny pretrained text-to-image models ``cdalign/tiny-shapes-sd`` and
+``cdalign/tiny-shapes-sd3``.
 
 A Stable-Diffusion-architecture pipeline (UNet2DConditionModel, AutoencoderKL,
 CLIPTextModel, CLIPTokenizer, DDIMScheduler with SD 1.5's schedule) trained from scratch
@@ -7,12 +8,19 @@ diffusers format under ``cdalign/data/tiny-shapes-sd``. Its 64x64 pictures mean
 something ("a large red circle on a black background"), so rewards, constraints and
 composition have visible, measurable effects offline.
 
+``cdalign/tiny-shapes-sd3`` is its flow-matching sibling: a StableDiffusion3Pipeline
+(SD3Transformer2DModel trained by rectified flow, FlowMatchEulerDiscreteScheduler, no T5)
+that reuses tiny-shapes-sd's trained VAE and CLIP text encoder (frozen), shipped under
+``cdalign/data/tiny-shapes-sd3`` (``recipes/pretrain_tiny.py --config
+recipes/pretrain_tiny_sd3.yaml``).
+
 This module holds what the recipe and the loader share: the tokenizer, the untrained
 component configs, and the packaged folder's location. Nothing runs on import.
 """
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from pathlib import Path
 
@@ -20,9 +28,13 @@ from cdalign.data.shapes import VOCABULARY
 from cdalign.models.tiny import clip_text_encoder, sd_ddim_scheduler
 
 TINY_SHAPES_ID = "cdalign/tiny-shapes-sd"
-# Sampling defaults the model card recommends (measured by evaluation/tiny_quality.py).
+TINY_SHAPES_SD3_ID = "cdalign/tiny-shapes-sd3"
+# Sampling defaults the model cards recommend (measured by evaluation/tiny_quality.py).
 RECOMMENDED_GUIDANCE_SCALE = 3.0
 RECOMMENDED_NUM_INFERENCE_STEPS = 20
+RECOMMENDED_SD3_GUIDANCE_SCALE = 5.0
+RECOMMENDED_SD3_NUM_INFERENCE_STEPS = 20
+SD3_SCHEDULER_SHIFT = 1.0  # FlowMatchEulerDiscreteScheduler shift the sd3 model ships with
 IMAGE_RESOLUTION = 64  # pixels; the UNet works on 4 x 16 x 16 latents (VAE factor 4)
 LATENT_SIZE = 16
 INITIAL_LOGVAR = -6.0  # initial VAE posterior log-variance (see build_untrained_components)
@@ -39,6 +51,17 @@ def tiny_shapes_sd_path() -> Path:
         raise FileNotFoundError(
             f"the embedded model {TINY_SHAPES_ID!r} is missing at {path}; "
             "rebuild it with `accelerate launch recipes/pretrain_tiny.py`"
+        )
+    return path
+
+
+def tiny_shapes_sd3_path() -> Path:
+    """The packaged diffusers folder of ``cdalign/tiny-shapes-sd3``."""
+    path = Path(__file__).resolve().parents[1] / "data" / "tiny-shapes-sd3"
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded model {TINY_SHAPES_SD3_ID!r} is missing at {path}; rebuild it with "
+            "`accelerate launch recipes/pretrain_tiny.py --config recipes/pretrain_tiny_sd3.yaml`"
         )
     return path
 
@@ -143,3 +166,89 @@ def build_untrained_components(seed: int = 0) -> dict:
         torch.random.set_rng_state(rng_state)
     scheduler = sd_ddim_scheduler()
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def clip_with_projection(text_encoder_folder: str | Path):
+    """A ``CLIPTextModelWithProjection`` holding the weights of the ``CLIPTextModel`` saved
+    in ``text_encoder_folder``, with an identity ``text_projection`` (projection_dim =
+    hidden size), so its pooled output is the trained encoder's final-layer-norm state at
+    the end-of-text token. Frozen and in eval mode."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    trained = CLIPTextModel.from_pretrained(Path(text_encoder_folder))
+    config = copy.deepcopy(trained.config)
+    config.projection_dim = config.hidden_size
+    config.architectures = ["CLIPTextModelWithProjection"]
+    model = CLIPTextModelWithProjection(config)
+    # transformers 5: CLIPTextModel holds the text transformer itself; older versions nest it as .text_model
+    model.text_model.load_state_dict(getattr(trained, "text_model", trained).state_dict())
+    with torch.no_grad():
+        model.text_projection.weight.copy_(torch.eye(config.hidden_size))
+    return model.eval().requires_grad_(False)
+
+
+def build_untrained_sd3_components(
+    seed: int = 0,
+    base_path: str | Path | None = None,
+    num_layers: int = 4,
+    attention_head_dim: int = 32,
+    num_attention_heads: int = 2,
+    scheduler_shift: float = SD3_SCHEDULER_SHIFT,
+) -> dict:
+    """Components of ``cdalign/tiny-shapes-sd3`` before its training: a randomly
+    initialised ``transformer`` (SD3Transformer2DModel on 4x16x16 latents, patch 2,
+    ``num_layers`` joint blocks of ``num_attention_heads`` x ``attention_head_dim``;
+    deterministic for ``seed``, the global torch RNG is restored afterwards), and the
+    *trained* parts of tiny-shapes-sd (``base_path``; default the embedded folder): its
+    ``vae`` (frozen; ``shift_factor`` 0.0 until the recipe measures it), ``text_encoder``
+    and ``text_encoder_2`` (both its CLIP text encoder as CLIPTextModelWithProjection,
+    identity projection, frozen), ``tokenizer`` / ``tokenizer_2`` (its tokenizer), and a
+    ``scheduler`` (FlowMatchEulerDiscreteScheduler, 1000 steps, ``scheduler_shift``).
+
+    SD3's ``encode_prompt`` concatenates the two encoders' penultimate hidden states
+    (2 x 64 = 128 wide) and, with no T5, appends zero tokens of width
+    ``joint_attention_dim``; so ``joint_attention_dim`` = 128 and ``pooled_projection_dim``
+    = 128 (the two 64-d pooled outputs)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTokenizer
+
+    base = Path(base_path) if base_path is not None else tiny_shapes_sd_path()
+    vae = AutoencoderKL.from_pretrained(base / "vae").eval().requires_grad_(False)
+    if vae.config.shift_factor is None:
+        vae.register_to_config(shift_factor=0.0)
+    text_encoder = clip_with_projection(base / "text_encoder")
+    text_encoder_2 = clip_with_projection(base / "text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    clip_width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    pooled_width = text_encoder.config.projection_dim + text_encoder_2.config.projection_dim
+    rng_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=LATENT_SIZE,
+            patch_size=2,
+            in_channels=vae.config.latent_channels,
+            out_channels=vae.config.latent_channels,
+            num_layers=num_layers,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            joint_attention_dim=clip_width,
+            caption_projection_dim=attention_head_dim * num_attention_heads,
+            pooled_projection_dim=pooled_width,
+            pos_embed_max_size=LATENT_SIZE // 2,
+        )
+    finally:
+        torch.random.set_rng_state(rng_state)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=scheduler_shift)
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+    )

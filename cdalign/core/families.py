@@ -1,0 +1,193 @@
+"""Model families: how cdalign drives each kind of diffusers pipeline.
+
+One :class:`ModelFamily` per denoiser architecture says which pipeline attribute holds the
+denoiser (``unet`` or ``transformer``), which chain samples it (:mod:`cdalign.core.chains`),
+how prompts become its conditioning, how it is called, which text encoders it has, how its
+LoRA is saved so that ``pipe.load_lora_weights`` loads it, and which blocks FSDP2 wraps.
+:data:`MODEL_FAMILIES` is keyed by the pipeline's class name; :func:`family_of` picks the
+family of a loaded pipeline (or of a bare denoiser, :func:`family_of_denoiser`), and an
+unsupported pipeline class fails with a message naming the supported ones.
+
+Families:
+
+- ``StableDiffusionPipeline`` (SD 1.x/2.x): ``UNet2DConditionModel``, :class:`DDIMChain`,
+  one CLIP text encoder;
+- ``StableDiffusion3Pipeline`` (SD3 / SD3.5): ``SD3Transformer2DModel``, :class:`FlowSDEChain`
+  (velocity), CLIP-L + CLIP-G (+ T5 when the pipeline has it) with pooled projections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from cdalign.core.chains import DDIMChain, FlowSDEChain
+from cdalign.registry import Registry
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The text conditioning of a batch: token embeddings ``embeds`` (B, L, D) and, for
+    families with pooled text projections (SD3), ``pooled`` (B, P). Batch operations keep
+    both parts aligned."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def _map(self, fn) -> "Conditioning":
+        return Conditioning(fn(self.embeds), None if self.pooled is None else fn(self.pooled))
+
+    def __getitem__(self, index) -> "Conditioning":
+        return self._map(lambda t: t[index])
+
+    def expand(self, n: int) -> "Conditioning":
+        """A batch-1 conditioning broadcast to ``n`` rows (a view)."""
+        return self._map(lambda t: t.expand(n, *t.shape[1:]))
+
+    def repeat(self, n: int) -> "Conditioning":
+        """The batch repeated ``n`` times (``[c, c, ...]``)."""
+        return self._map(lambda t: t.repeat(n, *([1] * (t.dim() - 1))))
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        pooled = [p.pooled for p in parts]
+        return Conditioning(
+            torch.cat([p.embeds for p in parts]), None if pooled[0] is None else torch.cat(pooled)
+        )
+
+
+def _unet_forward(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    return model(x, t, encoder_hidden_states=cond.embeds).sample
+
+
+def _sd3_forward(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    timestep = torch.as_tensor(t, device=x.device).to(x.dtype).reshape(-1).expand(x.shape[0])
+    return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.embeds,
+                 pooled_projections=cond.pooled).sample
+
+
+@torch.no_grad()
+def _clip_encode(pipe, prompts: list[str], device) -> Conditioning:
+    tok = pipe.tokenizer
+    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(device)
+    return Conditioning(pipe.text_encoder(ids)[0])
+
+
+@torch.no_grad()
+def _sd3_encode(pipe, prompts: list[str], device) -> Conditioning:
+    """The pipeline's own ``encode_prompt`` (CLIP-L and CLIP-G penultimate states, T5 or,
+    without ``text_encoder_3``, zeros; pooled projections), without its CFG doubling."""
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False
+    )
+    return Conditioning(embeds, pooled)
+
+
+def _unet_blocks(unet) -> list[torch.nn.Module]:
+    return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+
+
+def _transformer_blocks(transformer) -> list[torch.nn.Module]:
+    return list(transformer.transformer_blocks)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """How cdalign drives one pipeline class (see the module docstring)."""
+
+    name: str  # short name for reports: "sd", "sd3"
+    pipeline_class: str  # diffusers pipeline class name
+    denoiser: str  # the pipeline attribute of the denoiser: "unet" / "transformer"
+    denoiser_class: str  # its diffusers model class name
+    chain: Callable  # (scheduler, num_inference_steps, eta) -> chain
+    forward: Callable  # (denoiser, x_t, t, Conditioning) -> raw model output
+    encode: Callable  # (pipe, prompts, device) -> Conditioning
+    text_encoders: tuple[str, ...]  # pipeline attributes of its text encoders (None ones skipped)
+    lora_layers_kwarg: str  # save_lora_weights keyword of the denoiser's LoRA
+    lora_metadata_kwarg: str  # and of its adapter config metadata
+    convert_lora_state: bool  # convert peft keys to the old diffusers LoRA layout (UNet) before saving
+    blocks: Callable  # denoiser -> the sub-modules FSDP2 shards one by one
+    denoising_loss: bool  # the ε-DSM loss of the OR-composition (mixture) applies
+    eta_meaning: str  # what the config's ``eta`` is for this family
+
+    def denoiser_of(self, pipe):
+        return getattr(pipe, self.denoiser)
+
+    def text_encoder_modules(self, pipe) -> list[torch.nn.Module]:
+        return [m for m in (getattr(pipe, n, None) for n in self.text_encoders) if m is not None]
+
+    def modules(self, pipe) -> list[torch.nn.Module]:
+        """Every network of ``pipe``: the denoiser, the VAE and the text encoders."""
+        return [self.denoiser_of(pipe), pipe.vae, *self.text_encoder_modules(pipe)]
+
+    def pipeline_type(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
+
+MODEL_FAMILIES: Registry[ModelFamily] = Registry("pipeline class")
+MODEL_FAMILIES.register("StableDiffusionPipeline", ModelFamily(
+    name="sd", pipeline_class="StableDiffusionPipeline", denoiser="unet", denoiser_class="UNet2DConditionModel",
+    chain=DDIMChain.from_scheduler, forward=_unet_forward, encode=_clip_encode, text_encoders=("text_encoder",),
+    lora_layers_kwarg="unet_lora_layers", lora_metadata_kwarg="unet_lora_adapter_metadata", convert_lora_state=True,
+    blocks=_unet_blocks, denoising_loss=True,
+    eta_meaning="DDIM eta (0: deterministic DDIM, 1: DDPM-like)",
+))
+MODEL_FAMILIES.register("StableDiffusion3Pipeline", ModelFamily(
+    name="sd3", pipeline_class="StableDiffusion3Pipeline", denoiser="transformer",
+    denoiser_class="SD3Transformer2DModel", chain=FlowSDEChain.from_scheduler, forward=_sd3_forward,
+    encode=_sd3_encode, text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
+    lora_layers_kwarg="transformer_lora_layers", lora_metadata_kwarg="transformer_lora_adapter_metadata",
+    convert_lora_state=False, blocks=_transformer_blocks, denoising_loss=False,
+    eta_meaning="the flow SDE's noise level a (0: the deterministic Euler ODE; Flow-GRPO uses 0.7)",
+))
+
+
+def supported_pipelines() -> str:
+    return ", ".join(MODEL_FAMILIES.names())
+
+
+def family_of(pipe) -> ModelFamily:
+    """The family of a loaded pipeline, by its class (or a base class) name."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in MODEL_FAMILIES:
+            return MODEL_FAMILIES.get(cls.__name__)
+    raise ValueError(
+        f"unsupported pipeline class {type(pipe).__name__}: cdalign samples, aligns and composes "
+        f"{supported_pipelines()} (see cdalign.core.families)"
+    )
+
+
+def family_of_denoiser(model) -> ModelFamily:
+    """The family whose denoiser class ``model`` is (a UNet or a transformer)."""
+    for cls in type(model).__mro__:
+        for name in MODEL_FAMILIES.names():
+            fam = MODEL_FAMILIES.get(name)
+            if fam.denoiser_class == cls.__name__:
+                return fam
+    raise ValueError(
+        f"unsupported denoiser class {type(model).__name__}: supported are "
+        + ", ".join(MODEL_FAMILIES.get(n).denoiser_class for n in MODEL_FAMILIES.names())
+    )
+
+
+def denoiser_of(pipe):
+    """The pipeline's denoiser: its UNet (SD 1.x/2.x) or transformer (SD3)."""
+    return family_of(pipe).denoiser_of(pipe)
+
+
+def freeze_pipeline(pipe) -> None:
+    """Every network of ``pipe`` frozen (no gradient) and in eval mode."""
+    for module in family_of(pipe).modules(pipe):
+        module.requires_grad_(False)
+        module.eval()
