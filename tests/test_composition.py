@@ -135,7 +135,7 @@ def test_concept_composition_is_uncond_plus_weighted_guidance(two_adapters):
     x, t = torch.randn(1, 4, 16, 16), sampler.chain.timesteps[0]
     with torch.no_grad():
         set_unet_state(sampler.unet, None)
-        emb = torch.cat([sampler.encode([""]), sampler.encode(["a red circle"]), sampler.encode(["a blue square"])])
+        emb = torch.cat([sampler.encode([p]).embeds for p in ("", "a red circle", "a blue square")])
         u, r, b = sampler.unet(x.repeat(3, 1, 1, 1), t, encoder_hidden_states=emb).sample.chunk(3)
         got = comps.composed(["ignored"], [0.25, 0.75])(x, t)
     w = sampler.guidance_scale

@@ -354,8 +354,10 @@ class ConstrainedDDPOConfig(ConfigFields):
     eta: float = field(
         default=1.0,
         metadata={
-            "help": "DDIM η in [0, 1]; 1 (the paper) makes every step Gaussian. The exact chain KL "
-            "(kl_estimator 'path') needs η > 0.",
+            "help": "Per-step stochasticity in [0, 1]: DDIM η for SD 1.x/2.x UNets (1, the paper, makes every "
+            "step Gaussian); for flow models (SD3/SD3.5) the SDE noise level a of σ_t = a·sqrt(t/(1−t)) "
+            "(Flow-GRPO: 0.7; 0 is the deterministic Euler ODE). The exact chain KL (kl_estimator 'path') "
+            "needs it > 0.",
             "ge": 0.0,
             "le": 1.0,
         },

@@ -4,6 +4,7 @@ Launched by tests/test_distributed.py with ``torchrun --nproc_per_node N`` (gloo
 or as one plain process; writes ``<out>/rank<k>.json`` and ``<out>/rank<k>.safetensors``.
 
     mp_worker.py OUT BATCH_PER_PROCESS STEPS [--shard] [--save_steps N] [--resume CHECKPOINT] [--mixed_precision bf16]
+                 [--model cdalign/tiny-random-sd3] [--eta 0.7]
 
 ``--shard`` shards the UNet with FSDP2 (``shard_unet=True``); ``--resume`` continues the run
 in ``OUT/run`` from a checkpoint of it."""
@@ -34,11 +35,12 @@ def gloo_threads() -> list[str]:
 
 
 def main(out: str, batch_per_process: int, steps: int, shard: bool, save_steps: int, resume: str | None,
-         mixed_precision: str = "no") -> None:
+         mixed_precision: str = "no", model: str = "cdalign/tiny-random-sd", eta: float = 1.0) -> None:
     acc = Accelerator(cpu=True, mixed_precision=mixed_precision)
     cfg = config_from_dict(
         dict(
-            pretrained_model_name_or_path="cdalign/tiny-random-sd",
+            pretrained_model_name_or_path=model,
+            eta=eta,
             prompts="shapes",
             output_dir=os.path.join(out, "run"),
             normalization_cache_dir=os.path.join(out, f"cache-{acc.num_processes}"),
@@ -95,5 +97,7 @@ if __name__ == "__main__":
     ap.add_argument("--save_steps", type=int, default=0)
     ap.add_argument("--resume", default=None)
     ap.add_argument("--mixed_precision", default="no")
+    ap.add_argument("--model", default="cdalign/tiny-random-sd")
+    ap.add_argument("--eta", type=float, default=1.0)
     a = ap.parse_args()
-    main(a.out, a.batch_per_process, a.steps, a.shard, a.save_steps, a.resume, a.mixed_precision)
+    main(a.out, a.batch_per_process, a.steps, a.shard, a.save_steps, a.resume, a.mixed_precision, a.model, a.eta)
