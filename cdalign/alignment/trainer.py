@@ -738,6 +738,9 @@ class ConstrainedDDPOTrainer:
             )
         report = {
             "model": self.model_name,
+            "pipeline_class": self.family.pipeline_class,
+            "sampler": {**self.sampler.settings(), "chain": type(self.sampler.chain).__name__,
+                        "eta_meaning": self.family.eta_meaning},
             "steps": self.global_step,
             "num_eval_images": n_images,
             "eval": {"seed": cfg.eval_seed, "images": n_images, "prompts": len(self.eval_prompts), "paired": True},

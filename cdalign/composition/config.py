@@ -168,7 +168,8 @@ class ComposeConfig(ConfigFields):
     prompt_split: str = field(default="train", metadata={"help": "Split for Hub dataset prompts."})
     eval_prompts: str | None = field(default=None, metadata={"help": "Evaluation prompts; unset = `prompts`."})
     num_inference_steps: int = field(default=10, metadata={"help": "DDIM steps (the paper: 25).", "ge": 1})
-    eta: float = field(default=1.0, metadata={"help": "DDIM η; 'path' KL needs η > 0.", "ge": 0.0, "le": 1.0})
+    eta: float = field(default=1.0, metadata={"help": "Per-step stochasticity: DDIM η (SD 1.x/2.x) or the flow SDE noise level a "
+                                               "(SD3; Flow-GRPO: 0.7); 'path' KL needs it > 0.", "ge": 0.0, "le": 1.0})
     guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale w of every component (the paper: 5).", "ge": 0.0})
     resolution: int | None = field(default=None, metadata={"help": "Image side in pixels; unset = the model's default.", "ge": 1})
     kl_estimator: str = field(
@@ -236,7 +237,7 @@ class ComposeConfig(ConfigFields):
             if any(not p.strip() for p in cs.prompts):
                 raise ValueError(f"concept_sets[{k}].prompts: a prompt is empty; every concept needs its prompt")
         if self.kl_estimator == "path" and self.eta == 0:
-            raise ValueError("eta: 0 makes DDIM deterministic, so kl_estimator 'path' is undefined; use eta > 0 or 'uniform'")
+            raise ValueError("eta: 0 makes the sampler deterministic, so kl_estimator 'path' is undefined; use eta > 0 or 'uniform'")
 
 
 @dataclass

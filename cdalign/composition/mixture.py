@@ -29,6 +29,7 @@ from cdalign.composition.config import MixtureConfig, save_config
 from cdalign.composition.plotting import plot_weight_trajectory
 from cdalign.composition.simplex import SimplexDual
 from cdalign.core import seeding
+from cdalign.core.families import family_of, freeze_pipeline
 from cdalign.core.sampling import DiffusionSampler, encode_images, set_unet_state
 from cdalign.core.seeding import derived_seed
 from cdalign.core.statistics import slack, summarize
@@ -209,9 +210,14 @@ class MixtureTrainer:
         self.accelerator = accelerator or Accelerator()
         self.device = self.accelerator.device
         self.pipe = pipeline if pipeline is not None else load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)
-        for m in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
-            m.requires_grad_(False)
-            m.eval()
+        family = family_of(self.pipe)
+        if not family.denoising_loss:
+            raise ValueError(
+                f"pretrained_model_name_or_path={cfg.pretrained_model_name_or_path!r} is a {family.pipeline_class}: the "
+                "OR-composition (mixture) trains with the ε denoising loss of SD 1.x/2.x UNets, which this flow model does "
+                "not have; use an SD 1.x/2.x base (the AND-composition of recipes/compose.py supports flow models)"
+            )
+        freeze_pipeline(self.pipe)
         self.pipe.to(self.device)
         self.unet = self.pipe.unet
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from cdalign.core.families import MODEL_FAMILIES
 from cdalign.core.normalization import MIN_NORMALIZATION_SAMPLES
 from cdalign.models.checkpointing import atomic_write_text
 from cdalign.models.lora import is_local_source
@@ -234,22 +235,27 @@ def _portable_path(path: str) -> str:
 
 
 def usage_snippet(base_model: str, repo: str, prompt: str, steps: int, guidance: float,
-                  resolution: int | None = None, revision: str | None = None) -> str:
+                  resolution: int | None = None, revision: str | None = None,
+                  pipeline_class: str = "StableDiffusionPipeline") -> str:
     """Code that loads the base model and the LoRA and samples one image; user strings
     enter only as Python literals. An embedded base model (not a Hub repo) loads with
-    ``cdalign.load_pipeline``, any other with diffusers' ``from_pretrained``."""
+    ``cdalign.load_pipeline``, any other with diffusers' ``<pipeline_class>.from_pretrained``
+    (``pipeline_class``: a registered family's class, e.g. ``StableDiffusion3Pipeline``)."""
+    if pipeline_class not in MODEL_FAMILIES:
+        raise ValueError(f"pipeline_class {pipeline_class!r}: not one of {', '.join(MODEL_FAMILIES.names())}")
+    cls = pipeline_class
 
     if _is_embedded(base_model):
         head = ("from cdalign import load_pipeline\n\n"
                 f"pipe = load_pipeline({str(base_model)!r})  # embedded in the cdalign package\n")
     elif is_local_source(base_model):
-        head = ("from diffusers import StableDiffusionPipeline\n\n"
-                f"pipe = StableDiffusionPipeline.from_pretrained({_portable_path(base_model)!r})  "
+        head = (f"from diffusers import {cls}\n\n"
+                f"pipe = {cls}.from_pretrained({_portable_path(base_model)!r})  "
                 "# the base model: a local folder where it was trained\n")
     else:
         pin = f", revision={str(revision)!r}" if revision else ""  # the commit the run trained on
-        head = ("from diffusers import StableDiffusionPipeline\n\n"
-                f"pipe = StableDiffusionPipeline.from_pretrained({str(base_model)!r}{pin})\n")
+        head = (f"from diffusers import {cls}\n\n"
+                f"pipe = {cls}.from_pretrained({str(base_model)!r}{pin})\n")
     size = f", height={resolution}, width={resolution}" if resolution else ""
     return (
         head
@@ -345,7 +351,8 @@ def build_model_card(
         usage_block=fence(usage_snippet(base_model, lora_source, example,
                                          int(config.get("num_inference_steps") or 25),
                                          float(config.get("guidance_scale") or 5.0),
-                                         config.get("resolution"), config.get("revision")), "python"),
+                                         config.get("resolution"), config.get("revision"),
+                                         (report or {}).get("pipeline_class") or "StableDiffusionPipeline"), "python"),
         embedded_note=" ".join(
             ([f"`{md(base_model)}` ships inside the cdalign package, not as a Hub repo, hence "
               "`cdalign.load_pipeline` instead of `from_pretrained`."] if embedded else [])

@@ -1,0 +1,121 @@
+"""The embedded tiny flow-matching model cdalign/tiny-shapes-sd3: it loads as a
+StableDiffusion3Pipeline without T5, its configs are what its model card says, it reuses
+tiny-shapes-sd's trained VAE and text encoder, a short call draws 64x64 images, and the
+untrained-component builder is deterministic for a seed."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cdalign.models.tiny_pretrained import (
+    RECOMMENDED_SD3_GUIDANCE_SCALE,
+    SD3_SCHEDULER_SHIFT,
+    build_untrained_sd3_components,
+    tiny_shapes_sd3_path,
+    tiny_shapes_sd_path,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
+RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "pretrain_tiny_sd3.yaml"
+
+
+@pytest.fixture(scope="module")
+def folder() -> Path:
+    return tiny_shapes_sd3_path()
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_folder_loads_as_an_sd3_pipeline_without_t5(pipe):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    assert isinstance(pipe.transformer, SD3Transformer2DModel)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert isinstance(pipe.text_encoder, CLIPTextModelWithProjection)
+    assert isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)
+    assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
+
+
+def test_configs_match_the_recipe_and_the_card(folder, pipe):
+    """The shipped configs are the recipe's, and the card's architecture table is the one
+    the configs and training log produce (so the card cannot drift from the weights)."""
+    from tiny_quality import architecture_table
+
+    recipe = yaml.safe_load(RECIPE_CONFIG.read_text())
+    log = json.loads((folder / "training_log.json").read_text())
+    assert log["architecture"] == "sd3"
+    assert {k: log["config"][k] for k in recipe if k != "output_dir"} == {k: v for k, v in recipe.items() if k != "output_dir"}
+    t = pipe.transformer.config
+    assert (t.num_layers, t.num_attention_heads, t.attention_head_dim) == (
+        recipe["transformer_layers"],
+        recipe["attention_heads"],
+        recipe["attention_head_dim"],
+    )
+    assert (t.sample_size, t.patch_size, t.in_channels, t.out_channels) == (16, 2, 4, 4)
+    clip = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert t.joint_attention_dim >= clip
+    assert t.pooled_projection_dim == pipe.text_encoder.config.projection_dim + pipe.text_encoder_2.config.projection_dim
+    assert t.caption_projection_dim == t.num_attention_heads * t.attention_head_dim
+    assert pipe.scheduler.config.shift == SD3_SCHEDULER_SHIFT and pipe.scheduler.config.num_train_timesteps == 1000
+    vae = pipe.vae.config
+    assert isinstance(vae.shift_factor, float)
+    assert vae.shift_factor == pytest.approx(log["vae_shift_factor"])
+    assert vae.scaling_factor == pytest.approx(log["vae_scaling_factor"])
+    card = (folder / "README.md").read_text()
+    assert architecture_table(folder, log) in card
+    assert "# cdalign/tiny-shapes-sd3" in card and "StableDiffusion3Pipeline" in card
+    assert f"guidance scale {RECOMMENDED_SD3_GUIDANCE_SCALE}" in card
+
+
+def test_vae_and_text_encoder_are_tiny_shapes_sd_s(pipe):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    base = tiny_shapes_sd_path()
+    vae = AutoencoderKL.from_pretrained(base / "vae")
+    for (name, a), b in zip(pipe.vae.state_dict().items(), vae.state_dict().values()):
+        assert torch.equal(a, b), name
+    text = CLIPTextModel.from_pretrained(base / "text_encoder").state_dict()
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        mine = encoder.text_model.state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in text.items())
+
+
+def test_weights_are_small(folder):
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 12e6
+
+
+def test_short_call_returns_64px_images(pipe):
+    out = pipe(
+        ["a large red circle on a white background", "a small blue square on a black background"],
+        num_inference_steps=4,
+        guidance_scale=RECOMMENDED_SD3_GUIDANCE_SCALE,
+        generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)],
+        output_type="np",
+    ).images
+    assert out.shape == (2, 64, 64, 3)
+    assert np.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
+    assert np.abs(out[0] - out[1]).mean() > 2 / 255
+
+
+def test_builder_is_deterministic_for_a_seed():
+    state = torch.random.get_rng_state()
+    a = build_untrained_sd3_components(seed=3)["transformer"].state_dict()
+    b = build_untrained_sd3_components(seed=3)["transformer"].state_dict()
+    c = build_untrained_sd3_components(seed=4)["transformer"].state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
