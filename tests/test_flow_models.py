@@ -306,3 +306,31 @@ def test_or_composition_refuses_a_flow_model_with_the_reason(tmp_path):
                             "output_dir": str(tmp_path / "run")})
     with pytest.raises(ValueError, match="StableDiffusion3Pipeline: the OR-composition"):
         MixtureTrainer(cfg)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _suite(run, **kw):
+    from cdalign.evaluation.harness import CheckpointSpec, EvaluationSuite
+
+    return EvaluationSuite(name="sd3", model=TINY_RANDOM_SD3_ID, prompts="shapes", num_prompts=2,
+                           rewards=["saturation"], num_inference_steps=6, guidance_scale=5.0, batch_size=2,
+                           grid_images=0, constraints=[], checkpoints=[CheckpointSpec("run", source=str(run))], **kw)
+
+
+def test_evaluation_scores_a_flow_checkpoint_with_its_kl(trained, tmp_path):
+    from cdalign.evaluation.harness import evaluate
+
+    trainer, _, _ = trained
+    sde = evaluate(_suite(trainer.output_dir, eta=0.7, kl_estimator="path"), tmp_path / "sde", progress=False)
+    assert sde.checkpoints["run"]["kl"]["base"]["mean"] > 0 and sde.checkpoints["base"]["kl"]["base"]["mean"] == 0
+    with pytest.raises(ValueError, match="eta: 0 samples deterministically.*kl_eta"):
+        evaluate(_suite(trainer.output_dir, eta=0.0, kl_estimator="path"), tmp_path / "ode0", progress=False)
+    # ODE images, KL along an SDE pass with eta 0.7 from the same seeds: the SDE run's KL exactly
+    ode = evaluate(_suite(trainer.output_dir, eta=0.0, kl_eta=0.7, kl_estimator="path"), tmp_path / "ode",
+                   progress=False)
+    assert ode.checkpoints["run"]["kl"]["base"]["mean"] == pytest.approx(sde.checkpoints["run"]["kl"]["base"]["mean"],
+                                                                           rel=1e-6)
+    assert ode.data["sampler"]["eta"] == 0.0 and ode.data["sampler"]["kl_eta"] == 0.7
+    r_ode, r_sde = (r.checkpoints["run"]["rewards"]["saturation"]["mean"] for r in (ode, sde))
+    assert r_ode != r_sde  # the images are the ODE's, not the SDE's
+    assert "measured along a stochastic pass with eta 0.7" in (tmp_path / "ode" / "evaluation.md").read_text()

@@ -355,9 +355,18 @@ def evaluate(
     pipe = pipeline.to(device)
     pipe.set_progress_bar_config(disable=True)
     sampler = DiffusionSampler(pipe, suite.num_inference_steps, suite.eta, suite.guidance_scale, suite.resolution, device)
+    kl_sampler = None
+    if suite.kl_eta is not None and suite.kl_eta != suite.eta:
+        kl_sampler = DiffusionSampler(pipe, suite.num_inference_steps, suite.kl_eta, suite.guidance_scale,
+                                      suite.resolution, device)
+    elif suite.eta == 0 and kl_estimator == "path":
+        raise ValueError("eta: 0 samples deterministically (the flow ODE / DDIM eta 0), whose path has no chain KL "
+                         "(kl_estimator 'path'); set kl_eta (e.g. the training eta) to measure the KL along a "
+                         "stochastic pass from the same seeds, or kl_estimator: uniform")
     model_identity = {"model": suite.model, "revision": suite.revision, "weights": model_fingerprint(denoiser_of(pipe)),
                       "dtype": suite.dtype}
-    settings = {**sampler.settings(), "kl_estimator": kl_estimator}
+    settings = {**sampler.settings(), "kl_estimator": kl_estimator,
+                "kl_eta": kl_sampler.chain.eta if kl_sampler is not None else sampler.chain.eta}
     identities_of_rewards = {
         n: reward_identity(n, reward_fns[n], kwargs=suite.reward_kwargs.get(n, {}), user=n in (rewards or {}))
         for n in reward_names
@@ -376,7 +385,7 @@ def evaluate(
     # Lazily: a checkpoint whose batches are all cached is never loaded.
     loaders = {c.name: (lambda c=c: kinds[c.name].load(c, pipe)) for c in checkpoints}
     scores = score_checkpoints(sampler, loaders, items, batch_size=suite.batch_size, rewards=reward_fns,
-                               kl_estimator=kl_estimator, store=cache, progress=progress)
+                               kl_estimator=kl_estimator, store=cache, progress=progress, kl_sampler=kl_sampler)
     cached_batches = sum(gather_object([cache.hits])) if world > 1 else cache.hits
     base_name = next(c.name for c in checkpoints if c.kind == "base")
     reports = {c.name: _read_report(run_files[c.name]) for c in checkpoints}
@@ -537,7 +546,10 @@ def _write_outputs(out: Path, data: dict, scores: dict[str, CheckpointScores], o
               f"({data['prompts']['count']} prompts × {data['prompts']['images_per_prompt']}, seed {data['prompts']['seed']}); "
               f"sampler {md_code(json.dumps(data['sampler']))}; constraints from: {md(data['constraints_from'])}; "
               f"chain KL estimator: {md(data['sampler']['kl_estimator'])} "
-              f"(from {md((data.get('kl_estimator') or {}).get('from', 'the suite'))}).", "",
+              f"(from {md((data.get('kl_estimator') or {}).get('from', 'the suite'))})"
+              + (f", measured along a stochastic pass with eta {data['sampler']['kl_eta']} from the same seeds "
+                 "(the images come from the deterministic sampler)"
+                 if data['sampler'].get('kl_eta') not in (None, data['sampler']['eta']) else "") + ".", "",
               comparison_table(data)]
     atomic_write_text(files["markdown"], "\n".join(lines))
     if grid_images > 0:

@@ -160,6 +160,7 @@ def score_batch(
     metrics: Mapping[str, Callable] | None = None,
     kl_estimator: str,
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    kl_sampler: DiffusionSampler | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sample one batch of items with ``loaded`` and score it: ``{"images": (B,3,H,W)
     uint8, "reward/<n>": (B,), "metric/<k>": (B,), "kl/<ref>": (B,)}`` (CPU, float64).
@@ -167,22 +168,32 @@ def score_batch(
     ``rewards``: ``{name: callable(images (B,3,H,W) in [0,1], prompts) -> (B,)}``.
     ``metrics``: ``{name: callable(images, prompts) -> {key: (B,)}}``. ``autocast``: the
     context to sample in (mixed precision); rewards and metrics run outside it, on fp32
-    images."""
+    images. ``kl_sampler``: a sampler on the same pipeline with a stochastic chain, along
+    whose path (same seeds) the chain KL is measured instead of along the images' own:
+    for deterministic sampling (ODE / DDIM η = 0), whose path has no density ratio."""
     prompts, seeds = [p for p, _ in batch], [int(s) for _, s in batch]
+
+    def kl_hooks(s: DiffusionSampler, policy) -> dict:
+        # every step, inclusion probability 1: the exact all-steps chain KL
+        return {name: ChainKLAccumulator(ref, s.chain, kl_estimator, choose_kl_steps(len(s.chain), set()))
+                for name, ref in loaded.references(s, prompts, policy).items()}
+
+    def run_hooks(hooks):
+        def on_step(i, x_t, eps, tracked):
+            for hook in hooks.values():
+                hook(i, x_t, eps, tracked)
+        return on_step if hooks else None
+
     with torch.no_grad():
         with autocast():
             policy = loaded.policy(sampler, prompts)
-            # every step, inclusion probability 1: the exact all-steps chain KL
-            hooks = {
-                name: ChainKLAccumulator(ref, sampler.chain, kl_estimator, choose_kl_steps(len(sampler.chain), set()))
-                for name, ref in loaded.references(sampler, prompts, policy).items()
-            }
-
-            def on_step(i, x_t, eps, tracked):
-                for hook in hooks.values():
-                    hook(i, x_t, eps, tracked)
-
-            images = sampler.sample(policy, seeds, on_step=on_step if hooks else None).float()
+            hooks = kl_hooks(sampler, policy) if kl_sampler is None else {}
+            images = sampler.sample(policy, seeds, on_step=run_hooks(hooks)).float()
+            if kl_sampler is not None:
+                kl_policy = loaded.policy(kl_sampler, prompts)
+                hooks = kl_hooks(kl_sampler, kl_policy)
+                if hooks:
+                    kl_sampler.sample(kl_policy, seeds, on_step=run_hooks(hooks), decode=False)
         out = {"images": (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()}
         for name, fn in rewards.items():
             out[f"reward/{name}"] = _per_image(fn(images, prompts))
@@ -211,6 +222,7 @@ def score_checkpoints(
     store: BatchStore | None = None,
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     progress: bool = False,
+    kl_sampler: DiffusionSampler | None = None,
 ) -> dict[str, CheckpointScores]:
     """Score every checkpoint on ``items`` ((prompt, seed) per image) and return
     ``{name: CheckpointScores}`` with every image of every process, in item order.
@@ -222,8 +234,10 @@ def score_checkpoints(
     :meth:`CheckpointScores.with_stats`). ``store``: a :class:`BatchStore`; a stored batch
     is used when it holds the images and every reward asked for (the store's key must name
     whatever else decides the numbers: checkpoint, model, sampler, rewards, metrics).
+    ``kl_sampler``: measure the chain KL along this stochastic sampler's path (see
+    :func:`score_batch`).
 
-    The pipeline's UNet, VAE and text encoder are left in eval mode. Batch b
+    The pipeline's denoiser, VAE and text encoders are left in eval mode. Batch b
     (``batch_size`` items) is scored by process ``b mod N`` of N (accelerate);
     with a sharded UNet every process must score as many batches as the others (make
     the number of batches a multiple of N)."""
@@ -251,7 +265,7 @@ def score_checkpoints(
             if loaded is None:
                 loaded = load()
             results[b] = score_batch(sampler, loaded, batches[b], rewards=rewards, metrics=metrics,
-                                     kl_estimator=kl_estimator, autocast=autocast)
+                                     kl_estimator=kl_estimator, autocast=autocast, kl_sampler=kl_sampler)
             if store is not None:
                 store.save(name, b, batches[b], results[b])
             bar.update(1)

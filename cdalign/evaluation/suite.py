@@ -175,6 +175,12 @@ class EvaluationSuite(ConfigFields):
         metadata={"help": "Chain-KL estimator of the report; unset = the one the checkpoints were trained with "
                   "(their config.yaml).", "choices": KL_ESTIMATORS},
     )
+    kl_eta: float | None = field(
+        default=None,
+        metadata={"help": "Stochasticity of the chain the KL is measured along; unset = eta. With eta 0 (the flow "
+                  "ODE, deterministic DDIM) images come from the deterministic sampler and the KL from a second, "
+                  "stochastic pass from the same seeds with this eta (e.g. the training eta).", "gt": 0.0, "le": 1.0},
+    )
     batch_size: int = field(default=4, metadata={"help": "Images sampled per batch (and per cache file).", "ge": 1})
     seed: int = field(default=0, metadata={"help": "Seed of the per-image seeds (the same for every checkpoint).", "ge": 0})
     grid_images: int = field(default=8, metadata={"help": "Images per checkpoint row of grid.png; 0 = no grid.", "ge": 0})
