@@ -19,7 +19,7 @@ from cdalign.core.families import MODEL_FAMILIES, family_of, supported_pipelines
 from cdalign.models.hub_files import snapshot_of
 from cdalign.models.lora import is_local_source
 from cdalign.models.tiny import TINY_RANDOM_ID, TINY_RANDOM_SD3_ID, build_tiny_pipeline, build_tiny_sd3_pipeline
-from cdalign.models.tiny_pretrained import TINY_SHAPES_ID, tiny_shapes_sd_path
+from cdalign.models.tiny_pretrained import TINY_SHAPES_ID, TINY_SHAPES_SD3_ID, tiny_shapes_sd3_path, tiny_shapes_sd_path
 from cdalign.registry import Registry
 
 # Embedded models: name -> zero-argument factory returning a StableDiffusionPipeline
@@ -28,6 +28,7 @@ EMBEDDED_MODELS: Registry[Callable[[], object]] = Registry("embedded model")
 EMBEDDED_MODELS.register(TINY_RANDOM_ID, lambda: build_tiny_pipeline(seed=0))
 EMBEDDED_MODELS.register(TINY_SHAPES_ID, tiny_shapes_sd_path)
 EMBEDDED_MODELS.register(TINY_RANDOM_SD3_ID, lambda: build_tiny_sd3_pipeline(seed=0))
+EMBEDDED_MODELS.register(TINY_SHAPES_SD3_ID, tiny_shapes_sd3_path)
 
 _REQUIRED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")  # and the family's denoiser
 
