@@ -132,7 +132,7 @@ class DDIMChain(_GaussianChain):
 
 @dataclass(frozen=True)
 class FlowSDEChain(_GaussianChain):
-    """The SDE form of a rectified-flow ODE (METHOD.md §1, flow models), as Flow-GRPO
+    """The SDE form of a rectified-flow ODE (METHOD.md §4), as Flow-GRPO
     samples it (Liu et al. 2025, arXiv 2505.05470, eq. 9-12; their
     ``sd3_sde_with_logprob.py``). The flow interpolates ``x_s = (1−s)·x_0 + s·ε`` and the
     transformer predicts the velocity ``v = ε − x_0``. Per step ``i`` from flow time
