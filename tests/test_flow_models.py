@@ -109,15 +109,16 @@ def test_the_registry_picks_the_sampler_by_pipeline_class(pipe):
 
 
 def test_an_unsupported_pipeline_class_is_refused_naming_the_supported_ones(tmp_path):
-    class FluxPipeline:  # stands in for any pipeline class without a family
+    class PixArtAlphaPipeline:  # stands in for any pipeline class without a family
         pass
 
-    with pytest.raises(ValueError, match="unsupported pipeline class FluxPipeline.*StableDiffusion3Pipeline"):
-        family_of(FluxPipeline())
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ValueError, match="is a FluxPipeline; cdalign supports StableDiffusion3Pipeline, StableDiffusionPipeline"):
+    with pytest.raises(ValueError, match="unsupported pipeline class PixArtAlphaPipeline.*StableDiffusion3Pipeline"):
+        family_of(PixArtAlphaPipeline())
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    with pytest.raises(ValueError, match="is a PixArtAlphaPipeline; cdalign supports FluxPipeline, "
+                                         "StableDiffusion3Pipeline, StableDiffusionPipeline"):
         load_pipeline(str(tmp_path))
-    assert set(MODEL_FAMILIES.names()) == {"StableDiffusionPipeline", "StableDiffusion3Pipeline"}
+    assert set(MODEL_FAMILIES.names()) == {"StableDiffusionPipeline", "StableDiffusion3Pipeline", "FluxPipeline"}
 
 
 def test_a_saved_tiny_sd3_folder_loads_without_t5(tmp_path, pipe):
@@ -334,3 +335,30 @@ def test_evaluation_scores_a_flow_checkpoint_with_its_kl(trained, tmp_path):
     r_ode, r_sde = (r.checkpoints["run"]["rewards"]["saturation"]["mean"] for r in (ode, sde))
     assert r_ode != r_sde  # the images are the ODE's, not the SDE's
     assert "measured along a stochastic pass with eta 0.7" in (tmp_path / "ode" / "evaluation.md").read_text()
+
+
+FSDP_CONFIG = Path(__file__).parents[1] / "recipes" / "accelerate_configs" / "fsdp.yaml"
+
+
+def test_sharded_flow_run_resumes_exactly_from_its_checkpoint(tmp_path):
+    """The SD3 transformer sharded with FSDP2 (one unit per transformer block), 3 steps with a
+    checkpoint at step 2; the run resumed from checkpoint-2 in a fresh launch ends bitwise equal."""
+    import shutil
+
+    def launch(out, *extra):
+        _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+              "--num_processes", "2", str(WORKER), str(out), "2", "3", "--model", TINY_RANDOM_SD3_ID, "--eta", "0.7",
+              "--save_steps", "2", *extra], cwd=out)
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir()
+    launch(straight)
+    shutil.copytree(straight / "run" / "checkpoint-2", resumed / "run" / "checkpoint-2")
+    shutil.copytree(straight / "cache-2", resumed / "cache-2")
+    launch(resumed, "--resume", str(resumed / "run" / "checkpoint-2"))
+    meta_a, meta_b = (json.loads((d / "rank0.json").read_text()) for d in (straight, resumed))
+    assert meta_a["sharded"] and meta_b["multipliers"] == meta_a["multipliers"]
+    a, b = (load_file(str(d / "run" / "pytorch_lora_weights.safetensors")) for d in (straight, resumed))
+    assert a.keys() == b.keys() and all(k.startswith("transformer.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -198,7 +198,7 @@ class ComponentSet:
     def predictor(self, prompts: Sequence[str]) -> ComponentPredictions:
         """Component predictions for a batch of ``prompts`` (one per image)."""
         s = self.sampler
-        use_cfg = s.guidance_scale > 1.0
+        use_cfg = s.uses_cfg
         uncond = s.uncond(len(prompts)) if use_cfg else None
         groups: dict = {}
         for k, comp in enumerate(self.components):

@@ -4,7 +4,7 @@ model's velocity) enters the mean with coefficient ``c_i`` (:attr:`output_coef`)
 
 - :class:`DDIMChain`: DDIM with stochasticity η (SD 1.x/2.x UNets, ε or v prediction);
 - :class:`FlowSDEChain`: the SDE form of a rectified-flow ODE with noise level a
-  (SD3 / SD3.5 transformers, velocity prediction).
+  (SD3 / SD3.5 and FLUX.1 transformers, velocity prediction).
 
 The chain KL (``cdalign.core.kl``) and the policy-gradient log-probabilities use only
 ``sigma``, ``output_coef`` and ``step_mean``, so they hold for both families unchanged.
@@ -156,18 +156,28 @@ class FlowSDEChain(_GaussianChain):
     prediction_type: str = "flow_velocity"
 
     @classmethod
-    def from_scheduler(cls, scheduler, num_inference_steps: int, eta: float) -> "FlowSDEChain":
+    def from_scheduler(cls, scheduler, num_inference_steps: int, eta: float, mu: float | None = None,
+                       sigmas=None) -> "FlowSDEChain":
         """Build from a diffusers flow-matching scheduler config (its own ``set_timesteps``,
-        so the pipeline's time ``shift`` is kept)."""
+        so the pipeline's time ``shift`` is kept). A scheduler with resolution-dependent
+        (dynamic) shifting (FLUX) needs the pipeline's ``mu`` (and, as ``FluxPipeline``
+        passes them, its unshifted ``sigmas``): ``set_timesteps(sigmas=sigmas, mu=mu)``."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         flow = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
-        if flow.config.get("use_dynamic_shifting", False):
+        if flow.config.get("use_dynamic_shifting", False) and mu is None:
             raise ValueError(
-                "this flow scheduler uses resolution-dependent (dynamic) time shifting, which cdalign's flow sampler "
-                "does not implement; use a pipeline with a fixed shift (SD3 / SD3.5)"
+                "this flow scheduler uses resolution-dependent (dynamic) time shifting: its chain needs the "
+                "pipeline's mu (the FLUX family computes it from the latent size); SD3 / SD3.5 use a fixed shift"
             )
-        flow.set_timesteps(num_inference_steps)
+        if sigmas is not None:
+            flow.set_timesteps(sigmas=sigmas, mu=mu)
+            if len(flow.timesteps) != num_inference_steps:
+                raise ValueError(f"flow scheduler: {len(flow.timesteps)} sigmas given for {num_inference_steps} steps")
+        elif mu is not None:
+            flow.set_timesteps(num_inference_steps, mu=mu)
+        else:
+            flow.set_timesteps(num_inference_steps)
         sigmas = flow.sigmas.double()
         s, s_prev = sigmas[:-1], sigmas[1:]
         if not bool((s_prev < s).all()):

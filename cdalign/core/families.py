@@ -13,7 +13,13 @@ Families:
 - ``StableDiffusionPipeline`` (SD 1.x/2.x): ``UNet2DConditionModel``, :class:`DDIMChain`,
   one CLIP text encoder;
 - ``StableDiffusion3Pipeline`` (SD3 / SD3.5): ``SD3Transformer2DModel``, :class:`FlowSDEChain`
-  (velocity), CLIP-L + CLIP-G (+ T5 when the pipeline has it) with pooled projections.
+  (velocity), CLIP-L + CLIP-G (+ T5 when the pipeline has it) with pooled projections;
+- ``FluxPipeline`` (FLUX.1-dev / -schnell): ``FluxTransformer2DModel`` on FLUX's packed 2x2-patch
+  sequence (packing and unpacking happen inside :func:`_flux_forward`, so the chain, the KL and
+  the composition see ordinary (B, C, h, w) latents), :class:`FlowSDEChain` with FLUX's
+  resolution-dependent time shift, CLIP (pooled) + T5 (tokens). FLUX.1-dev is guidance-distilled:
+  no classifier-free guidance (``cfg=False``, no unconditional pass); the guidance scale enters
+  the transformer's ``guidance`` embedding instead (:attr:`Conditioning.guidance`).
 """
 
 from __future__ import annotations
@@ -29,18 +35,21 @@ from cdalign.registry import Registry
 
 @dataclass(frozen=True)
 class Conditioning:
-    """The text conditioning of a batch: token embeddings ``embeds`` (B, L, D) and, for
-    families with pooled text projections (SD3), ``pooled`` (B, P). Batch operations keep
-    both parts aligned."""
+    """The text conditioning of a batch: token embeddings ``embeds`` (B, L, D), for
+    families with pooled text projections (SD3, FLUX) ``pooled`` (B, P), and for a
+    guidance-distilled model (FLUX.1-dev) the guidance scale of each row, ``guidance`` (B,).
+    Batch operations keep the parts aligned."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
     def _map(self, fn) -> "Conditioning":
-        return Conditioning(fn(self.embeds), None if self.pooled is None else fn(self.pooled))
+        opt = lambda t: None if t is None else fn(t)  # noqa: E731
+        return Conditioning(fn(self.embeds), opt(self.pooled), opt(self.guidance))
 
     def __getitem__(self, index) -> "Conditioning":
         return self._map(lambda t: t[index])
@@ -58,10 +67,18 @@ class Conditioning:
 
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
-        pooled = [p.pooled for p in parts]
+        pooled, guidance = [p.pooled for p in parts], [p.guidance for p in parts]
         return Conditioning(
-            torch.cat([p.embeds for p in parts]), None if pooled[0] is None else torch.cat(pooled)
+            torch.cat([p.embeds for p in parts]),
+            None if pooled[0] is None else torch.cat(pooled),
+            None if guidance[0] is None else torch.cat(guidance),
         )
+
+    def with_guidance(self, scale: float) -> "Conditioning":
+        """The same conditioning with the guidance embedding input ``scale`` on every row
+        (float32, as ``FluxPipeline`` passes it)."""
+        g = torch.full((len(self),), float(scale), device=self.embeds.device, dtype=torch.float32)
+        return Conditioning(self.embeds, self.pooled, g)
 
 
 def _unet_forward(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -72,6 +89,34 @@ def _sd3_forward(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) ->
     timestep = torch.as_tensor(t, device=x.device).to(x.dtype).reshape(-1).expand(x.shape[0])
     return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.embeds,
                  pooled_projections=cond.pooled).sample
+
+
+def _flux_pipeline_cls():
+    from diffusers import FluxPipeline
+
+    return FluxPipeline
+
+
+def _flux_forward(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """``FluxTransformer2DModel`` on unpacked latents x (B, C, h, w), as ``FluxPipeline``'s
+    denoising loop calls it: x packed into the (B, hw/4, 4C) sequence of 2x2 patches, image
+    ids on the (h/2, w/2) grid, zero text ids, ``timestep / 1000``, the guidance embedding
+    input when the model has one (FLUX.1-dev); the velocity unpacked back to (B, C, h, w)."""
+    flux = _flux_pipeline_cls()
+    b, c, h, w = x.shape
+    packed = flux._pack_latents(x, b, c, h, w)
+    img_ids = flux._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+    txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=x.device, dtype=x.dtype)
+    timestep = torch.as_tensor(t, device=x.device).reshape(-1).expand(b).to(x.dtype)
+    guidance = None
+    if model.config.guidance_embeds:
+        if cond.guidance is None:
+            raise ValueError("this FLUX transformer is guidance-distilled (guidance_embeds): its conditioning "
+                             "needs a guidance scale per row (DiffusionSampler.encode attaches it)")
+        guidance = cond.guidance.to(device=x.device, dtype=torch.float32)
+    out = model(hidden_states=packed, timestep=timestep / 1000, guidance=guidance, pooled_projections=cond.pooled,
+                encoder_hidden_states=cond.embeds, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+    return flux._unpack_latents(out, h, w, 1)  # vae_scale_factor 1: h, w are latent sizes already
 
 
 @torch.no_grad()
@@ -92,12 +137,59 @@ def _sd3_encode(pipe, prompts: list[str], device) -> Conditioning:
     return Conditioning(embeds, pooled)
 
 
+@torch.no_grad()
+def _flux_encode(pipe, prompts: list[str], device) -> Conditioning:
+    """The pipeline's own ``encode_prompt``: T5 token states (512 tokens, FLUX's default)
+    and CLIP's pooled output; the text ids it returns are zeros, rebuilt in the forward."""
+    embeds, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=device)
+    return Conditioning(embeds, pooled)
+
+
+def _flux_chain(scheduler, num_inference_steps: int, eta: float, latent_shape) -> FlowSDEChain:
+    """FLUX's schedule exactly as ``FluxPipeline`` sets it: sigmas ``linspace(1, 1/n, n)``
+    (none with ``use_flow_sigmas``), shifted by ``mu = calculate_shift(image_seq_len)``, the
+    number of packed tokens (h/2)(w/2), with the scheduler config's base/max shift and
+    sequence lengths."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    _, h, w = latent_shape
+    config = scheduler.config
+    n = num_inference_steps
+    sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / n, n)
+    mu = calculate_shift((h // 2) * (w // 2), config.get("base_image_seq_len", 256),
+                         config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                         config.get("max_shift", 1.15))
+    return FlowSDEChain.from_scheduler(scheduler, n, eta, mu=mu, sigmas=sigmas)
+
+
+def _fixed_chain(from_scheduler):
+    """A chain factory that does not depend on the resolution (DDIM, SD3's fixed shift)."""
+    return lambda scheduler, num_inference_steps, eta, latent_shape: from_scheduler(scheduler, num_inference_steps, eta)
+
+
 def _unet_blocks(unet) -> list[torch.nn.Module]:
     return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
 
 
 def _transformer_blocks(transformer) -> list[torch.nn.Module]:
     return list(transformer.transformer_blocks)
+
+
+def _flux_blocks(transformer) -> list[torch.nn.Module]:
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
+def _config_latent_channels(denoiser, vae) -> int:
+    return denoiser.config.in_channels
+
+
+def _config_patch(denoiser) -> int:
+    return getattr(denoiser.config, "patch_size", 1)
+
+
+def _config_sample_size(denoiser) -> int:
+    return denoiser.config.sample_size
 
 
 @dataclass(frozen=True)
@@ -108,7 +200,7 @@ class ModelFamily:
     pipeline_class: str  # diffusers pipeline class name
     denoiser: str  # the pipeline attribute of the denoiser: "unet" / "transformer"
     denoiser_class: str  # its diffusers model class name
-    chain: Callable  # (scheduler, num_inference_steps, eta) -> chain
+    chain: Callable  # (scheduler, num_inference_steps, eta, latent_shape (C, h, w)) -> chain
     forward: Callable  # (denoiser, x_t, t, Conditioning) -> raw model output
     encode: Callable  # (pipe, prompts, device) -> Conditioning
     text_encoders: tuple[str, ...]  # pipeline attributes of its text encoders (None ones skipped)
@@ -118,6 +210,10 @@ class ModelFamily:
     blocks: Callable  # denoiser -> the sub-modules FSDP2 shards one by one
     denoising_loss: bool  # the ε-DSM loss of the OR-composition (mixture) applies
     eta_meaning: str  # what the config's ``eta`` is for this family
+    cfg: bool = True  # classifier-free guidance (an unconditional pass) when guidance_scale > 1
+    latent_channels: Callable = _config_latent_channels  # (denoiser, vae) -> C of the (C, h, w) latents
+    patch: Callable = _config_patch  # denoiser -> latent patch side (the resolution is a multiple of VAE factor x it)
+    default_latent_size: Callable = _config_sample_size  # denoiser -> latent side when no resolution is given
 
     def denoiser_of(self, pipe):
         return getattr(pipe, self.denoiser)
@@ -138,18 +234,29 @@ class ModelFamily:
 MODEL_FAMILIES: Registry[ModelFamily] = Registry("pipeline class")
 MODEL_FAMILIES.register("StableDiffusionPipeline", ModelFamily(
     name="sd", pipeline_class="StableDiffusionPipeline", denoiser="unet", denoiser_class="UNet2DConditionModel",
-    chain=DDIMChain.from_scheduler, forward=_unet_forward, encode=_clip_encode, text_encoders=("text_encoder",),
+    chain=_fixed_chain(DDIMChain.from_scheduler), forward=_unet_forward, encode=_clip_encode, text_encoders=("text_encoder",),
     lora_layers_kwarg="unet_lora_layers", lora_metadata_kwarg="unet_lora_adapter_metadata", convert_lora_state=True,
     blocks=_unet_blocks, denoising_loss=True,
     eta_meaning="DDIM eta (0: deterministic DDIM, 1: DDPM-like)",
 ))
 MODEL_FAMILIES.register("StableDiffusion3Pipeline", ModelFamily(
     name="sd3", pipeline_class="StableDiffusion3Pipeline", denoiser="transformer",
-    denoiser_class="SD3Transformer2DModel", chain=FlowSDEChain.from_scheduler, forward=_sd3_forward,
+    denoiser_class="SD3Transformer2DModel", chain=_fixed_chain(FlowSDEChain.from_scheduler), forward=_sd3_forward,
     encode=_sd3_encode, text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
     lora_layers_kwarg="transformer_lora_layers", lora_metadata_kwarg="transformer_lora_adapter_metadata",
     convert_lora_state=False, blocks=_transformer_blocks, denoising_loss=False,
     eta_meaning="the flow SDE's noise level a (0: the deterministic Euler ODE; Flow-GRPO uses 0.7)",
+))
+MODEL_FAMILIES.register("FluxPipeline", ModelFamily(
+    name="flux", pipeline_class="FluxPipeline", denoiser="transformer", denoiser_class="FluxTransformer2DModel",
+    chain=_flux_chain, forward=_flux_forward, encode=_flux_encode, text_encoders=("text_encoder", "text_encoder_2"),
+    lora_layers_kwarg="transformer_lora_layers", lora_metadata_kwarg="transformer_lora_adapter_metadata",
+    convert_lora_state=False, blocks=_flux_blocks, denoising_loss=False,
+    eta_meaning="the flow SDE's noise level a (0: the deterministic Euler ODE; Flow-GRPO uses 0.7)",
+    cfg=False,  # FLUX.1 is guidance-distilled (dev: a guidance embedding; schnell: none)
+    latent_channels=lambda denoiser, vae: denoiser.config.in_channels // 4,  # in_channels counts packed 2x2 patches
+    patch=lambda denoiser: 2,  # the 2x2 packing
+    default_latent_size=lambda denoiser: 128,  # FluxPipeline.default_sample_size: 1024 px with the 8x VAE
 ))
 
 
@@ -182,7 +289,7 @@ def family_of_denoiser(model) -> ModelFamily:
 
 
 def denoiser_of(pipe):
-    """The pipeline's denoiser: its UNet (SD 1.x/2.x) or transformer (SD3)."""
+    """The pipeline's denoiser: its UNet (SD 1.x/2.x) or transformer (SD3, FLUX)."""
     return family_of(pipe).denoiser_of(pipe)
 
 

@@ -241,25 +241,27 @@ class DiffusionSampler:
     Training, evaluation and composition share this object.
 
     The pipeline's :class:`~cdalign.core.families.ModelFamily` (by its class) picks the
-    chain (DDIM for SD 1.x/2.x UNets, the flow SDE for SD3 transformers), the text encoding
-    and the denoiser call. ``eta``: the chain's stochasticity (DDIM η, or the flow SDE's
-    noise level a). ``resolution``: image side in pixels (None: the denoiser's sample size ×
-    VAE factor)."""
+    chain (DDIM for SD 1.x/2.x UNets, the flow SDE for SD3 and FLUX transformers), the text
+    encoding, the guidance (CFG, or FLUX.1-dev's guidance embedding) and the denoiser call.
+    ``eta``: the chain's stochasticity (DDIM η, or the flow SDE's noise level a).
+    ``resolution``: image side in pixels (None: the family's default latent size × VAE
+    factor: the denoiser's sample size, or 128 for FLUX, 1024 px)."""
 
     def __init__(self, pipe, num_inference_steps: int, eta: float, guidance_scale: float, resolution: int | None, device):
         self.pipe, self.device = pipe, torch.device(device)
         self.family = family_of(pipe)
         self.denoiser, self.vae = self.family.denoiser_of(pipe), pipe.vae
         self.guidance_scale = guidance_scale
-        self.chain = self.family.chain(pipe.scheduler, num_inference_steps, eta)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        side = resolution or self.denoiser.config.sample_size * factor
-        multiple = factor * getattr(self.denoiser.config, "patch_size", 1)
+        side = resolution or self.family.default_latent_size(self.denoiser) * factor
+        multiple = factor * self.family.patch(self.denoiser)
         if side % multiple:
             raise ValueError(f"resolution={side} must be a multiple of {multiple} (VAE factor {factor}"
                              + (f" x patch size {multiple // factor})" if multiple != factor else ")"))
         self.resolution = side
-        self.latent_shape = (self.denoiser.config.in_channels, side // factor, side // factor)
+        self.latent_shape = (self.family.latent_channels(self.denoiser, self.vae), side // factor, side // factor)
+        # the chain after the latent shape: FLUX's time shift depends on the resolution
+        self.chain = self.family.chain(pipe.scheduler, num_inference_steps, eta, self.latent_shape)
         self._uncond_cache: Conditioning | None = None
 
     @property
@@ -275,9 +277,25 @@ class DiffusionSampler:
             "resolution": self.resolution,
         }
 
-    def encode(self, prompts: list[str]) -> Conditioning:
-        """The text conditioning of ``prompts`` (one row each)."""
-        return self.family.encode(self.pipe, list(prompts), self.device)
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether predictions use classifier-free guidance (an unconditional pass): the
+        family guides that way (not the guidance-distilled FLUX) and ``guidance_scale > 1``."""
+        return self.family.cfg and self.guidance_scale > 1.0
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """Whether the denoiser takes the guidance scale as an input (FLUX.1-dev's
+        ``guidance_embeds``) instead of guiding by CFG."""
+        return bool(getattr(self.denoiser.config, "guidance_embeds", False))
+
+    def encode(self, prompts: list[str], guidance_scale: float | None = None) -> Conditioning:
+        """The text conditioning of ``prompts`` (one row each); for a guidance-distilled
+        denoiser it carries ``guidance_scale`` (default: the sampler's) on every row."""
+        cond = self.family.encode(self.pipe, list(prompts), self.device)
+        if self.guidance_embedded:
+            cond = cond.with_guidance(self.guidance_scale if guidance_scale is None else guidance_scale)
+        return cond
 
     def uncond(self, n: int) -> Conditioning:
         """The empty prompt's conditioning (cached), broadcast to ``n`` rows."""
@@ -286,10 +304,12 @@ class DiffusionSampler:
         return self._uncond_cache.expand(n)
 
     def guided(self, prompts: list[str], guidance_scale: float | None = None) -> GuidedDenoiser:
-        """The CFG predictor of the pipeline's denoiser (with whatever adapters are active)."""
-        cond = self.encode(prompts)
+        """The guided predictor of the pipeline's denoiser (with whatever adapters are
+        active): CFG for SD / SD3, the guidance embedding for FLUX.1-dev (no unconditional pass)."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        return GuidedDenoiser(self.denoiser, self.chain, cond, self.uncond(len(prompts)), scale, self.family)
+        cond = self.encode(prompts, scale)
+        uncond = self.uncond(len(prompts)) if self.family.cfg else None
+        return GuidedDenoiser(self.denoiser, self.chain, cond, uncond, scale, self.family)
 
     def sample(
         self,

@@ -1,7 +1,8 @@
 """Loading base pipelines: embedded models by name, local diffusers folders, Hub ids.
 
 Every path ends in a pipeline of a registered model family (``cdalign.core.families``:
-``StableDiffusionPipeline`` for SD 1.x/2.x, ``StableDiffusion3Pipeline`` for SD3/SD3.5),
+``StableDiffusionPipeline`` for SD 1.x/2.x, ``StableDiffusion3Pipeline`` for SD3/SD3.5,
+``FluxPipeline`` for FLUX.1),
 picked by the folder's ``model_index.json`` class name, so the code that trains SD 1.5 or
 SD3.5 is the code the embedded tiny models exercise. Another pipeline class is refused
 with a message naming the supported ones."""
@@ -18,7 +19,14 @@ import torch
 from cdalign.core.families import MODEL_FAMILIES, family_of, supported_pipelines
 from cdalign.models.hub_files import snapshot_of
 from cdalign.models.lora import is_local_source
-from cdalign.models.tiny import TINY_RANDOM_ID, TINY_RANDOM_SD3_ID, build_tiny_pipeline, build_tiny_sd3_pipeline
+from cdalign.models.tiny import (
+    TINY_RANDOM_FLUX_ID,
+    TINY_RANDOM_ID,
+    TINY_RANDOM_SD3_ID,
+    build_tiny_flux_pipeline,
+    build_tiny_pipeline,
+    build_tiny_sd3_pipeline,
+)
 from cdalign.models.tiny_pretrained import TINY_SHAPES_ID, TINY_SHAPES_SD3_ID, tiny_shapes_sd3_path, tiny_shapes_sd_path
 from cdalign.registry import Registry
 
@@ -29,6 +37,7 @@ EMBEDDED_MODELS.register(TINY_RANDOM_ID, lambda: build_tiny_pipeline(seed=0))
 EMBEDDED_MODELS.register(TINY_SHAPES_ID, tiny_shapes_sd_path)
 EMBEDDED_MODELS.register(TINY_RANDOM_SD3_ID, lambda: build_tiny_sd3_pipeline(seed=0))
 EMBEDDED_MODELS.register(TINY_SHAPES_SD3_ID, tiny_shapes_sd3_path)
+EMBEDDED_MODELS.register(TINY_RANDOM_FLUX_ID, lambda: build_tiny_flux_pipeline(seed=0))
 
 _REQUIRED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")  # and the family's denoiser
 

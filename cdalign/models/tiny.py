@@ -4,7 +4,11 @@
   CLIPTextModel, CLIPTokenizer, DDIMScheduler);
 - ``cdalign/tiny-random-sd3``: SD3 architecture (SD3Transformer2DModel, AutoencoderKL with
   SD3's scaling and shift, two CLIPTextModelWithProjection, FlowMatchEulerDiscreteScheduler
-  with shift 3.0; no T5: ``text_encoder_3=None`` as diffusers allows).
+  with shift 3.0; no T5: ``text_encoder_3=None`` as diffusers allows);
+- ``cdalign/tiny-random-flux``: FLUX.1-dev architecture (FluxTransformer2DModel with the
+  guidance embedding, AutoencoderKL with FLUX's scaling and shift, CLIPTextModel, a tiny
+  T5EncoderModel with a character-level T5 tokenizer built in memory,
+  FlowMatchEulerDiscreteScheduler with FLUX's dynamic shifting).
 
 Each exercises its family's code paths in about a second."""
 
@@ -14,6 +18,7 @@ import torch
 
 TINY_RANDOM_ID = "cdalign/tiny-random-sd"
 TINY_RANDOM_SD3_ID = "cdalign/tiny-random-sd3"
+TINY_RANDOM_FLUX_ID = "cdalign/tiny-random-flux"
 
 
 def byte_level_clip_tokenizer(model_max_length: int = 77):
@@ -160,6 +165,92 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16):
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=tiny_sd3_vae(seed + 1, sample_size * 2), text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=byte_level_clip_tokenizer(), text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def char_level_t5_tokenizer(model_max_length: int = 512):
+    """A T5 tokenizer (``T5TokenizerFast``) built in memory: a SentencePiece-style Unigram
+    model over the printable ASCII characters and their word-initial ``▁`` forms, with T5's
+    specials (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2) and ``</s>`` appended; no vocabulary file
+    and no download. ``save_pretrained`` writes a ``tokenizer.json`` that
+    ``FluxPipeline.from_pretrained`` loads back."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = sorted(set(string.printable) - set(string.whitespace))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    vocab += [(c, -1.0) for c in chars] + [("▁" + c, -1.5) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Replace("\n", " ")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                           model_max_length=model_max_length)
+
+
+def tiny_flux_vae(seed: int, sample_size: int = 32):
+    """A random 4-channel VAE [32, 64] (factor 2) with FLUX's latent scaling (0.3611) and shift (0.1159)."""
+    from diffusers import AutoencoderKL
+
+    rng = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return AutoencoderKL(
+            block_out_channels=[32, 64], in_channels=3, out_channels=3,
+            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=sample_size,
+            scaling_factor=0.3611, shift_factor=0.1159,
+        )
+    finally:
+        torch.random.set_rng_state(rng)
+
+
+def flux_scheduler():
+    """``FlowMatchEulerDiscreteScheduler`` with FLUX.1's config: resolution-dependent
+    (exponential) time shift ``mu`` between 0.5 (256 image tokens) and 1.15 (4096)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+
+
+def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """A randomly initialised tiny ``FluxPipeline`` (deterministic for ``seed``): transformer
+    1 double-stream + 1 single-stream block x 2 heads x 16 dims (patch 1 on the packed 2x2
+    patches of 4 VAE channels: in_channels 16), RoPE axes (4, 6, 6); CLIP (hidden 32, pooled)
+    and a 1-layer T5 (d_model 32); a factor-2 VAE, so a 32 px image is 16x16 latents = 64
+    image tokens. ``guidance_embeds``: FLUX.1-dev (True) or FLUX.1-schnell (False)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_2 = byte_level_clip_tokenizer(), char_level_t5_tokenizer()
+    rng = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 6, 6),
+        )
+        text_encoder = clip_text_encoder(tokenizer, hidden_size=32, intermediate_size=37, num_layers=2)
+        text_encoder_2 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+            relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=tokenizer_2.pad_token_id,
+        )).eval()  # as from_pretrained returns it
+    finally:
+        torch.random.set_rng_state(rng)
+    pipe = FluxPipeline(
+        scheduler=flux_scheduler(), vae=tiny_flux_vae(seed + 1), text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
