@@ -355,16 +355,18 @@ class ConstrainedDDPOConfig(ConfigFields):
         default=1.0,
         metadata={
             "help": "Per-step stochasticity in [0, 1]: DDIM η for SD 1.x/2.x UNets (1, the paper, makes every "
-            "step Gaussian); for flow models (SD3/SD3.5) the SDE noise level a of σ_t = a·sqrt(t/(1−t)) "
-            "(Flow-GRPO: 0.7; 0 is the deterministic Euler ODE). The exact chain KL (kl_estimator 'path') "
-            "needs it > 0.",
+            "step Gaussian); for flow models (SD3/SD3.5, FLUX.1) the SDE noise level a of "
+            "σ_t = a·sqrt(t/(1−t)) (Flow-GRPO: 0.7; 0 is the deterministic Euler ODE). The exact chain KL "
+            "(kl_estimator 'path') needs it > 0.",
             "ge": 0.0,
             "le": 1.0,
         },
     )
     guidance_scale: float = field(
         default=5.0,
-        metadata={"help": "Classifier-free guidance w in ε̃ = ε_u + w·(ε_c − ε_u); 1 = no guidance (the paper: 5).", "ge": 0.0},
+        metadata={"help": "Classifier-free guidance w in ε̃ = ε_u + w·(ε_c − ε_u) (velocities for flow models); 1 = no guidance "
+                  "(the paper: 5). For guidance-distilled FLUX.1-dev the value enters its guidance embedding "
+                  "instead (no unconditional pass; FLUX.1-dev's default 3.5).", "ge": 0.0},
     )
     resolution: int | None = field(
         default=None,

@@ -170,7 +170,7 @@ class ComposeConfig(ConfigFields):
     num_inference_steps: int = field(default=10, metadata={"help": "DDIM steps (the paper: 25).", "ge": 1})
     eta: float = field(default=1.0, metadata={"help": "Per-step stochasticity: DDIM η (SD 1.x/2.x) or the flow SDE noise level a "
                                                "(SD3; Flow-GRPO: 0.7); 'path' KL needs it > 0.", "ge": 0.0, "le": 1.0})
-    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale w of every component (the paper: 5).", "ge": 0.0})
+    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale w of every component (the paper: 5); FLUX.1-dev: its guidance-embedding input.", "ge": 0.0})
     resolution: int | None = field(default=None, metadata={"help": "Image side in pixels; unset = the model's default.", "ge": 1})
     kl_estimator: str = field(
         default="path",

@@ -166,7 +166,7 @@ class EvaluationSuite(ConfigFields):
     )
     num_inference_steps: int = field(default=20, metadata={"help": "DDIM sampling steps.", "ge": 1})
     eta: float = field(default=1.0, metadata={"help": "Per-step stochasticity in [0, 1]: DDIM η (SD 1.x/2.x) or the flow SDE noise level a (SD3; 0: the ODE).", "ge": 0.0, "le": 1.0})
-    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale w.", "ge": 0.0})
+    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale w (FLUX.1-dev: its guidance-embedding input).", "ge": 0.0})
     resolution: int | None = field(
         default=None, metadata={"help": "Image side in pixels; unset = the model's default.", "ge": 1}
     )
