@@ -144,9 +144,9 @@ def _build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--revision", default=None)
     pull.add_argument("--local_dir", required=True)
     publish = sub.add_parser("publish-embedded",
-                             help="publish the embedded tiny model and the shapes prompts to your namespace")
+                             help="publish the embedded tiny models and the shapes prompts to your namespace")
     publish.add_argument("--namespace", required=True, help="Hub user or organisation; creates <namespace>/tiny-shapes-sd "
-                         "(model) and <namespace>/shape-prompts (dataset)")
+                         "and <namespace>/tiny-shapes-sd3 (models) and <namespace>/shape-prompts (dataset)")
     publish.add_argument("--private", action="store_true", help="create the repos as private")
     return parser
 
