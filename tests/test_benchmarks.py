@@ -196,3 +196,63 @@ def test_flop_counts_in_reproduce_md_are_what_the_counting_script_prints():
     unet, vae = (float(x) for x in re.findall(r"\| ([\d.]+) \|", out))
     doc = (root / "docs" / "REPRODUCE.md").read_text()
     assert f"**C = {unet:.2f} TFLOP**" in doc and f"**D = {vae:.2f} TFLOP**" in doc
+
+
+# ----------------------------------------------------------------------------- flow-matching transformer (SD3)
+@pytest.fixture(scope="module")
+def small_sd3_model_dir(tmp_path_factory):
+    """The tiny SD3 pipeline at latent size 8 (16x16 images), as ``bench_step.build_model``
+    saves it (at latent size 32 there)."""
+    from cdalign.models.tiny import build_tiny_sd3_pipeline
+
+    tb = _load("tinybench")
+    path = tmp_path_factory.mktemp("tiny-bench-sd3-small")
+    build_tiny_sd3_pipeline(seed=0, sample_size=8).save_pretrained(str(path))
+    (path / tb.PROMPTS_FILE).write_text(json.dumps(["a red circle", "a blue square"]))
+    return str(path)
+
+
+@pytest.mark.parametrize("row", ["reward_only", "kl_all_steps", "kl_sampled_gc", "pg_kl_trained"])
+def test_cdalign_rows_step_on_the_tiny_sd3_transformer(row, small_sd3_model_dir, tmp_path):
+    bench_step, tb = _load("bench_step"), _load("tinybench")
+    trainer = bench_step.build_trainer(row, small_sd3_model_dir, str(tmp_path), SMALL, model="sd3")
+    assert type(trainer.pipe).__name__ == "StableDiffusion3Pipeline"
+    assert type(trainer.denoiser).__name__ == "SD3Transformer2DModel"
+    assert trainer.config.eta == 0.7 and trainer.config.num_inference_steps == T  # the flow SDE's noise level
+    counter = tb.UNetCallCounter(trainer.denoiser)
+    log = trainer.step()
+    assert math.isfinite(log["loss"])
+    if row == "reward_only":
+        assert counter.total == T  # one CFG-batched transformer call per denoising step
+    else:
+        assert "kl" in log and counter.total > T
+    assert (counter.recomputed > 0) == row.endswith("_gc")
+    assert bench_step.row_label(row, "sd3").startswith("tiny SD3 (flow-matching transformer")
+    assert bench_step.row_label(row, "sd") == bench_step.ROWS[row]["label"]
+
+
+def test_gpu_sd3_script_smoke_path():
+    """The prepared SD3.5-medium GPU script's code path (cdalign trainer and sampler on an
+    SD3 transformer with dual attention and RMS q/k norm, 16 latent channels, two projected
+    CLIPs) at tiny shapes on the CPU; the real run needs a GPU. fp32 here for the reason
+    given in the SD 1.5 test above (``--tiny`` runs bf16)."""
+    gpu = _load("gpu_sd3")
+    shape = dict(gpu.TINY, steps=2, ks=[1], kls=[True], timed=1, warmup=0, mixed_precision="no")
+    seen = []
+    res = gpu.measure(shape, "cpu", on_row=lambda r: seen.append(len(r["rows"])))
+    assert [(r["row"], r["kl"], r["k"]) for r in res["rows"]] == [("sampling", None, None), ("train", True, 1)]
+    assert seen == [1, 2]  # the output files are rewritten after every row
+    for r in res["rows"]:
+        assert r["s"] > 0 and not r.get("oom")
+    assert math.isfinite(res["rows"][1]["loss"]) and res["rows"][1]["kl_value"] is not None
+    meta = {"device_name": "CPU", "torch": torch.__version__, "when": "now", "smoke": True, "shape": shape}
+    text = gpu.render(res, meta)
+    assert "SMOKE" in text and "T5 left out" in text
+    assert "| training step, KL constraint (value at all steps), s / step | 1 |" in text
+    full = gpu.SD35M_TRANSFORMER
+    assert (full["num_layers"], full["num_attention_heads"], full["attention_head_dim"]) == (24, 24, 64)
+    assert (full["joint_attention_dim"], full["caption_projection_dim"], full["pooled_projection_dim"]) == (4096, 1536, 2048)
+    assert full["dual_attention_layers"] == tuple(range(13)) and full["qk_norm"] == "rms_norm"
+    assert gpu.CLIP_L["projection_dim"] + gpu.CLIP_G["projection_dim"] == full["pooled_projection_dim"]
+    assert (gpu.SD35M_VAE["latent_channels"], gpu.SD35M_VAE["scaling_factor"], gpu.SD35M_VAE["shift_factor"]) == (16, 1.5305, 0.0609)
+    assert gpu.FULL["resolution"] == 1024 and gpu.FULL["mixed_precision"] == "bf16"
