@@ -61,12 +61,12 @@ def main():
     base = WithAdaptersDisabled(policy)
     x = torch.randn(4, *sampler.latent_shape, generator=g)
     t = sampler.chain.timesteps[10]
-    index = policy._index[int(t)]
+    index = sampler.chain.index_of(t)
 
     def joint(x_t):
         n = 2 * len(x_t)
         x_in = torch.cat([x_t] * 4)
-        embeds = torch.cat([policy.embeds, policy.embeds])
+        embeds = torch.cat([policy.cond.embeds, policy.cond.embeds])
         with mixed_adapter_batch(unet, ["default"] * n + ["__base__"] * n):
             out = unet(x_in, t, encoder_hidden_states=embeds).sample
         results = []

@@ -271,7 +271,7 @@ class MixtureTrainer:
         dtype = next(self.unet.parameters()).dtype
 
         def predict(x_t, t):
-            return self.unet(x_t.to(dtype), t, encoder_hidden_states=embeds.to(dtype)).sample
+            return self.sampler.family.forward(self.unet, x_t.to(dtype), t, embeds.to(dtype))
 
         sched = self.noise_scheduler
         return dsm_loss(predict, d["latents"][idx], t.to(self.device), noise.to(self.device), sched.alphas_cumprod,
