@@ -1,7 +1,9 @@
-"""Quality gates of the embedded tiny model ``cdalign/tiny-shapes-sd``, measured with the
-plain numpy classifier of ``cdalign.data.shapes`` (never with a learned reward).
+"""Quality gates of the embedded tiny models ``cdalign/tiny-shapes-sd`` (Stable Diffusion
+architecture) and ``cdalign/tiny-shapes-sd3`` (SD3 architecture, flow matching), measured
+with the plain numpy classifier of ``cdalign.data.shapes`` (never with a learned reward).
 
     python evaluation/tiny_quality.py [--model cdalign/tiny-shapes-sd] [--write_card]
+    python evaluation/tiny_quality.py --model cdalign/tiny-shapes-sd3 [--scheduler_shift 3.0] [--write_card]
 
 Prints, for each guidance scale:
 
@@ -11,11 +13,14 @@ Prints, for each guidance scale:
   named shape (gate: >= 60% overall);
 - background and size accuracy (reported, not gated);
 and once: diversity of one prompt over seeds (shape-centre spread, px; distinct
-images), and the wall time of a 4-image batch at 20 DDIM steps.
+images), and the wall time of a 4-image batch at 20 sampler steps (the model's own
+scheduler: DDIM for sd, flow-matching Euler for sd3).
 
 The prompts are full shapes-world captions drawn with a fixed seed, ``samples_per_color``
 per colour word, each with its own generator seed. ``--write_card`` writes the model
-card (README.md) and a sample grid PNG into the model's folder from these numbers.
+card (README.md) and a sample grid PNG into the model's folder from these numbers; the
+card's architecture table and training text come from the folder's component configs and
+``training_log.json`` (its ``architecture``: sd or sd3).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +135,7 @@ def diversity(pipe, prompt: str, num_seeds: int, guidance_scale: float) -> dict:
 
 def time_generation(pipe, guidance_scale: float, batch: int = 4, num_inference_steps: int = 20, repeats: int = 3) -> float:
     """Median wall time per image (s) of a ``batch``-image call at ``num_inference_steps``
-    DDIM steps (after one warm-up call)."""
+    sampler steps (after one warm-up call)."""
     prompts = ["a large red circle on a white background"] * batch
     generate(pipe, prompts, list(range(batch)), guidance_scale, num_inference_steps)
     times = []
@@ -157,15 +163,35 @@ def sample_grid(pipe, guidance_scale: float, seed: int = 0, upscale: int = 1) ->
     return grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
 
 
-def evaluate(model: str, guidance_scales: list[float], samples_per_color: int, diversity_seeds: int, seed: int = 0) -> dict:
-    """Run every measurement; returns a JSON-able dict (see the module docstring)."""
+def load_model(model: str, scheduler_shift: float | None = None):
+    """The pipeline of an embedded name or a diffusers folder (``load_pipeline``: its own
+    class, an SD3 folder without T5). ``scheduler_shift`` replaces a flow-matching
+    scheduler's shift (for measuring it)."""
     from cdalign.models.pipeline import load_pipeline
 
     pipe = load_pipeline(model)
+    if scheduler_shift is not None:
+        if "shift" not in pipe.scheduler.config:
+            raise ValueError(f"--scheduler_shift: {type(pipe.scheduler).__name__} has no shift")
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=scheduler_shift)
+    return pipe
+
+
+def evaluate(
+    model: str, guidance_scales: list[float], samples_per_color: int, diversity_seeds: int, seed: int = 0, scheduler_shift: float | None = None
+) -> dict:
+    """Run every measurement; returns a JSON-able dict (see the module docstring)."""
+    pipe = load_model(model, scheduler_shift)
     prompts, truths = evaluation_prompts(samples_per_color, seed)
     seeds = list(range(len(prompts)))
     results = dict(
-        model=model, samples_per_color=samples_per_color, diversity_seeds=diversity_seeds, num_inference_steps=20, by_guidance={}
+        model=model,
+        samples_per_color=samples_per_color,
+        diversity_seeds=diversity_seeds,
+        num_inference_steps=20,
+        scheduler=type(pipe.scheduler).__name__,
+        scheduler_shift=pipe.scheduler.config.get("shift"),
+        by_guidance={},
     )
     for scale in guidance_scales:
         results["by_guidance"][str(scale)] = fidelity(generate(pipe, prompts, seeds, scale), truths)
@@ -202,132 +228,139 @@ def format_table(results: dict) -> str:
 
 def model_folder(model: str) -> Path:
     """The diffusers folder of an embedded model name or a local path."""
-    from cdalign.models.tiny_pretrained import TINY_SHAPES_ID, tiny_shapes_sd_path
+    from cdalign.models.tiny_pretrained import TINY_SHAPES_ID, TINY_SHAPES_SD3_ID, tiny_shapes_sd3_path, tiny_shapes_sd_path
 
-    return tiny_shapes_sd_path() if model == TINY_SHAPES_ID else Path(model)
+    embedded = {TINY_SHAPES_ID: tiny_shapes_sd_path, TINY_SHAPES_SD3_ID: tiny_shapes_sd3_path}
+    return embedded[model]() if model in embedded else Path(model)
 
 
-def write_model_card(folder: Path, results: dict, command: str, grid: np.ndarray):
-    """Write ``README.md`` (the model card, with the numbers of ``results`` and the
-    training log next to the weights) and ``samples.png`` (``grid``) into ``folder``."""
-    from PIL import Image
+def pipeline_class(folder: Path) -> str:
+    """The pipeline class a diffusers folder's ``model_index.json`` names."""
+    return json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]
 
-    from cdalign.data.shapes import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, SIZES
 
-    Image.fromarray(grid).save(folder / "samples.png", optimize=True)
-    log = json.loads((folder / "training_log.json").read_text())
-    best = results["best_guidance_scale"]
-    gates = results["by_guidance"][str(best)]
-    div = results["diversity"]
-    weights = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
-    card = CARD_TEMPLATE.format(
-        best=best,
-        colors=", ".join(COLOR_NAMES),
-        shapes=", ".join(SHAPES),
-        backgrounds=", ".join(BACKGROUND_NAMES),
-        sizes=", ".join(SIZES),
-        weights_mb=weights / 1e6,
-        train_minutes=log["total_seconds"] / 60,
-        vae_minutes=log["vae_seconds"] / 60,
-        unet_minutes=log["unet_seconds"] / 60,
-        train_threads=log["torch_threads"],
-        vae_steps=log["config"]["vae_steps"],
-        vae_batch=log["config"]["vae_batch_size"],
-        unet_steps=log["config"]["unet_steps"],
-        unet_batch=log["config"]["batch_size"],
-        scaling=log["vae_scaling_factor"],
-        seed=log["config"]["seed"],
-        command=command,
-        eval_threads=results["torch_threads"],
-        n=results["samples_per_color"],
-        total=results["samples_per_color"] * len(COLOR_NAMES),
-        table=format_table(results),
-        color_min=gates["color_min"],
-        shape_overall=gates["shape_overall"],
-        center_std=div["center_std_px"],
-        radius_std=div["radius_std_px"],
-        distinct=div["distinct_fraction"],
-        div_prompt=div["prompt"],
-        div_n=results["diversity_seeds"],
-        seconds=results["seconds_per_image_batch4_20steps"],
-        gates=", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in results["gates"].items()),
-        vae_l1=log["config"].get("vae_l1_weight", 0.0),
-        offset_noise=log["config"].get("offset_noise", 0.0),
-        snr_gamma=log["config"].get("snr_gamma", 0.0),
-        vae_fidelity=", ".join(f"{k} {v:.0%}" for k, v in log.get("vae_reconstruction_fidelity", {}).items()) or "not measured",
-        limitations=limitations(gates),
+def _config(folder: Path, component: str) -> dict:
+    """A component's saved config (``config.json`` or ``scheduler_config.json``)."""
+    for name in ("config.json", "scheduler_config.json"):
+        if (folder / component / name).is_file():
+            return json.loads((folder / component / name).read_text())
+    raise FileNotFoundError(f"{folder / component}: no config")
+
+
+def _describe_unet(c: dict, log: dict) -> str:
+    size = c["sample_size"]
+    attention = [f"{size // 2**i}x{size // 2**i}" for i, kind in enumerate(c["down_block_types"]) if kind.startswith("CrossAttn")]
+    return (
+        f"{c['in_channels']}x{size}x{size} latents, channels {tuple(c['block_out_channels'])}, {c['layers_per_block']} layers per block, "
+        f"GroupNorm {c['norm_num_groups']} groups, cross-attention ({c['cross_attention_dim']}-d) at {', '.join(attention)} and the middle; "
+        "epsilon prediction"
     )
-    (folder / "README.md").write_text(card)
 
 
-def limitations(gates: dict) -> str:
-    """The card's limitations sentence, from the measured accuracies at the recommended guidance."""
-    weakest = min(gates["shape"], key=gates["shape"].get)
-    parts = [
-        f"Shapes are drawn with soft edges: the weakest is the {weakest} "
-        f"({gates['shape'][weakest]:.0%} recognised), the named background is followed in "
-        f"{gates['background_overall']:.0%} of samples and the size in {gates['size_overall']:.0%}."
-    ]
-    if gates["shape_overall"] < 0.6 or gates["color_min"] < 0.8:
-        parts.append("A quality gate fails (see above): more UNet steps (`--unet_steps`) are the first thing to try.")
-    return " ".join(parts)
+def _describe_sd3_transformer(c: dict, log: dict) -> str:
+    size, patch = c["sample_size"], c["patch_size"]
+    width = c["num_attention_heads"] * c["attention_head_dim"]
+    params = log.get("transformer_parameters")
+    return (
+        f"{c['in_channels']}x{size}x{size} latents, patch {patch} ({(size // patch) ** 2} image tokens), {c['num_layers']} joint (MMDiT) blocks, "
+        f"{c['num_attention_heads']} heads x {c['attention_head_dim']} (width {width}), context {c['joint_attention_dim']}-d "
+        f"(77 CLIP tokens + 256 zero tokens: no T5), pooled projection {c['pooled_projection_dim']}-d"
+        + (f", {params / 1e6:.2f} M parameters" if params else "")
+        + "; velocity prediction (rectified flow)"
+    )
 
 
-CARD_TEMPLATE = """---
-license: apache-2.0
-library_name: diffusers
-pipeline_tag: text-to-image
-tags:
-- stable-diffusion
-- tiny
-- shapes
-- cdalign
----
+def _describe_vae(c: dict, log: dict) -> str:
+    factor = 2 ** (len(c["block_out_channels"]) - 1)
+    size = c["sample_size"]
+    text = (
+        f"{size}x{size} RGB <-> {c['latent_channels']}x{size // factor}x{size // factor}, channels {tuple(c['block_out_channels'])}, "
+        f"GroupNorm {c['norm_num_groups']} group{'s' if c['norm_num_groups'] > 1 else ''}, "
+        f"{'' if c.get('mid_block_add_attention', True) else 'no '}mid-block attention; scaling factor {c['scaling_factor']:.4f} (1 / latent std)"
+    )
+    if c.get("shift_factor") is not None:
+        text += f", shift factor {c['shift_factor']:.4f} (latent mean)"
+    if log.get("architecture", "sd") != "sd":
+        text += f"; {log.get('base_model', 'cdalign/tiny-shapes-sd')}'s trained VAE, frozen"
+    return text
 
-# cdalign/tiny-shapes-sd
 
-A tiny Stable-Diffusion-architecture text-to-image model (64x64 pixels), trained from
-scratch on CPU on the procedurally generated *shapes world* of `cdalign.data.shapes`. It is
-embedded in cdalign so that rewards, constraints and composition have visible,
-measurable effects offline and in tests; it is not a general image model.
+def _describe_text_encoder(c: dict, log: dict) -> str:
+    text = f"hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads, {c['max_position_embeddings']} positions"
+    if "WithProjection" in c.get("architectures", [""])[0]:
+        text += f", text projection {c['projection_dim']}-d (identity)"
+    if log.get("architecture", "sd") == "sd":
+        return text + "; trained jointly with the UNet"
+    return text + f"; {log.get('base_model', 'cdalign/tiny-shapes-sd')}'s trained CLIP text encoder, frozen"
 
-![samples](samples.png)
 
-*Rows: {colors}; columns: {shapes}. Prompts "a large <colour> <shape> on a <background>
-background", guidance {best}, 20 DDIM steps, one seed each.*
+def _describe_tokenizer(folder: Path, component: str) -> str:
+    vocab = len(json.loads((folder / component / "tokenizer.json").read_text())["model"]["vocab"])
+    return f"byte-level vocabulary (256 bytes + end-of-word forms) + BPE merges making every shapes-world word one token; {vocab} tokens"
 
-## Use
 
-```python
-from cdalign.models.pipeline import load_pipeline
-pipe = load_pipeline("cdalign/tiny-shapes-sd")          # or StableDiffusionPipeline.from_pretrained(<this folder>)
-image = pipe("a small red circle on a black background", num_inference_steps=20, guidance_scale={best}).images[0]
-```
+def _describe_scheduler(c: dict, log: dict) -> str:
+    if c["_class_name"] == "DDIMScheduler":
+        prefix = "SD 1.5's: " if (c["beta_start"], c["beta_end"], c["beta_schedule"]) == (0.00085, 0.012, "scaled_linear") else ""
+        return (
+            f"{prefix}{c['beta_schedule']} {c['beta_start']}-{c['beta_end']}, {c['num_train_timesteps']} steps, "
+            f"set_alpha_to_one {c['set_alpha_to_one']}, steps_offset {c['steps_offset']}"
+        )
+    if c["_class_name"] == "FlowMatchEulerDiscreteScheduler":
+        return f"{c['num_train_timesteps']} steps, Euler on the flow ODE, shift {c['shift']} (sigma -> shift sigma / (1 + (shift - 1) sigma))"
+    return ", ".join(f"{k} {v}" for k, v in c.items() if not k.startswith("_"))
 
-Recommended: **guidance scale {best}**, 20 DDIM steps, resolution **64x64** (the default;
-latents are 4x16x16).
 
-## What it knows
+# Component class -> its architecture-table description, from its saved config and the training log.
+COMPONENT_DESCRIPTIONS = {
+    "UNet2DConditionModel": _describe_unet,
+    "SD3Transformer2DModel": _describe_sd3_transformer,
+    "AutoencoderKL": _describe_vae,
+    "CLIPTextModel": _describe_text_encoder,
+    "CLIPTextModelWithProjection": _describe_text_encoder,
+    "DDIMScheduler": _describe_scheduler,
+    "FlowMatchEulerDiscreteScheduler": _describe_scheduler,
+}
 
-Prompts of the form `a [size] <colour> <shape> [on a <background> background]`:
-colours {colors}; shapes {shapes}; sizes {sizes}; backgrounds {backgrounds}. Size and
-background may be left out ("a red circle"); the empty prompt draws any scene. Other
-English tokenizes (byte-level base vocabulary, no unknown tokens) but means nothing to
-the model.
 
-## Architecture ({weights_mb:.1f} MB of fp32 safetensors)
+# Table order: the denoiser, then what feeds it.
+COMPONENT_ORDER = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
-| component | configuration |
-|---|---|
-| UNet2DConditionModel | 4x16x16 latents, channels (32, 64, 64), 2 layers per block, GroupNorm 4 groups, cross-attention (64-d) at 8x8, 4x4 and the middle; epsilon prediction |
-| AutoencoderKL | 64x64 RGB <-> 4x16x16, channels (16, 32, 64), GroupNorm 1 group, no mid-block attention; scaling factor {scaling:.4f} (1 / latent std) |
-| CLIPTextModel | hidden 64, 4 layers, 4 heads, 77 positions; trained jointly with the UNet |
-| CLIPTokenizer | byte-level vocabulary (256 bytes + end-of-word forms) + BPE merges making every shapes-world word one token; 595 tokens |
-| DDIMScheduler | SD 1.5's: scaled_linear 0.00085-0.012, 1000 steps, set_alpha_to_one False, steps_offset 1 |
 
-## Training
+def architecture_table(folder: Path, log: dict) -> str:
+    """The card's architecture table: one row per component class of ``model_index.json``
+    (components sharing a class and a description share a row, e.g. SD3's two text encoders)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    order = {name: i for i, name in enumerate(COMPONENT_ORDER)}
+    rows: dict[tuple[str, str], list[str]] = {}
+    for name in sorted(index, key=lambda n: (order.get(n, len(order)), n)):
+        spec = index[name]
+        if name.startswith("_") or not isinstance(spec, list) or spec[1] is None:
+            continue
+        cls = spec[1]
+        if cls == "CLIPTokenizer":
+            text = _describe_tokenizer(folder, name)
+        elif cls in COMPONENT_DESCRIPTIONS:
+            text = COMPONENT_DESCRIPTIONS[cls](_config(folder, name), log)
+        else:
+            text = "(see its config)"
+        rows.setdefault((cls, text), []).append(name)
+    lines = ["| component | configuration |", "|---|---|"]
+    for (cls, text), names in rows.items():
+        label = cls if len(names) == 1 else f"{cls} ({', '.join(f'`{n}`' for n in names)})"
+        lines.append(f"| {label} | {text} |")
+    return "\n".join(lines)
 
-`accelerate launch recipes/pretrain_tiny.py --seed {seed} --num_threads {train_threads}` (see `recipes/pretrain_tiny.py` and
+
+def sampler_name(folder: Path) -> str:
+    """How the card names the sampler: "DDIM" or "flow-matching Euler (shift s)"."""
+    c = _config(folder, "scheduler")
+    if c["_class_name"] == "FlowMatchEulerDiscreteScheduler":
+        return f"flow-matching Euler (shift {c['shift']})"
+    return c["_class_name"].removesuffix("Scheduler")
+
+
+SD_TRAINING = """`accelerate launch recipes/pretrain_tiny.py --seed {seed} --num_threads {train_threads}` (see `recipes/pretrain_tiny.py` and
 `training_log.json`): VAE {vae_steps} steps x {vae_batch} images (MSE + {vae_l1} x L1 + small KL), then UNet
 and text encoder jointly {unet_steps} steps x {unet_batch} images, 10% captions dropped for
 classifier-free guidance, offset noise {offset_noise} (see below), Min-SNR-gamma loss weighting
@@ -342,7 +375,211 @@ constant of std {offset_noise} is added to the training noise. With SD 1.5's sch
 16x16 latent keeps its mean colour readable even at t = 999 (signal 0.068 x the mean
 against pixel-noise 1/16), so a model trained without it takes the background from the
 initial noise and ignores the prompt's: the previous version of this model, trained
-without it, followed the named background in 42% of samples (chance: 33%).
+without it, followed the named background in 42% of samples (chance: 33%)."""
+
+SD3_TRAINING = """`accelerate launch recipes/pretrain_tiny.py --config recipes/pretrain_tiny_sd3.yaml` (architecture `sd3`;
+see `recipes/pretrain_tiny.py` and `training_log.json`). No VAE stage: the VAE and the CLIP text
+encoder are {base_model}'s trained ones, frozen (the text encoder serves as both
+`text_encoder` and `text_encoder_2`; no T5, so SD3's prompt encoding appends zero tokens). The
+VAE's shift factor {shift_factor:.4f} and scaling factor {scaling:.4f} are the mean and 1 / std of its
+latents on fresh scenes. The transformer is trained by rectified flow (Esser et al. 2024):
+x_s = (1 - s) x0 + s eps, target velocity eps - x0, s drawn {timestep_sampling}, timestep 1000 s,
+{transformer_steps} steps x {unet_batch} images, AdamW lr {lr} (warmup, cosine decay), 10% captions dropped for
+classifier-free guidance, size / background words left out of some captions, EMA weights
+(decay {ema_decay}) saved. Every batch is freshly rendered, so no image repeats. Wall time on a shared
+2-core CPU with {train_threads} torch thread(s): {train_minutes:.1f} min; final velocity MSE {final_loss:.4f}.
+Loss curve: `loss_curve.png`. The VAE alone sets a ceiling: the classifier below reads its
+reconstructions of fresh scenes as {vae_fidelity}."""
+
+
+def _sd_card_fields(log: dict) -> dict:
+    config = log["config"]
+    return dict(
+        vae_steps=config["vae_steps"],
+        vae_batch=config["vae_batch_size"],
+        unet_steps=config["unet_steps"],
+        vae_minutes=log["vae_seconds"] / 60,
+        unet_minutes=log["unet_seconds"] / 60,
+        vae_l1=config.get("vae_l1_weight", 0.0),
+        offset_noise=config.get("offset_noise", 0.0),
+        snr_gamma=config.get("snr_gamma", 0.0),
+    )
+
+
+def _sd3_card_fields(log: dict) -> dict:
+    config = log["config"]
+    sampling = config.get("timestep_sampling", "logit_normal")
+    return dict(
+        base_model=log.get("base_model", config.get("base_model")),
+        shift_factor=log["vae_shift_factor"],
+        timestep_sampling=(
+            f"logit-normal (mean {config.get('logit_mean', 0.0)}, std {config.get('logit_std', 1.0)})" if sampling == "logit_normal" else sampling
+        ),
+        transformer_steps=config["transformer_steps"],
+        lr=config["transformer_lr"],
+        ema_decay=config["ema_decay"],
+        final_loss=log["final_transformer_loss"],
+    )
+
+
+@dataclass(frozen=True)
+class CardArchitecture:
+    """What the model card says differently per ``training_log.json`` architecture."""
+
+    model_id: str
+    tags: tuple[str, ...]
+    summary: str
+    pipeline: str  # the diffusers pipeline class, for the Use snippet
+    load_kwargs: str  # extra from_pretrained arguments of the Use snippet
+    training: str  # template of the Training section
+    fields: object  # log -> the training template's architecture-specific fields
+    steps_option: str  # what to raise when a gate fails
+
+
+CARD_ARCHITECTURES = {
+    "sd": CardArchitecture(
+        model_id="cdalign/tiny-shapes-sd",
+        tags=("stable-diffusion", "tiny", "shapes", "cdalign"),
+        summary="A tiny Stable-Diffusion-architecture text-to-image model (64x64 pixels), trained from\nscratch on CPU",
+        pipeline="StableDiffusionPipeline",
+        load_kwargs="",
+        training=SD_TRAINING,
+        fields=_sd_card_fields,
+        steps_option="more UNet steps (`--unet_steps`)",
+    ),
+    "sd3": CardArchitecture(
+        model_id="cdalign/tiny-shapes-sd3",
+        tags=("stable-diffusion-3", "flow-matching", "rectified-flow", "tiny", "shapes", "cdalign"),
+        summary=(
+            "A tiny Stable-Diffusion-3-architecture (MMDiT transformer, rectified flow) text-to-image\n"
+            "model (64x64 pixels) whose transformer is trained from scratch on CPU (VAE and CLIP text\n"
+            "encoder reused from cdalign/tiny-shapes-sd, frozen)"
+        ),
+        pipeline="StableDiffusion3Pipeline",
+        load_kwargs=", text_encoder_3=None, tokenizer_3=None",
+        training=SD3_TRAINING,
+        fields=_sd3_card_fields,
+        steps_option="more transformer steps (`--transformer_steps`)",
+    ),
+}
+
+
+def write_model_card(folder: Path, results: dict, command: str, grid: np.ndarray):
+    """Write ``README.md`` (the model card, with the numbers of ``results``, the training
+    log and component configs next to the weights) and ``samples.png`` (``grid``) into ``folder``."""
+    from PIL import Image
+
+    from cdalign.data.shapes import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, SIZES
+
+    Image.fromarray(grid).save(folder / "samples.png", optimize=True)
+    log = json.loads((folder / "training_log.json").read_text())
+    arch = CARD_ARCHITECTURES[log.get("architecture", "sd")]
+    best = results["best_guidance_scale"]
+    gates = results["by_guidance"][str(best)]
+    div = results["diversity"]
+    weights = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+    vae_config = _config(folder, "vae")
+    shared = dict(
+        seed=log["config"]["seed"],
+        train_threads=log["torch_threads"],
+        train_minutes=log["total_seconds"] / 60,
+        unet_batch=log["config"]["batch_size"],
+        scaling=vae_config["scaling_factor"],
+        vae_fidelity=", ".join(f"{k} {v:.0%}" for k, v in log.get("vae_reconstruction_fidelity", {}).items()) or "not measured",
+    )
+    training = arch.training.format(**shared, **arch.fields(log))
+    card = CARD_TEMPLATE.format(
+        model_id=arch.model_id,
+        tags="\n".join(f"- {t}" for t in arch.tags),
+        summary=arch.summary,
+        pipeline=arch.pipeline,
+        load_kwargs=arch.load_kwargs,
+        sampler=sampler_name(folder),
+        architecture_table=architecture_table(folder, log),
+        training=training,
+        best=best,
+        colors=", ".join(COLOR_NAMES),
+        shapes=", ".join(SHAPES),
+        backgrounds=", ".join(BACKGROUND_NAMES),
+        sizes=", ".join(SIZES),
+        weights_mb=weights / 1e6,
+        command=command,
+        eval_threads=results["torch_threads"],
+        n=results["samples_per_color"],
+        total=results["samples_per_color"] * len(COLOR_NAMES),
+        table=format_table(results),
+        color_min=gates["color_min"],
+        shape_overall=gates["shape_overall"],
+        center_std=div["center_std_px"],
+        radius_std=div["radius_std_px"],
+        distinct=div["distinct_fraction"],
+        div_prompt=div["prompt"],
+        div_n=results["diversity_seeds"],
+        seconds=results["seconds_per_image_batch4_20steps"],
+        gates=", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in results["gates"].items()),
+        limitations=limitations(gates, arch.steps_option),
+    )
+    (folder / "README.md").write_text(card)
+
+
+def limitations(gates: dict, steps_option: str = "more UNet steps (`--unet_steps`)") -> str:
+    """The card's limitations sentence, from the measured accuracies at the recommended guidance."""
+    weakest = min(gates["shape"], key=gates["shape"].get)
+    parts = [
+        f"Shapes are drawn with soft edges: the weakest is the {weakest} "
+        f"({gates['shape'][weakest]:.0%} recognised), the named background is followed in "
+        f"{gates['background_overall']:.0%} of samples and the size in {gates['size_overall']:.0%}."
+    ]
+    if gates["shape_overall"] < 0.6 or gates["color_min"] < 0.8:
+        parts.append(f"A quality gate fails (see above): {steps_option} are the first thing to try.")
+    return " ".join(parts)
+
+
+CARD_TEMPLATE = """---
+license: apache-2.0
+library_name: diffusers
+pipeline_tag: text-to-image
+tags:
+{tags}
+---
+
+# {model_id}
+
+{summary} on the procedurally generated *shapes world* of `cdalign.data.shapes`. It is
+embedded in cdalign so that rewards, constraints and composition have visible,
+measurable effects offline and in tests; it is not a general image model.
+
+![samples](samples.png)
+
+*Rows: {colors}; columns: {shapes}. Prompts "a large <colour> <shape> on a <background>
+background", guidance {best}, 20 {sampler} steps, one seed each.*
+
+## Use
+
+```python
+from cdalign.models.pipeline import load_pipeline
+pipe = load_pipeline("{model_id}")          # or {pipeline}.from_pretrained(<this folder>{load_kwargs})
+image = pipe("a small red circle on a black background", num_inference_steps=20, guidance_scale={best}).images[0]
+```
+
+Recommended: **guidance scale {best}**, 20 {sampler} steps, resolution **64x64** (the default;
+latents are 4x16x16).
+
+## What it knows
+
+Prompts of the form `a [size] <colour> <shape> [on a <background> background]`:
+colours {colors}; shapes {shapes}; sizes {sizes}; backgrounds {backgrounds}. Size and
+background may be left out ("a red circle"); the empty prompt draws any scene. Other
+English tokenizes (byte-level base vocabulary, no unknown tokens) but means nothing to
+the model.
+
+## Architecture ({weights_mb:.1f} MB of fp32 safetensors)
+
+{architecture_table}
+
+## Training
+
+{training}
 
 ## Quality (measured)
 
@@ -352,7 +589,7 @@ Numbers below come from the numpy classifier of `cdalign.data.shapes` (border-me
 background, majority nearest palette colour of the foreground pixels, foreground cut at
 half the foreground's contrast, shape from the bounding-box fill ratio), never from a
 learned reward. {n} full-caption prompts per
-colour ({total} images, random shape / size / background, one seed each), 20 DDIM steps:
+colour ({total} images, random shape / size / background, one seed each), 20 {sampler} steps:
 
 {table}
 
@@ -377,6 +614,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--diversity_seeds", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="Seeds the evaluation prompts.")
     parser.add_argument("--num_threads", type=int, default=0, help="torch CPU threads; 0 keeps the default.")
+    parser.add_argument(
+        "--scheduler_shift", type=float, default=None, help="Flow-matching models: sample with this scheduler shift instead of the saved one."
+    )
     parser.add_argument("--write_card", action="store_true", help="Write README.md and samples.png into the model folder.")
     args = parser.parse_args(argv)
 
@@ -385,7 +625,7 @@ def main(argv: list[str] | None = None):
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     start = time.perf_counter()
-    results = evaluate(args.model, args.guidance_scales, args.samples_per_color, args.diversity_seeds, args.seed)
+    results = evaluate(args.model, args.guidance_scales, args.samples_per_color, args.diversity_seeds, args.seed, args.scheduler_shift)
     pipe = results.pop("_pipe")
     results["torch_threads"] = torch.get_num_threads()
     results["evaluation_seconds"] = round(time.perf_counter() - start, 1)

@@ -1,8 +1,14 @@
-"""Pretrain the embedded tiny text-to-image model ``cdalign/tiny-shapes-sd`` from scratch.
+"""Pretrain the embedded tiny text-to-image models ``cdalign/tiny-shapes-sd`` (``--architecture sd``)
+and ``cdalign/tiny-shapes-sd3`` (``--architecture sd3``) from scratch.
 
     accelerate launch recipes/pretrain_tiny.py [--output_dir DIR] [--seed N] [--config recipes/pretrain_tiny.yaml]
+    accelerate launch recipes/pretrain_tiny.py --config recipes/pretrain_tiny_sd3.yaml
 
-Two stages, both on freshly rendered shapes-world batches (``cdalign.data.shapes``), so the
+The architecture is looked up in ``ARCHITECTURES`` (one trainer function each); scene
+rendering, captions and caption dropout, EMA, the learning-rate schedule, the loss curve,
+the atomic save and ``training_log.json`` are shared.
+
+``sd``: two stages, both on freshly rendered shapes-world batches (``cdalign.data.shapes``), so the
 data never repeats and nothing is downloaded:
 
 1. VAE (64x64 RGB <-> 4x16x16): reconstruction MSE + L1 + a small KL weight; the latent
@@ -15,7 +21,16 @@ data never repeats and nothing is downloaded:
    left out of some captions, so partial prompts ("a red circle") work. An exponential
    moving average of the weights is saved.
 
-Writes a diffusers ``StableDiffusionPipeline`` folder (safetensors), ``loss_curve.png``
+``sd3``: no VAE stage. The trained VAE and CLIP text encoder of ``cdalign/tiny-shapes-sd``
+(``base_model``) are reused, frozen (the text encoder twice, as SD3's ``text_encoder`` and
+``text_encoder_2``; no T5); the VAE's ``shift_factor`` / ``scaling_factor`` are measured on
+fresh scenes (latent mean, 1 / std). An ``SD3Transformer2DModel`` is trained by rectified
+flow: ``x_s = (1 - s) x0 + s eps``, target velocity ``eps - x0``, ``s`` logit-normal (Esser
+et al. 2024) or uniform, timestep ``1000 s``; caption embeddings come from the pipeline's
+own ``encode_prompt`` (cached: the caption space is small). Saved as a
+``StableDiffusion3Pipeline`` with a ``FlowMatchEulerDiscreteScheduler``.
+
+Writes a diffusers pipeline folder (safetensors), ``loss_curve.png``
 and ``training_log.json`` (config, wall times, losses, VAE read-back). Deterministic for a
 seed and a thread count (``--num_threads``; 0 keeps torch's default). Wall time of the
 shipped model: ``training_log.json`` next to it and its model card. On a busy machine
@@ -41,6 +56,7 @@ from tqdm.auto import tqdm
 
 @dataclass
 class PretrainConfig:
+    architecture: str = field(default="sd", metadata={"help": "Which model to train: a key of ARCHITECTURES (sd, sd3)."})
     output_dir: str = field(default="cdalign/data/tiny-shapes-sd", metadata={"help": "Where the pipeline folder is written."})
     seed: int = field(default=0, metadata={"help": "Seeds initialisation, data and noise."})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default."})
@@ -74,6 +90,27 @@ class PretrainConfig:
             "On 16x16 latents SD's schedule leaves the mean colour readable at t=T, so without it the model takes the "
             "background from the initial noise instead of the prompt."
         },
+    )
+    # --- sd3 only ---
+    base_model: str = field(
+        default="cdalign/tiny-shapes-sd",
+        metadata={"help": "sd3: pipeline folder (or the embedded id) whose trained VAE, CLIP text encoder and tokenizer are reused."},
+    )
+    transformer_steps: int = field(default=3800, metadata={"help": "sd3: transformer optimiser steps."})
+    transformer_lr: float = field(default=5e-4, metadata={"help": "sd3: transformer peak learning rate (AdamW, warmup then cosine decay)."})
+    transformer_layers: int = field(default=4, metadata={"help": "sd3: joint transformer blocks."})
+    attention_heads: int = field(default=2, metadata={"help": "sd3: attention heads per block."})
+    attention_head_dim: int = field(default=32, metadata={"help": "sd3: width of one attention head."})
+    timestep_sampling: str = field(
+        default="logit_normal", metadata={"help": "sd3: how sigma is drawn in training: logit_normal (SD3 paper) or uniform."}
+    )
+    logit_mean: float = field(default=0.0, metadata={"help": "sd3: mean of the logit-normal sigma density."})
+    logit_std: float = field(default=1.0, metadata={"help": "sd3: std of the logit-normal sigma density."})
+    scheduler_shift: float = field(default=1.0, metadata={"help": "sd3: FlowMatchEulerDiscreteScheduler shift saved with the model (sampling only)."})
+    init_transformer: str = field(
+        default="",
+        metadata={"help": "sd3: continue pretraining: a saved tiny flow pipeline folder whose transformer weights (same "
+                  "architecture) training starts from; its training_log.json is kept under previous_stages. Empty: random init."},
     )
 
     @classmethod
@@ -253,13 +290,13 @@ def train_unet(unet, text_encoder, tokenizer, vae, noise_scheduler, config, acce
     return ema_unet.eval(), ema_text.eval(), losses
 
 
-def save_loss_curve(path: Path, vae_losses: list[float], unet_losses: list[float]):
-    """Plot both stages' losses (raw and 50-step moving average), log scale."""
+def save_loss_curve(path: Path, panels: list[tuple[str, list[float]]]):
+    """Plot each (title, per-step losses) panel: raw and 50-step moving average, log scale."""
     from cdalign.publishing.plotting import pyplot
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, losses, title in zip(axes, (vae_losses, unet_losses), ("VAE: MSE + KL", "UNet: epsilon MSE")):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    for ax, (title, losses) in zip(axes[0], panels):
         steps = np.arange(1, len(losses) + 1)
         ax.plot(steps, losses, alpha=0.3, lw=0.7)
         if len(losses) >= 50:
@@ -272,21 +309,45 @@ def save_loss_curve(path: Path, vae_losses: list[float], unet_losses: list[float
     plt.close(fig)
 
 
-def main(config: PretrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+def save_atomically(output_dir: Path, write) -> None:
+    """Call ``write(folder)`` on a fresh sibling folder, then swap it in for
+    ``output_dir``: a crash mid-save never leaves a half-written model behind."""
+    import shutil
+
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    write(staging)
+    if output_dir.exists():
+        old = output_dir.with_name(output_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        output_dir.rename(old)
+        staging.rename(output_dir)
+        shutil.rmtree(old)
+    else:
+        staging.rename(output_dir)
+
+
+@dataclass
+class Trained:
+    """What an architecture's trainer hands to ``main``: the pipeline to save, the loss
+    panels for ``loss_curve.png`` and its entries for ``training_log.json``."""
+
+    pipeline: object
+    loss_panels: list[tuple[str, list[float]]]
+    log: dict
+
+
+def train_sd(config: PretrainConfig, accelerator, rng: np.random.Generator) -> Trained:
+    """``sd``: VAE, then UNet + CLIP text encoder; a StableDiffusionPipeline."""
     from diffusers import StableDiffusionPipeline
 
     from cdalign.models.tiny_pretrained import build_untrained_components
 
-    if config.num_threads > 0:
-        torch.set_num_threads(config.num_threads)
-    accelerator = Accelerator()
-    set_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     parts = build_untrained_components(seed=config.seed)
     start = time.perf_counter()
-
     vae_losses = train_vae(parts["vae"], config, accelerator, rng)
     vae_seconds = time.perf_counter() - start
     vae_fidelity = reconstruction_fidelity(parts["vae"], np.random.default_rng(config.seed + 1), accelerator.device)
@@ -295,33 +356,191 @@ def main(config: PretrainConfig):
         parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["vae"], parts["scheduler"], config, accelerator, rng
     )
     total_seconds = time.perf_counter() - start
+    pipe = StableDiffusionPipeline(
+        vae=parts["vae"],
+        text_encoder=text_encoder,
+        tokenizer=parts["tokenizer"],
+        unet=unet,
+        scheduler=parts["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    log = dict(
+        vae_seconds=round(vae_seconds, 1),
+        unet_seconds=round(total_seconds - vae_seconds, 1),
+        total_seconds=round(total_seconds, 1),
+        vae_scaling_factor=parts["vae"].config.scaling_factor,
+        final_vae_loss=float(np.mean(vae_losses[-50:])),
+        vae_reconstruction_fidelity=vae_fidelity,
+        final_unet_loss=float(np.mean(unet_losses[-50:])),
+    )
+    return Trained(pipe, [("VAE: MSE + KL", vae_losses), ("UNet: epsilon MSE", unet_losses)], log)
+
+
+@torch.no_grad()
+def measure_latent_statistics(vae, rng: np.random.Generator, device, n: int = 512) -> tuple[float, float]:
+    """(mean, std) of the VAE's posterior samples over ``n`` fresh scenes: SD3's
+    ``shift_factor`` and 1 / ``scaling_factor``."""
+    latents = torch.cat([vae.encode(image_batch(rng, 64)[0].to(device)).latent_dist.sample() for _ in range(n // 64)])
+    return float(latents.mean()), float(latents.std())
+
+
+def sample_sigmas(rng: torch.Generator, n: int, config: PretrainConfig) -> torch.Tensor:
+    """Training noise levels in (0, 1): logit-normal (sigmoid of N(logit_mean, logit_std))
+    or uniform."""
+    if config.timestep_sampling == "logit_normal":
+        return torch.sigmoid(config.logit_mean + config.logit_std * torch.randn(n, generator=rng))
+    if config.timestep_sampling == "uniform":
+        return torch.rand(n, generator=rng)
+    raise ValueError(f"timestep_sampling={config.timestep_sampling!r}: expected 'logit_normal' or 'uniform'")
+
+
+def train_transformer(pipe, config: PretrainConfig, accelerator, rng: np.random.Generator):
+    """Fit ``pipe.transformer`` by rectified flow (frozen VAE and text encoders).
+    Returns (EMA transformer, per-step losses)."""
+    transformer = pipe.transformer
+    vae = pipe.vae
+    ema = copy.deepcopy(transformer).requires_grad_(False)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.transformer_lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.transformer_steps))
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    transformer.train()
+    noise_rng = torch.Generator().manual_seed(config.seed)
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def embed(captions: list[str]):
+        """The pipeline's own prompt embeddings (CLIP x 2, zero T5 tokens), cached per caption."""
+        new = sorted(set(captions) - set(cache))
+        if new:
+            embeds, _, pooled, _ = pipe.encode_prompt(new, None, None, device=accelerator.device, do_classifier_free_guidance=False)
+            cache.update({c: (e, p) for c, e, p in zip(new, embeds, pooled)})
+        return torch.stack([cache[c][0] for c in captions]), torch.stack([cache[c][1] for c in captions])
+
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    losses = []
+    bar = tqdm(range(config.transformer_steps), desc="SD3 transformer", disable=not accelerator.is_local_main_process)
+    for step in bar:
+        images, scenes = image_batch(rng, config.batch_size)
+        prompt_embeds, pooled = embed(training_captions(rng, scenes, config))
+        with torch.no_grad():
+            x0 = (vae.encode(images.to(accelerator.device)).latent_dist.sample() - shift) * scale
+        noise = torch.randn(x0.shape, generator=noise_rng).to(x0.device)
+        sigmas = sample_sigmas(noise_rng, len(x0), config).to(x0.device)
+        s = sigmas.view(-1, 1, 1, 1)
+        noisy = (1 - s) * x0 + s * noise  # rectified flow path
+        velocity = transformer(noisy, prompt_embeds, pooled, sigmas * 1000).sample
+        loss = F.mse_loss(velocity, noise - x0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        ema_update(ema, accelerator.unwrap_model(transformer), decay)
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    return ema.eval(), losses
+
+
+def train_sd3(config: PretrainConfig, accelerator, rng: np.random.Generator) -> Trained:
+    """``sd3``: reuse tiny-shapes-sd's VAE and text encoder, train an SD3 transformer by
+    rectified flow; a StableDiffusion3Pipeline (no T5)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from cdalign.models.tiny_pretrained import (
+        TINY_SHAPES_ID,
+        build_untrained_sd3_components,
+        tiny_shapes_sd_path,
+    )
+
+    base = tiny_shapes_sd_path() if config.base_model == TINY_SHAPES_ID else Path(config.base_model)
+    parts = build_untrained_sd3_components(
+        seed=config.seed,
+        base_path=base,
+        num_layers=config.transformer_layers,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.attention_heads,
+        scheduler_shift=config.scheduler_shift,
+    )
+    previous = []
+    if config.init_transformer:
+        previous = _load_previous_stage(parts, Path(config.init_transformer))
+    start = time.perf_counter()
+    vae = parts["vae"].to(accelerator.device)
+    mean, std = measure_latent_statistics(vae, np.random.default_rng(config.seed + 2), accelerator.device)
+    vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
+    accelerator.print(f"VAE latents on fresh scenes: mean {mean:.4f}, std {std:.4f}")
+    pipe = StableDiffusion3Pipeline(text_encoder_3=None, tokenizer_3=None, **parts)
+    pipe.to(accelerator.device)
+    transformer, losses = train_transformer(pipe, config, accelerator, rng)
+    pipe.transformer = transformer
+    pipe.register_modules(transformer=transformer)
+    total_seconds = time.perf_counter() - start
+    vae_fidelity = reconstruction_fidelity(vae, np.random.default_rng(config.seed + 1), accelerator.device)
+    log = dict(
+        base_model=config.base_model,
+        transformer_seconds=round(total_seconds, 1),
+        total_seconds=round(total_seconds, 1),
+        transformer_parameters=sum(p.numel() for p in transformer.parameters()),
+        vae_shift_factor=mean,
+        vae_scaling_factor=1.0 / std,
+        vae_reconstruction_fidelity=vae_fidelity,
+        text_encoders="frozen (tiny-shapes-sd's CLIP text encoder, identity text_projection, as text_encoder and text_encoder_2)",
+        final_transformer_loss=float(np.mean(losses[-50:])),
+        previous_stages=previous,
+        total_transformer_steps=config.transformer_steps + sum(st["config"]["transformer_steps"] for st in previous),
+    )
+    return Trained(pipe, [("SD3 transformer: velocity MSE", losses)], log)
+
+
+def _load_previous_stage(parts: dict, folder: Path) -> list[dict]:
+    """Replace ``parts['transformer']`` by the transformer saved in ``folder`` (refused unless
+    its config equals the one this config builds) and return that folder's training stages
+    (its own log first, then the stages it continued), oldest first."""
+    import json
+
+    from diffusers import SD3Transformer2DModel
+
+    saved = SD3Transformer2DModel.from_pretrained(folder / "transformer")
+    plain = lambda cfg: json.loads(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}))  # noqa: E731
+    mine, theirs = plain(parts["transformer"].config), plain(saved.config)
+    if mine != theirs:
+        diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+        raise ValueError(f"init_transformer={str(folder)!r}: its transformer differs from this config's in {diff}")
+    parts["transformer"] = saved
+    log = json.loads((folder / "training_log.json").read_text())
+    return [*log.get("previous_stages", []), {k: v for k, v in log.items() if k != "previous_stages"}]
+
+
+# One trainer per architecture: PretrainConfig.architecture -> (config, accelerator, rng) -> Trained.
+ARCHITECTURES = {"sd": train_sd, "sd3": train_sd3}
+
+
+def main(config: PretrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if config.architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={config.architecture!r}: expected one of {sorted(ARCHITECTURES)}")
+    if config.num_threads > 0:
+        torch.set_num_threads(config.num_threads)
+    accelerator = Accelerator()
+    set_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    trained = ARCHITECTURES[config.architecture](config, accelerator, rng)
 
     if accelerator.is_main_process:
-        output_dir = Path(config.output_dir)
-        pipe = StableDiffusionPipeline(
-            vae=parts["vae"],
-            text_encoder=text_encoder,
-            tokenizer=parts["tokenizer"],
-            unet=unet,
-            scheduler=parts["scheduler"],
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.save_pretrained(output_dir, safe_serialization=True)
-        save_loss_curve(output_dir / "loss_curve.png", vae_losses, unet_losses)
-        log = dict(
-            config=dataclasses.asdict(config),
-            torch_threads=torch.get_num_threads(),
-            vae_seconds=round(vae_seconds, 1),
-            unet_seconds=round(total_seconds - vae_seconds, 1),
-            total_seconds=round(total_seconds, 1),
-            vae_scaling_factor=parts["vae"].config.scaling_factor,
-            final_vae_loss=float(np.mean(vae_losses[-50:])),
-            vae_reconstruction_fidelity=vae_fidelity,
-            final_unet_loss=float(np.mean(unet_losses[-50:])),
-        )
-        (output_dir / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+        log = dict(architecture=config.architecture, config=dataclasses.asdict(config), torch_threads=torch.get_num_threads(), **trained.log)
+
+        def write(folder: Path):
+            trained.pipeline.save_pretrained(folder, safe_serialization=True)
+            save_loss_curve(folder / "loss_curve.png", trained.loss_panels)
+            (folder / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+
+        save_atomically(Path(config.output_dir), write)
         print(json.dumps(log, indent=2))
 
 

@@ -21,6 +21,7 @@ from hub_server import HubServer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 NS = "shapes-lab"
 MODEL, DATASET = f"{NS}/tiny-shapes-sd", f"{NS}/shape-prompts"
+FLOW_MODEL = f"{NS}/tiny-shapes-sd3"
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "DIFFUSERS_OFFLINE")
 # Tiny settings: the run only has to train, evaluate and write its records.
 TINY = ["--num_inference_steps", "3", "--backprop_steps", "1", "--train_batch_size", "2",
@@ -72,7 +73,7 @@ def published(hub, tmp_path_factory):
     home = tmp_path_factory.mktemp("publisher")
     proc = _run(["-m", "cdalign.hub", "publish-embedded", "--namespace", NS], _env(home, hub.url), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert MODEL in proc.stdout and DATASET in proc.stdout
+    assert MODEL in proc.stdout and DATASET in proc.stdout and FLOW_MODEL in proc.stdout
     return hub
 
 
@@ -91,8 +92,8 @@ def test_published_model_and_prompts_load_with_plain_diffusers_and_datasets(publ
     assert f"StableDiffusionPipeline.from_pretrained({MODEL!r})" in card and "load_pipeline('cdalign/tiny-shapes-sd')" in card
 
 
-def _align(out: Path, norm: Path, env: dict, revision: str | None, prompts: str = DATASET):
-    args = ["recipes/align.py", "--pretrained_model_name_or_path", MODEL, "--prompts", prompts,
+def _align(out: Path, norm: Path, env: dict, revision: str | None, prompts: str = DATASET, model: str = MODEL):
+    args = ["recipes/align.py", "--pretrained_model_name_or_path", model, "--prompts", prompts,
             "--eval_prompts", prompts, "--eval_prompt_split", "test", "--output_dir", str(out),
             "--normalization_cache_dir", str(norm), *TINY]
     if revision:
@@ -178,3 +179,26 @@ def test_a_dataset_without_the_prompt_column_names_the_columns_and_prompt_column
     first, second = proc.stdout.strip().splitlines()[-2:]
     assert "has no column 'prompt'" in first and "['caption', 'id']" in first and "prompt_column" in first
     assert second == "['a red circle', 'a blue square']"
+
+
+def test_the_published_flow_model_loads_with_plain_diffusers_and_trains_from_its_hub_id(published, tmp_path):
+    code = (
+        "from diffusers import StableDiffusion3Pipeline\n"
+        f"pipe = StableDiffusion3Pipeline.from_pretrained({FLOW_MODEL!r}, text_encoder_3=None, tokenizer_3=None)\n"
+        "print(type(pipe).__name__, pipe.transformer.config.sample_size, pipe.text_encoder_3)\n"
+    )
+    proc = _run(["-c", code], _env(tmp_path / "home", published.url), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["StableDiffusion3Pipeline", "16", "None"]
+    card = published.files(FLOW_MODEL)["README.md"].decode()
+    assert f"StableDiffusion3Pipeline.from_pretrained({FLOW_MODEL!r}, text_encoder_3=None, tokenizer_3=None)" in card
+    sha = published.head(FLOW_MODEL)
+    proc = _align(tmp_path / "run", tmp_path / "norm", _env(tmp_path / "home", published.url), revision=sha,
+                  model=FLOW_MODEL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["pipeline_class"] == "StableDiffusion3Pipeline" and report["sampler"]["chain"] == "FlowSDEChain"
+    assert report["sources"]["model"] == {"repo_id": FLOW_MODEL, "repo_type": "model", "revision": sha, "commit": sha}
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert (f"StableDiffusion3Pipeline.from_pretrained({FLOW_MODEL!r}, revision={sha!r}, text_encoder_3=None, "
+            "tokenizer_3=None)") in card

@@ -739,6 +739,7 @@ class ConstrainedDDPOTrainer:
         report = {
             "model": self.model_name,
             "pipeline_class": self.family.pipeline_class,
+            "pipeline_absent_components": self.family.absent_components(self.pipe),
             "sampler": {**self.sampler.settings(), "chain": type(self.sampler.chain).__name__,
                         "eta_meaning": self.family.eta_meaning},
             "steps": self.global_step,

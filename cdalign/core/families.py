@@ -210,6 +210,7 @@ class ModelFamily:
     blocks: Callable  # denoiser -> the sub-modules FSDP2 shards one by one
     denoising_loss: bool  # the ε-DSM loss of the OR-composition (mixture) applies
     eta_meaning: str  # what the config's ``eta`` is for this family
+    loadable_without: tuple[str, ...] = ()  # components a folder may lack (from_pretrained(..., name=None))
     cfg: bool = True  # classifier-free guidance (an unconditional pass) when guidance_scale > 1
     latent_channels: Callable = _config_latent_channels  # (denoiser, vae) -> C of the (C, h, w) latents
     patch: Callable = _config_patch  # denoiser -> latent patch side (the resolution is a multiple of VAE factor x it)
@@ -220,6 +221,12 @@ class ModelFamily:
 
     def text_encoder_modules(self, pipe) -> list[torch.nn.Module]:
         return [m for m in (getattr(pipe, n, None) for n in self.text_encoders) if m is not None]
+
+    def absent_components(self, pipe) -> list[str]:
+        """The optional-by-convention parts this pipeline was loaded without (an SD3 folder
+        saved without T5: ``text_encoder_3``, ``tokenizer_3``), which diffusers'
+        ``from_pretrained`` needs named as None to load it again."""
+        return [n for n in self.loadable_without if getattr(pipe, n, None) is None]
 
     def modules(self, pipe) -> list[torch.nn.Module]:
         """Every network of ``pipe``: the denoiser, the VAE and the text encoders."""
@@ -246,6 +253,7 @@ MODEL_FAMILIES.register("StableDiffusion3Pipeline", ModelFamily(
     lora_layers_kwarg="transformer_lora_layers", lora_metadata_kwarg="transformer_lora_adapter_metadata",
     convert_lora_state=False, blocks=_transformer_blocks, denoising_loss=False,
     eta_meaning="the flow SDE's noise level a (0: the deterministic Euler ODE; Flow-GRPO uses 0.7)",
+    loadable_without=("text_encoder_3", "tokenizer_3"),
 ))
 MODEL_FAMILIES.register("FluxPipeline", ModelFamily(
     name="flux", pipeline_class="FluxPipeline", denoiser="transformer", denoiser_class="FluxTransformer2DModel",

@@ -162,23 +162,18 @@ def pipeline_class_of(folder: Path, source: str):
 
 
 def _from_folder(folder: Path, source: str, **kwargs):
-    """Load a diffusers folder as its own pipeline class; an SD3 folder saved without T5
-    (``text_encoder_3`` null) loads without it."""
-    cls = pipeline_class_of(folder, source)
-    extra = {}
-    if cls.__name__ == "StableDiffusionPipeline":
-        extra = {"safety_checker": None, "requires_safety_checker": False}
-    elif cls.__name__ == "StableDiffusion3Pipeline":
-        extra = _absent_t5(folder)
-    return cls.from_pretrained(str(folder), **kwargs, **extra)
-
-
-def _absent_t5(folder: Path) -> dict:
+    """Load a diffusers folder as its own pipeline class; a component its family may lack
+    (an SD3 folder saved without T5: ``text_encoder_3`` null or absent) is passed as None."""
     import json
 
+    cls = pipeline_class_of(folder, source)
+    family = MODEL_FAMILIES.get(cls.__name__)
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    absent = lambda key: index.get(key) in (None, [None, None]) or not (folder / key).is_dir()  # noqa: E731
-    return {key: None for key in ("text_encoder_3", "tokenizer_3") if absent(key)}
+    extra = {key: None for key in family.loadable_without
+             if index.get(key) in (None, [None, None]) or not (folder / key).is_dir()}
+    if cls.__name__ == "StableDiffusionPipeline":
+        extra.update(safety_checker=None, requires_safety_checker=False)
+    return cls.from_pretrained(str(folder), **kwargs, **extra)
 
 
 def load_pipeline_with_source(

@@ -32,7 +32,7 @@ TINY_SHAPES_SD3_ID = "cdalign/tiny-shapes-sd3"
 # Sampling defaults the model cards recommend (measured by evaluation/tiny_quality.py).
 RECOMMENDED_GUIDANCE_SCALE = 3.0
 RECOMMENDED_NUM_INFERENCE_STEPS = 20
-RECOMMENDED_SD3_GUIDANCE_SCALE = 5.0
+RECOMMENDED_SD3_GUIDANCE_SCALE = 3.0
 RECOMMENDED_SD3_NUM_INFERENCE_STEPS = 20
 SD3_SCHEDULER_SHIFT = 1.0  # FlowMatchEulerDiscreteScheduler shift the sd3 model ships with
 IMAGE_RESOLUTION = 64  # pixels; the UNet works on 4 x 16 x 16 latents (VAE factor 4)
@@ -215,17 +215,17 @@ def build_untrained_sd3_components(
     from transformers import CLIPTokenizer
 
     base = Path(base_path) if base_path is not None else tiny_shapes_sd_path()
-    vae = AutoencoderKL.from_pretrained(base / "vae").eval().requires_grad_(False)
-    if vae.config.shift_factor is None:
-        vae.register_to_config(shift_factor=0.0)
-    text_encoder = clip_with_projection(base / "text_encoder")
-    text_encoder_2 = clip_with_projection(base / "text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
     tokenizer_2 = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    clip_width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
-    pooled_width = text_encoder.config.projection_dim + text_encoder_2.config.projection_dim
-    rng_state = torch.random.get_rng_state()
+    rng_state = torch.random.get_rng_state()  # loading also initialises (then overwrites) weights
     try:
+        vae = AutoencoderKL.from_pretrained(base / "vae").eval().requires_grad_(False)
+        if vae.config.shift_factor is None:
+            vae.register_to_config(shift_factor=0.0)
+        text_encoder = clip_with_projection(base / "text_encoder")
+        text_encoder_2 = clip_with_projection(base / "text_encoder")
+        clip_width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+        pooled_width = text_encoder.config.projection_dim + text_encoder_2.config.projection_dim
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(
             sample_size=LATENT_SIZE,

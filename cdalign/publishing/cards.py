@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -236,26 +236,29 @@ def _portable_path(path: str) -> str:
 
 def usage_snippet(base_model: str, repo: str, prompt: str, steps: int, guidance: float,
                   resolution: int | None = None, revision: str | None = None,
-                  pipeline_class: str = "StableDiffusionPipeline") -> str:
+                  pipeline_class: str = "StableDiffusionPipeline", absent_components: Sequence[str] = ()) -> str:
     """Code that loads the base model and the LoRA and samples one image; user strings
     enter only as Python literals. An embedded base model (not a Hub repo) loads with
     ``cdalign.load_pipeline``, any other with diffusers' ``<pipeline_class>.from_pretrained``
-    (``pipeline_class``: a registered family's class, e.g. ``StableDiffusion3Pipeline``)."""
+    (``pipeline_class``: a registered family's class, e.g. ``StableDiffusion3Pipeline``;
+    ``absent_components``: components the base lacks that diffusers needs named as None, e.g.
+    an SD3 base without T5: ``text_encoder_3``, ``tokenizer_3``)."""
     if pipeline_class not in MODEL_FAMILIES:
         raise ValueError(f"pipeline_class {pipeline_class!r}: not one of {', '.join(MODEL_FAMILIES.names())}")
     cls = pipeline_class
+    none = "".join(f", {str(name)}=None" for name in absent_components if str(name).isidentifier())
 
     if _is_embedded(base_model):
         head = ("from cdalign import load_pipeline\n\n"
                 f"pipe = load_pipeline({str(base_model)!r})  # embedded in the cdalign package\n")
     elif is_local_source(base_model):
         head = (f"from diffusers import {cls}\n\n"
-                f"pipe = {cls}.from_pretrained({_portable_path(base_model)!r})  "
+                f"pipe = {cls}.from_pretrained({_portable_path(base_model)!r}{none})  "
                 "# the base model: a local folder where it was trained\n")
     else:
         pin = f", revision={str(revision)!r}" if revision else ""  # the commit the run trained on
         head = (f"from diffusers import {cls}\n\n"
-                f"pipe = {cls}.from_pretrained({str(base_model)!r}{pin})\n")
+                f"pipe = {cls}.from_pretrained({str(base_model)!r}{pin}{none})\n")
     size = f", height={resolution}, width={resolution}" if resolution else ""
     return (
         head
@@ -352,7 +355,8 @@ def build_model_card(
                                          int(config.get("num_inference_steps") or 25),
                                          float(config.get("guidance_scale") or 5.0),
                                          config.get("resolution"), config.get("revision"),
-                                         (report or {}).get("pipeline_class") or "StableDiffusionPipeline"), "python"),
+                                         (report or {}).get("pipeline_class") or "StableDiffusionPipeline",
+                                         (report or {}).get("pipeline_absent_components") or ()), "python"),
         embedded_note=" ".join(
             ([f"`{md(base_model)}` ships inside the cdalign package, not as a Hub repo, hence "
               "`cdalign.load_pipeline` instead of `from_pretrained`."] if embedded else [])

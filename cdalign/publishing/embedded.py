@@ -41,13 +41,14 @@ class PublishedModel:
     folder: Callable[[], Path]
     pipeline_class: str
     guidance_scale: float
+    load_kwargs: str = ""  # extra from_pretrained arguments its folder needs (SD3 without T5)
 
 
 PUBLISHED_MODELS = (
     PublishedModel("tiny-shapes-sd", TINY_SHAPES_ID, tiny_shapes_sd_path, "StableDiffusionPipeline",
                    RECOMMENDED_GUIDANCE_SCALE),
     PublishedModel("tiny-shapes-sd3", TINY_SHAPES_SD3_ID, tiny_shapes_sd3_path, "StableDiffusion3Pipeline",
-                   RECOMMENDED_SD3_GUIDANCE_SCALE),
+                   RECOMMENDED_SD3_GUIDANCE_SCALE, ", text_encoder_3=None, tokenizer_3=None"),  # diffusers needs them named
 )
 MODEL_NAME = PUBLISHED_MODELS[0].name
 DATASET_NAME = "shape-prompts"
@@ -68,7 +69,7 @@ def model_card(namespace: str, model: PublishedModel = PUBLISHED_MODELS[0]) -> s
 ```python
 from diffusers import {cls}
 
-pipe = {cls}.from_pretrained({repo!r})
+pipe = {cls}.from_pretrained({repo!r}{model.load_kwargs})
 image = pipe("a small red circle on a black background", num_inference_steps=20, guidance_scale={model.guidance_scale}).images[0]
 ```
 
