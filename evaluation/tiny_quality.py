@@ -377,17 +377,17 @@ against pixel-noise 1/16), so a model trained without it takes the background fr
 initial noise and ignores the prompt's: the previous version of this model, trained
 without it, followed the named background in 42% of samples (chance: 33%)."""
 
-SD3_TRAINING = """`accelerate launch recipes/pretrain_tiny.py --config recipes/pretrain_tiny_sd3.yaml` (architecture `sd3`;
+SD3_TRAINING = """{commands} (architecture `sd3`;
 see `recipes/pretrain_tiny.py` and `training_log.json`). No VAE stage: the VAE and the CLIP text
 encoder are {base_model}'s trained ones, frozen (the text encoder serves as both
 `text_encoder` and `text_encoder_2`; no T5, so SD3's prompt encoding appends zero tokens). The
 VAE's shift factor {shift_factor:.4f} and scaling factor {scaling:.4f} are the mean and 1 / std of its
 latents on fresh scenes. The transformer is trained by rectified flow (Esser et al. 2024):
 x_s = (1 - s) x0 + s eps, target velocity eps - x0, s drawn {timestep_sampling}, timestep 1000 s,
-{transformer_steps} steps x {unet_batch} images, AdamW lr {lr} (warmup, cosine decay), 10% captions dropped for
+{stages} x {unet_batch} images, AdamW lr {lr} (cosine decay), 10% captions dropped for
 classifier-free guidance, size / background words left out of some captions, EMA weights
-(decay {ema_decay}) saved. Every batch is freshly rendered, so no image repeats. Wall time on a shared
-2-core CPU with {train_threads} torch thread(s): {train_minutes:.1f} min; final velocity MSE {final_loss:.4f}.
+(decay {ema_decay}) saved. Every batch is freshly rendered (each stage its own seed), so no image repeats.
+Wall time on a shared 2-core CPU with {train_threads} torch thread(s): {train_minutes:.1f} min; final velocity MSE {final_loss:.4f}.
 Loss curve: `loss_curve.png`. The VAE alone sets a ceiling: the classifier below reads its
 reconstructions of fresh scenes as {vae_fidelity}."""
 
@@ -416,10 +416,30 @@ def _sd3_card_fields(log: dict) -> dict:
             f"logit-normal (mean {config.get('logit_mean', 0.0)}, std {config.get('logit_std', 1.0)})" if sampling == "logit_normal" else sampling
         ),
         transformer_steps=config["transformer_steps"],
+        stages=_sd3_stages(log),
+        commands=_sd3_commands(log),
         lr=config["transformer_lr"],
         ema_decay=config["ema_decay"],
         final_loss=log["final_transformer_loss"],
     )
+
+
+def _sd3_stages(log: dict) -> str:
+    """'3800 steps (seed 0, warm-up 100) then 4200 steps continuing it (seed 1, no warm-up)'."""
+    stages = [*log.get("previous_stages", []), log]
+    parts = []
+    for i, st in enumerate(stages):
+        c = st["config"]
+        text = f"{c['transformer_steps']} steps (seed {c['seed']}, warm-up {c.get('warmup_steps', 0)})"
+        parts.append(text if i == 0 else f"{text} continuing it")
+    return " then ".join(parts)
+
+
+def _sd3_commands(log: dict) -> str:
+    """The command of each training stage, oldest first (stage 1's default config, then the stage-2 one)."""
+    n = len(log.get("previous_stages", [])) + 1
+    names = ["recipes/pretrain_tiny_sd3.yaml"] + [f"recipes/pretrain_tiny_sd3_stage{k}.yaml" for k in range(2, n + 1)]
+    return " then ".join(f"`accelerate launch recipes/pretrain_tiny.py --config {name}`" for name in names)
 
 
 @dataclass(frozen=True)
@@ -482,7 +502,7 @@ def write_model_card(folder: Path, results: dict, command: str, grid: np.ndarray
     shared = dict(
         seed=log["config"]["seed"],
         train_threads=log["torch_threads"],
-        train_minutes=log["total_seconds"] / 60,
+        train_minutes=(log["total_seconds"] + sum(st.get("total_seconds", 0) for st in log.get("previous_stages", []))) / 60,
         unet_batch=log["config"]["batch_size"],
         scaling=vae_config["scaling_factor"],
         vae_fidelity=", ".join(f"{k} {v:.0%}" for k, v in log.get("vae_reconstruction_fidelity", {}).items()) or "not measured",
