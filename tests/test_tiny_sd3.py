@@ -22,7 +22,6 @@ from cdalign.models.tiny_pretrained import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
 RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "pretrain_tiny_sd3.yaml"
-STAGE2_CONFIG = RECIPE_CONFIG.with_name("pretrain_tiny_sd3_stage2.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +54,10 @@ def test_configs_match_the_recipe_and_the_card(folder, pipe):
     the configs and training log produce (so the card cannot drift from the weights)."""
     from tiny_quality import architecture_table
 
-    recipe, stage2 = (yaml.safe_load(path.read_text()) for path in (RECIPE_CONFIG, STAGE2_CONFIG))
+    recipe = yaml.safe_load(RECIPE_CONFIG.read_text())
     log = json.loads((folder / "training_log.json").read_text())
     assert log["architecture"] == "sd3"
-    local = ("output_dir", "init_transformer")  # where this machine kept the stages
-    same = lambda config, yaml_cfg: {k: config[k] for k in yaml_cfg if k not in local} == {  # noqa: E731
-        k: v for k, v in yaml_cfg.items() if k not in local}
-    assert same(log["config"], stage2) and log["config"]["init_transformer"]  # the shipped weights: stage 2
-    assert [same(st["config"], recipe) for st in log["previous_stages"]] == [True]  # continuing stage 1
-    assert log["total_transformer_steps"] == recipe["transformer_steps"] + stage2["transformer_steps"]
+    assert {k: log["config"][k] for k in recipe if k != "output_dir"} == {k: v for k, v in recipe.items() if k != "output_dir"}
     t = pipe.transformer.config
     assert (t.num_layers, t.num_attention_heads, t.attention_head_dim) == (
         recipe["transformer_layers"],
