@@ -124,8 +124,13 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 32):
     return pipe
 
 
-def tiny_sd3_vae(seed: int, sample_size: int = 32):
-    """A random 4-channel VAE [32, 64] with SD3's latent scaling (1.5305) and shift (0.0609)."""
+SD3_LATENT_SCALING = (1.5305, 0.0609)  # SD3's VAE scaling factor and shift
+FLUX_LATENT_SCALING = (0.3611, 0.1159)  # FLUX.1's
+
+
+def tiny_scaled_vae(seed: int, scaling: tuple[float, float], sample_size: int = 32):
+    """A random 4-channel VAE [32, 64] (factor 2) with a latent ``(scaling_factor, shift_factor)``
+    (:data:`SD3_LATENT_SCALING`, :data:`FLUX_LATENT_SCALING`); the global RNG is left as it was."""
     from diffusers import AutoencoderKL
 
     rng = torch.random.get_rng_state()
@@ -135,7 +140,7 @@ def tiny_sd3_vae(seed: int, sample_size: int = 32):
             block_out_channels=[32, 64], in_channels=3, out_channels=3,
             down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
             up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=sample_size,
-            scaling_factor=1.5305, shift_factor=0.0609,
+            scaling_factor=scaling[0], shift_factor=scaling[1],
         )
     finally:
         torch.random.set_rng_state(rng)
@@ -163,7 +168,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16):
         torch.random.set_rng_state(rng)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=tiny_sd3_vae(seed + 1, sample_size * 2), text_encoder=text_encoder, tokenizer=tokenizer,
+        vae=tiny_scaled_vae(seed + 1, SD3_LATENT_SCALING, sample_size * 2), text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=byte_level_clip_tokenizer(), text_encoder_3=None, tokenizer_3=None,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -192,23 +197,6 @@ def char_level_t5_tokenizer(model_max_length: int = 512):
                                                        special_tokens=[("</s>", 1)])
     return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
                            model_max_length=model_max_length)
-
-
-def tiny_flux_vae(seed: int, sample_size: int = 32):
-    """A random 4-channel VAE [32, 64] (factor 2) with FLUX's latent scaling (0.3611) and shift (0.1159)."""
-    from diffusers import AutoencoderKL
-
-    rng = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        return AutoencoderKL(
-            block_out_channels=[32, 64], in_channels=3, out_channels=3,
-            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=sample_size,
-            scaling_factor=0.3611, shift_factor=0.1159,
-        )
-    finally:
-        torch.random.set_rng_state(rng)
 
 
 def flux_scheduler():
@@ -249,7 +237,7 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     finally:
         torch.random.set_rng_state(rng)
     pipe = FluxPipeline(
-        scheduler=flux_scheduler(), vae=tiny_flux_vae(seed + 1), text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=flux_scheduler(), vae=tiny_scaled_vae(seed + 1, FLUX_LATENT_SCALING), text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
