@@ -1,8 +1,8 @@
 """Flow-matching transformers (SD3 architecture, issue 16): the SDE step against a hand
-computation and the exact Gaussian KL, the ODE against diffusers' own pipeline, and the
-whole alignment / composition / policy-gradient path on the tiny SD3 pipeline built in
-code (``cdalign/tiny-random-sd3``), including a LoRA that ``load_lora_weights`` reloads,
-a 2-process run and the family registry's refusal of unsupported pipelines."""
+computation and the exact Gaussian KL, the ODE against diffusers' own pipeline, the family
+registry's refusal of unsupported pipelines, OR-composition's refusal and a sharded run's exact
+resume, on the tiny SD3 pipeline built in code (``cdalign/tiny-random-sd3``). Alignment,
+evaluation, processes and composition end to end: ``test_flow_end_to_end.py``, shared with FLUX."""
 
 import json
 import math
@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_configs import tiny_config
 
-from cdalign import ConstrainedDDPOTrainer, load_pipeline
+from cdalign import load_pipeline
 from cdalign.core.chains import FlowSDEChain
 from cdalign.core.families import MODEL_FAMILIES, Conditioning, family_of
 from cdalign.core.kl import ChainKLAccumulator, step_kl, step_weights
@@ -127,51 +126,7 @@ def test_a_saved_tiny_sd3_folder_loads_without_t5(tmp_path, pipe):
     assert type(loaded).__name__ == "StableDiffusion3Pipeline" and loaded.text_encoder_3 is None
 
 
-# ----------------------------------------------------------------------------- alignment end to end
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sd3-e2e")
-    trainer = ConstrainedDDPOTrainer(tiny_config(tmp, pretrained_model_name_or_path=TINY_RANDOM_SD3_ID, eta=0.7,
-                                                 kl_estimator="path"))
-    before = {k: v.detach().clone() for k, v in trainer._lora_params().items()}
-    report = trainer.train()
-    return trainer, before, report
-
-
-def test_flow_training_changes_the_transformer_lora_and_moves_the_duals(trained):
-    trainer, before, report = trained
-    after = trainer._lora_params()
-    assert all(k.startswith("transformer_blocks.") for k in before)
-    assert sum(not torch.equal(before[k], after[k].detach()) for k in before) > 0
-    violated, satisfied = trainer.duals.multipliers.tolist()
-    assert violated > 0.5 and satisfied < 0.5
-    assert trainer.history[0]["kl"] == 0.0 and report["kl"]["mean"] > 0.0
-    assert report["kl"]["estimator"] == "path" and report["kl"]["units"] == "nats"
-
-
-def test_saved_flow_lora_reloads_with_load_lora_weights_and_reproduces_samples(trained):
-    trainer, _, _ = trained
-    out = trainer.output_dir
-    keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
-    assert all(k.startswith("transformer.") for k in keys)
-    fresh = load_pipeline(TINY_RANDOM_SD3_ID)
-    fresh.load_lora_weights(str(out))
-    cfg = trainer.config
-    ours = DiffusionSampler(fresh, cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, cfg.resolution, "cpu")
-    with torch.no_grad():
-        reloaded = ours.sample(ours.guided(["a red circle"]), [11])
-        trained_images = trainer.sampler.sample(trainer.sampler.guided(["a red circle"]), [11])
-        base = ours.sample(_base(ours), [11])
-    assert torch.allclose(reloaded, trained_images, atol=1e-5)
-    assert not torch.allclose(reloaded, base, atol=1e-4)
-
-
-def _base(sampler):
-    from cdalign.core.sampling import WithAdaptersDisabled
-
-    return WithAdaptersDisabled(sampler.guided(["a red circle"]))
-
-
+# ----------------------------------------------------------------------------- chains
 def test_trajectory_log_probs_of_flow_steps_are_finite(pipe):
     sampler = DiffusionSampler(pipe, 4, 0.7, 3.0, None, "cpu")
     traj = Trajectory()
@@ -189,21 +144,8 @@ def test_kl_accumulator_is_zero_between_the_same_transformer(pipe):
     assert float(hook.per_sample.abs().max()) == 0.0 and hook.reference_calls == 4
 
 
-def test_policy_gradient_estimator_runs_on_the_flow_chain(tmp_path):
-    trainer = ConstrainedDDPOTrainer(tiny_config(
-        tmp_path, pretrained_model_name_or_path=TINY_RANDOM_SD3_ID, eta=0.7, estimator="policy_gradient",
-        images_per_prompt=2, backprop_steps=4,  # the default; tiny_config's 2 is reward backprop's
-        constraints=[{"reward": "jpeg_compressibility", "direction": "high", "threshold": 0.5}],
-        max_steps=2, num_inference_steps=4,
-    ))
-    before = {k: v.detach().clone() for k, v in trainer._lora_params().items()}
-    report = trainer.train()
-    after = trainer._lora_params()
-    assert sum(not torch.equal(before[k], after[k].detach()) for k in before) > 0
-    assert report["estimator"]["name"] == "policy_gradient" and math.isfinite(report["kl"]["mean"])
 
-
-# ----------------------------------------------------------------------------- two processes
+# ----------------------------------------------------------------------------- processes
 WORKER = Path(__file__).parent / "scripts" / "mp_worker.py"
 
 
@@ -211,91 +153,6 @@ def _run(cmd, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-def test_two_processes_agree_with_one_process_on_the_flow_model(tmp_path):
-    two, one = tmp_path / "two", tmp_path / "one"
-    two.mkdir(), one.mkdir()
-    flags = ["--model", TINY_RANDOM_SD3_ID, "--eta", "0.7"]
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-          str(two), "2", "2", *flags], cwd=two)
-    _run([sys.executable, str(WORKER), str(one), "4", "2", *flags], cwd=one)
-    m2, m1 = (json.loads((d / "rank0.json").read_text()) for d in (two, one))
-    assert m2["world"] == 2 and m1["world"] == 1
-    assert m2["multipliers"] == pytest.approx(m1["multipliers"], rel=1e-4, abs=1e-6)
-    l2, l1 = (load_file(str(d / "rank0.safetensors")) for d in (two, one))
-    for k in l1:
-        rel = float((l2[k] - l1[k]).norm() / l1[k].norm().clamp(min=1e-12))
-        assert rel < 2e-2, (k, rel)
-    assert m2["report_kl"] == pytest.approx(m1["report_kl"], rel=1e-3, abs=1e-8)
-
-
-# ----------------------------------------------------------------------------- composition
-def save_random_sd3_lora(path, seed: int, scale: float):
-    """A LoRA with random A and B on the tiny SD3 transformer, saved by cdalign's own writer."""
-    from cdalign.models.lora import add_lora_adapter, save_adapter
-
-    pipe = build_tiny_sd3_pipeline(seed=0)
-    add_lora_adapter(pipe.transformer, "x", rank=2, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pipe.transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    save_adapter(pipe.transformer, "x", path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd3_loras(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd3-loras")
-    return [save_random_sd3_lora(root / "a", 1, 0.5), save_random_sd3_lora(root / "b", 2, 0.25)]
-
-
-def test_composed_velocity_is_the_weighted_sum_of_component_velocities(sd3_loras):
-    from cdalign.composition import Component, ComponentSet, load_lora_component, set_unet_state
-
-    pipe = build_tiny_sd3_pipeline(seed=0)
-    for name, path in zip("ab", sd3_loras):
-        load_lora_component(pipe, name, str(path))
-    sampler = DiffusionSampler(pipe, 4, 0.7, 3.0, None, "cpu")
-    prompts = ["a red circle", "a blue square"]
-    comps = ComponentSet(sampler, [Component("a", "a"), Component("b", "b"), Component("base", None)])
-    weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
-    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), sampler.chain.timesteps[1]
-    with torch.no_grad():
-        composed = comps.composed(prompts, weights)(x, t)
-        singles = []
-        for adapter in ("a", "b", None):
-            set_unet_state(pipe.transformer, adapter)
-            singles.append(sampler.guided(prompts)(x, t))
-    assert torch.allclose(composed, sum(float(w) * v for w, v in zip(weights, singles)), atol=1e-5)
-    assert not torch.allclose(singles[0], singles[1])
-
-
-def test_and_composition_of_two_flow_loras_end_to_end(sd3_loras, tmp_path):
-    from cdalign.composition import ConstrainedComposer
-    from cdalign.composition.config import config_from_dict
-
-    cfg = config_from_dict({
-        "pretrained_model_name_or_path": TINY_RANDOM_SD3_ID, "eta": 0.7,
-        "components": [{"name": "a", "path": str(sd3_loras[0])}, {"name": "b", "path": str(sd3_loras[1])}],
-        "prompts": "shapes", "num_inference_steps": 4, "guidance_scale": 3.0,
-        "dual": {"steps": 2, "batch_size": 2, "lr": 0.3, "normalize": True},
-        "distill": {"enabled": True, "steps": 2, "batch_size": 1, "timesteps_per_chain": 2},
-        "eval_batches": 1, "num_grid_images": 2, "output_dir": str(tmp_path / "run"),
-    })
-    report = ConstrainedComposer(cfg).run()
-    saved = json.loads((tmp_path / "run" / "report.json").read_text())
-    mu = saved["learned_weights"]
-    assert sum(mu.values()) == pytest.approx(1.0) and all(v >= 0 for v in mu.values())
-    for model in ("equal_weights", "constrained"):
-        kl = saved["models"][model]["kl"]
-        assert set(kl) == {"a", "b"} and all(v["mean"] > 0 for v in kl.values())
-    assert report["learned_weights"] == mu
-    fresh = load_pipeline(TINY_RANDOM_SD3_ID)
-    fresh.load_lora_weights(str(tmp_path / "run" / "distilled"), adapter_name="distilled")
-    assert "distilled" in fresh.transformer.peft_config
 
 
 def test_or_composition_refuses_a_flow_model_with_the_reason(tmp_path):
@@ -307,34 +164,6 @@ def test_or_composition_refuses_a_flow_model_with_the_reason(tmp_path):
                             "output_dir": str(tmp_path / "run")})
     with pytest.raises(ValueError, match="StableDiffusion3Pipeline: the OR-composition"):
         MixtureTrainer(cfg)
-
-
-# ----------------------------------------------------------------------------- evaluation
-def _suite(run, **kw):
-    from cdalign.evaluation.harness import CheckpointSpec, EvaluationSuite
-
-    return EvaluationSuite(name="sd3", model=TINY_RANDOM_SD3_ID, prompts="shapes", num_prompts=2,
-                           rewards=["saturation"], num_inference_steps=6, guidance_scale=5.0, batch_size=2,
-                           grid_images=0, constraints=[], checkpoints=[CheckpointSpec("run", source=str(run))], **kw)
-
-
-def test_evaluation_scores_a_flow_checkpoint_with_its_kl(trained, tmp_path):
-    from cdalign.evaluation.harness import evaluate
-
-    trainer, _, _ = trained
-    sde = evaluate(_suite(trainer.output_dir, eta=0.7, kl_estimator="path"), tmp_path / "sde", progress=False)
-    assert sde.checkpoints["run"]["kl"]["base"]["mean"] > 0 and sde.checkpoints["base"]["kl"]["base"]["mean"] == 0
-    with pytest.raises(ValueError, match="eta: 0 samples deterministically.*kl_eta"):
-        evaluate(_suite(trainer.output_dir, eta=0.0, kl_estimator="path"), tmp_path / "ode0", progress=False)
-    # ODE images, KL along an SDE pass with eta 0.7 from the same seeds: the SDE run's KL exactly
-    ode = evaluate(_suite(trainer.output_dir, eta=0.0, kl_eta=0.7, kl_estimator="path"), tmp_path / "ode",
-                   progress=False)
-    assert ode.checkpoints["run"]["kl"]["base"]["mean"] == pytest.approx(sde.checkpoints["run"]["kl"]["base"]["mean"],
-                                                                           rel=1e-6)
-    assert ode.data["sampler"]["eta"] == 0.0 and ode.data["sampler"]["kl_eta"] == 0.7
-    r_ode, r_sde = (r.checkpoints["run"]["rewards"]["saturation"]["mean"] for r in (ode, sde))
-    assert r_ode != r_sde  # the images are the ODE's, not the SDE's
-    assert "measured along a stochastic pass with eta 0.7" in (tmp_path / "ode" / "evaluation.md").read_text()
 
 
 FSDP_CONFIG = Path(__file__).parents[1] / "recipes" / "accelerate_configs" / "fsdp.yaml"
