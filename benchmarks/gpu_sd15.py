@@ -19,6 +19,7 @@ Results: a Markdown table on stdout, and ``gpu_sd15.json`` / ``gpu_sd15.md`` und
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -26,6 +27,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("gpu_common", Path(__file__).with_name("gpu_common.py"))
+gpu_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_common)
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -116,43 +121,17 @@ def matmul_rate(device, dtype, n: int, repeats: int = 10) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    _sync(device)
+    gpu_common.sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    gpu_common.sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
-def _sync(device):
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def make_trainer(pipe, k: int, kl: bool, shape: dict, output_dir: str):
-    from cdalign import ConstrainedDDPOTrainer
-    from cdalign.alignment.config import config_from_dict
-
-    constraints = [{"type": "kl", "max": 1.0}] if kl else []
-    cfg = config_from_dict(dict(
-        pretrained_model_name_or_path="sd15-architecture-random",
-        prompts="shapes", output_dir=output_dir, overwrite_output_dir=True,
-        num_inference_steps=shape["steps"], eta=1.0, guidance_scale=5.0,
-        backprop_strategy="fixed", backprop_steps=k, gradient_checkpointing=True,
-        lora_rank=4, lora_alpha=4, learning_rate=1e-3, train_batch_size=shape["batch"],
-        gradient_accumulation_steps=1, mixed_precision=shape["mixed_precision"],
-        objective={"type": "reward", "reward": "saturation", "normalize": False}, constraints=constraints,
-        eval_batches=0, num_grid_images=0, max_steps=10**6, seed=0,
-    ))
-    return ConstrainedDDPOTrainer(cfg, pipeline=pipe)
-
-
-def remove_lora(pipe) -> None:
-    """Take the trainer's adapter off so the next configuration starts from the base UNet."""
-    if getattr(pipe.unet, "_hf_peft_config_loaded", False):
-        pipe.unet.delete_adapters(list(pipe.unet.peft_config))
+    return gpu_common.benchmark_trainer(pipe, "sd15-architecture-random", k, kl, shape, output_dir,
+                                        prompts="shapes", eta=1.0, guidance_scale=5.0)
 
 
 def step_flops(trainer) -> float:
@@ -171,7 +150,7 @@ def measure(shape: dict, device: str) -> dict:
     rows = []
     for kl in shape.get("kls", (False, True)):
         for k in shape["ks"]:
-            remove_lora(pipe)
+            gpu_common.remove_lora(pipe)
             pipe.unet.to(torch.float32)  # the trainer casts frozen weights to bf16 itself
             with tempfile.TemporaryDirectory() as out:
                 trainer = make_trainer(pipe, k, kl, shape, out)
@@ -182,10 +161,10 @@ def measure(shape: dict, device: str) -> dict:
                     trainer.step()
                 times = []
                 for _ in range(shape["timed"]):
-                    _sync(device)
+                    gpu_common.sync(device)
                     t0 = time.perf_counter()
                     trainer.step()
-                    _sync(device)
+                    gpu_common.sync(device)
                     times.append(time.perf_counter() - t0)
                 peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
                 flops = step_flops(trainer)

@@ -31,6 +31,7 @@ Results: a Markdown table on stdout, and ``gpu_sd3.json`` / ``gpu_sd3.md`` under
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -38,6 +39,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("gpu_common", Path(__file__).with_name("gpu_common.py"))
+gpu_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_common)
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -155,13 +160,6 @@ def build_pipeline(shape: dict, device: str = "cpu", t5: bool = False, seed: int
     return pipe
 
 
-def _sync(device):
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _reset_peak(device):
     import torch
 
@@ -177,36 +175,18 @@ def _peak_gib(device):
 
 
 def make_trainer(pipe, k: int, kl: bool, shape: dict, output_dir: str):
-    from cdalign import ConstrainedDDPOTrainer
-    from cdalign.alignment.config import config_from_dict
-
-    constraints = [{"type": "kl", "max": 1.0}] if kl else []
-    cfg = config_from_dict(dict(
-        pretrained_model_name_or_path="sd3.5-medium-architecture-random",
-        prompts=PROMPTS, output_dir=output_dir, overwrite_output_dir=True,
-        num_inference_steps=shape["steps"], eta=shape["eta"], guidance_scale=shape["guidance"],
-        resolution=shape["resolution"], backprop_strategy="fixed", backprop_steps=k, gradient_checkpointing=True,
-        lora_rank=4, lora_alpha=4, learning_rate=1e-3, train_batch_size=shape["batch"],
-        gradient_accumulation_steps=1, mixed_precision=shape["mixed_precision"],
-        objective={"type": "reward", "reward": "saturation", "normalize": False}, constraints=constraints,
-        eval_batches=0, num_grid_images=0, max_steps=10**6, seed=0,
-    ))
-    return ConstrainedDDPOTrainer(cfg, pipeline=pipe)
-
-
-def remove_lora(pipe) -> None:
-    """Take the trainer's adapter off so the next configuration starts from the base transformer."""
-    if getattr(pipe.transformer, "_hf_peft_config_loaded", False):
-        pipe.transformer.delete_adapters(list(pipe.transformer.peft_config))
+    return gpu_common.benchmark_trainer(pipe, "sd3.5-medium-architecture-random", k, kl, shape, output_dir,
+                                        prompts=PROMPTS, eta=shape["eta"], guidance_scale=shape["guidance"],
+                                        resolution=shape["resolution"])
 
 
 def _timed(fn, n: int, device) -> list[float]:
     times = []
     for _ in range(n):
-        _sync(device)
+        gpu_common.sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        gpu_common.sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -251,7 +231,7 @@ def measure(shape: dict, device: str, t5: bool = False, on_row=None) -> dict:
     sampled = not shape.get("sample", True)
     for kl in shape["kls"]:
         for k in shape["ks"]:
-            remove_lora(pipe)
+            gpu_common.remove_lora(pipe)
             with tempfile.TemporaryDirectory() as out:
                 trainer = make_trainer(pipe, k, kl, shape, out)
                 if not sampled:
