@@ -2,9 +2,11 @@
 
     python evaluation/independent_check.py outputs/tiny-multi-reward [outputs/tiny-multi-reward/equal_weights/init ...]
 
-For the base model and each run's LoRA (``StableDiffusionPipeline.from_pretrained`` on the
-embedded model folder, ``pipe.load_lora_weights(run)``, diffusers' own DDIM sampler and
-classifier-free guidance, ``pipe(...)`` with per-image ``torch.Generator`` seeds that cdalign's
+For the base model and each run's LoRA (the pipeline class its ``model_index.json`` names,
+``from_pretrained`` on the model folder, ``pipe.load_lora_weights(run)``, diffusers' own sampler
+and classifier-free guidance: DDIM with the run's eta for Stable Diffusion; for a flow model
+(SD3) the pipeline's own Euler ODE, so the images are what ``pipe()`` gives a user, not the
+run's SDE samples; ``pipe(...)`` with per-image ``torch.Generator`` seeds that cdalign's
 evaluation never uses), draws ``--num_images`` images of the held-out prompts and computes
 with numpy only, from the 8-bit images a user would save:
 
@@ -53,8 +55,11 @@ def summary(values: np.ndarray) -> dict:
 
 
 def main(argv=None) -> int:
+    import inspect
+
+    import diffusers
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
     from cdalign.data.prompt_sets import load_prompts
     from cdalign.data.shapes import classify_image, parse_prompt
@@ -86,8 +91,13 @@ def main(argv=None) -> int:
     prompts = [prompts_all[i % len(prompts_all)] for i in range(args.num_images)]
     seeds = [args.seed + i for i in range(args.num_images)]
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    index = json.loads((Path(model) / "model_index.json").read_text()) if Path(model).is_dir() else {}
+    pipeline_class = getattr(diffusers, index.get("_class_name", "StableDiffusionPipeline"))
+    absent = {name: None for name, entry in index.items() if isinstance(entry, list) and entry == [None, None]}
+    pipe = pipeline_class.from_pretrained(model, **absent)  # e.g. SD3 without T5: text_encoder_3=None
+    if pipeline_class is diffusers.StableDiffusionPipeline:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    takes_eta = "eta" in inspect.signature(pipe.__call__).parameters
     pipe.set_progress_bar_config(disable=True)
 
     def draw() -> np.ndarray:
@@ -96,7 +106,8 @@ def main(argv=None) -> int:
             gens = [torch.Generator().manual_seed(s) for s in seeds[lo : lo + args.batch_size]]
             images = pipe(
                 prompts[lo : lo + args.batch_size], num_inference_steps=int(config["num_inference_steps"]),
-                guidance_scale=float(config["guidance_scale"]), eta=float(config["eta"]), generator=gens, output_type="np",
+                guidance_scale=float(config["guidance_scale"]), generator=gens, output_type="np",
+                **({"eta": float(config["eta"])} if takes_eta else {}),
             ).images
             out.append(np.round(images * 255).astype(np.uint8))  # what a saved PNG holds
         return np.concatenate(out)
@@ -131,7 +142,7 @@ def main(argv=None) -> int:
             if key != "base":
                 entry["difference"] = summary(v - results["base"][metric])
             table[key][metric] = entry
-    lines = [f"independent check: diffusers pipe(), {args.num_images} images of {len(prompts_all)} held-out prompts, "
+    lines = [f"independent check: diffusers {pipeline_class.__name__}(), {args.num_images} images of {len(prompts_all)} held-out prompts, "
              f"seeds {seeds[0]}..{seeds[-1]}, numpy metrics (σ units: the run's base statistics)"]
     metrics = list(results["base"])
     lines.append(f"{'model':<44}" + "".join(f"{m:>26}" for m in metrics))

@@ -96,11 +96,17 @@ class PretrainConfig:
         default="cdalign/tiny-shapes-sd",
         metadata={"help": "sd3: pipeline folder (or the embedded id) whose trained VAE, CLIP text encoder and tokenizer are reused."},
     )
-    transformer_steps: int = field(default=3800, metadata={"help": "sd3: transformer optimiser steps."})
+    transformer_steps: int = field(default=6000, metadata={"help": "sd3: transformer optimiser steps."})
     transformer_lr: float = field(default=5e-4, metadata={"help": "sd3: transformer peak learning rate (AdamW, warmup then cosine decay)."})
     transformer_layers: int = field(default=4, metadata={"help": "sd3: joint transformer blocks."})
     attention_heads: int = field(default=2, metadata={"help": "sd3: attention heads per block."})
     attention_head_dim: int = field(default=32, metadata={"help": "sd3: width of one attention head."})
+    patch_size: int = field(default=1, metadata={"help": "sd3: transformer patch size on the 16x16 latent (1: 256 image tokens, 2: 64)."})
+    train_text_encoders: bool = field(
+        default=False,
+        metadata={"help": "sd3: also train both CLIP text encoders (from tiny-shapes-sd's, lr text_encoder_lr, EMA); "
+                  "False keeps them frozen."},
+    )
     timestep_sampling: str = field(
         default="logit_normal", metadata={"help": "sd3: how sigma is drawn in training: logit_normal (SD3 paper) or uniform."}
     )
@@ -119,7 +125,8 @@ class PretrainConfig:
         parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
         parser.add_argument("--config", default=None, help="YAML file of PretrainConfig fields.")
         for f in dataclasses.fields(cls):
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=None, help=f.metadata["help"])
+            kind = _yes_no if isinstance(f.default, bool) else type(f.default)
+            parser.add_argument(f"--{f.name}", type=kind, default=None, help=f.metadata["help"])
         args = vars(parser.parse_args(argv))
         config_path = args.pop("config")
         values = {}
@@ -132,6 +139,14 @@ class PretrainConfig:
                 raise ValueError(f"{config_path}: unknown keys {sorted(unknown)}")
         values.update({k: v for k, v in args.items() if v is not None})
         return cls(**values)
+
+
+def _yes_no(text: str) -> bool:
+    """A boolean flag's value: true/false (yes/no, 1/0)."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
 def lr_lambda(warmup: int, total: int, final_fraction: float = 0.1):
@@ -397,27 +412,39 @@ def sample_sigmas(rng: torch.Generator, n: int, config: PretrainConfig) -> torch
 
 
 def train_transformer(pipe, config: PretrainConfig, accelerator, rng: np.random.Generator):
-    """Fit ``pipe.transformer`` by rectified flow (frozen VAE and text encoders).
-    Returns (EMA transformer, per-step losses)."""
-    transformer = pipe.transformer
+    """Fit ``pipe.transformer`` (and, with ``train_text_encoders``, both CLIP text encoders)
+    by rectified flow, VAE frozen. Returns ({name: EMA module}, per-step losses)."""
     vae = pipe.vae
-    ema = copy.deepcopy(transformer).requires_grad_(False)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.transformer_lr, weight_decay=0.01)
+    names = ["transformer", *(["text_encoder", "text_encoder_2"] if config.train_text_encoders else [])]
+    models = {name: getattr(pipe, name) for name in names}
+    emas = {name: copy.deepcopy(m).requires_grad_(False) for name, m in models.items()}
+    groups = [{"params": list(models["transformer"].parameters()), "lr": config.transformer_lr}]
+    for name in names[1:]:
+        encoder = models[name].requires_grad_(True)
+        encoder.text_projection.requires_grad_(False)  # stays the identity: pooled = final-layer-norm EOS state
+        groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": config.text_encoder_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.transformer_steps))
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    transformer.train()
+    transformer, optimizer = accelerator.prepare(models["transformer"], optimizer)
+    for m in models.values():
+        m.train()
     noise_rng = torch.Generator().manual_seed(config.seed)
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @torch.no_grad()
     def embed(captions: list[str]):
-        """The pipeline's own prompt embeddings (CLIP x 2, zero T5 tokens), cached per caption."""
+        """The pipeline's own prompt embeddings (CLIP x 2, zero T5 tokens); cached per caption
+        while the text encoders are frozen."""
+        if config.train_text_encoders:
+            embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=accelerator.device, do_classifier_free_guidance=False)
+            return embeds, pooled
         new = sorted(set(captions) - set(cache))
         if new:
-            embeds, _, pooled, _ = pipe.encode_prompt(new, None, None, device=accelerator.device, do_classifier_free_guidance=False)
+            with torch.no_grad():
+                embeds, _, pooled, _ = pipe.encode_prompt(new, None, None, device=accelerator.device, do_classifier_free_guidance=False)
             cache.update({c: (e, p) for c, e, p in zip(new, embeds, pooled)})
         return torch.stack([cache[c][0] for c in captions]), torch.stack([cache[c][1] for c in captions])
 
+    params = [p for g in groups for p in g["params"]]
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     losses = []
     bar = tqdm(range(config.transformer_steps), desc="SD3 transformer", disable=not accelerator.is_local_main_process)
@@ -433,16 +460,17 @@ def train_transformer(pipe, config: PretrainConfig, accelerator, rng: np.random.
         velocity = transformer(noisy, prompt_embeds, pooled, sigmas * 1000).sample
         loss = F.mse_loss(velocity, noise - x0)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(transformer.parameters(), 1.0)
+        accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         decay = min(config.ema_decay, (1 + step) / (10 + step))
-        ema_update(ema, accelerator.unwrap_model(transformer), decay)
+        for name, m in models.items():
+            ema_update(emas[name], accelerator.unwrap_model(m), decay)
         losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    return ema.eval(), losses
+    return {name: ema.eval() for name, ema in emas.items()}, losses
 
 
 def train_sd3(config: PretrainConfig, accelerator, rng: np.random.Generator) -> Trained:
@@ -464,6 +492,7 @@ def train_sd3(config: PretrainConfig, accelerator, rng: np.random.Generator) -> 
         attention_head_dim=config.attention_head_dim,
         num_attention_heads=config.attention_heads,
         scheduler_shift=config.scheduler_shift,
+        patch_size=config.patch_size,
     )
     previous = []
     if config.init_transformer:
@@ -475,9 +504,9 @@ def train_sd3(config: PretrainConfig, accelerator, rng: np.random.Generator) -> 
     accelerator.print(f"VAE latents on fresh scenes: mean {mean:.4f}, std {std:.4f}")
     pipe = StableDiffusion3Pipeline(text_encoder_3=None, tokenizer_3=None, **parts)
     pipe.to(accelerator.device)
-    transformer, losses = train_transformer(pipe, config, accelerator, rng)
-    pipe.transformer = transformer
-    pipe.register_modules(transformer=transformer)
+    trained, losses = train_transformer(pipe, config, accelerator, rng)
+    pipe.register_modules(**trained)
+    transformer = trained["transformer"]
     total_seconds = time.perf_counter() - start
     vae_fidelity = reconstruction_fidelity(vae, np.random.default_rng(config.seed + 1), accelerator.device)
     log = dict(
@@ -488,7 +517,11 @@ def train_sd3(config: PretrainConfig, accelerator, rng: np.random.Generator) -> 
         vae_shift_factor=mean,
         vae_scaling_factor=1.0 / std,
         vae_reconstruction_fidelity=vae_fidelity,
-        text_encoders="frozen (tiny-shapes-sd's CLIP text encoder, identity text_projection, as text_encoder and text_encoder_2)",
+        text_encoders=(
+            "trained jointly from tiny-shapes-sd's CLIP text encoder (identity text_projection kept), text_encoder and text_encoder_2 apart"
+            if config.train_text_encoders
+            else "frozen (tiny-shapes-sd's CLIP text encoder, identity text_projection, as text_encoder and text_encoder_2)"
+        ),
         final_transformer_loss=float(np.mean(losses[-50:])),
         previous_stages=previous,
         total_transformer_steps=config.transformer_steps + sum(st["config"]["transformer_steps"] for st in previous),
@@ -498,8 +531,8 @@ def train_sd3(config: PretrainConfig, accelerator, rng: np.random.Generator) -> 
 
 def _load_previous_stage(parts: dict, folder: Path) -> list[dict]:
     """Replace ``parts['transformer']`` by the transformer saved in ``folder`` (refused unless
-    its config equals the one this config builds) and return that folder's training stages
-    (its own log first, then the stages it continued), oldest first."""
+    its config equals the one this config builds) and both text encoders by the folder's (the
+    previous stage may have trained them); return that folder's training stages, oldest first."""
     import json
 
     from diffusers import SD3Transformer2DModel
@@ -511,6 +544,10 @@ def _load_previous_stage(parts: dict, folder: Path) -> list[dict]:
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
         raise ValueError(f"init_transformer={str(folder)!r}: its transformer differs from this config's in {diff}")
     parts["transformer"] = saved
+    from transformers import CLIPTextModelWithProjection
+
+    for name in ("text_encoder", "text_encoder_2"):
+        parts[name] = CLIPTextModelWithProjection.from_pretrained(folder / name).eval().requires_grad_(False)
     log = json.loads((folder / "training_log.json").read_text())
     return [*log.get("previous_stages", []), {k: v for k, v in log.items() if k != "previous_stages"}]
 

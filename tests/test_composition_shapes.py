@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import cdalign
 from cdalign.composition import concept_table, pairwise_table, reward_table, run_concept_sets
 from cdalign.composition.config import config_from_dict, parse_config
 from cdalign.composition.mixture import (
@@ -166,6 +167,13 @@ def test_tiny_recipes_parse():
     adapters = parse_config(["--config", "recipes/compose/tiny_adapters.yaml"])
     assert adapters.pretrained_model_name_or_path == "cdalign/tiny-shapes-sd"
     assert [c.name for c in adapters.components] == ["brightness", "colorfulness", "contrast", "base"]
+    flow = parse_config(["--config", "recipes/compose/tiny_flow_adapters.yaml"])
+    assert flow.pretrained_model_name_or_path == "cdalign/tiny-shapes-sd3" and flow.eta == 0.7
+    assert [c.name for c in flow.components] == ["brightness", "colorfulness", "base"]
+    for c in flow.components[:2]:  # each adapter recipe trains on the composition's base model
+        adapter = cdalign.parse_config(["--config", c.train_recipe])  # resolved against the recipe
+        assert adapter.pretrained_model_name_or_path == flow.pretrained_model_name_or_path
+        assert adapter.objective.reward == c.reward and adapter.output_dir == c.path
     concepts = parse_config(["--config", "recipes/compose/tiny_concepts.yaml"])
     assert len(concepts.concept_sets) == 6 and all(c.reward == "shapes_match" for c in concepts.components)
     mixture = parse_config(["--config", "recipes/compose/tiny_mixture.yaml"])

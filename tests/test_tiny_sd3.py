@@ -64,7 +64,7 @@ def test_configs_match_the_recipe_and_the_card(folder, pipe):
         recipe["attention_heads"],
         recipe["attention_head_dim"],
     )
-    assert (t.sample_size, t.patch_size, t.in_channels, t.out_channels) == (16, 2, 4, 4)
+    assert (t.sample_size, t.patch_size, t.in_channels, t.out_channels) == (16, recipe.get("patch_size", 2), 4, 4)
     clip = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
     assert t.joint_attention_dim >= clip
     assert t.pooled_projection_dim == pipe.text_encoder.config.projection_dim + pipe.text_encoder_2.config.projection_dim
@@ -119,3 +119,46 @@ def test_builder_is_deterministic_for_a_seed():
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def _pretrain(tmp_path, *flags):
+    """The SD3 pretraining recipe as a user runs it (its YAML, CLI overrides), 2 tiny steps."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "recipes" / "pretrain_tiny.py"), "--config", str(RECIPE_CONFIG),
+           "--transformer_steps", "2", "--batch_size", "2", "--warmup_steps", "1", *flags]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_pretraining_trains_the_text_encoders_when_asked_and_continues_a_stage(tmp_path):
+    """``--train_text_encoders true`` changes both CLIP encoders (their identity projection
+    kept); a second stage (``--init_transformer``) starts from the first stage's transformer and
+    text encoders and lists it under previous_stages, and the card's commands name both stages."""
+    from diffusers import StableDiffusion3Pipeline
+    from tiny_quality import _sd3_commands
+    from transformers import CLIPTextModel
+
+    first, second = tmp_path / "stage1", tmp_path / "stage2"
+    _pretrain(tmp_path, "--output_dir", str(first), "--train_text_encoders", "true")
+    _pretrain(tmp_path, "--output_dir", str(second), "--init_transformer", str(first), "--seed", "1")
+    one = StableDiffusion3Pipeline.from_pretrained(str(first), text_encoder_3=None, tokenizer_3=None)
+    base = CLIPTextModel.from_pretrained(tiny_shapes_sd_path() / "text_encoder").state_dict()
+    for encoder in (one.text_encoder, one.text_encoder_2):
+        mine = encoder.text_model.state_dict()
+        assert any(not torch.equal(mine[k], v) for k, v in base.items())
+        assert torch.equal(encoder.text_projection.weight, torch.eye(encoder.config.hidden_size))
+    assert one.transformer.config.patch_size == yaml.safe_load(RECIPE_CONFIG.read_text())["patch_size"]
+    log = json.loads((second / "training_log.json").read_text())
+    assert [s["config"]["seed"] for s in log["previous_stages"]] == [0] and log["total_transformer_steps"] == 4
+    assert log["previous_stages"][0]["text_encoders"].startswith("trained jointly")
+    commands = _sd3_commands(log)
+    assert commands.count("accelerate launch recipes/pretrain_tiny.py --config recipes/pretrain_tiny_sd3.yaml") == 2
+    assert "--train_text_encoders True" in commands and "--init_transformer <stage 1's output_dir>" in commands
+    two = StableDiffusion3Pipeline.from_pretrained(str(second), text_encoder_3=None, tokenizer_3=None)
+    for a, b in ((one.text_encoder, two.text_encoder), (one.text_encoder_2, two.text_encoder_2)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # carried over
+    with pytest.raises(AssertionError, match="expected true or false"):  # exit code 2, the flag named
+        _pretrain(tmp_path, "--output_dir", str(tmp_path / "bad"), "--train_text_encoders", "maybe")

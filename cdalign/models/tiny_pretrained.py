@@ -32,7 +32,7 @@ TINY_SHAPES_SD3_ID = "cdalign/tiny-shapes-sd3"
 # Sampling defaults the model cards recommend (measured by evaluation/tiny_quality.py).
 RECOMMENDED_GUIDANCE_SCALE = 3.0
 RECOMMENDED_NUM_INFERENCE_STEPS = 20
-RECOMMENDED_SD3_GUIDANCE_SCALE = 3.0
+RECOMMENDED_SD3_GUIDANCE_SCALE = 5.0
 RECOMMENDED_SD3_NUM_INFERENCE_STEPS = 20
 SD3_SCHEDULER_SHIFT = 1.0  # FlowMatchEulerDiscreteScheduler shift the sd3 model ships with
 IMAGE_RESOLUTION = 64  # pixels; the UNet works on 4 x 16 x 16 latents (VAE factor 4)
@@ -195,9 +195,10 @@ def build_untrained_sd3_components(
     attention_head_dim: int = 32,
     num_attention_heads: int = 2,
     scheduler_shift: float = SD3_SCHEDULER_SHIFT,
+    patch_size: int = 2,
 ) -> dict:
     """Components of ``cdalign/tiny-shapes-sd3`` before its training: a randomly
-    initialised ``transformer`` (SD3Transformer2DModel on 4x16x16 latents, patch 2,
+    initialised ``transformer`` (SD3Transformer2DModel on 4x16x16 latents, ``patch_size``,
     ``num_layers`` joint blocks of ``num_attention_heads`` x ``attention_head_dim``;
     deterministic for ``seed``, the global torch RNG is restored afterwards), and the
     *trained* parts of tiny-shapes-sd (``base_path``; default the embedded folder): its
@@ -229,7 +230,7 @@ def build_untrained_sd3_components(
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(
             sample_size=LATENT_SIZE,
-            patch_size=2,
+            patch_size=patch_size,
             in_channels=vae.config.latent_channels,
             out_channels=vae.config.latent_channels,
             num_layers=num_layers,
@@ -238,7 +239,7 @@ def build_untrained_sd3_components(
             joint_attention_dim=clip_width,
             caption_projection_dim=attention_head_dim * num_attention_heads,
             pooled_projection_dim=pooled_width,
-            pos_embed_max_size=LATENT_SIZE // 2,
+            pos_embed_max_size=LATENT_SIZE // patch_size,
         )
     finally:
         torch.random.set_rng_state(rng_state)
