@@ -2,8 +2,8 @@
 class its model folder names), fresh seeds and numpy metrics: for a UNet model and a flow
 model, each run's LoRA against the base."""
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,15 +12,18 @@ from tiny_configs import tiny_config
 from cdalign import ConstrainedDDPOTrainer
 from cdalign.models.tiny import build_tiny_pipeline, build_tiny_sd3_pipeline
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
+# Loaded by path: putting evaluation/ on sys.path would shadow the `evaluate` library with
+# evaluation/evaluate.py for every later test.
+_spec = importlib.util.spec_from_file_location(
+    "independent_check", Path(__file__).resolve().parents[1] / "evaluation" / "independent_check.py")
+independent_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(independent_check)
 
 BUILDERS = {"sd": (build_tiny_pipeline, 1.0), "sd3": (build_tiny_sd3_pipeline, 0.7)}  # builder, eta
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_independent_check_scores_a_run_with_plain_diffusers(family, tmp_path, capsys):
-    import independent_check
-
     build, eta = BUILDERS[family]
     model = tmp_path / "model"
     build(seed=0).save_pretrained(model)
@@ -39,7 +42,5 @@ def test_independent_check_scores_a_run_with_plain_diffusers(family, tmp_path, c
 
 
 def test_independent_check_refuses_an_unfinished_run(tmp_path, capsys):
-    import independent_check
-
     assert independent_check.main([str(tmp_path)]) == 2
     assert "is not a finished run" in capsys.readouterr().err
