@@ -410,6 +410,10 @@ def _sd_card_fields(log: dict) -> dict:
 
 def _sd3_card_fields(log: dict) -> dict:
     config = log["config"]
+    if any(st["config"].get("train_text_encoders") for st in [*log.get("previous_stages", []), log]):
+        # SD3_TRAINING and the sd3 remedy describe frozen text encoders: a card must not say so of trained ones
+        raise NotImplementedError("a stage of this model trained its text encoders (train_text_encoders): the sd3 card "
+                                  "template describes them as frozen; extend SD3_TRAINING before writing this card")
     sampling = config.get("timestep_sampling", "logit_normal")
     return dict(
         base_model=log.get("base_model", config.get("base_model")),

@@ -22,12 +22,14 @@ data never repeats and nothing is downloaded:
    moving average of the weights is saved.
 
 ``sd3``: no VAE stage. The trained VAE and CLIP text encoder of ``cdalign/tiny-shapes-sd``
-(``base_model``) are reused, frozen (the text encoder twice, as SD3's ``text_encoder`` and
-``text_encoder_2``; no T5); the VAE's ``shift_factor`` / ``scaling_factor`` are measured on
+(``base_model``) are reused (the text encoder twice, as SD3's ``text_encoder`` and
+``text_encoder_2``; no T5), the VAE frozen, the text encoders frozen unless
+``train_text_encoders`` trains them with the transformer; the VAE's ``shift_factor`` / ``scaling_factor`` are measured on
 fresh scenes (latent mean, 1 / std). An ``SD3Transformer2DModel`` is trained by rectified
 flow: ``x_s = (1 - s) x0 + s eps``, target velocity ``eps - x0``, ``s`` logit-normal (Esser
 et al. 2024) or uniform, timestep ``1000 s``; caption embeddings come from the pipeline's
-own ``encode_prompt`` (cached: the caption space is small). Saved as a
+own ``encode_prompt`` (cached while the encoders are frozen: the caption space is small).
+``init_transformer`` continues a saved stage (its transformer and text encoders). Saved as a
 ``StableDiffusion3Pipeline`` with a ``FlowMatchEulerDiscreteScheduler``.
 
 Writes a diffusers pipeline folder (safetensors), ``loss_curve.png``
@@ -520,6 +522,8 @@ def train_sd3(config: PretrainConfig, accelerator, rng: np.random.Generator) -> 
         text_encoders=(
             "trained jointly from tiny-shapes-sd's CLIP text encoder (identity text_projection kept), text_encoder and text_encoder_2 apart"
             if config.train_text_encoders
+            else "frozen (the previous stage's)"
+            if config.init_transformer
             else "frozen (tiny-shapes-sd's CLIP text encoder, identity text_projection, as text_encoder and text_encoder_2)"
         ),
         final_transformer_loss=float(np.mean(losses[-50:])),
