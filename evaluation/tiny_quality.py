@@ -581,7 +581,7 @@ def write_model_card(folder: Path, results: dict, command: str, grid: np.ndarray
     (folder / "README.md").write_text(card)
 
 
-def limitations(gates: dict, remedy: str = "More UNet steps (`--unet_steps`) are the first thing to try.") -> str:
+def limitations(gates: dict, remedy: str) -> str:
     """The card's limitations sentence, from the measured accuracies at the recommended guidance."""
     weakest = min(gates["shape"], key=gates["shape"].get)
     parts = [
