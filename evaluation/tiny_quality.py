@@ -30,6 +30,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -293,7 +294,17 @@ def _describe_text_encoder(c: dict, log: dict) -> str:
         text += f", text projection {c['projection_dim']}-d (identity)"
     if log.get("architecture", "sd") == "sd":
         return text + "; trained jointly with the UNet"
-    return text + f"; {log.get('base_model', 'cdalign/tiny-shapes-sd')}'s trained CLIP text encoder, frozen"
+    base = log.get("base_model", "cdalign/tiny-shapes-sd")
+    if text_encoder_stages(log):
+        return text + f"; initialised from {base}'s trained CLIP text encoder, then trained with the transformer"
+    return text + f"; {base}'s trained CLIP text encoder, frozen"
+
+
+def text_encoder_stages(log: dict) -> list[int]:
+    """The 1-based pretraining stages (``previous_stages`` then this one) that trained the
+    text encoders with the transformer (``train_text_encoders``); empty when they stayed frozen."""
+    stages = [*log.get("previous_stages", []), log]
+    return [i for i, st in enumerate(stages, 1) if st["config"].get("train_text_encoders")]
 
 
 def _describe_tokenizer(folder: Path, component: str) -> str:
@@ -380,9 +391,9 @@ initial noise and ignores the prompt's: the previous version of this model, trai
 without it, followed the named background in 42% of samples (chance: 33%)."""
 
 SD3_TRAINING = """{commands} (architecture `sd3`;
-see `recipes/pretrain_tiny.py` and `training_log.json`). No VAE stage: the VAE and the CLIP text
-encoder are {base_model}'s trained ones, frozen (the text encoder serves as both
-`text_encoder` and `text_encoder_2`; no T5, so SD3's prompt encoding appends zero tokens). The
+see `recipes/pretrain_tiny.py` and `training_log.json`). No VAE stage: the VAE is {base_model}'s
+trained one, frozen. The CLIP text encoder is {base_model}'s trained one, {text_encoder_training}
+(it serves as both `text_encoder` and `text_encoder_2`; no T5, so SD3's prompt encoding appends zero tokens). The
 VAE's shift factor {shift_factor:.4f} and scaling factor {scaling:.4f} are the mean and 1 / std of its
 latents on fresh scenes. The transformer is trained by rectified flow (Esser et al. 2024):
 x_s = (1 - s) x0 + s eps, target velocity eps - x0, s drawn {timestep_sampling}, timestep 1000 s,
@@ -410,10 +421,6 @@ def _sd_card_fields(log: dict) -> dict:
 
 def _sd3_card_fields(log: dict) -> dict:
     config = log["config"]
-    if any(st["config"].get("train_text_encoders") for st in [*log.get("previous_stages", []), log]):
-        # SD3_TRAINING and the sd3 remedy describe frozen text encoders: a card must not say so of trained ones
-        raise NotImplementedError("a stage of this model trained its text encoders (train_text_encoders): the sd3 card "
-                                  "template describes them as frozen; extend SD3_TRAINING before writing this card")
     sampling = config.get("timestep_sampling", "logit_normal")
     return dict(
         base_model=log.get("base_model", config.get("base_model")),
@@ -427,6 +434,22 @@ def _sd3_card_fields(log: dict) -> dict:
         lr=config["transformer_lr"],
         ema_decay=config["ema_decay"],
         final_loss=log["final_transformer_loss"],
+        text_encoder_training=_sd3_text_encoder_training(log),
+        text_encoder_summary="trained with it" if text_encoder_stages(log) else "frozen",
+    )
+
+
+def _sd3_text_encoder_training(log: dict) -> str:
+    """'frozen', or how and in which stages the text encoders were trained with the transformer."""
+    stages = [*log.get("previous_stages", []), log]
+    trained = text_encoder_stages(log)
+    if not trained:
+        return "frozen"
+    where = "" if len(stages) == 1 else f" in stage{'s' if len(trained) > 1 else ''} {', '.join(map(str, trained))}"
+    lrs = sorted({stages[i - 1]["config"]["text_encoder_lr"] for i in trained})
+    return (
+        f"trained jointly with the transformer{where} (AdamW lr {', '.join(map(str, lrs))}, EMA like the transformer; "
+        "`text_encoder` and `text_encoder_2` apart; their text projection stays the identity)"
     )
 
 
@@ -462,6 +485,11 @@ def _pretrain_defaults(recipe: str = SD3_PRETRAIN_RECIPE) -> dict:
     return {**defaults, **(yaml.safe_load((REPO_ROOT / recipe).read_text()) or {})}
 
 
+def _flag_value(value) -> str:
+    """A config value as the recipe's command line takes it (booleans as true / false)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _sd3_commands(log: dict) -> str:
     """The command of each training stage, oldest first: ``--config`` the SD3 pretraining
     recipe plus a flag for every value in which the stage's logged config differs from it,
@@ -470,7 +498,7 @@ def _sd3_commands(log: dict) -> str:
     commands = []
     for i, stage in enumerate([*log.get("previous_stages", []), log]):
         config = stage["config"]
-        flags = [f"--{k} {v}" for k, v in config.items() if k not in _NOT_IN_COMMANDS and recipe.get(k) != v]
+        flags = [f"--{k} {_flag_value(v)}" for k, v in config.items() if k not in _NOT_IN_COMMANDS and recipe.get(k) != v]
         if i:
             flags.append(f"--init_transformer <stage {i}'s output_dir>")
         commands.append(" ".join([f"`accelerate launch recipes/pretrain_tiny.py --config {SD3_PRETRAIN_RECIPE}", *flags]) + "`")
@@ -488,8 +516,20 @@ class CardArchitecture:
     load_kwargs: str  # extra from_pretrained arguments of the Use snippet
     training: str  # template of the Training section
     fields: object  # log -> the training template's architecture-specific fields
-    remedy: str  # what to try first when a gate fails (a sentence)
+    remedy: Callable[[dict], str]  # training log -> what to try first when a gate fails (a sentence)
 
+
+def _sd3_remedy(log: dict) -> str:
+    if not text_encoder_stages(log):
+        return (
+            "The transformer follows the colour and background words but hardly the shape word (shape accuracy "
+            "near the 33% of chance) while the text encoders stay frozen: training them with it "
+            "(`--train_text_encoders true`, from this model with `--init_transformer`) is the first thing to try."
+        )
+    return (
+        "The text encoders are already trained with the transformer; more joint blocks or steps "
+        "(`--transformer_layers`, `--transformer_steps`) are the first thing to try."
+    )
 
 CARD_ARCHITECTURES = {
     "sd": CardArchitecture(
@@ -500,7 +540,7 @@ CARD_ARCHITECTURES = {
         load_kwargs="",
         training=SD_TRAINING,
         fields=_sd_card_fields,
-        remedy="More UNet steps (`--unet_steps`) are the first thing to try.",
+        remedy=lambda log: "More UNet steps (`--unet_steps`) are the first thing to try.",
     ),
     "sd3": CardArchitecture(
         model_id="cdalign/tiny-shapes-sd3",
@@ -508,17 +548,13 @@ CARD_ARCHITECTURES = {
         summary=(
             "A tiny Stable-Diffusion-3-architecture (MMDiT transformer, rectified flow) text-to-image\n"
             "model (64x64 pixels) whose transformer is trained from scratch on CPU (VAE and CLIP text\n"
-            "encoder reused from cdalign/tiny-shapes-sd, frozen)"
+            "encoder reused from cdalign/tiny-shapes-sd, the VAE frozen, the text encoder {text_encoder_summary})"
         ),
         pipeline="StableDiffusion3Pipeline",
         load_kwargs=", text_encoder_3=None, tokenizer_3=None",
         training=SD3_TRAINING,
         fields=_sd3_card_fields,
-        remedy=(
-            "The transformer follows the colour and background words but hardly the shape word (shape accuracy "
-            "near the 33% of chance) while the text encoders stay frozen: training them with it "
-            "(`--train_text_encoders true`, from this model with `--init_transformer`) is the first thing to try."
-        ),
+        remedy=_sd3_remedy,
     ),
 }
 
@@ -546,11 +582,12 @@ def write_model_card(folder: Path, results: dict, command: str, grid: np.ndarray
         scaling=vae_config["scaling_factor"],
         vae_fidelity=", ".join(f"{k} {v:.0%}" for k, v in log.get("vae_reconstruction_fidelity", {}).items()) or "not measured",
     )
-    training = arch.training.format(**shared, **arch.fields(log))
+    fields = arch.fields(log)
+    training = arch.training.format(**shared, **fields)
     card = CARD_TEMPLATE.format(
         model_id=arch.model_id,
         tags="\n".join(f"- {t}" for t in arch.tags),
-        summary=arch.summary,
+        summary=arch.summary.format(**fields),
         pipeline=arch.pipeline,
         load_kwargs=arch.load_kwargs,
         sampler=sampler_name(folder),
@@ -576,7 +613,7 @@ def write_model_card(folder: Path, results: dict, command: str, grid: np.ndarray
         div_n=results["diversity_seeds"],
         seconds=results["seconds_per_image_batch4_20steps"],
         gates=", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in results["gates"].items()),
-        limitations=limitations(gates, arch.remedy),
+        limitations=limitations(gates, arch.remedy(log)),
     )
     (folder / "README.md").write_text(card)
 

@@ -80,8 +80,12 @@ def test_configs_match_the_recipe_and_the_card(folder, pipe):
     assert f"guidance scale {RECOMMENDED_SD3_GUIDANCE_SCALE}" in card
 
 
-def test_vae_and_text_encoder_are_tiny_shapes_sd_s(pipe):
+def test_vae_is_tiny_shapes_sd_s_and_the_text_encoders_are_what_the_log_says(folder, pipe):
+    """The VAE is tiny-shapes-sd's, unchanged; the text encoders are its text encoder
+    unchanged when no stage trained them, changed (identity projection kept) when one did,
+    and the card says which."""
     from diffusers import AutoencoderKL
+    from tiny_quality import text_encoder_stages
     from transformers import CLIPTextModel
 
     base = tiny_shapes_sd_path()
@@ -89,9 +93,30 @@ def test_vae_and_text_encoder_are_tiny_shapes_sd_s(pipe):
     for (name, a), b in zip(pipe.vae.state_dict().items(), vae.state_dict().values()):
         assert torch.equal(a, b), name
     text = CLIPTextModel.from_pretrained(base / "text_encoder").state_dict()
+    log = json.loads((folder / "training_log.json").read_text())
+    trained = bool(text_encoder_stages(log))
+    card = (folder / "README.md").read_text()
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
         mine = encoder.text_model.state_dict()
-        assert all(torch.equal(mine[k], v) for k, v in text.items())
+        assert all(torch.equal(mine[k], v) for k, v in text.items()) != trained
+        assert torch.equal(encoder.text_projection.weight, torch.eye(encoder.config.hidden_size))
+    assert ("then trained with the transformer" in card) == trained
+    assert ("trained CLIP text encoder, frozen" in card) != trained
+
+
+def test_card_says_which_stages_trained_the_text_encoders():
+    from tiny_quality import _sd3_remedy, _sd3_text_encoder_training, text_encoder_stages
+
+    frozen = {"config": {"train_text_encoders": False, "text_encoder_lr": 4e-4}}
+    trained = {"config": {"train_text_encoders": True, "text_encoder_lr": 4e-4}}
+    assert text_encoder_stages(frozen) == [] and _sd3_text_encoder_training(frozen) == "frozen"
+    assert "--train_text_encoders true" in _sd3_remedy(frozen)
+    one = _sd3_text_encoder_training(trained)
+    assert one.startswith("trained jointly with the transformer (AdamW lr 0.0004") and "stage" not in one
+    assert "--train_text_encoders" not in _sd3_remedy(trained)
+    later = {**trained, "previous_stages": [frozen]}
+    assert text_encoder_stages(later) == [2]
+    assert "trained jointly with the transformer in stage 2 " in _sd3_text_encoder_training(later)
 
 
 def test_weights_are_small(folder):
@@ -156,7 +181,7 @@ def test_pretraining_trains_the_text_encoders_when_asked_and_continues_a_stage(t
     assert log["previous_stages"][0]["text_encoders"].startswith("trained jointly")
     commands = _sd3_commands(log)
     assert commands.count("accelerate launch recipes/pretrain_tiny.py --config recipes/pretrain_tiny_sd3.yaml") == 2
-    assert "--train_text_encoders True" in commands and "--init_transformer <stage 1's output_dir>" in commands
+    assert "--train_text_encoders true" in commands and "--init_transformer <stage 1's output_dir>" in commands
     two = StableDiffusion3Pipeline.from_pretrained(str(second), text_encoder_3=None, tokenizer_3=None)
     for a, b in ((one.text_encoder, two.text_encoder), (one.text_encoder_2, two.text_encoder_2)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # carried over
