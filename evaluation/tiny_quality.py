@@ -392,8 +392,7 @@ without it, followed the named background in 42% of samples (chance: 33%)."""
 
 SD3_TRAINING = """{commands} (architecture `sd3`;
 see `recipes/pretrain_tiny.py` and `training_log.json`). No VAE stage: the VAE is {base_model}'s
-trained one, frozen. The CLIP text encoder is {base_model}'s trained one, {text_encoder_training}
-(it serves as both `text_encoder` and `text_encoder_2`; no T5, so SD3's prompt encoding appends zero tokens). The
+trained one, frozen. {text_encoder_training} No T5, so SD3's prompt encoding appends zero tokens. The
 VAE's shift factor {shift_factor:.4f} and scaling factor {scaling:.4f} are the mean and 1 / std of its
 latents on fresh scenes. The transformer is trained by rectified flow (Esser et al. 2024):
 x_s = (1 - s) x0 + s eps, target velocity eps - x0, s drawn {timestep_sampling}, timestep 1000 s,
@@ -440,16 +439,19 @@ def _sd3_card_fields(log: dict) -> dict:
 
 
 def _sd3_text_encoder_training(log: dict) -> str:
-    """'frozen', or how and in which stages the text encoders were trained with the transformer."""
+    """The card's sentence on the CLIP text encoders: frozen, or how and in which stages they
+    were trained with the transformer."""
+    base = log.get("base_model", log["config"].get("base_model", "cdalign/tiny-shapes-sd"))
     stages = [*log.get("previous_stages", []), log]
     trained = text_encoder_stages(log)
     if not trained:
-        return "frozen"
+        return f"The CLIP text encoder is {base}'s trained one, frozen; it serves as both `text_encoder` and `text_encoder_2`."
     where = "" if len(stages) == 1 else f" in stage{'s' if len(trained) > 1 else ''} {', '.join(map(str, trained))}"
     lrs = sorted({stages[i - 1]["config"]["text_encoder_lr"] for i in trained})
     return (
-        f"trained jointly with the transformer{where} (AdamW lr {', '.join(map(str, lrs))}, EMA like the transformer; "
-        "`text_encoder` and `text_encoder_2` apart; their text projection stays the identity)"
+        f"`text_encoder` and `text_encoder_2` both start from {base}'s trained CLIP text encoder and are trained "
+        f"apart, jointly with the transformer{where} (AdamW lr {', '.join(map(str, lrs))}, EMA like the transformer; "
+        "their text projection stays the identity)."
     )
 
 
@@ -527,8 +529,9 @@ def _sd3_remedy(log: dict) -> str:
             "(`--train_text_encoders true`, from this model with `--init_transformer`) is the first thing to try."
         )
     return (
-        "The text encoders are already trained with the transformer; more joint blocks or steps "
-        "(`--transformer_layers`, `--transformer_steps`) are the first thing to try."
+        "The text encoders are already trained with the transformer. If squares are what fails, "
+        "`python evaluation/shape_retention.py --model <this folder>` shows whether the transformer rounds "
+        "a square it is handed at low noise; more blocks and heads did not fix that (README, flow models)."
     )
 
 CARD_ARCHITECTURES = {
