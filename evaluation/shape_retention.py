@@ -12,7 +12,13 @@ generation. Where a shape is lost between ``s = 0`` and small ``s``, the denoise
 reshapes a scene that is already drawn, not the prompt following at high noise.
 
 Prints, per ``s``, the share of images read as their own shape (per shape and overall; the
-same images and noise at every ``s``)."""
+same images and noise at every ``s``).
+
+The scheduler applies its time ``shift`` to the ``sigmas`` it is given (``a u / (1 + (a - 1) u)``),
+so the start is passed unshifted (``u0`` with shift(u0) = s) and spaced as the model's own
+schedule, ``linspace(u0, u0 / n, n)``: the first step runs at exactly ``s``, the time the latents
+were noised to, whatever the model's shift. Schedulers with resolution-dependent (dynamic)
+shifting are refused."""
 
 from __future__ import annotations
 
@@ -37,6 +43,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def unshifted(s: float, shift: float) -> float:
+    """The ``u`` that ``FlowMatchEulerDiscreteScheduler`` with a fixed ``shift`` maps to ``s``
+    (the inverse of ``shift u / (1 + (shift - 1) u)``)."""
+    return s / (shift - (shift - 1) * s)
+
+
 def retention(pipe, scenes_seed: int, num_images: int, sigmas: list[float], steps: int, guidance: float) -> dict:
     """{s: {shape: fraction, "all": fraction}} for scenes drawn from ``scenes_seed``."""
     import torch
@@ -50,6 +62,9 @@ def retention(pipe, scenes_seed: int, num_images: int, sigmas: list[float], step
     with torch.no_grad():
         x0 = (vae.encode(pixels.to(pipe.device)).latent_dist.mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(scenes_seed)).to(x0.device)
+    if pipe.scheduler.config.get("use_dynamic_shifting", False):
+        raise ValueError(f"{type(pipe.scheduler).__name__} uses dynamic shifting: a start time needs the pipeline's mu")
+    shift = float(pipe.scheduler.config.get("shift", 1.0))
     out = {}
     for s in sigmas:
         if s <= 0:
@@ -58,14 +73,17 @@ def retention(pipe, scenes_seed: int, num_images: int, sigmas: list[float], step
             images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
         else:
             n = max(1, round(s * steps))
+            u0 = unshifted(s, shift)
             images = pipe(
                 [r["prompt"] for r in records],
                 latents=(1 - s) * x0 + s * noise,
-                sigmas=list(np.linspace(s, s / n, n)),
+                sigmas=list(np.linspace(u0, u0 / n, n)),
                 guidance_scale=guidance,
                 output_type="np",
             ).images
             images = (images * 255).round().astype(np.uint8)
+            if abs(float(pipe.scheduler.sigmas[0]) - s) > 1e-5:
+                raise RuntimeError(f"the sampler started at {float(pipe.scheduler.sigmas[0]):.4f}, not at s = {s}")
         hits: dict[str, list[bool]] = {}
         for image, record in zip(images, records):
             hits.setdefault(record["shape"], []).append(shapes.classify_image(image)["shape"] == record["shape"])

@@ -31,6 +31,26 @@ def test_round_trip_reads_shapes_and_a_small_start_keeps_them(pipe):
     assert table[0.05]["all"] >= table[0.0]["all"] - 0.2  # one Euler step from the noised scene, not fresh noise
 
 
+def test_a_shifted_scheduler_still_starts_at_s(pipe):
+    """The scheduler shifts the sigmas it is handed; the script passes them unshifted, so the
+    first step runs at the s the latents were noised to (it raises otherwise)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for shift in (0.5, 3.0):
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+        scheduler.set_timesteps(sigmas=[shape_retention.unshifted(0.3, shift)])
+        assert float(scheduler.sigmas[0]) == pytest.approx(0.3, abs=1e-6)
+    original = pipe.scheduler
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(original.config, shift=0.5)
+    try:
+        table = shape_retention.retention(pipe, scenes_seed=3, num_images=4, sigmas=[0.3], steps=10, guidance=5.0)
+        assert float(pipe.scheduler.sigmas[0]) == pytest.approx(0.3, abs=1e-5)
+        assert len(pipe.scheduler.sigmas) == 4  # round(0.3 x 10) = 3 steps and the final 0
+    finally:
+        pipe.scheduler = original
+    assert 0 <= table[0.3]["all"] <= 1
+
+
 def test_bad_input_exits_2_with_the_field_named(capsys):
     assert shape_retention.main(["--sigmas", "1.5"]) == 2
     assert "--sigmas" in capsys.readouterr().err
