@@ -300,11 +300,16 @@ def _describe_text_encoder(c: dict, log: dict) -> str:
     return text + f"; {base}'s trained CLIP text encoder, frozen"
 
 
+def training_stages(log: dict) -> list[dict]:
+    """The pretraining stages of a ``training_log.json``, oldest first: its ``previous_stages``
+    (what ``init_transformer`` continued), then the log itself."""
+    return [*log.get("previous_stages", []), log]
+
+
 def text_encoder_stages(log: dict) -> list[int]:
     """The 1-based pretraining stages (``previous_stages`` then this one) that trained the
     text encoders with the transformer (``train_text_encoders``); empty when they stayed frozen."""
-    stages = [*log.get("previous_stages", []), log]
-    return [i for i, st in enumerate(stages, 1) if st["config"].get("train_text_encoders")]
+    return [i for i, st in enumerate(training_stages(log), 1) if st["config"].get("train_text_encoders")]
 
 
 def _describe_tokenizer(folder: Path, component: str) -> str:
@@ -442,7 +447,7 @@ def _sd3_text_encoder_training(log: dict) -> str:
     """The card's sentence on the CLIP text encoders: frozen, or how and in which stages they
     were trained with the transformer."""
     base = log.get("base_model", log["config"].get("base_model", "cdalign/tiny-shapes-sd"))
-    stages = [*log.get("previous_stages", []), log]
+    stages = training_stages(log)
     trained = text_encoder_stages(log)
     if not trained:
         return f"The CLIP text encoder is {base}'s trained one, frozen; it serves as both `text_encoder` and `text_encoder_2`."
@@ -457,7 +462,7 @@ def _sd3_text_encoder_training(log: dict) -> str:
 
 def _sd3_stages(log: dict) -> str:
     """'3800 steps (seed 0, warm-up 100) then 4200 steps continuing it (seed 1, no warm-up)'."""
-    stages = [*log.get("previous_stages", []), log]
+    stages = training_stages(log)
     parts = []
     for i, st in enumerate(stages):
         c = st["config"]
@@ -498,7 +503,7 @@ def _sd3_commands(log: dict) -> str:
     and ``--init_transformer`` for a stage that continued the one before."""
     recipe = _pretrain_defaults()
     commands = []
-    for i, stage in enumerate([*log.get("previous_stages", []), log]):
+    for i, stage in enumerate(training_stages(log)):
         config = stage["config"]
         flags = [f"--{k} {_flag_value(v)}" for k, v in config.items() if k not in _NOT_IN_COMMANDS and recipe.get(k) != v]
         if i:
@@ -580,7 +585,7 @@ def write_model_card(folder: Path, results: dict, command: str, grid: np.ndarray
     shared = dict(
         seed=log["config"]["seed"],
         train_threads=log["torch_threads"],
-        train_minutes=(log["total_seconds"] + sum(st.get("total_seconds", 0) for st in log.get("previous_stages", []))) / 60,
+        train_minutes=sum(st.get("total_seconds", 0) for st in training_stages(log)) / 60,
         unet_batch=log["config"]["batch_size"],
         scaling=vae_config["scaling_factor"],
         vae_fidelity=", ".join(f"{k} {v:.0%}" for k, v in log.get("vae_reconstruction_fidelity", {}).items()) or "not measured",
