@@ -268,9 +268,18 @@ def _describe_sd3_transformer(c: dict, log: dict) -> str:
         f"{c['in_channels']}x{size}x{size} latents, patch {patch} ({(size // patch) ** 2} image tokens), {c['num_layers']} joint (MMDiT) blocks, "
         f"{c['num_attention_heads']} heads x {c['attention_head_dim']} (width {width}), context {c['joint_attention_dim']}-d "
         f"(77 CLIP tokens + 256 zero tokens: no T5), pooled projection {c['pooled_projection_dim']}-d"
+        + _describe_position_table(log)
         + (f", {params / 1e6:.2f} M parameters" if params else "")
         + "; velocity prediction (rectified flow)"
     )
+
+
+def _describe_position_table(log: dict) -> str:
+    """The position table's clause: empty for diffusers' own (``position_step`` 1)."""
+    step = log["config"].get("position_step", 1.0)
+    if step == 1.0:
+        return ""
+    return f", sincos position table with token i at position {step:g} i (diffusers' default: i; stored in `pos_embed.pos_embed`)"
 
 
 def _describe_vae(c: dict, log: dict) -> str:
@@ -397,7 +406,7 @@ without it, followed the named background in 42% of samples (chance: 33%)."""
 
 SD3_TRAINING = """{commands} (architecture `sd3`;
 see `recipes/pretrain_tiny.py` and `training_log.json`). No VAE stage: the VAE is {base_model}'s
-trained one, frozen. {text_encoder_training} No T5, so SD3's prompt encoding appends zero tokens. The
+trained one, frozen. {text_encoder_training} No T5, so SD3's prompt encoding appends zero tokens{zero_tokens}. The
 VAE's shift factor {shift_factor:.4f} and scaling factor {scaling:.4f} are the mean and 1 / std of its
 latents on fresh scenes. The transformer is trained by rectified flow (Esser et al. 2024):
 x_s = (1 - s) x0 + s eps, target velocity eps - x0, s drawn {timestep_sampling}, timestep 1000 s,
@@ -440,6 +449,12 @@ def _sd3_card_fields(log: dict) -> dict:
         final_loss=log["final_transformer_loss"],
         text_encoder_training=_sd3_text_encoder_training(log),
         text_encoder_summary="trained with it" if text_encoder_stages(log) else "frozen",
+        zero_tokens=(
+            f" ({log['t5_placeholder_tokens']}; training fed one of them with attention weight {log['t5_placeholder_tokens']}, "
+            "which gives the same velocities and gradients)"
+            if "t5_placeholder_tokens" in log
+            else ""
+        ),
     )
 
 

@@ -28,7 +28,10 @@ data never repeats and nothing is downloaded:
 fresh scenes (latent mean, 1 / std). An ``SD3Transformer2DModel`` is trained by rectified
 flow: ``x_s = (1 - s) x0 + s eps``, target velocity ``eps - x0``, ``s`` logit-normal (Esser
 et al. 2024) or uniform, timestep ``1000 s``; caption embeddings come from the pipeline's
-own ``encode_prompt`` (cached while the encoders are frozen: the caption space is small).
+own ``encode_prompt`` (cached while the encoders are frozen: the caption space is small), with
+one zero T5 token standing for the pipeline's 256 (``RepeatedContextTokenAttention``: exact, and
+2.7x faster). ``position_step`` sets the spacing of the transformer's sincos position table,
+which is saved with its weights.
 ``init_transformer`` continues a saved stage (its transformer and text encoders). Saved as a
 ``StableDiffusion3Pipeline`` with a ``FlowMatchEulerDiscreteScheduler``.
 
@@ -115,6 +118,12 @@ class PretrainConfig:
     logit_mean: float = field(default=0.0, metadata={"help": "sd3: mean of the logit-normal sigma density."})
     logit_std: float = field(default=1.0, metadata={"help": "sd3: std of the logit-normal sigma density."})
     scheduler_shift: float = field(default=1.0, metadata={"help": "sd3: FlowMatchEulerDiscreteScheduler shift saved with the model (sampling only)."})
+    position_step: float = field(
+        default=1.0,
+        metadata={"help": "sd3: spacing of the transformer's sincos position table (saved with its weights): token (i, j) "
+                  "sits at (step i, step j). 1 is diffusers' table, whose fastest frequency turns 1 rad per token; 3 lets "
+                  "attention single out neighbouring tokens (cdalign.models.tiny_pretrained.sincos_position_table)."},
+    )
     init_transformer: str = field(
         default="",
         metadata={"help": "sd3: continue pretraining: a saved tiny flow pipeline folder whose transformer weights (same "
@@ -413,6 +422,55 @@ def sample_sigmas(rng: torch.Generator, n: int, config: PretrainConfig) -> torch
     raise ValueError(f"timestep_sampling={config.timestep_sampling!r}: expected 'logit_normal' or 'uniform'")
 
 
+class RepeatedContextTokenAttention:
+    """Joint (MMDiT) attention in which the last context token stands for ``copies`` equal
+    tokens: its attention logit gets ``+ log(copies)``, which is what ``copies`` equal keys
+    and values add to the softmax. Without T5, SD3's ``encode_prompt`` appends
+    ``max_sequence_length`` (256) zero tokens; they enter every block equal and leave it
+    equal, so training on one of them with this processor gives the pipeline's velocities
+    and gradients (``tests/test_tiny_sd3.py`` checks both) at a fraction of the cost: one
+    forward and backward of the tiny transformer, batch 16, 1 thread, 0.59 s -> 0.22 s.
+    Used in pretraining only; the saved model keeps diffusers' processors."""
+
+    def __init__(self, copies: int):
+        self.log_copies = math.log(copies)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        batch, image_tokens = hidden_states.shape[:2]
+
+        def split_heads(x, norm=None):
+            x = x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+            return norm(x) if norm is not None else x
+
+        q = split_heads(attn.to_q(hidden_states), attn.norm_q)
+        k = split_heads(attn.to_k(hidden_states), attn.norm_k)
+        v = split_heads(attn.to_v(hidden_states))
+        bias = None
+        if encoder_hidden_states is not None:
+            q = torch.cat([q, split_heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
+            k = torch.cat([k, split_heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
+            v = torch.cat([v, split_heads(attn.add_v_proj(encoder_hidden_states))], dim=2)
+            bias = torch.zeros(1, k.shape[2], dtype=q.dtype, device=q.device)
+            bias[0, -1] = self.log_copies
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[3]).to(q.dtype)
+        image = attn.to_out[1](attn.to_out[0](out[:, :image_tokens]))
+        if encoder_hidden_states is None:
+            return image
+        context = out[:, image_tokens:]
+        return image, (context if attn.context_pre_only else attn.to_add_out(context))
+
+
+def t5_placeholder_tokens(pipe) -> int:
+    """How many zero tokens the pipeline's ``encode_prompt`` appends when it has no T5: its
+    ``max_sequence_length`` default (256 for StableDiffusion3Pipeline)."""
+    import inspect
+
+    if getattr(pipe, "text_encoder_3", None) is not None:
+        raise ValueError("the zero-token shortcut is exact only without text_encoder_3 (T5)")
+    return inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+
+
 def train_transformer(pipe, config: PretrainConfig, accelerator, rng: np.random.Generator):
     """Fit ``pipe.transformer`` (and, with ``train_text_encoders``, both CLIP text encoders)
     by rectified flow, VAE frozen. Returns ({name: EMA module}, per-step losses)."""
@@ -427,22 +485,28 @@ def train_transformer(pipe, config: PretrainConfig, accelerator, rng: np.random.
         groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": config.text_encoder_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.transformer_steps))
+    # One zero token with weight 256 in attention instead of 256 zero tokens (exact, ~2.7x faster).
+    models["transformer"].set_attn_processor(RepeatedContextTokenAttention(t5_placeholder_tokens(pipe)))
     transformer, optimizer = accelerator.prepare(models["transformer"], optimizer)
     for m in models.values():
         m.train()
     noise_rng = torch.Generator().manual_seed(config.seed)
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def encode(captions: list[str]):
+        # CLIP x 2 and one zero token for the pipeline's 256 (RepeatedContextTokenAttention).
+        return pipe.encode_prompt(captions, None, None, device=accelerator.device, do_classifier_free_guidance=False, max_sequence_length=1)
+
     def embed(captions: list[str]):
-        """The pipeline's own prompt embeddings (CLIP x 2, zero T5 tokens); cached per caption
-        while the text encoders are frozen."""
+        """The pipeline's own prompt embeddings (CLIP x 2, the zero T5 token); cached per
+        caption while the text encoders are frozen."""
         if config.train_text_encoders:
-            embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=accelerator.device, do_classifier_free_guidance=False)
+            embeds, _, pooled, _ = encode(captions)
             return embeds, pooled
         new = sorted(set(captions) - set(cache))
         if new:
             with torch.no_grad():
-                embeds, _, pooled, _ = pipe.encode_prompt(new, None, None, device=accelerator.device, do_classifier_free_guidance=False)
+                embeds, _, pooled, _ = encode(new)
             cache.update({c: (e, p) for c, e, p in zip(new, embeds, pooled)})
         return torch.stack([cache[c][0] for c in captions]), torch.stack([cache[c][1] for c in captions])
 
@@ -495,6 +559,7 @@ def train_sd3(config: PretrainConfig, accelerator, rng: np.random.Generator) -> 
         num_attention_heads=config.attention_heads,
         scheduler_shift=config.scheduler_shift,
         patch_size=config.patch_size,
+        position_step=config.position_step,
     )
     previous = []
     if config.init_transformer:
@@ -527,6 +592,7 @@ def train_sd3(config: PretrainConfig, accelerator, rng: np.random.Generator) -> 
             else "frozen (tiny-shapes-sd's CLIP text encoder, identity text_projection, as text_encoder and text_encoder_2)"
         ),
         final_transformer_loss=float(np.mean(losses[-50:])),
+        t5_placeholder_tokens=t5_placeholder_tokens(pipe),  # fed as one weighted token (RepeatedContextTokenAttention)
         previous_stages=previous,
         total_transformer_steps=config.transformer_steps + sum(st["config"]["transformer_steps"] for st in previous),
     )
@@ -547,6 +613,9 @@ def _load_previous_stage(parts: dict, folder: Path) -> list[dict]:
     if mine != theirs:
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
         raise ValueError(f"init_transformer={str(folder)!r}: its transformer differs from this config's in {diff}")
+    if not torch.equal(saved.pos_embed.pos_embed, parts["transformer"].pos_embed.pos_embed):
+        raise ValueError(f"init_transformer={str(folder)!r}: its position table differs from this config's (set position_step "
+                         "to the value in its training_log.json)")
     parts["transformer"] = saved
     from transformers import CLIPTextModelWithProjection
 

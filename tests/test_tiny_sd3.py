@@ -188,3 +188,85 @@ def test_pretraining_trains_the_text_encoders_when_asked_and_continues_a_stage(t
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # carried over
     with pytest.raises(AssertionError, match="expected true or false"):  # exit code 2, the flag named
         _pretrain(tmp_path, "--output_dir", str(tmp_path / "bad"), "--train_text_encoders", "maybe")
+
+
+def _pretrain_module():
+    """recipes/pretrain_tiny.py, loaded by path (recipes/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "pretrain_tiny.py"
+    spec = importlib.util.spec_from_file_location("pretrain_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_weighted_zero_token_gives_the_pipelines_velocities_and_gradients():
+    """Pretraining feeds one zero T5 token whose attention logit carries + log 256
+    (RepeatedContextTokenAttention) instead of the pipeline's 256 zero tokens: the velocities and
+    every parameter's gradient equal those of the plain diffusers call on the full prompt
+    embedding; without the log 256 they do not."""
+    import copy
+
+    from diffusers import StableDiffusion3Pipeline
+
+    pretrain = _pretrain_module()
+    pipe = StableDiffusion3Pipeline(text_encoder_3=None, tokenizer_3=None, **build_untrained_sd3_components(seed=0, patch_size=1))
+    full_model = pipe.transformer
+    with torch.no_grad():  # the zero-initialised output layers would hide any difference
+        generator = torch.Generator().manual_seed(1)
+        for p in full_model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    copies = pretrain.t5_placeholder_tokens(pipe)
+    assert copies == 256
+    captions = ["a red circle", "a large blue square on a white background"]
+    full, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False)
+    short, _, pooled_short, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False, max_sequence_length=1)
+    assert full.shape[1] == short.shape[1] + copies - 1 and torch.equal(pooled, pooled_short)
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2)), torch.tensor([300.0, 800.0])
+
+    def run(model, embeds):
+        out = model(x, embeds, pooled, t).sample
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return out.detach(), grads
+
+    reference, reference_grads = run(full_model, full)
+    collapsed = copy.deepcopy(full_model)
+    collapsed.set_attn_processor(pretrain.RepeatedContextTokenAttention(copies))
+    out, grads = run(collapsed, short)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, reference_grads):
+        torch.testing.assert_close(g, r, atol=1e-4 * max(1.0, r.abs().max().item()), rtol=1e-4)
+    collapsed.set_attn_processor(pretrain.RepeatedContextTokenAttention(1))
+    assert (collapsed(x, short, pooled, t).sample - reference).abs().max() > 1e-3
+
+
+def test_position_table_is_saved_with_the_weights_and_refused_when_a_stage_differs(tmp_path):
+    """position_step 1 is diffusers' own table; another step is stored in pos_embed.pos_embed,
+    comes back from a plain ``from_pretrained`` (so every loader samples the trained model), and
+    places token i at step * i; continuing a stage with another step is refused, naming the field."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid
+
+    from cdalign.models.tiny_pretrained import sincos_position_table
+
+    default = build_untrained_sd3_components(seed=0, patch_size=1)["transformer"]
+    assert torch.equal(sincos_position_table(default, 1.0), default.pos_embed.pos_embed)
+    stepped = build_untrained_sd3_components(seed=0, patch_size=1, position_step=3.0)["transformer"]
+    table = stepped.pos_embed.pos_embed[0]  # (16 * 16, width): first half rows (h), second half columns (w)
+    width = stepped.inner_dim
+    columns = get_1d_sincos_pos_embed_from_grid(width // 2, 3.0 * torch.arange(16.0), output_type="pt")
+    torch.testing.assert_close(table[:16, : width // 2], columns.float())  # first row: w = 0..15
+    stepped.save_pretrained(tmp_path / "t")
+    assert torch.equal(SD3Transformer2DModel.from_pretrained(tmp_path / "t").pos_embed.pos_embed, stepped.pos_embed.pos_embed)
+
+    first = tmp_path / "stage1"
+    _pretrain(tmp_path, "--output_dir", str(first), "--position_step", "3")
+    assert json.loads((first / "training_log.json").read_text())["config"]["position_step"] == 3.0
+    saved = SD3Transformer2DModel.from_pretrained(first / "transformer")
+    assert torch.equal(saved.pos_embed.pos_embed, sincos_position_table(saved, 3.0))
+    with pytest.raises(AssertionError, match="position_step"):
+        _pretrain(tmp_path, "--output_dir", str(tmp_path / "stage2"), "--init_transformer", str(first), "--position_step", "1")

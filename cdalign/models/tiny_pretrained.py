@@ -188,6 +188,21 @@ def clip_with_projection(text_encoder_folder: str | Path):
     return model.eval().requires_grad_(False)
 
 
+def sincos_position_table(transformer, position_step: float):
+    """The 2D sincos position table of an ``SD3Transformer2DModel`` (its ``pos_embed.pos_embed``
+    buffer, which diffusers saves with the weights and loads back) with token ``(i, j)`` at
+    position ``(position_step * i, position_step * j)``. diffusers' own table is
+    ``position_step`` 1: its fastest frequency turns 1 rad per token and most of its 16
+    frequencies per axis hardly change across a 16-token grid, so attention cannot single out a
+    neighbouring token; at 3 the fastest turns 3 rad (just under Nyquist, pi) and half of them
+    vary across the grid."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    grid = transformer.config.pos_embed_max_size
+    table = get_2d_sincos_pos_embed(transformer.inner_dim, grid, base_size=grid * position_step, output_type="pt")
+    return table.float().unsqueeze(0)
+
+
 def build_untrained_sd3_components(
     seed: int = 0,
     base_path: str | Path | None = None,
@@ -196,6 +211,7 @@ def build_untrained_sd3_components(
     num_attention_heads: int = 2,
     scheduler_shift: float = SD3_SCHEDULER_SHIFT,
     patch_size: int = 2,
+    position_step: float = 1.0,
 ) -> dict:
     """Components of ``cdalign/tiny-shapes-sd3`` before its training: a randomly
     initialised ``transformer`` (SD3Transformer2DModel on 4x16x16 latents, ``patch_size``,
@@ -206,6 +222,7 @@ def build_untrained_sd3_components(
     and ``text_encoder_2`` (both its CLIP text encoder as CLIPTextModelWithProjection,
     identity projection, frozen), ``tokenizer`` / ``tokenizer_2`` (its tokenizer), and a
     ``scheduler`` (FlowMatchEulerDiscreteScheduler, 1000 steps, ``scheduler_shift``).
+    ``position_step``: see :func:`sincos_position_table` (1 keeps diffusers' table).
 
     SD3's ``encode_prompt`` concatenates the two encoders' penultimate hidden states
     (2 x 64 = 128 wide) and, with no T5, appends zero tokens of width
@@ -241,6 +258,8 @@ def build_untrained_sd3_components(
             pooled_projection_dim=pooled_width,
             pos_embed_max_size=LATENT_SIZE // patch_size,
         )
+        if position_step != 1.0:
+            transformer.pos_embed.pos_embed.copy_(sincos_position_table(transformer, position_step))
     finally:
         torch.random.set_rng_state(rng_state)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=scheduler_shift)
