@@ -271,6 +271,7 @@ def _describe_sd3_transformer(c: dict, log: dict) -> str:
         + _describe_position_table(log)
         + (f", {params / 1e6:.2f} M parameters" if params else "")
         + "; velocity prediction (rectified flow)"
+        + ("; trained from DiT's adaLN-Zero initialisation" if log["config"].get("transformer_init") == "dit" else "")
     )
 
 

@@ -118,6 +118,11 @@ class PretrainConfig:
     logit_mean: float = field(default=0.0, metadata={"help": "sd3: mean of the logit-normal sigma density."})
     logit_std: float = field(default=1.0, metadata={"help": "sd3: std of the logit-normal sigma density."})
     scheduler_shift: float = field(default=1.0, metadata={"help": "sd3: FlowMatchEulerDiscreteScheduler shift saved with the model (sampling only)."})
+    transformer_init: str = field(
+        default="diffusers",
+        metadata={"help": "sd3: how the transformer's weights start: a key of cdalign.models.tiny_pretrained."
+                  "TRANSFORMER_INITIALIZATIONS (diffusers: PyTorch's defaults; dit: DiT's adaLN-Zero, each block the identity)."},
+    )
     position_step: float = field(
         default=1.0,
         metadata={"help": "sd3: spacing of the transformer's sincos position table (saved with its weights): token (i, j) "
@@ -560,6 +565,7 @@ def train_sd3(config: PretrainConfig, accelerator, rng: np.random.Generator) -> 
         scheduler_shift=config.scheduler_shift,
         patch_size=config.patch_size,
         position_step=config.position_step,
+        initialization=config.transformer_init,
     )
     previous = []
     if config.init_transformer:

@@ -270,3 +270,22 @@ def test_position_table_is_saved_with_the_weights_and_refused_when_a_stage_diffe
     assert torch.equal(saved.pos_embed.pos_embed, sincos_position_table(saved, 3.0))
     with pytest.raises(AssertionError, match="position_step"):
         _pretrain(tmp_path, "--output_dir", str(tmp_path / "stage2"), "--init_transformer", str(first), "--position_step", "1")
+
+
+def test_dit_initialization_starts_every_block_as_the_identity_and_predicts_zero():
+    """``transformer_init: dit`` (adaLN-Zero): the modulation of every block and of the output
+    is zero, so the velocity is 0 at any input; the other linear layers are Xavier with zero
+    bias; an unknown initialisation is refused, naming the choices."""
+    t = build_untrained_sd3_components(seed=0, patch_size=1, initialization="dit")["transformer"]
+    x = torch.randn(2, 4, 16, 16)
+    out = t(x, torch.randn(2, 78, 128), torch.randn(2, 128), torch.tensor([1.0, 500.0])).sample
+    assert torch.equal(out, torch.zeros_like(out))
+    for block in t.transformer_blocks:
+        assert not block.norm1.linear.weight.any() and not block.norm1_context.linear.weight.any()
+    q = t.transformer_blocks[0].attn.to_q
+    bound = (6 / sum(q.weight.shape)) ** 0.5  # Xavier-uniform
+    assert q.weight.abs().max() <= bound and q.weight.abs().max() > 0.9 * bound and not q.bias.any()
+    default = build_untrained_sd3_components(seed=0, patch_size=1)["transformer"]
+    assert default.proj_out.weight.any()  # diffusers' own start is PyTorch's default, left alone
+    with pytest.raises(ValueError, match="initialization='xavier'.*diffusers.*dit"):
+        build_untrained_sd3_components(seed=0, initialization="xavier")

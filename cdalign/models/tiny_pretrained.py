@@ -203,6 +203,41 @@ def sincos_position_table(transformer, position_step: float):
     return table.float().unsqueeze(0)
 
 
+def dit_initialization(transformer) -> None:
+    """The initialisation DiT trains from (Peebles & Xie 2023, "adaLN-Zero"), on an
+    ``SD3Transformer2DModel``: every linear layer and the patch embedding Xavier-uniform with
+    zero bias, the timestep MLP normal(0, 0.02), and the modulation of every block
+    (``norm1``, ``norm1_context``) and of the output (``norm_out``), plus ``proj_out``, zero, so
+    each block starts as the identity and the model starts by predicting 0. diffusers builds
+    its models for loading weights and leaves PyTorch's default initialisation."""
+    import torch
+
+    with torch.no_grad():
+        _dit_initialization(transformer)
+
+
+def _dit_initialization(transformer) -> None:
+    import torch
+
+    for module in transformer.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            torch.nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    for layer in (transformer.time_text_embed.timestep_embedder.linear_1, transformer.time_text_embed.timestep_embedder.linear_2):
+        torch.nn.init.normal_(layer.weight, std=0.02)
+    zeroed = [transformer.norm_out.linear, transformer.proj_out]
+    for block in transformer.transformer_blocks:
+        zeroed += [block.norm1.linear, block.norm1_context.linear]
+    for layer in zeroed:
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+
+
+# How a tiny flow transformer's weights start: PretrainConfig.transformer_init -> (transformer) -> None.
+TRANSFORMER_INITIALIZATIONS = {"diffusers": lambda transformer: None, "dit": dit_initialization}
+
+
 def build_untrained_sd3_components(
     seed: int = 0,
     base_path: str | Path | None = None,
@@ -212,6 +247,7 @@ def build_untrained_sd3_components(
     scheduler_shift: float = SD3_SCHEDULER_SHIFT,
     patch_size: int = 2,
     position_step: float = 1.0,
+    initialization: str = "diffusers",
 ) -> dict:
     """Components of ``cdalign/tiny-shapes-sd3`` before its training: a randomly
     initialised ``transformer`` (SD3Transformer2DModel on 4x16x16 latents, ``patch_size``,
@@ -223,6 +259,7 @@ def build_untrained_sd3_components(
     identity projection, frozen), ``tokenizer`` / ``tokenizer_2`` (its tokenizer), and a
     ``scheduler`` (FlowMatchEulerDiscreteScheduler, 1000 steps, ``scheduler_shift``).
     ``position_step``: see :func:`sincos_position_table` (1 keeps diffusers' table).
+    ``initialization``: a key of ``TRANSFORMER_INITIALIZATIONS``.
 
     SD3's ``encode_prompt`` concatenates the two encoders' penultimate hidden states
     (2 x 64 = 128 wide) and, with no T5, appends zero tokens of width
@@ -258,6 +295,9 @@ def build_untrained_sd3_components(
             pooled_projection_dim=pooled_width,
             pos_embed_max_size=LATENT_SIZE // patch_size,
         )
+        if initialization not in TRANSFORMER_INITIALIZATIONS:
+            raise ValueError(f"initialization={initialization!r}: expected one of {sorted(TRANSFORMER_INITIALIZATIONS)}")
+        TRANSFORMER_INITIALIZATIONS[initialization](transformer)
         if position_step != 1.0:
             transformer.pos_embed.pos_embed.copy_(sincos_position_table(transformer, position_step))
     finally:
