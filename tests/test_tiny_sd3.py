@@ -169,7 +169,7 @@ def test_pretraining_trains_the_text_encoders_when_asked_and_continues_a_stage(t
 
     first, second = tmp_path / "stage1", tmp_path / "stage2"
     _pretrain(tmp_path, "--output_dir", str(first), "--train_text_encoders", "true")
-    _pretrain(tmp_path, "--output_dir", str(second), "--init_transformer", str(first), "--seed", "1")
+    _pretrain(tmp_path, "--output_dir", str(second), "--init_transformer", str(first), "--seed", "1", "--train_text_encoders", "false")
     one = StableDiffusion3Pipeline.from_pretrained(str(first), text_encoder_3=None, tokenizer_3=None)
     base = CLIPTextModel.from_pretrained(tiny_shapes_sd_path() / "text_encoder").state_dict()
     for encoder in (one.text_encoder, one.text_encoder_2):
@@ -182,7 +182,9 @@ def test_pretraining_trains_the_text_encoders_when_asked_and_continues_a_stage(t
     assert log["previous_stages"][0]["text_encoders"].startswith("trained jointly")
     commands = _sd3_commands(log)
     assert commands.count("accelerate launch recipes/pretrain_tiny.py --config recipes/pretrain_tiny_sd3.yaml") == 2
-    assert "--train_text_encoders true" in commands and "--init_transformer <stage 1's output_dir>" in commands
+    # stage 1 trained them as the recipe does (no flag), stage 2 kept them frozen (flag written)
+    assert commands.count("--train_text_encoders") == 1 and "--train_text_encoders false" in commands
+    assert "--init_transformer <stage 1's output_dir>" in commands
     two = StableDiffusion3Pipeline.from_pretrained(str(second), text_encoder_3=None, tokenizer_3=None)
     for a, b in ((one.text_encoder, two.text_encoder), (one.text_encoder_2, two.text_encoder_2)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # carried over
@@ -289,3 +291,12 @@ def test_dit_initialization_starts_every_block_as_the_identity_and_predicts_zero
     assert default.proj_out.weight.any()  # diffusers' own start is PyTorch's default, left alone
     with pytest.raises(ValueError, match="initialization='xavier'.*diffusers.*dit"):
         build_untrained_sd3_components(seed=0, initialization="xavier")
+
+
+def test_shipped_position_table_is_the_logged_one(folder, pipe):
+    """A plain StableDiffusion3Pipeline load samples with the position table the model was
+    trained with (its training log's position_step), not diffusers' default."""
+    from cdalign.models.tiny_pretrained import sincos_position_table
+
+    step = json.loads((folder / "training_log.json").read_text())["config"].get("position_step", 1.0)
+    assert torch.equal(pipe.transformer.pos_embed.pos_embed, sincos_position_table(pipe.transformer, step))
