@@ -126,8 +126,8 @@ class PretrainConfig:
     position_step: float = field(
         default=1.0,
         metadata={"help": "sd3: spacing of the transformer's sincos position table (saved with its weights): token (i, j) "
-                  "sits at (step i, step j). 1 is diffusers' table, whose fastest frequency turns 1 rad per token; 3 lets "
-                  "attention single out neighbouring tokens (cdalign.models.tiny_pretrained.sincos_position_table)."},
+                  "sits at (step i, step j). 1 is diffusers' table, whose fastest frequency turns 1 rad per token; at 3 it "
+                  "turns 3 rad, just under pi (cdalign.models.tiny_pretrained.sincos_position_table)."},
     )
     init_transformer: str = field(
         default="",

@@ -193,9 +193,9 @@ def sincos_position_table(transformer, position_step: float):
     buffer, which diffusers saves with the weights and loads back) with token ``(i, j)`` at
     position ``(position_step * i, position_step * j)``. diffusers' own table is
     ``position_step`` 1: its fastest frequency turns 1 rad per token and most of its 16
-    frequencies per axis hardly change across a 16-token grid, so attention cannot single out a
-    neighbouring token; at 3 the fastest turns 3 rad (just under Nyquist, pi) and half of them
-    vary across the grid."""
+    frequencies per axis hardly change across a 16-token grid, so neighbouring tokens' positions
+    differ little; at 3 the fastest turns 3 rad (just under Nyquist, pi) and half of them vary
+    across the grid. What this buys was not measured on its own (README, flow models)."""
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
     grid = transformer.config.pos_embed_max_size
