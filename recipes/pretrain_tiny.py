@@ -30,7 +30,7 @@ flow: ``x_s = (1 - s) x0 + s eps``, target velocity ``eps - x0``, ``s`` logit-no
 et al. 2024) or uniform, timestep ``1000 s``; caption embeddings come from the pipeline's
 own ``encode_prompt`` (cached while the encoders are frozen: the caption space is small), with
 one zero T5 token standing for the pipeline's 256 (``RepeatedContextTokenAttention``: exact, and
-2.7x faster). ``position_step`` sets the spacing of the transformer's sincos position table,
+2.4x faster: ``benchmarks/bench_pretrain_step.py``). ``position_step`` sets the spacing of the transformer's sincos position table,
 which is saved with its weights.
 ``init_transformer`` continues a saved stage (its transformer and text encoders). Saved as a
 ``StableDiffusion3Pipeline`` with a ``FlowMatchEulerDiscreteScheduler``.
@@ -434,7 +434,8 @@ class RepeatedContextTokenAttention:
     ``max_sequence_length`` (256) zero tokens; they enter every block equal and leave it
     equal, so training on one of them with this processor gives the pipeline's velocities
     and gradients (``tests/test_tiny_sd3.py`` checks both) at a fraction of the cost: one
-    forward and backward of the tiny transformer, batch 16, 1 thread, 0.59 s -> 0.22 s.
+    forward and backward of the tiny transformer, batch 16, 1 thread, 0.53 s -> 0.22 s
+    (``python benchmarks/bench_pretrain_step.py``).
     Used in pretraining only; the saved model keeps diffusers' processors."""
 
     def __init__(self, copies: int):
@@ -490,7 +491,7 @@ def train_transformer(pipe, config: PretrainConfig, accelerator, rng: np.random.
         groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": config.text_encoder_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.transformer_steps))
-    # One zero token with weight 256 in attention instead of 256 zero tokens (exact, ~2.7x faster).
+    # One zero token with weight 256 in attention instead of 256 zero tokens (exact, ~2.4x faster).
     models["transformer"].set_attn_processor(RepeatedContextTokenAttention(t5_placeholder_tokens(pipe)))
     transformer, optimizer = accelerator.prepare(models["transformer"], optimizer)
     for m in models.values():

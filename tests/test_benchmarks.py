@@ -256,3 +256,19 @@ def test_gpu_sd3_script_smoke_path():
     assert gpu.CLIP_L["projection_dim"] + gpu.CLIP_G["projection_dim"] == full["pooled_projection_dim"]
     assert (gpu.SD35M_VAE["latent_channels"], gpu.SD35M_VAE["scaling_factor"], gpu.SD35M_VAE["shift_factor"]) == (16, 1.5305, 0.0609)
     assert gpu.FULL["resolution"] == 1024 and gpu.FULL["mixed_precision"] == "bf16"
+
+
+def test_pretrain_step_benchmark_prints_both_rows():
+    """benchmarks/bench_pretrain_step.py times the flow pretraining step with the pipeline's
+    full context and with the one weighted zero token, and prints both rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pretrain_step.py"
+    proc = subprocess.run([sys.executable, str(script), "--batch_size", "2", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "context |" not in line]
+    assert len(rows) == 2 and "77 + 256" in rows[0] and "77 + 1" in rows[1]
+    assert rows[0].endswith("| 1.00x |")
