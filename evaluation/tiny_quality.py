@@ -433,19 +433,35 @@ def _sd_card_fields(log: dict) -> dict:
     )
 
 
+def _timestep_sampling(config: dict) -> str:
+    sampling = config.get("timestep_sampling", "logit_normal")
+    if sampling == "logit_normal":
+        return f"logit-normal (mean {config.get('logit_mean', 0.0)}, std {config.get('logit_std', 1.0)})"
+    return sampling
+
+
+def _per_stage(log: dict, describe: Callable[[dict], str]) -> str:
+    """``describe(stage config)`` once when every training stage gives the same text, else
+    each text with the stages it holds for: 'A in stages 1, 2; B in stage 3'."""
+    texts = [describe(st["config"]) for st in training_stages(log)]
+    if len(set(texts)) == 1:
+        return texts[0]
+    groups: dict[str, list[int]] = {}
+    for i, text in enumerate(texts, 1):
+        groups.setdefault(text, []).append(i)
+    return "; ".join(f"{text} in stage{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}" for text, ids in groups.items())
+
+
 def _sd3_card_fields(log: dict) -> dict:
     config = log["config"]
-    sampling = config.get("timestep_sampling", "logit_normal")
     return dict(
         base_model=log.get("base_model", config.get("base_model")),
         shift_factor=log["vae_shift_factor"],
-        timestep_sampling=(
-            f"logit-normal (mean {config.get('logit_mean', 0.0)}, std {config.get('logit_std', 1.0)})" if sampling == "logit_normal" else sampling
-        ),
+        timestep_sampling=_per_stage(log, _timestep_sampling),
         transformer_steps=config["transformer_steps"],
         stages=_sd3_stages(log),
         commands=_sd3_commands(log),
-        lr=config["transformer_lr"],
+        lr=_per_stage(log, lambda c: str(c["transformer_lr"])),
         ema_decay=config["ema_decay"],
         final_loss=log["final_transformer_loss"],
         text_encoder_training=_sd3_text_encoder_training(log),

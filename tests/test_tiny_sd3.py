@@ -50,14 +50,18 @@ def test_folder_loads_as_an_sd3_pipeline_without_t5(pipe):
 
 
 def test_configs_match_the_recipe_and_the_card(folder, pipe):
-    """The shipped configs are the recipe's, and the card's architecture table is the one
-    the configs and training log produce (so the card cannot drift from the weights)."""
-    from tiny_quality import architecture_table
+    """The shipped model's first training stage is the recipe's config, every stage's command
+    (the recipe plus the flags that stage changed) is on the card, and the card's architecture
+    table is the one the configs and training log produce (so the card cannot drift from the weights)."""
+    from tiny_quality import _sd3_commands, architecture_table, training_stages
 
     recipe = yaml.safe_load(RECIPE_CONFIG.read_text())
     log = json.loads((folder / "training_log.json").read_text())
     assert log["architecture"] == "sd3"
-    assert {k: log["config"][k] for k in recipe if k != "output_dir"} == {k: v for k, v in recipe.items() if k != "output_dir"}
+    first = training_stages(log)[0]["config"]
+    assert {k: first[k] for k in recipe if k != "output_dir"} == {k: v for k, v in recipe.items() if k != "output_dir"}
+    for stage in training_stages(log)[1:]:  # a continued stage keeps the architecture (the recipe's)
+        assert all(stage["config"][k] == recipe[k] for k in ("transformer_layers", "attention_heads", "attention_head_dim", "position_step"))
     t = pipe.transformer.config
     assert (t.num_layers, t.num_attention_heads, t.attention_head_dim) == (
         recipe["transformer_layers"],
@@ -78,6 +82,7 @@ def test_configs_match_the_recipe_and_the_card(folder, pipe):
     assert architecture_table(folder, log) in card
     assert "# cdalign/tiny-shapes-sd3" in card and "StableDiffusion3Pipeline" in card
     assert f"guidance scale {RECOMMENDED_SD3_GUIDANCE_SCALE}" in card
+    assert _sd3_commands(log) in card
 
 
 def test_vae_is_tiny_shapes_sd_s_and_the_text_encoders_are_what_the_log_says(folder, pipe):
@@ -118,6 +123,18 @@ def test_card_says_which_stages_trained_the_text_encoders():
     later = {**trained, "previous_stages": [frozen]}
     assert text_encoder_stages(later) == [2]
     assert "jointly with the transformer in stage 2 " in _sd3_text_encoder_training(later)
+
+
+def test_card_names_a_setting_per_stage_only_where_stages_differ():
+    from tiny_quality import _per_stage, _timestep_sampling
+
+    first = {"config": {"timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}}
+    second = {"config": {**first["config"]}, "previous_stages": [first]}
+    assert _per_stage(second, _timestep_sampling) == "logit-normal (mean 0.0, std 1.0)"
+    third = {"config": {**first["config"], "logit_mean": -0.5}, "previous_stages": [first, second]}
+    assert _per_stage(third, _timestep_sampling) == (
+        "logit-normal (mean 0.0, std 1.0) in stages 1, 2; logit-normal (mean -0.5, std 1.0) in stage 3"
+    )
 
 
 def test_weights_are_small(folder):
