@@ -601,6 +601,18 @@ CARD_ARCHITECTURES = {
 }
 
 
+def proportion_ci(fraction: float, n: int) -> tuple[float, float]:
+    """95% interval of a share measured on ``n`` images (one 0/1 outcome each), by the
+    library's estimator (``cdalign.core.statistics.mean_and_ci``, normal approximation)."""
+    import torch
+
+    from cdalign.core.statistics import mean_and_ci
+
+    hits = round(fraction * n)
+    _, lo, hi = mean_and_ci(torch.cat([torch.ones(hits), torch.zeros(n - hits)]))
+    return max(0.0, lo), min(1.0, hi)
+
+
 def write_model_card(folder: Path, results: dict, command: str, grid: np.ndarray):
     """Write ``README.md`` (the model card, with the numbers of ``results``, the training
     log and component configs next to the weights) and ``samples.png`` (``grid``) into ``folder``."""
@@ -614,6 +626,7 @@ def write_model_card(folder: Path, results: dict, command: str, grid: np.ndarray
     best = results["best_guidance_scale"]
     gates = results["by_guidance"][str(best)]
     div = results["diversity"]
+    shape_ci = proportion_ci(gates["shape_overall"], results["samples_per_color"] * len(COLOR_NAMES))
     weights = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
     vae_config = _config(folder, "vae")
     shared = dict(
@@ -648,6 +661,8 @@ def write_model_card(folder: Path, results: dict, command: str, grid: np.ndarray
         table=format_table(results),
         color_min=gates["color_min"],
         shape_overall=gates["shape_overall"],
+        shape_lo=shape_ci[0],
+        shape_hi=shape_ci[1],
         center_std=div["center_std_px"],
         radius_std=div["radius_std_px"],
         distinct=div["distinct_fraction"],
@@ -732,7 +747,8 @@ colour ({total} images, random shape / size / background, one seed each), 20 {sa
 {table}
 
 At the recommended guidance {best}: worst colour {color_min:.0%} (gate >= 80%), shape
-{shape_overall:.0%} (gate >= 60%). Diversity of "{div_prompt}" over {div_n} seeds: centre std
+{shape_overall:.0%} [{shape_lo:.0%}, {shape_hi:.0%}] (gate >= 60% on the point estimate; 95% normal-approximation
+interval over the {total} images). Diversity of "{div_prompt}" over {div_n} seeds: centre std
 {center_std:.1f} px, half-extent std {radius_std:.1f} px, {distinct:.0%} of image pairs differ.
 Generation: {seconds:.3f} s per image (batch of 4, 20 steps, guidance {best}).
 Gates: {gates}.

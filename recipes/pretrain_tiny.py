@@ -361,6 +361,16 @@ def save_atomically(output_dir: Path, write) -> None:
         staging.rename(output_dir)
 
 
+def drop_load_paths(folder: Path) -> None:
+    """Remove ``_name_or_path`` from every component config diffusers wrote under ``folder``:
+    it is the path a component was loaded from on the training machine (a reused VAE, a
+    continued stage), not part of the model."""
+    for path in Path(folder).glob("*/config.json"):
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 @dataclass
 class Trained:
     """What an architecture's trainer hands to ``main``: the pipeline to save, the loss
@@ -654,6 +664,7 @@ def main(config: PretrainConfig):
 
         def write(folder: Path):
             trained.pipeline.save_pretrained(folder, safe_serialization=True)
+            drop_load_paths(folder)
             save_loss_curve(folder / "loss_curve.png", trained.loss_panels)
             (folder / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
 

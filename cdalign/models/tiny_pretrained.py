@@ -32,7 +32,7 @@ TINY_SHAPES_SD3_ID = "cdalign/tiny-shapes-sd3"
 # Sampling defaults the model cards recommend (measured by evaluation/tiny_quality.py).
 RECOMMENDED_GUIDANCE_SCALE = 3.0
 RECOMMENDED_NUM_INFERENCE_STEPS = 20
-RECOMMENDED_SD3_GUIDANCE_SCALE = 5.0
+RECOMMENDED_SD3_GUIDANCE_SCALE = 3.0
 RECOMMENDED_SD3_NUM_INFERENCE_STEPS = 20
 SD3_SCHEDULER_SHIFT = 1.0  # FlowMatchEulerDiscreteScheduler shift the sd3 model ships with
 IMAGE_RESOLUTION = 64  # pixels; the UNet works on 4 x 16 x 16 latents (VAE factor 4)
