@@ -567,8 +567,8 @@ def _sd3_remedy(log: dict) -> str:
         )
     return (
         "The text encoders are already trained with the transformer, and circles and triangles mostly follow "
-        "their word; squares come out house-shaped (a square's base under a narrowing top, as if blended with "
-        "the triangle). Continuing this model (`--init_transformer`) raised shape accuracy in every run so far; "
+        "their word; squares are the weak shape (wobbly edges, so a drawn square rarely fills the 90% of its "
+        "bounding box the classifier asks of a square). Continuing this model (`--init_transformer`) raised shape accuracy in every run so far; "
         "`python evaluation/shape_retention.py --model <this folder>` shows whether the transformer keeps a square "
         "it is handed at low noise. More blocks, heads or width did not help (README, flow models)."
     )
