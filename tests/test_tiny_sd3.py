@@ -4,6 +4,7 @@ tiny-shapes-sd's trained VAE and text encoder, a short call draws 64x64 images, 
 untrained-component builder is deterministic for a seed."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -135,6 +136,15 @@ def test_card_names_a_setting_per_stage_only_where_stages_differ():
     assert _per_stage(third, _timestep_sampling) == (
         "logit-normal (mean 0.0, std 1.0) in stages 1, 2; logit-normal (mean -0.5, std 1.0) in stage 3"
     )
+
+
+def test_card_interval_of_a_share_is_the_normal_approximation_over_the_images():
+    from tiny_quality import proportion_ci
+
+    lo, hi = proportion_ci(0.625, 192)  # 120 of 192
+    half = 1.959964 * math.sqrt(0.625 * 0.375 * 192 / 191 / 192)  # sample std (n - 1), as mean_and_ci
+    assert (lo, hi) == pytest.approx((0.625 - half, 0.625 + half))
+    assert proportion_ci(1.0, 10) == (1.0, 1.0) and proportion_ci(0.0, 10) == (0.0, 0.0)
 
 
 def test_weights_are_small(folder):
