@@ -458,7 +458,6 @@ def _sd3_card_fields(log: dict) -> dict:
         base_model=log.get("base_model", config.get("base_model")),
         shift_factor=log["vae_shift_factor"],
         timestep_sampling=_per_stage(log, _timestep_sampling),
-        transformer_steps=config["transformer_steps"],
         stages=_sd3_stages(log),
         commands=_sd3_commands(log),
         lr=_per_stage(log, lambda c: str(c["transformer_lr"])),

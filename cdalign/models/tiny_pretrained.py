@@ -213,25 +213,20 @@ def dit_initialization(transformer) -> None:
     import torch
 
     with torch.no_grad():
-        _dit_initialization(transformer)
-
-
-def _dit_initialization(transformer) -> None:
-    import torch
-
-    for module in transformer.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            torch.nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-    for layer in (transformer.time_text_embed.timestep_embedder.linear_1, transformer.time_text_embed.timestep_embedder.linear_2):
-        torch.nn.init.normal_(layer.weight, std=0.02)
-    zeroed = [transformer.norm_out.linear, transformer.proj_out]
-    for block in transformer.transformer_blocks:
-        zeroed += [block.norm1.linear, block.norm1_context.linear]
-    for layer in zeroed:
-        torch.nn.init.zeros_(layer.weight)
-        torch.nn.init.zeros_(layer.bias)
+        for module in transformer.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                torch.nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+        embedder = transformer.time_text_embed.timestep_embedder
+        for layer in (embedder.linear_1, embedder.linear_2):
+            torch.nn.init.normal_(layer.weight, std=0.02)
+        zeroed = [transformer.norm_out.linear, transformer.proj_out]
+        for block in transformer.transformer_blocks:
+            zeroed += [block.norm1.linear, block.norm1_context.linear]
+        for layer in zeroed:
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
 
 
 # How a tiny flow transformer's weights start: PretrainConfig.transformer_init -> (transformer) -> None.
