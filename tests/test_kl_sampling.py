@@ -123,3 +123,35 @@ def test_kl_accumulator_is_zero_for_identical_models_and_counts_reference_calls(
     sample_latents(model, chain, torch.randn(2, 4, 4, 4, generator=g), torch.randn(6, 2, 4, 4, 4, generator=g), {5}, on_step=acc)
     assert acc.reference_calls == 3
     assert torch.equal(acc.per_sample, torch.zeros(2))
+
+
+def test_local_grad_steps_give_the_kl_its_gradient_at_fixed_states_without_changing_the_chain():
+    """kl_grad_steps 'all': an untracked step's prediction carries gradient to the weights for
+    the KL term alone, at its detached state; the chain's latents are the same numbers, and the
+    KL gradient equals the sum of each step's closed-form gradient at those fixed states."""
+    chain = DDIMChain.from_scheduler(sd_scheduler(), 6, eta=1.0)
+    g = torch.Generator().manual_seed(0)
+    x_T, noise = torch.randn(2, 4, 4, 4, generator=g), torch.randn(6, 2, 4, 4, 4, generator=g)
+    base = lambda x, t: 0.3 * x  # noqa: E731
+
+    def run(local):
+        w = torch.tensor(0.5, requires_grad=True)
+        model = lambda x, t: w * x  # noqa: E731
+        acc = ChainKLAccumulator(base, chain, "uniform")
+        out = sample_latents(model, chain, x_T, noise, grad_steps={5}, on_step=acc, local_grad_steps=local)
+        acc.per_sample.sum().backward()
+        return out.detach(), acc.per_sample.detach(), w.grad.clone(), acc
+
+    out_t, kl_t, grad_t, _ = run(set())
+    out_a, kl_a, grad_a, _ = run({0, 1, 2, 3, 4})
+    assert torch.equal(out_t, out_a) and torch.equal(kl_t, kl_a)
+    # by hand: d/dw Σ_i weight_i · mean((w − 0.3)² x_i²) = Σ_i weight_i · 2(w − 0.3) mean(x_i²), at the recorded x_i
+    states, x = [], x_T
+    for i, t in enumerate(chain.timesteps):
+        states.append(x)
+        x = chain.step(i, x, 0.5 * x, noise[i])
+    weights = step_weights(chain, "uniform")
+    expected_all = sum(float(weights[i]) * 2 * 0.2 * float((s ** 2).flatten(1).mean(1).sum()) for i, s in enumerate(states))
+    expected_last = float(weights[5]) * 2 * 0.2 * float((states[5] ** 2).flatten(1).mean(1).sum())
+    assert float(grad_a) == pytest.approx(expected_all, rel=1e-5)
+    assert float(grad_t) == pytest.approx(expected_last, rel=1e-5)

@@ -125,3 +125,37 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-8)
+
+
+def test_a_confidence_target_trains_toward_a_tighter_target_and_the_report_names_both(tmp_path):
+    """Same seed, same samples: asking constraint 0 for confidence 0.95 moves its first dual
+    step's slack by exactly the prior margin z·1/√n (n = eval_batches × train_batch_size = 2), so
+    its λ rises by lr × that margin more; the report gives the threshold and the target."""
+    from cdalign.core.targets import confidence_margin
+
+    constraints = [{"reward": "saturation", "direction": "high", "threshold": 0.0},
+                   {"reward": "local_contrast", "direction": "high", "threshold": -20.0}]
+    plain = ConstrainedDDPOTrainer(tiny_config(tmp_path / "plain", constraints=constraints, max_steps=1))
+    plain_report = plain.train()
+    asked = [{**constraints[0], "confidence": 0.95}, constraints[1]]
+    confident = ConstrainedDDPOTrainer(tiny_config(tmp_path / "confident", constraints=asked, max_steps=1))
+    report = confident.train()
+    margin = confidence_margin(0.95, 1.0, 2)
+    assert confident.history[0]["slack/saturation_high"] == pytest.approx(plain.history[0]["slack/saturation_high"] + margin, abs=1e-6)
+    assert confident.history[0]["margin/saturation_high"] > 0  # refreshed from the batch's own spread
+    lam_plain, lam_confident = plain.duals.multipliers[0].item(), confident.duals.multipliers[0].item()
+    assert lam_confident == pytest.approx(lam_plain + 0.05 * margin, abs=1e-6)  # ascent lr 0.05
+    entry = report["constraints"][0]
+    assert entry["threshold"] == 0.0 and entry["target"] > entry["threshold"]
+    assert entry["target_from"]["confidence"] == 0.95 and entry["target_from"]["num_images"] == 2
+    assert entry["met"] in {"CI", "mean", "no"}
+    assert plain_report["constraints"][0]["target"] == 0.0
+    assert "confidence" not in plain_report["constraints"][0]["target_from"]
+
+
+def test_confidence_and_margin_together_or_on_a_kl_constraint_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"constraints\[0\]\.confidence: set confidence or margin, not both"):
+        tiny_config(tmp_path, constraints=[{"reward": "saturation", "threshold": 0.0, "confidence": 0.9, "margin": 0.1}])
+    with pytest.raises(ValueError, match=r"constraints\[0\]\.confidence: reward constraints only"):
+        tiny_config(tmp_path, objective={"type": "reward", "reward": "saturation"},
+                    constraints=[{"type": "kl", "max": 1.0, "confidence": 0.9}])

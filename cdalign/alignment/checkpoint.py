@@ -42,7 +42,9 @@ class TrainerState:
     reward name → :class:`~cdalign.core.normalization.RewardStats` fields;
     ``normalization_keys``: what they were computed for (None in checkpoints of older cdalign).
     ``history``: the logged step records. ``estimator``: the estimator's own state (the
-    policy gradient's per-prompt reward statistics; empty for a stateless estimator)."""
+    policy gradient's per-prompt reward statistics; empty for a stateless estimator). ``targets``:
+    the confidence targets' running moments (:class:`~cdalign.core.targets.ConfidenceTargets`)
+    and the per-image moment sums since the last dual step (empty in older checkpoints)."""
 
     global_step: int
     micro_batches_seen: int
@@ -55,6 +57,7 @@ class TrainerState:
     normalization_keys: dict[str, dict | None] | None
     history: list[dict]
     estimator: dict = dataclasses.field(default_factory=dict)
+    targets: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainerState:

@@ -180,6 +180,27 @@ class ConstraintSpec(ConfigFields):
         },
     )
 
+    confidence: float | None = field(
+        default=None,
+        metadata={
+            "help": "Reward constraints: ask for the constraint to be met with this confidence on a fresh held-out "
+            "sample (e.g. 0.95). The run then aims at threshold + z·s/√n (z the one-sided normal quantile, s its "
+            "running estimate of the per-image std, n the held-out images of its verdict: eval_batches × "
+            "train_batch_size × processes) instead of at the threshold itself; the report names both "
+            "(cdalign.core.targets). Unset: aim at the threshold.",
+            "ge": 0.5,
+            "lt": 1.0,
+        },
+    )
+    margin: float | None = field(
+        default=None,
+        metadata={
+            "help": "Reward constraints: aim this far past the threshold (in the constraint's units, base-model std "
+            "when normalised), a fixed margin instead of one derived from `confidence`. Unset: no fixed margin.",
+            "ge": 0.0,
+        },
+    )
+
     @property
     def name(self) -> str:
         """A stable display name for logs and metrics: ``<reward>_<direction>`` for a
@@ -446,6 +467,17 @@ class ConstrainedDDPOConfig(ConfigFields):
             "trained steps alone, each weighted by its inverse probability of being drawn (no base-model pass "
             "beyond those the KL's gradient needs).",
             "ge": 0,
+        },
+    )
+    kl_grad_steps: str = field(
+        default="trained",
+        metadata={
+            "help": "estimator reward_backprop: which steps' KL terms carry gradient. 'trained' (default): the K "
+            "gradient steps only, as the rewards. 'all': every step whose KL value is evaluated, each "
+            "differentiated at its fixed (detached) state as the policy-gradient estimator does, so the LoRA's "
+            "drift at the early, noisy steps (which no reward gradient reaches) is pulled back too; costs a "
+            "backward pass of the denoiser at each of those steps.",
+            "choices": ("trained", "all"),
         },
     )
     # policy gradient (estimator: policy_gradient)
@@ -772,6 +804,13 @@ def _check_problem(cfg: ConstrainedDDPOConfig) -> None:
             for unused in ("reward", "threshold"):
                 if getattr(c, unused) is not None:
                     raise ValueError(f"{where}.{unused}: not used by kl constraints (KL <= max); remove it")
+            for unused in ("confidence", "margin"):
+                if getattr(c, unused) is not None:
+                    raise ValueError(f"{where}.{unused}: reward constraints only; a KL budget is aimed at as "
+                                     "given (lower max to leave room); remove it")
+        if c.confidence is not None and c.margin is not None:
+            raise ValueError(f"{where}.confidence: set confidence or margin, not both (confidence derives the "
+                             "margin from the run's own noise estimate; margin fixes it)")
 
     known = _known_rewards()
     if objective.type == "reward":

@@ -86,7 +86,7 @@ class RewardBackprop:
 
     config_fields = (
         "backprop_strategy", "backprop_steps", "backprop_min_steps", "backprop_gaussian_mean", "backprop_gaussian_std",
-        "gradient_checkpointing",
+        "gradient_checkpointing", "kl_grad_steps",
     )
 
     @staticmethod
@@ -127,8 +127,11 @@ class RewardBackprop:
             kl_acc = ChainKLAccumulator(
                 WithAdaptersDisabled(policy), self.sampler.chain, cfg.kl_estimator, steps, cfg.gradient_checkpointing
             )
+        # kl_grad_steps 'all': the KL term of every other step is differentiated at its fixed state too
+        local = set(range(T)) - grad_steps if (kl_acc is not None and cfg.kl_grad_steps == "all") else set()
         images = self.sampler.sample(
-            policy, seeds, grad_steps=grad_steps, gradient_checkpointing=cfg.gradient_checkpointing, on_step=kl_acc
+            policy, seeds, grad_steps=grad_steps, gradient_checkpointing=cfg.gradient_checkpointing, on_step=kl_acc,
+            local_grad_steps=local,
         )
         raw, norm = score(images, prompts, self.problem.reward_names, self.rewards, self.normalizers)
         used = {n: (norm[n] if self.problem.normalized(n) else raw[n]) for n in raw}

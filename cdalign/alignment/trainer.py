@@ -54,6 +54,8 @@ from cdalign.core.normalization import (
     reward_identity,
 )
 from cdalign.core.problem import ConstrainedProblem
+from cdalign.core.statistics import met_label
+from cdalign.core.targets import ConfidenceTargets, target_of
 from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import (
     LORA_INIT,
@@ -64,7 +66,7 @@ from cdalign.core.seeding import (
 )
 from cdalign.core.statistics import paired_difference, summarize
 from cdalign.data.prompt_sets import load_prompts_with_source
-from cdalign.evaluation.scoring import AdaptedModel, BaseModel, score_checkpoints
+from cdalign.evaluation.scoring import EVAL_VALUES_FILE, AdaptedModel, BaseModel, save_eval_values, score_checkpoints
 from cdalign.models import distributed
 from cdalign.models.checkpointing import (
     atomic_write_text,
@@ -260,6 +262,9 @@ class ConstrainedDDPOTrainer:
         )
         self.duals = build_dual_optimizer(cfg.dual, len(self.problem.constraints))
         self.monitor = InfeasibilityMonitor(self.problem.names)
+        self.targets = self._confidence_targets()
+        self.problem.margins = self.targets.margins()
+        self._moment_sum = torch.zeros(len(self.problem.constraints), 3, dtype=torch.float64)
         self.update_every = cfg.dual_update_every
         self.global_step = 0
         self.micro_batches_seen = 0
@@ -295,7 +300,7 @@ class ConstrainedDDPOTrainer:
         out = self.output_dir
         if not out.is_dir():
             return []
-        removed = [n for n in (*RUN_MARKERS, *RUN_PICTURES) if (out / n).is_file()]
+        removed = [n for n in (*RUN_MARKERS, *RUN_PICTURES, EVAL_VALUES_FILE) if (out / n).is_file()]
         for name in removed:
             (out / name).unlink()
         card = out / "README.md"
@@ -491,6 +496,8 @@ class ConstrainedDDPOTrainer:
                 records.append(mb)
                 self._slack_sum += mb.slacks.double().cpu()
                 self._slack_count += 1
+                if self.targets.active:
+                    self._moment_sum += self.targets.batch_moments(self._per_image_values(mb))
             else:
                 self.nonfinite_batches += 1
                 warnings.warn(
@@ -555,18 +562,46 @@ class ConstrainedDDPOTrainer:
             extra["ppo/grad_norm_mean"] = sum(norms) / len(norms)
         return grad_norm, extra
 
+    def _confidence_targets(self) -> ConfidenceTargets:
+        """The constraints' margins (:mod:`cdalign.core.targets`): from ``confidence`` (the
+        verdict's held-out sample size is ``eval_batches × train_batch_size × processes``),
+        or a fixed ``margin``; none for a KL constraint."""
+        cfg, specs = self.config, self.config.constraints
+        stats = self.normalizers
+        prior = []
+        for c in self.problem.constraints:  # per-image std before any batch: 1 in base-model std units
+            raw = stats.get(c.source)
+            prior.append(1.0 if (c.normalize or c.is_kl) else (raw.std if raw is not None else 0.0))
+        num_images = max(cfg.eval_batches, 1) * cfg.train_batch_size * self.accelerator.num_processes
+        return ConfidenceTargets([s.confidence for s in specs], [s.margin for s in specs], prior, num_images)
+
+    def _per_image_values(self, mb: MicroBatch) -> list[torch.Tensor]:
+        """Each constraint's per-image values (B,) in a micro-batch, in its own units."""
+        out = []
+        for c in self.problem.constraints:
+            if c.is_kl:
+                out.append(mb.kl if mb.kl is not None else torch.zeros(0))
+            else:
+                out.append((mb.rewards_norm if c.normalize else mb.rewards_raw)[c.source])
+        return out
+
     def _dual_step(self):
         acc = self.accelerator
-        stats = torch.cat([self._slack_sum, torch.tensor([float(self._slack_count)], dtype=torch.float64)])
+        stats = torch.cat([self._slack_sum, torch.tensor([float(self._slack_count)], dtype=torch.float64),
+                           self._moment_sum.flatten()])
         if acc.num_processes > 1:
             stats = acc.reduce(stats.to(self.device), reduction="sum").cpu()
+        m = len(self.problem.constraints)
         self._slack_sum.zero_()
         self._slack_count = 0
-        count = float(stats[-1])
+        self._moment_sum.zero_()
+        count = float(stats[m])
         if count == 0 or not self.problem.constraints:
             return
-        slacks = stats[:-1] / count
+        slacks = stats[:m] / count
         multipliers = self.duals.step(slacks)
+        if self.targets.active:  # the next window's slacks are measured from the refreshed targets
+            self.problem.margins = self.targets.update(stats[m + 1 :].reshape(m, 3))
         for name in self.monitor.update(multipliers, slacks, self.global_step):
             msg = (
                 f"constraint {name!r} looks infeasible: its dual variable keeps growing while its slack "
@@ -603,6 +638,8 @@ class ConstrainedDDPOTrainer:
         log = {"step": self.global_step, **{k: float(v) for k, v in zip(keys, vec.cpu())}}
         for j, c in enumerate(prob.constraints):
             log[f"dual/{c.name}"] = float(self.duals.multipliers[j])
+            if self.targets.active:
+                log[f"margin/{c.name}"] = float(prob.margins[j])
         log["backprop_steps"] = records[-1].num_grad_steps if records else 0
         log["skipped_micro_batches"] = self.nonfinite_batches
         if grad_norm is not None:
@@ -796,6 +833,9 @@ class ConstrainedDDPOTrainer:
                     "slack": verdict["slack"],
                     "satisfied": verdict["satisfied"],
                     "ci_clears_threshold": verdict["ci_clears_threshold"],
+                    "met": met_label(verdict),
+                    "target": target_of(c.threshold, float(prob.margins[j]), c.direction),
+                    "target_from": self.targets.describe(j),
                     "dual": float(self.duals.multipliers[j]),
                     "flagged_infeasible_at_step": self.monitor.flagged.get(c.name),
                 }
@@ -825,6 +865,16 @@ class ConstrainedDDPOTrainer:
         report["infeasible"] = sorted(self.monitor.flagged)
         report["normalization"] = {n: s.__dict__ for n, s in self.normalizers.items()}
         report["sources"] = self.sources
+        if acc.is_main_process:  # per-image values, in item order: paired comparisons across runs
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            per_image = {"kl": aligned.kl["base"]}
+            for c in prob.constraints:
+                per_image[f"aligned/{c.name}"] = aligned.constraint_values(c)
+                per_image[f"base/{c.name}"] = base.constraint_values(c)
+            for k in aligned.metrics:
+                per_image[f"aligned/metric/{k}"], per_image[f"base/metric/{k}"] = aligned.metrics[k], base.metrics[k]
+            save_eval_values(self.output_dir / EVAL_VALUES_FILE, per_image)
+            report["eval_values"] = EVAL_VALUES_FILE
         if acc.is_main_process and cfg.num_grid_images > 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             k = cfg.num_grid_images
@@ -876,6 +926,7 @@ class ConstrainedDDPOTrainer:
                 monitor=self.monitor.state_dict(),
                 slack_sum=self._slack_sum.tolist(),
                 slack_count=self._slack_count,
+                targets={**self.targets.state_dict(), "moment_sum": self._moment_sum.tolist()},
                 normalizers={n: s.__dict__ for n, s in self.normalizers.items()},
                 normalization_keys={n: self.normalization_keys()[n] for n in self.normalizers},
                 history=self.history,
@@ -906,6 +957,10 @@ class ConstrainedDDPOTrainer:
         self.monitor.load_state_dict(state.monitor)
         self._slack_sum = torch.tensor(state.slack_sum, dtype=torch.float64)
         self._slack_count = state.slack_count
+        self.targets.load_state_dict(state.targets)
+        if state.targets.get("moment_sum"):
+            self._moment_sum = torch.tensor(state.targets["moment_sum"], dtype=torch.float64)
+        self.problem.margins = self.targets.margins()
         self.normalizers.clear()
         saved_keys, current = state.normalization_keys, self.normalization_keys()
         stale = sorted(

@@ -41,7 +41,7 @@ from cdalign.core.families import freeze_pipeline
 from cdalign.core.problem import Constraint
 from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import COMPOSITION_DUAL_BATCH, batch_share, evaluation_items
-from cdalign.core.statistics import summarize
+from cdalign.core.statistics import paired_max_mean_difference, summarize
 from cdalign.data.prompt_sets import load_prompts
 from cdalign.evaluation.scoring import (
     CheckpointScores,
@@ -363,6 +363,10 @@ class ConstrainedComposer:
                 verdict = Constraint(c.name, "kl", "low", c.threshold).verdict(entries["constrained"]["_scores"].kl[c.name])
                 report["models"]["constrained"]["kl"][c.name]["threshold"] = c.threshold
                 report["models"]["constrained"]["kl"][c.name]["satisfied"] = verdict["satisfied"]
+        # the comparison the method is about, as a verdict: constrained − equal max KL, paired over the images
+        kl_of = {k: entries[k]["_scores"].kl for k in ("constrained", "equal_weights")}
+        report["max_kl_difference"] = {"what": "max KL, constrained − equal weights",
+                                       **paired_max_mean_difference(kl_of["constrained"], kl_of["equal_weights"])}
         if distill_report is not None:
             report["distillation"] = distill_report
         if any(c.reward for c in cfg.components):
@@ -463,6 +467,12 @@ def kl_table(report: dict) -> str:
     estimator = report.get("kl_estimator")
     lines.append(f"\nKL along each model's own sampling path ({estimator}: {KL_UNITS.get(estimator, estimator)}), "
                  f"mean [95% CI] over {report.get('num_eval_images')} evaluation images.")
+    d = report.get("max_kl_difference")
+    if d:
+        lo, hi = d["ci95"]
+        verdict = "lower" if hi < 0 else ("higher" if lo > 0 else "not distinguishable")
+        lines.append(f"Max KL, constrained − equal weights: {d['mean']:+.3g} [{lo:+.3g}, {hi:+.3g}] ({d['method']}): "
+                     f"the constrained weights' max KL is {verdict}.")
     return "\n".join(lines)
 
 

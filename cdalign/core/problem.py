@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from cdalign.core.statistics import constraint_decision, mean_and_ci, slack
+from cdalign.core.targets import target_of
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,11 @@ class Constraint:
     def is_kl(self) -> bool:
         return self.source == "kl"
 
-    def slack(self, value: torch.Tensor) -> torch.Tensor:
+    def slack(self, value: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
         """``g = b − E[r]`` for "high", ``E[r] − b`` for "low": positive means violated
-        (:func:`cdalign.core.statistics.slack`)."""
-        return slack(value, self.threshold, self.direction)
+        (:func:`cdalign.core.statistics.slack`). With ``margin`` the slack is measured from
+        the target ``b ± margin`` (:func:`cdalign.core.targets.target_of`) instead of b."""
+        return slack(value, target_of(self.threshold, margin, self.direction), self.direction)
 
     def verdict(self, values: torch.Tensor) -> dict:
         """The constraint judged on per-sample values (N,) in its own units (raw, base-model
@@ -66,6 +68,8 @@ class ConstrainedProblem:
 
     def __init__(self, objective: Objective, constraints: list[Constraint]):
         self.objective, self.constraints = objective, list(constraints)
+        # how far past its threshold each constraint aims (cdalign.core.targets); 0: at it
+        self.margins = torch.zeros(len(self.constraints), dtype=torch.float64)
 
     @classmethod
     def from_config(cls, config) -> "ConstrainedProblem":
@@ -112,7 +116,7 @@ class ConstrainedProblem:
     def slacks(self, values: torch.Tensor) -> torch.Tensor:
         if not self.constraints:
             return values
-        return torch.stack([c.slack(values[j]) for j, c in enumerate(self.constraints)])
+        return torch.stack([c.slack(values[j], float(self.margins[j])) for j, c in enumerate(self.constraints)])
 
     @staticmethod
     def lagrangian(objective: torch.Tensor, slacks: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:

@@ -171,27 +171,34 @@ def sample_latents(
     gradient_checkpointing: bool = False,
     on_step: StepHook | None = None,
     trajectory: Trajectory | None = None,
+    local_grad_steps: Iterable[int] = (),
 ) -> torch.Tensor:
     """Run the DDIM chain from ``latents`` (x_T, (B,4,h,w)) and return x_0.
 
     ``noise``: (T, B, 4, h, w) step noises (None: deterministic steps). Gradient flows only
     through the step indices in ``grad_steps`` (and anything after them); predictions at
-    other steps run under ``no_grad`` with their input detached. ``on_step(i, x_t, eps,
-    tracked)`` is called after each prediction (e.g. to add a chain-KL term).
+    other steps run under ``no_grad`` with their input detached. ``local_grad_steps``: steps
+    whose prediction carries gradient to the model's weights at the detached state, for
+    ``on_step`` alone (the chain continues from the detached prediction: a per-step term such
+    as the chain KL at a fixed state). ``on_step(i, x_t, eps, tracked)`` is called after each
+    prediction (e.g. to add a chain-KL term); ``tracked``: eps carries gradient.
     ``trajectory``: records every state and step log-probability (policy gradient)."""
-    grad_steps = set(grad_steps)
+    grad_steps, local_grad_steps = set(grad_steps), set(local_grad_steps)
     x = latents
     for i, t in enumerate(chain.timesteps):
         tracked = i in grad_steps and torch.is_grad_enabled()
+        local = not tracked and i in local_grad_steps and torch.is_grad_enabled()
         if not tracked:
             x = x.detach()
-        with torch.set_grad_enabled(tracked):
-            if tracked and gradient_checkpointing:
+        with torch.set_grad_enabled(tracked or local):
+            if (tracked or local) and gradient_checkpointing:
                 eps = _checkpoint(predictor, x, t, use_reentrant=False)
             else:
                 eps = predictor(x, t)
             if on_step is not None:
-                on_step(i, x, eps, tracked)
+                on_step(i, x, eps, tracked or local)
+            if local:
+                eps = eps.detach()
             x_prev = chain.step(i, x, eps, None if noise is None else noise[i].to(x))
             if trajectory is not None:
                 trajectory.record(chain, i, x, eps, x_prev)
@@ -320,14 +327,17 @@ class DiffusionSampler:
         on_step: StepHook | None = None,
         decode: bool = True,
         trajectory: Trajectory | None = None,
+        local_grad_steps: Iterable[int] = (),
     ) -> torch.Tensor:
         """Images (B,3,H,W) in [0,1] (or x_0 latents when ``decode=False``) for one seed each.
-        Gradient flows through ``grad_steps`` and, if any, the VAE decode. ``trajectory``
-        records the states and step log-probabilities (see :class:`Trajectory`)."""
+        Gradient flows through ``grad_steps`` and, if any, the VAE decode; ``local_grad_steps``
+        see :func:`sample_latents`. ``trajectory`` records the states and step
+        log-probabilities (see :class:`Trajectory`)."""
         x_T, noise = initial_noise(seeds, self.latent_shape, len(self.chain))
         x_T, noise = x_T.to(self.device), noise.to(self.device)
         latents = sample_latents(
-            predictor, self.chain, x_T, noise, grad_steps, gradient_checkpointing, on_step, trajectory=trajectory
+            predictor, self.chain, x_T, noise, grad_steps, gradient_checkpointing, on_step, trajectory=trajectory,
+            local_grad_steps=local_grad_steps,
         )
         if not decode:
             return latents

@@ -31,14 +31,31 @@ from typing import Protocol
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from cdalign.core.kl import ChainKLAccumulator, choose_kl_steps
 from cdalign.core.normalization import RewardStats
 from cdalign.core.problem import Constraint
 from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
+from cdalign.utils.files import atomic_write
 
 Item = tuple[str, int]  # (prompt, image seed)
+
+# A run's per-image held-out values (safetensors, item order): what paired comparisons across
+# runs scored on the same items read (benchmarks/frontier.py).
+EVAL_VALUES_FILE = "eval_values.safetensors"
+
+
+def save_eval_values(path, values: Mapping[str, torch.Tensor]) -> None:
+    """Write per-image values ``{name: (N,)}`` (float64) atomically as safetensors."""
+    tensors = {k: torch.as_tensor(v).detach().double().cpu().contiguous() for k, v in values.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def load_eval_values(path) -> dict[str, torch.Tensor]:
+    """Read what :func:`save_eval_values` wrote."""
+    return load_file(str(path))
 
 
 # ---------------------------------------------------------------------------------

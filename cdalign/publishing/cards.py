@@ -77,8 +77,10 @@ def _num(x) -> str:
 
 
 def constraints_table(report: dict) -> str:
-    """Per constraint: requirement, this LoRA and the base model on the same held-out images
-    (means with 95% CIs), the paired difference, the verdict and the price λ."""
+    """Per constraint: requirement (and the target it was trained toward, if past the
+    threshold), this LoRA and the base model on the same held-out images (means with 95%
+    CIs), the paired difference, the verdict (✓✓ the whole CI clears the threshold, ✓ only
+    the mean) and the price λ."""
     rows = [
         "| constraint | requirement | this LoRA [95% CI] | base model [95% CI] | paired difference [95% CI] | satisfied | price λ |",
         "|---|---|---|---|---|---|---|",
@@ -90,6 +92,10 @@ def constraints_table(report: dict) -> str:
         achieved = _ci({"mean": c["measured"], "ci95": c["ci95"]})
         base = _ci({"mean": c["base_measured"], "ci95": c["base_ci95"]}) if c.get("base_ci95") else _num(c.get("base_measured"))
         diff = _ci(c.get("difference"))
+        aim = c.get("target_from") or {}
+        if aim.get("margin"):  # trained toward a target past the threshold (cdalign.core.targets)
+            why = f"{aim['confidence']:g} confidence" if aim.get("confidence") is not None else "a fixed margin"
+            units += f" (aimed at {c['target']:+.3g} for {why})"
         rows.append(f"| {md(c['name'])} | {md(c['source'])} {op} {c['threshold']:g}{units} | {achieved} | "
                     f"{base} | {diff} | {ok} | {_num(c.get('dual'))} |")
     return "\n".join(rows)
