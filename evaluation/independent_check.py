@@ -10,8 +10,9 @@ run's SDE samples; ``pipe(...)`` with per-image ``torch.Generator`` seeds that c
 evaluation never uses), draws ``--num_images`` images of the held-out prompts and computes
 with numpy only, from the 8-bit images a user would save:
 
-- colorfulness (Hasler & Süsstrunk 2003) and brightness (mean Rec. 709 luminance), in σ
-  units of the run's own base-model statistics (``report.json`` → ``normalization``),
+- colorfulness (Hasler & Süsstrunk 2003), brightness (mean Rec. 709 luminance) and JPEG
+  compressibility (minus PIL's JPEG size in kB at quality 95), those of them the run normalised,
+  in σ units of the run's own base-model statistics (``report.json`` → ``normalization``),
 - the shapes classifier's colour, shape and background accuracy (``cdalign.data.shapes.classify_image``,
   numpy, no reward uses it).
 
@@ -45,6 +46,29 @@ def colorfulness_np(images: np.ndarray) -> np.ndarray:
 
 def brightness_np(images: np.ndarray) -> np.ndarray:
     return (images @ LUMA).reshape(len(images), -1).mean(1)
+
+
+def jpeg_compressibility_np(images_u8: np.ndarray, quality: int = 95) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N,): minus the JPEG size in kB (1000 bytes) at ``quality``, PIL's
+    encoder on the saved 8-bit image (DDPO's compressibility)."""
+    import io
+
+    from PIL import Image
+
+    sizes = []
+    for im in images_u8:
+        buffer = io.BytesIO()
+        Image.fromarray(im).save(buffer, format="JPEG", quality=quality)
+        sizes.append(buffer.tell() / 1000.0)
+    return -np.asarray(sizes)
+
+
+# The rewards this check recomputes, from the 8-bit images alone: name -> f(floats in [0, 1], uint8).
+FORMULAS = {
+    "colorfulness": lambda x, u8: colorfulness_np(x),
+    "brightness": lambda x, u8: brightness_np(x),
+    "jpeg_compressibility": lambda x, u8: jpeg_compressibility_np(u8),
+}
 
 
 def summary(values: np.ndarray) -> dict:
@@ -114,10 +138,8 @@ def main(argv=None) -> int:
 
     def score(images_u8: np.ndarray) -> dict:
         x = images_u8.astype(np.float64) / 255
-        values = {
-            "colorfulness": (colorfulness_np(x) - stats["colorfulness"]["mean"]) / stats["colorfulness"]["std"],
-            "brightness": (brightness_np(x) - stats["brightness"]["mean"]) / stats["brightness"]["std"],
-        }
+        values = {name: (f(x, images_u8) - stats[name]["mean"]) / stats[name]["std"]
+                  for name, f in FORMULAS.items() if name in stats}  # the run's rewards it can recompute
         seen = [classify_image(im) for im in images_u8]
         asked = [parse_prompt(p) for p in prompts]
         for key in ("color", "shape", "background"):

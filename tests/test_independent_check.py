@@ -44,3 +44,18 @@ def test_independent_check_scores_a_run_with_plain_diffusers(family, tmp_path, c
 def test_independent_check_refuses_an_unfinished_run(tmp_path, capsys):
     assert independent_check.main([str(tmp_path)]) == 2
     assert "is not a finished run" in capsys.readouterr().err
+
+
+def test_the_checks_jpeg_formula_matches_the_reward_on_saved_8_bit_images():
+    """PIL's JPEG size of the 8-bit image, computed apart from cdalign's reward, agrees with it."""
+    import numpy as np
+    import torch
+
+    from cdalign.rewards.image_stats import jpeg_compressibility
+
+    g = np.random.default_rng(0)
+    u8 = g.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    u8[1] = 200  # a flat image compresses better
+    ours = independent_check.jpeg_compressibility_np(u8)
+    theirs = jpeg_compressibility(torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255).numpy()
+    assert np.allclose(ours, theirs) and ours[1] > ours[0]
