@@ -632,7 +632,7 @@ def test_compose_help_shows_its_default_recipe(capsys):
 
     recipe = Path(__file__).parents[1] / "recipes" / "compose" / "tiny_adapters.yaml"
     text = _help(capsys, lambda a: parse_compose(a, default_recipe=recipe), ["--help"])
-    assert "[int; default: 8 (from" in text and "tiny_adapters.yaml)]" in text  # --dual.steps
+    assert "[int; default: 32 (from" in text and "tiny_adapters.yaml)]" in text  # --eval_batches
 
 
 def test_mixture_help_shows_the_default_spec_of_the_config(capsys):
