@@ -15,7 +15,6 @@ Nothing here trains or samples: ``benchmarks/frontier.py`` runs the trainer and 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -181,6 +180,14 @@ def frontier_table(rows: Sequence[dict], num_images: int) -> str:
     return "\n".join(lines)
 
 
+def _draw_run(ax, sx: dict, sy: dict, colour: str, label: str, fixed: bool) -> None:
+    """One run at (mean x, mean y) with its 95% CIs as a cross, and its label."""
+    ax.errorbar(sx["mean"], sy["mean"], xerr=[[sx["mean"] - sx["ci95"][0]], [sx["ci95"][1] - sx["mean"]]],
+                yerr=[[sy["mean"] - sy["ci95"][0]], [sy["ci95"][1] - sy["mean"]]],
+                fmt="o" if fixed else "*", ms=6 if fixed else 13, color=colour, capsize=2, lw=1)
+    ax.annotate(label, (sx["mean"], sy["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7, color=colour)
+
+
 def plot_frontier(plane_path: str | Path, kl_path: str | Path, points: Sequence[RunPoint], fixed_names: Sequence[str],
                   settings: Mapping[str, Setting], constrained_of: Mapping[str, str], x: str, y: str, binding: str) -> None:
     """Two figures. The reward plane: every run at (mean x, mean y) with 95% CI crosses, each
@@ -190,18 +197,16 @@ def plot_frontier(plane_path: str | Path, kl_path: str | Path, points: Sequence[
     colours = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange"]
     by_name = {p.name: p for p in points}
     setting_colour = {s: colours[i % len(colours)] for i, s in enumerate(settings)}
+    setting_of = {n: s for s, n in constrained_of.items()}
+
+    def style(p: RunPoint) -> tuple[str, str, bool]:
+        if p.name in fixed_names:
+            return "0.35", "λ=" + ",".join(f"{v:g}" for v in dict.fromkeys((p.weights or {}).values())), True
+        return setting_colour[setting_of[p.name]], "constrained: " + setting_of[p.name], False
 
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
     for p in points:
-        sx, sy = p.summary(x), p.summary(y)
-        is_fixed = p.name in fixed_names
-        colour = "0.35" if is_fixed else next(setting_colour[s] for s, n in constrained_of.items() if n == p.name)
-        ax.errorbar(sx["mean"], sy["mean"], xerr=[[sx["mean"] - sx["ci95"][0]], [sx["ci95"][1] - sx["mean"]]],
-                    yerr=[[sy["mean"] - sy["ci95"][0]], [sy["ci95"][1] - sy["mean"]]],
-                    fmt="o" if is_fixed else "*", ms=6 if is_fixed else 13, color=colour, capsize=2, lw=1)
-        label = ("λ=" + ",".join(f"{v:g}" for v in dict.fromkeys((p.weights or {}).values()))) if is_fixed else \
-            "constrained: " + next(s for s, n in constrained_of.items() if n == p.name)
-        ax.annotate(label, (sx["mean"], sy["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7, color=colour)
+        _draw_run(ax, p.summary(x), p.summary(y), *style(p))
     for s, setting in settings.items():
         dx, tx = setting.thresholds[x]
         dy, ty = setting.thresholds[y]
@@ -211,7 +216,7 @@ def plot_frontier(plane_path: str | Path, kl_path: str | Path, points: Sequence[
     ax.set_xlabel(f"{x} (base-model std, held-out mean)")
     ax.set_ylabel(f"{y} (base-model std, held-out mean)")
     ax.set_title("fixed weights (gray) vs one constrained run per setting (stars)", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(plane_path, dpi=120)
     plt.close(fig)
@@ -223,15 +228,7 @@ def plot_frontier(plane_path: str | Path, kl_path: str | Path, points: Sequence[
         ax.plot([p.mean(binding) for p in equal], [float(p.kl.mean()) for p in equal], "-", color="0.6", lw=1,
                 label="equal weights (λ ascending)")
     for p in points:
-        sb, sk = p.summary(binding), p.kl_summary()
-        is_fixed = p.name in fixed_names
-        colour = "0.35" if is_fixed else next(setting_colour[s] for s, n in constrained_of.items() if n == p.name)
-        ax.errorbar(sb["mean"], sk["mean"], xerr=[[sb["mean"] - sb["ci95"][0]], [sb["ci95"][1] - sb["mean"]]],
-                    yerr=[[sk["mean"] - sk["ci95"][0]], [sk["ci95"][1] - sk["mean"]]],
-                    fmt="o" if is_fixed else "*", ms=6 if is_fixed else 13, color=colour, capsize=2, lw=1)
-        label = ("λ=" + ",".join(f"{v:g}" for v in dict.fromkeys((p.weights or {}).values()))) if is_fixed else \
-            next(s for s, n in constrained_of.items() if n == p.name)
-        ax.annotate(label, (sb["mean"], sk["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7, color=colour)
+        _draw_run(ax, p.summary(binding), p.kl_summary(), *style(p))
     for s, setting in settings.items():
         ax.axvline(setting.thresholds[binding][1], color=setting_colour[s], ls="--", lw=1)
     ax.set_xlabel(f"{binding} (base-model std, held-out mean)")
@@ -240,9 +237,3 @@ def plot_frontier(plane_path: str | Path, kl_path: str | Path, points: Sequence[
     fig.tight_layout()
     fig.savefig(kl_path, dpi=120)
     plt.close(fig)
-
-
-def isfinite_point(point: RunPoint) -> bool:
-    """Whether every per-image value and KL is finite (a NaN run is reported, not plotted)."""
-    return all(bool(torch.isfinite(v).all()) for v in point.values.values()) and bool(torch.isfinite(point.kl).all()) \
-        and not math.isnan(float(point.kl.mean()))
