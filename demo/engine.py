@@ -43,7 +43,7 @@ from cdalign.core.normalization import RewardStats
 from cdalign.core.problem import Constraint
 from cdalign.core.sampling import DiffusionSampler, set_unet_state
 from cdalign.core.seeding import evaluation_items
-from cdalign.core.statistics import summarize
+from cdalign.core.statistics import MET_MARKS, met_label, summarize
 from cdalign.data.prompt_sets import load_prompts
 from cdalign.evaluation.scoring import AdaptedModel, BaseModel, CheckpointScores, score_checkpoints
 from cdalign.models.hub_files import download_file
@@ -733,7 +733,7 @@ def constraint_markdown(rows: list[dict], n: int) -> str:
         return "_No constraint this demo can measure is recorded for this LoRA._"
 
     def cell(v: dict) -> str:
-        ok = "✓✓" if v["ci_clears_threshold"] else ("✓" if v["satisfied"] else "✗")
+        ok = MET_MARKS[met_label(v)]
         return f"{v['measured']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] {ok}"
 
     out = [f"On these {n} images (same seeds for both; mean [95% CI]; ✓ mean meets the threshold, ✓✓ the whole CI "

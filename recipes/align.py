@@ -20,9 +20,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "tiny" / "multi_reward.yaml"
 
 
-MET = {"CI": "CI", "mean": "mean", "no": "NO"}
-
-
 def _ci(entry_mean: float, ci) -> str:
     return f"{entry_mean:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
@@ -45,7 +42,7 @@ def summary_table(report: dict) -> str:
         lines.append(
             f"{c['name']:<24} {op}{c['threshold']:>+7.3g} {c.get('target', c['threshold']):>+8.3f} "
             f"{_ci(c['base_measured'], base_ci):>24} {_ci(c['measured'], c['ci95']):>24} {diff_s:>24} "
-            f"{MET.get(c.get('met'), 'yes' if c['satisfied'] else 'NO'):>4} {c['dual']:>7.3f}"
+            f"{'NO' if not c['satisfied'] else c.get('met', 'yes'):>4} {c['dual']:>7.3f}"
         )
     for name, m in report.get("metrics", {}).items():
         lines.append(

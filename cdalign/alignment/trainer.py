@@ -54,8 +54,6 @@ from cdalign.core.normalization import (
     reward_identity,
 )
 from cdalign.core.problem import ConstrainedProblem
-from cdalign.core.statistics import met_label
-from cdalign.core.targets import ConfidenceTargets, target_of
 from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import (
     LORA_INIT,
@@ -64,7 +62,8 @@ from cdalign.core.seeding import (
     evaluation_items,
     grouped_batch_share,
 )
-from cdalign.core.statistics import paired_difference, summarize
+from cdalign.core.statistics import met_label, paired_difference, summarize
+from cdalign.core.targets import ConfidenceTargets, target_of
 from cdalign.data.prompt_sets import load_prompts_with_source
 from cdalign.evaluation.scoring import EVAL_VALUES_FILE, AdaptedModel, BaseModel, save_eval_values, score_checkpoints
 from cdalign.models import distributed
@@ -569,7 +568,9 @@ class ConstrainedDDPOTrainer:
         cfg, specs = self.config, self.config.constraints
         stats = self.normalizers
         prior = []
-        for c in self.problem.constraints:  # per-image std before any batch: 1 in base-model std units
+        # per-image std before the first dual step: 1 in base-model std units; in raw units the base
+        # statistics when already loaded, else 0 (that first window aims at the threshold itself)
+        for c in self.problem.constraints:
             raw = stats.get(c.source)
             prior.append(1.0 if (c.normalize or c.is_kl) else (raw.std if raw is not None else 0.0))
         num_images = max(cfg.eval_batches, 1) * cfg.train_batch_size * self.accelerator.num_processes
@@ -865,8 +866,9 @@ class ConstrainedDDPOTrainer:
         report["infeasible"] = sorted(self.monitor.flagged)
         report["normalization"] = {n: s.__dict__ for n, s in self.normalizers.items()}
         report["sources"] = self.sources
-        if acc.is_main_process:  # per-image values, in item order: paired comparisons across runs
+        if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            # per-image values, in item order: paired comparisons across runs (benchmarks/frontier.py)
             per_image = {"kl": aligned.kl["base"]}
             for c in prob.constraints:
                 per_image[f"aligned/{c.name}"] = aligned.constraint_values(c)
@@ -876,7 +878,6 @@ class ConstrainedDDPOTrainer:
             save_eval_values(self.output_dir / EVAL_VALUES_FILE, per_image)
             report["eval_values"] = EVAL_VALUES_FILE
         if acc.is_main_process and cfg.num_grid_images > 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             k = cfg.num_grid_images
             rows = [base.images[:k].float() / 255.0, aligned.images[:k].float() / 255.0]
             save_grid(self.output_dir / "samples_base_vs_aligned.png", rows, ["base", "aligned"])

@@ -69,10 +69,15 @@ def constraint_decision(measured: float, ci95: Sequence[float], threshold: float
     return {"slack": float(g), "satisfied": bool(g <= 0), "ci_clears_threshold": bool(clears)}
 
 
+# How tables mark a verdict: ✓✓ the whole 95% CI meets the threshold, ✓ the mean does, ✗ neither.
+MET_MARKS = {"CI": "✓✓", "mean": "✓", "no": "✗"}
+
+
 def met_label(decision: dict) -> str:
-    """How a constraint verdict (:func:`constraint_decision`) is met: ``"CI"`` (the whole 95%
-    CI is on the allowed side: met with confidence), ``"mean"`` (only the mean is: a fresh
-    sample may read a miss) or ``"no"``."""
+    """How a constraint verdict (:func:`constraint_decision`, or any dict with its
+    ``satisfied`` and ``ci_clears_threshold``) is met: ``"CI"`` (the whole 95% CI is on the
+    allowed side: met with confidence), ``"mean"`` (only the mean is: a fresh sample may read
+    a miss) or ``"no"``. :data:`MET_MARKS` gives its mark in a table."""
     if decision["ci_clears_threshold"]:
         return "CI"
     return "mean" if decision["satisfied"] else "no"

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from cdalign.core.statistics import constraint_decision, mean_and_ci, paired_difference, slack
+from cdalign.core.statistics import MET_MARKS, constraint_decision, mean_and_ci, met_label, paired_difference, slack
 from cdalign.publishing.plotting import pyplot
 
 
@@ -142,7 +142,7 @@ def _fmt(entry: dict) -> str:
 
 
 def _met(c: dict) -> str:
-    return "✓✓" if c["ci_clears_threshold"] else ("✓" if c["satisfied"] else "✗")
+    return MET_MARKS[met_label(c)]
 
 
 def frontier_table(rows: Sequence[dict], num_images: int) -> str:

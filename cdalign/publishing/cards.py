@@ -26,6 +26,7 @@ import yaml
 
 from cdalign.core.families import MODEL_FAMILIES
 from cdalign.core.normalization import MIN_NORMALIZATION_SAMPLES
+from cdalign.core.statistics import MET_MARKS, met_label
 from cdalign.models.checkpointing import atomic_write_text
 from cdalign.models.lora import is_local_source
 from cdalign.models.pipeline import EMBEDDED_MODELS
@@ -88,7 +89,7 @@ def constraints_table(report: dict) -> str:
     for c in report.get("constraints", []):
         op = "≥" if c["direction"] == "high" else "≤"
         units = " σ" if c.get("normalized") else ""
-        ok = "✓✓" if c.get("ci_clears_threshold") else ("✓" if c.get("satisfied") else "✗")
+        ok = MET_MARKS[met_label({"satisfied": c.get("satisfied"), "ci_clears_threshold": c.get("ci_clears_threshold")})]
         achieved = _ci({"mean": c["measured"], "ci95": c["ci95"]})
         base = _ci({"mean": c["base_measured"], "ci95": c["base_ci95"]}) if c.get("base_ci95") else _num(c.get("base_measured"))
         diff = _ci(c.get("difference"))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from cdalign.core.statistics import MET_MARKS, met_label
+
 
 def md(text: Any) -> str:
     """A user string made safe for Markdown text or a table cell (one line, escaped)."""
@@ -71,7 +73,7 @@ def comparison_table(data: dict) -> str:
         by_name = {c["name"]: c for c in e["constraints"]}
         for cn in cons:
             c = by_name.get(cn)
-            row.append("n/a" if c is None else ("✓✓" if c["ci_clears_threshold"] else "✓" if c["satisfied"] else "✗"))
+            row.append("n/a" if c is None else MET_MARKS[met_label(c)])
         lines.append("| " + " | ".join(row) + " |")
     legend = ("\nRewards: mean [95% CI]; (σ) columns are in base-model standard deviations. Constraints: ✓ the mean "
               "meets the threshold, ✓✓ the whole 95% CI does, ✗ violated.") if cons else (
