@@ -307,6 +307,10 @@ BAD_INPUTS = {
         with_changes(dual__kappa_i=0, dual__kappa_p=0),
         r"dual\.kappa_i: kappa_i and kappa_p are both 0.*dual\.freeze: true",
     ),
+    "anti-windup without nupi": (
+        with_changes(dual__optimizer="ascent", dual__anti_windup=True),
+        r"dual\.anti_windup: conditional integration needs the smoothed error of 'nupi'.*dual\.optimizer: nupi",
+    ),
     # sampler and estimator ranges
     "no inference steps": (with_changes(num_inference_steps=0), r"num_inference_steps: 0 is out of range; must be >= 1"),
     "negative eta": (with_changes(eta=-0.1), r"eta: -0\.1 is out of range; must be >= 0"),

@@ -113,3 +113,28 @@ def test_monitor_flags_growing_multiplier_with_stuck_slack():
 def test_init_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="dual.init"):
         ProjectedGradientAscent(3, init=[0.1, 0.2])
+
+
+def test_nupi_anti_windup_holds_the_integral_while_a_violation_shrinks():
+    # slacks 1.0 then 0.5: ξ after step 1 is (1−ν)·1 = 0.5, and 0.5 is not below it, so step 2
+    # integrates; step 3's 0.3 < ξ_1 = 0.5 → its κ_i term is skipped, only the proportional term moves λ
+    kw = dict(kappa_i=0.1, kappa_p=0.5, nu=0.5, init=0.0)
+    plain, held = NuPI(1, **kw), NuPI(1, anti_windup=True, **kw)
+    for g in (1.0, 0.5):
+        plain.step(torch.tensor([g]))
+        held.step(torch.tensor([g]))
+    assert torch.allclose(plain.multipliers, held.multipliers)
+    xi = held.xi.clone()
+    lam = held.multipliers.clone()
+    held.step(torch.tensor([0.3]))
+    plain.step(torch.tensor([0.3]))
+    xi_new = 0.5 * xi + 0.5 * 0.3
+    assert torch.allclose(held.multipliers, (lam + 0.5 * (xi_new - xi)).clamp(min=0))
+    assert torch.allclose(plain.multipliers - held.multipliers, torch.tensor([0.1 * 0.3], dtype=torch.float64))
+    # a met constraint (negative slack) still unwinds at the full integral rate
+    before = held.multipliers.clone()
+    xi = held.xi.clone()
+    held.step(torch.tensor([-0.4]))
+    xi_new = 0.5 * xi + 0.5 * -0.4
+    assert torch.allclose(held.multipliers, (before + 0.1 * -0.4 + 0.5 * (xi_new - xi)).clamp(min=0))
+

@@ -253,6 +253,16 @@ class DualSpec(ConfigFields):
             "lt": 1.0,
         },
     )
+    anti_windup: bool = field(
+        default=False,
+        metadata={
+            "help": "'nupi' conditional integration: while a constraint is violated but its slack is shrinking "
+            "(e_t below the smoothed ξ_{t−1}), skip its integral term, so λ rises only while progress stalls. "
+            "Under Adam the primal moves at the learning rate's speed whatever λ is, so a larger λ does not "
+            "close a violation faster; integrating during the lag of the primal only winds λ up (overshoot, then "
+            "an excess that λ = 0 does not give back). Decreases of λ are never held.",
+        },
+    )
     init: float | list[float] = field(
         default=0.2,
         metadata={
@@ -846,6 +856,11 @@ def _check_problem(cfg: ConstrainedDDPOConfig) -> None:
         raise ValueError(
             f"dual.init: has {len(dual.init)} values but there are {len(constraints)} constraints; give one "
             "value per constraint, or a single number for all"
+        )
+    if dual.anti_windup and dual.optimizer != "nupi":
+        raise ValueError(
+            f"dual.anti_windup: conditional integration needs the smoothed error of 'nupi', but dual.optimizer "
+            f"is {dual.optimizer!r}; set dual.optimizer: nupi, or remove anti_windup"
         )
     if dual.optimizer == "nupi" and not dual.freeze and dual.kappa_i == 0 and dual.kappa_p == 0:
         raise ValueError(

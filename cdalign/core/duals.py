@@ -105,22 +105,34 @@ class ProjectedGradientAscent(DualOptimizer):
 class NuPI(DualOptimizer):
     """νPI controller (Sohrabi et al., ICML 2024): with error ``e_t = g_t``,
     ``ξ_t = ν ξ_{t−1} + (1−ν) e_t``, ``λ ← max(0, λ + κ_i e_t + κ_p (ξ_t − ξ_{t−1}))``,
-    ``ξ_{−1} = 0``. ν = 0, κ_p = 0 is gradient ascent with step κ_i."""
+    ``ξ_{−1} = 0``. ν = 0, κ_p = 0 is gradient ascent with step κ_i.
 
-    def __init__(self, num_constraints: int, kappa_i=0.05, kappa_p=0.0, nu=0.1, **kw):
+    ``anti_windup``: conditional integration, the integral term ``κ_i e_t`` of a violated
+    constraint is skipped while its error shrinks (``0 < e_t < ξ_{t−1}``), so λ grows only
+    while progress stalls; decreases are never held."""
+
+    def __init__(self, num_constraints: int, kappa_i=0.05, kappa_p=0.0, nu=0.1, anti_windup=False, **kw):
         super().__init__(num_constraints, **kw)
         self.kappa_i = _as_vector(kappa_i, num_constraints, "dual.kappa_i")
         self.kappa_p = _as_vector(kappa_p, num_constraints, "dual.kappa_p")
         self.nu = float(nu)
+        self.anti_windup = bool(anti_windup)
         self.xi = torch.zeros(num_constraints, dtype=torch.float64)
 
     @classmethod
     def from_spec(cls, spec, num_constraints: int) -> "NuPI":
-        return cls(num_constraints, kappa_i=spec.kappa_i, kappa_p=spec.kappa_p, nu=spec.nu, **cls.common_kwargs(spec))
+        return cls(
+            num_constraints, kappa_i=spec.kappa_i, kappa_p=spec.kappa_p, nu=spec.nu, anti_windup=spec.anti_windup,
+            **cls.common_kwargs(spec),
+        )
 
     def _update(self, slacks, scale):
         xi_new = self.nu * self.xi + (1 - self.nu) * slacks
-        new = projected_ascent(self.multipliers, scale * (self.kappa_i * slacks + self.kappa_p * (xi_new - self.xi)))
+        integral = self.kappa_i * slacks
+        if self.anti_windup:
+            shrinking = (slacks > 0) & (slacks < self.xi)
+            integral = torch.where(shrinking, torch.zeros_like(integral), integral)
+        new = projected_ascent(self.multipliers, scale * (integral + self.kappa_p * (xi_new - self.xi)))
         self.xi = xi_new
         return new
 
