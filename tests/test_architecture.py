@@ -16,8 +16,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cdalign"
 # tiny model is trained on the shapes world) as long as no module cycle forms.
 LAYERS = [
     (0, r"cdalign\.(registry|utils|fields)(\..*)?"),
+    (0, r"cdalign\.runs|cdalign\.runs\.(report|signals)"),
     (1, r"cdalign\.core(\..*)?"),
     (2, r"cdalign\.(data|models)(\..*)?"),
+    (2, r"cdalign\.runs\.folders"),
     (3, r"cdalign\.rewards(\..*)?"),
     (4, r"cdalign\.(publishing(\..*)?|evaluation\.scoring)"),
     (5, r"cdalign\.alignment\.(config|estimators)"),

@@ -6,30 +6,45 @@ AdamW's state (``optimizer.safetensors`` + ``optimizer.json``), the trainer's ow
 resume). It holds no RNG state: every training draw is seeded from the run's seed and the
 micro-batch counter (cdalign.core.seeding), so the counters restore the draws.
 :func:`write_checkpoint` and :func:`read_checkpoint` are the pair; the folder is written
-atomically (cdalign.models.checkpointing)."""
+atomically (cdalign.models.checkpointing). :func:`save_trainer_checkpoint` and
+:func:`load_trainer_checkpoint` capture and restore a trainer's state through them, and
+:func:`check_resume_config` compares a checkpoint's config with the run resuming it."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from cdalign.alignment.config import ConstrainedDDPOConfig, save_config
+from cdalign.alignment.config import ConstrainedDDPOConfig, config_from_dict, config_to_dict, save_config
+from cdalign.alignment.estimators import RolloutEstimator
+from cdalign.core.normalization import RewardStats
 from cdalign.models.checkpointing import (
     atomic_directory,
     copy_into_param,
+    gathered_optimizer_state,
     optimizer_from_files,
     optimizer_to_files,
+    rotate_checkpoints,
 )
 from cdalign.models.lora import check_safetensors
+from cdalign.runs import folders
 
 LORA_FILE = "lora.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
+# Config fields a resumed run may change: length, cadence, destination, evaluation and
+# reporting. Any other difference from the checkpoint's config changes the run itself.
+RESUME_MAY_DIFFER = (
+    "max_steps", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "resume_allow_config_change",
+    "logging_steps", "save_steps", "save_total_limit", "report_to", "push_to_hub", "hub_model_id", "hub_private",
+    "normalization_cache_dir", "max_nonfinite_batches", "eval_prompts", "eval_batches", "eval_seed", "num_grid_images",
+)
 
 
 @dataclasses.dataclass
@@ -115,3 +130,87 @@ def read_checkpoint(
             copy_into_param(p, lora[name])
     optimizer_from_files(optimizer, folder)
     return TrainerState.from_dict(json.loads((folder / TRAINER_STATE_FILE).read_text()))
+
+
+def check_resume_config(path: str | os.PathLike, config: ConstrainedDDPOConfig) -> None:
+    """Refuse to resume from checkpoint ``path`` when its saved config differs from
+    ``config`` (the resuming run's recorded config, Hub sources pinned) in a field that
+    changes the run (all but :data:`RESUME_MAY_DIFFER`), unless
+    ``resume_allow_config_change``; then warn, naming the fields
+    (:func:`cdalign.runs.folders.check_resume_config`)."""
+    folders.check_resume_config(
+        path, config_to_dict(config), normalize=lambda raw: config_to_dict(config_from_dict(raw)),
+        may_differ=RESUME_MAY_DIFFER, allow_change=config.resume_allow_config_change,
+    )
+
+
+def save_trainer_checkpoint(trainer) -> Path:
+    """``output_dir/checkpoint-<step>`` of a ``ConstrainedDDPOTrainer``: its LoRA, optimizer
+    and :class:`TrainerState` (counters, duals, monitor, the dual window's running sums,
+    confidence targets, reward statistics and their keys, history, the estimator's state)
+    and recorded config; keeps the last ``save_total_limit``. Every process calls it
+    (sharded state is gathered first); the main process writes."""
+    acc = trainer.accelerator
+    final = trainer.output_dir / f"checkpoint-{trainer.global_step}"
+    lora = trainer.lora_state()  # gathered on every process (collectives when sharded)
+    optimizer_state = gathered_optimizer_state(trainer.optimizer)
+    if acc.is_main_process:
+        state = TrainerState(
+            global_step=trainer.global_step,
+            micro_batches_seen=trainer.micro_batches_seen,
+            nonfinite_batches=trainer.nonfinite_batches,
+            duals=trainer.duals.state_dict(),
+            monitor=trainer.monitor.state_dict(),
+            slack_sum=trainer.window.slack_sum.tolist(),
+            slack_count=trainer.window.slack_count,
+            targets={**trainer.targets.state_dict(), "moment_sum": trainer.window.moment_sum.tolist()},
+            normalizers={n: s.__dict__ for n, s in trainer.normalizers.items()},
+            normalization_keys={n: trainer.normalization_keys()[n] for n in trainer.normalizers},
+            history=trainer.history,
+            estimator=trainer.estimator.state_dict() if isinstance(trainer.estimator, RolloutEstimator) else {},
+        )
+        write_checkpoint(
+            final, lora=lora, optimizer=trainer.optimizer, optimizer_state=optimizer_state, state=state,
+            config=trainer.recorded_config(),
+        )
+        rotate_checkpoints(trainer.output_dir, trainer.config.save_total_limit)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_trainer_checkpoint(trainer, path: str | os.PathLike) -> None:
+    """Restore checkpoint folder ``path`` into a ``ConstrainedDDPOTrainer`` (the state
+    :func:`save_trainer_checkpoint` captured). Reward statistics computed for another
+    reward, model or setting are dropped (recomputed, with a warning); the main process
+    cuts ``log.jsonl`` back to the checkpoint's step."""
+    state = read_checkpoint(path, lora_params=trainer._lora_params(), optimizer=trainer.optimizer)
+    trainer.global_step = state.global_step
+    trainer.micro_batches_seen = state.micro_batches_seen
+    trainer.nonfinite_batches = state.nonfinite_batches
+    trainer.duals.load_state_dict(state.duals)
+    trainer.monitor.load_state_dict(state.monitor)
+    trainer.window.slack_sum = torch.tensor(state.slack_sum, dtype=torch.float64)
+    trainer.window.slack_count = state.slack_count
+    trainer.targets.load_state_dict(state.targets)
+    if state.targets.get("moment_sum"):
+        trainer.window.moment_sum = torch.tensor(state.targets["moment_sum"], dtype=torch.float64)
+    trainer.problem.margins = trainer.targets.margins()
+    trainer.normalizers.clear()
+    saved_keys, current = state.normalization_keys, trainer.normalization_keys()
+    stale = sorted(
+        n for n in state.normalizers
+        if saved_keys is not None and (current.get(n) is None or saved_keys.get(n) != current.get(n))
+    )
+    if stale:  # statistics of another reward, model or setting: computed afresh instead (all, so none is missing)
+        warnings.warn(
+            f"checkpoint {str(path)!r}: the reward statistics of {', '.join(stale)} were computed for another "
+            "reward, model or setting (or a user callable without cache_key); recomputing them",
+            stacklevel=3,
+        )
+    else:
+        trainer.normalizers.update({n: RewardStats(**s) for n, s in state.normalizers.items()})
+    trainer.history = state.history
+    if isinstance(trainer.estimator, RolloutEstimator):
+        trainer.estimator.load_state_dict(state.estimator)
+    if trainer.accelerator.is_main_process:  # the log continues from the checkpoint
+        folders.cut_log(trainer.output_dir, trainer.global_step)

@@ -1,10 +1,11 @@
 """Reward statistics of the base model for reward normalisation (METHOD.md §1, "Reward
 normalisation"): each reward's mean and std on base-model samples of the training prompts,
 gathered over processes and cached by key (cdalign.core.normalization holds the formula
-and the cache)."""
+and the cache). :class:`RewardNormalization` holds a training run's statistics."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -17,12 +18,32 @@ from cdalign.core.normalization import (
     MIN_NORMALIZATION_SAMPLES,
     NormalizationCache,
     RewardStats,
+    prompts_fingerprint,
+    reward_identity,
     stats_from_samples,
 )
 from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
 from cdalign.core.seeding import NORMALIZATION_BATCH, batch_share
 
 logger = logging.getLogger(__name__)
+
+
+def normalization_keys(
+    rewards: Mapping[str, torch.nn.Module], user_rewards: Mapping, reward_kwargs: Mapping[str, dict], base_key: dict
+) -> dict[str, dict | None]:
+    """Per reward, the key of its base-model statistics: what the reward is
+    (:func:`~cdalign.core.normalization.reward_identity`: registry name, kwargs, weights; or a
+    user callable's ``cache_key``; ``user_rewards`` holds the callables as given) and
+    ``base_key`` (base model, prompts, sampler settings, batches, seed). None: a user
+    callable without ``cache_key``, whose statistics are never reused."""
+    keys = {}
+    for n, reward in rewards.items():
+        user = n in user_rewards
+        identity = reward_identity(n, user_rewards[n] if user else reward, kwargs=reward_kwargs.get(n, {}), user=user)
+        key = {"reward": n, "reward_identity": identity, **base_key}
+        # Through JSON once, so keys compare equal to the ones read back from a checkpoint.
+        keys[n] = None if identity is None else json.loads(json.dumps(key, default=str))
+    return keys
 
 
 def compute_reward_statistics(
@@ -89,3 +110,47 @@ def compute_reward_statistics(
             stacklevel=3,
         )
     return stats
+
+
+class RewardNormalization:
+    """A training run's reward statistics on the base model: ``stats`` (reward name →
+    :class:`RewardStats`; updated in place, the estimator reads the same dict), the key each
+    is cached under (:meth:`keys`), and their computation (:meth:`compute`).
+
+    ``model``: the base model's part of the key (``model``: its name, ``revision``: the
+    commit a Hub revision resolved to, else as given; ``weights``: its fingerprint);
+    ``user_rewards``: the callables the user passed, as given; ``config``: the run's
+    ``ConstrainedDDPOConfig``."""
+
+    def __init__(self, stats: dict[str, RewardStats], *, sampler: DiffusionSampler, rewards: Mapping[str, torch.nn.Module],
+                 user_rewards: Mapping, prompts: list[str], accelerator, config, model: Mapping):
+        self.stats, self.sampler, self.rewards, self.user_rewards = stats, sampler, rewards, user_rewards
+        self.prompts, self.accelerator, self.config, self.model = prompts, accelerator, config, dict(model)
+        self._keys: dict[str, dict | None] | None = None
+
+    def keys(self) -> dict[str, dict | None]:
+        """:func:`normalization_keys` of the run's rewards (computed once)."""
+        if self._keys is None:
+            cfg = self.config
+            base_key = {
+                **self.model,
+                "prompts": prompts_fingerprint(self.prompts),
+                "sampler": self.sampler.settings(),
+                "batches": cfg.normalization_batches,
+                "global_batch": cfg.train_batch_size * self.accelerator.num_processes,
+                "seed": cfg.seed,
+            }
+            self._keys = normalization_keys(self.rewards, self.user_rewards, cfg.reward_kwargs, base_key)
+        return self._keys
+
+    def compute(self) -> dict[str, RewardStats]:
+        """:func:`compute_reward_statistics` of every reward into ``stats``; returns a copy."""
+        cfg = self.config
+        self.stats.update(  # in place: the estimator holds this dict
+            compute_reward_statistics(
+                self.sampler, self.rewards, self.prompts, self.accelerator,
+                keys=self.keys(), cache_dir=cfg.normalization_cache_dir,
+                batches=cfg.normalization_batches, batch_size=cfg.train_batch_size, seed=cfg.seed,
+            )
+        )
+        return dict(self.stats)

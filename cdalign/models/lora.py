@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from cdalign.core.families import denoiser_of, family_of_denoiser
+from cdalign.core.families import denoiser_of, family_of, family_of_denoiser, freeze_pipeline
 from cdalign.core.sampling import adapter_parameters
 from cdalign.models.hub_files import download_file
 from cdalign.utils.files import atomic_write
@@ -125,6 +125,27 @@ def trainable_adapter(unet, adapter_name: str, **lora) -> list[torch.nn.Paramete
         p.data = p.data.float()
         p.requires_grad_(True)
     return params
+
+
+def prepare_lora_training(pipe, *, rank: int, alpha: float, target_modules: Sequence[str], seed: int, device,
+                          weight_dtype: torch.dtype) -> None:
+    """Make ``pipe`` ready to train a LoRA (adapter ``default``) on its denoiser: every
+    weight frozen, the adapter added on the CPU (:func:`add_lora_adapter`: B at zero, so
+    the initial model *is* the base model and its chain KL is 0; A's random init drawn from
+    ``seed``, not from the global RNG), the pipeline moved to ``device`` with its frozen
+    weights in ``weight_dtype``, the trainable LoRA weights kept in fp32."""
+    freeze_pipeline(pipe)
+    denoiser = denoiser_of(pipe)
+    denoiser.to("cpu")
+    add_lora_adapter(denoiser, "default", rank=rank, alpha=alpha, target_modules=target_modules, seed=seed)
+    pipe.to(device)
+    if weight_dtype != torch.float32:  # frozen weights in half precision
+        for module in family_of(pipe).modules(pipe):
+            module.to(dtype=weight_dtype)
+    for p in denoiser.parameters():
+        if p.requires_grad:  # trainable LoRA weights stay fp32 under mixed precision
+            p.data = p.data.float()
+    pipe.set_progress_bar_config(disable=True)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

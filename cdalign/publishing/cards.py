@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -384,3 +385,13 @@ def write_model_card(output_dir: str | os.PathLike, **kwargs) -> Path:
     path = Path(output_dir) / "README.md"
     atomic_write_text(path, str(card))
     return path
+
+
+def write_model_card_or_warn(output_dir: str | os.PathLike, **kwargs) -> Path | None:
+    """:func:`write_model_card`, warning instead of raising: a card that cannot be rendered
+    must not fail a finished run. Returns the card's path, or None when it was not written."""
+    try:
+        return write_model_card(output_dir, **kwargs)
+    except Exception as err:
+        warnings.warn(f"model card not written to {str(Path(output_dir) / 'README.md')!r}: {err}", stacklevel=2)
+        return None

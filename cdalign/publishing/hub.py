@@ -127,6 +127,22 @@ def push_output_dir(
     return str(info.commit_url)
 
 
+def push_from_main_process(accelerator, output_dir: str | os.PathLike, repo_id: str, **kwargs) -> str:
+    """:func:`push_output_dir` on the main process of a multi-process run, the others
+    waiting at a barrier; a failure is raised on the main process after the barrier, so the
+    other processes never hang. Returns the commit URL there ('' on the others)."""
+    url, error = "", None
+    if accelerator.is_main_process:
+        try:
+            url = push_output_dir(output_dir, repo_id, **kwargs)
+        except Exception as err:  # re-raised after the barrier, so other ranks do not hang
+            error = err
+    accelerator.wait_for_everyone()
+    if error is not None:
+        raise error
+    return url
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cdalign.hub", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -6,7 +6,7 @@ are chosen by the caller, never by flipping a reward's sign here."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -77,3 +77,29 @@ def build_reward(name: str, **kwargs) -> Reward:
 def available_rewards() -> list[str]:
     """Sorted names of all registered rewards."""
     return REWARDS.names()
+
+
+class CallableReward(torch.nn.Module):
+    """Adapts a plain ``f(images, prompts) -> (B,)`` callable to the Reward interface."""
+
+    def __init__(self, name: str, fn: Callable):
+        super().__init__()
+        self.name, self.fn, self.differentiable = name, fn, getattr(fn, "differentiable", True)
+
+    def forward(self, images, prompts):
+        return torch.as_tensor(self.fn(images, prompts))
+
+
+def build_rewards(given: Mapping[str, Callable], needed: Sequence[str], reward_kwargs: Mapping[str, dict], device) -> dict:
+    """A run's rewards on ``device``: those ``given`` (a plain callable wrapped in
+    :class:`CallableReward`), then each ``needed`` name not given built from :data:`REWARDS`
+    with its ``reward_kwargs``."""
+    rewards = {}
+    for name, fn in given.items():
+        rewards[name] = fn if isinstance(fn, torch.nn.Module) else CallableReward(name, fn)
+    for name in needed:
+        if name not in rewards:
+            rewards[name] = REWARDS.build(name, **reward_kwargs.get(name, {}))
+    for r in rewards.values():  # whether the estimator can use each reward is the estimator's check
+        r.to(device)
+    return rewards

@@ -1,0 +1,1 @@
+"""Run infrastructure: run folders, the typed run report, stopping on a signal."""
