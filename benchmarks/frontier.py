@@ -137,15 +137,8 @@ def train(name: str, cfg, out: Path, threads: int) -> tuple[str, float]:
 
 def load_point(name: str, cfg, weights):
     from cdalign.evaluation.frontier import RunPoint
-    from cdalign.evaluation.scoring import EVAL_VALUES_FILE, load_eval_values
 
-    run = Path(cfg.output_dir)
-    values = load_eval_values(run / EVAL_VALUES_FILE)
-    report = json.loads((run / "report.json").read_text())
-    names = [c["name"] for c in report["constraints"]]
-    return RunPoint(name, {n: values[f"aligned/{n}"] for n in names}, values["kl"],
-                    weights=dict(zip(names, weights)) if weights else None,
-                    duals={c["name"]: c["dual"] for c in report["constraints"]}), report
+    return RunPoint.from_run(name, cfg.output_dir, weights)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,12 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     num_images = int(points[next(iter(points))].kl.numel())
     table = frontier_table(rows, num_images)
     out.mkdir(parents=True, exist_ok=True)
-    targets = {n: {c["name"]: {"threshold": c["threshold"], "target": c.get("target"), "met": c.get("met")}
-                   for c in reports[n]["constraints"]} for n in constrained_of.values()}
+    targets = {n: {c.name: {"threshold": c.threshold, "target": c.target, "met": c.met}
+                   for c in reports[n].constraints} for n in constrained_of.values()}
     result = {"num_images": num_images, "settings": rows, "constrained_targets": targets,
               "runs": {n: {"weights": runs[n].get("weights"), "kl": points[n].kl_summary(),
                            **{c: points[n].summary(c) for c in (X, Y)},
-                           "metrics": {k: v["aligned"]["mean"] for k, v in reports[n].get("metrics", {}).items()}}
+                           "metrics": {k: v.aligned.mean for k, v in (reports[n].metrics or {}).items()}}
                        for n in runs},
               "wall_minutes_this_invocation": (time.time() - start) / 60, "quick": args.quick}
     (out / "frontier.json").write_text(json.dumps(result, indent=2))

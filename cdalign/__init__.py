@@ -14,18 +14,22 @@ from cdalign.alignment.config import (
     parse_config,
 )
 from cdalign.alignment.estimators import ESTIMATORS
-from cdalign.alignment.trainer import ConstrainedDDPOTrainer, TrainingInterrupted
+from cdalign.alignment.trainer import ConstrainedDDPOTrainer
 from cdalign.core.duals import DUAL_OPTIMIZERS, NuPI, ProjectedGradientAscent
 from cdalign.core.kl import KL_ESTIMATORS
 from cdalign.core.sampling import DDIMChain, DiffusionSampler
 from cdalign.data.prompt_sets import PROMPT_SETS, load_prompts
 from cdalign.models.pipeline import EMBEDDED_MODELS, load_pipeline
+from cdalign.runs.report import AlignmentReport, ConstraintResult, ReportFormatError
+from cdalign.runs.signals import TrainingInterrupted
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignmentReport",
     "ConstrainedDDPOConfig",
     "ConstrainedDDPOTrainer",
+    "ConstraintResult",
     "ConstraintSpec",
     "DDIMChain",
     "DUAL_OPTIMIZERS",
@@ -38,6 +42,7 @@ __all__ = [
     "ObjectiveSpec",
     "PROMPT_SETS",
     "ProjectedGradientAscent",
+    "ReportFormatError",
     "TrainingInterrupted",
     "load_config_file",
     "load_pipeline",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import math
 import re
 import tempfile
@@ -53,6 +52,7 @@ from cdalign.publishing.cards import constraints_table, usage_snippet
 from cdalign.publishing.tables import md
 from cdalign.registry import Registry
 from cdalign.rewards import REWARDS, image_stats
+from cdalign.runs.report import AlignmentReport, ReportFormatError
 
 DEMO_DIR = Path(__file__).resolve().parent
 SHIPPED_DIR = DEMO_DIR / "loras"
@@ -158,9 +158,8 @@ class LoraSource:
             raise DemoError(f"LoRA {self.label!r}: its weights are {size:,} bytes; this demo loads LoRAs of at most "
                             f"{self.max_bytes:,} bytes (LoRAs of the tiny model are ~200 KB); pick another LoRA")
 
-    def report(self) -> dict | None:
-        """The run's report.json as plain data, or None where the LoRA has none (or it is
-        not a JSON object)."""
+    def report(self) -> AlignmentReport | None:
+        """The run's report.json, or None where the LoRA has none (or not one cdalign can read)."""
         if self.folder is not None:
             path = self.folder / "report.json"
             if not path.is_file():
@@ -173,10 +172,9 @@ class LoraSource:
         if path.stat().st_size > MAX_REPORT_BYTES:
             return None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            return AlignmentReport.read(path)
+        except ReportFormatError:
             return None
-        return data if isinstance(data, dict) else None
 
     @property
     def usage_source(self) -> str:
@@ -281,14 +279,14 @@ class LoraCatalog:
 # ---------------------------------------------------------------------------------
 
 
-def report_constraints(report: dict | None) -> tuple[list[Constraint], dict[str, RewardStats], list[str]]:
+def report_constraints(report: AlignmentReport | None) -> tuple[list[Constraint], dict[str, RewardStats], list[str]]:
     """The constraints a run's report.json records (as :class:`Constraint`), the base-model
     reward statistics that their σ units rest on, and notes on entries left out (malformed,
     or a normalised reward without statistics)."""
     constraints, stats, notes = [], {}, []
     if not report:
         return constraints, stats, notes
-    for name, entry in (report.get("normalization") or {}).items():
+    for name, entry in (report.normalization or {}).items():
         try:
             mean, std, count = float(entry["mean"]), float(entry["std"]), int(entry["count"])
         except (KeyError, TypeError, ValueError):
@@ -296,11 +294,11 @@ def report_constraints(report: dict | None) -> tuple[list[Constraint], dict[str,
             continue
         if math.isfinite(mean) and math.isfinite(std) and std > 0:
             stats[str(name)] = RewardStats(mean, std, count)
-    for k, c in enumerate(report.get("constraints") or []):
+    for k, c in enumerate(report.constraints):
         try:
-            name, source, direction = str(c["name"]), str(c["source"]), str(c["direction"])
-            threshold, normalize = float(c["threshold"]), bool(c.get("normalized", False))
-        except (KeyError, TypeError, ValueError):
+            name, source, direction = str(c.name), str(c.source), str(c.direction)
+            threshold, normalize = float(c.threshold), bool(c.normalized)
+        except (TypeError, ValueError):
             notes.append(f"constraints[{k}] is malformed; left out")
             continue
         if direction not in ("high", "low") or not math.isfinite(threshold):
@@ -322,10 +320,10 @@ def is_pixel_statistic(reward: str) -> bool:
     return reward in REWARDS and inspect.getmodule(REWARDS.get(reward)) is image_stats
 
 
-def card_table(report: dict | None) -> str:
+def card_table(report: AlignmentReport | None) -> str:
     """The model card's constraint table (thresholds, achieved values with CI, λ as prices)
     of a run's report, or a sentence saying why there is none."""
-    if not report or not report.get("constraints"):
+    if not report or not report.constraints:
         return "_This LoRA has no report.json with constraints (not trained by cdalign?): no constraint table._"
     try:
         return constraints_table(report)
@@ -528,7 +526,7 @@ class DemoEngine:
                          "(its held-out values are in the model card table)")
             constraints.remove(c)
         rewards = {c.source: self._reward(c.source) for c in constraints if not c.is_kl}
-        kl_estimator = str(((report or {}).get("kl") or {}).get("estimator", "path"))
+        kl_estimator = str(report.kl.estimator if report and report.kl else "path")
         if kl_estimator not in ("path", "uniform"):
             kl_estimator = "path"
         items = evaluation_items([prompt], images, seed)

@@ -33,11 +33,19 @@ BASELINES = ("init", "final_mean")
 LABELS = {"base": "base", "init": "equal λ = init", "final_mean": "equal λ = mean final", "constrained": "constrained"}
 
 
-def baseline_multipliers(config, report: dict) -> dict[str, float]:
+def _typed(report):
+    """A run's report as a ``cdalign.AlignmentReport`` (its JSON form is read)."""
+    from cdalign import AlignmentReport
+
+    return AlignmentReport.coerce(report)
+
+
+def baseline_multipliers(config, report) -> dict[str, float]:
     """λ of each baseline: (a) the recipe's initial value, (b) the mean of the run's final λ."""
     init = config.dual.init
     init = float(sum(init) / len(init)) if isinstance(init, (list, tuple)) else float(init)
-    final = [c["dual"] for c in report["constraints"] if c["source"] != "kl"] or [c["dual"] for c in report["constraints"]]
+    constraints = _typed(report).constraints
+    final = [c.dual for c in constraints if c.source != "kl"] or [c.dual for c in constraints]
     return {"init": init, "final_mean": float(sum(final) / len(final))}
 
 
@@ -62,44 +70,46 @@ def _cell(entry: dict | None) -> str:
     return f"{entry['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
-def compare(reports: dict[str, dict]) -> dict:
-    """Per constraint and model: measured mean with CI and verdict; the chain KL; the claim."""
+def compare(reports: dict) -> dict:
+    """Per constraint and model: measured mean with CI and verdict; the chain KL; the claim.
+    ``reports``: each run's report (``AlignmentReport`` or its JSON form) by name."""
+    reports = {key: _typed(rep) for key, rep in reports.items()}
     constrained = reports["constrained"]
     rows = []
-    for j, c in enumerate(constrained["constraints"]):
-        row = {"name": c["name"], "direction": c["direction"], "threshold": c["threshold"], "units": c.get("units")}
-        row["base"] = {"mean": c["base_measured"], "ci95": c["base_ci95"]}
+    for j, c in enumerate(constrained.constraints):
+        row = {"name": c.name, "direction": c.direction, "threshold": c.threshold, "units": c.units}
+        row["base"] = {"mean": c.base_measured, "ci95": c.base_ci95}
         for key, rep in reports.items():
-            cj = rep["constraints"][j]
-            row[key] = {"mean": cj["measured"], "ci95": cj["ci95"], "satisfied": cj["satisfied"], "dual": cj["dual"]}
+            cj = rep.constraints[j]
+            row[key] = {"mean": cj.measured, "ci95": cj.ci95, "satisfied": cj.satisfied, "dual": cj.dual}
         rows.append(row)
-    kl = {key: rep["kl"] for key, rep in reports.items()}
+    kl = {key: rep.kl.to_json() for key, rep in reports.items()}
     metrics = {}
     for key, rep in reports.items():
-        for name, m in rep.get("metrics", {}).items():
-            metrics.setdefault(name, {"base": m["base"]})[key] = m["aligned"]
-    ok = constrained["all_satisfied"]
+        for name, m in (rep.metrics or {}).items():
+            metrics.setdefault(name, {"base": m.base.to_json()})[key] = m.aligned.to_json()
+    ok = constrained.all_satisfied
     reasons = []
     holds = ok
     for key in BASELINES:
         rep = reports[key]
-        missed = [c["name"] for c in rep["constraints"] if not c["satisfied"]]
+        missed = [c.name for c in rep.constraints if not c.satisfied]
         # "larger" only when the 95% CIs do not overlap: a KL gap inside the noise proves nothing
-        dearer = rep["kl"]["ci95"][0] > constrained["kl"]["ci95"][1]
-        within_noise = rep["kl"]["mean"] > constrained["kl"]["mean"] and not dearer
+        dearer = rep.kl.ci95[0] > constrained.kl.ci95[1]
+        within_noise = rep.kl.mean > constrained.kl.mean and not dearer
         if missed:
             reasons.append(f"{LABELS[key]} misses {', '.join(missed)}")
         elif dearer:
             reasons.append(
                 f"{LABELS[key]} meets every constraint at a larger chain KL "
-                f"({rep['kl']['mean']:.4g} vs {constrained['kl']['mean']:.4g}, 95% CIs apart)"
+                f"({rep.kl.mean:.4g} vs {constrained.kl.mean:.4g}, 95% CIs apart)"
             )
         elif within_noise:
-            lo, hi = rep["kl"]["ci95"]
-            clo, chi = constrained["kl"]["ci95"]
+            lo, hi = rep.kl.ci95
+            clo, chi = constrained.kl.ci95
             reasons.append(
                 f"{LABELS[key]} meets every constraint at a chain KL the evaluation cannot tell apart "
-                f"({rep['kl']['mean']:.4g} [{lo:.4g}, {hi:.4g}] vs {constrained['kl']['mean']:.4g} [{clo:.4g}, {chi:.4g}]: "
+                f"({rep.kl.mean:.4g} [{lo:.4g}, {hi:.4g}] vs {constrained.kl.mean:.4g} [{clo:.4g}, {chi:.4g}]: "
                 "the 95% CIs overlap)"
             )
             holds = False
@@ -107,12 +117,12 @@ def compare(reports: dict[str, dict]) -> dict:
             reasons.append(f"{LABELS[key]} meets every constraint at no larger chain KL")
             holds = False
     if not ok:
-        reasons.insert(0, "the constrained run misses " + ", ".join(c["name"] for c in constrained["constraints"] if not c["satisfied"]))
+        reasons.insert(0, "the constrained run misses " + ", ".join(c.name for c in constrained.constraints if not c.satisfied))
     return {
         "constraints": rows,
         "kl": kl,
         "metrics": metrics,
-        "num_eval_images": constrained["num_eval_images"],
+        "num_eval_images": constrained.num_eval_images,
         "claim_holds": bool(holds),
         "reasons": reasons,
     }
@@ -186,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         help="reuse finished baselines under <run>/equal_weights whose config matches (default: retrain them)",
     )
     args = parser.parse_args(argv)
-    from cdalign import ConstrainedDDPOTrainer, TrainingInterrupted, load_config_file
+    from cdalign import AlignmentReport, ConstrainedDDPOTrainer, TrainingInterrupted, load_config_file
     from cdalign.alignment.config import config_to_dict
 
     run_dir = Path(args.run)
@@ -200,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = load_config_file(run_dir / "config.yaml")
-        report = json.loads((run_dir / "report.json").read_text())
+        report = AlignmentReport.read(run_dir / "report.json")
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -225,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             except (ValueError, OSError) as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
-        reports[name] = json.loads((out / "report.json").read_text())
+        reports[name] = AlignmentReport.read(out / "report.json")
     reports["constrained"] = report
-    bases = {k: [c["base_measured"] for c in r["constraints"]] for k, r in reports.items()}
+    bases = {k: [c.base_measured for c in r.constraints] for k, r in reports.items()}
     if any(abs(a - b) > 1e-6 for v in bases.values() for a, b in zip(v, bases["constrained"])):
         print("warning: the runs' base-model evaluations differ (different evaluation images?): " + json.dumps(bases), file=sys.stderr)
     result = compare(reports)

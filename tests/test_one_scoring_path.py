@@ -81,7 +81,7 @@ def test_harness_reproduces_the_runs_own_report(trained_run):
     assert kl["estimator"] == report["kl"]["estimator"]
     assert report["kl"]["mean"] > 0 and same(report["kl"]["mean"], kl["mean"]) and same(report["kl"]["ci95"], kl["ci95"])
     for mine, theirs, base in zip(report["constraints"], harness["run"]["constraints"], harness["base"]["constraints"]):
-        assert mine["name"] == theirs["name"]
+        assert mine["name"] == theirs["name"] and mine["units"] == theirs["units"]  # one set of unit strings
         assert same(mine["measured"], theirs["measured"]) and same(mine["ci95"], theirs["ci95"])
         assert same(mine["slack"], theirs["slack"])
         assert (mine["satisfied"], mine["ci_clears_threshold"]) == (theirs["satisfied"], theirs["ci_clears_threshold"])

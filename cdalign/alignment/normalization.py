@@ -107,7 +107,7 @@ def compute_reward_statistics(
             f"reward normalisation of {', '.join(few)} rests on only {count} base-model samples (fewer than "
             f"{MIN_NORMALIZATION_SAMPLES}): values in σ units (thresholds, slacks, the report) are noisy; raise "
             f"normalization_batches (now {batches} batches of {batch_size * accelerator.num_processes} images)",
-            stacklevel=3,
+            stacklevel=4,  # the trainer's caller of compute_normalization (through RewardNormalization.compute)
         )
     return stats
 

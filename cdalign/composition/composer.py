@@ -53,10 +53,11 @@ from cdalign.models.lora import LORA_WEIGHT_NAME, is_local_source
 from cdalign.models.pipeline import load_pipeline, precision_dtype
 from cdalign.publishing.plotting import save_grid
 from cdalign.rewards import REWARDS
-from cdalign.utils.files import check_no_previous_run
+from cdalign.runs.folders import RunFolder
+from cdalign.runs.report import REPORT_FILE
 
 logger = logging.getLogger(__name__)
-RUN_MARKERS = ("report.json", "weights.json")
+RUN_FOLDER = RunFolder(markers=(REPORT_FILE, "weights.json"), what="a composition run")
 
 
 def check_composition_inputs(config: ComposeConfig, accelerator=None) -> None:
@@ -122,7 +123,7 @@ class ConstrainedComposer:
         config.validate()
         self.config = cfg = config
         self.output_dir = Path(cfg.output_dir)
-        self._check_output_dir()
+        RUN_FOLDER.check(self.output_dir, fresh=not cfg.overwrite_output_dir)
         check_mixed_precision(cfg.mixed_precision, (accelerator or PartialState()).device)
         for spec in cfg.components:  # a missing or corrupt local LoRA fails before the base model loads
             if spec.type == "lora" and is_local_source(spec.path):
@@ -154,11 +155,6 @@ class ConstrainedComposer:
         self.trajectory: list[dict] = []
         self.distiller = None
         self._rewards: dict[str, Callable] | None = None
-
-    def _check_output_dir(self):
-        check_output_dir_writable(self.output_dir)
-        if not self.config.overwrite_output_dir:
-            check_no_previous_run(self.output_dir, RUN_MARKERS, what="a composition run")
 
     # ------------------------------------------------------------------ batches
     def _batch(self, purpose: int, index: int, prompts: list[str], size: int):

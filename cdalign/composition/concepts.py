@@ -21,10 +21,13 @@ from cdalign.composition.config import ComposeConfig, save_config
 from cdalign.core.statistics import paired_difference, summarize
 from cdalign.publishing.plotting import save_grid
 from cdalign.publishing.tables import md
-from cdalign.utils.files import atomic_write_text, check_no_previous_run
+from cdalign.runs.folders import RunFolder
+from cdalign.runs.report import REPORT_FILE
+from cdalign.utils.files import atomic_write_text
 
 MODELS = ("equal_weights", "constrained", "joint_prompt")
 LABELS = {"equal_weights": "equal weights", "constrained": "constrained", "joint_prompt": "joint prompt"}
+RUN_FOLDER = RunFolder(markers=(REPORT_FILE,), what="a concept composition run")
 GRID_IMAGES_PER_SET = 2  # samples.png: one row per model, the sets side by side (2 images each)
 
 
@@ -55,7 +58,7 @@ def run_concept_sets(config: ComposeConfig, accelerator=None, progress: bool = T
         raise ValueError("components: no 'concept' component names a `reward`; the concept minimum needs one per concept")
     out = Path(config.output_dir)
     if not config.overwrite_output_dir:
-        check_no_previous_run(out, ("report.json",), what="a concept composition run")
+        RUN_FOLDER.refuse_earlier_run(out)
     reuse = all(c.type != "lora" for c in config.components)  # concepts and the base: nothing to reload per set
     pipe, sets, rows = None, [], {m: [] for m in MODELS}
     for k in range(len(config.concept_sets)):

@@ -35,14 +35,16 @@ from cdalign.core.seeding import derived_seed
 from cdalign.core.statistics import slack, summarize
 from cdalign.composition.supports import SUPPORT_LABELERS, SupportLabeler
 from cdalign.data.shapes import COLOR_NAMES, write_shapes_folder
-from cdalign.fields.checks import check_output_dir_writable
 from cdalign.models.lora import LORA_WEIGHT_NAME, save_adapter, trainable_adapter
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.plotting import save_grid
 from cdalign.rewards.metrics import to_uint8
-from cdalign.utils.files import atomic_write_text, check_no_previous_run
+from cdalign.runs.folders import RunFolder
+from cdalign.runs.report import REPORT_FILE
+from cdalign.utils.files import atomic_write_text
 
 ADAPTER = "mixture"
+RUN_FOLDER = RunFolder(markers=(REPORT_FILE,), what="a mixture run")
 
 
 def open_dataset(spec):
@@ -204,9 +206,7 @@ class MixtureTrainer:
         config.validate()
         self.config = cfg = config
         self.output_dir = Path(cfg.output_dir)
-        check_output_dir_writable(self.output_dir)
-        if not cfg.overwrite_output_dir:
-            check_no_previous_run(self.output_dir, ["report.json"], what="a mixture run")
+        RUN_FOLDER.check(self.output_dir, fresh=not cfg.overwrite_output_dir)
         self.accelerator = accelerator or Accelerator()
         self.device = self.accelerator.device
         self.pipe = pipeline if pipeline is not None else load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)

@@ -22,7 +22,9 @@ from typing import Mapping, Sequence
 import torch
 
 from cdalign.core.statistics import MET_MARKS, constraint_decision, mean_and_ci, met_label, paired_difference, slack
+from cdalign.evaluation.scoring import EVAL_VALUES_FILE, load_eval_values
 from cdalign.publishing.plotting import pyplot
+from cdalign.runs.report import REPORT_FILE, AlignmentReport
 
 
 @dataclass
@@ -36,6 +38,20 @@ class RunPoint:
     kl: torch.Tensor
     weights: dict[str, float] | None = None
     duals: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_run(cls, name: str, run_dir: str | Path, weights: Sequence[float] | None = None) -> tuple[RunPoint, AlignmentReport]:
+        """A finished run's point (its per-image values, ``eval_values.safetensors``, and the
+        final λ of its report) and its report. ``weights``: the frozen λ per constraint, in
+        the report's constraint order (None for a constrained run)."""
+        run = Path(run_dir)
+        values = load_eval_values(run / EVAL_VALUES_FILE)
+        report = AlignmentReport.read(run / REPORT_FILE)
+        names = [c.name for c in report.constraints]
+        point = cls(name, {n: values[f"aligned/{n}"] for n in names}, values["kl"],
+                    weights=dict(zip(names, weights)) if weights else None,
+                    duals={c.name: c.dual for c in report.constraints})
+        return point, report
 
     def mean(self, constraint: str) -> float:
         return float(self.values[constraint].double().mean())

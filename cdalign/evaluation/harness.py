@@ -86,6 +86,7 @@ from cdalign.models.pipeline import load_pipeline, precision_dtype
 from cdalign.publishing.plotting import pyplot, save_grid
 from cdalign.publishing.tables import comparison_table, md, md_code
 from cdalign.rewards import REWARDS
+from cdalign.runs.report import REPORT_FILE, AlignmentReport, ConstraintResult, ReportFormatError, constraint_units
 from cdalign.utils.files import atomic_write
 
 CACHE_VERSION = 1  # bump when the cached batch layout or its meaning changes
@@ -173,7 +174,7 @@ class LoraKind(CheckpointKind):
 
     def run_files(self, spec):
         out = {}
-        for fname in ("config.yaml", "report.json"):
+        for fname in ("config.yaml", REPORT_FILE):
             if is_local_source(spec.source):
                 p = Path(spec.source).expanduser()
                 p = (p if p.is_dir() else p.parent) / fname
@@ -419,18 +420,18 @@ def evaluate(
         for v in kl.values():
             v["estimator"] = kl_estimator
         entry["kl"] = kl
-        duals = {c["name"]: c.get("dual") for c in (reports[spec.name] or {}).get("constraints", [])}
+        trained = {c.name: c for c in (reports[spec.name].constraints if reports[spec.name] else [])}
         cons = []
         for c in (problem.constraints if problem else []):
-            units = f"KL ({kl_estimator})" if c.is_kl else ("base-model std" if c.normalize else "raw")
             verdict = c.verdict(values.constraint_values(c))
             verdict.pop("n")  # evaluation.json gives the count once per checkpoint (num_images)
-            cons.append({
-                "name": c.name, "source": c.source, "direction": c.direction, "threshold": c.threshold,
-                "normalized": c.normalize, "units": units, **verdict, "dual": duals.get(c.name),
-            })
-        entry["constraints"] = cons
-        entry["all_satisfied"] = all(c["satisfied"] for c in cons) if cons else None
+            run = trained.get(c.name)  # λ and the infeasibility flag: the run's own, from its report
+            cons.append(ConstraintResult.from_verdict(
+                c, verdict, constraint_units(c.is_kl, c.normalize, kl_estimator), dual=run.dual if run else None,
+                flagged_infeasible_at_step=run.flagged_infeasible_at_step if run else None,
+            ))
+        entry["constraints"] = [c.to_json() for c in cons]
+        entry["all_satisfied"] = all(c.satisfied for c in cons) if cons else None
         summaries[spec.name] = entry
 
     data = {
@@ -507,13 +508,14 @@ def _kl_estimator_for(suite, run_configs: dict[str, dict]) -> tuple[str, str]:
     return found[first], f"{first} (config.yaml)"
 
 
-def _read_report(files: dict) -> dict | None:
-    p = files.get("report.json")
+def _read_report(files: dict) -> AlignmentReport | None:
+    """The run's report (for its λ), or None where it has none or an unreadable one."""
+    p = files.get(REPORT_FILE)
     if p is None:
         return None
     try:
-        return json.loads(Path(p).read_text())
-    except (OSError, json.JSONDecodeError):
+        return AlignmentReport.read(p)
+    except (OSError, ReportFormatError):
         return None
 
 

@@ -1,7 +1,8 @@
 """Model cards for constrained LoRAs, rendered with ``huggingface_hub.ModelCard``.
 
-The card is generated from what a run wrote (``config.yaml``, ``report.json``, the
-pictures) and, optionally, an evaluation (``evaluation.json`` of ``cdalign.evaluation``):
+The card is generated from what a run wrote (``config.yaml``, ``report.json`` read as an
+:class:`~cdalign.runs.report.AlignmentReport`, the pictures) and, optionally, an
+evaluation (``evaluation.json`` of ``cdalign.evaluation``):
 
 - front matter (``ModelCardData``): base model, ``library_name: diffusers``,
   ``pipeline_tag: text-to-image``, tags, license, and ``model-index`` with one
@@ -21,7 +22,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -32,6 +33,7 @@ from cdalign.models.checkpointing import atomic_write_text
 from cdalign.models.lora import is_local_source
 from cdalign.models.pipeline import EMBEDDED_MODELS
 from cdalign.publishing.tables import comparison_table, fence, md
+from cdalign.runs.report import REPORT_FILE, AlignmentReport, Estimate
 
 TEMPLATE_NAME = "cdalign_lora.md"
 TAGS = ["lora", "cdalign", "constrained-alignment", "diffusers", "text-to-image", "stable-diffusion"]
@@ -67,18 +69,22 @@ def yaml_safe(text: Any) -> str:
     return " ".join(s.split())
 
 
-def _ci(entry: dict | None, mean_key: str = "mean", ci_key: str = "ci95") -> str:
-    if not entry or mean_key not in entry:
+def _ci(mean: float | None, ci95: Sequence[float] | None) -> str:
+    if mean is None or ci95 is None:
         return "n/a"
-    lo, hi = entry[ci_key]
-    return f"{entry[mean_key]:+.4g} [{lo:+.4g}, {hi:+.4g}]"
+    lo, hi = ci95
+    return f"{mean:+.4g} [{lo:+.4g}, {hi:+.4g}]"
+
+
+def _estimate(entry: Estimate | None) -> str:
+    return "n/a" if entry is None else _ci(entry.mean, entry.ci95)
 
 
 def _num(x) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
-def constraints_table(report: dict) -> str:
+def constraints_table(report: AlignmentReport | Mapping) -> str:
     """Per constraint: requirement (and the target it was trained toward, if past the
     threshold), this LoRA and the base model on the same held-out images (means with 95%
     CIs), the paired difference, the verdict (✓✓ the whole CI clears the threshold, ✓ only
@@ -87,50 +93,51 @@ def constraints_table(report: dict) -> str:
         "| constraint | requirement | this LoRA [95% CI] | base model [95% CI] | paired difference [95% CI] | satisfied | price λ |",
         "|---|---|---|---|---|---|---|",
     ]
-    for c in report.get("constraints", []):
-        op = "≥" if c["direction"] == "high" else "≤"
-        units = " σ" if c.get("normalized") else ""
-        ok = MET_MARKS[met_label({"satisfied": c.get("satisfied"), "ci_clears_threshold": c.get("ci_clears_threshold")})]
-        achieved = _ci({"mean": c["measured"], "ci95": c["ci95"]})
-        base = _ci({"mean": c["base_measured"], "ci95": c["base_ci95"]}) if c.get("base_ci95") else _num(c.get("base_measured"))
-        diff = _ci(c.get("difference"))
-        aim = c.get("target_from") or {}
+    for c in AlignmentReport.coerce(report).constraints:
+        op = "≥" if c.direction == "high" else "≤"
+        units = " σ" if c.normalized else ""
+        ok = MET_MARKS[met_label(c.decision)]
+        achieved = _ci(c.measured, c.ci95)
+        base = _ci(c.base_measured, c.base_ci95) if c.base_ci95 else _num(c.base_measured)
+        aim = c.target_from or {}
         if aim.get("margin"):  # trained toward a target past the threshold (cdalign.core.targets)
             why = f"{aim['confidence']:g} confidence" if aim.get("confidence") is not None else "a fixed margin"
-            units += f" (aimed at {c['target']:+.3g} for {why})"
-        rows.append(f"| {md(c['name'])} | {md(c['source'])} {op} {c['threshold']:g}{units} | {achieved} | "
-                    f"{base} | {diff} | {ok} | {_num(c.get('dual'))} |")
+            units += f" (aimed at {c.target:+.3g} for {why})"
+        rows.append(f"| {md(c.name)} | {md(c.source)} {op} {c.threshold:g}{units} | {achieved} | "
+                    f"{base} | {_estimate(c.difference)} | {ok} | {_num(c.dual)} |")
     return "\n".join(rows)
 
 
-def metrics_table(report: dict) -> str:
+def metrics_table(report: AlignmentReport | Mapping) -> str:
     """Evaluation metrics (checks that are not rewards, e.g. shapes_accuracy), or '' without any."""
-    metrics = report.get("metrics") or {}
+    metrics = AlignmentReport.coerce(report).metrics or {}
     if not metrics:
         return ""
     rows = ["| metric | base model [95% CI] | this LoRA [95% CI] | paired difference [95% CI] | images |", "|---|---|---|---|---|"]
     for name, m in metrics.items():
-        rows.append(f"| {md(name)} | {_ci(m.get('base'))} | {_ci(m.get('aligned'))} | {_ci(m.get('difference'))} | "
-                    f"{m.get('aligned', {}).get('n', 'n/a')} |")
+        rows.append(f"| {md(name)} | {_estimate(m.base)} | {_estimate(m.aligned)} | {_estimate(m.difference)} | "
+                    f"{'n/a' if m.aligned.n is None else m.aligned.n} |")
     return "\n".join(rows)
 
 
-def _sigma_units(report: dict, name: str) -> str:
+def _sigma_units(report: AlignmentReport, name: str) -> str:
     """``base-model σ`` with the number of base-model images its statistics rest on."""
-    count = ((report.get("normalization") or {}).get(name) or {}).get("count")
+    count = ((report.normalization or {}).get(name) or {}).get("count")
     return "base-model σ" if count is None else f"base-model σ (from {count} images)"
 
 
-def rewards_table(report: dict) -> str:
+def rewards_table(report: AlignmentReport | Mapping) -> str:
+    report = AlignmentReport.coerce(report)
     rows = ["| reward | base model [95% CI] | this LoRA [95% CI] | units |", "|---|---|---|---|"]
-    for name, e in report.get("rewards", {}).items():
-        normed = "normalized_mean" in e.get("aligned", {})
-        k, c = ("normalized_mean", "normalized_ci95") if normed else ("mean", "ci95")
-        rows.append(f"| {md(name)} | {_ci(e.get('base'), k, c)} | {_ci(e.get('aligned'), k, c)} | "
+    for name, e in report.rewards.items():
+        normed = e.normalized
+        base, aligned = ((e.base.normalized_mean, e.base.normalized_ci95), (e.aligned.normalized_mean, e.aligned.normalized_ci95)) \
+            if normed else ((e.base.mean, e.base.ci95), (e.aligned.mean, e.aligned.ci95))
+        rows.append(f"| {md(name)} | {_ci(*base)} | {_ci(*aligned)} | "
                     f"{_sigma_units(report, name) if normed else 'raw'} |")
-    kl = report.get("kl")
+    kl = report.kl
     if kl:
-        rows.append(f"| chain KL to base ({md(kl.get('estimator', ''))}) | 0 | {_ci(kl)} | nats/image |")
+        rows.append(f"| chain KL to base ({md(kl.estimator)}) | 0 | {_ci(kl.mean, kl.ci95)} | nats/image |")
     return "\n".join(rows)
 
 
@@ -143,18 +150,18 @@ def prompts_label(value: Any) -> str:
     return str(value)
 
 
-def record_notes(report: dict | None, config: dict) -> str:
+def record_notes(report: AlignmentReport | Mapping | None, config: dict) -> str:
     """What a reader must know to trust the numbers: rewards that came from user code (a
     rerun from config.yaml would use the registry reward of that name) and reward
     statistics resting on fewer than ``MIN_NORMALIZATION_SAMPLES`` base-model images."""
-
+    report = AlignmentReport.coerce(report) or AlignmentReport()
     notes = []
-    sources = {**(config.get("reward_sources") or {}), **((report or {}).get("reward_sources") or {})}
+    sources = {**(config.get("reward_sources") or {}), **(report.reward_sources or {})}
     if sources:
         listed = "; ".join(f"`{md(n)}`: {md(s)}" for n, s in sources.items())
         notes.append(f"**Rewards from user code**, not recordable (a rerun from `config.yaml` would use the "
                      f"registry reward of the same name): {listed}.")
-    few = {n: s.get("count") for n, s in ((report or {}).get("normalization") or {}).items()
+    few = {n: s.get("count") for n, s in (report.normalization or {}).items()
            if isinstance(s, dict) and s.get("count") is not None and s["count"] < MIN_NORMALIZATION_SAMPLES}
     if few:
         listed = ", ".join(f"`{md(n)}` ({c} images)" for n, c in few.items())
@@ -171,11 +178,12 @@ TRAINING_FIELDS = ("pretrained_model_name_or_path", "revision", "prompts", "eval
 LEGACY_ESTIMATOR_FIELDS = ("backprop_strategy", "backprop_steps")
 
 
-def training_table(config: dict, report: dict | None = None) -> str:
+def training_table(config: dict, report: AlignmentReport | Mapping | None = None) -> str:
     """The run's settings: the common fields, then the estimator's own (from the report's
     ``estimator.settings``; the reward-backprop truncation for reports that predate it)."""
     rows = ["| field | value |", "|---|---|"]
-    own = ((report or {}).get("estimator") or {}).get("settings")
+    estimator = (AlignmentReport.coerce(report) or AlignmentReport()).estimator
+    own = estimator.settings if estimator is not None else None
     own_fields = list(own) if own is not None else [k for k in LEGACY_ESTIMATOR_FIELDS if k in config]
     for key in (*TRAINING_FIELDS, *own_fields):
         if key in config and config[key] is not None:
@@ -189,11 +197,12 @@ def training_table(config: dict, report: dict | None = None) -> str:
     return "\n".join(rows)
 
 
-def eval_results(report: dict | None, config: dict, evaluation: dict | None, checkpoint: str | None):
+def eval_results(report: AlignmentReport | Mapping | None, config: dict, evaluation: dict | None, checkpoint: str | None):
     """``EvalResult`` per reward mean (and the chain KL) on the held-out prompts, from the
     run's report and, where given, from the evaluation's entry ``checkpoint``."""
     from huggingface_hub import EvalResult
 
+    report = AlignmentReport.coerce(report)
     results = []
 
     def add(dataset_type, dataset_name, metric_type, value, metric_name, source_name):
@@ -207,15 +216,13 @@ def eval_results(report: dict | None, config: dict, evaluation: dict | None, che
     if report:
         prompts = config.get("eval_prompts") or config.get("prompts") or "prompts"
         prompts = "custom" if isinstance(prompts, (list, tuple)) else prompts
-        n = report.get("num_eval_images")
-        for name, e in report.get("rewards", {}).items():
-            a = e.get("aligned", {})
-            if "mean" in a:
-                add(f"cdalign-prompts/{prompts}", f"{prompts} (held out, {n} images)", name, a["mean"],
-                    f"{name} (mean, raw)", "cdalign training report")
-        if report.get("kl"):
+        n = report.num_eval_images
+        for name, e in report.rewards.items():
+            add(f"cdalign-prompts/{prompts}", f"{prompts} (held out, {n} images)", name, e.aligned.mean,
+                f"{name} (mean, raw)", "cdalign training report")
+        if report.kl:
             add(f"cdalign-prompts/{prompts}", f"{prompts} (held out, {n} images)", "chain_kl",
-                report["kl"]["mean"], f"chain KL to base ({report['kl'].get('estimator')})", "cdalign training report")
+                report.kl.mean, f"chain KL to base ({report.kl.estimator})", "cdalign training report")
     if evaluation and checkpoint in evaluation.get("checkpoints", {}):
         e = evaluation["checkpoints"][checkpoint]
         src = evaluation.get("prompts", {}).get("source", "prompts")
@@ -291,27 +298,30 @@ def build_model_card(
     output_dir: str | os.PathLike,
     *,
     repo_id: str | None = None,
-    report: dict | None = None,
+    report: AlignmentReport | Mapping | None = None,
     config: dict | None = None,
     evaluation: dict | None = None,
     evaluation_checkpoint: str | None = None,
     license: str | None = None,
     template_path: str | os.PathLike | None = None,
 ):
-    """The :class:`huggingface_hub.ModelCard` of a run in ``output_dir``. ``report`` /
-    ``config`` default to the folder's ``report.json`` / ``config.yaml``; ``evaluation``
+    """The :class:`huggingface_hub.ModelCard` of a run in ``output_dir``. ``report`` (an
+    :class:`~cdalign.runs.report.AlignmentReport` or its JSON form) / ``config`` default to
+    the folder's ``report.json`` / ``config.yaml``; ``evaluation``
     is an ``evaluation.json`` dict whose entry ``evaluation_checkpoint`` (default: the
     first non-base checkpoint) describes this model."""
     from huggingface_hub import ModelCard, ModelCardData
 
 
     out = Path(output_dir)
-    if report is None and (out / "report.json").is_file():
-        report = json.loads((out / "report.json").read_text())
+    report = AlignmentReport.coerce(report)
+    if report is None and (out / REPORT_FILE).is_file():
+        report = AlignmentReport.read(out / REPORT_FILE)
     if config is None:
         config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
     config = config or {}
-    base_model = config.get("pretrained_model_name_or_path") or (report or {}).get("model") or "unknown"
+    run = report or AlignmentReport()  # no report: every field absent
+    base_model = config.get("pretrained_model_name_or_path") or run.model or "unknown"
     name = repo_id or out.resolve().name
     if evaluation is not None and evaluation_checkpoint is None:
         evaluation_checkpoint = next((k for k, v in evaluation.get("checkpoints", {}).items() if v.get("kind") != "base"), None)
@@ -346,11 +356,11 @@ def build_model_card(
         base_model_url=f"https://huggingface.co/{base_model}".replace(" ", "%20").replace(")", "%29"),
         objective_md=objective_md,
         objective_units=units,
-        constraints_table=constraints_table(report) if report and report.get("constraints") else "",
-        num_eval_images=(report or {}).get("num_eval_images", "n/a"),
+        constraints_table=constraints_table(run) if run.constraints else "",
+        num_eval_images="n/a" if run.num_eval_images is None else run.num_eval_images,
         eval_prompts_md=f"prompts: {md(prompts_label(prompts))}",
-        infeasible=", ".join(md(x) for x in (report or {}).get("infeasible", [])),
-        rewards_table=rewards_table(report) if report and report.get("rewards") else "",
+        infeasible=", ".join(md(x) for x in run.infeasible or []),
+        rewards_table=rewards_table(run) if run.rewards else "",
         metrics_table=metrics_table(report) if report else "",
         record_notes=record_notes(report, config),
         evaluation_table=comparison_table(evaluation) if evaluation else "",
@@ -363,8 +373,8 @@ def build_model_card(
                                          int(config.get("num_inference_steps") or 25),
                                          float(config.get("guidance_scale") or 5.0),
                                          config.get("resolution"), config.get("revision"),
-                                         (report or {}).get("pipeline_class") or "StableDiffusionPipeline",
-                                         (report or {}).get("pipeline_absent_components") or ()), "python"),
+                                         run.pipeline_class or "StableDiffusionPipeline",
+                                         run.pipeline_absent_components or ()), "python"),
         embedded_note=" ".join(
             ([f"`{md(base_model)}` ships inside the cdalign package, not as a Hub repo, hence "
               "`cdalign.load_pipeline` instead of `from_pretrained`."] if embedded else [])

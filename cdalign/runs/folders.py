@@ -54,8 +54,12 @@ class RunFolder:
         (neither overwriting nor resuming), when it holds an earlier run (``FileExistsError``
         naming what it found and the remedies)."""
         check_output_dir_writable(output_dir)  # a file, or a folder this process cannot write: refused
-        if not fresh:
-            return
+        if fresh:
+            self.refuse_earlier_run(output_dir)
+
+    def refuse_earlier_run(self, output_dir: str | os.PathLike) -> None:
+        """``FileExistsError`` when ``output_dir`` holds a marker or a ``checkpoint-N`` folder
+        of an earlier run of this kind (:func:`~cdalign.utils.files.check_no_previous_run`)."""
         markers = list(self.markers)
         if self.checkpoint_state is not None:
             markers += [p.name for p in list_checkpoints(output_dir)]
