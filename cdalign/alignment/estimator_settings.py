@@ -4,9 +4,11 @@ An estimator of :data:`~cdalign.alignment.estimators.ESTIMATORS` names its setti
 (``settings``); the class declares each setting once (type, default, ``help``, bounds) and
 the estimator lists their names in ``config_fields`` and checks how they fit the rest of
 the run in ``check_config``. :class:`~cdalign.alignment.config.ConstrainedDDPOConfig`
-carries them as flat fields built by :func:`estimator_field` from these declarations;
-another estimator's run refuses them (:mod:`cdalign.alignment.rules`), and ``--help``
-shows them in a group per estimator, in full only for the estimator the run uses.
+carries them as flat fields built by :func:`estimator_field` from these declarations (it
+repeats only the annotation, which tests/test_estimator_settings.py holds equal); another
+estimator's run refuses them (:mod:`cdalign.alignment.rules`), and ``--help`` shows them
+in a group per estimator, in full only for the estimator the run uses. A run's
+``config.yaml`` still lists every field, so that it reads back as the same config.
 
 Why flat keys owned by the estimator rather than nested sections (``reward_backprop:
 {steps: 4}``, like ``dual:``): the keys are what recipes, written ``config.yaml`` files,
