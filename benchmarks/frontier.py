@@ -76,7 +76,8 @@ def grid(quick: bool) -> tuple[dict[str, dict], dict[str, str]]:
 
 def resolved_config(name: str, spec: dict, out: Path, overrides: dict, eval_batches: int):
     """The recipe with this run's duals or thresholds, its folder and the shared evaluation."""
-    from cdalign.alignment.config import ConstraintSpec, DualSpec, load_config_file
+    from cdalign.alignment.config import load_config_file
+    from cdalign.alignment.specs import ConstraintSpec, DualSpec
 
     cfg = load_config_file(RECIPE)
     fields = {"output_dir": str(out / "runs" / name), "eval_batches": eval_batches, **overrides}

@@ -5,15 +5,9 @@ YAML/CLI configs) ← ``data`` ← ``models`` ← ``rewards`` ← ``publishing``
 ← ``alignment`` ← ``composition``. This module only gathers the public names."""
 
 from cdalign import composition  # noqa: F401  (registers the ``composed`` checkpoint kind)
-from cdalign.alignment.config import (
-    ConstrainedDDPOConfig,
-    ConstraintSpec,
-    DualSpec,
-    ObjectiveSpec,
-    load_config_file,
-    parse_config,
-)
+from cdalign.alignment.config import ConstrainedDDPOConfig, load_config_file, parse_config
 from cdalign.alignment.estimators import ESTIMATORS
+from cdalign.alignment.specs import ConstraintSpec, DualSpec, ObjectiveSpec
 from cdalign.alignment.trainer import ConstrainedDDPOTrainer, TrainingInterrupted
 from cdalign.core.duals import DUAL_OPTIMIZERS, NuPI, ProjectedGradientAscent
 from cdalign.core.kl import KL_ESTIMATORS

@@ -20,7 +20,7 @@ LAYERS = [
     (2, r"cdalign\.(data|models)(\..*)?"),
     (3, r"cdalign\.rewards(\..*)?"),
     (4, r"cdalign\.(publishing(\..*)?|evaluation\.scoring)"),
-    (5, r"cdalign\.alignment\.(config|estimators)"),
+    (5, r"cdalign\.alignment\.(specs|estimator_settings|estimators|rules|config)"),
     (6, r"cdalign\.evaluation(\..*)?"),
     (7, r"cdalign\.alignment(\..*)?"),
     (8, r"cdalign\.composition(\..*)?"),

@@ -32,16 +32,7 @@ from cdalign.alignment.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from cdalign.alignment.config import (
-    ConstrainedDDPOConfig,
-    check_mixed_precision,
-    check_output_dir_writable,
-    check_trackers_installed,
-    config_from_dict,
-    config_to_dict,
-    read_yaml_mapping,
-    save_config,
-)
+from cdalign.alignment.config import ConstrainedDDPOConfig, config_from_dict, config_to_dict, save_config
 from cdalign.alignment.estimators import ESTIMATORS, MicroBatch, RolloutEstimator, is_finite_batch
 from cdalign.alignment.normalization import compute_reward_statistics
 from cdalign.core.duals import InfeasibilityMonitor, build_dual_optimizer
@@ -66,6 +57,7 @@ from cdalign.core.statistics import met_label, paired_difference, summarize
 from cdalign.core.targets import ConfidenceTargets, target_of
 from cdalign.data.prompt_sets import load_prompts_with_source
 from cdalign.evaluation.scoring import EVAL_VALUES_FILE, AdaptedModel, BaseModel, save_eval_values, score_checkpoints
+from cdalign.fields import check_mixed_precision, check_output_dir_writable, check_trackers_installed, read_yaml_mapping
 from cdalign.models import distributed
 from cdalign.models.checkpointing import (
     atomic_write_text,

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from cdalign.alignment.config import check_mixed_precision, check_output_dir_writable
 from cdalign.alignment.config import parse_config as parse_align_config
 from cdalign.alignment.trainer import ConstrainedDDPOTrainer
 from cdalign.composition.components import (
@@ -48,6 +47,7 @@ from cdalign.evaluation.scoring import (
     LoadedCheckpoint,
     score_checkpoints,
 )
+from cdalign.fields import check_mixed_precision, check_output_dir_writable
 from cdalign.models.checkpointing import atomic_write_text
 from cdalign.models.lora import LORA_WEIGHT_NAME, is_local_source
 from cdalign.models.pipeline import load_pipeline, precision_dtype
