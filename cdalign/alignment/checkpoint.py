@@ -19,13 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cdalign.alignment.config import ConstrainedDDPOConfig, save_config
-from cdalign.models.checkpointing import (
-    atomic_directory,
-    copy_into_param,
-    optimizer_from_files,
-    optimizer_to_files,
-)
 from cdalign.models.lora import check_safetensors
+from cdalign.runs.atomic import atomic_directory
+from cdalign.runs.checkpoints import copy_into_param, optimizer_from_files, optimizer_to_files
 
 LORA_FILE = "lora.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"

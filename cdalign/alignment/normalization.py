@@ -15,12 +15,13 @@ from tqdm.auto import tqdm
 
 from cdalign.core.normalization import (
     MIN_NORMALIZATION_SAMPLES,
-    NormalizationCache,
     RewardStats,
     stats_from_samples,
 )
-from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
+from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import NORMALIZATION_BATCH, batch_share
+from cdalign.models.adapters import WithAdaptersDisabled
+from cdalign.runs.normalization_cache import NormalizationCache
 
 logger = logging.getLogger(__name__)
 
