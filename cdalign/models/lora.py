@@ -105,7 +105,7 @@ def add_lora_adapter(
     """Add a LoRA adapter ``adapter_name`` (peft ``LoraConfig``) to ``unet``. B starts at
     zero, so the adapted model starts as the base model; A's random init is drawn from
     ``seed`` on a forked CPU RNG (the global RNG is left as it was). The adapter's
-    parameters are :func:`~cdalign.core.sampling.adapter_parameters` ``(unet, adapter_name)``."""
+    parameters are :func:`~cdalign.models.adapters.adapter_parameters` ``(unet, adapter_name)``."""
     from peft import LoraConfig
 
     with torch.random.fork_rng(devices=[]):
