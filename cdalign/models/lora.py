@@ -18,6 +18,7 @@ from cdalign.core.families import denoiser_of, family_of_denoiser
 from cdalign.hub_access.downloads import download_file
 from cdalign.models.adapters import adapter_parameters
 from cdalign.runs.atomic import atomic_write
+from cdalign.runs.distributed import full_tensor
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
