@@ -37,6 +37,8 @@ class RewardModelNotFoundError(OSError):
 
 
 def _offline() -> bool:
+    """Whether reward files may come from the local cache only: ``HF_HUB_OFFLINE`` as set
+    now, or as huggingface_hub read it at import (cf. ``downloads.hub_offline``, the latter alone)."""
     value = os.environ.get("HF_HUB_OFFLINE", "")
     if value.strip().lower() in {"1", "true", "yes", "on"}:
         return True
