@@ -28,12 +28,12 @@ import torch
 from cdalign.composition.config import MixtureConfig, save_config
 from cdalign.composition.plotting import plot_weight_trajectory
 from cdalign.composition.simplex import SimplexDual
-from cdalign.composition.supports import SUPPORT_LABELERS, SupportLabeler
 from cdalign.core import seeding
 from cdalign.core.families import family_of, freeze_pipeline
 from cdalign.core.sampling import DiffusionSampler, encode_images
 from cdalign.core.seeding import derived_seed
 from cdalign.core.statistics import slack, summarize
+from cdalign.composition.supports import SUPPORT_LABELERS, SupportLabeler
 from cdalign.data.shapes import COLOR_NAMES, write_shapes_folder
 from cdalign.fields.checks import check_output_dir_writable
 from cdalign.models.adapters import set_unet_state
