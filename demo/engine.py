@@ -41,12 +41,13 @@ from cdalign.composition.plotting import plot_divergence_bars
 from cdalign.core.kl import KL_ESTIMATORS
 from cdalign.core.normalization import RewardStats
 from cdalign.core.problem import Constraint
-from cdalign.core.sampling import DiffusionSampler, set_unet_state
+from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import evaluation_items
 from cdalign.core.statistics import MET_MARKS, met_label, summarize
 from cdalign.data.prompt_sets import load_prompts
 from cdalign.evaluation.scoring import AdaptedModel, BaseModel, CheckpointScores, score_checkpoints
-from cdalign.models.hub_files import download_file
+from cdalign.hub_access.downloads import download_file
+from cdalign.models.adapters import set_unet_state
 from cdalign.models.lora import LORA_WEIGHT_NAME, check_safetensors, load_lora
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.cards import constraints_table, usage_snippet

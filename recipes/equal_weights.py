@@ -151,7 +151,8 @@ def comparison_grid(run_dir: Path, config, runs: dict[str, Path], path: Path) ->
     ``load_lora_weights`` and sampled by cdalign's sampler."""
     import torch
 
-    from cdalign.core.sampling import DiffusionSampler, set_unet_state
+    from cdalign.core.sampling import DiffusionSampler
+    from cdalign.models.adapters import set_unet_state
     from cdalign.core.seeding import evaluation_items
     from cdalign.data.prompt_sets import load_prompts
     from cdalign.models.lora import load_lora

@@ -340,27 +340,6 @@ def save_loss_curve(path: Path, panels: list[tuple[str, list[float]]]):
     plt.close(fig)
 
 
-def save_atomically(output_dir: Path, write) -> None:
-    """Call ``write(folder)`` on a fresh sibling folder, then swap it in for
-    ``output_dir``: a crash mid-save never leaves a half-written model behind."""
-    import shutil
-
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    write(staging)
-    if output_dir.exists():
-        old = output_dir.with_name(output_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        output_dir.rename(old)
-        staging.rename(output_dir)
-        shutil.rmtree(old)
-    else:
-        staging.rename(output_dir)
-
-
 def drop_load_paths(folder: Path) -> None:
     """Remove ``_name_or_path`` from every component config diffusers wrote under ``folder``:
     it is the path a component was loaded from on the training machine (a reused VAE, a
@@ -650,6 +629,8 @@ def main(config: PretrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from cdalign.runs.atomic import atomic_directory
+
     if config.architecture not in ARCHITECTURES:
         raise ValueError(f"architecture={config.architecture!r}: expected one of {sorted(ARCHITECTURES)}")
     if config.num_threads > 0:
@@ -668,7 +649,10 @@ def main(config: PretrainConfig):
             save_loss_curve(folder / "loss_curve.png", trained.loss_panels)
             (folder / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
 
-        save_atomically(Path(config.output_dir), write)
+        # written whole in a fresh sibling folder, then swapped in: a crash mid-save never
+        # leaves a half-written model behind
+        with atomic_directory(Path(config.output_dir)) as folder:
+            write(folder)
         print(json.dumps(log, indent=2))
 
 

@@ -19,18 +19,18 @@ from cdalign.composition.simplex import SimplexDual
 from cdalign.core import seeding
 from cdalign.core.duals import projected_ascent
 from cdalign.core.kl import ChainKLAccumulator
-from cdalign.core.normalization import model_fingerprint
 from cdalign.core.problem import Constraint
 from cdalign.core.sampling import (
     DDIMChain,
-    adapter_parameters,
     classifier_free_guidance,
     sample_latents,
 )
 from cdalign.core.statistics import constraint_decision, slack
+from cdalign.models.adapters import adapter_parameters, model_fingerprint
 from cdalign.models.lora import trainable_adapter
 from cdalign.models.pipeline import precision_dtype
-from cdalign.utils.files import atomic_write, atomic_write_text, check_no_previous_run
+from cdalign.runs.atomic import atomic_write, atomic_write_text
+from cdalign.utils.files import check_no_previous_run
 
 
 def sd_chain(steps=5):

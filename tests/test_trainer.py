@@ -83,7 +83,8 @@ def test_output_dir_holding_a_run_is_refused(trained, tmp_path):
 
 
 def test_reward_statistics_are_cached_and_reused_only_on_matching_key(tmp_path):
-    from cdalign.core.normalization import NormalizationCache, RewardStats
+    from cdalign.runs.normalization_cache import NormalizationCache
+    from cdalign.core.normalization import RewardStats
 
     cache = NormalizationCache(tmp_path)
     key = {"reward": "saturation", "model": "m", "sampler": {"num_inference_steps": 6}}

@@ -6,7 +6,7 @@ AdamW's state (``optimizer.safetensors`` + ``optimizer.json``), the trainer's ow
 resume). It holds no RNG state: every training draw is seeded from the run's seed and the
 micro-batch counter (cdalign.core.seeding), so the counters restore the draws.
 :func:`write_checkpoint` and :func:`read_checkpoint` are the pair; the folder is written
-atomically (cdalign.models.checkpointing)."""
+atomically (cdalign.runs.atomic, cdalign.runs.checkpoints)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cdalign.alignment.config import ConstrainedDDPOConfig, save_config
-from cdalign.models.checkpointing import (
-    atomic_directory,
-    copy_into_param,
-    optimizer_from_files,
-    optimizer_to_files,
-)
 from cdalign.models.lora import check_safetensors
+from cdalign.runs.atomic import atomic_directory
+from cdalign.runs.checkpoints import copy_into_param, optimizer_from_files, optimizer_to_files
 
 LORA_FILE = "lora.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -83,7 +79,7 @@ def write_checkpoint(
 ) -> Path:
     """Write checkpoint ``folder`` atomically (it replaces an older one only once complete).
     ``lora``: whole LoRA tensors by parameter name; ``optimizer_state``: a
-    :func:`~cdalign.models.checkpointing.gathered_optimizer_state` of ``optimizer``. Called
+    :func:`~cdalign.runs.checkpoints.gathered_optimizer_state` of ``optimizer``. Called
     by the main process only, after every process took part in gathering those two."""
     folder = Path(folder)
     with atomic_directory(folder) as tmp:

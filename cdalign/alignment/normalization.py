@@ -1,7 +1,7 @@
 """Reward statistics of the base model for reward normalisation (METHOD.md §1, "Reward
 normalisation"): each reward's mean and std on base-model samples of the training prompts,
-gathered over processes and cached by key (cdalign.core.normalization holds the formula
-and the cache)."""
+gathered over processes and cached by key (the formula: cdalign.core.normalization; the
+cache and its keys: cdalign.runs.normalization_cache, cdalign.runs.fingerprints)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from tqdm.auto import tqdm
 
 from cdalign.core.normalization import (
     MIN_NORMALIZATION_SAMPLES,
-    NormalizationCache,
     RewardStats,
     stats_from_samples,
 )
-from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
+from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import NORMALIZATION_BATCH, batch_share
+from cdalign.models.adapters import WithAdaptersDisabled
+from cdalign.runs.normalization_cache import NormalizationCache
 
 logger = logging.getLogger(__name__)
 

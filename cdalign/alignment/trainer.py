@@ -37,13 +37,7 @@ from cdalign.alignment.estimators import ESTIMATORS, MicroBatch, RolloutEstimato
 from cdalign.alignment.normalization import compute_reward_statistics
 from cdalign.core.duals import InfeasibilityMonitor, build_dual_optimizer
 from cdalign.core.families import denoiser_of, family_of, freeze_pipeline
-from cdalign.core.normalization import (
-    RewardStats,
-    callable_name,
-    model_fingerprint,
-    prompts_fingerprint,
-    reward_identity,
-)
+from cdalign.core.normalization import RewardStats
 from cdalign.core.problem import ConstrainedProblem
 from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import (
@@ -58,20 +52,11 @@ from cdalign.core.targets import ConfidenceTargets, target_of
 from cdalign.data.prompt_sets import load_prompts_with_source
 from cdalign.evaluation.scoring import EVAL_VALUES_FILE, AdaptedModel, BaseModel, save_eval_values, score_checkpoints
 from cdalign.fields import check_mixed_precision, check_output_dir_writable, check_trackers_installed, read_yaml_mapping
-from cdalign.models import distributed
-from cdalign.models.checkpointing import (
-    atomic_write_text,
-    gathered_optimizer_state,
-    list_checkpoints,
-    remove_stale_temporaries,
-    resolve_checkpoint,
-    rotate_checkpoints,
-)
+from cdalign.models.adapters import model_fingerprint
 from cdalign.models.lora import (
     LORA_WEIGHT_NAME,
     adapter_state_dict,
     add_lora_adapter,
-    full_tensor,
     save_adapter,
 )
 from cdalign.models.pipeline import load_pipeline_with_source, precision_dtype
@@ -80,6 +65,17 @@ from cdalign.publishing.hub import push_output_dir
 from cdalign.publishing.plotting import plot_duals, save_grid
 from cdalign.rewards import REWARDS
 from cdalign.rewards.metrics import EVAL_METRICS
+from cdalign.runs import distributed
+from cdalign.runs.atomic import atomic_write_text
+from cdalign.runs.checkpoints import (
+    gathered_optimizer_state,
+    list_checkpoints,
+    remove_stale_temporaries,
+    resolve_checkpoint,
+    rotate_checkpoints,
+)
+from cdalign.runs.distributed import full_tensor
+from cdalign.runs.fingerprints import callable_name, prompts_fingerprint, reward_identity
 from cdalign.utils.files import check_no_previous_run
 
 logger = logging.getLogger(__name__)

@@ -48,11 +48,11 @@ from cdalign.evaluation.scoring import (
     score_checkpoints,
 )
 from cdalign.fields import check_mixed_precision, check_output_dir_writable
-from cdalign.models.checkpointing import atomic_write_text
 from cdalign.models.lora import LORA_WEIGHT_NAME, is_local_source
 from cdalign.models.pipeline import load_pipeline, precision_dtype
 from cdalign.publishing.plotting import save_grid
 from cdalign.rewards import REWARDS
+from cdalign.runs.atomic import atomic_write_text
 from cdalign.utils.files import check_no_previous_run
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,8 @@ from cdalign.composition.config import ComposeConfig, save_config
 from cdalign.core.statistics import paired_difference, summarize
 from cdalign.publishing.plotting import save_grid
 from cdalign.publishing.tables import md
-from cdalign.utils.files import atomic_write_text, check_no_previous_run
+from cdalign.runs.atomic import atomic_write_text
+from cdalign.utils.files import check_no_previous_run
 
 MODELS = ("equal_weights", "constrained", "joint_prompt")
 LABELS = {"equal_weights": "equal weights", "constrained": "constrained", "joint_prompt": "joint prompt"}

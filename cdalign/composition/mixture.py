@@ -30,17 +30,19 @@ from cdalign.composition.plotting import plot_weight_trajectory
 from cdalign.composition.simplex import SimplexDual
 from cdalign.core import seeding
 from cdalign.core.families import family_of, freeze_pipeline
-from cdalign.core.sampling import DiffusionSampler, encode_images, set_unet_state
+from cdalign.core.sampling import DiffusionSampler, encode_images
 from cdalign.core.seeding import derived_seed
 from cdalign.core.statistics import slack, summarize
 from cdalign.composition.supports import SUPPORT_LABELERS, SupportLabeler
 from cdalign.data.shapes import COLOR_NAMES, write_shapes_folder
 from cdalign.fields.checks import check_output_dir_writable
+from cdalign.models.adapters import set_unet_state
 from cdalign.models.lora import LORA_WEIGHT_NAME, save_adapter, trainable_adapter
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.plotting import save_grid
 from cdalign.rewards.metrics import to_uint8
-from cdalign.utils.files import atomic_write_text, check_no_previous_run
+from cdalign.runs.atomic import atomic_write_text
+from cdalign.utils.files import check_no_previous_run
 
 ADAPTER = "mixture"
 

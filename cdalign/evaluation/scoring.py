@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 from cdalign.core.kl import ChainKLAccumulator, choose_kl_steps
 from cdalign.core.normalization import RewardStats
 from cdalign.core.problem import Constraint
-from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
-from cdalign.utils.files import atomic_write
+from cdalign.core.sampling import DiffusionSampler
+from cdalign.models.adapters import WithAdaptersDisabled
+from cdalign.runs.atomic import atomic_write
 
 Item = tuple[str, int]  # (prompt, image seed)
 

@@ -27,10 +27,10 @@ import yaml
 from cdalign.core.families import MODEL_FAMILIES
 from cdalign.core.normalization import MIN_NORMALIZATION_SAMPLES
 from cdalign.core.statistics import MET_MARKS, met_label
-from cdalign.models.checkpointing import atomic_write_text
 from cdalign.models.lora import is_local_source
 from cdalign.models.pipeline import EMBEDDED_MODELS
 from cdalign.publishing.tables import comparison_table, fence, md
+from cdalign.runs.atomic import atomic_write_text
 
 TEMPLATE_NAME = "cdalign_lora.md"
 TAGS = ["lora", "cdalign", "constrained-alignment", "diffusers", "text-to-image", "stable-diffusion"]
