@@ -226,7 +226,7 @@ def test_and_composition_end_to_end(lora_dirs, tmp_path):
     assert saved["pairwise_kl"]["a"]["a"] == pytest.approx(0.0, abs=1e-12) and saved["pairwise_kl"]["a"]["b"] > 0
     lo, hi = saved["rewards"]["a"]["constrained"]["ci95"]
     assert lo <= saved["rewards"]["a"]["constrained"]["mean"] <= hi
-    from cdalign.composition import kl_table, pairwise_table, reward_table
+    from cdalign.publishing.composition_tables import kl_table, pairwise_table, reward_table
 
     assert "| a (brightness) |" in reward_table(saved) and "| sampled alone" in pairwise_table(saved)
     assert "mean [95% CI] over 2 evaluation images" in kl_table(saved)

@@ -30,7 +30,7 @@ from cdalign.core.statistics import MET_MARKS, met_label
 from cdalign.models.checkpointing import atomic_write_text
 from cdalign.models.lora import is_local_source
 from cdalign.models.pipeline import EMBEDDED_MODELS
-from cdalign.publishing.tables import comparison_table, fence, md
+from cdalign.publishing.tables import comparison_table, fence, format_ci, md
 
 TEMPLATE_NAME = "cdalign_lora.md"
 TAGS = ["lora", "cdalign", "constrained-alignment", "diffusers", "text-to-image", "stable-diffusion"]
@@ -69,8 +69,7 @@ def yaml_safe(text: Any) -> str:
 def _ci(entry: dict | None, mean_key: str = "mean", ci_key: str = "ci95") -> str:
     if not entry or mean_key not in entry:
         return "n/a"
-    lo, hi = entry[ci_key]
-    return f"{entry[mean_key]:+.4g} [{lo:+.4g}, {hi:+.4g}]"
+    return format_ci(entry[mean_key], entry[ci_key], "+.4g")
 
 
 def _num(x) -> str:
