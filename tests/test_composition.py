@@ -242,16 +242,6 @@ def test_and_composition_end_to_end(lora_dirs, tmp_path):
         ConstrainedComposer(cfg)
 
 
-def test_recipe_cli_bad_input_exits_2(capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compose_recipe", "recipes/compose.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--dual.schedul", "constant"]) == 2
-    assert "did you mean --dual.schedule" in capsys.readouterr().err
-
-
 def test_missing_component_is_trained_with_the_align_recipe(tmp_path):
     from cdalign.composition import train_missing_components
 
