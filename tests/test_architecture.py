@@ -24,7 +24,8 @@ LAYERS = [
     (6, r"cdalign\.evaluation(\..*)?"),
     (7, r"cdalign\.alignment(\..*)?"),
     (8, r"cdalign\.composition(\..*)?"),
-    (9, r"cdalign|cdalign\.(config|trainer|pipeline|hub)"),  # the public names, and the old-path shims
+    (9, r"cdalign\.demo(\..*)?"),  # the demo's catalogue, engine, page and browser (demo/app.py wires them)
+    (10, r"cdalign|cdalign\.(config|trainer|pipeline|hub)"),  # the public names, and the old-path shims
 ]
 SHIMS = {"cdalign.config", "cdalign.trainer", "cdalign.pipeline", "cdalign.hub"}
 

@@ -205,13 +205,17 @@ class ConstrainedComposer:
         self.trajectory.append(log)
         return log
 
-    def fit(self, steps: int | None = None, progress: bool = True) -> torch.Tensor:
-        """Run the dual steps; returns the learned weights ω (n,)."""
+    def fit(self, steps: int | None = None, progress: bool = True,
+            on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Run the dual steps (``on_step(k, steps)`` before step k, e.g. to report progress);
+        returns the learned weights ω (n,)."""
         from tqdm.auto import tqdm
 
         n = self.config.dual.steps if steps is None else steps
         bar = tqdm(range(n), desc="dual ascent", disable=not (progress and self.accelerator.is_main_process))
-        for _ in bar:
+        for k in bar:
+            if on_step is not None:
+                on_step(k, n)
             log = self.dual_step()
             bar.set_postfix(max_kl=f"{log['max_kl']:.4g}", weights=" ".join(f"{w:.2f}" for w in log["new_weights"]))
         return self.dual.weights
@@ -376,29 +380,41 @@ class ConstrainedComposer:
         self.entries = entries  # with the per-image scores and images (``_scores``), for callers that pool runs
         return report
 
-    def _distill(self, learned, entries) -> dict:
-
+    def distill(self, weights, folder: str | Path, on_step: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
+        """Distil the composed model at ``weights`` into one LoRA (:class:`CompositionDistiller`,
+        ``config.distill``) saved in ``folder``, and score it on the evaluation items like every
+        model. ``on_step(k, steps)`` runs before step k (None: a progress bar). Returns (the
+        report's record: steps, seconds, the distance to ε_ω on the first evaluation items before
+        and after; the distilled model's entry: KL to each component and ``_scores``)."""
         cfg = self.config
-        distiller = self.distiller = CompositionDistiller(self.components, learned, self.prompts, cfg.distill, cfg.seed)
+        distiller = self.distiller = CompositionDistiller(self.components, weights, self.prompts, cfg.distill, cfg.seed)
         first = self._eval_items()[: cfg.dual.batch_size]
         eval_p, eval_s = [p for p, _ in first], [s for _, s in first]
         before = distiller.distance(eval_p, eval_s)
         t0 = time.time()
-        distiller.train(progress=self.accelerator.is_main_process)
+        if on_step is None:
+            distiller.train(progress=self.accelerator.is_main_process)
+        else:
+            for k in range(cfg.distill.steps):
+                on_step(k, cfg.distill.steps)
+                distiller.step()
         seconds = time.time() - t0
         after = distiller.distance(eval_p, eval_s)
         scores = self._score(DistilledModel(self.components), self._component_rewards())
-        entries["distilled"] = self._kl_entry("distilled LoRA", None, scores)
         if self.accelerator.is_main_process:
-            distiller.save(self.output_dir / "distilled")
-        return {
+            distiller.save(folder)
+        record = {
             "steps": distiller.global_step,
             "seconds": seconds,
             "distance_to_composed_before": before,
             "distance_to_composed_after": after,
-            "lora": f"distilled/{LORA_WEIGHT_NAME}",
-            "loss_history": [h["distill_loss"] for h in distiller.history],
         }
+        return record, self._kl_entry("distilled LoRA", None, scores)
+
+    def _distill(self, learned, entries) -> dict:
+        record, entries["distilled"] = self.distill(learned, self.output_dir / "distilled")
+        return {**record, "lora": f"distilled/{LORA_WEIGHT_NAME}",
+                "loss_history": [h["distill_loss"] for h in self.distiller.history]}
 
     def _write_outputs(self, report, entries, singles, learned):
 
