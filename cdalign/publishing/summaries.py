@@ -1,10 +1,14 @@
 """Plain-text and Markdown summaries of constrained runs: the verdict ``recipes/align.py``
-prints after training (:func:`summary_table`) and the equal-weights comparison of
-``recipes/equal_weights.py`` (:func:`equal_weights_table`). Pure functions of the plain
-``report.json`` / ``comparison.json`` dicts."""
+prints after training (:func:`summary_table`), the equal-weights comparison of
+``recipes/equal_weights.py`` (:func:`equal_weights_table`) and the frontier comparison of
+``benchmarks/frontier.py`` (:func:`frontier_table`). Pure functions of the plain
+``report.json`` / ``comparison.json`` / ``frontier.json`` dicts."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from cdalign.core.statistics import MET_MARKS, met_label
 from cdalign.publishing.tables import format_ci
 
 # The equal-weights baselines beside the constrained run (cdalign.evaluation.equal_weights),
@@ -85,3 +89,47 @@ def equal_weights_table(result: dict) -> str:
     lines.append(("Claim holds: " if result["claim_holds"] else "Claim does not hold: ") + "; ".join(result["reasons"]) + ".")
     return "\n".join(lines)
 
+
+def _fmt(entry: dict) -> str:
+    return format_ci(entry["mean"], entry["ci95"], "+.4g")
+
+
+def _met(c: dict) -> str:
+    return MET_MARKS[met_label(c)]
+
+
+def frontier_table(rows: Sequence[dict], num_images: int) -> str:
+    """Markdown of the frontier comparison (``benchmarks/frontier.py``; the rows of
+    :func:`cdalign.evaluation.frontier.compare_setting`): one block of rows per threshold setting
+    (constrained run, cheapest feasible fixed weight), then the paired KL difference and the
+    sweep count."""
+    lines = ["| setting | run | constraint values (✓ mean met, ✓✓ CI clears) | chain KL (nats) | its KL − constrained's (paired) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        th = ", ".join(f"{k} {'≥' if v['direction'] == 'high' else '≤'} {v['threshold']:+g}" for k, v in r["thresholds"].items())
+        c = r["constrained"]
+        vals = "; ".join(f"{_fmt(v)} {_met(v)} ({v['overshoot']:+.2f} past)" for v in c["constraints"].values())
+        lam = ", ".join(f"{v:.2f}" for v in c["duals"].values())
+        lines.append(f"| {r['setting']}: {th} | constrained (one run; final λ {lam}) | {vals} | {_fmt(c['kl'])} | – |")
+        for key, what, family in (("equal", "equal weight", r["sweep_runs"]), ("mean", "weight", r["fixed_runs"]),
+                                  ("ci", "weight with every CI clear", r["fixed_runs"])):
+            best = r[f"cheapest_feasible_{key}"]
+            if best is None:
+                lines.append(f"| | no {what} of {family} meets every threshold | | | |")
+                continue
+            w = ", ".join(f"{v:g}" for v in (best["weights"] or {}).values())
+            vals = "; ".join(f"{_fmt(v)} {_met(v)} ({v['overshoot']:+.2f} past)" for v in best["constraints"].values())
+            d = best["kl_difference"]
+            lines.append(f"| | cheapest feasible {what}, λ = ({w}) | {vals} | {_fmt(best['kl'])} | "
+                         f"{format_ci(-d['mean'], [-d['ci95'][1], -d['ci95'][0]], '+.4f')}: constrained is {d['verdict']} |")
+        lines.append(f"| | verdict | one constrained run {'meets' if r['constrained']['feasible'] else 'MISSES'} every "
+                     f"threshold; KL no larger than the cheapest feasible weight's: "
+                     f"{'yes' if r['claim_holds'] else 'NO'}; than the cheapest feasible equal weight's: "
+                     f"{'yes' if r['claim_holds_vs_equal_weights'] else 'NO'} | | |")
+        k = r["sweep_runs_to_first_feasible"]
+        lines.append(f"| | sweep | {len(r['feasible_fixed'])} of {r['fixed_runs']} fixed weights feasible; an ascending "
+                     f"equal-weight sweep finds its first after {k if k else 'none of'} {'' if k else str(r['sweep_runs']) + ' '}run(s) | | |")
+    lines += ["", f"Means with 95% CIs over the same {num_images} held-out images for every run (same prompts and "
+              "seeds); the KL difference is paired over those images (fixed − constrained: positive means the fixed "
+              "weight pays more KL)."]
+    return "\n".join(lines)
