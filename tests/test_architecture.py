@@ -25,7 +25,8 @@ LAYERS = [
     (8, r"cdalign\.evaluation(\..*)?"),
     (9, r"cdalign\.alignment(\..*)?"),
     (10, r"cdalign\.composition(\..*)?"),
-    (11, r"cdalign|cdalign\.(config|trainer|pipeline|hub)"),  # the public names, and the old-path shims
+    (11, r"cdalign\.demo(\..*)?"),  # the demo's catalogue, engine, page and browser (demo/app.py wires them)
+    (12, r"cdalign|cdalign\.(config|trainer|pipeline|hub)"),  # the public names, and the old-path shims
 ]
 # The one pair of folders that import each other, by design: evaluation/scoring.py (layer 6)
 # sits below alignment/config.py (7), which the harness (evaluation/, 8) reads, below the
