@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install align compare test test-fast bench bench-step demo
+.PHONY: install align compare test test-fast bench bench-step demo docs
 
 # torch first, pinned: an unpinned torch (or a package wanting a newer one) pulls a multi-GB CUDA build.
 install:
@@ -31,3 +31,7 @@ bench:
 # cdalign's rows alone (minutes).
 bench-step:
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_step.py
+
+# Regenerate docs/reference/config.md from the config fields' help (tests/test_docs.py fails while it is stale).
+docs:
+	$(PYTHON) docs/gen_config_reference.py

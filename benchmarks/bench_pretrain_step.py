@@ -1,5 +1,5 @@
 """One pretraining step of the tiny flow transformer (recipes/pretrain_tiny.py, architecture
-sd3): forward and backward on the pipeline's full prompt embedding (77 CLIP + 256 zero T5 tokens)
+sd3; cdalign.models.pretraining_sd3): forward and backward on the pipeline's full prompt embedding (77 CLIP + 256 zero T5 tokens)
 against one zero token weighted 256 in attention (RepeatedContextTokenAttention). Prints a table.
 
     python benchmarks/bench_pretrain_step.py [--threads 1] [--batch_size 16] [--repeats 5]
@@ -9,23 +9,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_recipe():
-    """recipes/pretrain_tiny.py, loaded by path (recipes/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("pretrain_tiny", ROOT / "recipes" / "pretrain_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def seconds_per_step(model, x, embeds, pooled, t, repeats: int) -> float:
@@ -49,9 +35,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     from diffusers import StableDiffusion3Pipeline
 
+    from cdalign.models.pretraining_sd3 import RepeatedContextTokenAttention, t5_placeholder_tokens
     from cdalign.models.tiny_pretrained import build_untrained_sd3_components
 
-    recipe = load_recipe()
     pipe = StableDiffusion3Pipeline(text_encoder_3=None, tokenizer_3=None, **build_untrained_sd3_components(seed=0, patch_size=1))
     captions = ["a large red square on a white background"] * args.batch_size
     full, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False)
@@ -60,7 +46,7 @@ def main(argv=None):
     x = torch.randn(args.batch_size, 4, 16, 16, generator=generator)
     t = 1000 * torch.rand(args.batch_size, generator=generator)
     collapsed = copy.deepcopy(pipe.transformer)
-    collapsed.set_attn_processor(recipe.RepeatedContextTokenAttention(recipe.t5_placeholder_tokens(pipe)))
+    collapsed.set_attn_processor(RepeatedContextTokenAttention(t5_placeholder_tokens(pipe)))
     rows = [
         ("diffusers' processors, 77 + 256 context tokens", seconds_per_step(pipe.transformer, x, full, pooled, t, args.repeats)),
         ("RepeatedContextTokenAttention, 77 + 1 tokens", seconds_per_step(collapsed, x, short, pooled, t, args.repeats)),

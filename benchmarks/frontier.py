@@ -18,7 +18,9 @@ images of the 12 held-out captions, same seeds), and each image's values are kep
 ``--workers`` processes of one thread each (on this 2-core CPU two one-thread processes are
 ~3x faster than one two-thread process, docs/FACTS). A run whose resolved config is unchanged
 and finished is reused; any other is retrained (its folder replaced). Writes ``frontier.md``,
-``frontier.json``, ``frontier_plane.png`` and ``frontier_kl.png`` in ``--out``."""
+``frontier.json``, ``frontier_plane.png`` and ``frontier_kl.png`` in ``--out``. The runs and
+the comparison are :mod:`cdalign.evaluation.frontier`; the table
+:func:`cdalign.publishing.summaries.frontier_table`."""
 
 from __future__ import annotations
 
@@ -32,88 +34,23 @@ import sys
 import time
 from pathlib import Path
 
+from cdalign.evaluation.frontier import (
+    QUICK,
+    SETTINGS,
+    X,
+    Y,
+    Setting,
+    compare_setting,
+    grid,
+    is_reusable,
+    load_point,
+    plot_frontier,
+    resolved_config,
+)
+from cdalign.publishing.summaries import frontier_table
+
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "tiny" / "multi_reward.yaml"
 ALIGN = ROOT / "recipes" / "align.py"
-X, Y = "colorfulness_high", "brightness_high"  # the recipe's two constraints, in its order
-
-# Equal weights: from "misses both" to "overshoots both" (λ=0.5 is the recipe's dual.init).
-EQUAL = (0.05, 0.15, 0.5, 1.5, 4.0)
-# Unequal (λ_colorfulness, λ_brightness): one leaning on each reward.
-UNEQUAL = ((0.05, 0.5), (0.5, 0.05))
-# Threshold settings (colorfulness ≥ a, brightness ≥ b), in base-model std.
-SETTINGS = {
-    "default": (0.75, 0.35),   # the main job's
-    "uneven": (0.25, 0.5),     # colour easy, brightness hard: no equal weight reaches brightness +0.5σ (colour outpulls it)
-    "colour_first": (1.5, 0.0),  # colour hard, brightness only guarded (vivid colour darkens)
-}
-CONFIDENCE = 0.95
-QUICK = {"equal": (0.5, 1.5), "unequal": (), "settings": ("default",),
-         "overrides": {"max_steps": 2, "eval_batches": 2, "normalization_batches": 2, "num_grid_images": 0}}
-
-
-def _weights_name(lam: tuple[float, float]) -> str:
-    return "fixed_" + "_".join(f"{v:g}" for v in lam)
-
-
-def grid(quick: bool) -> tuple[dict[str, dict], dict[str, str]]:
-    """``{run name: config overrides}`` and ``{setting: constrained run name}``."""
-    equal = QUICK["equal"] if quick else EQUAL
-    unequal = QUICK["unequal"] if quick else UNEQUAL
-    settings = {k: SETTINGS[k] for k in QUICK["settings"]} if quick else SETTINGS
-    runs: dict[str, dict] = {}
-    for lam in [(v, v) for v in equal] + list(unequal):
-        runs[_weights_name(lam)] = {"dual": {"freeze": True, "init": list(lam), "warmup_steps": 0}, "weights": lam}
-    constrained_of = {}
-    for s, (a, b) in settings.items():
-        name = f"constrained_{s}"
-        runs[name] = {"constraints": [
-            {"reward": "colorfulness", "direction": "high", "threshold": a, "normalize": True, "confidence": CONFIDENCE},
-            {"reward": "brightness", "direction": "high", "threshold": b, "normalize": True, "confidence": CONFIDENCE}]}
-        constrained_of[s] = name
-    return runs, constrained_of
-
-
-def resolved_config(name: str, spec: dict, out: Path, overrides: dict, eval_batches: int):
-    """The recipe with this run's duals or thresholds, its folder and the shared evaluation."""
-    from cdalign.alignment.config import ConstraintSpec, DualSpec, load_config_file
-
-    cfg = load_config_file(RECIPE)
-    fields = {"output_dir": str(out / "runs" / name), "eval_batches": eval_batches, **overrides}
-    if "dual" in spec:
-        # A frozen λ makes the gains and the thresholds inert: the weighted runs' configs name
-        # the library's defaults and no confidence, so tuning the recipe's duals or targets
-        # leaves these runs reusable.
-        fields["dual"] = DualSpec(**spec["dual"])
-        fields["constraints"] = [dataclasses.replace(c, confidence=None, margin=None) for c in cfg.constraints]
-    if "constraints" in spec:
-        fields["constraints"] = [ConstraintSpec(**c) for c in spec["constraints"]]
-    cfg = dataclasses.replace(cfg, **fields)
-    cfg.validate()
-    return cfg
-
-
-def _comparable(cfg) -> dict:
-    from cdalign.alignment.config import config_to_dict
-
-    d = config_to_dict(cfg)
-    for k in ("overwrite_output_dir", "resume_from_checkpoint"):
-        d.pop(k, None)
-    return d
-
-
-def is_reusable(cfg) -> bool:
-    """A finished run (report.json and its per-image values) whose saved config is this one."""
-    from cdalign.alignment.config import load_config_file
-    from cdalign.evaluation.scoring import EVAL_VALUES_FILE
-
-    run = Path(cfg.output_dir)
-    if not all((run / f).is_file() for f in ("report.json", "config.yaml", EVAL_VALUES_FILE)):
-        return False
-    try:
-        return _comparable(load_config_file(run / "config.yaml")) == _comparable(cfg)
-    except (ValueError, OSError):
-        return False
 
 
 def train(name: str, cfg, out: Path, threads: int) -> tuple[str, float]:
@@ -133,12 +70,6 @@ def train(name: str, cfg, out: Path, threads: int) -> tuple[str, float]:
     if rc != 0:
         raise RuntimeError(f"run {name!r} failed (exit {rc}); its log: {log}")
     return name, time.time() - start
-
-
-def load_point(name: str, cfg, weights):
-    from cdalign.evaluation.frontier import RunPoint
-
-    return RunPoint.from_run(name, cfg.output_dir, weights)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"not every run is finished ({', '.join(missing)}); rerun without --only to train them", file=sys.stderr)
         return 0 if args.only else 1
-
-    from cdalign.evaluation.frontier import Setting, compare_setting, frontier_table, plot_frontier
 
     points, reports = {}, {}
     for n in runs:

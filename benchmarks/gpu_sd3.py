@@ -259,7 +259,7 @@ def measure(shape: dict, device: str, t5: bool = False, on_row=None) -> dict:
                     if not _is_oom(err):
                         raise
                     row.update(oom=True, peak_gpu_gib=_peak_gib(device))
-                del trainer
+                trainer = None  # frees it before the next row (not `del`: the lambdas above name it)
             res["rows"].append(row)
             _log(row)
             if on_row:

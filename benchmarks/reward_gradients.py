@@ -34,7 +34,7 @@ def main(argv=None) -> None:
 
     from cdalign.alignment.estimators import score
     from cdalign.core.sampling import DiffusionSampler
-    from cdalign.core.seeding import batch_share
+    from cdalign.core.seeding import TRAIN_BATCH, batch_share
     from cdalign.data.prompt_sets import load_prompts
     from cdalign.models.pipeline import load_pipeline
     from cdalign.rewards import REWARDS as REGISTRY
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     # raw rewards: normalising by the base σ rescales a gradient but does not turn it
     images_ng, grads, dark_share = [], {n: [] for n in rewards}, {n: [] for n in rewards}
     for b in range(args.batches):
-        batch_prompts, seeds, _ = batch_share(args.seed, 0, b, prompts, args.batch_size)
+        batch_prompts, seeds, _ = batch_share(args.seed, TRAIN_BATCH, b, prompts, args.batch_size)
         images = sampler.sample(sampler.guided(batch_prompts), seeds, grad_steps=set(range(T - K, T)))
         images_ng.append((images.detach(), batch_prompts))
         raw, _ = score(images, batch_prompts, list(rewards), rewards, {})

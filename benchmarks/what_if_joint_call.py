@@ -46,7 +46,8 @@ def main():
     torch.set_num_threads(args.threads)
     from peft import LoraConfig
 
-    from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
+    from cdalign.core.sampling import DiffusionSampler
+    from cdalign.models.adapters import WithAdaptersDisabled
     from cdalign.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=0)

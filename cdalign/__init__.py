@@ -1,19 +1,14 @@
 """cdalign: constrained alignment and composition of diffusion models (arXiv 2508.19104).
 
-Layout (docs/ARCHITECTURE.md): ``core`` (the math of METHOD.md) ← ``fields`` (typed
-YAML/CLI configs) ← ``data`` ← ``models`` ← ``rewards`` ← ``publishing`` ← ``evaluation``
-← ``alignment`` ← ``composition``. This module only gathers the public names."""
+Layout (docs/ARCHITECTURE.md): ``fields`` (typed YAML/CLI configs) and ``hub_access``
+(Hub reads) ← ``core`` (the math of METHOD.md) ← ``runs`` (run infrastructure) ← ``data``
+← ``models`` ← ``rewards`` ← ``publishing`` ← ``evaluation`` ← ``alignment`` ←
+``composition``. This module only gathers the public names."""
 
 from cdalign import composition  # noqa: F401  (registers the ``composed`` checkpoint kind)
-from cdalign.alignment.config import (
-    ConstrainedDDPOConfig,
-    ConstraintSpec,
-    DualSpec,
-    ObjectiveSpec,
-    load_config_file,
-    parse_config,
-)
+from cdalign.alignment.config import ConstrainedDDPOConfig, load_config_file, parse_config
 from cdalign.alignment.estimators import ESTIMATORS
+from cdalign.alignment.specs import ConstraintSpec, DualSpec, ObjectiveSpec
 from cdalign.alignment.trainer import ConstrainedDDPOTrainer
 from cdalign.core.duals import DUAL_OPTIMIZERS, NuPI, ProjectedGradientAscent
 from cdalign.core.kl import KL_ESTIMATORS

@@ -15,7 +15,7 @@ from pathlib import Path
 
 DEMO = Path(__file__).resolve().parent
 ROOT = DEMO.parent
-FILES = ("app.py", "engine.py", "README.md", "requirements.txt", "screenshot.png")
+FILES = ("app.py", "README.md", "requirements.txt", "screenshot.png")  # the rest is cdalign.demo, in the wheel
 WHEEL_LINE = re.compile(r"^\./wheels/(?P<file>[^\s\[]+\.whl)(?P<extras>\[[^\]]*\])?\s*$", re.M)
 
 

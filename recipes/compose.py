@@ -27,16 +27,9 @@ DEFAULT_RECIPE = Path(__file__).resolve().parent / "compose" / "tiny_adapters.ya
 def run_and(config) -> dict:
     from accelerate import Accelerator
 
-    from cdalign.composition import (
-        ConstrainedComposer,
-        concept_table,
-        kl_table,
-        pairwise_table,
-        reward_table,
-        run_concept_sets,
-        train_missing_components,
-    )
+    from cdalign.composition import ConstrainedComposer, run_concept_sets, train_missing_components
     from cdalign.composition.composer import check_composition_inputs
+    from cdalign.publishing.composition_tables import concept_table, kl_table, pairwise_table, reward_table
 
     check_composition_inputs(config)  # bad input fails before any component trains
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
@@ -75,12 +68,8 @@ DEMO_DATA = "outputs/compose-or-shapes"
 
 
 def run_or(config) -> dict:
-    from cdalign.composition.mixture import (
-        MixtureTrainer,
-        loss_table,
-        mass_table,
-        write_demo_shapes_datasets,
-    )
+    from cdalign.composition.mixture import MixtureTrainer, write_demo_shapes_datasets
+    from cdalign.publishing.composition_tables import loss_table, mass_table
 
     demo = [f"{DEMO_DATA}/narrow", f"{DEMO_DATA}/broad"]
     if [d.path for d in config.datasets] == demo and not any(Path(p).exists() for p in demo):

@@ -160,7 +160,7 @@ def test_output_dir_that_is_not_writable_is_refused_naming_it(tmp_path, no_model
 def test_tracker_that_is_not_installed_is_refused_naming_the_package(tmp_path, no_model_load):
     import importlib.util
 
-    from cdalign.alignment.config import TRACKER_PACKAGES
+    from cdalign.fields import TRACKER_PACKAGES
 
     missing = [n for n, (modules, _) in TRACKER_PACKAGES.items() if not any(importlib.util.find_spec(m) for m in modules)]
     if not missing:

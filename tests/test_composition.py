@@ -226,7 +226,7 @@ def test_and_composition_end_to_end(lora_dirs, tmp_path):
     assert saved["pairwise_kl"]["a"]["a"] == pytest.approx(0.0, abs=1e-12) and saved["pairwise_kl"]["a"]["b"] > 0
     lo, hi = saved["rewards"]["a"]["constrained"]["ci95"]
     assert lo <= saved["rewards"]["a"]["constrained"]["mean"] <= hi
-    from cdalign.composition import kl_table, pairwise_table, reward_table
+    from cdalign.publishing.composition_tables import kl_table, pairwise_table, reward_table
 
     assert "| a (brightness) |" in reward_table(saved) and "| sampled alone" in pairwise_table(saved)
     assert "mean [95% CI] over 2 evaluation images" in kl_table(saved)
@@ -240,16 +240,6 @@ def test_and_composition_end_to_end(lora_dirs, tmp_path):
     pipe.load_lora_weights(str(out / "distilled"), adapter_name="distilled")
     with pytest.raises(FileExistsError, match="overwrite_output_dir"):
         ConstrainedComposer(cfg)
-
-
-def test_recipe_cli_bad_input_exits_2(capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compose_recipe", "recipes/compose.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--dual.schedul", "constant"]) == 2
-    assert "did you mean --dual.schedule" in capsys.readouterr().err
 
 
 def test_missing_component_is_trained_with_the_align_recipe(tmp_path):

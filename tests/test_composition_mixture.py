@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cdalign.composition.config import config_from_dict
-from cdalign.composition.mixture import MixtureTrainer, load_image_dataset, loss_table
+from cdalign.composition.mixture import MixtureTrainer, load_image_dataset
+from cdalign.publishing.composition_tables import loss_table
 
 
 def make_colour_folder(path, rgb, caption, n=4, noise=0.0, seed=0):

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 import cdalign
-from cdalign.composition import concept_table, pairwise_table, reward_table, run_concept_sets
+from cdalign.composition import run_concept_sets
 from cdalign.composition.config import config_from_dict, parse_config
 from cdalign.composition.mixture import (
     MixtureTrainer,
     dataset_support,
-    mass_table,
     support_masses,
     write_demo_shapes_datasets,
 )
 from cdalign.composition.supports import SUPPORT_LABELERS
+from cdalign.publishing.composition_tables import concept_table, mass_table, pairwise_table, reward_table
 from cdalign.data.shapes import (
     BACKGROUND_NAMES,
     COLOR_NAMES,

@@ -4,22 +4,23 @@ typed conversion, and validation errors that name the field and the fix."""
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 
 from cdalign.alignment import config as config_module
+from cdalign.alignment import rules as rules_module
+from cdalign.alignment import specs as specs_module
 from cdalign.alignment.config import (
     ConstrainedDDPOConfig,
-    ConstraintSpec,
-    DualSpec,
-    ObjectiveSpec,
     config_from_dict,
     config_to_dict,
     load_config_file,
     parse_config,
     save_config,
 )
+from cdalign.alignment.specs import ConstraintSpec, DualSpec, ObjectiveSpec
 
 KNOWN_REWARDS = ["brightness", "colorfulness", "local_contrast", "mps", "saturation"]
 
@@ -27,7 +28,7 @@ KNOWN_REWARDS = ["brightness", "colorfulness", "local_contrast", "mps", "saturat
 @pytest.fixture(autouse=True)
 def known_rewards(monkeypatch):
     """Validate reward names against a fixed list, independent of cdalign.rewards."""
-    monkeypatch.setattr(config_module, "_known_rewards", lambda: list(KNOWN_REWARDS))
+    monkeypatch.setattr(rules_module, "_known_rewards", lambda: list(KNOWN_REWARDS))
 
 
 def paper_dict() -> dict:
@@ -166,7 +167,7 @@ def test_reward_names_come_from_the_reward_registry(monkeypatch):
     monkeypatch.undo()
     from cdalign.rewards import available_rewards
 
-    assert config_module._known_rewards() == list(available_rewards())
+    assert rules_module._known_rewards() == list(available_rewards())
 
 
 # -- validation errors -------------------------------------------------------------------
@@ -602,21 +603,48 @@ def test_help_shows_the_default_recipes_values_and_names_it(tmp_path, capsys, mo
     assert "--logging_steps LOGGING_STEPS Log metrics every this many optimiser steps. [int; default: 1]" in text
 
 
+def test_help_shows_the_settings_of_the_runs_estimator_in_full_and_lists_the_others(capsys):
+    backprop_help = "K for 'fixed'; the upper bound of K for 'uniform'."
+    ppo_help = "policy_gradient: inner epochs over each round's samples"
+    text = _help(capsys, parse_config, ["--help"])
+    assert backprop_help in text and ppo_help not in text
+    assert "estimator policy_gradient: Settings of estimator policy_gradient, not used by this run" in text
+    assert "--ppo_epochs, --ppo_updates_per_epoch" in text
+    text = _help(capsys, parse_config, ["--estimator", "policy_gradient", "--help"])
+    assert ppo_help in text and backprop_help not in text
+    assert "Flags: --backprop_strategy, --backprop_steps" in text
+
+
+def test_help_follows_the_recipes_estimator(capsys):
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny" / "policy_gradient.yaml"
+    text = _help(capsys, parse_config, ["--config", str(recipe), "--help"])
+    assert "policy_gradient: inner epochs over each round's samples" in text
+    assert "not used by this run (estimator: policy_gradient)" in text
+
+
+def test_another_estimators_flags_are_accepted_and_refused_by_the_rule():
+    with pytest.raises(ValueError, match=r"ppo_epochs: 2 is only used by estimator: policy_gradient"):
+        parse_config(["--config", str(Path(__file__).parents[1] / "recipes" / "tiny" / "multi_reward.yaml"),
+                      "--ppo_epochs", "2"])
+
+
 def test_help_with_a_config_shows_that_recipes_values(tmp_path, capsys):
     recipe = write_yaml(tmp_path, with_changes(max_steps=7), name="other.yaml")
     text = _help(capsys, parse_config, ["--config", str(recipe), "--help"])
     assert "default: 7 (from " in text and "other.yaml)]" in text
 
 
-def test_align_recipe_help_shows_the_default_recipe(capsys):
-    import importlib.util
+def test_align_recipe_help_shows_the_default_recipe():
+    import subprocess
+    import sys
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("align_recipe", Path(__file__).parents[1] / "recipes" / "align.py")
-    align = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(align)
-    steps = load_config_file(align.DEFAULT_RECIPE).max_steps
-    text = _help(capsys, align.main, ["--help"])
+    root = Path(__file__).parents[1]
+    steps = load_config_file(root / "recipes" / "tiny" / "multi_reward.yaml").max_steps
+    done = subprocess.run([sys.executable, str(root / "recipes" / "align.py"), "--help"], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    text = " ".join(done.stdout.split())
+    assert done.returncode == 0, done.stderr[-2000:]
     assert f"default: {steps} (from " in text and "multi_reward.yaml)" in text
 
 
@@ -706,9 +734,11 @@ def test_old_import_paths_keep_every_public_name():
 
     for name in config_module.__all__:
         assert getattr(cdalign.config, name) is getattr(config_module, name)
+    for name in ("ObjectiveSpec", "ConstraintSpec", "DualSpec"):
+        assert getattr(cdalign.config, name) is getattr(specs_module, name)
     for name in ("ConfigFields", "dataclass_from_dict", "check_fields", "read_yaml_mapping", "not_allowed",
                  "check_output_dir_writable", "check_trackers_installed", "check_mixed_precision"):
-        assert getattr(config_module, name) is getattr(cdalign.fields, name)
+        assert getattr(cdalign.config, name) is getattr(cdalign.fields, name)
 
 
 def test_build_parser_defaults_to_the_alignment_config():
@@ -740,10 +770,10 @@ def test_unknown_compose_key_gets_a_did_you_mean():
 
 
 def test_a_field_without_a_default_is_required_in_a_mapping():
-    from cdalign.fields import dataclass_from_dict
+    from cdalign.fields import ConfigFields, dataclass_from_dict
 
     @dataclasses.dataclass
-    class Item(config_module.ConfigFields):
+    class Item(ConfigFields):
         name: str = dataclasses.field(metadata={"help": "A name."})
         size: int = dataclasses.field(default=1, metadata={"help": "A size.", "ge": 1})
 

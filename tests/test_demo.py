@@ -1,10 +1,12 @@
-"""The Space demo (demo/): launched on 127.0.0.1 and driven end to end with gradio_client on
-the embedded tiny model at 32 px; unsafe input refused with its sentence; concurrent
-requests kept apart; the constrained weights equal cdalign.composition's; a real headless
-Chromium renders a generation."""
+"""The Space demo (cdalign.demo, served by demo/app.py): launched on 127.0.0.1 and driven end
+to end with gradio_client on the embedded tiny model at 32 px; unsafe input refused with its
+sentence; concurrent requests kept apart; the constrained weights equal cdalign.composition's;
+a real headless Chromium renders a generation; the Space folder builds."""
 
 import json
+import re
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -17,18 +19,19 @@ import yaml
 gr = pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
 gradio_client = pytest.importorskip("gradio_client")
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "demo"
-sys.path.insert(0, str(DEMO))
-
-import app as demo_app  # noqa: E402  (demo/ is a Space folder, not a package)
-import build_space  # noqa: E402
-import screenshot  # noqa: E402
-from engine import SHIPPED_DIR, DemoEngine, Limits  # noqa: E402
-
 from cdalign.composition import ComponentSpec, ComposeConfig, ConstrainedComposer, DualAscentSpec  # noqa: E402
 from cdalign.core.problem import Constraint  # noqa: E402
+from cdalign.demo import browser  # noqa: E402
+from cdalign.demo.catalog import Limits  # noqa: E402
+from cdalign.demo.engine import DemoEngine  # noqa: E402
+from cdalign.demo.page import build_demo  # noqa: E402
 from cdalign.models.pipeline import load_pipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "demo"
+SHIPPED_DIR = DEMO / "loras"
+# demo/requirements.txt installs cdalign from the wheel demo/build_space.py puts beside it.
+WHEEL_LINE = re.compile(r"^\./wheels/(?P<file>[^\s\[]+\.whl)(?P<extras>\[[^\]]*\])?\s*$", re.M)
 
 PROMPT = "a purple circle on a black background"
 FAST = dict(seed=0, steps=4, images=2)  # 32 px, 4 DDIM steps, 2 images: about a second per model
@@ -57,9 +60,9 @@ def runs_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(runs_dir):
-    engine = DemoEngine(resolution=32, runs_dir=runs_dir)
-    demo = demo_app.build_demo(engine)
-    port = screenshot.free_port()
+    engine = DemoEngine(resolution=32, runs_dir=runs_dir, shipped_dir=SHIPPED_DIR, display_root=ROOT)  # as demo/app.py
+    demo = build_demo(engine)
+    port = browser.free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
     yield engine, demo, client
@@ -292,16 +295,16 @@ def test_space_front_matter_pins_the_gradio_the_extra_installs():
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["demo"]
     assert f"gradio=={front['sdk_version']}" in extra
     requirements = (DEMO / "requirements.txt").read_text()
-    assert "torch==" in requirements and build_space.wheel_named_in_requirements(requirements).startswith("cdalign-")
+    assert "torch==" in requirements and WHEEL_LINE.search(requirements).group("file").startswith("cdalign-")
 
 
 @pytest.mark.slow
 def test_a_headless_browser_renders_a_generation(served, tmp_path):
-    binary = screenshot.find_chromium()
+    binary = browser.find_chromium()
     if binary is None:
         pytest.skip("headless Chromium is not installed (Debian package `chromium`; .ci/run installs it where it can)")
     _, demo, _ = served
-    shot = screenshot.capture(demo.local_url + "?example=3", binary=binary, timeout=180)
+    shot = browser.capture(demo.local_url + "?example=3", binary=binary, timeout=180)
     (tmp_path / "page.png").write_bytes(shot.png)
     assert shot.rendered["errors"] == 0
     assert shot.rendered["base-gallery"] == shot.rendered["aligned-gallery"] == 4
@@ -316,15 +319,21 @@ def test_a_headless_browser_renders_a_generation(served, tmp_path):
 def test_the_space_folder_installs_cdalign_from_the_wheel_it_ships(tmp_path):
     import zipfile
 
-    wheel = build_space.build(tmp_path / "space")
-    assert {p.name for p in (tmp_path / "space").iterdir()} >= {"app.py", "engine.py", "README.md", "requirements.txt",
-                                                              "loras", "wheels"}
+    def build(out):
+        return subprocess.run([sys.executable, str(DEMO / "build_space.py"), "--out", str(out)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+
+    done = build(tmp_path / "space")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name for p in (tmp_path / "space").iterdir()} >= {"app.py", "README.md", "requirements.txt", "loras", "wheels"}
+    [wheel] = (tmp_path / "space" / "wheels").glob("cdalign-*.whl")
     requirements = (tmp_path / "space" / "requirements.txt").read_text()
     assert f"./wheels/{wheel.name}[demo]" in requirements.splitlines()
     names = zipfile.ZipFile(wheel).namelist()
     assert "cdalign/models/pipeline.py" in names and "cdalign/data/tiny-shapes-sd/model_index.json" in names
-    with pytest.raises(ValueError, match="would replace the checkout"):
-        build_space.build(ROOT)
+    assert "cdalign/demo/engine.py" in names and "cdalign/demo/page.py" in names  # what app.py imports
+    refused = build(ROOT)
+    assert refused.returncode == 2 and "would replace the checkout" in refused.stderr
 
 
 @pytest.mark.parametrize("name", SHIPPED)

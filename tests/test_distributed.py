@@ -162,7 +162,7 @@ def _fake_accelerator(num_processes=2, distributed_type="MULTI_CPU", plugin=None
 
 
 def test_wants_sharding_only_answers(monkeypatch):
-    from cdalign.models import distributed
+    from cdalign.runs import distributed
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     acc = _fake_accelerator()
@@ -177,7 +177,7 @@ def test_wants_sharding_only_answers(monkeypatch):
 
 
 def test_deepspeed_is_refused_with_the_fix():
-    from cdalign.models import distributed
+    from cdalign.runs import distributed
 
     with pytest.raises(ValueError, match="FSDP2"):
         distributed.check_distributed_setup(_fake_accelerator(distributed_type="DEEPSPEED"))

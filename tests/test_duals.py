@@ -4,11 +4,13 @@
 import pytest
 import torch
 
+from cdalign.alignment.specs import DualSpec
 from cdalign.core.duals import (
     DUAL_OPTIMIZERS,
     InfeasibilityMonitor,
     NuPI,
     ProjectedGradientAscent,
+    build_dual_optimizer,
 )
 
 
@@ -51,7 +53,7 @@ def test_warmup_ramps_gains_linearly():
 
 
 def test_frozen_multipliers_do_not_move():
-    dual = NuPI(2, kappa_i=1.0, init=0.2, frozen=True)
+    dual = NuPI(2, kappa_i=1.0, kappa_p=0.0, nu=0.1, init=0.2, frozen=True)
     for _ in range(3):
         lam = dual.step(torch.tensor([1.0, -1.0]))
     assert lam.tolist() == pytest.approx([0.2, 0.2])
@@ -112,7 +114,7 @@ def test_monitor_flags_growing_multiplier_with_stuck_slack():
 
 def test_init_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="dual.init"):
-        ProjectedGradientAscent(3, init=[0.1, 0.2])
+        ProjectedGradientAscent(3, lr=0.05, init=[0.1, 0.2])
 
 
 def test_nupi_anti_windup_holds_the_integral_while_a_violation_shrinks():
@@ -138,3 +140,21 @@ def test_nupi_anti_windup_holds_the_integral_while_a_violation_shrinks():
     xi_new = 0.5 * xi + 0.5 * -0.4
     assert torch.allclose(held.multipliers, (before + 0.1 * -0.4 + 0.5 * (xi_new - xi)).clamp(min=0))
 
+
+
+def test_a_rules_tuning_values_are_declared_once_by_the_spec():
+    with pytest.raises(TypeError, match="kappa_i"):
+        NuPI(1, init=0.0)
+    with pytest.raises(TypeError, match="lr"):
+        ProjectedGradientAscent(1, init=0.0)
+    spec = DualSpec()
+    nupi = build_dual_optimizer(spec, 2)
+    assert (nupi.kappa_i.tolist(), nupi.kappa_p.tolist(), nupi.nu) == ([spec.kappa_i] * 2, [spec.kappa_p] * 2, spec.nu)
+    assert nupi.multipliers.tolist() == [spec.init] * 2 and nupi.warmup_start == spec.warmup_start
+    ascent = build_dual_optimizer(DualSpec(optimizer="ascent"), 1)
+    assert ascent.lr.tolist() == [spec.lr]
+
+
+def test_a_warmup_needs_its_starting_fraction():
+    with pytest.raises(ValueError, match="dual.warmup_start: required with warmup_steps > 0"):
+        ProjectedGradientAscent(1, lr=0.1, init=0.0, warmup_steps=3)

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from tiny_configs import tiny_config
 
 from cdalign import ConstrainedDDPOTrainer, load_pipeline
-from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
+from cdalign.core.sampling import DiffusionSampler
+from cdalign.models.adapters import WithAdaptersDisabled
 
 CASES = sorted(FLOW_CASES)
 

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from cdalign.evaluation import frontier as fr
 from cdalign.evaluation.frontier import (
-    RunPoint, Setting, cheapest_feasible, compare_setting, feasible, frontier_table, kl_verdict, overshoot,
-    runs_to_first_feasible,
+    RunPoint, Setting, cheapest_feasible, compare_setting, feasible, kl_verdict, overshoot, runs_to_first_feasible,
 )
+from cdalign.publishing.summaries import frontier_table
 
 
 def point(name, c, b, kl, weights=None, spread=0.0):
@@ -70,23 +71,7 @@ def test_the_claim_fails_when_the_constrained_run_misses_or_pays_more():
     assert not compare_setting(point("con", 1.0, 0.4, 0.09), fixed, fixed, SETTING)["claim_holds"]
 
 
-def _frontier():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    if "frontier_bench" in sys.modules:
-        return sys.modules["frontier_bench"]
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "frontier.py"
-    spec = importlib.util.spec_from_file_location("frontier_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["frontier_bench"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_weighted_runs_freeze_lambda_and_constrained_runs_ask_for_confidence(tmp_path):
-    fr = _frontier()
     runs, constrained_of = fr.grid(quick=False)
     assert len([n for n in runs if "weights" in runs[n]]) >= 7 and len(constrained_of) >= 3
     fixed = fr.resolved_config("fixed_0.5_0.5", runs["fixed_0.5_0.5"], tmp_path, {}, 64)
@@ -104,7 +89,6 @@ def test_a_run_is_reused_only_when_finished_with_the_same_config(tmp_path):
     from cdalign.alignment.config import save_config
     from cdalign.evaluation.scoring import EVAL_VALUES_FILE, save_eval_values
 
-    fr = _frontier()
     runs, _ = fr.grid(quick=True)
     cfg = fr.resolved_config("fixed_0.5_0.5", runs["fixed_0.5_0.5"], tmp_path, {"max_steps": 2}, 2)
     run = tmp_path / "runs" / "fixed_0.5_0.5"
@@ -121,9 +105,21 @@ def test_a_run_is_reused_only_when_finished_with_the_same_config(tmp_path):
 def test_quick_frontier_trains_through_the_recipe_and_writes_its_table_and_figures(tmp_path):
     import json
 
-    fr = _frontier()
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "frontier.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def run():
+        return subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], env=env, capture_output=True,
+                              text=True, timeout=1800)
+
     out = tmp_path / "fq"
-    assert fr.main(["--quick", "--out", str(out)]) == 0
+    done = run()
+    assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "frontier.json").read_text())
     assert result["quick"] and len(result["settings"]) == 1
     row = result["settings"][0]
@@ -134,7 +130,8 @@ def test_quick_frontier_trains_through_the_recipe_and_writes_its_table_and_figur
     report = json.loads((out / "runs" / "constrained_default" / "report.json").read_text())
     assert report["constraints"][0]["target"] > report["constraints"][0]["threshold"]
     # a second invocation reuses every finished run
-    assert fr.main(["--quick", "--out", str(out)]) == 0
+    again = run()
+    assert again.returncode == 0 and again.stdout.count(": reusing ") == 3, again.stdout[-3000:]
 
 
 def test_the_cheapest_feasible_equal_weight_is_found_in_the_sweep_alone():

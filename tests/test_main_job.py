@@ -2,7 +2,6 @@
 (the same trainer with λ frozen), and a short constrained run on the embedded shapes model
 whose violated constraint measurably improves on held-out prompts."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,16 +12,9 @@ import torch
 from cdalign import ConstrainedDDPOTrainer
 from cdalign.alignment.config import config_from_dict
 from cdalign.core.statistics import constraint_decision, mean_and_ci, paired_difference
+from cdalign.evaluation import equal_weights as ew
+from cdalign.publishing.summaries import equal_weights_table
 from cdalign.rewards.metrics import EVAL_METRICS, shapes_accuracy
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _recipe(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_paired_difference_matches_a_hand_computed_case():
@@ -103,7 +95,6 @@ def _report(sat_measured, lc_measured, kl, duals=(1.0, 2.0)):
 
 
 def test_baseline_multipliers_are_the_initial_value_and_the_mean_final_value(tmp_path):
-    ew = _recipe("equal_weights")
     config = config_from_dict(
         {"output_dir": str(tmp_path), "constraints": [{"reward": "saturation", "threshold": 0.5}], "dual": {"init": 0.2}}
     )
@@ -112,7 +103,6 @@ def test_baseline_multipliers_are_the_initial_value_and_the_mean_final_value(tmp
 
 
 def test_equal_weights_baseline_is_the_same_trainer_with_frozen_duals(tmp_path):
-    ew = _recipe("equal_weights")
     config = config_from_dict(
         dict(
             pretrained_model_name_or_path="cdalign/tiny-random-sd", prompts="shapes", output_dir=str(tmp_path / "run"),
@@ -136,7 +126,6 @@ def test_equal_weights_baseline_is_the_same_trainer_with_frozen_duals(tmp_path):
 
 
 def test_claim_holds_only_if_every_baseline_misses_a_constraint_or_pays_more_kl():
-    ew = _recipe("equal_weights")
     constrained = _report(0.6, -0.3, 0.010)
     holds = ew.compare({"init": _report(0.2, -0.3, 0.002), "final_mean": _report(0.7, -0.4, 0.030), "constrained": constrained})
     assert holds["claim_holds"] is True
@@ -148,14 +137,8 @@ def test_claim_holds_only_if_every_baseline_misses_a_constraint_or_pays_more_kl(
     assert noisy["claim_holds"] is False and "the 95% CIs overlap" in noisy["reasons"][1]
     failed = ew.compare({"init": _report(0.2, -0.3, 0.002), "final_mean": _report(0.2, -0.3, 0.002), "constrained": _report(0.3, -0.3, 0.01)})
     assert failed["claim_holds"] is False and "constrained run misses" in failed["reasons"][0]
-    table = ew.comparison_table(holds)
+    table = equal_weights_table(holds)
     assert "chain KL to base (nats, uniform)" in table and "Claim holds" in table
-
-
-def test_equal_weights_recipe_refuses_a_folder_that_is_not_a_finished_run(tmp_path, capsys):
-    ew = _recipe("equal_weights")
-    assert ew.main(["--run", str(tmp_path)]) == 2
-    assert "not a finished run" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ a short run that must move

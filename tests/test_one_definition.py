@@ -19,18 +19,18 @@ from cdalign.composition.simplex import SimplexDual
 from cdalign.core import seeding
 from cdalign.core.duals import projected_ascent
 from cdalign.core.kl import ChainKLAccumulator
-from cdalign.core.normalization import model_fingerprint
 from cdalign.core.problem import Constraint
 from cdalign.core.sampling import (
     DDIMChain,
-    adapter_parameters,
     classifier_free_guidance,
     sample_latents,
 )
 from cdalign.core.statistics import constraint_decision, slack
+from cdalign.models.adapters import adapter_parameters, model_fingerprint
 from cdalign.models.lora import trainable_adapter
 from cdalign.models.pipeline import precision_dtype
-from cdalign.utils.files import atomic_write, atomic_write_text, check_no_previous_run
+from cdalign.runs.atomic import atomic_write, atomic_write_text
+from cdalign.runs.folders import RunFolder
 
 
 def sd_chain(steps=5):
@@ -213,12 +213,13 @@ def test_atomic_write_replaces_only_with_a_complete_file(tmp_path):
 
 
 def test_previous_run_check_names_what_it_found_and_the_remedy(tmp_path):
-    check_no_previous_run(tmp_path / "absent", ["report.json"])
-    check_no_previous_run(tmp_path, ["report.json"])
+    folder = RunFolder(markers=("report.json", "log.jsonl"), checkpoint_state="trainer_state.json", what="a mixture run")
+    folder.refuse_earlier_run(tmp_path / "absent")
+    folder.refuse_earlier_run(tmp_path)
     (tmp_path / "report.json").write_text("{}")
     (tmp_path / "checkpoint-2").mkdir()
     with pytest.raises(FileExistsError, match=r"holds a mixture run \(report.json, checkpoint-2\); set overwrite"):
-        check_no_previous_run(tmp_path, ["report.json", "log.jsonl", "checkpoint-2"], what="a mixture run")
+        folder.refuse_earlier_run(tmp_path)
 
 
 # ----------------------------------------------------------------------------- precision and seeds

@@ -71,7 +71,7 @@ def test_trajectory_records_every_state_and_the_sampling_log_probs(chain):
 
 
 def test_log_prob_gradient_in_the_lora_matches_finite_differences(chain):
-    from cdalign.core.sampling import adapter_parameters
+    from cdalign.models.adapters import adapter_parameters
     from cdalign.models.lora import add_lora_adapter
     from cdalign.models.tiny import build_tiny_pipeline
 

@@ -14,8 +14,8 @@ import torch
 from scipy import ndimage
 
 import cdalign.rewards as rewards
+from cdalign.hub_access.model_files import RewardModelNotFoundError
 from cdalign.rewards import REWARDS, Reward, available_rewards, build_reward
-from cdalign.rewards._hub import RewardModelNotFoundError
 from cdalign.rewards._preprocess import (
     ImageTransform,
     transform_from_preprocessor_config,

@@ -1,6 +1,7 @@
 """Run folders (cdalign.runs.folders) and stopping on a signal (cdalign.runs.signals): one
 description per kind of run serves the trainer, the composer and the mixture."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,7 +12,15 @@ import yaml
 from cdalign.alignment.trainer import RUN_FOLDER as TRAINER_FOLDER
 from cdalign.composition.composer import RUN_FOLDER as COMPOSER_FOLDER
 from cdalign.composition.mixture import RUN_FOLDER as MIXTURE_FOLDER
-from cdalign.runs.folders import RunFolder, append_log, check_resume_config, config_differences, cut_log
+from cdalign.runs.folders import (
+    RunFolder,
+    append_log,
+    check_resume_config,
+    config_differences,
+    cut_log,
+    pinned_commit,
+    recorded_config,
+)
 from cdalign.runs.signals import StopSignals, TrainingInterrupted
 
 
@@ -74,3 +83,18 @@ def test_a_signal_only_records_a_stop_request_and_the_handlers_come_back():
         assert stop.received == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
     assert TrainingInterrupted(signal.SIGINT, 3, "ckpt").exit_code == 130
+
+
+def test_the_recorded_config_takes_the_values_its_caller_names():
+    # runs/ names no field of any config: the caller says what the run used instead
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        prompts: str = "shapes"
+        revision: str | None = None
+        reward_sources: dict = dataclasses.field(default_factory=dict)
+
+    recorded = recorded_config(Config(), {"prompts": None, "revision": "abc123", "reward_sources": {}})
+    assert recorded == Config(prompts="shapes", revision="abc123", reward_sources={})  # None keeps the config's
+    assert pinned_commit({"commit": "a"}, None, {"commit": "a"}) == "a"
+    assert pinned_commit({"commit": "a"}, {"commit": "b"}) is None  # two commits: none pinned
+    assert pinned_commit(None, None) is None

@@ -1,5 +1,6 @@
-"""Every script a user runs (recipes/align.py, recipes/compose.py, evaluation/evaluate.py,
-python -m cdalign.hub) answers bad input as a user sees it, in its own process: exit code
+"""Every script a user runs (recipes/align.py, recipes/compose.py, recipes/equal_weights.py,
+recipes/pretrain_tiny.py, evaluation/evaluate.py, evaluation/independent_check.py, python -m
+cdalign.hub) answers bad input as a user sees it, in its own process: exit code
 2, one `error:` line naming the problem, no traceback, and no output folder left behind."""
 
 import os
@@ -22,6 +23,8 @@ def _cases(tmp: Path) -> dict:
     (torn / "pytorch_lora_weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": trunc")
     align, compose, evaluate = (str(ROOT / "recipes" / "align.py"), str(ROOT / "recipes" / "compose.py"),
                                 str(ROOT / "evaluation" / "evaluate.py"))
+    equal_weights, pretrain = str(ROOT / "recipes" / "equal_weights.py"), str(ROOT / "recipes" / "pretrain_tiny.py")
+    independent_check = str(ROOT / "evaluation" / "independent_check.py")
     hub = ["-m", "cdalign.hub"]
     return {
         "align: output_dir is a file": ([align, "--output_dir", str(a_file)], "is a file, not a folder", None),
@@ -33,9 +36,18 @@ def _cases(tmp: Path) -> dict:
              "--output_dir", str(tmp / "compose")],
             "pytorch_lora_weights.safetensors' is corrupt or truncated", tmp / "compose"),
         "compose: missing recipe": ([compose, "--config", str(tmp / "missing.yaml")], "config file not found", None),
+        "compose: misspelt flag": ([compose, "--dual.schedul", "constant"], "did you mean --dual.schedule", None),
+        "equal_weights: not a finished run": ([equal_weights, "--run", str(tmp)], "is not a finished run", None),
+        "pretrain_tiny: misspelt flag": ([pretrain, "--unet_step", "3", "--output_dir", str(tmp / "tiny")],
+                                         "did you mean --unet_steps", tmp / "tiny"),
+        "pretrain_tiny: unknown architecture": ([pretrain, "--architecture", "sd4", "--output_dir", str(tmp / "tiny")],
+                                                "architecture: 'sd4' is not allowed", tmp / "tiny"),
         "evaluate: corrupt checkpoint": (
             [evaluate, "--checkpoint", f"torn={torn}", "--output_dir", str(tmp / "eval")],
             "pytorch_lora_weights.safetensors' is corrupt or truncated", tmp / "eval"),
+        "evaluate: checkpoint without a name": ([evaluate, "--suite", "tiny", "--checkpoint", "no-equals-sign"],
+                                                "NAME=SOURCE", None),
+        "independent_check: not a finished run": ([independent_check, str(tmp)], "is not a finished run", None),
         "evaluate: misspelt model": (
             [evaluate, "--only", "--model", "cdalign/tiny-shape-sd", "--output_dir", str(tmp / "eval2")],
             "model='cdalign/tiny-shape-sd'", tmp / "eval2"),
@@ -65,7 +77,9 @@ def runs(tmp_path_factory):
 
 CASES = [
     "align: output_dir is a file", "align: misspelt embedded model", "compose: corrupt component LoRA",
-    "compose: missing recipe", "evaluate: corrupt checkpoint", "evaluate: misspelt model",
+    "compose: missing recipe", "compose: misspelt flag", "equal_weights: not a finished run",
+    "pretrain_tiny: misspelt flag", "pretrain_tiny: unknown architecture", "evaluate: corrupt checkpoint",
+    "evaluate: checkpoint without a name", "evaluate: misspelt model", "independent_check: not a finished run",
     "hub push: invalid repo id", "hub pull: invalid repo id",
 ]
 

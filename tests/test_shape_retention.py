@@ -1,17 +1,18 @@
-"""evaluation/shape_retention.py: a flow model finishes noised true scenes through the
-pipeline's own sampler; at s = 0 the VAE round trip reads the shapes, a start at small s
-keeps them (so the pipeline really starts from the noised scene), bad input exits 2."""
+"""Shape retention (cdalign.evaluation.shape_retention, run by evaluation/shape_retention.py):
+a flow model finishes noised true scenes through the pipeline's own sampler; at s = 0 the VAE
+round trip reads the shapes, a start at small s keeps them (so the pipeline really starts
+from the noised scene), bad input exits 2."""
 
-import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-# Loaded by path (evaluation/ on sys.path would shadow the `evaluate` library).
-_spec = importlib.util.spec_from_file_location(
-    "shape_retention", Path(__file__).resolve().parents[1] / "evaluation" / "shape_retention.py")
-shape_retention = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(shape_retention)
+from cdalign.evaluation import shape_retention
+
+SCRIPT = Path(__file__).resolve().parents[1] / "evaluation" / "shape_retention.py"
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,11 @@ def test_a_shifted_scheduler_still_starts_at_s(pipe):
     assert 0 <= table[0.3]["all"] <= 1
 
 
-def test_bad_input_exits_2_with_the_field_named(capsys):
-    assert shape_retention.main(["--sigmas", "1.5"]) == 2
-    assert "--sigmas" in capsys.readouterr().err
-    assert shape_retention.main(["--model", "cdalign/tiny-shapes-sd", "--sigmas", "0"]) == 2
-    assert "StableDiffusion3Pipeline" in capsys.readouterr().err
+@pytest.mark.parametrize("flags, message", [
+    (["--sigmas", "1.5"], "--sigmas"),
+    (["--model", "cdalign/tiny-shapes-sd", "--sigmas", "0"], "StableDiffusion3Pipeline"),
+])
+def test_bad_input_exits_2_with_the_field_named(flags, message):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(SCRIPT), *flags], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]

@@ -1,9 +1,6 @@
 """The embedded tiny pretrained model cdalign/tiny-shapes-sd: its tokenizer, loading,
 loose quality gates, and the prompt-fidelity reward that scores its pictures."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,8 +12,6 @@ from cdalign.models.tiny_pretrained import (
     shapes_clip_tokenizer,
     tiny_shapes_sd_path,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +90,7 @@ def test_loads_through_the_embedded_model_registry(pipe):
 @pytest.fixture(scope="module")
 def samples(pipe):
     """24 full-caption samples (4 per colour) at the recommended guidance, fixed seeds."""
-    from tiny_quality import evaluation_prompts, generate
-
+    from cdalign.evaluation.tiny_quality import evaluation_prompts, generate
     from cdalign.models.tiny_pretrained import RECOMMENDED_GUIDANCE_SCALE
 
     prompts, truths = evaluation_prompts(samples_per_color=4, seed=123)
@@ -105,13 +99,13 @@ def samples(pipe):
 
 
 def test_generated_images_show_the_prompted_colour(samples):
-    from tiny_quality import fidelity
+    from cdalign.evaluation.tiny_quality import fidelity
 
     assert fidelity(*samples)["color_overall"] >= 0.6
 
 
 def test_generated_images_show_the_prompted_shape(samples):
-    from tiny_quality import fidelity
+    from cdalign.evaluation.tiny_quality import fidelity
 
     assert fidelity(*samples)["shape_overall"] >= 0.4
 
@@ -119,13 +113,13 @@ def test_generated_images_show_the_prompted_shape(samples):
 def test_generated_images_show_the_prompted_background(samples):
     """The background comes from the prompt, not from the initial noise's mean (offset
     noise in pretraining; without it this was at chance level)."""
-    from tiny_quality import fidelity
+    from cdalign.evaluation.tiny_quality import fidelity
 
     assert fidelity(*samples)["background_overall"] >= 0.6
 
 
 def test_one_prompt_gives_different_images_under_different_seeds(pipe):
-    from tiny_quality import generate
+    from cdalign.evaluation.tiny_quality import generate
 
     images = generate(pipe, ["a small blue square on a white background"] * 4, [0, 1, 2, 3], 5.0).astype(float)
     differences = [np.abs(images[i] - images[j]).mean() for i in range(4) for j in range(i + 1, 4)]

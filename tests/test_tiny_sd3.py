@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from cdalign.models.pretraining_sd3 import RepeatedContextTokenAttention, t5_placeholder_tokens
 from cdalign.models.tiny_pretrained import (
     RECOMMENDED_SD3_GUIDANCE_SCALE,
     SD3_SCHEDULER_SHIFT,
@@ -21,7 +22,6 @@ from cdalign.models.tiny_pretrained import (
     tiny_shapes_sd_path,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
 RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "pretrain_tiny_sd3.yaml"
 
 
@@ -54,7 +54,7 @@ def test_configs_match_the_recipe_and_the_card(folder, pipe):
     """The shipped model's first training stage is the recipe's config, every stage's command
     (the recipe plus the flags that stage changed) is on the card, and the card's architecture
     table is the one the configs and training log produce (so the card cannot drift from the weights)."""
-    from tiny_quality import _sd3_commands, architecture_table, training_stages
+    from cdalign.publishing.tiny_card import _sd3_commands, architecture_table, training_stages
 
     recipe = yaml.safe_load(RECIPE_CONFIG.read_text())
     log = json.loads((folder / "training_log.json").read_text())
@@ -91,7 +91,7 @@ def test_vae_is_tiny_shapes_sd_s_and_the_text_encoders_are_what_the_log_says(fol
     unchanged when no stage trained them, changed (identity projection kept) when one did,
     and the card says which."""
     from diffusers import AutoencoderKL
-    from tiny_quality import text_encoder_stages
+    from cdalign.publishing.tiny_card import text_encoder_stages
     from transformers import CLIPTextModel
 
     base = tiny_shapes_sd_path()
@@ -111,7 +111,7 @@ def test_vae_is_tiny_shapes_sd_s_and_the_text_encoders_are_what_the_log_says(fol
 
 
 def test_card_says_which_stages_trained_the_text_encoders():
-    from tiny_quality import _sd3_remedy, _sd3_text_encoder_training, text_encoder_stages
+    from cdalign.publishing.tiny_card import _sd3_remedy, _sd3_text_encoder_training, text_encoder_stages
 
     frozen = {"config": {"train_text_encoders": False, "text_encoder_lr": 4e-4}}
     trained = {"config": {"train_text_encoders": True, "text_encoder_lr": 4e-4}}
@@ -127,7 +127,7 @@ def test_card_says_which_stages_trained_the_text_encoders():
 
 
 def test_card_names_a_setting_per_stage_only_where_stages_differ():
-    from tiny_quality import _per_stage, _timestep_sampling
+    from cdalign.publishing.tiny_card import _per_stage, _timestep_sampling
 
     first = {"config": {"timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}}
     second = {"config": {**first["config"]}, "previous_stages": [first]}
@@ -139,7 +139,7 @@ def test_card_names_a_setting_per_stage_only_where_stages_differ():
 
 
 def test_card_interval_of_a_share_is_the_normal_approximation_over_the_images():
-    from tiny_quality import proportion_ci
+    from cdalign.publishing.tiny_card import proportion_ci
 
     lo, hi = proportion_ci(0.625, 192)  # 120 of 192
     half = 1.959964 * math.sqrt(0.625 * 0.375 * 192 / 191 / 192)  # sample std (n - 1), as mean_and_ci
@@ -191,7 +191,7 @@ def test_pretraining_trains_the_text_encoders_when_asked_and_continues_a_stage(t
     kept); a second stage (``--init_transformer``) starts from the first stage's transformer and
     text encoders and lists it under previous_stages, and the card's commands name both stages."""
     from diffusers import StableDiffusion3Pipeline
-    from tiny_quality import _sd3_commands
+    from cdalign.publishing.tiny_card import _sd3_commands
     from transformers import CLIPTextModel
 
     first, second = tmp_path / "stage1", tmp_path / "stage2"
@@ -217,20 +217,8 @@ def test_pretraining_trains_the_text_encoders_when_asked_and_continues_a_stage(t
     two = StableDiffusion3Pipeline.from_pretrained(str(second), text_encoder_3=None, tokenizer_3=None)
     for a, b in ((one.text_encoder, two.text_encoder), (one.text_encoder_2, two.text_encoder_2)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # carried over
-    with pytest.raises(AssertionError, match="expected true or false"):  # exit code 2, the flag named
+    with pytest.raises(AssertionError, match="train_text_encoders: expected bool, got 'maybe'"):  # exit code 2, the flag named
         _pretrain(tmp_path, "--output_dir", str(tmp_path / "bad"), "--train_text_encoders", "maybe")
-
-
-def _pretrain_module():
-    """recipes/pretrain_tiny.py, loaded by path (recipes/ is not a package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "recipes" / "pretrain_tiny.py"
-    spec = importlib.util.spec_from_file_location("pretrain_tiny", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_one_weighted_zero_token_gives_the_pipelines_velocities_and_gradients():
@@ -242,14 +230,13 @@ def test_one_weighted_zero_token_gives_the_pipelines_velocities_and_gradients():
 
     from diffusers import StableDiffusion3Pipeline
 
-    pretrain = _pretrain_module()
     pipe = StableDiffusion3Pipeline(text_encoder_3=None, tokenizer_3=None, **build_untrained_sd3_components(seed=0, patch_size=1))
     full_model = pipe.transformer
     with torch.no_grad():  # the zero-initialised output layers would hide any difference
         generator = torch.Generator().manual_seed(1)
         for p in full_model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    copies = pretrain.t5_placeholder_tokens(pipe)
+    copies = t5_placeholder_tokens(pipe)
     assert copies == 256
     captions = ["a red circle", "a large blue square on a white background"]
     full, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False)
@@ -266,12 +253,12 @@ def test_one_weighted_zero_token_gives_the_pipelines_velocities_and_gradients():
 
     reference, reference_grads = run(full_model, full)
     collapsed = copy.deepcopy(full_model)
-    collapsed.set_attn_processor(pretrain.RepeatedContextTokenAttention(copies))
+    collapsed.set_attn_processor(RepeatedContextTokenAttention(copies))
     out, grads = run(collapsed, short)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, reference_grads):
         torch.testing.assert_close(g, r, atol=1e-4 * max(1.0, r.abs().max().item()), rtol=1e-4)
-    collapsed.set_attn_processor(pretrain.RepeatedContextTokenAttention(1))
+    collapsed.set_attn_processor(RepeatedContextTokenAttention(1))
     assert (collapsed(x, short, pooled, t).sample - reference).abs().max() > 1e-3
 
 

@@ -1,14 +1,10 @@
-"""The 2D recipe's exact solver: product/mixture KLs on the grid and the min-max weights."""
-
-import importlib.util
-from pathlib import Path
+"""The 2D experiments' exact solver (cdalign.composition.toy2d, run by recipes/toy2d.py):
+product/mixture KLs on the grid and the min-max weights."""
 
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location("toy2d", Path(__file__).resolve().parents[1] / "recipes" / "toy2d.py")
-toy2d = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(toy2d)
+from cdalign.composition import toy2d
 
 
 @pytest.fixture(scope="module")

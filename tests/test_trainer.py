@@ -83,7 +83,8 @@ def test_output_dir_holding_a_run_is_refused(trained, tmp_path):
 
 
 def test_reward_statistics_are_cached_and_reused_only_on_matching_key(tmp_path):
-    from cdalign.core.normalization import NormalizationCache, RewardStats
+    from cdalign.runs.normalization_cache import NormalizationCache
+    from cdalign.core.normalization import RewardStats
 
     cache = NormalizationCache(tmp_path)
     key = {"reward": "saturation", "model": "m", "sampler": {"num_inference_steps": 6}}
@@ -159,3 +160,25 @@ def test_confidence_and_margin_together_or_on_a_kl_constraint_are_refused(tmp_pa
     with pytest.raises(ValueError, match=r"constraints\[0\]\.confidence: reward constraints only"):
         tiny_config(tmp_path, objective={"type": "reward", "reward": "saturation"},
                     constraints=[{"type": "kl", "max": 1.0, "confidence": 0.9}])
+
+
+def test_per_image_values_that_are_one_tensor_under_two_names_are_written(tmp_path):
+    from cdalign.evaluation.scoring import load_eval_values, save_eval_values
+
+    kl = torch.rand(4, dtype=torch.float64)  # already float64 on the CPU: .double().cpu() would not copy it
+    save_eval_values(tmp_path / "values.safetensors", {"kl": kl, "aligned/kl": kl, "base/kl": torch.zeros(4)})
+    values = load_eval_values(tmp_path / "values.safetensors")
+    assert torch.equal(values["kl"], kl) and torch.equal(values["aligned/kl"], kl)
+
+
+def test_a_run_with_a_kl_constraint_writes_its_per_image_values(tmp_path):
+    # The KL constraint's per-image values are the chain KL itself: `kl` and `aligned/kl` were
+    # one tensor, and safetensors refused to write them (the run crashed after training).
+    cfg = tiny_config(tmp_path, max_steps=1, num_grid_images=0,
+                      objective={"type": "reward", "reward": "saturation", "normalize": False},
+                      constraints=[{"type": "kl", "max": 1.0}])
+    report = ConstrainedDDPOTrainer(cfg).train()
+    values = load_file(str(tmp_path / "run" / "eval_values.safetensors"))
+    assert report.constraints[0].source == "kl"
+    assert torch.equal(values["aligned/kl"], values["kl"])
+    assert torch.equal(values["base/kl"], torch.zeros_like(values["kl"]))

@@ -21,8 +21,9 @@ from tiny_configs import tiny_config
 
 from cdalign import ConstrainedDDPOTrainer
 from cdalign.alignment.config import load_config_file
-from cdalign.core.normalization import MIN_NORMALIZATION_SAMPLES, reward_identity
+from cdalign.core.normalization import MIN_NORMALIZATION_SAMPLES
 from cdalign.rewards import build_reward
+from cdalign.runs.fingerprints import reward_identity
 
 # Tiny runs normalise from 2 images on purpose; the warning itself is asserted below.
 pytestmark = pytest.mark.filterwarnings("ignore:reward normalisation of .* rests on only")

@@ -6,9 +6,10 @@ AdamW's state (``optimizer.safetensors`` + ``optimizer.json``), the trainer's ow
 resume). It holds no RNG state: every training draw is seeded from the run's seed and the
 micro-batch counter (cdalign.core.seeding), so the counters restore the draws.
 :func:`write_checkpoint` and :func:`read_checkpoint` are the pair; the folder is written
-atomically (cdalign.models.checkpointing). :func:`save_trainer_checkpoint` and
-:func:`load_trainer_checkpoint` capture and restore a trainer's state through them, and
-:func:`check_resume_config` compares a checkpoint's config with the run resuming it."""
+atomically (cdalign.runs.atomic, cdalign.runs.checkpoints). :func:`save_trainer_checkpoint`
+and :func:`load_trainer_checkpoint` capture and restore a trainer's state through them, and
+:func:`check_resume_config` compares a checkpoint's config with the run resuming it (every
+field but :data:`RESUME_MAY_DIFFER`, through :func:`cdalign.runs.folders.check_resume_config`)."""
 
 from __future__ import annotations
 
@@ -24,16 +25,16 @@ from safetensors.torch import load_file, save_file
 from cdalign.alignment.config import ConstrainedDDPOConfig, config_from_dict, config_to_dict, save_config
 from cdalign.alignment.estimators import RolloutEstimator
 from cdalign.core.normalization import RewardStats
-from cdalign.models.checkpointing import (
-    atomic_directory,
+from cdalign.models.lora import check_safetensors
+from cdalign.runs import folders
+from cdalign.runs.atomic import atomic_directory
+from cdalign.runs.checkpoints import (
     copy_into_param,
     gathered_optimizer_state,
     optimizer_from_files,
     optimizer_to_files,
     rotate_checkpoints,
 )
-from cdalign.models.lora import check_safetensors
-from cdalign.runs import folders
 
 LORA_FILE = "lora.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -98,7 +99,7 @@ def write_checkpoint(
 ) -> Path:
     """Write checkpoint ``folder`` atomically (it replaces an older one only once complete).
     ``lora``: whole LoRA tensors by parameter name; ``optimizer_state``: a
-    :func:`~cdalign.models.checkpointing.gathered_optimizer_state` of ``optimizer``. Called
+    :func:`~cdalign.runs.checkpoints.gathered_optimizer_state` of ``optimizer``. Called
     by the main process only, after every process took part in gathering those two."""
     folder = Path(folder)
     with atomic_directory(folder) as tmp:

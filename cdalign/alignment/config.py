@@ -1,14 +1,12 @@
-"""Configuration of a constrained alignment run: the problem's specs and
-:class:`ConstrainedDDPOConfig`, whose fields document themselves, with the rules that
-relate fields, read from YAML recipes and the command line by the typed config engine
-(:mod:`cdalign.fields`).
+"""Configuration of a constrained alignment run: :class:`ConstrainedDDPOConfig`, whose
+fields document themselves, read from YAML recipes and the command line by the typed
+config engine (:mod:`cdalign.fields`).
 
-    minimise_θ  f_0(θ)   subject to   g_i(θ) ≤ 0,   i = 1..m
-
-``objective`` is f_0 (the chain KL to the base model, or minus a reward),
-``constraints`` are the g_i (reward thresholds in either direction, or a KL budget),
-``dual`` says how the multipliers λ_i are updated (arXiv 2508.19104, section on
-constrained alignment; the README's "Method choices").
+The problem is three specs (:mod:`cdalign.alignment.specs`): ``objective`` f_0,
+``constraints`` g_i ≤ 0 and ``dual``, how the multipliers λ_i are updated. The settings
+of one gradient estimator are declared by it (:mod:`cdalign.alignment.estimator_settings`)
+and kept here as flat fields. Rules that relate several fields are in
+:mod:`cdalign.alignment.rules`.
 
 A recipe is a YAML file whose keys are the fields below; on the command line
 ``--config recipe.yaml`` loads it and ``--field value`` flags override it
@@ -17,51 +15,29 @@ for the whole constraint list).
 
 Field metadata: ``help`` (required), and optionally ``choices`` (allowed values) and
 bounds ``ge``/``gt``/``le``/``lt`` that :meth:`ConstrainedDDPOConfig.validate` enforces
-(through :func:`cdalign.fields.check_fields`) and ``--help`` prints. Rules that relate
-several fields live here, in ``_check_problem``, ``_check_sampler`` and ``_check_run``.
-
-The engine's names (``ConfigFields``, ``dataclass_from_dict``, ``check_fields``,
-``read_yaml_mapping``, ``not_allowed``, ``build_parser``, ``parse_args_to_dict``, the run
-checks ``check_output_dir_writable``, ``check_trackers_installed``,
-``check_mixed_precision``) stay importable from here; they live in :mod:`cdalign.fields`.
+(through :func:`cdalign.fields.check_fields`) and ``--help`` prints.
 """
 
 import argparse
 import dataclasses
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from huggingface_hub.utils import HFValidationError, validate_repo_id
-
+from cdalign.alignment.estimator_settings import PolicyGradientSettings as _PolicyGradient
+from cdalign.alignment.estimator_settings import RewardBackpropSettings as _RewardBackprop
+from cdalign.alignment.estimator_settings import estimator_field
 from cdalign.alignment.estimators import ESTIMATORS
-from cdalign.core.duals import DUAL_OPTIMIZERS
+from cdalign.alignment.rules import check_rules
+from cdalign.alignment.specs import ConstraintSpec, DualSpec, ObjectiveSpec
 from cdalign.core.kl import KL_ESTIMATORS
-from cdalign.core.policy_gradient import ADVANTAGES
-from cdalign.core.truncation import TRUNCATION_STRATEGIES
-from cdalign.fields import (
-    TRACKER_PACKAGES,  # noqa: F401  (re-exported: its old home)
-    ConfigFields,
-    check_fields,
-    check_mixed_precision,
-    check_output_dir_writable,
-    check_trackers_installed,
-    dataclass_from_dict,
-    did_you_mean,
-    not_allowed,
-    read_yaml_mapping,
-    save_yaml,
-)
+from cdalign.fields import ConfigFields, HelpGroup, check_fields, dataclass_from_dict, read_yaml_mapping, save_yaml
 from cdalign.fields import build_parser as _build_parser
 from cdalign.fields import parse_args_to_dict as _parse_args_to_dict
 from cdalign.models.pipeline import MIXED_PRECISIONS
-from cdalign.rewards import available_rewards
-from cdalign.rewards.metrics import EVAL_METRICS
 
 __all__ = [
-    "ObjectiveSpec",
-    "ConstraintSpec",
-    "DualSpec",
     "ConstrainedDDPOConfig",
     "parse_config",
     "load_config_file",
@@ -69,240 +45,9 @@ __all__ = [
     "config_to_dict",
     "save_config",
     "build_parser",
+    "estimator_help_groups",
     "parse_args_to_dict",
-    "dataclass_from_dict",
-    "check_fields",
-    "read_yaml_mapping",
-    "not_allowed",
-    "check_output_dir_writable",
-    "check_trackers_installed",
-    "check_mixed_precision",
-    "ConfigFields",
 ]
-
-OBJECTIVE_TYPES = ("kl", "reward")
-CONSTRAINT_TYPES = ("reward", "kl")
-DIRECTIONS = ("high", "low")
-REPORT_TO = ("none", "all", "tensorboard", "wandb", "trackio")
-
-
-# ---------------------------------------------------------------------------------
-# The problem: objective, constraints, dual updates
-# ---------------------------------------------------------------------------------
-
-
-@dataclass
-class ObjectiveSpec(ConfigFields):
-    """What is minimised: f_0 = KL(p_θ ‖ q) (the paper's main form), or f_0 = −E[r_0]."""
-
-    type: str = field(
-        default="kl",
-        metadata={
-            "help": "What the primal step minimises. 'kl': the chain KL(p_θ ‖ q) to the base model "
-            "(the paper's main form: stay close to the base while constraints hold). 'reward': "
-            "maximise E[r_0] of `objective.reward` (then bound drift with a `type: kl` constraint).",
-            "choices": OBJECTIVE_TYPES,
-        },
-    )
-    reward: str | None = field(
-        default=None,
-        metadata={
-            "help": "Registry name of the reward r_0 to maximise (see cdalign.rewards.available_rewards()). "
-            "Required when objective.type is 'reward'; must be unset when it is 'kl'."
-        },
-    )
-    normalize: bool = field(
-        default=True,
-        metadata={
-            "help": "Maximise the reward in base-model standard units, (r_0 − m_0)/s_0, with m_0 and s_0 "
-            "estimated on base-model samples (see normalization_batches). Rescales the reward's gradient "
-            "to a comparable size across rewards. Ignored when objective.type is 'kl'."
-        },
-    )
-
-
-@dataclass
-class ConstraintSpec(ConfigFields):
-    """One constraint g_i ≤ 0 of the Lagrangian L = f_0 + Σ_i λ_i g_i.
-
-    - reward, direction 'high':  E[r_i] ≥ threshold,  g_i = threshold − E[r_i]
-    - reward, direction 'low':   E[r_i] ≤ threshold,  g_i = E[r_i] − threshold
-    - kl:                        KL(p_θ ‖ q) ≤ max,   g_i = KL − max
-    """
-
-    type: str = field(
-        default="reward",
-        metadata={
-            "help": "'reward': bound the expected value of `reward` by `threshold` (in `direction`). "
-            "'kl': bound the chain KL(p_θ ‖ q) to the base model by `max` (at most one such constraint, "
-            "and only with a reward objective).",
-            "choices": CONSTRAINT_TYPES,
-        },
-    )
-    reward: str | None = field(
-        default=None,
-        metadata={
-            "help": "Reward constraints: registry name of the reward r_i (see "
-            "cdalign.rewards.available_rewards()). Must be unset for 'kl' constraints."
-        },
-    )
-    direction: str = field(
-        default="high",
-        metadata={
-            "help": "Reward constraints: 'high' requires E[r_i] ≥ threshold (e.g. the paper's MPS ≥ +0.5σ); "
-            "'low' requires E[r_i] ≤ threshold (e.g. the paper's saturation ≤ −0.5σ). Ignored for 'kl' "
-            "constraints, which are always upper bounds.",
-            "choices": DIRECTIONS,
-        },
-    )
-    threshold: float | None = field(
-        default=None,
-        metadata={
-            "help": "Reward constraints (required): the bound b_i. With normalize (the default) it is in "
-            "base-model standard deviations from the base-model mean, so 0.5 means 'half a std above what "
-            "the base model scores'; otherwise in the reward's raw units. Must be unset for 'kl' constraints."
-        },
-    )
-    normalize: bool = field(
-        default=True,
-        metadata={
-            "help": "Reward constraints: state E[r_i] and the threshold in base-model std units, "
-            "(r_i − m_i)/s_i (the paper's convention). Ignored for 'kl' constraints."
-        },
-    )
-    max: float | None = field(
-        default=None,
-        metadata={
-            "help": "KL constraints (required, > 0): the budget ε in KL(p_θ ‖ q) ≤ ε, in nats per image, "
-            "measured by `kl_estimator` (so 'path' and 'uniform' budgets are not interchangeable). "
-            "Must be unset for reward constraints.",
-            "gt": 0.0,
-        },
-    )
-
-    confidence: float | None = field(
-        default=None,
-        metadata={
-            "help": "Reward constraints: ask for the constraint to be met with this confidence on a fresh held-out "
-            "sample (e.g. 0.95). The run then aims at threshold + z·s/√n (z the one-sided normal quantile, s its "
-            "running estimate of the per-image std, n the held-out images of its verdict: eval_batches × "
-            "train_batch_size × processes) instead of at the threshold itself; the report names both "
-            "(cdalign.core.targets). Unset: aim at the threshold.",
-            "ge": 0.5,
-            "lt": 1.0,
-        },
-    )
-    margin: float | None = field(
-        default=None,
-        metadata={
-            "help": "Reward constraints: aim this far past the threshold (in the constraint's units, base-model std "
-            "when normalised), a fixed margin instead of one derived from `confidence`. Unset: no fixed margin.",
-            "ge": 0.0,
-        },
-    )
-
-    @property
-    def name(self) -> str:
-        """A stable display name for logs and metrics: ``<reward>_<direction>`` for a
-        reward constraint (e.g. ``saturation_low``), ``kl`` for the KL constraint.
-        Unique within a valid config."""
-        if self.type == "kl":
-            return "kl"
-        return f"{self.reward or 'reward'}_{self.direction}"
-
-
-@dataclass
-class DualSpec(ConfigFields):
-    """How the multipliers λ_i ≥ 0 are updated from the slacks g_i (averaged over the
-    whole global batch of a dual step)."""
-
-    optimizer: str = field(
-        default="nupi",
-        metadata={
-            "help": "Dual update rule. 'ascent': projected gradient ascent λ ← max(0, λ + lr·g). "
-            "'nupi': the νPI controller (Sohrabi et al. 2024), λ ← max(0, λ + kappa_i·e + kappa_p·(ξ_t − ξ_{t−1})) "
-            "with ξ_t = nu·ξ_{t−1} + (1 − nu)·e; the paper's choice.",
-            "choices": DUAL_OPTIMIZERS,
-        },
-    )
-    lr: float = field(
-        default=0.05,
-        metadata={
-            "help": "Step size η of 'ascent' (λ units per unit of slack). Not used by 'nupi', whose "
-            "integral gain `kappa_i` plays the same role (nupi with nu=0, kappa_p=0 is ascent with step kappa_i).",
-            "gt": 0.0,
-        },
-    )
-    kappa_i: float = field(
-        default=0.05,
-        metadata={"help": "'nupi' integral gain κ_i (the paper: 0.05).", "ge": 0.0},
-    )
-    kappa_p: float = field(
-        default=0.0,
-        metadata={
-            "help": "'nupi' proportional gain κ_p, applied to the change of the smoothed error (the paper: 0; "
-            "a positive value damps oscillations of λ).",
-            "ge": 0.0,
-        },
-    )
-    nu: float = field(
-        default=0.1,
-        metadata={
-            "help": "'nupi' smoothing ν of the error average ξ, in [0, 1) (the paper: 0.1).",
-            "ge": 0.0,
-            "lt": 1.0,
-        },
-    )
-    anti_windup: bool = field(
-        default=False,
-        metadata={
-            "help": "'nupi' conditional integration: while a constraint is violated but its slack is shrinking "
-            "(e_t below the smoothed ξ_{t−1}), skip its integral term, so λ rises only while progress stalls. "
-            "Under Adam the primal moves at the learning rate's speed whatever λ is, so a larger λ does not "
-            "close a violation faster; integrating during the lag of the primal only winds λ up (overshoot, then "
-            "an excess that λ = 0 does not give back). Decreases of λ are never held.",
-        },
-    )
-    init: float | list[float] = field(
-        default=0.2,
-        metadata={
-            "help": "Initial λ ≥ 0: one value for every constraint, or a list with one value per constraint "
-            "in the order of `constraints` (the paper: 0.2).",
-            "ge": 0.0,
-        },
-    )
-    update_every: int | None = field(
-        default=None,
-        metadata={
-            "help": "Micro-batches between dual updates (slacks are averaged over them and over all processes). "
-            "Default (unset): gradient_accumulation_steps, i.e. one dual step per optimiser step. The paper "
-            "updated every 5 micro-batches of 4 images.",
-            "ge": 1,
-        },
-    )
-    warmup_steps: int = field(
-        default=0,
-        metadata={
-            "help": "Number of dual steps over which the gains (lr, or kappa_i and kappa_p) ramp linearly from "
-            "warmup_start × gain to the full gain; 0 disables warm-up (the paper: 10).",
-            "ge": 0,
-        },
-    )
-    warmup_start: float = field(
-        default=0.1,
-        metadata={"help": "Fraction of the gains used at the first dual step of the warm-up, in [0, 1].", "ge": 0.0, "le": 1.0},
-    )
-    freeze: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep λ fixed at `init` (no dual updates): a weighted-penalty run, the paper's "
-            "'equal weights' baseline when init is the same for every constraint."
-        },
-    )
-
-# ---------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -407,7 +152,8 @@ class ConstrainedDDPOConfig(ConfigFields):
             "ge": 1,
         },
     )
-    # gradient estimator
+    # gradient estimator; each estimator's own settings below are declared (default, help,
+    # bounds) by its settings class in alignment.estimator_settings, and sit here flat
     estimator: str = field(
         default="reward_backprop",
         metadata={
@@ -419,41 +165,12 @@ class ConstrainedDDPOConfig(ConfigFields):
             "choices": ESTIMATORS,
         },
     )
-    backprop_strategy: str = field(
-        default="fixed",
-        metadata={
-            "help": "How K, the number of final sampling steps the gradient flows through, is chosen per batch. "
-            "'fixed': K = backprop_steps. 'uniform': K ~ U{backprop_min_steps, …, backprop_steps}. 'gaussian' "
-            "(the paper's): a cut-off index ~ N(backprop_gaussian_mean·T, backprop_gaussian_std), rounded and clipped "
-            "to [1, T−1], and K = T − index (about 0.2·T with the paper's settings).",
-            "choices": TRUNCATION_STRATEGIES,
-        },
-    )
-    backprop_steps: int = field(
-        default=4,
-        metadata={"help": "K for 'fixed'; the upper bound of K for 'uniform'. In [1, num_inference_steps].", "ge": 1},
-    )
-    backprop_min_steps: int = field(
-        default=1,
-        metadata={"help": "Lower bound of K for 'uniform', in [1, backprop_steps].", "ge": 1},
-    )
-    backprop_gaussian_mean: float = field(
-        default=0.8,
-        metadata={
-            "help": "'gaussian': mean of the cut-off index as a fraction of T, in (0, 1] (the paper: 0.8, i.e. "
-            "gradient through the last ~20% of the steps).",
-            "gt": 0.0,
-            "le": 1.0,
-        },
-    )
-    backprop_gaussian_std: float = field(
-        default=5.0,
-        metadata={"help": "'gaussian': std of the cut-off index, in sampling steps (the paper: 5).", "ge": 0.0},
-    )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Checkpoint each UNet call: memory flat in K for about one extra forward pass per step."},
-    )
+    backprop_strategy: str = estimator_field(_RewardBackprop, "backprop_strategy")
+    backprop_steps: int = estimator_field(_RewardBackprop, "backprop_steps")
+    backprop_min_steps: int = estimator_field(_RewardBackprop, "backprop_min_steps")
+    backprop_gaussian_mean: float = estimator_field(_RewardBackprop, "backprop_gaussian_mean")
+    backprop_gaussian_std: float = estimator_field(_RewardBackprop, "backprop_gaussian_std")
+    gradient_checkpointing: bool = estimator_field(_RewardBackprop, "gradient_checkpointing")
     # KL
     kl_estimator: str = field(
         default="path",
@@ -479,88 +196,17 @@ class ConstrainedDDPOConfig(ConfigFields):
             "ge": 0,
         },
     )
-    kl_grad_steps: str = field(
-        default="trained",
-        metadata={
-            "help": "estimator reward_backprop: which steps' KL terms carry gradient. 'trained' (default): the K "
-            "gradient steps only, as the rewards. 'all': every step whose KL value is evaluated, each "
-            "differentiated at its fixed (detached) state as the policy-gradient estimator does, so the LoRA's "
-            "drift at the early, noisy steps (which no reward gradient reaches) is pulled back too; costs a "
-            "backward pass of the denoiser at each of those steps.",
-            "choices": ("trained", "all"),
-        },
-    )
+    kl_grad_steps: str = estimator_field(_RewardBackprop, "kl_grad_steps")
     # policy gradient (estimator: policy_gradient)
-    images_per_prompt: int = field(
-        default=1,
-        metadata={
-            "help": "policy_gradient: images per prompt in a micro-batch (a prompt group, GRPO); train_batch_size must be a "
-            "multiple of it, so a group never spans two processes. 1 with reward_backprop.",
-            "ge": 1,
-        },
-    )
-    advantage: str = field(
-        default="group_std",
-        metadata={
-            "help": "policy_gradient: how each reward's values become advantages before the duals weigh them, "
-            "A = s_0 A_0 + Σ_i λ_i s_i A_i. 'group_std' (GRPO): standardised within each prompt group "
-            "(images_per_prompt >= 2). 'group_mean': centred within the group, unscaled (the Lagrangian's own units, "
-            "so λ keeps its meaning as a price). 'batch_std': standardised over the global batch (trl DDPO's default). "
-            "'prompt_tracker': DDPO's per-prompt statistics tracking (see prompt_tracker_buffer).",
-            "choices": ADVANTAGES,
-        },
-    )
-    advantage_clip: float = field(
-        default=5.0,
-        metadata={
-            "help": "policy_gradient: each reward's advantage is clipped to [-advantage_clip, advantage_clip] before the "
-            "duals weigh it (trl DDPO's train_adv_clip_max, applied per reward).",
-            "gt": 0.0,
-        },
-    )
-    ppo_clip_range: float = field(
-        default=0.2,
-        metadata={
-            "help": "policy_gradient: PPO clips the ratio ρ = π_θ/π_old of each step's exact Gaussian density (summed "
-            "over latent elements) to [1 − ε, 1 + ε]. trl DDPO's train_clip_range is on the per-element mean log-ratio; "
-            "to first order ε ≈ D·train_clip_range (D latent elements: 1024 on the tiny model, 16384 for SD 1.5 at 512 px).",
-            "gt": 0.0,
-            "lt": 1.0,
-        },
-    )
-    ppo_epochs: int = field(
-        default=1,
-        metadata={"help": "policy_gradient: inner epochs over each round's samples (trl DDPO's train_num_inner_epochs).", "ge": 1},
-    )
-    ppo_updates_per_epoch: int = field(
-        default=1,
-        metadata={
-            "help": "policy_gradient: optimiser updates per inner epoch; the round's gradient_accumulation_steps "
-            "micro-batches are split evenly among them (must divide gradient_accumulation_steps).",
-            "ge": 1,
-        },
-    )
-    timestep_fraction: float = field(
-        default=1.0,
-        metadata={
-            "help": "policy_gradient: fraction of the stochastic sampling steps trained on per inner epoch, drawn afresh "
-            "for each micro-batch and epoch (trl DDPO's train_timestep_fraction), at least one step.",
-            "gt": 0.0,
-            "le": 1.0,
-        },
-    )
-    prompt_tracker_buffer: int = field(
-        default=16,
-        metadata={"help": "advantage 'prompt_tracker': rewards kept per prompt (trl's per_prompt_stat_tracking_buffer_size).", "ge": 1},
-    )
-    prompt_tracker_min_count: int = field(
-        default=16,
-        metadata={
-            "help": "advantage 'prompt_tracker': below this many rewards of a prompt, the batch's statistics are used "
-            "(trl's per_prompt_stat_tracking_min_count).",
-            "ge": 1,
-        },
-    )
+    images_per_prompt: int = estimator_field(_PolicyGradient, "images_per_prompt")
+    advantage: str = estimator_field(_PolicyGradient, "advantage")
+    advantage_clip: float = estimator_field(_PolicyGradient, "advantage_clip")
+    ppo_clip_range: float = estimator_field(_PolicyGradient, "ppo_clip_range")
+    ppo_epochs: int = estimator_field(_PolicyGradient, "ppo_epochs")
+    ppo_updates_per_epoch: int = estimator_field(_PolicyGradient, "ppo_updates_per_epoch")
+    timestep_fraction: float = estimator_field(_PolicyGradient, "timestep_fraction")
+    prompt_tracker_buffer: int = estimator_field(_PolicyGradient, "prompt_tracker_buffer")
+    prompt_tracker_min_count: int = estimator_field(_PolicyGradient, "prompt_tracker_min_count")
     # LoRA
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank r of the trained adapter (the paper: 4).", "ge": 1})
     lora_alpha: float = field(
@@ -761,213 +407,7 @@ class ConstrainedDDPOConfig(ConfigFields):
         ``ValueError`` naming the field path (e.g. ``constraints[1].direction``), the bad
         value and the fix. Pure: it reads the config and changes nothing."""
         check_fields(self)
-        _check_problem(self)
-        _check_sampler(self)
-        _check_estimator(self)
-        _check_run(self)
-
-
-
-# ---------------------------------------------------------------------------------
-# Rules that relate fields
-# ---------------------------------------------------------------------------------
-
-
-def _known_rewards() -> list[str]:
-    """Reward names of ``cdalign.rewards.available_rewards()`` (registered at import)."""
-    return list(available_rewards())
-
-
-def _check_reward_name(path: str, name: str, known: list[str] | None) -> None:
-    if known is not None and name not in known:
-        close = did_you_mean(name, known)
-        hint = f"{close} " if close else ""
-        raise ValueError(f"{path}: unknown reward {name!r}; {hint}available rewards: {', '.join(sorted(known))}")
-
-
-def _check_problem(cfg: ConstrainedDDPOConfig) -> None:
-    """The objective, the constraints and the duals make a well-posed problem."""
-    objective, constraints, dual = cfg.objective, cfg.constraints, cfg.dual
-    if objective.type == "reward" and objective.reward is None:
-        raise ValueError("objective.reward: required when objective.type is 'reward'; name the reward to maximise")
-    if objective.type == "kl" and objective.reward is not None:
-        raise ValueError(
-            f"objective.reward: {objective.reward!r} is only used when objective.type is 'reward'; "
-            "remove it, or set objective.type: reward to maximise it"
-        )
-
-    for i, c in enumerate(constraints):
-        where = f"constraints[{i}]"
-        if c.type == "reward":
-            if c.reward is None:
-                raise ValueError(f"{where}.reward: required for a reward constraint; name the reward to bound")
-            if c.threshold is None:
-                raise ValueError(
-                    f"{where}.threshold: required for reward constraint {c.reward!r} "
-                    f"(E[r] {'>=' if c.direction == 'high' else '<='} threshold)"
-                )
-            if c.max is not None:
-                raise ValueError(f"{where}.max: only used by kl constraints; use threshold for a reward bound")
-        else:
-            if c.max is None:
-                raise ValueError(f"{where}.max: required for a kl constraint (KL <= max, a positive number)")
-            for unused in ("reward", "threshold"):
-                if getattr(c, unused) is not None:
-                    raise ValueError(f"{where}.{unused}: not used by kl constraints (KL <= max); remove it")
-            for unused in ("confidence", "margin"):
-                if getattr(c, unused) is not None:
-                    raise ValueError(f"{where}.{unused}: reward constraints only; a KL budget is aimed at as "
-                                     "given (lower max to leave room); remove it")
-        if c.confidence is not None and c.margin is not None:
-            raise ValueError(f"{where}.confidence: set confidence or margin, not both (confidence derives the "
-                             "margin from the run's own noise estimate; margin fixes it)")
-
-    known = _known_rewards()
-    if objective.type == "reward":
-        _check_reward_name("objective.reward", objective.reward, known)
-    for i, c in enumerate(constraints):
-        if c.type == "reward":
-            _check_reward_name(f"constraints[{i}].reward", c.reward, known)
-
-    for name in cfg.reward_kwargs:
-        _check_reward_name(f"reward_kwargs.{name}", name, known)
-
-    kl_indices = [i for i, c in enumerate(constraints) if c.type == "kl"]
-    if len(kl_indices) > 1:
-        raise ValueError(
-            f"constraints[{kl_indices[1]}].type: more than one kl constraint (constraints{kl_indices}); "
-            "keep only the one with the smallest max"
-        )
-    if objective.type == "kl" and kl_indices:
-        # min KL s.t. KL <= max: the bound is either inactive or makes the problem infeasible.
-        raise ValueError(
-            f"constraints[{kl_indices[0]}].type: a kl constraint with objective.type 'kl' is pointless (the "
-            "objective already minimises the KL; the bound can only be inactive or infeasible); remove it, or "
-            "set objective.type: reward to maximise a reward under the KL budget"
-        )
-    if not constraints and objective.type == "kl":
-        raise ValueError(
-            "constraints: empty with objective.type 'kl', a trivial problem (the base model itself is the "
-            "optimum); add reward constraints, or set objective.type: reward for plain reward fine-tuning"
-        )
-    _check_repeated_rewards(constraints)
-
-    if isinstance(dual.init, list) and len(dual.init) != len(constraints):
-        raise ValueError(
-            f"dual.init: has {len(dual.init)} values but there are {len(constraints)} constraints; give one "
-            "value per constraint, or a single number for all"
-        )
-    if dual.anti_windup and dual.optimizer != "nupi":
-        raise ValueError(
-            f"dual.anti_windup: conditional integration needs the smoothed error of 'nupi', but dual.optimizer "
-            f"is {dual.optimizer!r}; set dual.optimizer: nupi, or remove anti_windup"
-        )
-    if dual.optimizer == "nupi" and not dual.freeze and dual.kappa_i == 0 and dual.kappa_p == 0:
-        raise ValueError(
-            "dual.kappa_i: kappa_i and kappa_p are both 0, so λ would never move; set a gain, or dual.freeze: true "
-            "to keep λ at dual.init on purpose"
-        )
-
-
-def _check_repeated_rewards(constraints: list[ConstraintSpec]) -> None:
-    """One constraint per (reward, direction); a high and a low bound on one reward must
-    leave a non-empty interval (a two-sided band is fine, equal bounds pin E[r]). Bounds
-    in different units (normalize differs) cannot be compared here and are allowed."""
-    seen: dict[tuple[str, str], int] = {}
-    for i, c in enumerate(constraints):
-        if c.type != "reward":
-            continue
-        key = (c.reward, c.direction)
-        if key in seen:
-            j = seen[key]
-            other = constraints[j]
-            if other.normalize == c.normalize:
-                tighter = max if c.direction == "high" else min
-                keep = j if tighter(other.threshold, c.threshold) == other.threshold else i
-                advice = f"keep the tighter one, constraints[{keep}] (threshold {constraints[keep].threshold})"
-            else:
-                advice = "keep one (their thresholds are in different units: normalize differs)"
-            raise ValueError(
-                f"constraints[{i}]: repeats reward {c.reward!r} with direction {c.direction!r} of constraints[{j}] "
-                f"(redundant, and both would be named {c.name!r}); {advice} and remove the other"
-            )
-        seen[key] = i
-    for (reward, direction), i in seen.items():
-        j = seen.get((reward, "low"))
-        if direction != "high" or j is None:
-            continue
-        high, low = constraints[i], constraints[j]
-        if high.normalize == low.normalize and high.threshold > low.threshold:
-            raise ValueError(
-                f"constraints[{j}].threshold: reward {reward!r} must be >= {high.threshold} (constraints[{i}]) and "
-                f"<= {low.threshold} (constraints[{j}]), an empty feasible set; make the low threshold at least "
-                "the high one, or drop one of them"
-            )
-
-
-def _check_sampler(cfg: ConstrainedDDPOConfig) -> None:
-    """Sampling, truncation and KL settings fit together."""
-    T = cfg.num_inference_steps
-    if cfg.kl_value_steps is not None and cfg.kl_value_steps > T:
-        raise ValueError(f"kl_value_steps: {cfg.kl_value_steps} exceeds num_inference_steps ({T}); must be in [1, {T}]")
-    if cfg.uses_kl and cfg.kl_estimator == "path" and cfg.eta == 0:
-        raise ValueError(
-            "eta: 0 makes DDIM deterministic, so the exact chain KL (kl_estimator 'path') is undefined; "
-            "use eta > 0 (the paper: 1), or kl_estimator: uniform"
-        )
-
-
-def _check_estimator(cfg: ConstrainedDDPOConfig) -> None:
-    """The estimator's own fields fit together (its ``check_config``), and no field of another
-    estimator is set away from its default (it would be silently ignored): each estimator of
-    :data:`~cdalign.alignment.estimators.ESTIMATORS` lists its fields in ``config_fields``."""
-    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cfg)}
-    for name in ESTIMATORS:
-        if name == cfg.estimator:
-            continue
-        for key in ESTIMATORS.get(name).config_fields:
-            if getattr(cfg, key) != defaults[key]:
-                raise ValueError(
-                    f"{key}: {getattr(cfg, key)!r} is only used by estimator: {name} (this run uses "
-                    f"{cfg.estimator}); remove it, or set estimator: {name}"
-                )
-    ESTIMATORS.get(cfg.estimator).check_config(cfg)
-
-
-def _check_run(cfg: ConstrainedDDPOConfig) -> None:
-    """Run-level settings: normalisation sample size, trackers, Hub, LoRA targets."""
-    normalized = (cfg.objective.type == "reward" and cfg.objective.normalize) or any(
-        c.type == "reward" and c.normalize for c in cfg.constraints
-    )
-    if normalized and cfg.normalization_batches * cfg.train_batch_size < 2:
-        raise ValueError(
-            f"normalization_batches: {cfg.normalization_batches} batch(es) of {cfg.train_batch_size} image(s) "
-            "cannot estimate a standard deviation; use at least 2 images in total"
-        )
-    if not cfg.lora_target_modules:
-        raise ValueError("lora_target_modules: empty; name at least one UNet module, e.g. to_q to_k to_v to_out.0")
-    for i, name in enumerate(cfg.lora_target_modules):
-        if not name.strip():
-            raise ValueError(f"lora_target_modules[{i}]: empty module name")
-    names = [n.strip() for n in cfg.report_to.split(",")]
-    for name in names:
-        if name not in REPORT_TO:
-            raise not_allowed("report_to", name, REPORT_TO)
-    if len(names) > 1 and ({"none", "all"} & set(names)):
-        raise ValueError(f"report_to: {cfg.report_to!r}; 'none' and 'all' must stand alone")
-    if len(set(names)) != len(names):
-        raise ValueError(f"report_to: {cfg.report_to!r} names a tracker twice")
-    if cfg.push_to_hub and cfg.hub_model_id is None:
-        raise ValueError("hub_model_id: required when push_to_hub is true; set it to 'user/repo'")
-    if cfg.hub_model_id is not None:
-        try:
-            validate_repo_id(cfg.hub_model_id)
-        except HFValidationError as err:
-            raise ValueError(f"hub_model_id: {cfg.hub_model_id!r} is not a valid Hub repo id ({err}); use 'user/name'") from None
-    for i, name in enumerate(cfg.eval_metrics):
-        if name not in EVAL_METRICS:
-            raise not_allowed(f"eval_metrics[{i}]", name, EVAL_METRICS.names())
+        check_rules(self)
 
 
 # ---------------------------------------------------------------------------------
@@ -1010,26 +450,66 @@ _ALIGN_DESCRIPTION = (
 )
 
 
+def estimator_help_groups(estimator: str | None = None) -> list[HelpGroup]:
+    """One ``--help`` group per registered estimator with settings (its ``config_fields``):
+    in full for ``estimator``, the one the run uses, and collapsed to a list of flags for
+    the others, which that run refuses; ``None``: every group in full."""
+    groups = []
+    for name in ESTIMATORS:
+        owner = ESTIMATORS.get(name)
+        if not owner.config_fields:
+            continue
+        applies = estimator is None or name == estimator
+        about = " ".join((getattr(owner, "settings", None) or owner).__doc__.split("\n\n")[0].split())
+        if not applies:
+            about = f"Settings of estimator {name}, not used by this run (estimator: {estimator}); --estimator {name} --help describes them."
+        groups.append(HelpGroup(f"estimator {name}", about, tuple(owner.config_fields), collapsed=not applies))
+    return groups
+
+
 def build_parser(
     cls=None,
     prog: str | None = None,
     description: str | None = None,
     recipe: str | os.PathLike | None = None,
     default_recipe: str | os.PathLike | None = None,
+    estimator: str | None = None,
 ) -> argparse.ArgumentParser:
     """:func:`cdalign.fields.build_parser` for config dataclass ``cls`` (default
     :class:`ConstrainedDDPOConfig`, with the alignment description): ``--config``, one
-    ``--field`` flag per field; ``--help`` shows ``recipe``'s values as the defaults."""
+    ``--field`` flag per field; ``--help`` shows ``recipe``'s values as the defaults.
+    For :class:`ConstrainedDDPOConfig` each estimator's settings form a group of their own,
+    shown in full only for ``estimator`` when one is named (:func:`estimator_help_groups`)."""
     cls = cls or ConstrainedDDPOConfig
+    groups = estimator_help_groups(estimator) if cls is ConstrainedDDPOConfig else ()
     description = description or (_ALIGN_DESCRIPTION if cls is ConstrainedDDPOConfig else None)
-    return _build_parser(cls, prog=prog, description=description, recipe=recipe, default_recipe=default_recipe)
+    return _build_parser(cls, prog=prog, description=description, recipe=recipe, default_recipe=default_recipe,
+                         help_groups=groups)
+
+
+def _help_parser(argv: list[str], default_recipe=None, prog: str | None = None, description: str | None = None):
+    """The parser that prints ``--help`` for a run from ``argv``: the values of its recipe
+    (``--config``, else ``default_recipe``) as defaults, and in full the settings of the
+    estimator it would use (``--estimator``, else the recipe's, else the default)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    pre.add_argument("--estimator")
+    known, _ = pre.parse_known_args(argv)
+    recipe = known.config or (str(default_recipe) if default_recipe is not None else None)
+    values = read_yaml_mapping(recipe) if recipe is not None else {}
+    estimator = known.estimator or values.get("estimator") or ConstrainedDDPOConfig.estimator
+    return build_parser(prog=prog, description=description, recipe=recipe, default_recipe=default_recipe,
+                        estimator=str(estimator))
 
 
 def parse_args_to_dict(cls, argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None, **kwargs) -> dict:
-    """:func:`cdalign.fields.parse_args_to_dict`, with the alignment description for
-    :class:`ConstrainedDDPOConfig`."""
+    """:func:`cdalign.fields.parse_args_to_dict`, with the alignment description and the
+    estimator groups of ``--help`` (:func:`build_parser`) for :class:`ConstrainedDDPOConfig`."""
     if cls is ConstrainedDDPOConfig:
+        argv = list(sys.argv[1:] if argv is None else argv)
         kwargs.setdefault("description", _ALIGN_DESCRIPTION)
+        if parser is None and any(a in ("-h", "--help") for a in argv):
+            parser = _help_parser(argv, kwargs.get("default_recipe"), kwargs.get("prog"), kwargs["description"])
     return _parse_args_to_dict(cls, argv, parser, **kwargs)
 
 

@@ -6,8 +6,9 @@ scores the images, adds the chain KL where the problem needs it, and returns a
 (the paper's) and a DDPO/GRPO-style policy gradient for rewards without gradients
 (METHOD.md §3), a :class:`RolloutEstimator` whose micro-batches are trained on afterwards.
 
-Each estimator class names the config fields only it reads (``config_fields``; another
-estimator's run refuses them) and checks how they fit together (``check_config``)."""
+Each estimator class declares the config fields only it reads in its ``settings`` class
+(:mod:`cdalign.alignment.estimator_settings`), lists their names in ``config_fields``
+(another estimator's run refuses them) and checks how they fit the run (``check_config``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cdalign.alignment.estimator_settings import PolicyGradientSettings, RewardBackpropSettings, setting_names
 from cdalign.core.kl import ChainKLAccumulator, choose_kl_steps, step_kl, step_weights
 from cdalign.core.policy_gradient import (
     ADVANTAGES,
@@ -30,9 +32,10 @@ from cdalign.core.policy_gradient import (
     reward_weights,
 )
 from cdalign.core.problem import ConstrainedProblem
-from cdalign.core.sampling import DiffusionSampler, Trajectory, WithAdaptersDisabled
+from cdalign.core.sampling import DiffusionSampler, Trajectory
 from cdalign.core.statistics import mean_and_ci  # noqa: F401  (re-exported: estimators report with it)
 from cdalign.core.truncation import TRUNCATION_STRATEGIES, truncation_steps  # noqa: F401  (re-exported)
+from cdalign.models.adapters import WithAdaptersDisabled
 from cdalign.registry import Registry
 
 ESTIMATORS: Registry = Registry("estimator")
@@ -84,10 +87,8 @@ class RewardBackprop:
     estimated over all steps (``kl_value_steps`` may subsample the no-gradient steps,
     unbiasedly) with base predictions from the same UNet, adapters disabled."""
 
-    config_fields = (
-        "backprop_strategy", "backprop_steps", "backprop_min_steps", "backprop_gaussian_mean", "backprop_gaussian_std",
-        "gradient_checkpointing", "kl_grad_steps",
-    )
+    settings = RewardBackpropSettings
+    config_fields = setting_names(settings)
 
     @staticmethod
     def check_config(cfg) -> None:
@@ -238,10 +239,8 @@ class PolicyGradient(RolloutEstimator):
     alone, each divided by its probability of being drawn (unbiased for the sum over the
     stochastic steps; a deterministic step, σ_t = 0, is never trained, and has no path KL)."""
 
-    config_fields = (
-        "images_per_prompt", "advantage", "advantage_clip", "ppo_clip_range", "ppo_epochs", "ppo_updates_per_epoch",
-        "timestep_fraction", "prompt_tracker_buffer", "prompt_tracker_min_count",
-    )
+    settings = PolicyGradientSettings
+    config_fields = setting_names(settings)
 
     @staticmethod
     def check_config(cfg) -> None:

@@ -1,7 +1,8 @@
 """Reward statistics of the base model for reward normalisation (METHOD.md §1, "Reward
 normalisation"): each reward's mean and std on base-model samples of the training prompts,
-gathered over processes and cached by key (cdalign.core.normalization holds the formula
-and the cache). :class:`RewardNormalization` holds a training run's statistics."""
+gathered over processes and cached by key (the formula: cdalign.core.normalization; the
+cache and its keys: cdalign.runs.normalization_cache, cdalign.runs.fingerprints).
+:class:`RewardNormalization` holds a training run's statistics."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ from tqdm.auto import tqdm
 
 from cdalign.core.normalization import (
     MIN_NORMALIZATION_SAMPLES,
-    NormalizationCache,
     RewardStats,
-    prompts_fingerprint,
-    reward_identity,
     stats_from_samples,
 )
-from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
+from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import NORMALIZATION_BATCH, batch_share
+from cdalign.models.adapters import WithAdaptersDisabled
+from cdalign.runs.fingerprints import prompts_fingerprint, reward_identity
+from cdalign.runs.normalization_cache import NormalizationCache
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def normalization_keys(
     rewards: Mapping[str, torch.nn.Module], user_rewards: Mapping, reward_kwargs: Mapping[str, dict], base_key: dict
 ) -> dict[str, dict | None]:
     """Per reward, the key of its base-model statistics: what the reward is
-    (:func:`~cdalign.core.normalization.reward_identity`: registry name, kwargs, weights; or a
+    (:func:`~cdalign.runs.fingerprints.reward_identity`: registry name, kwargs, weights; or a
     user callable's ``cache_key``; ``user_rewards`` holds the callables as given) and
     ``base_key`` (base model, prompts, sampler settings, batches, seed). None: a user
     callable without ``cache_key``, whose statistics are never reused."""

@@ -26,8 +26,7 @@ from tqdm.auto import tqdm
 
 from cdalign.alignment import checkpoint as checkpoints
 from cdalign.alignment.checkpoint import check_checkpoint_files
-from cdalign.alignment.config import (ConstrainedDDPOConfig, check_mixed_precision, check_trackers_installed,
-                                      config_to_dict, save_config)
+from cdalign.alignment.config import ConstrainedDDPOConfig, config_to_dict, save_config
 from cdalign.alignment.dual_window import DualWindow, confidence_targets
 from cdalign.alignment.estimators import ESTIMATORS, MicroBatch, RolloutEstimator, is_finite_batch
 from cdalign.alignment.normalization import RewardNormalization
@@ -35,21 +34,23 @@ from cdalign.alignment.report import DUALS_PLOT_FILE, SAMPLE_GRID_FILE, build_re
 from cdalign.alignment.step_log import flat_config, progress_postfix, step_record
 from cdalign.core.duals import InfeasibilityMonitor, build_dual_optimizer
 from cdalign.core.families import family_of
-from cdalign.core.normalization import RewardStats, model_fingerprint
+from cdalign.core.normalization import RewardStats
 from cdalign.core.problem import ConstrainedProblem
 from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import LORA_INIT, TRAIN_BATCH, derived_seed, evaluation_items, grouped_batch_share
 from cdalign.data.prompt_sets import load_prompts_with_source
 from cdalign.evaluation.scoring import EVAL_VALUES_FILE, AdaptedModel, BaseModel, score_checkpoints
-from cdalign.models import distributed
-from cdalign.models.checkpointing import remove_stale_temporaries, resolve_checkpoint
-from cdalign.models.lora import LORA_WEIGHT_NAME, adapter_state_dict, full_tensor, prepare_lora_training, save_adapter
+from cdalign.fields import check_mixed_precision, check_trackers_installed
+from cdalign.models.adapters import model_fingerprint
+from cdalign.models.lora import LORA_WEIGHT_NAME, adapter_state_dict, prepare_lora_training, save_adapter
 from cdalign.models.pipeline import load_pipeline_with_source, precision_dtype
 from cdalign.publishing.cards import write_model_card_or_warn
 from cdalign.publishing.hub import push_from_main_process
 from cdalign.rewards.base import build_rewards
 from cdalign.rewards.metrics import EVAL_METRICS
-from cdalign.runs import folders
+from cdalign.runs import distributed, folders
+from cdalign.runs.checkpoints import remove_stale_temporaries, resolve_checkpoint
+from cdalign.runs.distributed import full_tensor
 from cdalign.runs.report import REPORT_FILE, AlignmentReport
 from cdalign.runs.signals import StopSignals, TrainingInterrupted
 
@@ -194,10 +195,15 @@ class ConstrainedDDPOTrainer:
         """The config as this trainer runs it, for ``config.yaml`` and checkpoints
         (:func:`~cdalign.runs.folders.recorded_config`): prompts passed to the trainer
         replace the config's sources, ``reward_sources`` marks rewards from user callables,
-        Hub sources are pinned to their resolved commits."""
-        return folders.recorded_config(
-            self.config, reward_sources=self.reward_sources, prompts=self._recorded_prompts, sources=self.sources
-        )
+        Hub sources are pinned to their resolved commits (the model's ``revision``; the
+        prompts' ``prompt_revision`` when the training and evaluation prompts agree on one)."""
+        model = self.sources["model"]
+        return folders.recorded_config(self.config, {
+            "reward_sources": dict(self.reward_sources),
+            **self._recorded_prompts,
+            "revision": model["commit"] if model else None,
+            "prompt_revision": folders.pinned_commit(self.sources["prompts"], self.sources["eval_prompts"]),
+        })
 
     def _check_resume_config(self, path: Path) -> None:
         """The resume comparison (:func:`~cdalign.alignment.checkpoint.check_resume_config`),
@@ -353,7 +359,7 @@ class ConstrainedDDPOTrainer:
     def train(self) -> AlignmentReport:
         """Run ``max_steps`` optimiser steps (continuing a resumed run), save the LoRA,
         evaluate on held-out samples and write the report, grid and plots. Last, it ends
-        the run's process group and frees it (:func:`~cdalign.models.distributed.end_process_group`):
+        the run's process group and frees it (:func:`~cdalign.runs.distributed.end_process_group`):
         a sharded UNet's shards cannot be gathered afterwards; the saved LoRA holds them.
 
         SIGINT/SIGTERM while it trains stop it after the current optimiser step: it saves

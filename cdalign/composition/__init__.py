@@ -3,7 +3,8 @@
 AND (reverse KL, product): :class:`ConstrainedComposer` finds weights μ on the simplex for
 ``ε_μ = Σ μ_i ε̃_i`` by projected dual ascent on the chain KL to each component;
 :class:`CompositionDistiller` distils ε_μ into one LoRA. OR (forward KL, mixture):
-:class:`MixtureTrainer` fine-tunes on Σ μ_i·DSM_i with μ ascending on the losses."""
+:class:`MixtureTrainer` fine-tunes on Σ μ_i·DSM_i with μ ascending on the losses. The tables of
+their reports are in :mod:`cdalign.publishing.composition_tables`."""
 
 from cdalign.composition.components import (
     COMPONENT_KINDS,
@@ -18,14 +19,8 @@ from cdalign.composition.components import (
     save_adapter,
     set_unet_state,
 )
-from cdalign.composition.composer import (
-    ConstrainedComposer,
-    kl_table,
-    pairwise_table,
-    reward_table,
-    train_missing_components,
-)
-from cdalign.composition.concepts import concept_table, run_concept_sets
+from cdalign.composition.composer import ConstrainedComposer, train_missing_components
+from cdalign.composition.concepts import run_concept_sets
 from cdalign.composition.config import (
     ComponentSpec,
     ComposeConfig,
@@ -62,14 +57,10 @@ __all__ = [
     "SimplexDual",
     "StackedPredictors",
     "composed_eps",
-    "concept_table",
-    "kl_table",
     "load_config_file",
     "load_lora_component",
-    "pairwise_table",
     "parse_config",
     "project_simplex",
-    "reward_table",
     "run_concept_sets",
     "save_adapter",
     "set_unet_state",

@@ -20,14 +20,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from cdalign.core.kl import ChainKLAccumulator
 from cdalign.core.families import Conditioning, family_of_denoiser
+from cdalign.core.kl import ChainKLAccumulator
 from cdalign.core.sampling import (
     DDIMChain,
     DiffusionSampler,
     classifier_free_guidance,
-    set_unet_state,
 )
+from cdalign.models.adapters import set_unet_state
 from cdalign.models.lora import (  # noqa: F401 (re-exported)
     LORA_WEIGHT_NAME,
     load_lora,

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from cdalign.alignment.config import check_mixed_precision, check_output_dir_writable
 from cdalign.alignment.config import parse_config as parse_align_config
 from cdalign.alignment.trainer import ConstrainedDDPOTrainer
 from cdalign.composition.components import (
@@ -48,11 +47,12 @@ from cdalign.evaluation.scoring import (
     LoadedCheckpoint,
     score_checkpoints,
 )
-from cdalign.models.checkpointing import atomic_write_text
+from cdalign.fields import check_mixed_precision, check_output_dir_writable
 from cdalign.models.lora import LORA_WEIGHT_NAME, is_local_source
 from cdalign.models.pipeline import load_pipeline, precision_dtype
 from cdalign.publishing.plotting import save_grid
 from cdalign.rewards import REWARDS
+from cdalign.runs.atomic import atomic_write_text
 from cdalign.runs.folders import RunFolder
 from cdalign.runs.report import REPORT_FILE
 
@@ -201,13 +201,17 @@ class ConstrainedComposer:
         self.trajectory.append(log)
         return log
 
-    def fit(self, steps: int | None = None, progress: bool = True) -> torch.Tensor:
-        """Run the dual steps; returns the learned weights ω (n,)."""
+    def fit(self, steps: int | None = None, progress: bool = True,
+            on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Run the dual steps (``on_step(k, steps)`` before step k, e.g. to report progress);
+        returns the learned weights ω (n,)."""
         from tqdm.auto import tqdm
 
         n = self.config.dual.steps if steps is None else steps
         bar = tqdm(range(n), desc="dual ascent", disable=not (progress and self.accelerator.is_main_process))
-        for _ in bar:
+        for k in bar:
+            if on_step is not None:
+                on_step(k, n)
             log = self.dual_step()
             bar.set_postfix(max_kl=f"{log['max_kl']:.4g}", weights=" ".join(f"{w:.2f}" for w in log["new_weights"]))
         return self.dual.weights
@@ -372,29 +376,41 @@ class ConstrainedComposer:
         self.entries = entries  # with the per-image scores and images (``_scores``), for callers that pool runs
         return report
 
-    def _distill(self, learned, entries) -> dict:
-
+    def distill(self, weights, folder: str | Path, on_step: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
+        """Distil the composed model at ``weights`` into one LoRA (:class:`CompositionDistiller`,
+        ``config.distill``) saved in ``folder``, and score it on the evaluation items like every
+        model. ``on_step(k, steps)`` runs before step k (None: a progress bar). Returns (the
+        report's record: steps, seconds, the distance to ε_ω on the first evaluation items before
+        and after; the distilled model's entry: KL to each component and ``_scores``)."""
         cfg = self.config
-        distiller = self.distiller = CompositionDistiller(self.components, learned, self.prompts, cfg.distill, cfg.seed)
+        distiller = self.distiller = CompositionDistiller(self.components, weights, self.prompts, cfg.distill, cfg.seed)
         first = self._eval_items()[: cfg.dual.batch_size]
         eval_p, eval_s = [p for p, _ in first], [s for _, s in first]
         before = distiller.distance(eval_p, eval_s)
         t0 = time.time()
-        distiller.train(progress=self.accelerator.is_main_process)
+        if on_step is None:
+            distiller.train(progress=self.accelerator.is_main_process)
+        else:
+            for k in range(cfg.distill.steps):
+                on_step(k, cfg.distill.steps)
+                distiller.step()
         seconds = time.time() - t0
         after = distiller.distance(eval_p, eval_s)
         scores = self._score(DistilledModel(self.components), self._component_rewards())
-        entries["distilled"] = self._kl_entry("distilled LoRA", None, scores)
         if self.accelerator.is_main_process:
-            distiller.save(self.output_dir / "distilled")
-        return {
+            distiller.save(folder)
+        record = {
             "steps": distiller.global_step,
             "seconds": seconds,
             "distance_to_composed_before": before,
             "distance_to_composed_after": after,
-            "lora": f"distilled/{LORA_WEIGHT_NAME}",
-            "loss_history": [h["distill_loss"] for h in distiller.history],
         }
+        return record, self._kl_entry("distilled LoRA", None, scores)
+
+    def _distill(self, learned, entries) -> dict:
+        record, entries["distilled"] = self.distill(learned, self.output_dir / "distilled")
+        return {**record, "lora": f"distilled/{LORA_WEIGHT_NAME}",
+                "loss_history": [h["distill_loss"] for h in self.distiller.history]}
 
     def _write_outputs(self, report, entries, singles, learned):
 
@@ -420,66 +436,3 @@ class ConstrainedComposer:
         atomic_write_text(out / "weights.json", json.dumps(weights_doc, indent=2))
         atomic_write_text(out / "report.json", json.dumps(report, indent=2))
 
-
-def reward_table(report: dict) -> str:
-    """Markdown table: each component's own reward (mean [95% CI]) on every model's
-    evaluation images, beside the component alone; and the minimum over components."""
-    rewards = report.get("rewards")
-    if not rewards:
-        return ""
-    keys = list(report["models"])
-    names = [n for n in report["components"] if n in rewards]
-    head = "| reward of component | component alone | " + " | ".join(report["models"][k]["label"] for k in keys) + " |"
-    lines = [head, "|" + "---|" * (len(keys) + 2)]
-    for n in names:
-        r = rewards[n]
-        alone = f"{r['component_alone']:.3f} [{r['component_alone_ci95'][0]:.3f}, {r['component_alone_ci95'][1]:.3f}]"
-        cells = [f"{r[k]['mean']:.3f} [{r[k]['ci95'][0]:.3f}, {r[k]['ci95'][1]:.3f}]" for k in keys]
-        lines.append(f"| {n} ({r['reward']}) | {alone} | " + " | ".join(cells) + " |")
-    low = rewards.get("min_over_components")
-    if low:
-        cells = [f"{low[k]['mean']:.3f} [{low[k]['ci95'][0]:.3f}, {low[k]['ci95'][1]:.3f}]" for k in keys]
-        lines.append("| min over components, per image | – | " + " | ".join(cells) + " |")
-    n_img = report.get("num_eval_images")
-    lines.append(f"\n{n_img} evaluation images per model, the same (prompt, seed) items for every model; raw reward values, "
-                 "mean [95% CI over images].")
-    return "\n".join(lines)
-
-
-KL_UNITS = {"path": "exact chain KL, nats per image", "uniform": "the paper code's mean squared ε̃ difference per step"}
-
-
-def kl_table(report: dict) -> str:
-    """Markdown table: one row per model (equal, constrained, distilled, joint prompt):
-    weights, KL to each component (mean [95% CI] over the evaluation images) and the max."""
-    names = report["components"]
-    head = "| model | " + " | ".join(f"w_{n}" for n in names) + " | " + " | ".join(f"KL(p‖{n})" for n in names) + " | max KL |"
-    lines = [head, "|" + "---|" * (2 * len(names) + 2)]
-    for key, m in report["models"].items():
-        w = m["weights"]
-        ws = " | ".join(f"{w[n]:.3f}" if w else "–" for n in names)
-        ks = " | ".join(f"{m['kl'][n]['mean']:.3g} [{m['kl'][n]['ci95'][0]:.3g}, {m['kl'][n]['ci95'][1]:.3g}]" for n in names)
-        lines.append(f"| {m['label']} | {ws} | {ks} | {m['max_kl']:.3g} |")
-    estimator = report.get("kl_estimator")
-    lines.append(f"\nKL along each model's own sampling path ({estimator}: {KL_UNITS.get(estimator, estimator)}), "
-                 f"mean [95% CI] over {report.get('num_eval_images')} evaluation images.")
-    d = report.get("max_kl_difference")
-    if d:
-        lo, hi = d["ci95"]
-        verdict = "lower" if hi < 0 else ("higher" if lo > 0 else "not distinguishable")
-        lines.append(f"Max KL, constrained − equal weights: {d['mean']:+.3g} [{lo:+.3g}, {hi:+.3g}] ({d['method']}): "
-                     f"the constrained weights' max KL is {verdict}.")
-    return "\n".join(lines)
-
-
-def pairwise_table(report: dict) -> str:
-    """Markdown: KL from each component sampled alone (row) to every component (column),
-    i.e. how far apart the components are; '' when the report has none."""
-    pairs = report.get("pairwise_kl")
-    if not pairs:
-        return ""
-    names = report["components"]
-    lines = ["| sampled alone \\ KL to | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
-    for a in names:
-        lines.append(f"| {a} | " + " | ".join(f"{pairs[a][b]:.3g}" for b in names) + " |")
-    return "\n".join(lines)

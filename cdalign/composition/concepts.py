@@ -19,14 +19,14 @@ import torch
 from cdalign.composition.composer import ConstrainedComposer
 from cdalign.composition.config import ComposeConfig, save_config
 from cdalign.core.statistics import paired_difference, summarize
+from cdalign.publishing.composition_tables import CONCEPT_LABELS as LABELS
+from cdalign.publishing.composition_tables import concept_table
 from cdalign.publishing.plotting import save_grid
-from cdalign.publishing.tables import md
+from cdalign.runs.atomic import atomic_write_text
 from cdalign.runs.folders import RunFolder
 from cdalign.runs.report import REPORT_FILE
-from cdalign.utils.files import atomic_write_text
 
-MODELS = ("equal_weights", "constrained", "joint_prompt")
-LABELS = {"equal_weights": "equal weights", "constrained": "constrained", "joint_prompt": "joint prompt"}
+MODELS = tuple(LABELS)  # equal weights, constrained, joint prompt
 RUN_FOLDER = RunFolder(markers=(REPORT_FILE,), what="a concept composition run")
 GRID_IMAGES_PER_SET = 2  # samples.png: one row per model, the sets side by side (2 images each)
 
@@ -109,27 +109,3 @@ def run_concept_sets(config: ComposeConfig, accelerator=None, progress: bool = T
         atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     return report
 
-
-def _ci(s: dict) -> str:
-    return f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
-
-
-def concept_table(report: dict) -> str:
-    """Markdown: per set the learned weights and each model's concept minimum, then the
-    pooled means with 95% CIs and the paired differences."""
-    models = [m for m in MODELS if m in report["pooled"]]
-    names = report["concepts"]
-    head = "| set (concept prompts) | joint prompt | weights (" + ", ".join(names) + ") | " + " | ".join(LABELS[m] for m in models) + " |"
-    lines = [head, "|" + "---|" * (len(models) + 3)]
-    for s in report["sets"]:
-        w = ", ".join(f"{s['weights'][n]:.2f}" for n in names)
-        cells = " | ".join(_ci(s["min_over_concepts"][m]) for m in models)
-        lines.append(f"| {md(' + '.join(s['prompts']))} | {md(s['joint_prompt'] or '–')} | {w} | {cells} |")
-    cells = " | ".join(_ci(report["pooled"][m]) for m in models)
-    n = sum(1 for _ in report["sets"]) * report["num_eval_images_per_set"]
-    lines.append(f"| **pooled** ({n} images) | | | {cells} |")
-    lines.append("")
-    lines.append(f"Score: {report['score']}; mean [95% CI]. Paired over the same images:")
-    for k, d in report["paired_differences"].items():
-        lines.append(f"- {k}: {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
-    return "\n".join(lines)

@@ -18,13 +18,13 @@ from typing import Sequence
 import torch
 
 from cdalign.composition.components import ComponentKL, ComponentSet
-from cdalign.core.sampling import set_unet_state
 from cdalign.core.seeding import (
     DISTILL_BATCH,
     DISTILL_LORA_INIT,
     batch_share,
     derived_seed,
 )
+from cdalign.models.adapters import set_unet_state
 from cdalign.models.lora import save_adapter, trainable_adapter
 
 STUDENT = "student"

@@ -28,7 +28,6 @@ from cdalign.composition.components import (
 )
 from cdalign.composition.distill import StudentPredictor
 from cdalign.core.families import denoiser_of
-from cdalign.core.sampling import set_unet_state
 from cdalign.evaluation.harness import (
     CHECKPOINT_KINDS,
     CheckpointKind,
@@ -36,6 +35,7 @@ from cdalign.evaluation.harness import (
     LoadedCheckpoint,
     LoraKind,
 )
+from cdalign.models.adapters import set_unet_state
 from cdalign.models.lora import load_lora
 
 

@@ -30,18 +30,19 @@ from cdalign.composition.plotting import plot_weight_trajectory
 from cdalign.composition.simplex import SimplexDual
 from cdalign.core import seeding
 from cdalign.core.families import family_of, freeze_pipeline
-from cdalign.core.sampling import DiffusionSampler, encode_images, set_unet_state
+from cdalign.core.sampling import DiffusionSampler, encode_images
 from cdalign.core.seeding import derived_seed
 from cdalign.core.statistics import slack, summarize
 from cdalign.composition.supports import SUPPORT_LABELERS, SupportLabeler
 from cdalign.data.shapes import COLOR_NAMES, write_shapes_folder
+from cdalign.models.adapters import set_unet_state
 from cdalign.models.lora import LORA_WEIGHT_NAME, save_adapter, trainable_adapter
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.plotting import save_grid
 from cdalign.rewards.metrics import to_uint8
+from cdalign.runs.atomic import atomic_write_text
 from cdalign.runs.folders import RunFolder
 from cdalign.runs.report import REPORT_FILE
-from cdalign.utils.files import atomic_write_text
 
 ADAPTER = "mixture"
 RUN_FOLDER = RunFolder(markers=(REPORT_FILE,), what="a mixture run")
@@ -447,34 +448,3 @@ class MixtureTrainer:
             rows = [self.sampler.sample(self.sampler.guided([c] * k), list(range(k))).cpu() for c in captions]
             save_grid(self.output_dir / "samples.png", rows, [f"{', '.join(ns)}: {c!r}" for c, ns in captions.items()])
 
-
-def mass_table(report: dict) -> str:
-    """Markdown: the mass in each dataset's support (base, trained mixture, the exact
-    min-max answer for disjoint supports); '' when the run did not count masses."""
-    m = report.get("masses")
-    if not m:
-        return ""
-    names = report["datasets"]
-    lines = ["| model | " + " | ".join(f"mass in {n}" for n in names) + " | outside every support |",
-             "|" + "---|" * (len(names) + 2)]
-    for model in ("base", "mixture"):
-        e = m[model]
-        cells = [f"{e[n]['mass']:.3f} [{e[n]['ci95'][0]:.3f}, {e[n]['ci95'][1]:.3f}]" for n in names]
-        o = e["outside_every_support"]
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | {o['mass']:.3f} [{o['ci95'][0]:.3f}, {o['ci95'][1]:.3f}] |")
-    lines.append("| exact min-max (disjoint supports) | " + " | ".join(f"{m['min_max_answer'][n]:.3f}" for n in names) + " | 0 |")
-    lines.append(f"\n{m['n']} images per model, prompt {m['prompt']!r}, the same seeds; a sample's cell "
-                 f"({', '.join(m['cells'])}) read by the '{m['labeler']}' labeler; mean [95% CI]. Loss: {report['loss']}.")
-    return "\n".join(lines)
-
-
-def loss_table(report: dict) -> str:
-    """Markdown table: per dataset its weight, loss, (excess) divergence, threshold."""
-    lines = ["| dataset | weight | DSM loss | irreducible | divergence | threshold | ok |", "|---|---|---|---|---|---|---|"]
-    for n in report["datasets"]:
-        r = report["per_dataset"][n]
-        irr = report["irreducible_loss"][n] if report["irreducible_loss"] else float("nan")
-        ok = "–" if r["satisfied"] is None else ("yes" if r["satisfied"] else "NO")
-        thr = "–" if r["threshold"] is None else f"{r['threshold']:.4g}"
-        lines.append(f"| {n} | {report['weights'][n]:.3f} | {r['loss']:.4g} | {irr:.4g} | {r['divergence']:.4g} | {thr} | {ok} |")
-    return "\n".join(lines)

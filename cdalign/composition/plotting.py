@@ -47,3 +47,45 @@ def plot_divergence_bars(path: str | os.PathLike, names: list[str], table: dict[
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def plot_toy2d_and(path, names, log_q, rows, grid, shape):
+    """The 2D AND experiment: the components' contours, then per weighting the product density and its samples."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(rows) + 1, figsize=(4 * (len(rows) + 1), 4), sharex=True, sharey=True)
+    X, Y = grid[:, 0].reshape(shape), grid[:, 1].reshape(shape)
+    for lq, name in zip(log_q, names):
+        axes[0].contour(X, Y, np.exp(lq).reshape(shape), levels=4)
+    axes[0].set_title("components: " + ", ".join(names), fontsize=8)
+    for ax, (label, row) in zip(axes[1:], rows.items()):
+        w = np.array(list(row["weights"].values()))
+        lp = w @ log_q
+        ax.contourf(X, Y, np.exp(lp - lp.max()).reshape(shape), levels=12, cmap="Blues")
+        s = row["_samples"]
+        ax.scatter(s[:, 0], s[:, 1], s=2, c="k", alpha=0.4)
+        ax.set_title(f"{label}\nμ={np.round(w, 2).tolist()} max KL={row['max_kl']:.3f}", fontsize=8)
+    for ax in axes:
+        ax.set_xlim(-1.6, 1.6)
+        ax.set_ylim(-1.6, 1.6)
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_toy2d_or(path, rows):
+    """The 2D OR experiment: per training weighting the samples and their mode masses."""
+    plt = _plt()
+    sampled = {k: v for k, v in rows.items() if "_samples" in v}
+    fig, axes = plt.subplots(1, len(sampled), figsize=(4 * len(sampled), 4), sharex=True, sharey=True)
+    for ax, (label, row) in zip(axes, sampled.items()):
+        s = row["_samples"]
+        ax.scatter(s[:, 0], s[:, 1], s=2, alpha=0.4)
+        m = list(row["mode_masses"].values())
+        ax.set_title(f"{label}\nmasses A,B+,B- = {m[0]:.2f}, {m[1]:.2f}, {m[2]:.2f}", fontsize=8)
+        ax.set_xlim(-1.6, 1.6)
+        ax.set_ylim(-1.6, 1.6)
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

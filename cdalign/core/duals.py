@@ -5,7 +5,12 @@ registered in :data:`DUAL_OPTIMIZERS` and built from a config's ``DualSpec`` by 
 :meth:`DualOptimizer.from_spec` (a newly registered rule needs no edit elsewhere).
 A *slack* ``g_i`` is positive when constraint i is violated (``g = b − E[r]`` for
 "high", ``E[r] − b`` for "low", ``KL − max`` for a KL constraint); multipliers λ_i ≥ 0
-grow while their constraint is violated and shrink toward 0 while it holds."""
+grow while their constraint is violated and shrink toward 0 while it holds.
+
+The tuning values of a rule (its gains, the initial λ, the warm-up's starting fraction)
+have no defaults here: a run's ``DualSpec`` (:mod:`cdalign.alignment.specs`) declares
+them once and :meth:`DualOptimizer.from_spec` passes them on. What is off unless asked
+for (warm-up, freezing, νPI's anti-windup) defaults to off."""
 
 from __future__ import annotations
 
@@ -41,7 +46,11 @@ class DualOptimizer:
     A rule subclasses this, implements :meth:`_update` (the new λ ≥ 0, via
     :func:`projected_ascent`) and, if it has gains of its own, :meth:`from_spec`."""
 
-    def __init__(self, num_constraints: int, init=0.0, warmup_steps: int = 0, warmup_start: float = 0.1, frozen=False):
+    def __init__(self, num_constraints: int, *, init: float | Sequence[float], warmup_steps: int = 0,
+                 warmup_start: float | None = None, frozen: bool = False):
+        if warmup_steps > 0 and warmup_start is None:
+            raise ValueError("dual.warmup_start: required with warmup_steps > 0 (the fraction of the gains at the "
+                             "first dual step)")
         self.multipliers = _as_vector(init, num_constraints, "dual.init").clamp(min=0)
         self.warmup_steps, self.warmup_start, self.frozen = warmup_steps, warmup_start, frozen
         self.num_steps = 0
@@ -73,7 +82,7 @@ class DualOptimizer:
 
     @classmethod
     def from_spec(cls, spec, num_constraints: int) -> "DualOptimizer":
-        """Build from a ``DualSpec`` (cdalign.alignment.config). A rule with gains of its own
+        """Build from a ``DualSpec`` (cdalign.alignment.specs). A rule with gains of its own
         overrides this to read them; the default passes the common arguments only."""
         return cls(num_constraints, **cls.common_kwargs(spec))
 
@@ -89,7 +98,7 @@ class DualOptimizer:
 class ProjectedGradientAscent(DualOptimizer):
     """``λ ← max(0, λ + η·g)``."""
 
-    def __init__(self, num_constraints: int, lr=0.05, **kw):
+    def __init__(self, num_constraints: int, *, lr: float | Sequence[float], **kw):
         super().__init__(num_constraints, **kw)
         self.lr = _as_vector(lr, num_constraints, "dual.lr")
 
@@ -111,7 +120,8 @@ class NuPI(DualOptimizer):
     constraint is skipped while its error shrinks (``0 < e_t < ξ_{t−1}``), so λ grows only
     while progress stalls; decreases are never held."""
 
-    def __init__(self, num_constraints: int, kappa_i=0.05, kappa_p=0.0, nu=0.1, anti_windup=False, **kw):
+    def __init__(self, num_constraints: int, *, kappa_i: float | Sequence[float], kappa_p: float | Sequence[float],
+                 nu: float, anti_windup: bool = False, **kw):
         super().__init__(num_constraints, **kw)
         self.kappa_i = _as_vector(kappa_i, num_constraints, "dual.kappa_i")
         self.kappa_p = _as_vector(kappa_p, num_constraints, "dual.kappa_p")
@@ -153,7 +163,7 @@ class NuPI(DualOptimizer):
 
 def build_dual_optimizer(spec, num_constraints: int) -> DualOptimizer:
     """The rule ``spec.optimizer`` of :data:`DUAL_OPTIMIZERS`, built by its ``from_spec``
-    from a ``DualSpec`` (cdalign.alignment.config)."""
+    from a ``DualSpec`` (cdalign.alignment.specs)."""
     return DUAL_OPTIMIZERS.get(spec.optimizer).from_spec(spec, num_constraints)
 
 

@@ -12,7 +12,6 @@ what the chain KL (``cdalign.core.kl``) and the step log-probability need.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterable
 
 import torch
@@ -81,82 +80,6 @@ class GuidedDenoiser:
 
 
 GuidedUNet = GuidedDenoiser  # the SD 1.x name
-
-
-def _tuner_layers(module):
-    """The peft tuner layers (LoRA-wrapped linears and convolutions) inside ``module``, lazily."""
-    # peft is imported here, not at the top: the math core imports torch only.
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return (m for m in module.modules() if isinstance(m, BaseTunerLayer))
-
-
-def _first_lora_layer(unet):
-    """A peft tuner layer of ``unet`` (all share the adapter state set by UNet-level calls)."""
-    return next(_tuner_layers(unet), None)
-
-
-def adapter_parameters(module, adapter: str | None = None) -> list[torch.nn.Parameter]:
-    """The parameters of adapter ``adapter`` (None: of every adapter) on ``module``, found
-    structurally (the adapter's own sub-modules of each peft tuner layer, e.g. ``lora_A``
-    and ``lora_B``), never by matching parameter names. In ``named_parameters`` order;
-    empty for a module without adapters. Everything else is the base model."""
-    ids = set()
-    for layer in _tuner_layers(module):
-        for attr in layer.adapter_layer_names:  # peft: the per-adapter dicts holding trainable weights
-            holder = getattr(layer, attr)  # ModuleDict or ParameterDict keyed by adapter name
-            for name in holder.keys() if adapter is None else [adapter]:
-                if name in holder:
-                    part = holder[name]
-                    ids.update(map(id, part.parameters() if isinstance(part, torch.nn.Module) else [part]))
-    return [p for p in module.parameters() if id(p) in ids]
-
-
-def set_unet_state(unet, adapter: str | None) -> None:
-    """Activate ``adapter`` alone on ``unet`` (None: all adapters off, the base model).
-    A switch walks every module (~10% of a tiny UNet call), so an unchanged state is kept."""
-    if not getattr(unet, "_hf_peft_config_loaded", False):
-        if adapter is not None:
-            raise ValueError(f"adapter {adapter!r} is not loaded on this UNet (it has no adapters)")
-        return
-    layer = _first_lora_layer(unet)
-    if adapter is None:
-        if layer is None or not layer.disable_adapters:
-            unet.disable_adapters()
-        return
-    if adapter not in unet.peft_config:
-        raise ValueError(f"adapter {adapter!r} is not loaded; loaded adapters: {', '.join(unet.peft_config)}")
-    if layer is not None and not layer.disable_adapters and list(layer.active_adapters) == [adapter]:
-        return
-    unet.enable_adapters()
-    unet.set_adapters([adapter])
-
-
-@contextlib.contextmanager
-def adapters_disabled(unet):
-    """Base-model predictions from the *same* UNet: the LoRA adapters are switched off
-    inside the block (never a second UNet copy in memory), and back on after it."""
-    has_adapters = getattr(unet, "_hf_peft_config_loaded", False)
-    layer = _first_lora_layer(unet) if has_adapters else None
-    switch = layer is not None and not layer.disable_adapters
-    if switch:
-        unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        if switch:
-            unet.enable_adapters()
-
-
-class WithAdaptersDisabled:
-    """Wrap a predictor so that it runs with its UNet's adapters disabled."""
-
-    def __init__(self, predictor: GuidedDenoiser):
-        self.predictor = predictor
-
-    def __call__(self, x_t, t):
-        with adapters_disabled(self.predictor.model):
-            return self.predictor(x_t, t)
 
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor, bool], None]

@@ -11,22 +11,61 @@ from collections.abc import Sequence
 
 import torch
 
-# Purposes: the second part of ``derived_seed(seed, purpose, ...)``, one per kind of draw,
-# so that no two kinds share a stream. The integers are part of every run's results:
-# changing one changes what a seed draws (e.g. the default recipe's λ trajectory).
-TRAIN_BATCH = 0  # trainer: prompts, image seeds, truncation K of each optimiser step (…, index)
-NORMALIZATION_BATCH = 1  # trainer: base-model samples for the reward statistics (…, batch)
-EVAL_ITEMS = 2  # the evaluation images (seed, EVAL_ITEMS, image index)
-LORA_INIT = 3  # trainer: the LoRA's random A matrices
-COMPOSITION_DUAL_BATCH = 10  # composer: the batch of dual step k (…, k)
-DISTILL_LORA_INIT = 21  # distillation: the student LoRA's A matrices
-DISTILL_BATCH = 30  # distillation: prompts, seeds and steps of optimiser step k (…, k)
-MIXTURE_EVAL_TRIPLES = 40  # mixture: fixed (image, t, noise) triples of dataset i (…, i)
-MIXTURE_ALONE_LORA_INIT = 50  # mixture: + i, the LoRA fitted on dataset i alone (irreducible loss; i < 10)
-MIXTURE_ALONE_BATCH = 60  # mixture: + i, its training batches (…, step)
-MIXTURE_LORA_INIT = 70  # mixture: the mixture LoRA
-MIXTURE_TRAIN_BATCH = 80  # mixture: its training batches (…, step)
-MIXTURE_MASS_SAMPLES = 90  # mixture: the images whose support masses are counted (…, image index)
+# Purposes: the second part of ``derived_seed(seed, purpose, ...)``, one per kind of draw, so
+# that no two kinds share a stream. A purpose is a name; ``seed_purpose(name, index)`` gives
+# its integer, and that integer is part of every run's results (changing one changes what a
+# seed draws, e.g. the default recipe's λ trajectory).
+#
+# The purposes that existed before purposes were named keep the integers they had then, in
+# this table (name: (first integer, how many consecutive indices)), so that earlier runs
+# reproduce. The table is closed: a new purpose is a new name, whose integer is derived from
+# a hash of the name (and index) into [HASHED_PURPOSE_FLOOR, 2**63), which the table's
+# integers (all below 100) cannot reach.
+TABLED_PURPOSES: dict[str, tuple[int, int]] = {
+    "train_batch": (0, 1),  # trainer: prompts, image seeds, truncation K of each optimiser step (…, index)
+    "normalization_batch": (1, 1),  # trainer: base-model samples for the reward statistics (…, batch)
+    "eval_items": (2, 1),  # the evaluation images (seed, EVAL_ITEMS, image index)
+    "lora_init": (3, 1),  # trainer: the LoRA's random A matrices
+    "composition_dual_batch": (10, 1),  # composer: the batch of dual step k (…, k)
+    "distill_lora_init": (21, 1),  # distillation: the student LoRA's A matrices
+    "distill_batch": (30, 1),  # distillation: prompts, seeds and steps of optimiser step k (…, k)
+    "mixture_eval_triples": (40, 1),  # mixture: fixed (image, t, noise) triples of dataset i (…, i)
+    "mixture_alone_lora_init": (50, 10),  # mixture: index i, the LoRA fitted on dataset i alone (irreducible loss)
+    "mixture_alone_batch": (60, 10),  # mixture: index i, its training batches (…, step)
+    "mixture_lora_init": (70, 1),  # mixture: the mixture LoRA
+    "mixture_train_batch": (80, 1),  # mixture: its training batches (…, step)
+    "mixture_mass_samples": (90, 1),  # mixture: the images whose support masses are counted (…, image index)
+}
+HASHED_PURPOSE_FLOOR = 2**32
+
+
+def seed_purpose(name: str, index: int = 0) -> int:
+    """The integer of purpose ``name`` (its ``index``-th, for a purpose with one stream per
+    item, e.g. per dataset): ``first + index`` for a tabled purpose within its indices, else
+    a 63-bit hash of ``"name/index"`` at or above :data:`HASHED_PURPOSE_FLOOR`."""
+    if index < 0:
+        raise ValueError(f"seed purpose {name!r}: index must be >= 0, got {index}")
+    first, count = TABLED_PURPOSES.get(name, (None, 0))
+    if index < count:
+        return first + index
+    h = int.from_bytes(hashlib.sha256(f"{name}/{index}".encode()).digest()[:8], "little") >> 1
+    return HASHED_PURPOSE_FLOOR + h % (2**63 - HASHED_PURPOSE_FLOOR)
+
+
+# The purposes under the names their callers use (``seed_purpose`` of each name, index 0).
+TRAIN_BATCH = seed_purpose("train_batch")
+NORMALIZATION_BATCH = seed_purpose("normalization_batch")
+EVAL_ITEMS = seed_purpose("eval_items")
+LORA_INIT = seed_purpose("lora_init")
+COMPOSITION_DUAL_BATCH = seed_purpose("composition_dual_batch")
+DISTILL_LORA_INIT = seed_purpose("distill_lora_init")
+DISTILL_BATCH = seed_purpose("distill_batch")
+MIXTURE_EVAL_TRIPLES = seed_purpose("mixture_eval_triples")
+MIXTURE_ALONE_LORA_INIT = seed_purpose("mixture_alone_lora_init")  # + i == seed_purpose(…, i) for i < 10
+MIXTURE_ALONE_BATCH = seed_purpose("mixture_alone_batch")  # + i == seed_purpose(…, i) for i < 10
+MIXTURE_LORA_INIT = seed_purpose("mixture_lora_init")
+MIXTURE_TRAIN_BATCH = seed_purpose("mixture_train_batch")
+MIXTURE_MASS_SAMPLES = seed_purpose("mixture_mass_samples")
 
 
 def derived_seed(*parts: int) -> int:

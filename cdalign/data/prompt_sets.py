@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from cdalign.data.shapes import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, SIZES, caption
-from cdalign.models.hub_files import HubSnapshot, download_snapshot
+from cdalign.hub_access.downloads import HubSnapshot, download_snapshot, hub_offline, repo_id_problem
 from cdalign.registry import Registry
 
 PROMPT_SETS: Registry[Callable[[], list[str]]] = Registry("prompt set")
@@ -131,22 +131,18 @@ def _from_hub(dataset_id: str, column: str, split: str, revision: str | None) ->
     """Prompts of a Hub dataset repo: the repo's snapshot at ``revision`` (so the commit
     it resolved to is known and the offline cache serves it), loaded by ``datasets``."""
     import datasets  # heavy (pyarrow, pandas): only runs that read a Hub dataset need it
-    from huggingface_hub import constants
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     at = f"revision {revision or 'main'}"
     sets = ", ".join(PROMPT_SETS.names())
-    try:
-        validate_repo_id(dataset_id)
-    except HFValidationError:
+    if repo_id_problem(dataset_id) is not None:
         raise ValueError(
             f"prompts={dataset_id!r} is neither a prompt set ({sets}), nor a local .txt/.json/.jsonl file "
             "(none exists there), nor a valid Hub dataset id"
-        ) from None
+        )
     try:
         snapshot = download_snapshot(dataset_id, revision=revision, repo_type="dataset")
     except Exception as err:  # huggingface_hub's errors: not found, revision not found, offline and uncached
-        offline = " (HF_HUB_OFFLINE=1 and it is not in the local Hub cache)" if constants.HF_HUB_OFFLINE else ""
+        offline = " (HF_HUB_OFFLINE=1 and it is not in the local Hub cache)" if hub_offline() else ""
         cause = str(err).strip().splitlines()[0][:200].rstrip(".") if str(err).strip() else type(err).__name__
         raise ValueError(
             f"prompts={dataset_id!r} ({at}) is neither a prompt set ({sets}), nor a local .txt/.json/.jsonl file, "

@@ -11,17 +11,23 @@ setting this module finds, per setting:
 - how far past each threshold each lands (the overshoot, positive = beyond);
 - how many runs of an ascending equal-weight sweep a user needs before one is feasible.
 
-Nothing here trains or samples: ``benchmarks/frontier.py`` runs the trainer and calls these."""
+The experiment itself (:func:`grid`: the weighted family and one constrained run per setting,
+:func:`resolved_config`, :func:`is_reusable`, :func:`load_point`) is defined here too. Nothing
+here trains or samples: ``benchmarks/frontier.py`` runs the trainer and calls these; the table
+is :func:`cdalign.publishing.summaries.frontier_table`."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
-from cdalign.core.statistics import MET_MARKS, constraint_decision, mean_and_ci, met_label, paired_difference, slack
+from cdalign.alignment.config import config_to_dict, load_config_file
+from cdalign.alignment.specs import ConstraintSpec, DualSpec
+from cdalign.core.statistics import constraint_decision, mean_and_ci, paired_difference, slack
 from cdalign.evaluation.scoring import EVAL_VALUES_FILE, load_eval_values
 from cdalign.publishing.plotting import pyplot
 from cdalign.runs.report import REPORT_FILE, AlignmentReport
@@ -152,50 +158,6 @@ def compare_setting(constrained: RunPoint, fixed: Sequence[RunPoint], sweep: Seq
     return row
 
 
-def _fmt(entry: dict) -> str:
-    lo, hi = entry["ci95"]
-    return f"{entry['mean']:+.4g} [{lo:+.4g}, {hi:+.4g}]"
-
-
-def _met(c: dict) -> str:
-    return MET_MARKS[met_label(c)]
-
-
-def frontier_table(rows: Sequence[dict], num_images: int) -> str:
-    """Markdown: one block of rows per threshold setting (constrained run, cheapest feasible
-    fixed weight), then the paired KL difference and the sweep count."""
-    lines = ["| setting | run | constraint values (✓ mean met, ✓✓ CI clears) | chain KL (nats) | its KL − constrained's (paired) |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        th = ", ".join(f"{k} {'≥' if v['direction'] == 'high' else '≤'} {v['threshold']:+g}" for k, v in r["thresholds"].items())
-        c = r["constrained"]
-        vals = "; ".join(f"{_fmt(v)} {_met(v)} ({v['overshoot']:+.2f} past)" for v in c["constraints"].values())
-        lam = ", ".join(f"{v:.2f}" for v in c["duals"].values())
-        lines.append(f"| {r['setting']}: {th} | constrained (one run; final λ {lam}) | {vals} | {_fmt(c['kl'])} | – |")
-        for key, what, family in (("equal", "equal weight", r["sweep_runs"]), ("mean", "weight", r["fixed_runs"]),
-                                  ("ci", "weight with every CI clear", r["fixed_runs"])):
-            best = r[f"cheapest_feasible_{key}"]
-            if best is None:
-                lines.append(f"| | no {what} of {family} meets every threshold | | | |")
-                continue
-            w = ", ".join(f"{v:g}" for v in (best["weights"] or {}).values())
-            vals = "; ".join(f"{_fmt(v)} {_met(v)} ({v['overshoot']:+.2f} past)" for v in best["constraints"].values())
-            d = best["kl_difference"]
-            lines.append(f"| | cheapest feasible {what}, λ = ({w}) | {vals} | {_fmt(best['kl'])} | "
-                         f"{-d['mean']:+.4f} [{-d['ci95'][1]:+.4f}, {-d['ci95'][0]:+.4f}]: constrained is {d['verdict']} |")
-        lines.append(f"| | verdict | one constrained run {'meets' if r['constrained']['feasible'] else 'MISSES'} every "
-                     f"threshold; KL no larger than the cheapest feasible weight's: "
-                     f"{'yes' if r['claim_holds'] else 'NO'}; than the cheapest feasible equal weight's: "
-                     f"{'yes' if r['claim_holds_vs_equal_weights'] else 'NO'} | | |")
-        k = r["sweep_runs_to_first_feasible"]
-        lines.append(f"| | sweep | {len(r['feasible_fixed'])} of {r['fixed_runs']} fixed weights feasible; an ascending "
-                     f"equal-weight sweep finds its first after {k if k else 'none of'} {'' if k else str(r['sweep_runs']) + ' '}run(s) | | |")
-    lines += ["", f"Means with 95% CIs over the same {num_images} held-out images for every run (same prompts and "
-              "seeds); the KL difference is paired over those images (fixed − constrained: positive means the fixed "
-              "weight pays more KL)."]
-    return "\n".join(lines)
-
-
 def _draw_run(ax, sx: dict, sy: dict, colour: str, label: str, fixed: bool) -> None:
     """One run at (mean x, mean y) with its 95% CIs as a cross, and its label."""
     ax.errorbar(sx["mean"], sy["mean"], xerr=[[sx["mean"] - sx["ci95"][0]], [sx["ci95"][1] - sx["mean"]]],
@@ -253,3 +215,90 @@ def plot_frontier(plane_path: str | Path, kl_path: str | Path, points: Sequence[
     fig.tight_layout()
     fig.savefig(kl_path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------
+# The experiment of benchmarks/frontier.py: its runs, their configs, reuse
+# ---------------------------------------------------------------------------------
+
+# The main job's recipe (the repository's; the experiment runs from a checkout).
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "multi_reward.yaml"
+X, Y = "colorfulness_high", "brightness_high"  # the recipe's two constraints, in its order
+
+# Equal weights: from "misses both" to "overshoots both" (λ=0.5 is the recipe's dual.init).
+EQUAL = (0.05, 0.15, 0.5, 1.5, 4.0)
+# Unequal (λ_colorfulness, λ_brightness): one leaning on each reward.
+UNEQUAL = ((0.05, 0.5), (0.5, 0.05))
+# Threshold settings (colorfulness ≥ a, brightness ≥ b), in base-model std.
+SETTINGS = {
+    "default": (0.75, 0.35),   # the main job's
+    "uneven": (0.25, 0.5),     # colour easy, brightness hard: no equal weight reaches brightness +0.5σ (colour outpulls it)
+    "colour_first": (1.5, 0.0),  # colour hard, brightness only guarded (vivid colour darkens)
+}
+CONFIDENCE = 0.95
+QUICK = {"equal": (0.5, 1.5), "unequal": (), "settings": ("default",),
+         "overrides": {"max_steps": 2, "eval_batches": 2, "normalization_batches": 2, "num_grid_images": 0}}
+
+
+def _weights_name(lam: tuple[float, float]) -> str:
+    return "fixed_" + "_".join(f"{v:g}" for v in lam)
+
+
+def grid(quick: bool) -> tuple[dict[str, dict], dict[str, str]]:
+    """``{run name: config overrides}`` and ``{setting: constrained run name}``."""
+    equal = QUICK["equal"] if quick else EQUAL
+    unequal = QUICK["unequal"] if quick else UNEQUAL
+    settings = {k: SETTINGS[k] for k in QUICK["settings"]} if quick else SETTINGS
+    runs: dict[str, dict] = {}
+    for lam in [(v, v) for v in equal] + list(unequal):
+        runs[_weights_name(lam)] = {"dual": {"freeze": True, "init": list(lam), "warmup_steps": 0}, "weights": lam}
+    constrained_of = {}
+    for s, (a, b) in settings.items():
+        name = f"constrained_{s}"
+        runs[name] = {"constraints": [
+            {"reward": "colorfulness", "direction": "high", "threshold": a, "normalize": True, "confidence": CONFIDENCE},
+            {"reward": "brightness", "direction": "high", "threshold": b, "normalize": True, "confidence": CONFIDENCE}]}
+        constrained_of[s] = name
+    return runs, constrained_of
+
+
+def resolved_config(name: str, spec: dict, out: Path, overrides: dict, eval_batches: int, recipe: str | Path = RECIPE):
+    """The recipe (default: the main job's) with this run's duals or thresholds, its folder
+    ``out/runs/<name>`` and the shared evaluation."""
+    cfg = load_config_file(recipe)
+    fields = {"output_dir": str(out / "runs" / name), "eval_batches": eval_batches, **overrides}
+    if "dual" in spec:
+        # A frozen λ makes the gains and the thresholds inert: the weighted runs' configs name
+        # the library's defaults and no confidence, so tuning the recipe's duals or targets
+        # leaves these runs reusable.
+        fields["dual"] = DualSpec(**spec["dual"])
+        fields["constraints"] = [dataclasses.replace(c, confidence=None, margin=None) for c in cfg.constraints]
+    if "constraints" in spec:
+        fields["constraints"] = [ConstraintSpec(**c) for c in spec["constraints"]]
+    cfg = dataclasses.replace(cfg, **fields)
+    cfg.validate()
+    return cfg
+
+
+def _comparable(cfg) -> dict:
+    d = config_to_dict(cfg)
+    for k in ("overwrite_output_dir", "resume_from_checkpoint"):
+        d.pop(k, None)
+    return d
+
+
+def is_reusable(cfg) -> bool:
+    """A finished run (report.json and its per-image values) whose saved config is this one."""
+    run = Path(cfg.output_dir)
+    if not all((run / f).is_file() for f in (REPORT_FILE, "config.yaml", EVAL_VALUES_FILE)):
+        return False
+    try:
+        return _comparable(load_config_file(run / "config.yaml")) == _comparable(cfg)
+    except (ValueError, OSError):
+        return False
+
+
+def load_point(name: str, cfg, weights) -> tuple[RunPoint, AlignmentReport]:
+    """A finished run as a :class:`RunPoint` (its per-image values, ``weights``: its frozen λ
+    or None), and its report."""
+    return RunPoint.from_run(name, cfg.output_dir, weights)

@@ -45,13 +45,11 @@ from cdalign.alignment.config import (
     config_from_dict,
     load_config_file,
 )
+from cdalign.core.families import denoiser_of
 from cdalign.core.normalization import (
     MIN_NORMALIZATION_SAMPLES,
-    model_fingerprint,
-    reward_identity,
     stats_from_samples,
 )
-from cdalign.core.families import denoiser_of
 from cdalign.core.problem import ConstrainedProblem
 from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import evaluation_items
@@ -64,6 +62,8 @@ from cdalign.evaluation.scoring import (
     LoadedCheckpoint,
     score_checkpoints,
 )
+from cdalign.models.adapters import model_fingerprint
+from cdalign.runs.fingerprints import reward_identity
 
 # The suite and its checkpoint specs live in cdalign.evaluation.suite (typed configs of
 # cdalign.fields); re-exported here, their old home.
@@ -75,8 +75,7 @@ from cdalign.evaluation.suite import (  # noqa: F401
     load_suite,
 )
 from cdalign.fields import check_mixed_precision, read_yaml_mapping
-from cdalign.models.checkpointing import atomic_write_text
-from cdalign.models.hub_files import download_file
+from cdalign.hub_access.downloads import download_file
 from cdalign.models.lora import (
     is_local_source,
     load_lora,
@@ -86,8 +85,8 @@ from cdalign.models.pipeline import load_pipeline, precision_dtype
 from cdalign.publishing.plotting import pyplot, save_grid
 from cdalign.publishing.tables import comparison_table, md, md_code
 from cdalign.rewards import REWARDS
+from cdalign.runs.atomic import atomic_write, atomic_write_text
 from cdalign.runs.report import REPORT_FILE, AlignmentReport, ConstraintResult, ReportFormatError, constraint_units
-from cdalign.utils.files import atomic_write
 
 CACHE_VERSION = 1  # bump when the cached batch layout or its meaning changes
 

@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 from cdalign.core.kl import ChainKLAccumulator, choose_kl_steps
 from cdalign.core.normalization import RewardStats
 from cdalign.core.problem import Constraint
-from cdalign.core.sampling import DiffusionSampler, WithAdaptersDisabled
-from cdalign.utils.files import atomic_write
+from cdalign.core.sampling import DiffusionSampler
+from cdalign.models.adapters import WithAdaptersDisabled
+from cdalign.runs.atomic import atomic_write
 
 Item = tuple[str, int]  # (prompt, image seed)
 
@@ -48,8 +49,11 @@ EVAL_VALUES_FILE = "eval_values.safetensors"
 
 
 def save_eval_values(path, values: Mapping[str, torch.Tensor]) -> None:
-    """Write per-image values ``{name: (N,)}`` (float64) atomically as safetensors."""
-    tensors = {k: torch.as_tensor(v).detach().double().cpu().contiguous() for k, v in values.items()}
+    """Write per-image values ``{name: (N,)}`` (float64) atomically as safetensors. Each is
+    copied: two names may hold the same tensor (a KL constraint's values *are* the chain KL,
+    ``aligned/kl`` and ``kl``), and safetensors refuses tensors that share memory."""
+    tensors = {k: torch.as_tensor(v).detach().to(device="cpu", dtype=torch.float64).clone().contiguous()
+               for k, v in values.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 

@@ -11,7 +11,9 @@ a repeated key named with its line).
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from cdalign.fields import (
     ConfigFields,
     check_fields,
     dataclass_from_dict,
+    parse_args,
     read_yaml_mapping,
 )
 from cdalign.models.lora import LORA_WEIGHT_NAME
@@ -33,7 +36,7 @@ from cdalign.registry import Registry
 # register where they are written (``base``/``lora``: the harness; ``composed``: cdalign.composition).
 CHECKPOINT_KINDS: Registry = Registry("checkpoint kind")
 
-__all__ = ["CheckpointSpec", "EvaluationSuite", "find_suite", "load_suite", "resolve_suite_paths"]
+__all__ = ["CheckpointSpec", "EvaluationSuite", "find_suite", "load_suite", "parse_suite_command_line", "resolve_suite_paths"]
 
 # Suite dtype -> the torch dtype the base weights are loaded in (the names a suite accepts,
 # from the one precision map of cdalign.models.pipeline).
@@ -246,3 +249,49 @@ def load_suite(name_or_path: str | os.PathLike, search_dirs: Sequence[str | os.P
     path = find_suite(name_or_path, search_dirs)
     data = resolve_suite_paths(read_yaml_mapping(path), path)
     return EvaluationSuite.from_dict(data, where=str(path))
+
+
+def _command_line_options(p: argparse.ArgumentParser, suites_dir: Path, default_suite: str, epilog: str | None) -> None:
+    """The options of ``evaluation/evaluate.py`` that are not suite fields."""
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = epilog
+    p.add_argument("--suite", default=None, help=f"suite name in {suites_dir} (default: {default_suite}); "
+                   "--config takes a suite file (or a name) instead")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=SOURCE[@REVISION]",
+                   help="add a LoRA checkpoint: a local output folder or a Hub repo id (repeatable); 'base' adds the base model")
+    p.add_argument("--only", action="store_true", help="evaluate only the --checkpoint entries, not the suite's own")
+    p.add_argument("--output_dir", default=None, help="where to write (default: outputs/eval-<suite name>)")
+    p.add_argument("--no_cache", action="store_true", help="recompute every batch instead of resuming from the cache")
+    p.add_argument("--device", default=None, help="torch device (default: this process's accelerate device: its GPU, else cpu)")
+    p.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (1 on a shared CPU)")
+
+
+def parse_suite_command_line(argv: list[str] | None, suites_dir: str | os.PathLike, *, default_suite: str = "tiny",
+                             prog: str | None = None, description: str | None = None,
+                             epilog: str | None = None) -> tuple[EvaluationSuite, dict]:
+    """The suite the command line of ``evaluation/evaluate.py`` describes, and the script's
+    own options (``checkpoint``, ``only``, ``output_dir``, ``no_cache``, ``device``,
+    ``num_threads``). The suite file (``--config`` path or name, or ``--suite`` name in
+    ``suites_dir``; default ``default_suite``) is read and checked first, so its errors name
+    the file; then every ``--field`` flag overrides it, ``--checkpoint`` entries are added
+    (``--only``: they replace the suite's). Bad input raises ``ValueError`` or
+    ``FileNotFoundError``; ``--help`` prints and exits."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    suites_dir = Path(suites_dir)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    pre.add_argument("--suite")
+    chosen, rest = pre.parse_known_args(argv)
+    if chosen.config and chosen.suite:
+        raise ValueError("give --config or --suite, not both")
+    path = find_suite(chosen.config or chosen.suite or default_suite, [suites_dir])
+    if not any(a in ("-h", "--help") for a in rest):
+        load_suite(path)  # the file alone: its errors name it
+    raw, options = parse_args(EvaluationSuite, rest, default_recipe=path, resolve_paths=resolve_suite_paths,
+                              prog=prog, description=description,
+                              add_arguments=lambda p: _command_line_options(p, suites_dir, default_suite, epilog))
+    if "rewards" in raw and isinstance(raw["rewards"], list):  # --rewards a,b as well as --rewards a b
+        raw["rewards"] = [r.strip() for text in raw["rewards"] for r in str(text).split(",") if r.strip()]
+    extra = [CheckpointSpec.from_value(c, f"--checkpoint {c!r}") for c in options["checkpoint"]]
+    raw["checkpoints"] = extra if options["only"] else list(raw.get("checkpoints") or []) + extra
+    return dataclass_from_dict(EvaluationSuite, raw), options

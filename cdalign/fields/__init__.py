@@ -8,7 +8,8 @@ YAML files and the command line by one converter, with one set of error messages
 - :mod:`~cdalign.fields.yaml_io`: :func:`read_yaml_mapping` (safe loader, a repeated key
   is an error naming the key, the line and the column), :func:`save_yaml`.
 - :mod:`~cdalign.fields.cli`: :func:`build_parser` / :func:`parse_args` (``--config``
-  recipe then ``--field`` overrides; ``--help`` shows the values that will run).
+  recipe then ``--field`` overrides; ``--help`` shows the values that will run, fields
+  grouped by :class:`HelpGroup` where a config asks).
 - :mod:`~cdalign.fields.checks`: checks of run settings against this machine (output
   folder writable, trackers installed, no float16 on a CPU).
 
@@ -23,6 +24,7 @@ from cdalign.fields.checks import (
     check_trackers_installed,
 )
 from cdalign.fields.cli import (
+    HelpGroup,
     build_parser,
     format_default,
     parse_args,
@@ -54,6 +56,7 @@ from cdalign.fields.yaml_io import (
 __all__ = [
     "TRACKER_PACKAGES",
     "ConfigFields",
+    "HelpGroup",
     "build_parser",
     "check_fields",
     "check_mixed_precision",

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -30,12 +30,25 @@ from cdalign.fields.coercion import (
 )
 from cdalign.fields.yaml_io import parse_yaml, read_yaml_mapping
 
-__all__ = ["build_parser", "format_default", "parse_args", "parse_args_to_dict"]
+__all__ = ["HelpGroup", "build_parser", "format_default", "parse_args", "parse_args_to_dict"]
 
 # On the command line these spell "no value" for a field whose type allows None.
 CLI_NONE = ("none", "null", "~")
 
 _SCALARS = (str, int, float, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class HelpGroup:
+    """Plain fields that ``--help`` shows together, under ``title`` and ``description``.
+    ``collapsed``: the group lists its flags after the description and hides their own
+    help (fields that do not apply to the run described); the flags are accepted all the
+    same."""
+
+    title: str
+    description: str
+    fields: tuple[str, ...]
+    collapsed: bool = False
 
 
 def format_default(value, limit: int = 300) -> str:
@@ -75,8 +88,10 @@ def _is_scalar_list(tp) -> bool:
     return typing.get_origin(tp) is list and typing.get_args(tp)[0] in _SCALARS
 
 
-def _add_field_argument(group, flag: str, f: dataclasses.Field, tp, default=dataclasses.MISSING, source=None) -> None:
-    kwargs = {"dest": flag, "default": argparse.SUPPRESS, "help": _help_text(f, tp, default, source)}
+def _add_field_argument(group, flag: str, f: dataclasses.Field, tp, default=dataclasses.MISSING, source=None,
+                        hidden: bool = False) -> None:
+    help_text = argparse.SUPPRESS if hidden else _help_text(f, tp, default, source)
+    kwargs = {"dest": flag, "default": argparse.SUPPRESS, "help": help_text}
     members = [a for a in typing.get_args(tp) if a is not type(None)] if is_union(tp) else [tp]
     if members == [bool]:
         kwargs.update(nargs="?", const="true", metavar="{true,false}")
@@ -104,11 +119,13 @@ def build_parser(
     description: str | None = None,
     recipe: str | os.PathLike | None = None,
     default_recipe: str | os.PathLike | None = None,
+    help_groups: Sequence[HelpGroup] = (),
 ) -> argparse.ArgumentParser:
     """The ``argparse`` parser for config dataclass ``cls``: ``--config``, one ``--field``
     flag per field, dotted ``--spec.key`` flags for nested specs, and one YAML flag per
     list of specs. Values are kept as text and converted by :func:`dataclass_from_dict`,
-    so CLI and YAML share one conversion.
+    so CLI and YAML share one conversion. ``help_groups``: plain fields that ``--help``
+    shows under a heading of their own (:class:`HelpGroup`), placed at their first field.
 
     ``description``: the parser's description (default: ``cls``'s docstring). ``recipe``:
     a YAML recipe whose values ``--help`` shows as the defaults, marked "(from <recipe>)",
@@ -124,6 +141,8 @@ def build_parser(
     config_help = "YAML recipe to load first" + (
         f" (default: {_display_path(default_recipe)})." if default_recipe is not None else " (default: none).")
     parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help.replace("%", "%%"))
+    group_of = {name: g for g in help_groups for name in g.fields}
+    arg_groups = {}  # title -> the argparse group, made at its first field
     for f, tp in fields_with_types(cls):
         from_recipe = f.name in values
         if dataclasses.is_dataclass(tp):
@@ -167,7 +186,12 @@ def build_parser(
             )
         else:
             default = values[f.name] if from_recipe else field_default(f)
-            _add_field_argument(parser, f.name, f, tp, default, label if from_recipe else None)
+            g = group_of.get(f.name)
+            if g is not None and g.title not in arg_groups:
+                text = g.description + (f" Flags: {', '.join('--' + n for n in g.fields)}." if g.collapsed else "")
+                arg_groups[g.title] = parser.add_argument_group(g.title, text.replace("%", "%%"))
+            target = parser if g is None else arg_groups[g.title]
+            _add_field_argument(target, f.name, f, tp, default, label if from_recipe else None, hidden=bool(g and g.collapsed))
     return parser
 
 

@@ -15,9 +15,10 @@ from typing import Sequence
 import torch
 
 from cdalign.core.families import denoiser_of, family_of, family_of_denoiser, freeze_pipeline
-from cdalign.core.sampling import adapter_parameters
-from cdalign.models.hub_files import download_file
-from cdalign.utils.files import atomic_write
+from cdalign.hub_access.downloads import download_file
+from cdalign.models.adapters import adapter_parameters
+from cdalign.runs.atomic import atomic_write
+from cdalign.runs.distributed import full_tensor
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -105,7 +106,7 @@ def add_lora_adapter(
     """Add a LoRA adapter ``adapter_name`` (peft ``LoraConfig``) to ``unet``. B starts at
     zero, so the adapted model starts as the base model; A's random init is drawn from
     ``seed`` on a forked CPU RNG (the global RNG is left as it was). The adapter's
-    parameters are :func:`~cdalign.core.sampling.adapter_parameters` ``(unet, adapter_name)``."""
+    parameters are :func:`~cdalign.models.adapters.adapter_parameters` ``(unet, adapter_name)``."""
     from peft import LoraConfig
 
     with torch.random.fork_rng(devices=[]):
@@ -146,24 +147,6 @@ def prepare_lora_training(pipe, *, rank: int, alpha: float, target_modules: Sequ
         if p.requires_grad:  # trainable LoRA weights stay fp32 under mixed precision
             p.data = p.data.float()
     pipe.set_progress_bar_config(disable=True)
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind ``t``: a sharded ``DTensor`` (FSDP2) is all-gathered, which
-    is a collective: every process must call this, in the same order. Plain tensors pass."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def like_param(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``full`` (a whole tensor of ``param``'s shape) in ``param``'s device, dtype and, for a
-    sharded ``DTensor`` parameter, its layout (this process's shard); the inverse of
-    :func:`full_tensor`."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    full = full.to(device=param.device, dtype=param.dtype)
-    return distribute_tensor(full, param.device_mesh, param.placements) if isinstance(param, DTensor) else full
 
 
 def adapter_state_dict(unet, adapter_name: str) -> dict[str, torch.Tensor]:

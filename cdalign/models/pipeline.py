@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from cdalign.core.families import MODEL_FAMILIES, family_of, supported_pipelines
-from cdalign.models.hub_files import snapshot_of
+from cdalign.hub_access.downloads import hub_offline, repo_id_problem, snapshot_of
 from cdalign.models.lora import is_local_source
 from cdalign.models.tiny import (
     TINY_RANDOM_FLUX_ID,
@@ -98,12 +98,10 @@ def _embedded_suggestion(name: str) -> str | None:
 def _model_not_found(name: str, revision: str | None, what: str, err: Exception) -> ModelNotFoundError:
     """One message: what was looked for where, a did-you-mean over the embedded models,
     and the command that downloads a Hub model. ``err``: the Hub's (or cache's) error."""
-    from huggingface_hub import constants
-
     close = _embedded_suggestion(name)
     guess = f"Did you mean the embedded model {close!r}? " if close else ""
     looked = f"not an embedded model ({', '.join(EMBEDDED_MODELS.names())}), not a local folder"
-    if constants.HF_HUB_OFFLINE:
+    if hub_offline():
         hub = ", and not in the local Hub cache (HF_HUB_OFFLINE=1: the Hub is off)"
     else:
         cause = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
@@ -117,15 +115,12 @@ def _model_not_found(name: str, revision: str | None, what: str, err: Exception)
 
 def _check_hub_id(name: str, revision: str | None, what: str) -> None:
     """Refuse, without a network call, a name that cannot be a Hub repo id."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError as err:
+    problem = repo_id_problem(name)
+    if problem is not None:
         raise ModelNotFoundError(
             f"{what}={name!r} is not an embedded model ({', '.join(EMBEDDED_MODELS.names())}), not a local folder "
-            f"(none exists there), and not a valid Hub repo id ({err})"
-        ) from None
+            f"(none exists there), and not a valid Hub repo id ({problem})"
+        )
 
 
 def load_pipeline(

@@ -1,2 +1,4 @@
-"""Publishing results: model cards, the Hub push/pull CLI, markdown tables and plots.
-Reads reports as plain dicts; never imports the trainer or the evaluation harness."""
+"""Publishing results, the one rendering layer: every table, summary and model card
+(``tables``, ``summaries``, ``composition_tables``, ``demo_markdown``, ``cards``, ``tiny_card``),
+plots (``plotting``) and the Hub push/pull CLI (``hub``). Pure functions of plain dicts
+(reports, results); never imports the trainer, the evaluation harness or composition."""

@@ -1,4 +1,8 @@
-"""Model cards for constrained LoRAs, rendered with ``huggingface_hub.ModelCard``.
+"""Model cards, written by :func:`write_model_card` from one of two templates: a constrained
+LoRA's (``kind="lora"``, below) or an embedded tiny model's (``kind="tiny_model"``:
+:mod:`cdalign.publishing.tiny_card`, template ``model_cards/tiny_shapes_model.md``).
+
+A LoRA's card is rendered with ``huggingface_hub.ModelCard``.
 
 The card is generated from what a run wrote (``config.yaml``, ``report.json`` read as an
 :class:`~cdalign.runs.report.AlignmentReport`, the pictures) and, optionally, an
@@ -29,13 +33,15 @@ import yaml
 from cdalign.core.families import MODEL_FAMILIES
 from cdalign.core.normalization import MIN_NORMALIZATION_SAMPLES
 from cdalign.core.statistics import MET_MARKS, met_label
-from cdalign.models.checkpointing import atomic_write_text
 from cdalign.models.lora import is_local_source
 from cdalign.models.pipeline import EMBEDDED_MODELS
-from cdalign.publishing.tables import comparison_table, fence, md
+from cdalign.publishing.tables import comparison_table, fence, format_ci, md
+from cdalign.publishing.tiny_card import build_tiny_model_card
+from cdalign.runs.atomic import atomic_write_text
 from cdalign.runs.report import REPORT_FILE, AlignmentReport, Estimate
 
 TEMPLATE_NAME = "cdalign_lora.md"
+TINY_MODEL_TEMPLATE_NAME = "tiny_shapes_model.md"
 TAGS = ["lora", "cdalign", "constrained-alignment", "diffusers", "text-to-image", "stable-diffusion"]
 # Licenses of known base models (a LoRA inherits its base model's terms); others: "other".
 BASE_MODEL_LICENSES = {
@@ -49,10 +55,11 @@ PICTURES = (("samples: base (top) vs aligned (bottom), same seeds", "samples_bas
             ("dual variables, slacks and chain KL over training", "duals.png"))
 
 
-def default_template_path() -> Path:
-    """The card template shipped with the package: ``cdalign/data/cdalign_lora.md``, which in
-    the repository is a link to ``model_cards/cdalign_lora.md`` (built wheels hold a copy)."""
-    path = Path(__file__).resolve().parents[1] / "data" / TEMPLATE_NAME
+def default_template_path(name: str = TEMPLATE_NAME) -> Path:
+    """A card template shipped with the package: ``cdalign/data/<name>`` (default: the LoRA
+    card's ``cdalign_lora.md``), which in the repository is a link to ``model_cards/<name>``
+    (built wheels hold a copy)."""
+    path = Path(__file__).resolve().parents[1] / "data" / name
     if not path.is_file():
         raise FileNotFoundError(
             f"model card template {str(path)!r} not found (a broken install: it ships with the package, "
@@ -72,8 +79,7 @@ def yaml_safe(text: Any) -> str:
 def _ci(mean: float | None, ci95: Sequence[float] | None) -> str:
     if mean is None or ci95 is None:
         return "n/a"
-    lo, hi = ci95
-    return f"{mean:+.4g} [{lo:+.4g}, {hi:+.4g}]"
+    return format_ci(mean, ci95, "+.4g")
 
 
 def _estimate(entry: Estimate | None) -> str:
@@ -388,10 +394,25 @@ def build_model_card(
     return ModelCard.from_template(card_data, template_path=str(tpl), **kwargs)
 
 
-def write_model_card(output_dir: str | os.PathLike, **kwargs) -> Path:
-    """Render :func:`build_model_card` into ``output_dir/README.md`` (atomically)."""
+def tiny_model_card(output_dir: str | os.PathLike, *, results: dict, command: str,
+                    template_path: str | os.PathLike | None = None) -> str:
+    """The card of an embedded tiny model in ``output_dir`` (:func:`~cdalign.publishing.tiny_card.build_tiny_model_card`:
+    ``results`` of ``cdalign.evaluation.tiny_quality.evaluate``, measured by ``command``)."""
+    tpl = Path(template_path) if template_path else default_template_path(TINY_MODEL_TEMPLATE_NAME)
+    return build_tiny_model_card(output_dir, results, command, tpl)
 
-    card = build_model_card(output_dir, **kwargs)
+
+# What write_model_card renders, per kind of model: output_dir, keyword arguments -> the card.
+CARD_KINDS = {"lora": build_model_card, "tiny_model": tiny_model_card}
+
+
+def write_model_card(output_dir: str | os.PathLike, kind: str = "lora", **kwargs) -> Path:
+    """Render the card of ``kind`` into ``output_dir/README.md`` (atomically): ``"lora"`` a
+    constrained run (:func:`build_model_card`, its keyword arguments), ``"tiny_model"`` an
+    embedded tiny model (:func:`tiny_model_card`: ``results=``, ``command=``)."""
+    if kind not in CARD_KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(CARD_KINDS)}")
+    card = CARD_KINDS[kind](output_dir, **kwargs)
     path = Path(output_dir) / "README.md"
     atomic_write_text(path, str(card))
     return path

@@ -82,3 +82,23 @@ def plot_duals(path: str | os.PathLike, steps: list[int], names: list[str], mult
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_loss_curves(path: str | os.PathLike, panels: list[tuple[str, list[float]]]) -> Path:
+    """Plot each (title, per-step losses) panel: raw and 50-step moving average, log scale
+    (a pretraining run's ``loss_curve.png``)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    for ax, (title, losses) in zip(axes[0], panels):
+        steps = np.arange(1, len(losses) + 1)
+        ax.plot(steps, losses, alpha=0.3, lw=0.7)
+        if len(losses) >= 50:
+            ax.plot(steps[49:], np.convolve(losses, np.ones(50) / 50, mode="valid"), lw=1.5)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,9 +1,11 @@
-"""Markdown for reports and model cards: escaping user strings, code fences, and the
-checkpoint comparison table. Pure functions of plain dicts (``evaluation.json``)."""
+"""Markdown for reports and model cards: escaping user strings, code fences, the one
+"mean [lo, hi]" formatter (:func:`format_ci`) and the checkpoint comparison table. Pure
+functions of plain dicts (``evaluation.json``)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Sequence
 
 from cdalign.core.statistics import MET_MARKS, met_label
@@ -40,10 +42,15 @@ def fence(text: str, lang: str = "") -> str:
     return f"{ticks}{lang}\n{text.rstrip()}\n{ticks}"
 
 
-def _fmt_ci(mean: float, ci: Sequence[float]) -> str:
-    if not all(math.isfinite(x) for x in (mean, *ci)):
-        return "n/a"
-    return f"{mean:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+def format_ci(mean: float, ci: Sequence[float], fmt: str | Callable[[float], str] = "+.3f", *,
+              non_finite: str | None = None) -> str:
+    """A mean and its 95% CI as ``"mean [lo, hi]"``, every number written by ``fmt``: a format
+    spec (``"+.3f"``: signed, 3 decimals; ``".3g"``; ``"+.4g"``) or a function of the number.
+    ``non_finite``: what to show instead when a number is NaN or infinite (None: write them)."""
+    if non_finite is not None and not all(math.isfinite(x) for x in (mean, *ci)):
+        return non_finite
+    one = fmt if callable(fmt) else (lambda x: format(x, fmt))
+    return f"{one(mean)} [{one(ci[0])}, {one(ci[1])}]"
 
 
 def comparison_table(data: dict) -> str:
@@ -67,9 +74,10 @@ def comparison_table(data: dict) -> str:
         row = [md(name)]
         for n in rewards:
             r = e["rewards"][n]
-            row.append(_fmt_ci(r["normalized_mean"], r["normalized_ci95"]) if "normalized_mean" in r else _fmt_ci(r["mean"], r["ci95"]))
+            mean, ci = (r["normalized_mean"], r["normalized_ci95"]) if "normalized_mean" in r else (r["mean"], r["ci95"])
+            row.append(format_ci(mean, ci, non_finite="n/a"))
         kl = e["kl"].get("base")
-        row.append(_fmt_ci(kl["mean"], kl["ci95"]) if kl else "n/a")
+        row.append(format_ci(kl["mean"], kl["ci95"], non_finite="n/a") if kl else "n/a")
         by_name = {c["name"]: c for c in e["constraints"]}
         for cn in cons:
             c = by_name.get(cn)

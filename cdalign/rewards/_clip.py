@@ -10,13 +10,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from cdalign.rewards._hub import (
-    CLIP_TOKENIZER_FILES,
-    PREPROCESSOR_FILES,
-    quiet_transformers,
-    require_file,
-    resolve_folder,
-)
+from cdalign.hub_access.model_files import CLIP_TOKENIZER_FILES, PREPROCESSOR_FILES, require_file, resolve_folder
+from cdalign.rewards._loading import quiet_transformers
 from cdalign.rewards._preprocess import (
     ImageTransform,
     transform_from_preprocessor_config,

@@ -16,15 +16,9 @@ from typing import Sequence
 
 import torch
 
+from cdalign.hub_access.model_files import require_file, resolve_folder, resolve_transformers_model
 from cdalign.rewards._clip import l2_normalize
-from cdalign.rewards._hub import (
-    from_pretrained_checked,
-    load_into,
-    load_state_dict,
-    require_file,
-    resolve_folder,
-    resolve_transformers_model,
-)
+from cdalign.rewards._loading import from_pretrained_checked, load_into, load_state_dict
 from cdalign.rewards._preprocess import clip_transform
 from cdalign.rewards.base import REWARDS, Reward, check_inputs
 

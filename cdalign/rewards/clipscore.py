@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from cdalign.hub_access.model_files import resolve_transformers_model
 from cdalign.rewards._clip import (
     cosine_similarity,
     image_embeds,
@@ -21,7 +22,7 @@ from cdalign.rewards._clip import (
     text_embeds,
     tokenize,
 )
-from cdalign.rewards._hub import from_pretrained_checked, resolve_transformers_model
+from cdalign.rewards._loading import from_pretrained_checked
 from cdalign.rewards.base import REWARDS, Reward, check_inputs
 
 DEFAULT_CLIPSCORE_ID = "openai/clip-vit-large-patch14"

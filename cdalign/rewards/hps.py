@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from cdalign.hub_access.model_files import require_file, resolve_folder
 from cdalign.rewards._clip import (
     build_clip_from_config,
     cosine_similarity,
@@ -35,12 +36,7 @@ from cdalign.rewards._clip import (
     text_embeds,
     tokenize,
 )
-from cdalign.rewards._hub import (
-    load_into,
-    load_state_dict,
-    require_file,
-    resolve_folder,
-)
+from cdalign.rewards._loading import load_into, load_state_dict
 from cdalign.rewards.base import REWARDS, Reward, check_inputs
 
 DEFAULT_HPS_ID = "xswu/HPSv2"

@@ -31,13 +31,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from cdalign.rewards._hub import (
-    load_into,
-    load_state_dict,
-    quiet_transformers,
-    require_file,
-    resolve_folder,
-)
+from cdalign.hub_access.model_files import require_file, resolve_folder
+from cdalign.rewards._loading import load_into, load_state_dict, quiet_transformers
 from cdalign.rewards._preprocess import clip_transform
 from cdalign.rewards.aesthetic import AestheticMLP
 from cdalign.rewards.base import REWARDS, Reward, check_inputs

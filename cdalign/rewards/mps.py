@@ -41,6 +41,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from cdalign.hub_access.model_files import RewardModelNotFoundError, require_file, resolve_folder
 from cdalign.rewards._clip import (
     build_clip_from_config,
     cosine_similarity,
@@ -48,13 +49,7 @@ from cdalign.rewards._clip import (
     load_image_transform,
     tokenize,
 )
-from cdalign.rewards._hub import (
-    RewardModelNotFoundError,
-    load_into,
-    load_state_dict,
-    require_file,
-    resolve_folder,
-)
+from cdalign.rewards._loading import load_into, load_state_dict
 from cdalign.rewards.base import REWARDS, Reward, check_inputs
 
 DEFAULT_MPS_FILE = "MPS_overall_checkpoint.safetensors"

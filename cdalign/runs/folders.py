@@ -4,10 +4,15 @@
   mixture's): which files mark an earlier run (a fresh run refuses such a folder), and
   what ``overwrite_output_dir`` clears before a new run writes;
 - the recorded config (:func:`recorded_config`): the config as the run really ran it, with
-  the prompts and rewards passed in code and the Hub commits its sources resolved to;
+  the values the caller says it used instead (prompts and rewards passed in code, the Hub
+  commit a source resolved to: :func:`recordable_prompts`, :func:`user_reward_sources`,
+  :func:`pinned_commit`);
 - the resume comparison (:func:`check_resume_config`): a checkpoint's saved config against
-  this run's, so a resume never mixes two runs;
-- the step log ``log.jsonl`` (:func:`append_log`, :func:`cut_log`)."""
+  this run's, on the fields the caller does not let differ, so a resume never mixes two runs;
+- the step log ``log.jsonl`` (:func:`append_log`, :func:`cut_log`).
+
+Nothing here names a field of a trainer's or a composer's config: the caller passes what
+changed, what to compare and what may differ."""
 
 from __future__ import annotations
 
@@ -22,10 +27,10 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cdalign.core.normalization import callable_name
 from cdalign.fields import check_output_dir_writable, read_yaml_mapping
-from cdalign.models.checkpointing import list_checkpoints, remove_stale_temporaries
-from cdalign.utils.files import atomic_write_text, check_no_previous_run
+from cdalign.runs.atomic import atomic_write_text
+from cdalign.runs.checkpoints import list_checkpoints, remove_stale_temporaries
+from cdalign.runs.fingerprints import callable_name
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +64,17 @@ class RunFolder:
 
     def refuse_earlier_run(self, output_dir: str | os.PathLike) -> None:
         """``FileExistsError`` when ``output_dir`` holds a marker or a ``checkpoint-N`` folder
-        of an earlier run of this kind (:func:`~cdalign.utils.files.check_no_previous_run`)."""
-        markers = list(self.markers)
+        of an earlier run of this kind, naming up to four of them, :attr:`what` it holds and
+        the :attr:`remedies`. A folder that does not exist holds nothing. The caller decides
+        when the check applies (not when the run is to be overwritten or resumed)."""
+        out = Path(output_dir)
+        if not out.is_dir():
+            return
+        present = [m for m in self.markers if (out / m).exists()]
         if self.checkpoint_state is not None:
-            markers += [p.name for p in list_checkpoints(output_dir)]
-        check_no_previous_run(output_dir, markers, what=self.what, remedies=self.remedies)
+            present += [p.name for p in list_checkpoints(out)]
+        if present:
+            raise FileExistsError(f"output_dir={str(out)!r} already holds {self.what} ({', '.join(present[:4])}); {self.remedies}")
 
     def clear(self, output_dir: str | os.PathLike) -> list[str]:
         """Before a fresh run writes into ``output_dir`` (``overwrite_output_dir``): remove
@@ -104,10 +115,10 @@ def is_cdalign_card(path: str | os.PathLike) -> bool:
 
 # ------------------------------------------------------------------ the recorded config
 def user_reward_sources(rewards: Mapping[str, Callable], recorded: Mapping[str, str]) -> dict[str, str]:
-    """``reward_sources`` of a run given ``rewards`` in code: each user callable marked as
-    not recordable (with its ``cache_key`` if it has one). A reward
-    the config ``recorded`` from user code but not passed again warns: the registry reward
-    of that name runs instead."""
+    """What a run records for ``rewards`` given in code (reward name → source): each user
+    callable marked as not recordable (with its ``cache_key`` if it has one). A reward the
+    config ``recorded`` from user code but not passed again warns: the registry reward of
+    that name runs instead."""
     for n, source in recorded.items():
         if n not in rewards:
             warnings.warn(
@@ -135,22 +146,20 @@ def recordable_prompts(given, resolved: list[str]):
     return list(resolved)
 
 
-def recorded_config(config, *, reward_sources: Mapping[str, str], prompts: Mapping[str, object], sources: Mapping):
-    """``config`` as the run ran it, for ``config.yaml`` and checkpoints: ``prompts``
-    (field → :func:`recordable_prompts`, None to keep the config's) replace the config's
-    sources, ``reward_sources`` marks rewards from user callables, and Hub sources are
-    pinned to the commits they resolved to (``sources``: ``model``, ``prompts``,
-    ``eval_prompts`` records), so a rerun of ``config.yaml`` reads the same files."""
-    changes: dict = {"reward_sources": dict(reward_sources)}
-    for key, value in prompts.items():
-        if value is not None:
-            changes[key] = value
-    if sources["model"]:
-        changes["revision"] = sources["model"]["commit"]
-    prompt_commits = {s["commit"] for s in (sources["prompts"], sources["eval_prompts"]) if s}
-    if len(prompt_commits) == 1:
-        changes["prompt_revision"] = prompt_commits.pop()
-    return dataclasses.replace(config, **changes)
+def pinned_commit(*records: Mapping | None) -> str | None:
+    """The commit Hub source ``records`` (``{"commit": ...}``; None: not from the Hub) resolved
+    to, when they agree on one; None when none is from the Hub or they name several."""
+    commits = {r["commit"] for r in records if r}
+    return commits.pop() if len(commits) == 1 else None
+
+
+def recorded_config(config, changes: Mapping[str, object]):
+    """``config`` (a dataclass) as the run ran it, for ``config.yaml`` and checkpoints: each
+    field of ``changes`` takes the value the run really used (None keeps the config's), e.g.
+    prompts passed in code (:func:`recordable_prompts`), rewards from user callables
+    (:func:`user_reward_sources`), a Hub source pinned to the commit it resolved to
+    (:func:`pinned_commit`), so a rerun of ``config.yaml`` reads the same files."""
+    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
 
 
 # ------------------------------------------------------------------ the resume comparison

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdalign.utils.files import atomic_write_text
+from cdalign.runs.atomic import atomic_write_text
 
 REPORT_FILE = "report.json"
 RAW_UNITS = "raw"

@@ -5,7 +5,8 @@ UNet (:func:`wants_sharding`, a predicate), how it shards it (:func:`shard_unet`
 the collectives the training loop needs: the gradient mean over processes
 (:func:`reduce_gradients`) and "does a flag hold on every process" (:func:`on_all_processes`),
 and the end of a run (:func:`end_process_group`). Each takes the ``accelerate.Accelerator``
-of the run; none keeps state."""
+of the run; none keeps state. A sharded tensor is gathered whole with :func:`full_tensor`
+and laid out like a (sharded) parameter with :func:`like_param`."""
 
 from __future__ import annotations
 
@@ -39,6 +40,24 @@ def fsdp_plugin(accelerator):
 
         plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
     return plugin
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind ``t``: a sharded ``DTensor`` (FSDP2) is all-gathered, which
+    is a collective: every process must call this, in the same order. Plain tensors pass."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like_param(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` (a whole tensor of ``param``'s shape) in ``param``'s device, dtype and, for a
+    sharded ``DTensor`` parameter, its layout (this process's shard); the inverse of
+    :func:`full_tensor`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(device=param.device, dtype=param.dtype)
+    return distribute_tensor(full, param.device_mesh, param.placements) if isinstance(param, DTensor) else full
 
 
 def check_distributed_setup(accelerator) -> None:

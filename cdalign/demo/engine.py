@@ -1,16 +1,14 @@
 """What the demo computes, with no user interface: one shared pipeline of the embedded tiny
-model, the catalogue of LoRAs a visitor may pick, and the two actions of the page (aligned
-vs base; composition). Everything numeric is cdalign's own code: sampling and scoring
-through :func:`cdalign.evaluation.scoring.score_checkpoints`, verdicts through
-:meth:`cdalign.core.problem.Constraint.verdict`, composition weights, KLs and distillation
-through :mod:`cdalign.composition`, tables and snippets through :mod:`cdalign.publishing`.
+model, the catalogue of LoRAs a visitor may pick (:mod:`cdalign.demo.catalog`), and the two
+actions of the page (aligned vs base; composition). Everything numeric is cdalign's own code:
+sampling and scoring through :func:`cdalign.evaluation.scoring.score_checkpoints`, verdicts
+through :meth:`cdalign.core.problem.Constraint.verdict`, composition weights, KLs and
+distillation through :class:`cdalign.composition.ConstrainedComposer`, tables and snippets
+through :mod:`cdalign.publishing`.
 
-Safety (a public Space takes input from strangers): a LoRA is a shipped one, a run under the
-configured runs folder (its resolved path must stay inside it), or a Hub repo id checked
-against the repo-id pattern; weights are read only from safetensors, reports only as JSON;
-every request is bounded by :class:`Limits`; and the pipeline is used by one request at a
-time, under a lock, holding only that request's adapters (loaded at its start, deleted at
-its end), so concurrent requests never mix adapters."""
+Every request is bounded by :class:`~cdalign.demo.catalog.Limits`, and the pipeline is used by
+one request at a time, under a lock, holding only that request's adapters (loaded at its
+start, deleted at its end), so concurrent requests never mix adapters."""
 
 from __future__ import annotations
 
@@ -27,251 +25,33 @@ from pathlib import Path
 
 import torch
 
-from cdalign.composition import (
-    ComponentSpec,
-    ComposeConfig,
-    CompositionDistiller,
-    ConstrainedComposer,
-    DistillSpec,
-    DualAscentSpec,
-)
-from cdalign.composition.evaluation_kind import DistilledModel
+from cdalign.composition import ComponentSpec, ComposeConfig, ConstrainedComposer, DistillSpec, DualAscentSpec
 from cdalign.composition.plotting import plot_divergence_bars
 from cdalign.core.kl import KL_ESTIMATORS
 from cdalign.core.normalization import RewardStats
 from cdalign.core.problem import Constraint
-from cdalign.core.sampling import DiffusionSampler, set_unet_state
+from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import evaluation_items
-from cdalign.core.statistics import MET_MARKS, met_label, summarize
+from cdalign.core.statistics import summarize
 from cdalign.data.prompt_sets import load_prompts
+from cdalign.demo.catalog import DemoError, Limits, LoraCatalog, LoraSource, check_float, check_int
 from cdalign.evaluation.scoring import AdaptedModel, BaseModel, CheckpointScores, score_checkpoints
-from cdalign.models.hub_files import download_file
-from cdalign.models.lora import LORA_WEIGHT_NAME, check_safetensors, load_lora
+from cdalign.models.adapters import set_unet_state
+from cdalign.models.lora import LORA_WEIGHT_NAME, load_lora
 from cdalign.models.pipeline import load_pipeline
-from cdalign.publishing.cards import constraints_table, usage_snippet
-from cdalign.publishing.tables import md
+from cdalign.publishing.cards import usage_snippet
+from cdalign.publishing.demo_markdown import card_table
 from cdalign.registry import Registry
 from cdalign.rewards import REWARDS, image_stats
-from cdalign.runs.report import AlignmentReport, ReportFormatError
+from cdalign.runs.report import AlignmentReport
 
-DEMO_DIR = Path(__file__).resolve().parent
-SHIPPED_DIR = DEMO_DIR / "loras"
 MODEL = "cdalign/tiny-shapes-sd"
 GUIDANCE_SCALE = 3.0  # the tiny model's recommended scale (its model card)
 ETA = 1.0  # DDIM η: every step stochastic, so the chain KL is defined
-SHIPPED_PREFIX, RUN_PREFIX, HUB_PREFIX = "demo: ", "run: ", "hub: "
-MAX_REPORT_BYTES = 2_000_000  # a report.json is a few KB; a huge one is refused, not parsed
-# A Hub revision: a branch, tag or commit (no '..', no spaces, no control characters).
-REVISION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/\-]{0,99}")
 ADAPTER_NAME_PATTERN = re.compile(r"\W+")
 # What a chain-KL number is, per estimator (cdalign.core.kl): the exact chain KL, or the paper code's mean.
 KL_UNITS = {"path": "nats per image (exact chain KL)",
             "uniform": "mean squared ε difference per step and element (the paper code's; not nats)"}
-
-
-class DemoError(ValueError):
-    """Bad input or an unavailable resource, as one sentence for the page: what failed and
-    what to do."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The most work one request may ask for (a public Space serves strangers)."""
-
-    max_steps: int = 25  # DDIM steps per image
-    max_images: int = 4  # images per request (per model shown)
-    max_adapters: int = 4  # LoRAs in one composition (the base may come on top)
-    max_prompt_chars: int = 200
-    max_dual_steps: int = 8
-    max_distill_steps: int = 20  # each step samples a composed chain and backpropagates: ~1-5 s on a CPU
-    max_seed: int = 2**31 - 1
-    max_lora_bytes: int = 50_000_000  # a LoRA of the tiny model is ~200 KB; a bigger Hub file is not downloaded
-    queue_size: int = 8  # requests waiting at once; more are turned away by the queue
-
-
-def _check_int(name: str, value, low: int, high: int) -> int:
-    """``value`` as an int in [low, high], or a DemoError naming the field and the range."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise DemoError(f"{name}: {value!r} is not a number; give a whole number from {low} to {high}") from None
-    if not math.isfinite(number) or number != int(number) or not low <= number <= high:
-        raise DemoError(f"{name}: {value!r} is out of range; give a whole number from {low} to {high}")
-    return int(number)
-
-
-def _check_float(name: str, value, low: float, high: float) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise DemoError(f"{name}: {value!r} is not a number; give a number from {low} to {high}") from None
-    if not math.isfinite(number) or not low <= number <= high:
-        raise DemoError(f"{name}: {value!r} is out of range; give a number from {low} to {high}")
-    return number
-
-
-# ---------------------------------------------------------------------------------
-# Where LoRAs come from
-# ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoraSource:
-    """One LoRA a visitor picked: a local folder (shipped, or a run under the runs folder)
-    or a Hub repo at a revision. ``label`` is how the page names it."""
-
-    label: str
-    name: str  # short name: tables, plots, adapter names
-    folder: Path | None = None
-    repo_id: str | None = None
-    revision: str | None = None
-    max_bytes: int = Limits.max_lora_bytes
-
-    def weights_path(self) -> Path:
-        """The safetensors weights (a Hub file is downloaded into the Hub cache)."""
-        if self.folder is not None:
-            path = self.folder / LORA_WEIGHT_NAME
-            if not path.is_file():
-                raise DemoError(f"LoRA {self.label!r}: it has no {LORA_WEIGHT_NAME}; pick another LoRA")
-        else:
-            self._check_hub_size()
-            try:
-                path = download_file(self.repo_id, LORA_WEIGHT_NAME, revision=self.revision, what=f"LoRA {self.label!r}")
-            except OSError as err:  # FileNotFoundError too: not there, or the Hub is unreachable
-                raise DemoError(f"LoRA {self.label!r} could not be fetched from the Hub ({err}); check the repo id "
-                                "and revision, or pick a LoRA shipped with the demo") from None
-        try:
-            return check_safetensors(path, f"LoRA {self.label!r}")
-        except ValueError as err:
-            raise DemoError(f"{err}") from None
-
-    def _check_hub_size(self) -> None:
-        """Refuse, before downloading, a Hub weights file larger than ``max_bytes``. Where the
-        size cannot be asked (offline, not found), the download that follows says why."""
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url
-
-        try:
-            size = get_hf_file_metadata(hf_hub_url(self.repo_id, LORA_WEIGHT_NAME, revision=self.revision)).size
-        except Exception:  # offline, missing repo/revision/file: download_file names it
-            return
-        if size is not None and size > self.max_bytes:
-            raise DemoError(f"LoRA {self.label!r}: its weights are {size:,} bytes; this demo loads LoRAs of at most "
-                            f"{self.max_bytes:,} bytes (LoRAs of the tiny model are ~200 KB); pick another LoRA")
-
-    def report(self) -> AlignmentReport | None:
-        """The run's report.json, or None where the LoRA has none (or not one cdalign can read)."""
-        if self.folder is not None:
-            path = self.folder / "report.json"
-            if not path.is_file():
-                return None
-        else:
-            try:
-                path = download_file(self.repo_id, "report.json", revision=self.revision, what=f"LoRA {self.label!r}")
-            except OSError:
-                return None
-        if path.stat().st_size > MAX_REPORT_BYTES:
-            return None
-        try:
-            return AlignmentReport.read(path)
-        except ReportFormatError:
-            return None
-
-    @property
-    def usage_source(self) -> str:
-        """What ``pipe.load_lora_weights`` is given in the snippet: the Hub id or the folder."""
-        if self.repo_id is not None:
-            return self.repo_id
-        try:
-            return self.folder.relative_to(DEMO_DIR.parent).as_posix()
-        except ValueError:
-            return self.folder.as_posix()
-
-
-class LoraCatalog:
-    """The LoRAs of the page: those shipped with the demo (``shipped_dir``), the runs found
-    under ``runs_dir`` (folders holding pytorch_lora_weights.safetensors, at most
-    ``max_depth`` levels down), and Hub repo ids typed as ``owner/name@revision``."""
-
-    def __init__(self, shipped_dir: Path = SHIPPED_DIR, runs_dir: Path | None = None, max_depth: int = 3, max_runs: int = 100,
-                 max_lora_bytes: int = Limits.max_lora_bytes):
-        self.shipped_dir = Path(shipped_dir).resolve()
-        self.runs_dir = Path(runs_dir).resolve() if runs_dir is not None else None
-        self.max_depth, self.max_runs, self.max_lora_bytes = max_depth, max_runs, max_lora_bytes
-
-    def _found(self, root: Path) -> list[str]:
-        """Folders under ``root`` (relative, posix) that hold LoRA weights and resolve inside it."""
-        if root is None or not root.is_dir():
-            return []
-        out = []
-        for path in sorted(root.rglob(LORA_WEIGHT_NAME)):
-            rel = path.parent.relative_to(root)
-            if len(rel.parts) > self.max_depth or not path.resolve().is_relative_to(root):
-                continue
-            out.append(rel.as_posix() if rel.parts else ".")
-            if len(out) >= self.max_runs:
-                break
-        return out
-
-    def shipped(self) -> list[str]:
-        return [SHIPPED_PREFIX + name for name in self._found(self.shipped_dir) if name != "."]
-
-    def runs(self) -> list[str]:
-        return [RUN_PREFIX + name for name in self._found(self.runs_dir)]
-
-    def choices(self) -> list[str]:
-        return self.shipped() + self.runs()
-
-    @staticmethod
-    def _inside(root: Path, rel: str, what: str) -> Path:
-        """``root/rel`` resolved (links followed), refused unless it stays inside ``root``."""
-        if not rel or Path(rel).is_absolute() or rel.startswith("~"):
-            raise DemoError(f"{what} {rel!r}: only names from the list are accepted, not paths; pick one from the list")
-        path = (root / rel).resolve()
-        if not path.is_relative_to(root):
-            raise DemoError(f"{what} {rel!r} points outside the demo's LoRA folders; pick one from the list")
-        if not (path / LORA_WEIGHT_NAME).is_file():
-            raise DemoError(f"{what} {rel!r}: no LoRA there ({LORA_WEIGHT_NAME}); pick one from the list")
-        return path
-
-    def resolve(self, choice: str) -> LoraSource:
-        """The LoRA named by a choice of the page: ``demo: NAME``, ``run: FOLDER`` or a Hub
-        id ``[hub: ]owner/name[@revision]``. Anything else is refused with a sentence."""
-        if not isinstance(choice, str) or not choice.strip():
-            raise DemoError("LoRA: none chosen; pick a LoRA from the list (or type a Hub id owner/name@revision)")
-        choice = choice.strip()
-        if len(choice) > 300:
-            raise DemoError("LoRA: the name is too long; pick a LoRA from the list")
-        if choice.startswith(SHIPPED_PREFIX):
-            rel = choice[len(SHIPPED_PREFIX):].strip()
-            folder = self._inside(self.shipped_dir, rel, "shipped LoRA")
-            return LoraSource(choice, folder.name, folder=folder)
-        if choice.startswith(RUN_PREFIX):
-            if self.runs_dir is None:
-                raise DemoError("run LoRAs: this demo was started without a runs folder; pick a shipped LoRA")
-            rel = choice[len(RUN_PREFIX):].strip()
-            folder = self._inside(self.runs_dir, rel, "run")
-            return LoraSource(choice, folder.name if rel != "." else self.runs_dir.name, folder=folder)
-        text = choice[len(HUB_PREFIX):].strip() if choice.startswith(HUB_PREFIX) else choice
-        return self._hub(text)
-
-    def _hub(self, text: str) -> LoraSource:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        repo_id, _, revision = text.partition("@")
-        repo_id, revision = repo_id.strip(), revision.strip() or None
-        if repo_id.count("/") != 1:
-            raise DemoError(f"LoRA {text!r}: not a LoRA from the list and not a Hub repo id (owner/name[@revision]); "
-                            "pick one from the list or type a Hub id")
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError:
-            raise DemoError(f"LoRA {text!r}: {repo_id!r} is not a valid Hub repo id (letters, digits, '-', '_', '.'; "
-                            "owner/name); check the id") from None
-        if revision is not None and (not REVISION_PATTERN.fullmatch(revision) or ".." in revision):
-            raise DemoError(f"LoRA {text!r}: {revision!r} is not a valid revision (a branch, tag or commit "
-                            "hash); check it")
-        label = HUB_PREFIX + repo_id + (f"@{revision}" if revision else "")
-        return LoraSource(label, repo_id.split("/")[1], repo_id=repo_id, revision=revision, max_bytes=self.max_lora_bytes)
 
 
 # ---------------------------------------------------------------------------------
@@ -320,17 +100,6 @@ def is_pixel_statistic(reward: str) -> bool:
     return reward in REWARDS and inspect.getmodule(REWARDS.get(reward)) is image_stats
 
 
-def card_table(report: AlignmentReport | None) -> str:
-    """The model card's constraint table (thresholds, achieved values with CI, λ as prices)
-    of a run's report, or a sentence saying why there is none."""
-    if not report or not report.constraints:
-        return "_This LoRA has no report.json with constraints (not trained by cdalign?): no constraint table._"
-    try:
-        return constraints_table(report)
-    except (KeyError, TypeError, ValueError, IndexError):
-        return "_This LoRA's report.json is not a cdalign report this demo can read: no constraint table._"
-
-
 # ---------------------------------------------------------------------------------
 # Composition weights: how the page's three modes pick ω
 # ---------------------------------------------------------------------------------
@@ -363,7 +132,7 @@ def manual_weights(req: WeightRequest) -> torch.Tensor:
     values = list(req.manual)[:n]
     if len(values) < n:
         raise DemoError(f"manual weights: {len(values)} given for {n} components; set one slider per component")
-    w = torch.tensor([_check_float(f"weight of {name}", v, 0.0, 1e6) for name, v in zip(req.composer.names, values)],
+    w = torch.tensor([check_float(f"weight of {name}", v, 0.0, 1e6) for name, v in zip(req.composer.names, values)],
                      dtype=torch.float64)
     if float(w.sum()) <= 0:
         raise DemoError("manual weights: all are 0; raise at least one slider")
@@ -372,13 +141,11 @@ def manual_weights(req: WeightRequest) -> torch.Tensor:
 
 @WEIGHT_MODES.register("constrained")
 def constrained_weights(req: WeightRequest) -> torch.Tensor:
-    """Projected dual ascent μ ← Proj_simplex(μ + η·KL) (``ConstrainedComposer.dual_step``),
+    """Projected dual ascent μ ← Proj_simplex(μ + η·KL) (``ConstrainedComposer.fit``),
     ``dual_steps`` steps from equal weights; the components the composed model is farthest
     from gain weight."""
-    for k in range(req.dual_steps):
-        req.progress(0.05 + 0.55 * k / req.dual_steps, f"dual step {k + 1}/{req.dual_steps}")
-        req.composer.dual_step()
-    return req.composer.dual.weights
+    return req.composer.fit(req.dual_steps, progress=False,
+                            on_step=lambda k, n: req.progress(0.05 + 0.55 * k / n, f"dual step {k + 1}/{n}"))
 
 
 # ---------------------------------------------------------------------------------
@@ -423,16 +190,19 @@ class DemoEngine:
     """The shared pipeline and the page's actions.
 
     ``resolution``: image side in pixels (None: the model's 64). ``runs_dir``: where local
-    runs are listed from (None: none). Every public method checks its inputs against
+    runs are listed from (None: none); ``shipped_dir``: the LoRAs shipped with the demo (None:
+    none); ``display_root``: snippets show local LoRA folders relative to it. Every public method checks its inputs against
     ``limits`` and raises :class:`DemoError` with a sentence for the page."""
 
     def __init__(self, *, model: str = MODEL, resolution: int | None = None, runs_dir: str | Path | None = None,
-                 shipped_dir: str | Path = SHIPPED_DIR, limits: Limits = Limits()):
+                 shipped_dir: str | Path | None = None, display_root: str | Path | None = None,
+                 limits: Limits = Limits()):
         from accelerate import Accelerator
 
         self.model, self.resolution, self.limits = model, resolution, limits
-        self.catalog = LoraCatalog(Path(shipped_dir), Path(runs_dir) if runs_dir is not None else None,
-                                   max_lora_bytes=limits.max_lora_bytes)
+        self.catalog = LoraCatalog(Path(shipped_dir) if shipped_dir is not None else None,
+                                   Path(runs_dir) if runs_dir is not None else None,
+                                   max_lora_bytes=limits.max_lora_bytes, display_root=display_root)
         self.accelerator = Accelerator(mixed_precision="no")
         self.device = self.accelerator.device
         self.pipe = load_pipeline(model)
@@ -463,8 +233,8 @@ class DemoEngine:
 
     def _settings(self, seed, steps, images) -> tuple[int, int, int]:
         L = self.limits
-        return (_check_int("seed", seed, 0, L.max_seed), _check_int("steps", steps, 1, L.max_steps),
-                _check_int("images", images, 1, L.max_images))
+        return (check_int("seed", seed, 0, L.max_seed), check_int("steps", steps, 1, L.max_steps),
+                check_int("images", images, 1, L.max_images))
 
     def _reward(self, name: str):
         """A registry reward, built once. Only pixel statistics (``cdalign.rewards.image_stats``)
@@ -569,10 +339,10 @@ class DemoEngine:
     # -------------------------------------------------------------- composition
     def compose_config(self, sources: Sequence[LoraSource], weights_files: Sequence[Path], adapter_names: Sequence[str],
                        include_base: bool, seed: int, steps: int, images: int, dual_lr: float,
-                       kl_estimator: str = "path") -> ComposeConfig:
+                       kl_estimator: str = "path", dual_steps: int = 1, distill_steps: int = 0) -> ComposeConfig:
         """The :class:`ComposeConfig` of a composition request: the picked LoRAs (and the base)
         on this model; the dual steps and the evaluation share the request's prompt, image
-        count and seed."""
+        count and seed; ``distill_steps`` > 0 distils the composed model into one LoRA."""
         components = [ComponentSpec(name=n, type="lora", path=str(w.parent), weight_name=w.name)
                       for n, w in zip(adapter_names, weights_files)]
         if include_base:
@@ -585,7 +355,10 @@ class DemoEngine:
             guidance_scale=GUIDANCE_SCALE,
             resolution=self.resolution,
             kl_estimator=kl_estimator,
-            dual=DualAscentSpec(lr=dual_lr, schedule="constant", normalize=True, batch_size=images),
+            dual=DualAscentSpec(steps=dual_steps, lr=dual_lr, schedule="constant", normalize=True, batch_size=images),
+            # recipes/compose/tiny_adapters.yaml's rate for a few dozen steps
+            distill=DistillSpec(enabled=distill_steps > 0, steps=max(distill_steps, 1), batch_size=min(2, images),
+                                learning_rate=2e-3),
             eval_batches=1,
             eval_seed=seed,
             num_grid_images=0,
@@ -617,15 +390,16 @@ class DemoEngine:
         labels = [s.label for s in sources]
         if len(set(labels)) != len(labels):
             raise DemoError("composition: the same LoRA is picked twice; pick different LoRAs")
-        dual_steps = _check_int("dual steps", dual_steps, 1, L.max_dual_steps)
-        dual_lr = _check_float("dual step size", dual_lr, 0.01, 1.0)
-        distill_steps = _check_int("distillation steps", distill_steps, 0, L.max_distill_steps)
+        dual_steps = check_int("dual steps", dual_steps, 1, L.max_dual_steps)
+        dual_lr = check_float("dual step size", dual_lr, 0.01, 1.0)
+        distill_steps = check_int("distillation steps", distill_steps, 0, L.max_distill_steps)
         if kl_estimator not in KL_ESTIMATORS:
             raise DemoError(f"KL estimator: {kl_estimator!r} is not one; choose one of {', '.join(KL_ESTIMATORS.names())}")
         progress(0.02, "fetching the LoRAs")
         files = [s.weights_path() for s in sources]
         names = _adapter_names(sources)
-        cfg = self.compose_config(sources, files, names, include_base, seed, steps, images, dual_lr, kl_estimator)
+        cfg = self.compose_config(sources, files, names, include_base, seed, steps, images, dual_lr, kl_estimator,
+                                  dual_steps, distill_steps)
         with self._pipeline(progress) as pipe:
             progress(0.04, "loading the components")
             try:
@@ -641,8 +415,7 @@ class DemoEngine:
             if mode != "equal":
                 progress(0.75, "sampling equal weights (the baseline)")
                 entries["equal"] = composer.evaluate_weights(equal_weights(request), "equal")
-            distilled = (self._distill(composer, weights, prompt, seed, distill_steps, kl_estimator, progress)
-                         if distill_steps else None)
+            distilled = self._distill(composer, weights, progress) if distill_steps else None
         progress(0.97, "plotting")
         comp_names = composer.names
         display = dict(zip(names, labels))
@@ -674,28 +447,18 @@ class DemoEngine:
             result["images"]["distilled"] = distilled["images"]
         return result
 
-    def _distill(self, composer: ConstrainedComposer, weights, prompt: str, seed: int, steps: int, kl_estimator: str,
-                 progress) -> dict:
-        """Train a single LoRA to reproduce ε_ω (:class:`CompositionDistiller`) and score it
-        on the same items, with its chain KL to each component."""
-        spec = DistillSpec(enabled=True, steps=steps, batch_size=min(2, composer.config.dual.batch_size),
-                           learning_rate=2e-3)  # recipes/compose/tiny_adapters.yaml's rate for a few dozen steps
-        distiller = CompositionDistiller(composer.components, weights, [prompt], spec, seed)
-        items = evaluation_items([prompt], composer.config.dual.batch_size, composer.config.eval_seed)
-        before = distiller.distance([p for p, _ in items], [s for _, s in items])
-        for k in range(steps):
-            progress(0.8 + 0.15 * k / steps, f"distillation step {k + 1}/{steps}")
-            distiller.step()
-        after = distiller.distance([p for p, _ in items], [s for _, s in items])
-        scores = score_checkpoints(composer.sampler, {"distilled": lambda: DistilledModel(composer.components)}, items,
-                                   batch_size=len(items), rewards={}, kl_estimator=kl_estimator)["distilled"]
+    def _distill(self, composer: ConstrainedComposer, weights, progress) -> dict:
+        """Train a single LoRA to reproduce ε_ω (:meth:`ConstrainedComposer.distill`, the
+        config's ``distill`` spec), scored on the same items, with its chain KL to each component."""
         folder = self.scratch / f"distilled-{uuid.uuid4().hex}"
-        path = distiller.save(folder)
+        record, entry = composer.distill(weights, folder, on_step=lambda k, n: progress(
+            0.8 + 0.15 * k / n, f"distillation step {k + 1}/{n}"))
+        scores = entry["_scores"]
         return {
-            "steps": steps,
-            "lora": str(path),
-            "distance_to_composed_before": before,
-            "distance_to_composed_after": after,
+            "steps": record["steps"],
+            "lora": str(folder / LORA_WEIGHT_NAME),
+            "distance_to_composed_before": record["distance_to_composed_before"],
+            "distance_to_composed_after": record["distance_to_composed_after"],
             "kl": {n: summarize(scores.kl[n]) for n in composer.names},
             "images": _images(scores),
         }
@@ -723,23 +486,3 @@ class DemoEngine:
             f"image = pipe({prompt!r}, num_inference_steps={steps}, guidance_scale={GUIDANCE_SCALE}).images[0]",
         ]
         return "\n".join(lines) + "\n"
-
-
-def constraint_markdown(rows: list[dict], n: int) -> str:
-    """The page's table: each constraint of the LoRA on these images, base vs aligned."""
-    if not rows:
-        return "_No constraint this demo can measure is recorded for this LoRA._"
-
-    def cell(v: dict) -> str:
-        ok = MET_MARKS[met_label(v)]
-        return f"{v['measured']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] {ok}"
-
-    out = [f"On these {n} images (same seeds for both; mean [95% CI]; ✓ mean meets the threshold, ✓✓ the whole CI "
-           "does). The LoRA's constraint is on the average over its training prompts (its model card, below): one "
-           "prompt alone may sit above or below the threshold.",
-           "", "| constraint | requirement | base | aligned |", "|---|---|---|---|"]
-    for r in rows:
-        op = "≥" if r["direction"] == "high" else "≤"
-        out.append(f"| {md(r['constraint'])} | {md(r['reward'])} {op} {r['threshold']:g} ({r['units']}) | "
-                   f"{cell(r['base'])} | {cell(r['aligned'])} |")
-    return "\n".join(out)

@@ -1,5 +1,6 @@
 """Downloads from the Hub: single files with errors that name repo, revision and file,
-and snapshots that say which commit a revision resolved to (the provenance a run records)."""
+and snapshots that say which commit a revision resolved to (the provenance a run records);
+whether a name can be a repo id at all, and whether the Hub is off (``HF_HUB_OFFLINE``)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,23 @@ def download_file(
         raise FileNotFoundError(f"{where} does not exist") from err
     except Exception as err:
         raise OSError(f"could not download {where}: {type(err).__name__}: {err}") from err
+
+
+def repo_id_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a Hub repo id (huggingface_hub's own words), or None if it can.
+    No network call."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        return str(err)
+    return None
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub runs offline: ``HF_HUB_OFFLINE`` as huggingface_hub read it
+    when it was imported (its downloads obey that value, not a later change of the variable)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)

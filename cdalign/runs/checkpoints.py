@@ -1,7 +1,9 @@
-"""Writing and reading run state atomically, in safetensors and JSON only.
+"""Checkpoint folders of a run: optimizer state in safetensors and JSON only, sharded
+(FSDP2) tensors gathered whole and scattered back, and the ``checkpoint-<step>`` folders of
+an output folder (found, resolved for a resume, rotated, their leftovers removed).
 
-A directory is written under a temporary name and renamed into place when complete, so
-a crash never leaves a checkpoint that looks complete, and never replaces a good one."""
+A folder is written through :func:`cdalign.runs.atomic.atomic_directory`, so a crash never
+leaves a checkpoint that looks complete, and never replaces a good one."""
 
 from __future__ import annotations
 
@@ -9,37 +11,14 @@ import json
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from cdalign.models.lora import full_tensor, like_param
-from cdalign.utils.files import atomic_write, atomic_write_text  # noqa: F401  (re-exported)
+from cdalign.runs.distributed import full_tensor, like_param
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-@contextmanager
-def atomic_directory(final: str | os.PathLike):
-    """Yield a temporary sibling directory; on success replace ``final`` with it."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def gathered_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:

@@ -1,3 +1,0 @@
-"""Small helpers with no cdalign dependency (standard library only), usable from every
-layer, the math core included: atomic file writes and the check that an output folder
-holds no earlier run."""
