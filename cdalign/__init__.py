@@ -3,7 +3,13 @@
 Layout (docs/ARCHITECTURE.md): ``fields`` (typed YAML/CLI configs) and ``hub_access``
 (Hub reads) ← ``core`` (the math of METHOD.md) ← ``runs`` (run infrastructure) ← ``data``
 ← ``models`` ← ``rewards`` ← ``publishing`` ← ``evaluation`` ← ``alignment`` ←
-``composition``. This module only gathers the public names."""
+``composition``. This module only gathers the public names (and, before torch is imported,
+sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is set: idle OpenMP threads then sleep instead of
+spinning, which slowed the tiny model's UNet 10-20x on a small shared CPU, measured)."""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from cdalign import composition  # noqa: F401  (registers the ``composed`` checkpoint kind)
 from cdalign.alignment.config import ConstrainedDDPOConfig, load_config_file, parse_config

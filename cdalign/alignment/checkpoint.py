@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from cdalign.alignment.config import ConstrainedDDPOConfig, config_from_dict, config_to_dict, save_config
 from cdalign.alignment.estimators import RolloutEstimator
+from cdalign.console import CdalignWarning
 from cdalign.core.normalization import RewardStats
 from cdalign.models.lora import check_safetensors
 from cdalign.runs import folders
@@ -206,7 +207,7 @@ def load_trainer_checkpoint(trainer, path: str | os.PathLike) -> None:
         warnings.warn(
             f"checkpoint {str(path)!r}: the reward statistics of {', '.join(stale)} were computed for another "
             "reward, model or setting (or a user callable without cache_key); recomputing them",
-            stacklevel=3,
+            CdalignWarning, stacklevel=3,
         )
     else:
         trainer.normalizers.update({n: RewardStats(**s) for n, s in state.normalizers.items()})

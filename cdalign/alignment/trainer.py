@@ -32,6 +32,7 @@ from cdalign.alignment.estimators import ESTIMATORS, MicroBatch, RolloutEstimato
 from cdalign.alignment.normalization import RewardNormalization
 from cdalign.alignment.report import DUALS_PLOT_FILE, SAMPLE_GRID_FILE, build_report, plot_history, write_evaluation_files
 from cdalign.alignment.step_log import flat_config, progress_postfix, step_record
+from cdalign.console import CdalignWarning
 from cdalign.core.duals import InfeasibilityMonitor, build_dual_optimizer
 from cdalign.core.families import family_of
 from cdalign.core.normalization import RewardStats
@@ -284,7 +285,7 @@ class ConstrainedDDPOTrainer:
                 warnings.warn(
                     f"step {self.global_step}: non-finite reward/KL/loss; micro-batch skipped "
                     f"({self.nonfinite_batches}/{cfg.max_nonfinite_batches} allowed)",
-                    stacklevel=2,
+                    CdalignWarning, stacklevel=2,
                 )
                 if self.nonfinite_batches > cfg.max_nonfinite_batches:
                     raise RuntimeError(

@@ -28,6 +28,7 @@ import torch
 from cdalign.composition.config import MixtureConfig, save_config
 from cdalign.composition.plotting import plot_weight_trajectory
 from cdalign.composition.simplex import SimplexDual
+from cdalign.console import CdalignWarning
 from cdalign.core import seeding
 from cdalign.core.families import family_of, freeze_pipeline
 from cdalign.core.sampling import DiffusionSampler, encode_images
@@ -254,7 +255,8 @@ class MixtureTrainer:
                 shared = supports[names[i]] & supports[names[j]]
                 if shared:
                     warnings.warn(f"datasets {names[j]!r} and {names[i]!r} share support cells {sorted(shared)}: "
-                                  "their masses overlap, and equal masses is no longer the min-max answer", stacklevel=2)
+                                  "their masses overlap, and equal masses is no longer the min-max answer",
+                                  CdalignWarning, stacklevel=2)
         return supports
 
     def _eval_triples(self, i: int):
@@ -372,7 +374,8 @@ class MixtureTrainer:
         d = self.divergences(final)
         infeasible = [self.names[i] for i in self.dual.infeasible(d)]
         for name in infeasible:
-            warnings.warn(f"dataset {name!r}: its loss stays above its threshold; the threshold looks infeasible", stacklevel=2)
+            warnings.warn(f"dataset {name!r}: its loss stays above its threshold; the threshold looks infeasible",
+                          CdalignWarning, stacklevel=2)
         report = {
             "model": cfg.pretrained_model_name_or_path, "datasets": self.names, "loss": cfg.loss,
             "steps": self.global_step, "seconds": time.time() - t0,

@@ -45,6 +45,7 @@ from cdalign.alignment.config import (
     config_from_dict,
     load_config_file,
 )
+from cdalign.console import CdalignWarning
 from cdalign.core.families import denoiser_of
 from cdalign.core.normalization import (
     MIN_NORMALIZATION_SAMPLES,
@@ -338,7 +339,7 @@ def evaluate(
     kl_estimator, kl_estimator_from = _kl_estimator_for(suite, run_configs)
     if suite.grid_images > len(items):
         warnings.warn(f"grid_images: {suite.grid_images} requested but the evaluation has {len(items)} images per "
-                      f"checkpoint; the grid shows {len(items)}", stacklevel=2)
+                      f"checkpoint; the grid shows {len(items)}", CdalignWarning, stacklevel=2)
 
     reward_names = list(dict.fromkeys(list(suite.rewards) + (problem.reward_names if problem else [])))
     reward_fns = _build_rewards(reward_names, suite.reward_kwargs, rewards or {}, device)
@@ -347,7 +348,7 @@ def evaluate(
             if n in reward_names and n not in (rewards or {}):
                 warnings.warn(f"checkpoint {name!r} was trained with reward {n!r} from {source}; this evaluation "
                               f"scores the registry reward {n!r} (pass rewards={{{n!r}: ...}} to score the same "
-                              "function)", stacklevel=2)
+                              "function)", CdalignWarning, stacklevel=2)
 
     if pipeline is None:
         pipeline = load_pipeline(suite.model, revision=suite.revision, torch_dtype=precision_dtype(suite.dtype),
@@ -375,7 +376,7 @@ def evaluate(
     if unidentified and use_cache and out is not None:
         warnings.warn(f"rewards {unidentified} are user callables without a cache_key attribute: batches are "
                       "recomputed, not cached (set a cache_key string on them, changed whenever they change)",
-                      stacklevel=2)
+                      CdalignWarning, stacklevel=2)
         use_cache = False
     cache = _BatchCache(
         out / "cache" if (out is not None and use_cache) else None,
@@ -398,7 +399,7 @@ def evaluate(
     if base_stats and len(items) < MIN_NORMALIZATION_SAMPLES:
         warnings.warn(f"σ units rest on only {len(items)} base-model images (fewer than {MIN_NORMALIZATION_SAMPLES}): "
                       "normalised rewards and constraint verdicts are noisy; raise num_prompts or images_per_prompt",
-                      stacklevel=2)
+                      CdalignWarning, stacklevel=2)
 
     # One normalisation for every row (same footing): base-model samples of this
     # evaluation. A run's training statistics come from other prompts and settings.
@@ -503,7 +504,7 @@ def _kl_estimator_for(suite, run_configs: dict[str, dict]) -> tuple[str, str]:
     if len(set(found.values())) > 1:
         warnings.warn(f"the checkpoints were trained with different chain-KL estimators ({found}); every row "
                       f"reports {found[first]!r} (from {first!r}); set the suite's kl_estimator to choose",
-                      stacklevel=3)
+                      CdalignWarning, stacklevel=3)
     return found[first], f"{first} (config.yaml)"
 
 

@@ -67,35 +67,53 @@ def lora_weights_path(source: str, *, weight_name: str = LORA_WEIGHT_NAME, revis
 
 
 @contextlib.contextmanager
-def quiet_diffusers():
-    """Silence diffusers' per-load warnings (e.g. 'no LoRA keys for the text encoder')."""
-    from diffusers.utils import logging as dlogging
+def several_adapters():
+    """Around cdalign's own calls that add an adapter to a denoiser that has one already:
+    peft warns at every such injection ("Already found a `peft_config` attribute in the
+    model. This will lead to having multiple adapters"), and keeping several adapters on one
+    denoiser is how cdalign composes, distils and compares (the components, a student, a
+    trained LoRA beside the base). peft has no call that adds a second adapter without it
+    (diffusers' own ``load_lora_adapter`` gives it too), so only that message is ignored, and
+    only inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+        yield
 
-    level = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters is the point
-            yield
-    finally:
-        dlogging.set_verbosity(level)
+
+def _keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
 
 
 def load_lora(
     pipe, source: str, adapter_name: str, *, weight_name: str = LORA_WEIGHT_NAME, revision: str | None = None, what: str = "LoRA"
 ) -> Path:
     """Load a LoRA onto ``pipe``'s denoiser (UNet or transformer) as adapter ``adapter_name`` (frozen). A LoRA made
-    for another architecture raises ``ValueError`` saying so. Returns the weights path."""
+    for another architecture raises ``ValueError`` saying so. Returns the weights path.
+
+    A LoRA in the layout cdalign writes (every key under the denoiser's prefix, ``unet.`` or
+    ``transformer.``) goes straight to the denoiser (``load_lora_adapter``): cdalign's LoRAs
+    adapt the denoiser only, so the text encoders are not searched for keys they cannot
+    have (diffusers' "No LoRA keys associated to CLIPTextModel"). Any other layout (kohya,
+    text-encoder LoRAs) goes through the pipeline's ``load_lora_weights``, which converts it."""
     path = lora_weights_path(source, weight_name=weight_name, revision=revision, what=what)
+    denoiser = denoiser_of(pipe)
+    prefix = family_of(pipe).denoiser
     try:
-        with quiet_diffusers():
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+        with several_adapters():
+            if all(k.startswith(f"{prefix}.") for k in _keys(path)):
+                denoiser.load_lora_adapter(str(path.parent), weight_name=path.name, prefix=prefix,
+                                           adapter_name=adapter_name, _pipeline=pipe)
+            else:
+                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as err:
         raise ValueError(
             f"{what}: the LoRA {source!r} does not fit this base model ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:300]}); it was trained for another architecture or rank layout"
         ) from err
-    for p in adapter_parameters(denoiser_of(pipe), adapter_name):
+    for p in adapter_parameters(denoiser, adapter_name):
         p.requires_grad_(False)
     return path
 
@@ -109,7 +127,7 @@ def add_lora_adapter(
     parameters are :func:`~cdalign.models.adapters.adapter_parameters` ``(unet, adapter_name)``."""
     from peft import LoraConfig
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), several_adapters():
         torch.manual_seed(seed)
         unet.add_adapter(
             LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(target_modules)),
