@@ -14,7 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cdalign"
 
 # Lower layers never import higher ones (docs/ARCHITECTURE.md).
 LAYERS = [
-    (0, r"cdalign\.(registry|fields|hub_access)(\..*)?"),
+    # console: cdalign's warning category and the quieting of other libraries around its calls (imports
+    # nothing from cdalign); recipes_data: the packaged recipes found by name
+    (0, r"cdalign\.(registry|fields|hub_access|console|recipes_data)(\..*)?"),
     (1, r"cdalign\.core(\..*)?"),
     # run infrastructure: atomic files, checkpoint folders, processes, the statistics cache and its
     # keys, run folders, the typed report, signals (imports nothing from alignment/composition/evaluation)
@@ -25,11 +27,13 @@ LAYERS = [
     (6, r"cdalign\.(publishing(\..*)?|evaluation\.scoring)"),
     (7, r"cdalign\.alignment\.(specs|estimator_settings|estimators|rules|config)"),
     (8, r"cdalign\.evaluation(\..*)?"),
-    # the trainer and what it keeps beside it
-    (9, r"cdalign\.alignment(\.(trainer|checkpoint|report|dual_window|step_log|normalization|trl_compat))?"),
+    # the trainer and what it keeps beside it; `cdalign align`
+    (9, r"cdalign\.alignment(\.(trainer|checkpoint|report|dual_window|step_log|normalization|trl_compat|command))?"),
     (10, r"cdalign\.composition(\..*)?"),
-    (11, r"cdalign\.demo(\..*)?"),  # the demo's catalogue, engine, page and browser (demo/app.py wires them)
-    (12, r"cdalign|cdalign\.(config|trainer|pipeline|hub)"),  # the public names, and the old-path shims
+    # the demo's catalogue, engine, page, browser and command (demo/app.py and `cdalign demo` wire them)
+    (11, r"cdalign\.demo(\..*)?"),
+    # the public names, the old-path shims, the `cdalign` console command (cli, __main__)
+    (12, r"cdalign|cdalign\.(config|trainer|pipeline|hub|cli|__main__)"),
 ]
 # The one pair of folders that import each other, by design: evaluation/scoring.py (layer 6)
 # sits below alignment/config.py (7), which the harness (evaluation/, 8) reads, below the
@@ -159,8 +163,9 @@ def test_the_old_path_shims_are_imported_by_nothing_inside_cdalign(graph):
 
 
 def test_the_math_core_imports_only_the_registry(graph):
+    """... and cdalign.console (the category of cdalign's warnings; quiet imports of diffusers)."""
     outside = [f"{a} imports {b}" for a, edges in graph.items() if a.startswith("cdalign.core")
-               for b, _, _ in edges if not re.fullmatch(r"cdalign\.(core(\..*)?|registry)", b)]
+               for b, _, _ in edges if not re.fullmatch(r"cdalign\.(core(\..*)?|registry|console)", b)]
     assert not outside, "\n".join(outside)
 
 
@@ -187,3 +192,16 @@ def test_old_import_paths_still_give_the_public_names():
     from cdalign.hub import main  # noqa: F401
     from cdalign.pipeline import load_pipeline  # noqa: F401  (published model cards use it)
     from cdalign.trainer import ConstrainedDDPOTrainer  # noqa: F401
+
+
+def test_every_module_and_folder_is_in_the_layer_table_of_architecture_md():
+    """Each folder and top-level module of cdalign/ has a row (or a mention in one) in
+    docs/ARCHITECTURE.md's layer table, so a new module is documented where it sits."""
+    text = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    table = "\n".join(line for line in text.split("## Layers", 1)[1].split("\n## ", 1)[0].split("\n")
+                      if line.startswith("|"))
+    entries = [p.name + "/" for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()]
+    entries += [p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"]
+    shims = {name.split(".")[1] + ".py" for name in SHIMS}
+    missing = [e for e in sorted(entries) if f"`{e}`" not in table and e not in shims]
+    assert not missing, f"not in docs/ARCHITECTURE.md's layer table: {missing}"
