@@ -356,7 +356,7 @@ class DemoEngine:
             resolution=self.resolution,
             kl_estimator=kl_estimator,
             dual=DualAscentSpec(steps=dual_steps, lr=dual_lr, schedule="constant", normalize=True, batch_size=images),
-            # recipes/compose/tiny_adapters.yaml's rate for a few dozen steps
+            # cdalign/recipes_data/compose/tiny_adapters.yaml's rate for a few dozen steps
             distill=DistillSpec(enabled=distill_steps > 0, steps=max(distill_steps, 1), batch_size=min(2, images),
                                 learning_rate=2e-3),
             eval_batches=1,
