@@ -42,6 +42,7 @@ from cdalign.publishing.plotting import save_grid
 from cdalign.rewards.metrics import to_uint8
 from cdalign.runs.atomic import atomic_write_text
 from cdalign.runs.folders import RunFolder
+from cdalign.runs.lock import release_run_lock
 from cdalign.runs.report import REPORT_FILE
 
 ADAPTER = "mixture"
@@ -345,6 +346,7 @@ class MixtureTrainer:
 
         cfg, acc = self.config, self.accelerator
         if acc.is_main_process:
+            RUN_FOLDER.claim(self.output_dir, fresh=not cfg.overwrite_output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
         t0 = time.time()
@@ -394,6 +396,7 @@ class MixtureTrainer:
             self.save_model(self.output_dir)
             self._pictures(report)
             atomic_write_text(self.output_dir / "report.json", json.dumps(report, indent=2))
+        release_run_lock(self.output_dir)  # the run is complete: the folder is free for the next one
         return report
 
     @torch.no_grad()
