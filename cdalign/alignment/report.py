@@ -59,6 +59,7 @@ def build_report(trainer, base: CheckpointScores, aligned: CheckpointScores) -> 
     constraints = constraint_results(
         prob.constraints, base, aligned, kl_estimator=cfg.kl_estimator, margins=prob.margins,
         targets=trainer.targets, multipliers=trainer.duals.multipliers, flagged=trainer.monitor.flagged,
+        reference=prob.reference,
     )
     obj = prob.objective
     if obj.is_kl:
@@ -129,21 +130,24 @@ def metric_results(base: CheckpointScores, aligned: CheckpointScores) -> dict[st
 
 def constraint_results(
     constraints: Sequence, base: CheckpointScores, aligned: CheckpointScores, *, kl_estimator: str, margins,
-    targets, multipliers, flagged: Mapping[str, int],
+    targets, multipliers, flagged: Mapping[str, int], reference=lambda j: None,
 ) -> list[ConstraintResult]:
     """Each constraint's verdict on the aligned images beside the base model's on the same
     images, the paired difference, the target it trained toward (threshold plus margin,
-    ``targets.describe`` says why), its final λ and the step it was flagged infeasible at."""
+    ``targets.describe`` says why), its final λ and the step it was flagged infeasible at.
+    A constraint relative to the base model is judged on the paired difference; ``reference(j)``
+    gives the base-model mean on the training prompts it trained against."""
     out = []
     for j, c in enumerate(constraints):
         values, base_values = aligned.constraint_values(c), base.constraint_values(c)
-        verdict, base_verdict = c.verdict(values), c.verdict(base_values)
+        verdict, base_verdict = c.verdict(values, base_values), c.verdict(base_values, base_values)
+        more = {"reference": reference(j)} if c.relative else {}
         out.append(ConstraintResult.from_verdict(
             c, verdict, constraint_units(c.is_kl, c.normalize, kl_estimator),
             base_measured=base_verdict["measured"], base_ci95=base_verdict["ci95"], base_slack=base_verdict["slack"],
             difference=Estimate(**paired_difference(values, base_values)), met=met_label(verdict),
             target=target_of(c.threshold, float(margins[j]), c.direction), target_from=targets.describe(j),
-            dual=float(multipliers[j]), flagged_infeasible_at_step=flagged.get(c.name),
+            dual=float(multipliers[j]), flagged_infeasible_at_step=flagged.get(c.name), **more,
         ))
     return out
 

@@ -161,6 +161,7 @@ class ConstrainedDDPOTrainer:
         self.rewards = build_rewards(rewards or {}, self.problem.reward_names, cfg.reward_kwargs, self.device)
         self.sampler = DiffusionSampler(self.pipe, cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, cfg.resolution, self.device)
         self.normalizers: dict[str, RewardStats] = {}
+        self.problem.base_statistics = self.normalizers  # relative constraints read the base means here (filled in place)
         # the base model in the statistics' keys: a Hub revision as the commit it resolved to (a moving branch recomputes)
         model_key = {"model": self.model_name, "revision": self.sources["model"]["commit"] if self.sources["model"]
                      else cfg.revision, "weights": self.base_fingerprint}
@@ -248,9 +249,9 @@ class ConstrainedDDPOTrainer:
         return self.normalization.compute()
 
     def ensure_normalization(self) -> None:
-        """Compute the reward statistics if the problem normalises a reward and none are
-        loaded yet (from a checkpoint or an earlier call). Every process calls it."""
-        if not self.normalizers and any(self.problem.normalized(n) for n in self.problem.reward_names):
+        """Compute the reward statistics if the problem normalises a reward or holds a
+        constraint relative to the base model, and none are loaded yet (from a checkpoint or an earlier call). Every process calls it."""
+        if not self.normalizers and self.problem.needs_base_statistics:
             self.compute_normalization()
 
     # ------------------------------------------------------------------ training

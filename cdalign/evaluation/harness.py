@@ -425,7 +425,8 @@ def evaluate(
         trained = {c.name: c for c in (reports[spec.name].constraints if reports[spec.name] else [])}
         cons = []
         for c in (problem.constraints if problem else []):
-            verdict = c.verdict(values.constraint_values(c))
+            # a floor relative to the base: judged on the paired difference to the base row (same items)
+            verdict = c.verdict(values.constraint_values(c), scores[base_name].constraint_values(c) if c.relative else None)
             verdict.pop("n")  # evaluation.json gives the count once per checkpoint (num_images)
             run = trained.get(c.name)  # λ and the infeasibility flag: the run's own, from its report
             cons.append(ConstraintResult.from_verdict(

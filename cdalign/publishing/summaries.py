@@ -37,11 +37,15 @@ def summary_table(report: AlignmentReport | Mapping) -> str:
         base_ci = c.base_ci95 if c.base_ci95 is not None else [c.base_measured, c.base_measured]
         diff_s = format_ci(c.difference.mean, c.difference.ci95) if c.difference else "n/a"
         target = c.threshold if c.target is None else c.target
+        b = "b" if c.relative_to_base else ""  # an offset from the base model's mean
         lines.append(
-            f"{c.name:<24} {op}{c.threshold:>+7.3g} {target:>+8.3f} "
+            f"{c.name:<24} {op}{b + format(c.threshold, '+.3g'):>7} {b + format(target, '+.3f'):>8} "
             f"{format_ci(c.base_measured, base_ci):>24} {format_ci(c.measured, c.ci95):>24} {diff_s:>24} "
             f"{'NO' if not c.satisfied else c.met or 'yes':>4} {c.dual:>7.3f}"
         )
+    if any(c.relative_to_base for c in report.constraints):
+        lines.append("b: the base model's mean on the same images; a constraint relative to the base is judged on "
+                     "its aligned − base column (paired)")
     metrics = report.metrics or {}
     for name, m in metrics.items():
         lines.append(

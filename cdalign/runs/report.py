@@ -274,6 +274,9 @@ class ConstraintResult:
     target_from: dict | None = None
     dual: float | None = None
     flagged_infeasible_at_step: int | None = None
+    relative_to_base: bool | None = None  # threshold is an offset from the base model's mean
+    judged_on: str | None = None  # relative constraints: "aligned − base (paired, same items)"
+    reference: float | None = None  # relative constraints: the base mean on the training prompts it trained against
 
     ALWAYS_WRITTEN = ("dual", "flagged_infeasible_at_step")  # None there means "none": no λ, never flagged
 
@@ -282,7 +285,8 @@ class ConstraintResult:
         """From a ``Constraint`` and its ``verdict`` (measured, ci95, n, slack, satisfied,
         ci_clears_threshold); ``more`` sets the other fields."""
         return cls(name=constraint.name, source=constraint.source, direction=constraint.direction,
-                   threshold=constraint.threshold, normalized=constraint.normalize, units=units, **verdict, **more)
+                   threshold=constraint.threshold, normalized=constraint.normalize, units=units,
+                   relative_to_base=True if constraint.relative else None, **verdict, **more)
 
     @property
     def decision(self) -> dict:
