@@ -51,7 +51,15 @@ def main(argv=None) -> int:
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--seed", type=int, default=777, help="first image seed (cdalign's evaluation uses other seeds)")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--names", nargs="+", default=None, help="a label per run (default: the run folders)")
+    parser.add_argument("--out", default=None, help="where to write the JSON (default: <first run>/independent_check.json)")
+    parser.add_argument("--grid", default=None, help="also write a PNG grid: the base model and each run, one row each, "
+                        "the first --grid_images images (same prompts and seeds down each column)")
+    parser.add_argument("--grid_images", type=int, default=8)
     args = parser.parse_args(argv)
+    if args.names is not None and len(args.names) != len(args.runs):
+        print(f"error: --names: {len(args.names)} labels for {len(args.runs)} runs; give one per run", file=sys.stderr)
+        return 2
 
     import yaml
 
@@ -106,13 +114,21 @@ def main(argv=None) -> int:
             )
         return values
 
-    results = {"base": score(draw())}
+    labels = args.names or [str(r) for r in runs]
+    drawn = {"base": draw()}
+    results = {"base": score(drawn["base"])}
     for i, run in enumerate(runs):
         name = f"run{i}"
         pipe.load_lora_weights(str(run), weight_name="pytorch_lora_weights.safetensors", adapter_name=name)
         pipe.set_adapters([name])
-        results[str(run)] = score(draw())
+        drawn[labels[i]] = draw()
+        results[labels[i]] = score(drawn[labels[i]])
         pipe.delete_adapters([name])
+    if args.grid:
+        from cdalign.publishing.plotting import save_grid
+
+        k = min(args.grid_images, args.num_images)
+        save_grid(args.grid, [torch.from_numpy(v[:k]).permute(0, 3, 1, 2).float() / 255 for v in drawn.values()], list(drawn))
 
     table = {}
     for key, values in results.items():
@@ -137,7 +153,11 @@ def main(argv=None) -> int:
             diffs = [f"{'Δ ' + format(row[m]['difference']['mean'], '+.3f'):>26}" for m in metrics]
             lines.append(f"{'  paired difference to base':<44}" + "".join(diffs))
     print("\n".join(lines))
-    (runs[0] / "independent_check.json").write_text(json.dumps({"num_images": args.num_images, "seeds": [seeds[0], seeds[-1]], "results": table}, indent=2))
+    out = Path(args.out) if args.out else runs[0] / "independent_check.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"num_images": args.num_images, "seeds": [seeds[0], seeds[-1]], "prompts": prompts,
+                               "runs": dict(zip(labels, map(str, runs))), "results": table}, indent=2))
+    print(f"wrote {out}" + (f", {args.grid}" if args.grid else ""))
     return 0
 
 

@@ -6,6 +6,7 @@ had; every recipe, suite or script path the repository's files mention exists.""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -99,9 +100,7 @@ def test_hub_push_help_names_the_command(helps):
 
 def test_demo_help_or_the_extra_it_needs(helps):
     done = helps[("demo", "--help")]
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("gradio") is None:
         assert done.returncode == 2 and "pip install 'cdalign[demo]'" in done.stderr
     else:
         assert done.returncode == 0 and "usage: cdalign demo" in done.stdout and "--runs_dir" in done.stdout

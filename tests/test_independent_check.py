@@ -32,14 +32,18 @@ def test_independent_check_scores_a_run_with_plain_diffusers(family, tmp_path):
     )).train()
     run = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), str(run), "--num_images", "4", "--batch_size", "4"], env=env,
+    done = subprocess.run([sys.executable, str(SCRIPT), str(run), "--num_images", "4", "--batch_size", "4", "--names", "aligned",
+                           "--grid", str(tmp_path / "grid.png"), "--grid_images", "2"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert f"independent check: diffusers {type(build(seed=0)).__name__}()" in out
     table = json.loads((run / "independent_check.json").read_text())["results"]
-    assert set(table) == {"base", str(run)} and table["base"]["colorfulness"]["n"] == 4
-    assert table[str(run)]["colorfulness"]["difference"]["mean"] != 0.0  # the LoRA is loaded and changes images
+    assert set(table) == {"base", "aligned"} and table["base"]["colorfulness"]["n"] == 4
+    assert table["aligned"]["colorfulness"]["difference"]["mean"] != 0.0  # the LoRA is loaded and changes images
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size[1] > 2 * 32  # two rows: the base model and the run
 
 
 def test_the_checks_jpeg_formula_matches_the_reward_on_saved_8_bit_images():

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from cdalign.console import CdalignWarning
-from cdalign.core.statistics import met_label, paired_difference, summarize
+from cdalign.core.statistics import met_label, paired_difference, summarize, summarize_metric
 from cdalign.core.targets import target_of
 from cdalign.evaluation.scoring import EVAL_VALUES_FILE, CheckpointScores, save_eval_values
 from cdalign.publishing.plotting import plot_duals, save_grid
@@ -60,6 +60,7 @@ def build_report(trainer, base: CheckpointScores, aligned: CheckpointScores) -> 
     constraints = constraint_results(
         prob.constraints, base, aligned, kl_estimator=cfg.kl_estimator, margins=prob.margins,
         targets=trainer.targets, multipliers=trainer.duals.multipliers, flagged=trainer.monitor.flagged,
+        reference=prob.reference,
     )
     obj = prob.objective
     if obj.is_kl:
@@ -118,28 +119,36 @@ def metric_results(base: CheckpointScores, aligned: CheckpointScores) -> dict[st
     for k in aligned.metrics:
         aligned_v, base_v = aligned.metrics[k], base.metrics[k]
         keep = ~(aligned_v.isnan() | base_v.isnan())
-        out[k] = MetricResult(base=Estimate(**summarize(base_v[keep])), aligned=Estimate(**summarize(aligned_v[keep])),
+        if not bool(keep.any()):  # e.g. background accuracy when no evaluated caption names a background
+            none = summarize_metric(aligned_v.new_full(aligned_v.shape, float("nan")),
+                                    f"evaluated images: no prompt names what {k} checks")
+            out[k] = MetricResult(base=Estimate(**none), aligned=Estimate(**none), difference=Estimate(**none))
+            continue
+        out[k] = MetricResult(base=Estimate(**summarize_metric(base_v[keep])), aligned=Estimate(**summarize_metric(aligned_v[keep])),
                               difference=Estimate(**paired_difference(aligned_v[keep], base_v[keep])))
     return out
 
 
 def constraint_results(
     constraints: Sequence, base: CheckpointScores, aligned: CheckpointScores, *, kl_estimator: str, margins,
-    targets, multipliers, flagged: Mapping[str, int],
+    targets, multipliers, flagged: Mapping[str, int], reference=lambda j: None,
 ) -> list[ConstraintResult]:
     """Each constraint's verdict on the aligned images beside the base model's on the same
     images, the paired difference, the target it trained toward (threshold plus margin,
-    ``targets.describe`` says why), its final λ and the step it was flagged infeasible at."""
+    ``targets.describe`` says why), its final λ and the step it was flagged infeasible at.
+    A constraint relative to the base model is judged on the paired difference; ``reference(j)``
+    gives the base-model mean on the training prompts it trained against."""
     out = []
     for j, c in enumerate(constraints):
         values, base_values = aligned.constraint_values(c), base.constraint_values(c)
-        verdict, base_verdict = c.verdict(values), c.verdict(base_values)
+        verdict, base_verdict = c.verdict(values, base_values), c.verdict(base_values, base_values)
+        more = {"reference": reference(j)} if c.relative else {}
         out.append(ConstraintResult.from_verdict(
             c, verdict, constraint_units(c.is_kl, c.normalize, kl_estimator),
             base_measured=base_verdict["measured"], base_ci95=base_verdict["ci95"], base_slack=base_verdict["slack"],
             difference=Estimate(**paired_difference(values, base_values)), met=met_label(verdict),
             target=target_of(c.threshold, float(margins[j]), c.direction), target_from=targets.describe(j),
-            dual=float(multipliers[j]), flagged_infeasible_at_step=flagged.get(c.name),
+            dual=float(multipliers[j]), flagged_infeasible_at_step=flagged.get(c.name), **more,
         ))
     return out
 

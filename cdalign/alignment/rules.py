@@ -67,12 +67,21 @@ def _check_problem(cfg) -> None:
                 )
             if c.max is not None:
                 raise ValueError(f"{where}.max: only used by kl constraints; use threshold for a reward bound")
+            if c.relative_to_base and c.normalize:
+                raise ValueError(
+                    f"{where}.relative_to_base: a normalised threshold is already relative to the base model's mean "
+                    f"(in its std units); set normalize: false to state the floor of {c.reward!r} in its own units "
+                    "(e.g. threshold: -0.05 for 5 points under the base), or remove relative_to_base"
+                )
         else:
             if c.max is None:
                 raise ValueError(f"{where}.max: required for a kl constraint (KL <= max, a positive number)")
             for unused in ("reward", "threshold"):
                 if getattr(c, unused) is not None:
                     raise ValueError(f"{where}.{unused}: not used by kl constraints (KL <= max); remove it")
+            if c.relative_to_base:
+                raise ValueError(f"{where}.relative_to_base: reward constraints only (a KL budget is already "
+                                 "measured from the base model); remove it")
             for unused in ("confidence", "margin"):
                 if getattr(c, unused) is not None:
                     raise ValueError(f"{where}.{unused}: reward constraints only; a KL budget is aimed at as "
@@ -140,12 +149,12 @@ def _check_repeated_rewards(constraints: list[ConstraintSpec]) -> None:
         if key in seen:
             j = seen[key]
             other = constraints[j]
-            if other.normalize == c.normalize:
+            if (other.normalize, other.relative_to_base) == (c.normalize, c.relative_to_base):
                 tighter = max if c.direction == "high" else min
                 keep = j if tighter(other.threshold, c.threshold) == other.threshold else i
                 advice = f"keep the tighter one, constraints[{keep}] (threshold {constraints[keep].threshold})"
             else:
-                advice = "keep one (their thresholds are in different units: normalize differs)"
+                advice = "keep one (their thresholds are in different units: normalize or relative_to_base differs)"
             raise ValueError(
                 f"constraints[{i}]: repeats reward {c.reward!r} with direction {c.direction!r} of constraints[{j}] "
                 f"(redundant, and both would be named {c.name!r}); {advice} and remove the other"
@@ -156,7 +165,8 @@ def _check_repeated_rewards(constraints: list[ConstraintSpec]) -> None:
         if direction != "high" or j is None:
             continue
         high, low = constraints[i], constraints[j]
-        if high.normalize == low.normalize and high.threshold > low.threshold:
+        same_units = (high.normalize, high.relative_to_base) == (low.normalize, low.relative_to_base)
+        if same_units and high.threshold > low.threshold:
             raise ValueError(
                 f"constraints[{j}].threshold: reward {reward!r} must be >= {high.threshold} (constraints[{i}]) and "
                 f"<= {low.threshold} (constraints[{j}]), an empty feasible set; make the low threshold at least "

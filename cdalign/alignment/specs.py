@@ -101,6 +101,17 @@ class ConstraintSpec(ConfigFields):
             "(r_i − m_i)/s_i (the paper's convention). Ignored for 'kl' constraints."
         },
     )
+    relative_to_base: bool = field(
+        default=False,
+        metadata={
+            "help": "Reward constraints: `threshold` is an offset from the base model's mean of this reward, in the "
+            "reward's own units (needs normalize: false): direction 'high' with threshold -0.05 asks for "
+            "E[r] ≥ E_base[r] − 0.05, a floor 5 points under the base for an accuracy such as shapes_match "
+            "(what the prompt asks for must survive). Training measures the base mean with the reward "
+            "statistics (normalization_batches, cached); the held-out verdict judges the paired difference "
+            "aligned − base on the same images against the offset."
+        },
+    )
     max: float | None = field(
         default=None,
         metadata={

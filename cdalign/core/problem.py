@@ -16,34 +16,53 @@ class Constraint:
     """``E[value] >= threshold`` ("high") or ``E[value] <= threshold`` ("low").
 
     ``source`` is a reward name, or ``"kl"`` for the chain KL to the base model (a KL
-    constraint is "low" with ``threshold`` = its ``max``)."""
+    constraint is "low" with ``threshold`` = its ``max``). ``relative``: the threshold is an
+    offset from the base model's mean of the reward (a fidelity floor such as "shape accuracy
+    ≥ base − 0.05"): ``E[r] ≥ E_base[r] + threshold``."""
 
     name: str
     source: str
     direction: str
     threshold: float
     normalize: bool = False
+    relative: bool = False
 
     @property
     def is_kl(self) -> bool:
         return self.source == "kl"
 
-    def slack(self, value: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    def slack(self, value: torch.Tensor, margin: float = 0.0, reference: float | None = None) -> torch.Tensor:
         """``g = b − E[r]`` for "high", ``E[r] − b`` for "low": positive means violated
         (:func:`cdalign.core.statistics.slack`). With ``margin`` the slack is measured from
-        the target ``b ± margin`` (:func:`cdalign.core.targets.target_of`) instead of b."""
-        return slack(value, target_of(self.threshold, margin, self.direction), self.direction)
+        the target ``b ± margin`` (:func:`cdalign.core.targets.target_of`) instead of b. A
+        relative constraint's b is ``reference`` (the base model's mean, required) plus
+        its threshold."""
+        if self.relative and reference is None:
+            raise ValueError(f"constraint {self.name!r} is relative to the base model but no base-model mean of "
+                             f"{self.source!r} is known yet (compute the reward statistics first)")
+        bound = self.threshold + (reference if self.relative else 0.0)
+        return slack(value, target_of(bound, margin, self.direction), self.direction)
 
-    def verdict(self, values: torch.Tensor) -> dict:
+    def verdict(self, values: torch.Tensor, base_values: torch.Tensor | None = None) -> dict:
         """The constraint judged on per-sample values (N,) in its own units (raw, base-model
         std, or KL nats): ``measured`` (their mean), ``ci95`` ([lo, hi], normal 95% CI of
         the mean), ``n``, ``slack`` (positive = violated), ``satisfied`` (the mean is on the
-        allowed side; ties count) and ``ci_clears_threshold`` (the whole CI is). The one
-        place a measured mean meets a threshold: the trainer's report, the evaluation
-        harness and the composer all judge here."""
+        allowed side; ties count) and ``ci_clears_threshold`` (the whole CI is). A relative
+        constraint is judged on the paired difference ``values − base_values`` (the base
+        model's values on the same items, required) against its offset; ``measured`` and
+        ``ci95`` still describe ``values``, and ``judged_on`` says so. The one place a
+        measured mean meets a threshold: the trainer's report, the evaluation harness and
+        the composer all judge here."""
         m, lo, hi = mean_and_ci(values)
-        decision = constraint_decision(m, (lo, hi), self.threshold, self.direction)
-        return {"measured": m, "ci95": [lo, hi], "n": int(torch.as_tensor(values).numel()), **decision}
+        n = int(torch.as_tensor(values).numel())
+        if not self.relative:
+            return {"measured": m, "ci95": [lo, hi], "n": n, **constraint_decision(m, (lo, hi), self.threshold, self.direction)}
+        if base_values is None:
+            raise ValueError(f"constraint {self.name!r} is relative to the base model: its verdict needs the base "
+                             "model's values on the same items")
+        dm, dlo, dhi = mean_and_ci(torch.as_tensor(values, dtype=torch.float64) - torch.as_tensor(base_values, dtype=torch.float64))
+        decision = constraint_decision(dm, (dlo, dhi), self.threshold, self.direction)
+        return {"measured": m, "ci95": [lo, hi], "n": n, **decision, "judged_on": "aligned − base (paired, same items)"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,9 @@ class ConstrainedProblem:
         self.objective, self.constraints = objective, list(constraints)
         # how far past its threshold each constraint aims (cdalign.core.targets); 0: at it
         self.margins = torch.zeros(len(self.constraints), dtype=torch.float64)
+        # reward name -> base-model statistics (.mean) for relative constraints; the trainer binds
+        # its own dict, filled when the reward statistics are computed or loaded
+        self.base_statistics: dict = {}
 
     @classmethod
     def from_config(cls, config) -> "ConstrainedProblem":
@@ -80,7 +102,8 @@ class ConstrainedProblem:
             if spec.type == "kl":
                 constraints.append(Constraint(spec.name, "kl", "low", float(spec.max)))
             else:
-                constraints.append(Constraint(spec.name, spec.reward, spec.direction, float(spec.threshold), spec.normalize))
+                constraints.append(Constraint(spec.name, spec.reward, spec.direction, float(spec.threshold), spec.normalize,
+                                              relative=bool(getattr(spec, "relative_to_base", False))))
         return cls(objective, constraints)
 
     @property
@@ -100,6 +123,19 @@ class ConstrainedProblem:
                 names.append(c.source)
         return names
 
+    @property
+    def needs_base_statistics(self) -> bool:
+        """Whether the problem reads base-model reward statistics: a normalised reward or a
+        constraint relative to the base model."""
+        return any(self.normalized(n) for n in self.reward_names) or any(c.relative for c in self.constraints)
+
+    def reference(self, j: int) -> float | None:
+        """The base-model mean a relative constraint ``j`` is measured from (None otherwise,
+        or while unknown)."""
+        c = self.constraints[j]
+        stats = self.base_statistics.get(c.source) if c.relative else None
+        return None if stats is None else float(stats.mean)
+
     def normalized(self, source: str) -> bool:
         """Whether ``source`` is used in normalised units (by the objective or a constraint)."""
         specs = [c.normalize for c in self.constraints if c.source == source]
@@ -116,7 +152,8 @@ class ConstrainedProblem:
     def slacks(self, values: torch.Tensor) -> torch.Tensor:
         if not self.constraints:
             return values
-        return torch.stack([c.slack(values[j], float(self.margins[j])) for j, c in enumerate(self.constraints)])
+        return torch.stack([c.slack(values[j], float(self.margins[j]), self.reference(j))
+                            for j, c in enumerate(self.constraints)])
 
     @staticmethod
     def lagrangian(objective: torch.Tensor, slacks: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:

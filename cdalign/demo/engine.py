@@ -90,7 +90,7 @@ def report_constraints(report: AlignmentReport | None) -> tuple[list[Constraint]
         if normalize and source not in stats:
             notes.append(f"constraint {name!r}: no base-model statistics of {source!r} in the report; left out")
             continue
-        constraints.append(Constraint(name, source, direction, threshold, normalize))
+        constraints.append(Constraint(name, source, direction, threshold, normalize, relative=bool(c.relative_to_base)))
     return constraints, stats, notes
 
 
@@ -317,9 +317,11 @@ class DemoEngine:
         for c in constraints:
             entry = {"constraint": c.name, "reward": c.source, "direction": c.direction, "threshold": c.threshold,
                      "units": "base-model σ" if c.normalize else ("nats" if c.is_kl else "raw")}
+            base_values = scores["base"].constraint_values(c)
             for name in ("base", "aligned"):
                 values = scores[name].constraint_values(c)
-                entry[name] = {**c.verdict(values), "values": values.tolist()}  # per image, in the constraint's units
+                # a floor relative to the base is judged on the paired difference to the base images
+                entry[name] = {**c.verdict(values, base_values if c.relative else None), "values": values.tolist()}
             rows.append(entry)
         kl = summarize(scores["aligned"].kl["base"])
         return {

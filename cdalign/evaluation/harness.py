@@ -87,6 +87,7 @@ from cdalign.publishing.plotting import pyplot, save_grid
 from cdalign.publishing.tables import comparison_table, md, md_code
 from cdalign.rewards import REWARDS
 from cdalign.runs.atomic import atomic_write, atomic_write_text
+from cdalign.runs.lock import acquire_run_lock
 from cdalign.runs.report import REPORT_FILE, AlignmentReport, ConstraintResult, ReportFormatError, constraint_units
 
 CACHE_VERSION = 1  # bump when the cached batch layout or its meaning changes
@@ -378,6 +379,8 @@ def evaluate(
                       "recomputed, not cached (set a cache_key string on them, changed whenever they change)",
                       CdalignWarning, stacklevel=2)
         use_cache = False
+    if out is not None:  # inputs checked: from here one evaluation per output folder (another live one is refused)
+        acquire_run_lock(out)
     cache = _BatchCache(
         out / "cache" if (out is not None and use_cache) else None,
         {c.name: {"v": CACHE_VERSION, "checkpoint": identities[c.name], "model": model_identity, "sampler": settings,
@@ -423,7 +426,8 @@ def evaluate(
         trained = {c.name: c for c in (reports[spec.name].constraints if reports[spec.name] else [])}
         cons = []
         for c in (problem.constraints if problem else []):
-            verdict = c.verdict(values.constraint_values(c))
+            # a floor relative to the base: judged on the paired difference to the base row (same items)
+            verdict = c.verdict(values.constraint_values(c), scores[base_name].constraint_values(c) if c.relative else None)
             verdict.pop("n")  # evaluation.json gives the count once per checkpoint (num_images)
             run = trained.get(c.name)  # λ and the infeasibility flag: the run's own, from its report
             cons.append(ConstraintResult.from_verdict(

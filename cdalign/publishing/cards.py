@@ -109,8 +109,11 @@ def constraints_table(report: AlignmentReport | Mapping) -> str:
         aim = c.target_from or {}
         if aim.get("margin"):  # trained toward a target past the threshold (cdalign.core.targets)
             why = f"{aim['confidence']:g} confidence" if aim.get("confidence") is not None else "a fixed margin"
-            units += f" (aimed at {c.target:+.3g} for {why})"
-        rows.append(f"| {md(c.name)} | {md(c.source)} {op} {c.threshold:g}{units} | {achieved} | "
+            units += f" (aimed at {'base ' if c.relative_to_base else ''}{c.target:+.3g} for {why})"
+        bound = f"base {'+' if c.threshold >= 0 else '−'} {abs(c.threshold):g}" if c.relative_to_base else f"{c.threshold:g}"
+        if c.relative_to_base:
+            units += " (judged on the paired difference)"
+        rows.append(f"| {md(c.name)} | {md(c.source)} {op} {bound}{units} | {achieved} | "
                     f"{base} | {_estimate(c.difference)} | {ok} | {_num(c.dual)} |")
     return "\n".join(rows)
 

@@ -37,16 +37,27 @@ def summary_table(report: AlignmentReport | Mapping) -> str:
         base_ci = c.base_ci95 if c.base_ci95 is not None else [c.base_measured, c.base_measured]
         diff_s = format_ci(c.difference.mean, c.difference.ci95) if c.difference else "n/a"
         target = c.threshold if c.target is None else c.target
+        b = "b" if c.relative_to_base else ""  # an offset from the base model's mean
         lines.append(
-            f"{c.name:<24} {op}{c.threshold:>+7.3g} {target:>+8.3f} "
+            f"{c.name:<24} {op}{b + format(c.threshold, '+.3g'):>7} {b + format(target, '+.3f'):>8} "
             f"{format_ci(c.base_measured, base_ci):>24} {format_ci(c.measured, c.ci95):>24} {diff_s:>24} "
             f"{'NO' if not c.satisfied else c.met or 'yes':>4} {c.dual:>7.3f}"
         )
-    for name, m in (report.metrics or {}).items():
+    if any(c.relative_to_base for c in report.constraints):
+        lines.append("b: the base model's mean on the same images; a constraint relative to the base is judged on "
+                     "its aligned − base column (paired)")
+    metrics = report.metrics or {}
+    for name, m in metrics.items():
         lines.append(
-            f"{name:<24} {'':>9} {format_ci(m.base.mean, m.base.ci95):>24} "
+            f"{name:<24} {'':>9} {'':>8} {format_ci(m.base.mean, m.base.ci95):>24} "
             f"{format_ci(m.aligned.mean, m.aligned.ci95):>24} {format_ci(m.difference.mean, m.difference.ci95):>24}"
         )
+    for name, m in metrics.items():
+        if m.aligned.mean is None:
+            lines.append(f"{name}: n/a, {m.aligned.reason or 'no value'}")
+    wilson = [name for name, m in metrics.items() if m.aligned.interval == "wilson"]
+    if wilson:
+        lines.append(f"{', '.join(wilson)}: proportions of images, with Wilson score 95% intervals (they stay in [0, 1])")
     kl, obj = report.kl, report.objective
     what = "chain KL to the base (minimised)" if obj.type == "kl" else f"mean {obj.reward} (maximised)"
     lines.append(

@@ -14,7 +14,19 @@ image border, treated as a constant), ``c_k`` the shapes-world palette
 An image with no foreground scores ~0 (``eps`` is one pixel). A prompt that names no
 shapes-world colour scores 0 with zero gradient: there is nothing to be faithful to.
 
-This reward is for the embedded ``cdalign/tiny-shapes-sd`` model; the quality gates in
+``caption_fidelity`` adds the background the prompt names: the soft probability, averaged
+over the 1-pixel border (where the shapes classifier reads the background), that a border
+pixel's nearest background colour (``cdalign.data.shapes.BACKGROUNDS``) is the named one,
+
+    bg     = mean_{p in border} softmax_k(-|x_p - d_k|^2 / T)[named]        in [0, 1]
+
+and scores each image by the mean of the terms its prompt names (colour, background; 1.0
+when it names neither: nothing asked, nothing broken). It is the differentiable stand-in
+for the hard ``shapes_match`` (which also checks shape and size) that a reward-backprop
+run can hold as a fidelity floor (a constraint relative to the base model); shape has no
+smooth surrogate here, so the floor guards colour and background.
+
+These rewards are for the embedded ``cdalign/tiny-shapes-sd`` models; the quality gates in
 ``evaluation/tiny_quality.py`` deliberately use the hard numpy classifier of
 ``cdalign.data.shapes`` instead, so the reward is never graded by itself.
 """
@@ -25,7 +37,7 @@ from typing import Sequence
 
 import torch
 
-from cdalign.data.shapes import COLORS, parse_prompt
+from cdalign.data.shapes import BACKGROUNDS, COLORS, parse_prompt
 from cdalign.rewards.base import REWARDS, Reward, check_inputs
 
 FOREGROUND_THRESHOLD = 80 / 255  # RGB distance from the background, [0, 1] units
@@ -91,3 +103,44 @@ class PromptFidelity(Reward):
         target = torch.tensor([self.color_names.index(c) if c else 0 for c in colors], device=images.device)
         scores = color_fidelity(images.float(), target, self.palette.to(images.device))
         return torch.where(has_color, scores, torch.zeros_like(scores)).float()
+
+
+def background_fidelity(images: torch.Tensor, target: torch.Tensor, palette: torch.Tensor,
+                        temperature: float = COLOR_TEMPERATURE) -> torch.Tensor:
+    """Soft probability that the border is background colour ``target``: images (B, 3, H, W)
+    in [0, 1]; target (B,) indices into the background palette (K, 3). Returns (B,) in [0, 1]."""
+    border = torch.cat([images[:, :, 0, :], images[:, :, -1, :], images[:, :, 1:-1, 0], images[:, :, 1:-1, -1]], dim=2)
+    probs = palette_probabilities(border.unsqueeze(-1), palette, temperature).squeeze(-1)  # (B, K, P)
+    return probs.gather(1, target.view(-1, 1, 1).expand(-1, 1, probs.shape[-1])).squeeze(1).mean(1)
+
+
+@REWARDS.register("caption_fidelity")
+class CaptionFidelity(Reward):
+    """Shapes-world caption fidelity, differentiable: per image the mean of the soft colour
+    fidelity (as ``prompt_fidelity``) and the soft background fidelity over what its prompt
+    names; 1.0 where it names neither (see the module docstring). Scores in [0, 1]."""
+
+    name = "caption_fidelity"
+    differentiable = True
+
+    def __init__(self):
+        super().__init__()
+        self.color_names, self.background_names = tuple(COLORS), tuple(BACKGROUNDS)
+        self.register_buffer("palette", torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255, persistent=False)
+        self.register_buffer("backgrounds", torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32) / 255,
+                             persistent=False)
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        check_inputs(images, prompts, needs_prompts=True)
+        asked = [parse_prompt(p) for p in prompts]
+        device, x = images.device, images.float()
+        has_color = torch.tensor([a["color"] is not None for a in asked], device=device)
+        has_bg = torch.tensor([a["background"] in self.background_names for a in asked], device=device)
+        color = color_fidelity(x, torch.tensor([self.color_names.index(a["color"]) if a["color"] else 0 for a in asked],
+                                               device=device), self.palette.to(device))
+        bg_target = [self.background_names.index(a["background"]) if a["background"] in self.background_names else 0
+                     for a in asked]
+        background = background_fidelity(x, torch.tensor(bg_target, device=device), self.backgrounds.to(device))
+        total = torch.where(has_color, color, torch.zeros_like(color)) + torch.where(has_bg, background, torch.zeros_like(color))
+        count = has_color.float() + has_bg.float()
+        return torch.where(count > 0, total / count.clamp(min=1), torch.ones_like(total)).float()

@@ -95,21 +95,27 @@ def _interval(data: Any, where: str) -> list:
 
 @dataclass(kw_only=True)
 class Estimate:
-    """A mean with its 95% CI over ``n`` values (None: not recorded), in ``units`` where named."""
+    """A mean with its 95% CI over ``n`` values (None: not recorded), in ``units`` where named.
+    ``interval``: how the CI was made where it is not the normal one (``"wilson"`` for a
+    proportion). ``mean`` and ``ci95`` are None (``null`` in JSON) when the quantity applies to
+    none of the values, and ``reason`` says why: a table shows "n/a", never NaN."""
 
-    mean: float
-    ci95: list[float]
+    mean: float | None
+    ci95: list[float] | None
     n: int | None = None
     units: str | None = None
+    interval: str | None = None
+    reason: str | None = None
 
     def to_json(self) -> dict:
-        return _fields_json(self)
+        return _fields_json(self, always=("mean", "ci95"))
 
     @classmethod
     def from_json(cls, data: Any, where: str = "estimate") -> Estimate:
         data = _mapping(data, where)
         _require(data, ("mean", "ci95"), where)
-        return cls(**{**_known(cls, data), "ci95": _interval(data["ci95"], f"{where}.ci95")})
+        ci = None if data["ci95"] is None else _interval(data["ci95"], f"{where}.ci95")
+        return cls(**{**_known(cls, data), "ci95": ci})
 
 
 @dataclass(kw_only=True)
@@ -268,6 +274,9 @@ class ConstraintResult:
     target_from: dict | None = None
     dual: float | None = None
     flagged_infeasible_at_step: int | None = None
+    relative_to_base: bool | None = None  # threshold is an offset from the base model's mean
+    judged_on: str | None = None  # relative constraints: "aligned − base (paired, same items)"
+    reference: float | None = None  # relative constraints: the base mean on the training prompts it trained against
 
     ALWAYS_WRITTEN = ("dual", "flagged_infeasible_at_step")  # None there means "none": no λ, never flagged
 
@@ -276,7 +285,8 @@ class ConstraintResult:
         """From a ``Constraint`` and its ``verdict`` (measured, ci95, n, slack, satisfied,
         ci_clears_threshold); ``more`` sets the other fields."""
         return cls(name=constraint.name, source=constraint.source, direction=constraint.direction,
-                   threshold=constraint.threshold, normalized=constraint.normalize, units=units, **verdict, **more)
+                   threshold=constraint.threshold, normalized=constraint.normalize, units=units,
+                   relative_to_base=True if getattr(constraint, "relative", False) else None, **verdict, **more)
 
     @property
     def decision(self) -> dict:
