@@ -36,7 +36,7 @@ from cdalign.evaluation.harness import (
     LoraKind,
 )
 from cdalign.models.adapters import set_unet_state
-from cdalign.models.lora import load_lora
+from cdalign.models.lora import delete_adapters, load_lora
 
 
 def _component_specs(spec: CheckpointSpec) -> list[CheckpointSpec]:
@@ -88,7 +88,7 @@ class ComposedModel(LoadedCheckpoint):
             return
         set_unet_state(denoiser_of(self.pipe), None)
         if self.adapters:
-            self.pipe.delete_adapters(self.adapters)
+            delete_adapters(self.pipe, self.adapters)
 
 
 class _LatestPredictions:

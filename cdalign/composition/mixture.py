@@ -37,7 +37,7 @@ from cdalign.core.statistics import slack, summarize_metric
 from cdalign.composition.supports import SUPPORT_LABELERS, SupportLabeler
 from cdalign.data.shapes import COLOR_NAMES, write_shapes_folder
 from cdalign.models.adapters import set_unet_state
-from cdalign.models.lora import LORA_WEIGHT_NAME, save_adapter, trainable_adapter
+from cdalign.models.lora import LORA_WEIGHT_NAME, delete_adapters, save_adapter, trainable_adapter
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.plotting import save_grid
 from cdalign.rewards.metrics import to_uint8
@@ -333,7 +333,7 @@ class MixtureTrainer:
             one_hot = [1.0 if j == i else 0.0 for j in range(len(self.data))]
             self._train_steps(params, cfg.irreducible_fit_steps, lambda: one_hot, seeding.MIXTURE_ALONE_BATCH + i)
             out.append(float(self.eval_losses()[i]))
-            self.unet.delete_adapters(name)
+            delete_adapters(self.unet, name)
         self.irreducible = out
         return out
 

@@ -37,7 +37,7 @@ from cdalign.data.prompt_sets import load_prompts
 from cdalign.demo.catalog import DemoError, Limits, LoraCatalog, LoraSource, check_float, check_int
 from cdalign.evaluation.scoring import AdaptedModel, BaseModel, CheckpointScores, score_checkpoints
 from cdalign.models.adapters import set_unet_state
-from cdalign.models.lora import LORA_WEIGHT_NAME, load_lora
+from cdalign.models.lora import LORA_WEIGHT_NAME, delete_adapters, load_lora
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.cards import usage_snippet
 from cdalign.publishing.demo_markdown import card_table
@@ -270,7 +270,7 @@ class DemoEngine:
         unet = self.pipe.unet
         if getattr(unet, "_hf_peft_config_loaded", False) and getattr(unet, "peft_config", None):
             set_unet_state(unet, None)
-            self.pipe.delete_adapters(list(unet.peft_config))
+            delete_adapters(self.pipe, list(unet.peft_config))
         for module in (unet, self.pipe.vae, self.pipe.text_encoder):
             module.requires_grad_(False)
             module.eval()

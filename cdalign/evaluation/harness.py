@@ -78,6 +78,7 @@ from cdalign.evaluation.suite import (  # noqa: F401
 from cdalign.fields import check_mixed_precision, read_yaml_mapping
 from cdalign.hub_access.downloads import download_file
 from cdalign.models.lora import (
+    delete_adapters,
     is_local_source,
     load_lora,
     lora_weights_path,
@@ -155,7 +156,7 @@ class _LoraLoaded(AdaptedModel):
         self.pipe, self.adapter = pipe, adapter
 
     def unload(self):
-        self.pipe.delete_adapters(self.adapter)
+        delete_adapters(self.pipe, self.adapter)
 
 
 @CHECKPOINT_KINDS.register("lora")

@@ -74,10 +74,20 @@ def several_adapters():
     denoiser is how cdalign composes, distils and compares (the components, a student, a
     trained LoRA beside the base). peft has no call that adds a second adapter without it
     (diffusers' own ``load_lora_adapter`` gives it too), so only that message is ignored, and
-    only inside the block."""
+    only inside the block; so is its counterpart when cdalign deletes one of them ("Adapter
+    X was active which is now deleted"): cdalign sets the active adapters itself before
+    every use (:mod:`cdalign.models.adapters`)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted", category=UserWarning)
         yield
+
+
+def delete_adapters(model, names: str | Sequence[str]) -> None:
+    """Delete adapter(s) ``names`` from ``model`` (a pipeline or a denoiser) inside
+    :func:`several_adapters`."""
+    with several_adapters():
+        model.delete_adapters(names)
 
 
 def _keys(path: Path) -> list[str]:
