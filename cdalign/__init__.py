@@ -12,7 +12,8 @@ from cdalign.alignment.specs import ConstraintSpec, DualSpec, ObjectiveSpec
 from cdalign.alignment.trainer import ConstrainedDDPOTrainer
 from cdalign.core.duals import DUAL_OPTIMIZERS, NuPI, ProjectedGradientAscent
 from cdalign.core.kl import KL_ESTIMATORS
-from cdalign.core.sampling import DDIMChain, DiffusionSampler
+from cdalign.core.chains import DDIMChain
+from cdalign.core.sampling import DiffusionSampler
 from cdalign.data.prompt_sets import PROMPT_SETS, load_prompts
 from cdalign.models.pipeline import EMBEDDED_MODELS, load_pipeline
 from cdalign.runs.report import AlignmentReport, ConstraintResult, ReportFormatError

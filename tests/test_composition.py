@@ -14,11 +14,11 @@ from cdalign.composition import (
     ConstrainedComposer,
     SimplexDual,
     project_simplex,
-    set_unet_state,
 )
 from cdalign.composition.components import load_lora_component
 from cdalign.composition.config import DistillSpec, config_from_dict, parse_config
 from cdalign.core.sampling import DiffusionSampler
+from cdalign.models.adapters import set_denoiser_adapter
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -122,7 +122,7 @@ def test_composed_prediction_is_the_weighted_sum_of_component_predictions(two_ad
         composed = comps.composed(prompts, weights)(x, t)
         singles = []
         for adapter in ("a", "b", None):
-            set_unet_state(pipe.unet, adapter)
+            set_denoiser_adapter(pipe.unet, adapter)
             singles.append(sampler.guided(prompts)(x, t))
     expected = sum(float(w) * e for w, e in zip(weights, singles))
     assert torch.allclose(composed, expected, atol=1e-5)
@@ -134,15 +134,15 @@ def test_concept_composition_is_uncond_plus_weighted_guidance(two_adapters):
     comps = ComponentSet(sampler, [Component("red", None, "a red circle"), Component("blue", None, "a blue square")])
     x, t = torch.randn(1, 4, 16, 16), sampler.chain.timesteps[0]
     with torch.no_grad():
-        set_unet_state(sampler.unet, None)
+        set_denoiser_adapter(sampler.denoiser, None)
         emb = torch.cat([sampler.encode([p]).embeds for p in ("", "a red circle", "a blue square")])
-        u, r, b = sampler.unet(x.repeat(3, 1, 1, 1), t, encoder_hidden_states=emb).sample.chunk(3)
+        u, r, b = sampler.denoiser(x.repeat(3, 1, 1, 1), t, encoder_hidden_states=emb).sample.chunk(3)
         got = comps.composed(["ignored"], [0.25, 0.75])(x, t)
     w = sampler.guidance_scale
     assert torch.allclose(got, u + 0.25 * w * (r - u) + 0.75 * w * (b - u), atol=1e-5)
 
 
-def test_unet_calls_per_step_are_one_per_adapter_and_one_for_all_concepts(two_adapters):
+def test_denoiser_calls_per_step_are_one_per_adapter_and_one_for_all_concepts(two_adapters):
     _, sampler = two_adapters
     x, t = torch.randn(2, 4, 16, 16), sampler.chain.timesteps[0]
     adapters = ComponentSet(sampler, [Component("a", "a"), Component("b", "b")]).predictor(["x", "y"])
@@ -150,7 +150,7 @@ def test_unet_calls_per_step_are_one_per_adapter_and_one_for_all_concepts(two_ad
     with torch.no_grad():
         adapters(x, t)
         concepts(x, t)
-    assert adapters.unet_calls == 2 and concepts.unet_calls == 1
+    assert adapters.denoiser_calls == 2 and concepts.denoiser_calls == 1
 
 
 def test_chain_kl_of_a_component_to_itself_is_zero(two_adapters):

@@ -145,12 +145,8 @@ def loras(request, tmp_path_factory):
 
 
 def test_composed_velocity_is_the_weighted_sum_of_component_velocities(loras):
-    from cdalign.composition import (
-        Component,
-        ComponentSet,
-        load_lora_component,
-        set_unet_state,
-    )
+    from cdalign.composition import Component, ComponentSet, load_lora_component
+    from cdalign.models.adapters import set_denoiser_adapter
 
     case, paths = loras
     pipe = case.build(seed=0)
@@ -168,7 +164,7 @@ def test_composed_velocity_is_the_weighted_sum_of_component_velocities(loras):
     with torch.no_grad():
         singles = []
         for adapter in ("a", "b", None):
-            set_unet_state(pipe.transformer, adapter)
+            set_denoiser_adapter(pipe.transformer, adapter)
             singles.append(sampler.guided(prompts)(x, t))
     assert torch.allclose(composed, sum(float(w) * v for w, v in zip(weights, singles)), atol=1e-5)
     assert not torch.allclose(singles[0], singles[1])

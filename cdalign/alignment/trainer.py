@@ -79,9 +79,9 @@ class ConstrainedDDPOTrainer:
             None uses ``config.prompts`` / ``config.eval_prompts``. A list or a callable is
             recorded in ``config.yaml`` as the list of prompts used.
         accelerator: an ``accelerate.Accelerator`` (one is made from the config if None).
-        shard_unet: shard the UNet (base weights, LoRA, gradients and optimizer state) over
-            the processes with FSDP2 (``torch.distributed.fsdp.fully_shard``, one unit per
-            UNet block plus the root) instead of replicating it. None (default): shard when
+        shard_denoiser: shard the denoiser (base weights, LoRA, gradients and optimizer state)
+            over the processes with FSDP2 (``torch.distributed.fsdp.fully_shard``, one unit per
+            block of its family plus the root) instead of replicating it. None (default): shard when
             accelerate is configured for FSDP (``recipes/accelerate_configs/fsdp.yaml``).
             Results match the replicated run up to floating-point reduction order.
     """
@@ -94,7 +94,7 @@ class ConstrainedDDPOTrainer:
         prompts: Sequence[str] | Callable | str | None = None,
         eval_prompts: Sequence[str] | Callable | str | None = None,
         accelerator=None,
-        shard_unet: bool | None = None,
+        shard_denoiser: bool | None = None,
     ):
         config.validate()
         self.config = cfg = config
@@ -149,12 +149,12 @@ class ConstrainedDDPOTrainer:
         if self.resume_path is not None:  # once the Hub sources resolved: the saved config pins their commits
             self._check_resume_config(self.resume_path)
         distributed.check_distributed_setup(acc)
-        self.sharded = distributed.wants_sharding(acc, shard_unet)
+        self.sharded = distributed.wants_sharding(acc, shard_denoiser)
         prepare_lora_training(self.pipe, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules,
                               seed=derived_seed(cfg.seed, LORA_INIT), device=self.device, weight_dtype=weight_dtype)
         self.base_fingerprint = model_fingerprint(self.denoiser)  # before sharding
         if self.sharded:
-            distributed.shard_unet(self.denoiser, distributed.fsdp_plugin(acc))
+            distributed.shard_denoiser(self.denoiser, distributed.fsdp_plugin(acc))
 
         self.rewards = build_rewards(rewards or {}, self.problem.reward_names, cfg.reward_kwargs, self.device)
         self.sampler = DiffusionSampler(self.pipe, cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, cfg.resolution, self.device)

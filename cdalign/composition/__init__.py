@@ -16,8 +16,6 @@ from cdalign.composition.components import (
     StackedPredictors,
     composed_eps,
     load_lora_component,
-    save_adapter,
-    set_unet_state,
 )
 from cdalign.composition.composer import ConstrainedComposer, train_missing_components
 from cdalign.composition.concepts import run_concept_sets
@@ -62,7 +60,5 @@ __all__ = [
     "parse_config",
     "project_simplex",
     "run_concept_sets",
-    "save_adapter",
-    "set_unet_state",
     "train_missing_components",
 ]

@@ -35,7 +35,7 @@ from cdalign.evaluation.harness import (
     LoadedCheckpoint,
     LoraKind,
 )
-from cdalign.models.adapters import set_unet_state
+from cdalign.models.adapters import set_denoiser_adapter
 from cdalign.models.lora import load_lora
 
 
@@ -86,7 +86,7 @@ class ComposedModel(LoadedCheckpoint):
     def unload(self):
         if self.pipe is None:
             return
-        set_unet_state(denoiser_of(self.pipe), None)
+        set_denoiser_adapter(denoiser_of(self.pipe), None)
         if self.adapters:
             self.pipe.delete_adapters(self.adapters)
 

@@ -35,7 +35,7 @@ from cdalign.core.seeding import derived_seed
 from cdalign.core.statistics import slack, summarize
 from cdalign.composition.supports import SUPPORT_LABELERS, SupportLabeler
 from cdalign.data.shapes import COLOR_NAMES, write_shapes_folder
-from cdalign.models.adapters import set_unet_state
+from cdalign.models.adapters import set_denoiser_adapter
 from cdalign.models.lora import LORA_WEIGHT_NAME, save_adapter, trainable_adapter
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.plotting import save_grid
@@ -412,7 +412,7 @@ class MixtureTrainer:
                "min_max_max_kl": math.log(len(self.names))}
         grids = {}
         for model, adapter in (("mixture", ADAPTER), ("base", None)):
-            set_unet_state(self.unet, adapter)
+            set_denoiser_adapter(self.unet, adapter)
             cells = []
             for k in range(0, len(seeds), 16):
                 chunk = seeds[k:k + 16]
@@ -421,7 +421,7 @@ class MixtureTrainer:
                 if k == 0:
                     grids[model] = images[:8].cpu()
             out[model] = support_masses(cells, self.supports)
-        set_unet_state(self.unet, ADAPTER)
+        set_denoiser_adapter(self.unet, ADAPTER)
         self._mass_grids = grids
         return out
 
