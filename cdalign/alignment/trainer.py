@@ -28,7 +28,7 @@ from cdalign.alignment import checkpoint as checkpoints
 from cdalign.alignment.checkpoint import check_checkpoint_files
 from cdalign.alignment.config import ConstrainedDDPOConfig, config_to_dict, save_config
 from cdalign.alignment.dual_window import DualWindow, confidence_targets
-from cdalign.alignment.estimators import ESTIMATORS, MicroBatch, RolloutEstimator, is_finite_batch
+from cdalign.alignment.estimators import ESTIMATORS, BatchEstimate, RolloutEstimator, is_finite_estimate
 from cdalign.alignment.normalization import RewardNormalization
 from cdalign.alignment.report import DUALS_PLOT_FILE, SAMPLE_GRID_FILE, build_report, plot_history, write_evaluation_files
 from cdalign.alignment.step_log import flat_config, progress_postfix, step_record
@@ -250,7 +250,7 @@ class ConstrainedDDPOTrainer:
             self.compute_normalization()
 
     # ------------------------------------------------------------------ training
-    def _micro_batch(self, index: int) -> MicroBatch:
+    def _estimate_micro_batch(self, index: int) -> BatchEstimate:
         prompts, seeds, g = self._global_batch(TRAIN_BATCH, index, self.prompts, self.config.train_batch_size)
         multipliers = self.duals.multipliers.to(torch.float32)
         with self.accelerator.autocast():
@@ -269,16 +269,16 @@ class ConstrainedDDPOTrainer:
         self.denoiser.train()
         self.optimizer.zero_grad(set_to_none=True)
         rollouts = isinstance(self.estimator, RolloutEstimator)
-        records: list[MicroBatch] = []
+        records: list[BatchEstimate] = []
         for _ in range(cfg.gradient_accumulation_steps):
             with torch.no_grad() if rollouts else contextlib.nullcontext():
-                mb = self._micro_batch(self.micro_batches_seen)
+                estimate = self._estimate_micro_batch(self.micro_batches_seen)
             self.micro_batches_seen += 1
-            if distributed.on_all_processes(is_finite_batch(mb), acc):
+            if distributed.on_all_processes(is_finite_estimate(estimate), acc):
                 if not rollouts:
-                    acc.backward(mb.loss / cfg.gradient_accumulation_steps)
-                records.append(mb)
-                self.window.add(mb)
+                    acc.backward(estimate.loss / cfg.gradient_accumulation_steps)
+                records.append(estimate)
+                self.window.add(estimate)
             else:
                 self.nonfinite_batches += 1
                 warnings.warn(
@@ -292,7 +292,7 @@ class ConstrainedDDPOTrainer:
                         f"(max_nonfinite_batches={cfg.max_nonfinite_batches}); check the rewards and the "
                         "learning rate. The last saved checkpoint and LoRA are left as they were."
                     )
-            del mb
+            del estimate
             if self.micro_batches_seen % self.update_every == 0:
                 self.window.step(acc, self.device, self.global_step)
         if rollouts:
@@ -315,7 +315,7 @@ class ConstrainedDDPOTrainer:
         self.optimizer.step()
         return grad_norm
 
-    def _train_on_rollouts(self, records: list[MicroBatch]) -> tuple[float | None, dict]:
+    def _train_on_rollouts(self, records: list[BatchEstimate]) -> tuple[float | None, dict]:
         """``ppo_epochs`` inner epochs over the round's rollouts, each split into
         ``ppo_updates_per_epoch`` optimiser updates (micro-batches in sampling order; every
         process the same number). Returns the last update's gradient norm and the PPO
@@ -330,8 +330,8 @@ class ConstrainedDDPOTrainer:
                 if not chunk:
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
-                for mb in chunk:
-                    for loss in self.estimator.surrogate_losses(mb, epoch, updates, acc.autocast):
+                for estimate in chunk:
+                    for loss in self.estimator.surrogate_losses(estimate, epoch, updates, acc.autocast):
                         acc.backward(loss / len(chunk))
                 grad_norm = self._optimizer_update()
                 updates += 1
@@ -343,7 +343,7 @@ class ConstrainedDDPOTrainer:
             extra["ppo/grad_norm_mean"] = sum(norms) / len(norms)
         return grad_norm, extra
 
-    def _log_step(self, records: list[MicroBatch], grad_norm, extra: dict | None = None) -> dict:
+    def _log_step(self, records: list[BatchEstimate], grad_norm, extra: dict | None = None) -> dict:
         acc, prob = self.accelerator, self.problem
         log = step_record(self.global_step, records, prob, acc, self.device, multipliers=self.duals.multipliers,
                           margins=prob.margins if self.targets.active else None, skipped=self.nonfinite_batches,
