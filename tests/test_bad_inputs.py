@@ -240,7 +240,7 @@ def _corrupt_lora_copy(saved_run, tmp_path):
 
 def test_corrupt_lora_in_evaluation_fails_up_front_naming_the_file(saved_run, tmp_path, monkeypatch):
     import cdalign.evaluation.harness
-    from cdalign.evaluation.harness import CheckpointSpec, EvaluationSuite, evaluate
+    from cdalign.evaluation import CheckpointSpec, EvaluationSuite, evaluate
     from cdalign.models.lora import CorruptFileError
 
     folder = _corrupt_lora_copy(saved_run, tmp_path)
@@ -287,7 +287,7 @@ def test_composition_inputs_are_checked_before_any_component_trains(tmp_path):
 
 
 def test_float16_evaluation_on_a_cpu_is_refused(tmp_path):
-    from cdalign.evaluation.harness import EvaluationSuite, evaluate
+    from cdalign.evaluation import EvaluationSuite, evaluate
 
     with pytest.raises(ValueError, match=r"dtype: 'float16' needs a GPU.*'float32' or 'bfloat16'"):
         evaluate(EvaluationSuite(dtype="float16"), tmp_path / "eval", device="cpu", progress=False)

@@ -11,7 +11,6 @@ import yaml
 
 from cdalign.alignment import config as config_module
 from cdalign.alignment import rules as rules_module
-from cdalign.alignment import specs as specs_module
 from cdalign.alignment.config import (
     ConstrainedDDPOConfig,
     config_from_dict,
@@ -726,19 +725,6 @@ def test_the_config_engine_imports_nothing_from_cdalign_but_itself():
             for name in names:
                 if name.split(".")[0] == "cdalign":
                     assert name.startswith("cdalign.fields") or name == "cdalign.registry", (path.name, name)
-
-
-def test_old_import_paths_keep_every_public_name():
-    import cdalign.config
-    import cdalign.fields
-
-    for name in config_module.__all__:
-        assert getattr(cdalign.config, name) is getattr(config_module, name)
-    for name in ("ObjectiveSpec", "ConstraintSpec", "DualSpec"):
-        assert getattr(cdalign.config, name) is getattr(specs_module, name)
-    for name in ("ConfigFields", "dataclass_from_dict", "check_fields", "read_yaml_mapping", "not_allowed",
-                 "check_output_dir_writable", "check_trackers_installed", "check_mixed_precision"):
-        assert getattr(cdalign.config, name) is getattr(cdalign.fields, name)
 
 
 def test_build_parser_defaults_to_the_alignment_config():

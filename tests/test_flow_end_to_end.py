@@ -80,7 +80,7 @@ def test_policy_gradient_estimator_runs_on_the_flow_chain(name, tmp_path):
 
 # ----------------------------------------------------------------------------- evaluation
 def _suite(case, run, **kw):
-    from cdalign.evaluation.harness import CheckpointSpec, EvaluationSuite
+    from cdalign.evaluation import CheckpointSpec, EvaluationSuite
 
     return EvaluationSuite(name="flow", model=case.model_id, prompts="shapes", num_prompts=2, rewards=["saturation"],
                            num_inference_steps=6, guidance_scale=case.guidance_scale, resolution=case.resolution,

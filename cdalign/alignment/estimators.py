@@ -33,8 +33,7 @@ from cdalign.core.policy_gradient import (
 )
 from cdalign.core.problem import ConstrainedProblem
 from cdalign.core.sampling import DiffusionSampler, Trajectory
-from cdalign.core.statistics import mean_and_ci  # noqa: F401  (re-exported: estimators report with it)
-from cdalign.core.truncation import TRUNCATION_STRATEGIES, truncation_steps  # noqa: F401  (re-exported)
+from cdalign.core.truncation import truncation_steps
 from cdalign.models.adapters import WithAdaptersDisabled
 from cdalign.registry import Registry
 

@@ -28,13 +28,9 @@ from cdalign.composition.components import (
 )
 from cdalign.composition.distill import StudentPredictor
 from cdalign.core.families import denoiser_of
-from cdalign.evaluation.harness import (
-    CHECKPOINT_KINDS,
-    CheckpointKind,
-    CheckpointSpec,
-    LoadedCheckpoint,
-    LoraKind,
-)
+from cdalign.evaluation.harness import CheckpointKind, LoraKind
+from cdalign.evaluation.scoring import LoadedCheckpoint
+from cdalign.evaluation.suite import CHECKPOINT_KINDS, CheckpointSpec
 from cdalign.models.adapters import set_denoiser_adapter
 from cdalign.models.lora import load_lora
 

@@ -53,7 +53,7 @@ from cdalign.core.normalization import (
 from cdalign.core.problem import ConstrainedProblem
 from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import evaluation_items
-from cdalign.core.statistics import constraint_decision, summarize  # noqa: F401  (re-exported)
+from cdalign.core.statistics import summarize
 from cdalign.data.prompt_sets import load_prompts
 from cdalign.evaluation.scoring import (
     AdaptedModel,
@@ -62,20 +62,10 @@ from cdalign.evaluation.scoring import (
     LoadedCheckpoint,
     score_checkpoints,
 )
-from cdalign.models.adapters import model_fingerprint
-from cdalign.runs.fingerprints import reward_identity
-
-# The suite and its checkpoint specs live in cdalign.evaluation.suite (typed configs of
-# cdalign.fields); re-exported here, their old home.
-from cdalign.evaluation.suite import (  # noqa: F401
-    _DTYPES,
-    CHECKPOINT_KINDS,
-    CheckpointSpec,
-    EvaluationSuite,
-    load_suite,
-)
+from cdalign.evaluation.suite import CHECKPOINT_KINDS, CheckpointSpec, EvaluationSuite
 from cdalign.fields import check_mixed_precision, read_yaml_mapping
 from cdalign.hub_access.downloads import download_file
+from cdalign.models.adapters import model_fingerprint
 from cdalign.models.lora import (
     is_local_source,
     load_lora,
@@ -86,26 +76,15 @@ from cdalign.publishing.plotting import pyplot, save_grid
 from cdalign.publishing.tables import comparison_table, md, md_code
 from cdalign.rewards import REWARDS
 from cdalign.runs.atomic import atomic_write, atomic_write_text
+from cdalign.runs.fingerprints import reward_identity
 from cdalign.runs.report import REPORT_FILE, AlignmentReport, ConstraintResult, ReportFormatError, constraint_units
 
 CACHE_VERSION = 1  # bump when the cached batch layout or its meaning changes
 
 # ---------------------------------------------------------------------------------
-# Statistics and decisions (pure)
-# ---------------------------------------------------------------------------------
-
-
-# constraint_decision and summarize live in cdalign.core.statistics (one definition each; the
-# trainer's report uses the same ones) and are re-exported here.
-
-
-# ---------------------------------------------------------------------------------
 # Checkpoint kinds
 # ---------------------------------------------------------------------------------
 
-
-# LoadedCheckpoint (what a loaded checkpoint samples and measures its KL against) lives in
-# cdalign.evaluation.scoring, the one scoring path, and is re-exported here.
 
 
 class CheckpointKind:
