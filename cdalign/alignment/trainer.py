@@ -473,7 +473,7 @@ class ConstrainedDDPOTrainer:
         """Upload ``output_dir`` (LoRA, model card, config, report, pictures; not the
         checkpoints) to the Hub in one commit, after the local save, so a failed push loses
         nothing and can be retried (``python -m cdalign.hub push <output_dir> --repo_id ...``).
-        Returns the commit URL; raises :class:`cdalign.hub.HubPushError` on failure."""
+        Returns the commit URL; raises :class:`cdalign.HubPushError` on failure."""
         repo_id = repo_id or self.config.hub_model_id
         if not repo_id:
             raise ValueError("push_to_hub needs hub_model_id (e.g. 'your-name/sd15-constrained-lora')")
