@@ -684,9 +684,9 @@ def test_compose_train_recipe_is_resolved_against_the_recipe_file(tmp_path, monk
     folder.mkdir()
     (folder / "adapter.yaml").write_text("max_steps: 1\n")
     recipe = write_yaml(folder, {
-        "components": [{"name": "a", "path": "out/a", "train_recipe": "adapter.yaml"},
-                       {"name": "b", "path": "out/b", "train_recipe": str(tmp_path / "abs.yaml")},
-                       {"name": "base", "type": "base"}],
+        "components": [{"name": "a", "source": "out/a", "train_recipe": "adapter.yaml"},
+                       {"name": "b", "source": "out/b", "train_recipe": str(tmp_path / "abs.yaml")},
+                       {"name": "base", "kind": "base"}],
     }, name="compose.yaml")
     monkeypatch.chdir("/")  # not the folder the paths are relative to
     for cfg in (load_compose(recipe), parse_compose(["--config", str(recipe)])):
@@ -751,7 +751,7 @@ def test_unknown_compose_key_gets_a_did_you_mean():
     from cdalign.composition.config import config_from_dict as compose_config
 
     with pytest.raises(ValueError, match=r"dual\.step: unknown key; did you mean 'steps'\?"):
-        compose_config({"components": [{"name": "a", "type": "base"}, {"name": "b", "type": "base"}],
+        compose_config({"components": [{"name": "a", "kind": "base"}, {"name": "b", "kind": "base"}],
                         "dual": {"step": 3}})
 
 

@@ -177,7 +177,7 @@ def test_and_composition_of_two_flow_loras_end_to_end(loras, tmp_path):
     case, paths = loras
     cfg = config_from_dict({
         "pretrained_model_name_or_path": case.model_id, "eta": 0.7, "resolution": case.resolution,
-        "components": [{"name": "a", "path": str(paths[0])}, {"name": "b", "path": str(paths[1])}],
+        "components": [{"name": "a", "source": str(paths[0])}, {"name": "b", "source": str(paths[1])}],
         "prompts": "shapes", "num_inference_steps": 4, "guidance_scale": case.guidance_scale,
         "dual": {"steps": 2, "batch_size": 2, "lr": 0.3, "normalize": True},
         "distill": {"enabled": True, "steps": 2, "batch_size": 1, "timesteps_per_chain": 2},

@@ -88,7 +88,7 @@ class RewardBackprop:
 
     Gradient flows through the last K steps and the VAE decode; the chain KL's value is
     estimated over all steps (``kl_value_steps`` may subsample the no-gradient steps,
-    unbiasedly) with base predictions from the same UNet, adapters disabled."""
+    unbiasedly) with base predictions from the same denoiser, adapters disabled."""
 
     settings = RewardBackpropSettings
     config_fields = setting_names(settings)
@@ -218,7 +218,7 @@ class PolicyGradient(RolloutEstimator):
     Rollout (:meth:`__call__`, no gradient): sample through the one sampler with a
     :class:`~cdalign.core.sampling.Trajectory` (every DDIM step's Gaussian log-probability
     with the chain's own σ_t), score the rewards (no gradient needed), compute the KL to
-    the base (adapters disabled, same UNet) where the problem has one, and the advantage
+    the base (adapters disabled, same denoiser) where the problem has one, and the advantage
 
         A = s_0 A_0 + Σ_i λ_i s_i A_i − c_KL · (KL − baseline)
 
@@ -360,7 +360,7 @@ class PolicyGradient(RolloutEstimator):
         self, estimate: BatchEstimate, epoch: int, update: int = 0, autocast=contextlib.nullcontext
     ) -> Iterator[torch.Tensor]:
         """One loss per trained step of inner epoch ``epoch`` (backpropagate each at once:
-        memory holds one UNet call's graph), ``(PPO_i + c_KL·mean_b KL_i) / |S|``."""
+        memory holds one denoiser call's graph), ``(PPO_i + c_KL·mean_b KL_i) / |S|``."""
         cfg, chain, r = self.config, self.sampler.chain, estimate.rollout
         policy = self.sampler.guided(r.prompts)
         steps = r.train_steps[epoch]

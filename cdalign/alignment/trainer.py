@@ -64,7 +64,7 @@ RUN_FOLDER = folders.RunFolder(
 
 
 class ConstrainedDDPOTrainer:
-    """Constrained alignment of a Stable Diffusion pipeline with LoRA on its UNet.
+    """Constrained alignment of a diffusion pipeline (SD 1.x/2.x, SD3, FLUX) with LoRA on its denoiser.
 
     Args:
         config: a :class:`~cdalign.alignment.config.ConstrainedDDPOConfig`.
@@ -218,7 +218,7 @@ class ConstrainedDDPOTrainer:
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         """The trainable LoRA weights as whole fp32 CPU tensors, by parameter name. On a
-        sharded UNet this gathers the shards: call it on every process."""
+        sharded denoiser this gathers the shards: call it on every process."""
         return {n: full_tensor(p.detach()).float().cpu().contiguous() for n, p in self._lora_params().items()}
 
     # ------------------------------------------------------------------ batches
@@ -307,7 +307,7 @@ class ConstrainedDDPOTrainer:
         returns the gradient norm before clipping (None without ``max_grad_norm``)."""
         cfg, acc = self.config, self.accelerator
         params = list(self._lora_params().values())
-        if not self.sharded:  # a sharded UNet's gradients are already averaged (FSDP's reduce-scatter)
+        if not self.sharded:  # a sharded denoiser's gradients are already averaged (FSDP's reduce-scatter)
             distributed.reduce_gradients(params, acc)
         grad_norm = None
         if cfg.max_grad_norm:
@@ -360,7 +360,7 @@ class ConstrainedDDPOTrainer:
         """Run ``max_steps`` optimiser steps (continuing a resumed run), save the LoRA,
         evaluate on held-out samples and write the report, grid and plots. Last, it ends
         the run's process group and frees it (:func:`~cdalign.runs.distributed.end_process_group`):
-        a sharded UNet's shards cannot be gathered afterwards; the saved LoRA holds them.
+        a sharded denoiser's shards cannot be gathered afterwards; the saved LoRA holds them.
 
         SIGINT/SIGTERM while it trains stop it after the current optimiser step: it saves
         ``checkpoint-<step>`` and raises :class:`TrainingInterrupted` (a second Ctrl-C
@@ -429,7 +429,7 @@ class ConstrainedDDPOTrainer:
         batches = cfg.eval_batches if num_batches is None else num_batches
         size = cfg.train_batch_size
         # batches × processes batches of train_batch_size: every process scores as many
-        # (a sharded UNet needs every process in every forward).
+        # (a sharded denoiser needs every process in every forward).
         items = evaluation_items(self.eval_prompts, batches * size * acc.num_processes, cfg.eval_seed)
         scores = score_checkpoints(
             self.sampler, {"base": BaseModel, "aligned": AdaptedModel}, items, batch_size=size,
@@ -447,7 +447,7 @@ class ConstrainedDDPOTrainer:
         """Write ``pytorch_lora_weights.safetensors`` (loadable with
         ``pipe.load_lora_weights(output_dir)``). Refuses non-finite weights, and replaces
         an existing file only once the new one is completely written. Call it on every
-        process (a sharded UNet's weights are gathered first); the main process writes."""
+        process (a sharded denoiser's weights are gathered first); the main process writes."""
         out = Path(output_dir or self.output_dir)
         main = self.accelerator.is_main_process
         # Sharded: every process takes part in gathering the weights; replicated: the writer reads its own.

@@ -9,6 +9,7 @@ their reports are in :mod:`cdalign.publishing.composition_tables`."""
 from cdalign.composition.components import (
     COMPONENT_KINDS,
     Component,
+    ComponentKind,
     ComponentKL,
     ComponentPredictions,
     ComponentSet,
@@ -37,6 +38,7 @@ from cdalign.composition.simplex import STEP_SCHEDULES, SimplexDual, project_sim
 __all__ = [
     "COMPONENT_KINDS",
     "Component",
+    "ComponentKind",
     "ComponentKL",
     "ComponentPredictions",
     "ComponentSet",

@@ -50,12 +50,28 @@ class Component:
         return [self.prompt.replace(PROMPT_FIELD, p) for p in prompts]
 
 
-# kind -> factory(name, spec fields) -> Component. Loading the adapter (if any) is done
-# by ``load_components``; the factory only says how the component is predicted.
-COMPONENT_KINDS: Registry[Callable[..., Component]] = Registry("component type")
-COMPONENT_KINDS.register("lora", lambda name, prompt=None, **_: Component(name, adapter=name, prompt=prompt))
-COMPONENT_KINDS.register("base", lambda name, prompt=None, **_: Component(name, adapter=BASE, prompt=prompt))
-COMPONENT_KINDS.register("concept", lambda name, prompt=None, **_: Component(name, adapter=BASE, prompt=prompt))
+@dataclass(frozen=True)
+class ComponentKind:
+    """One kind of component: what its spec must give and how it is predicted. Called as
+    ``kind(name, prompt)`` it makes the :class:`Component` (the composer loads the LoRA first).
+
+    ``lora``: a LoRA adapter read from the spec's ``source`` (a folder or a Hub repo id, or
+    trained there by its ``train_recipe``), activated alone; otherwise the base model.
+    ``concept``: the base model under the spec's own ``prompt`` (required; concept sets
+    replace it, in order)."""
+
+    lora: bool = False
+    concept: bool = False
+
+    def __call__(self, name: str, prompt: str | None = None) -> Component:
+        return Component(name, adapter=name if self.lora else BASE, prompt=prompt)
+
+
+# A composition component's ``kind`` -> its ComponentKind.
+COMPONENT_KINDS: Registry[Component] = Registry("component kind")
+COMPONENT_KINDS.register("lora", ComponentKind(lora=True))
+COMPONENT_KINDS.register("base", ComponentKind())
+COMPONENT_KINDS.register("concept", ComponentKind(concept=True))
 
 
 def lora_component_path(name: str, source: str, weight_name: str | None = None, revision: str | None = None):

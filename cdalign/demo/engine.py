@@ -85,7 +85,7 @@ def report_constraints(report: AlignmentReport | None) -> tuple[list[Constraint]
         if direction not in ("high", "low") or not math.isfinite(threshold):
             notes.append(f"constraint {name!r}: direction or threshold unreadable; left out")
             continue
-        if source != "kl" and source not in REWARDS:
+        if not c.is_kl and source not in REWARDS:
             notes.append(f"constraint {name!r}: reward {source!r} is not a cdalign reward; left out")
             continue
         if normalize and source not in stats:
@@ -340,10 +340,10 @@ class DemoEngine:
         """The :class:`ComposeConfig` of a composition request: the picked LoRAs (and the base)
         on this model; the dual steps and the evaluation share the request's prompt, image
         count and seed; ``distill_steps`` > 0 distils the composed model into one LoRA."""
-        components = [ComponentSpec(name=n, type="lora", path=str(w.parent), weight_name=w.name)
+        components = [ComponentSpec(name=n, kind="lora", source=str(w.parent), weight_name=w.name)
                       for n, w in zip(adapter_names, weights_files)]
         if include_base:
-            components.append(ComponentSpec(name="base", type="base"))
+            components.append(ComponentSpec(name="base", kind="base"))
         return ComposeConfig(
             pretrained_model_name_or_path=self.model,
             components=components,

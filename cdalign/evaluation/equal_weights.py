@@ -33,7 +33,7 @@ def baseline_multipliers(config, report: AlignmentReport | Mapping) -> dict[str,
     init = config.dual.init
     init = float(sum(init) / len(init)) if isinstance(init, (list, tuple)) else float(init)
     constraints = AlignmentReport.coerce(report).constraints
-    final = [c.dual for c in constraints if c.source != "kl"] or [c.dual for c in constraints]
+    final = [c.dual for c in constraints if not c.is_kl] or [c.dual for c in constraints]
     return {"init": init, "final_mean": float(sum(final) / len(final))}
 
 

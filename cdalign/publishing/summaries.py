@@ -48,7 +48,7 @@ def summary_table(report: AlignmentReport | Mapping) -> str:
             f"{format_ci(m.aligned.mean, m.aligned.ci95):>24} {format_ci(m.difference.mean, m.difference.ci95):>24}"
         )
     kl, obj = report.kl, report.objective
-    what = "chain KL to the base (minimised)" if obj.type == "kl" else f"mean {obj.reward} (maximised)"
+    what = "chain KL to the base (minimised)" if obj.is_kl else f"mean {obj.reward} (maximised)"
     lines.append(
         f"objective: {what} = {obj.value:.4g}; chain KL to base ({kl.estimator} estimator, nats) = "
         f"{format_ci(kl.mean, kl.ci95)}"

@@ -65,8 +65,8 @@ def check_distributed_setup(accelerator) -> None:
     and FSDP other than FSDP2."""
     if accelerator.distributed_type == DEEPSPEED:
         raise ValueError(
-            "cdalign does not run under DeepSpeed: the base UNet is frozen and only the LoRA trains, so "
-            "ZeRO would shard a few MB; to shard the UNet's weights use FSDP2 "
+            "cdalign does not run under DeepSpeed: the base denoiser is frozen and only the LoRA trains, so "
+            "ZeRO would shard a few MB; to shard the denoiser's weights use FSDP2 "
             "(accelerate launch --config_file recipes/accelerate_configs/fsdp.yaml ...)"
         )
     if fsdp_requested(accelerator) and fsdp_plugin(accelerator).fsdp_version != 2:
@@ -136,7 +136,7 @@ def end_process_group(accelerator) -> None:
     Why: ``destroy_process_group`` unregisters a gloo group, but its object (a TCP loop
     thread polling every 10 ms, two worker threads) lives on while a Python object still
     references it, and torch's own objects do: DTensor device meshes (``_pg_registry``; an
-    FSDP2-sharded UNet's, and those DTensor's caches keep), FSDP2's ``FSDPMeshInfo``, and
+    FSDP2-sharded denoiser's, and those DTensor's caches keep), FSDP2's ``FSDPMeshInfo``, and
     ``torch.distributed`` functions whose ``group=group.WORLD`` default was bound when their
     module was first imported after the group was made. The group then outlived Python's
     finalisation: exit() ran C++ static destructors with gloo's threads still running, and

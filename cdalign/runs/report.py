@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cdalign.core.problem import KL
 from cdalign.runs.atomic import atomic_write_text
 
 REPORT_FILE = "report.json"
@@ -206,6 +207,10 @@ class ObjectiveResult:
     reward: str | None = None
     value: float
 
+    @property
+    def is_kl(self) -> bool:
+        return self.type == KL
+
     def to_json(self) -> dict:
         return _fields_json(self)
 
@@ -270,6 +275,11 @@ class ConstraintResult:
     flagged_infeasible_at_step: int | None = None
 
     ALWAYS_WRITTEN = ("dual", "flagged_infeasible_at_step")  # None there means "none": no λ, never flagged
+
+    @property
+    def is_kl(self) -> bool:
+        """Whether this is the KL budget (``source`` "kl"); otherwise a reward bound."""
+        return self.source == KL
 
     @classmethod
     def from_verdict(cls, constraint, verdict: Mapping, units: str, **more) -> ConstraintResult:
