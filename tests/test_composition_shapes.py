@@ -173,7 +173,7 @@ def test_tiny_recipes_parse():
     for c in flow.components[:2]:  # each adapter recipe trains on the composition's base model
         adapter = cdalign.parse_config(["--config", c.train_recipe])  # resolved against the recipe
         assert adapter.pretrained_model_name_or_path == flow.pretrained_model_name_or_path
-        assert adapter.objective.reward == c.reward and adapter.output_dir == c.path
+        assert adapter.objective.reward == c.reward and adapter.output_dir == c.source
     concepts = parse_config(["--config", "recipes/compose/tiny_concepts.yaml"])
     assert len(concepts.concept_sets) == 6 and all(c.reward == "shapes_match" for c in concepts.components)
     mixture = parse_config(["--config", "recipes/compose/tiny_mixture.yaml"])

@@ -692,7 +692,7 @@ def test_compose_train_recipe_is_resolved_against_the_recipe_file(tmp_path, monk
     for cfg in (load_compose(recipe), parse_compose(["--config", str(recipe)])):
         assert cfg.components[0].train_recipe == str(folder / "adapter.yaml")
         assert cfg.components[1].train_recipe == str(tmp_path / "abs.yaml")
-        assert cfg.components[0].path == "out/a"  # an output: relative to the current directory
+        assert cfg.components[0].source == "out/a"  # an output: relative to the current directory
 
 
 def test_shipped_compose_recipes_name_existing_train_recipes():
