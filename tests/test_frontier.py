@@ -1,5 +1,7 @@
 """The frontier comparison (cdalign.evaluation.frontier) against hand-computed cases."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -100,6 +102,10 @@ def test_a_run_is_reused_only_when_finished_with_the_same_config(tmp_path):
     assert fr.is_reusable(cfg)
     other = fr.resolved_config("fixed_0.5_0.5", runs["fixed_0.5_0.5"], tmp_path, {"max_steps": 3}, 2)
     assert not fr.is_reusable(other)  # a changed config is retrained, never picked up
+    # the same finished run copied into another frontier folder is the same run
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "runs", copy / "runs")
+    assert fr.is_reusable(fr.resolved_config("fixed_0.5_0.5", runs["fixed_0.5_0.5"], copy, {"max_steps": 2}, 2))
 
 
 def test_quick_frontier_trains_through_the_recipe_and_writes_its_table_and_figures(tmp_path):

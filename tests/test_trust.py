@@ -24,6 +24,7 @@ from cdalign.alignment.config import load_config_file
 from cdalign.core.normalization import MIN_NORMALIZATION_SAMPLES
 from cdalign.rewards import build_reward
 from cdalign.runs.fingerprints import reward_identity
+from cdalign.runs.lock import release_run_lock
 
 # Tiny runs normalise from 2 images on purpose; the warning itself is asserted below.
 pytestmark = pytest.mark.filterwarnings("ignore:reward normalisation of .* rests on only")
@@ -154,6 +155,9 @@ def test_overwrite_removes_the_earlier_runs_files_and_keeps_the_users(tmp_path):
     (out / "README.md").write_text("---\ntags:\n- lora\n- cdalign\n---\n# old card\n")
     (out / "notes.txt").write_text("mine")
     ConstrainedDDPOTrainer(tiny(tmp_path, overwrite_output_dir=True))
+    # the live run's own lock is all that is new; the user's file survives
+    assert sorted(p.name for p in out.iterdir()) == [".cdalign-run.lock", "notes.txt"]
+    release_run_lock(out)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     with pytest.raises(FileNotFoundError, match="no checkpoint-N folder"):  # nothing old left to resume
         ConstrainedDDPOTrainer(tiny(tmp_path, resume_from_checkpoint="latest"))

@@ -102,7 +102,7 @@ def write_checkpoint(
     :func:`~cdalign.runs.checkpoints.gathered_optimizer_state` of ``optimizer``. Called
     by the main process only, after every process took part in gathering those two."""
     folder = Path(folder)
-    with atomic_directory(folder) as tmp:
+    with atomic_directory(folder, what="checkpoint") as tmp:
         save_file(lora, str(tmp / LORA_FILE))
         optimizer_to_files(optimizer, tmp, optimizer_state)
         (tmp / TRAINER_STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cdalign.alignment.specs import REWARD
 from cdalign.core.problem import KL
-from cdalign.core.statistics import met_label, paired_difference, summarize
+from cdalign.core.statistics import met_label, paired_difference, summarize, summarize_metric
 from cdalign.core.targets import target_of
 from cdalign.evaluation.scoring import EVAL_VALUES_FILE, CheckpointScores, save_eval_values
 from cdalign.publishing.plotting import plot_duals, save_grid
@@ -119,7 +119,12 @@ def metric_results(base: CheckpointScores, aligned: CheckpointScores) -> dict[st
     for k in aligned.metrics:
         aligned_v, base_v = aligned.metrics[k], base.metrics[k]
         keep = ~(aligned_v.isnan() | base_v.isnan())
-        out[k] = MetricResult(base=Estimate(**summarize(base_v[keep])), aligned=Estimate(**summarize(aligned_v[keep])),
+        if not bool(keep.any()):  # e.g. background accuracy when no evaluated caption names a background
+            none = summarize_metric(aligned_v.new_full(aligned_v.shape, float("nan")),
+                                    f"evaluated images: no prompt names what {k} checks")
+            out[k] = MetricResult(base=Estimate(**none), aligned=Estimate(**none), difference=Estimate(**none))
+            continue
+        out[k] = MetricResult(base=Estimate(**summarize_metric(base_v[keep])), aligned=Estimate(**summarize_metric(aligned_v[keep])),
                               difference=Estimate(**paired_difference(aligned_v[keep], base_v[keep])))
     return out
 

@@ -49,9 +49,11 @@ from cdalign.publishing.hub import push_from_main_process
 from cdalign.rewards.base import build_rewards
 from cdalign.rewards.metrics import EVAL_METRICS
 from cdalign.runs import distributed, folders
-from cdalign.runs.checkpoints import remove_stale_temporaries, resolve_checkpoint
+from cdalign.runs.atomic import StorageError
+from cdalign.runs.checkpoints import list_checkpoints, remove_stale_temporaries, resolve_checkpoint
 from cdalign.runs.distributed import full_tensor
 from cdalign.runs.report import REPORT_FILE, AlignmentReport
+from cdalign.runs.lock import release_run_lock
 from cdalign.runs.signals import StopSignals, TrainingInterrupted
 
 RUN_FOLDER = folders.RunFolder(
@@ -183,8 +185,10 @@ class ConstrainedDDPOTrainer:
         self.nonfinite_batches = 0
         self.history: list[dict] = []
         self._stop = StopSignals()
+        if acc.is_main_process:  # only now that everything above succeeded: one run per folder
+            RUN_FOLDER.claim(self.output_dir, fresh=self.resume_path is None and not cfg.overwrite_output_dir)
         if self.resume_path is None and cfg.overwrite_output_dir:
-            if acc.is_main_process:  # only now that everything above succeeded
+            if acc.is_main_process:
                 RUN_FOLDER.clear(self.output_dir)
             acc.wait_for_everyone()
         if acc.is_main_process and log_with:
@@ -404,6 +408,7 @@ class ConstrainedDDPOTrainer:
         if cfg.push_to_hub:
             self.push_to_hub()
         distributed.end_process_group(acc)
+        release_run_lock(self.output_dir)  # the run is complete: the folder is free for the next one
         return report
 
     def _stop_requested(self) -> bool:
@@ -459,8 +464,16 @@ class ConstrainedDDPOTrainer:
 
     def save_checkpoint(self) -> Path | None:
         """``output_dir/checkpoint-<step>``, written atomically, the last ``save_total_limit``
-        kept (:func:`~cdalign.alignment.checkpoint.save_trainer_checkpoint`). Every process calls it."""
-        return checkpoints.save_trainer_checkpoint(self)
+        kept (:func:`~cdalign.alignment.checkpoint.save_trainer_checkpoint`). Every process calls it.
+        A full disk or an unwritable folder raises :class:`~cdalign.runs.atomic.StorageError`
+        naming the folder, the space, the last complete checkpoint and how to resume."""
+        try:
+            return checkpoints.save_trainer_checkpoint(self)
+        except StorageError as err:
+            done = list_checkpoints(self.output_dir)
+            last = (f"the last complete checkpoint, {str(done[-1])!r}, is intact: resume from it with "
+                    "--resume_from_checkpoint latest" if done else "no earlier checkpoint exists")
+            raise StorageError(err.errno, f"{err.strerror}; {last}") from err
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Continue from checkpoint ``path`` (a folder or ``latest``; refused, as on resume, when

@@ -53,6 +53,7 @@ from cdalign.publishing.plotting import save_grid
 from cdalign.rewards import REWARDS
 from cdalign.runs.atomic import atomic_write_text
 from cdalign.runs.folders import RunFolder
+from cdalign.runs.lock import release_run_lock
 from cdalign.runs.report import REPORT_FILE
 
 logger = logging.getLogger(__name__)
@@ -320,6 +321,7 @@ class ConstrainedComposer:
         cfg, acc = self.config, self.accelerator
         main = acc.is_main_process
         if main:
+            RUN_FOLDER.claim(self.output_dir, fresh=not cfg.overwrite_output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
         t0 = time.time()
@@ -374,6 +376,7 @@ class ConstrainedComposer:
         if main:
             self._write_outputs(report, entries, singles, learned)
         self.entries = entries  # with the per-image scores and images (``_scores``), for callers that pool runs
+        release_run_lock(self.output_dir)  # the run is complete: the folder is free for the next one
         return report
 
     def distill(self, weights, folder: str | Path, on_step: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:

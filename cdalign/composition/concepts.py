@@ -24,6 +24,7 @@ from cdalign.publishing.composition_tables import concept_table
 from cdalign.publishing.plotting import save_grid
 from cdalign.runs.atomic import atomic_write_text
 from cdalign.runs.folders import RunFolder
+from cdalign.runs.lock import release_run_lock
 from cdalign.runs.report import REPORT_FILE
 
 MODELS = tuple(LABELS)  # equal weights, constrained, joint prompt
@@ -57,8 +58,9 @@ def run_concept_sets(config: ComposeConfig, accelerator=None, progress: bool = T
     if not any(c.reward for c in config.components if c.component_kind.concept):
         raise ValueError("components: no 'concept' component names a `reward`; the concept minimum needs one per concept")
     out = Path(config.output_dir)
-    if not config.overwrite_output_dir:
-        RUN_FOLDER.refuse_earlier_run(out)
+    RUN_FOLDER.check(out, fresh=not config.overwrite_output_dir)
+    if accelerator is None or accelerator.is_main_process:
+        RUN_FOLDER.claim(out, fresh=not config.overwrite_output_dir)
     reuse = not any(c.component_kind.lora for c in config.components)  # concepts and the base: nothing to reload per set
     pipe, sets, rows = None, [], {m: [] for m in MODELS}
     for k in range(len(config.concept_sets)):
@@ -107,5 +109,6 @@ def run_concept_sets(config: ComposeConfig, accelerator=None, progress: bool = T
         report["sample_grid"] = "samples.png"
         atomic_write_text(out / "concepts.md", concept_table(report) + "\n")
         atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    release_run_lock(out)  # the run is complete: the folder is free for the next one
     return report
 

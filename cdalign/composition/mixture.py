@@ -32,7 +32,7 @@ from cdalign.core import seeding
 from cdalign.core.families import family_of, freeze_pipeline
 from cdalign.core.sampling import DiffusionSampler, encode_images
 from cdalign.core.seeding import derived_seed
-from cdalign.core.statistics import slack, summarize
+from cdalign.core.statistics import slack, summarize_metric
 from cdalign.composition.supports import SUPPORT_LABELERS, SupportLabeler
 from cdalign.data.shapes import COLOR_NAMES, write_shapes_folder
 from cdalign.models.adapters import set_denoiser_adapter
@@ -42,6 +42,7 @@ from cdalign.publishing.plotting import save_grid
 from cdalign.rewards.metrics import to_uint8
 from cdalign.runs.atomic import atomic_write_text
 from cdalign.runs.folders import RunFolder
+from cdalign.runs.lock import release_run_lock
 from cdalign.runs.report import REPORT_FILE
 
 ADAPTER = "mixture"
@@ -141,17 +142,17 @@ def dataset_support(spec, labeler: SupportLabeler) -> set[tuple]:
 
 
 def support_masses(cells: list[tuple], supports: dict[str, set]) -> dict:
-    """The fraction of samples (their ``cells``) inside each dataset's support, with 95% CI,
+    """The fraction of samples (their ``cells``) inside each dataset's support, with its Wilson 95% CI,
     and ``-log`` of it (the forward KL KL(q_i‖p) if p drew that support exactly as q_i), plus
     the fraction outside every support: ``{name: {mass, ci95, minus_log_mass}, ...,
     "outside_every_support": {mass, ci95}}``."""
     entry = {}
     for name, support in supports.items():
-        s = summarize(torch.tensor([float(c in support) for c in cells], dtype=torch.float64))
+        s = summarize_metric(torch.tensor([float(c in support) for c in cells], dtype=torch.float64))
         entry[name] = {"mass": s["mean"], "ci95": s["ci95"],
                        "minus_log_mass": -math.log(s["mean"]) if s["mean"] > 0 else float("inf")}
     outside = [float(not any(c in sup for sup in supports.values())) for c in cells]
-    s = summarize(torch.tensor(outside, dtype=torch.float64))
+    s = summarize_metric(torch.tensor(outside, dtype=torch.float64))
     entry["outside_every_support"] = {"mass": s["mean"], "ci95": s["ci95"]}
     return entry
 
@@ -345,6 +346,7 @@ class MixtureTrainer:
 
         cfg, acc = self.config, self.accelerator
         if acc.is_main_process:
+            RUN_FOLDER.claim(self.output_dir, fresh=not cfg.overwrite_output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
         t0 = time.time()
@@ -394,6 +396,7 @@ class MixtureTrainer:
             self.save_model(self.output_dir)
             self._pictures(report)
             atomic_write_text(self.output_dir / "report.json", json.dumps(report, indent=2))
+        release_run_lock(self.output_dir)  # the run is complete: the folder is free for the next one
         return report
 
     @torch.no_grad()

@@ -34,6 +34,40 @@ def summarize(values: torch.Tensor) -> dict:
     return {"mean": m, "ci95": [lo, hi], "n": int(torch.as_tensor(values).numel())}
 
 
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval (Wilson 1927) of a proportion ``successes / n``: it stays in
+    [0, 1] and keeps its coverage at small n and near 0 or 1, where the normal interval runs
+    outside [0, 1] (2 images: 0.5 ± 0.98) or collapses to a point (every image correct)."""
+    if n < 1:
+        raise ValueError(f"a proportion needs at least one value, got n={n}")
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def is_proportion(values: torch.Tensor) -> bool:
+    """Whether (N,) values are all 0 or 1: per-image verdicts (right/wrong) whose mean is a proportion."""
+    v = torch.as_tensor(values).flatten()
+    return v.numel() > 0 and bool(((v == 0) | (v == 1)).all())
+
+
+def summarize_metric(values: torch.Tensor, what: str = "values") -> dict:
+    """:func:`summarize` for an evaluation metric, over the values where it applies (NaN:
+    it does not): a proportion (0/1 values) gets its Wilson interval (``"interval":
+    "wilson"``); a metric that applies to none of them is ``{"mean": None, "ci95": None,
+    "n": 0, "reason": ...}``, never a NaN."""
+    v = torch.as_tensor(values).double().flatten()
+    v = v[~v.isnan()]
+    if v.numel() == 0:
+        return {"mean": None, "ci95": None, "n": 0,
+                "reason": f"applies to none of the {torch.as_tensor(values).numel()} {what}"}
+    if is_proportion(v):
+        lo, hi = wilson_interval(float(v.sum()), v.numel())
+        return {"mean": float(v.mean()), "ci95": [lo, hi], "n": int(v.numel()), "interval": "wilson"}
+    return summarize(v)
+
+
 def paired_difference(treated: torch.Tensor, control: torch.Tensor) -> dict:
     """Mean and 95% CI of the per-sample difference ``treated − control`` of two (N,)
     tensors measured on the same samples (e.g. aligned and base images from the same

@@ -281,8 +281,11 @@ def resolved_config(name: str, spec: dict, out: Path, overrides: dict, eval_batc
 
 
 def _comparable(cfg) -> dict:
+    """What decides a run's numbers: its resolved config without where it was written
+    (a finished run moved or copied into another frontier folder is the same run) and
+    without how it was started (overwrite, resume)."""
     d = config_to_dict(cfg)
-    for k in ("overwrite_output_dir", "resume_from_checkpoint"):
+    for k in ("output_dir", "overwrite_output_dir", "resume_from_checkpoint"):
         d.pop(k, None)
     return d
 

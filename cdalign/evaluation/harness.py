@@ -74,6 +74,7 @@ from cdalign.publishing.tables import comparison_table, md, md_code
 from cdalign.rewards import REWARDS
 from cdalign.runs.atomic import atomic_write, atomic_write_text
 from cdalign.runs.fingerprints import reward_identity
+from cdalign.runs.lock import acquire_run_lock
 from cdalign.runs.report import REPORT_FILE, AlignmentReport, ConstraintResult, ReportFormatError, constraint_units
 
 CACHE_VERSION = 1  # bump when the cached batch layout or its meaning changes
@@ -378,6 +379,8 @@ def evaluate(
                       "recomputed, not cached (set a cache_key string on them, changed whenever they change)",
                       stacklevel=2)
         use_cache = False
+    if out is not None:  # inputs checked: from here one evaluation per output folder (another live one is refused)
+        acquire_run_lock(out)
     cache = _BatchCache(
         out / "cache" if (out is not None and use_cache) else None,
         {c.name: {"v": CACHE_VERSION, "checkpoint": identities[c.name], "model": model_identity, "sampler": settings,

@@ -42,11 +42,18 @@ def summary_table(report: AlignmentReport | Mapping) -> str:
             f"{format_ci(c.base_measured, base_ci):>24} {format_ci(c.measured, c.ci95):>24} {diff_s:>24} "
             f"{'NO' if not c.satisfied else c.met or 'yes':>4} {c.dual:>7.3f}"
         )
-    for name, m in (report.metrics or {}).items():
+    metrics = report.metrics or {}
+    for name, m in metrics.items():
         lines.append(
-            f"{name:<24} {'':>9} {format_ci(m.base.mean, m.base.ci95):>24} "
+            f"{name:<24} {'':>9} {'':>8} {format_ci(m.base.mean, m.base.ci95):>24} "
             f"{format_ci(m.aligned.mean, m.aligned.ci95):>24} {format_ci(m.difference.mean, m.difference.ci95):>24}"
         )
+    for name, m in metrics.items():
+        if m.aligned.mean is None:
+            lines.append(f"{name}: n/a, {m.aligned.reason or 'no value'}")
+    wilson = [name for name, m in metrics.items() if m.aligned.interval == "wilson"]
+    if wilson:
+        lines.append(f"{', '.join(wilson)}: proportions of images, with Wilson score 95% intervals (they stay in [0, 1])")
     kl, obj = report.kl, report.objective
     what = "chain KL to the base (minimised)" if obj.is_kl else f"mean {obj.reward} (maximised)"
     lines.append(

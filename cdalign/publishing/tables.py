@@ -46,7 +46,10 @@ def format_ci(mean: float, ci: Sequence[float], fmt: str | Callable[[float], str
               non_finite: str | None = None) -> str:
     """A mean and its 95% CI as ``"mean [lo, hi]"``, every number written by ``fmt``: a format
     spec (``"+.3f"``: signed, 3 decimals; ``".3g"``; ``"+.4g"``) or a function of the number.
-    ``non_finite``: what to show instead when a number is NaN or infinite (None: write them)."""
+    ``non_finite``: what to show instead when a number is NaN or infinite (None: write them).
+    A mean of None (a quantity that applies to nothing measured) reads "n/a"."""
+    if mean is None or ci is None:
+        return "n/a"
     if non_finite is not None and not all(math.isfinite(x) for x in (mean, *ci)):
         return non_finite
     one = fmt if callable(fmt) else (lambda x: format(x, fmt))

@@ -31,6 +31,7 @@ from cdalign.fields import check_output_dir_writable, read_yaml_mapping
 from cdalign.runs.atomic import atomic_write_text
 from cdalign.runs.checkpoints import list_checkpoints, remove_stale_temporaries
 from cdalign.runs.fingerprints import callable_name
+from cdalign.runs.lock import acquire_run_lock, release_run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,25 @@ class RunFolder:
     def check(self, output_dir: str | os.PathLike, *, fresh: bool) -> None:
         """Refuse ``output_dir`` when this process cannot write it and, for a ``fresh`` run
         (neither overwriting nor resuming), when it holds an earlier run (``FileExistsError``
-        naming what it found and the remedies)."""
+        naming what it found and the remedies). Writes nothing: a run refused later for bad
+        input leaves no folder behind (:meth:`claim` takes the folder once inputs are checked)."""
         check_output_dir_writable(output_dir)  # a file, or a folder this process cannot write: refused
         if fresh:
             self.refuse_earlier_run(output_dir)
+
+    def claim(self, output_dir: str | os.PathLike, *, fresh: bool) -> None:
+        """Take ``output_dir`` for this run, once its inputs are checked and before it writes
+        there: the folder's run lock (:mod:`cdalign.runs.lock`; another live run holding it is
+        refused with :class:`~cdalign.runs.lock.RunFolderLocked`, naming it), held until this
+        process exits; then, for a ``fresh`` run, the earlier-run check again (a run that
+        finished since :meth:`check` is not written over)."""
+        acquire_run_lock(output_dir)
+        if fresh:
+            try:
+                self.refuse_earlier_run(output_dir)
+            except FileExistsError:
+                release_run_lock(output_dir)
+                raise
 
     def refuse_earlier_run(self, output_dir: str | os.PathLike) -> None:
         """``FileExistsError`` when ``output_dir`` holds a marker or a ``checkpoint-N`` folder

@@ -96,21 +96,27 @@ def _interval(data: Any, where: str) -> list:
 
 @dataclass(kw_only=True)
 class Estimate:
-    """A mean with its 95% CI over ``n`` values (None: not recorded), in ``units`` where named."""
+    """A mean with its 95% CI over ``n`` values (None: not recorded), in ``units`` where named.
+    ``interval``: how the CI was made where it is not the normal one (``"wilson"`` for a
+    proportion). ``mean`` and ``ci95`` are None (``null`` in JSON) when the quantity applies to
+    none of the values, and ``reason`` says why: a table shows "n/a", never NaN."""
 
-    mean: float
-    ci95: list[float]
+    mean: float | None
+    ci95: list[float] | None
     n: int | None = None
     units: str | None = None
+    interval: str | None = None
+    reason: str | None = None
 
     def to_json(self) -> dict:
-        return _fields_json(self)
+        return _fields_json(self, always=("mean", "ci95"))
 
     @classmethod
     def from_json(cls, data: Any, where: str = "estimate") -> Estimate:
         data = _mapping(data, where)
         _require(data, ("mean", "ci95"), where)
-        return cls(**{**_known(cls, data), "ci95": _interval(data["ci95"], f"{where}.ci95")})
+        ci = None if data["ci95"] is None else _interval(data["ci95"], f"{where}.ci95")
+        return cls(**{**_known(cls, data), "ci95": ci})
 
 
 @dataclass(kw_only=True)
