@@ -10,7 +10,7 @@ from tiny_configs import tiny_config
 
 from cdalign import ConstrainedDDPOTrainer
 from cdalign.core.normalization import RewardStats
-from cdalign.core.problem import ConstrainedProblem, Constraint
+from cdalign.core.problem import ConstrainedProblem, Constraint, Objective
 from cdalign.data.shapes import BACKGROUNDS, COLORS
 from cdalign.publishing.summaries import summary_table
 from cdalign.rewards import build_reward
@@ -47,18 +47,10 @@ def test_a_relative_constraint_measures_its_slack_from_the_base_mean():
         c.slack(torch.tensor(0.8))
     assert float(c.slack(torch.tensor(0.8), reference=0.9)) == pytest.approx(0.05)  # needs ≥ 0.85: 0.05 short
     assert float(c.slack(torch.tensor(0.8), margin=0.02, reference=0.9)) == pytest.approx(0.07)  # aims at 0.87
-    problem = ConstrainedProblem(ConstrainedProblem.from_config(tiny_config_like()).objective, [c])
+    problem = ConstrainedProblem(Objective("kl"), [c])
     problem.base_statistics = {"f": RewardStats(0.9, 0.1, 100)}
     assert problem.reference(0) == 0.9 and problem.needs_base_statistics
     assert float(problem.slacks(torch.tensor([0.8]))[0]) == pytest.approx(0.05)
-
-
-def tiny_config_like():
-    class Cfg:  # the duck type ConstrainedProblem.from_config reads
-        class objective:
-            type, reward, normalize = "kl", None, False
-        constraints = []
-    return Cfg
 
 
 def test_a_relative_verdict_is_the_paired_difference_against_the_offset():
