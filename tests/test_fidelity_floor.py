@@ -86,7 +86,7 @@ def test_caption_fidelity_reads_the_colour_and_the_background_the_prompt_names()
                "a red square on a gray background", "a red square"]
     scores = reward(images, prompts)
     assert scores[0] > 0.95  # both right
-    assert scores[1] == pytest.approx(0.5, abs=0.02)  # colour right, background white instead of gray
+    assert scores[1] == pytest.approx(1 - 0.5 * (3 * (117 / 255) ** 2) ** 0.5 / 3 ** 0.5, abs=0.02)  # white, not gray
     assert scores[2] == pytest.approx(0.5, abs=0.02)  # background right, colour wrong
     assert scores[3] > 0.95  # no background named: the colour alone
     assert float(reward(_scene("white")[None], ["a picture"])[0]) == 1.0  # nothing named, nothing broken
@@ -94,11 +94,14 @@ def test_caption_fidelity_reads_the_colour_and_the_background_the_prompt_names()
 
 def test_caption_fidelity_pushes_a_lightened_background_back():
     reward = build_reward("caption_fidelity")
-    lighter = (_scene("gray", "red") + 0.15).clamp(0, 1).requires_grad_(True)  # a brightness hack, half way to white
-    score = reward(lighter[None], ["a red square on a gray background"])[0]
-    score.backward()
-    border_grad = lighter.grad[:, 0, :].mean()
-    assert score < 0.95 and border_grad < 0  # darkening the border raises fidelity
+    grads = []
+    for lift in (0.15, 0.45):  # a brightness hack: a black background lightened part way, or all the way to gray
+        lighter = (_scene("black", "red") + lift).clamp(0, 1).requires_grad_(True)
+        score = reward(lighter[None], ["a red square on a black background"])[0]
+        score.backward()
+        grads.append(float(lighter.grad[:, 0, :].mean()))
+        assert score < 0.95
+    assert grads[0] < 0 and grads[1] == pytest.approx(grads[0], rel=0.05)  # darkening pulls back, however far it went
 
 
 # ----------------------------------------------------------------------------- through the trainer
