@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for model in args.models:
             first = configs_for(model, out, args.betas, None)
-            train_all(first, out, args.workers)  # the no-floor run's prices decide the remedy's weights
+            train_all({"no_floor": first["no_floor"]}, out, args.workers)  # its prices decide the remedy's weights
             prices = settled_prices(Path(first["no_floor"].output_dir))
             configs = configs_for(model, out, args.betas, prices)
             train_all(configs, out, args.workers)
