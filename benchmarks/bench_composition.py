@@ -105,7 +105,7 @@ def build(row: str, model_dir: str, config: dict | None = None):
 def run(row: str, model_dir: str, steps: int, warmup: int, threads: int, config: dict | None = None) -> dict:
     tb.set_threads(threads)
     step, unet, T = build(row, model_dir, config)
-    counter = tb.UNetCallCounter(unet)
+    counter = tb.DenoiserCallCounter(unet)
     res = tb.time_steps(step, steps, warmup, counter)
     res["unet_calls_per_denoising_step"] = res["unet_calls_per_step"] / T
     res["adapters"] = ROWS[row][1]

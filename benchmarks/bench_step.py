@@ -197,7 +197,7 @@ def run_row(row: str, model_dir: str, steps: int, warmup: int, threads: int, con
     tb.set_threads(threads)
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(row, model_dir, out, config, model)
-        counter = tb.UNetCallCounter(trainer.denoiser)
+        counter = tb.DenoiserCallCounter(trainer.denoiser)
         res = tb.time_steps(trainer.step, steps, warmup, counter)
     return {"row": row, "model": model, **res}
 

@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--betas", nargs="+", type=float, default=list(BETAS), help="KL weight factors of the peers' remedy")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--images", type=int, default=128, help="images per model in the independent check")
+    parser.add_argument("--train_only", action="store_true", help="train (or reuse) the runs; no check, no table")
     args = parser.parse_args(argv)
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -155,10 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for model in args.models:
             first = configs_for(model, out, args.betas, None)
-            train_all(first, out, args.workers)  # the no-floor run's prices decide the remedy's weights
+            train_all({"no_floor": first["no_floor"]}, out, args.workers)  # its prices decide the remedy's weights
             prices = settled_prices(Path(first["no_floor"].output_dir))
             configs = configs_for(model, out, args.betas, prices)
             train_all(configs, out, args.workers)
+            if args.train_only:
+                continue
             check = independent(model, configs, out, args.images)
             lines += table(model, configs, check) + [""]
             result[model] = {"no_floor_prices": prices, "runs": {n: c.output_dir for n, c in configs.items()},
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, subprocess.CalledProcessError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if args.train_only:
+        return 0
     lines.append(f"_{(time.time() - start) / 60:.1f} min wall for this invocation (reused runs not counted)._")
     (out / "fidelity_floor.md").write_text("\n".join(lines) + "\n")
     (out / "fidelity_floor.json").write_text(json.dumps(result, indent=2))

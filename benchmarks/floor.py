@@ -125,7 +125,7 @@ class FloorStep:
 def run(model_dir: str, steps: int, warmup: int, threads: int, kl: bool = False, config: dict | None = None, **variant) -> dict:
     tb.set_threads(threads)
     step = FloorStep(model_dir, kl=kl, config=config, **variant)
-    counter = tb.UNetCallCounter(step.unet)
+    counter = tb.DenoiserCallCounter(step.unet)
     return tb.time_steps(step, steps, warmup, counter)
 
 

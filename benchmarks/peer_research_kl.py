@@ -115,7 +115,7 @@ def torch_cat(xs):
 def run(model_dir: str, steps: int, warmup: int, threads: int, config: dict | None = None) -> dict:
     tb.set_threads(threads)
     step = ResearchKLStep(model_dir, config)
-    counter = tb.UNetCallCounter(step.unet, step.ref_unet)
+    counter = tb.DenoiserCallCounter(step.unet, step.ref_unet)
     return tb.time_steps(step, steps, warmup, counter)
 
 

@@ -94,9 +94,10 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-class UNetCallCounter:
-    """Counts forward calls of a module (a UNet): ``total`` includes the calls that
-    gradient checkpointing re-runs inside the backward pass, ``recomputed`` only those."""
+class DenoiserCallCounter:
+    """Counts forward calls of modules (a denoiser: UNet or transformer): ``total`` includes
+    the calls that gradient checkpointing re-runs inside the backward pass, ``recomputed``
+    only those."""
 
     def __init__(self, *modules):
         import torch
@@ -121,9 +122,9 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_steps(step, steps: int, warmup: int, counter: UNetCallCounter | None = None) -> dict:
+def time_steps(step, steps: int, warmup: int, counter: DenoiserCallCounter | None = None) -> dict:
     """Run ``warmup`` + ``steps`` calls of ``step()``; the median of the timed ones, the
-    peak RSS before (after setup) and after, and UNet calls per step (median)."""
+    peak RSS before (after setup) and after, and denoiser calls per step (median)."""
     import gc
 
     rss_setup = rss_mb()
@@ -172,7 +173,7 @@ def time_trl_trainer(build, check_configuration, model_dir: str, steps: int, war
     with tempfile.TemporaryDirectory() as logdir:
         trainer = build(model_dir, steps + warmup + 1, logdir, config)
         info = check_configuration(trainer, config)
-        counter = UNetCallCounter(trainer.sd_pipeline.unet)
+        counter = DenoiserCallCounter(trainer.sd_pipeline.unet)
         state = {"epoch": 0, "global_step": 0}
 
         def step():

@@ -1,7 +1,8 @@
-"""The layout of docs/ARCHITECTURE.md, checked: imports go one way (down the layers), no
-import cycle between modules or between folders, no cdalign import hidden inside a
-function, the math core free of model, Hub and process libraries, and the old-path shims
-for users only. Reads the source with ``ast``; imports nothing."""
+"""The layout of docs/ARCHITECTURE.md, checked: the layer table here is the document's, imports
+go one way (down the layers), no import cycle between modules or between folders, no cdalign
+import hidden inside a function, the math core free of model, Hub and process libraries, and
+the ``python -m cdalign.hub`` command module for users only. Reads the source and the document
+(``ast``, ``re``); imports nothing."""
 
 import ast
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cdalign"
+DOCUMENT = PACKAGE.parent / "docs" / "ARCHITECTURE.md"
 
 # Lower layers never import higher ones (docs/ARCHITECTURE.md).
 LAYERS = [
@@ -32,14 +34,14 @@ LAYERS = [
     (10, r"cdalign\.composition(\..*)?"),
     # the demo's catalogue, engine, page, browser and command (demo/app.py and `cdalign demo` wire them)
     (11, r"cdalign\.demo(\..*)?"),
-    # the public names, the old-path shims, the `cdalign` console command (cli, __main__)
-    (12, r"cdalign|cdalign\.(config|trainer|pipeline|hub|cli|__main__)"),
+    # the public names, the `cdalign` console command (cli, __main__), and ``python -m cdalign.hub``
+    (12, r"cdalign|cdalign\.(hub|cli|__main__)"),
 ]
 # The one pair of folders that import each other, by design: evaluation/scoring.py (layer 6)
 # sits below alignment/config.py (7), which the harness (evaluation/, 8) reads, below the
 # trainer (alignment/, 9). Any other folder-level cycle fails.
 INTERLEAVED_FOLDERS = [{"cdalign.alignment", "cdalign.evaluation"}]
-SHIMS = {"cdalign.config", "cdalign.trainer", "cdalign.pipeline", "cdalign.hub"}
+COMMAND_MODULES = {"cdalign.hub"}  # run with ``python -m``, imported by nothing
 
 
 def _module_name(path: Path) -> str:
@@ -156,9 +158,9 @@ def test_no_cdalign_import_inside_a_function(graph):
     assert not hidden, "\n".join(hidden)
 
 
-def test_the_old_path_shims_are_imported_by_nothing_inside_cdalign(graph):
-    users = [f"{a} imports the shim {b}" for a, edges in graph.items() for b, _, _ in edges
-             if b in SHIMS and a != "cdalign"]
+def test_the_command_module_is_imported_by_nothing_inside_cdalign(graph):
+    users = [f"{a} imports the command module {b}" for a, edges in graph.items() for b, _, _ in edges
+             if b in COMMAND_MODULES]
     assert not users, "\n".join(users)
 
 
@@ -187,21 +189,39 @@ def test_the_math_core_imports_no_adapter_hub_or_process_library():
     assert not found, "\n".join(found)
 
 
-def test_old_import_paths_still_give_the_public_names():
-    from cdalign.config import ConstrainedDDPOConfig, load_config_file  # noqa: F401
-    from cdalign.hub import main  # noqa: F401
-    from cdalign.pipeline import load_pipeline  # noqa: F401  (published model cards use it)
-    from cdalign.trainer import ConstrainedDDPOTrainer  # noqa: F401
+def test_the_old_path_shims_are_gone():
+    """``cdalign.config``, ``cdalign.trainer`` and ``cdalign.pipeline`` were removed: the
+    names they gave are importable from ``cdalign`` (tests/test_public_names.py)."""
+    assert [m for m in ("config", "trainer", "pipeline") if f"cdalign.{m}" in _modules()] == []
 
 
-def test_every_module_and_folder_is_in_the_layer_table_of_architecture_md():
-    """Each folder and top-level module of cdalign/ has a row (or a mention in one) in
-    docs/ARCHITECTURE.md's layer table, so a new module is documented where it sits."""
-    text = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
-    table = "\n".join(line for line in text.split("## Layers", 1)[1].split("\n## ", 1)[0].split("\n")
-                      if line.startswith("|"))
-    entries = [p.name + "/" for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()]
-    entries += [p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"]
-    shims = {name.split(".")[1] + ".py" for name in SHIMS}
-    missing = [e for e in sorted(entries) if f"`{e}`" not in table and e not in shims]
-    assert not missing, f"not in docs/ARCHITECTURE.md's layer table: {missing}"
+# ----------------------------------------------------------------------------- the document's table
+def _document_layers() -> list[tuple[int, str]]:
+    """(layer, module) for each module or folder the table of ARCHITECTURE.md's "Layers"
+    names in its second column, as dotted names (``alignment/specs.py`` ->
+    ``cdalign.alignment.specs``, ``fields/`` -> ``cdalign.fields``, ``__init__.py`` -> ``cdalign``)."""
+    text = DOCUMENT.read_text(encoding="utf-8")
+    section = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) < 4 or not cells[1].isdigit():
+            continue
+        for path in re.findall(r"`([^`]+)`", cells[2]):
+            dotted = path.rstrip("/").removesuffix(".py").replace("/", ".")
+            rows.append((int(cells[1]), "cdalign" if dotted == "__init__" else f"cdalign.{dotted}"))
+    return rows
+
+
+def _document_rank(name: str, rows) -> int | None:
+    """The layer of the document's most specific entry for module ``name`` (a file before its folder)."""
+    matches = [(len(entry), layer) for layer, entry in rows if name == entry or name.startswith(entry + ".")]
+    return max(matches)[1] if matches else None
+
+
+def test_the_layer_table_is_the_one_of_architecture_md():
+    rows = _document_layers()
+    assert {layer for layer, _ in rows} == {layer for layer, _ in LAYERS}, "layer numbers differ from the document's"
+    differ = [f"{name}: layer {_rank(name)} here, {_document_rank(name, rows)} in docs/ARCHITECTURE.md"
+              for name in sorted(_modules()) if _rank(name) != _document_rank(name, rows)]
+    assert not differ, "\n".join(differ)

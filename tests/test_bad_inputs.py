@@ -240,7 +240,7 @@ def _corrupt_lora_copy(saved_run, tmp_path):
 
 def test_corrupt_lora_in_evaluation_fails_up_front_naming_the_file(saved_run, tmp_path, monkeypatch):
     import cdalign.evaluation.harness
-    from cdalign.evaluation.harness import CheckpointSpec, EvaluationSuite, evaluate
+    from cdalign.evaluation import CheckpointSpec, EvaluationSuite, evaluate
     from cdalign.models.lora import CorruptFileError
 
     folder = _corrupt_lora_copy(saved_run, tmp_path)
@@ -259,7 +259,7 @@ def test_corrupt_lora_component_is_refused_before_the_model_loads(saved_run, tmp
     from cdalign.models.lora import CorruptFileError
 
     folder = _corrupt_lora_copy(saved_run, tmp_path)
-    cfg = compose_config({"components": [{"name": "torn", "path": str(folder)}, {"name": "base", "type": "base"}],
+    cfg = compose_config({"components": [{"name": "torn", "source": str(folder)}, {"name": "base", "kind": "base"}],
                           "output_dir": str(tmp_path / "compose")})
     monkeypatch.setattr(cdalign.composition.composer, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(CorruptFileError, match=r"component 'torn': .*corrupt or truncated"):
@@ -276,8 +276,8 @@ def test_composition_inputs_are_checked_before_any_component_trains(tmp_path):
     from cdalign.composition.config import config_from_dict as compose_config
 
     data = {"components": [
-        {"name": "ok", "path": str(tmp_path / "ok"), "train_recipe": "cdalign/recipes_data/compose/tiny_adapter_brightness.yaml"},
-        {"name": "typo", "path": str(tmp_path / "typo"), "train_recipe": str(tmp_path / "no-such-recipe.yaml")},
+        {"name": "ok", "source": str(tmp_path / "ok"), "train_recipe": "cdalign/recipes_data/compose/tiny_adapter_brightness.yaml"},
+        {"name": "typo", "source": str(tmp_path / "typo"), "train_recipe": str(tmp_path / "no-such-recipe.yaml")},
     ], "output_dir": str(tmp_path / "compose")}
     with pytest.raises(ValueError, match=r"components\[1\]\.train_recipe.*no-such-recipe.yaml: config file not found"):
         train_missing_components(compose_config(data))
@@ -287,7 +287,7 @@ def test_composition_inputs_are_checked_before_any_component_trains(tmp_path):
 
 
 def test_float16_evaluation_on_a_cpu_is_refused(tmp_path):
-    from cdalign.evaluation.harness import EvaluationSuite, evaluate
+    from cdalign.evaluation import EvaluationSuite, evaluate
 
     with pytest.raises(ValueError, match=r"dtype: 'float16' needs a GPU.*'float32' or 'bfloat16'"):
         evaluate(EvaluationSuite(dtype="float16"), tmp_path / "eval", device="cpu", progress=False)

@@ -50,7 +50,7 @@ def test_cdalign_rows_step(row, small_model_dir, tmp_path):
     assert (cfg.num_inference_steps, cfg.backprop_steps, cfg.train_batch_size) == (T, K, 2)
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.guidance_scale, cfg.eta) == (4, 4, 5.0, 1.0)
     assert cfg.gradient_checkpointing == row.endswith("_gc")
-    counter = tb.UNetCallCounter(trainer.pipe.unet)
+    counter = tb.DenoiserCallCounter(trainer.pipe.unet)
     log = trainer.step()
     assert math.isfinite(log["loss"])
     assert counter.total >= T
@@ -74,7 +74,7 @@ def test_floor_step(kl, variant, calls, small_model_dir):
     floor, tb = _load("floor"), _load("tinybench")
     step = floor.FloorStep(small_model_dir, kl=kl, config=SMALL, **variant)
     before = [p.detach().clone() for p in step.params]
-    counter = tb.UNetCallCounter(step.unet)
+    counter = tb.DenoiserCallCounter(step.unet)
     step()
     assert counter.total == calls
     assert any(not torch.equal(a, p) for a, p in zip(before, step.params))  # the optimiser step happened
@@ -85,7 +85,7 @@ def test_floor_step(kl, variant, calls, small_model_dir):
 def test_research_kl_step(small_model_dir):
     research, tb = _load("peer_research_kl"), _load("tinybench")
     step = research.ResearchKLStep(small_model_dir, SMALL)
-    counter = tb.UNetCallCounter(step.unet, step.ref_unet)
+    counter = tb.DenoiserCallCounter(step.unet, step.ref_unet)
     out = step()
     assert math.isfinite(out["loss"]) and out["kl"] >= 0
     # policy + frozen copy at every step; recomputed in backward: K policy calls and the
@@ -99,7 +99,7 @@ def test_research_kl_step(small_model_dir):
 def test_composition_rows(row, small_model_dir):
     comp, tb = _load("bench_composition"), _load("tinybench")
     step, unet, steps = comp.build(row, small_model_dir, SMALL)
-    counter = tb.UNetCallCounter(unet)
+    counter = tb.DenoiserCallCounter(unet)
     out = step()
     images = out[0] if isinstance(out, tuple) else out
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
@@ -219,7 +219,7 @@ def test_cdalign_rows_step_on_the_tiny_sd3_transformer(row, small_sd3_model_dir,
     assert type(trainer.pipe).__name__ == "StableDiffusion3Pipeline"
     assert type(trainer.denoiser).__name__ == "SD3Transformer2DModel"
     assert trainer.config.eta == 0.7 and trainer.config.num_inference_steps == T  # the flow SDE's noise level
-    counter = tb.UNetCallCounter(trainer.denoiser)
+    counter = tb.DenoiserCallCounter(trainer.denoiser)
     log = trainer.step()
     assert math.isfinite(log["loss"])
     if row == "reward_only":

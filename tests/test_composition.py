@@ -8,17 +8,18 @@ import pytest
 import torch
 
 from cdalign.composition import (
+    COMPONENT_KINDS,
     Component,
     ComponentSet,
     CompositionDistiller,
     ConstrainedComposer,
     SimplexDual,
     project_simplex,
-    set_unet_state,
 )
 from cdalign.composition.components import load_lora_component
-from cdalign.composition.config import DistillSpec, config_from_dict, parse_config
+from cdalign.composition.config import ComponentSpec, DistillSpec, config_from_dict, parse_config
 from cdalign.core.sampling import DiffusionSampler
+from cdalign.models.adapters import set_denoiser_adapter
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -122,7 +123,7 @@ def test_composed_prediction_is_the_weighted_sum_of_component_predictions(two_ad
         composed = comps.composed(prompts, weights)(x, t)
         singles = []
         for adapter in ("a", "b", None):
-            set_unet_state(pipe.unet, adapter)
+            set_denoiser_adapter(pipe.unet, adapter)
             singles.append(sampler.guided(prompts)(x, t))
     expected = sum(float(w) * e for w, e in zip(weights, singles))
     assert torch.allclose(composed, expected, atol=1e-5)
@@ -134,15 +135,15 @@ def test_concept_composition_is_uncond_plus_weighted_guidance(two_adapters):
     comps = ComponentSet(sampler, [Component("red", None, "a red circle"), Component("blue", None, "a blue square")])
     x, t = torch.randn(1, 4, 16, 16), sampler.chain.timesteps[0]
     with torch.no_grad():
-        set_unet_state(sampler.unet, None)
+        set_denoiser_adapter(sampler.denoiser, None)
         emb = torch.cat([sampler.encode([p]).embeds for p in ("", "a red circle", "a blue square")])
-        u, r, b = sampler.unet(x.repeat(3, 1, 1, 1), t, encoder_hidden_states=emb).sample.chunk(3)
+        u, r, b = sampler.denoiser(x.repeat(3, 1, 1, 1), t, encoder_hidden_states=emb).sample.chunk(3)
         got = comps.composed(["ignored"], [0.25, 0.75])(x, t)
     w = sampler.guidance_scale
     assert torch.allclose(got, u + 0.25 * w * (r - u) + 0.75 * w * (b - u), atol=1e-5)
 
 
-def test_unet_calls_per_step_are_one_per_adapter_and_one_for_all_concepts(two_adapters):
+def test_denoiser_calls_per_step_are_one_per_adapter_and_one_for_all_concepts(two_adapters):
     _, sampler = two_adapters
     x, t = torch.randn(2, 4, 16, 16), sampler.chain.timesteps[0]
     adapters = ComponentSet(sampler, [Component("a", "a"), Component("b", "b")]).predictor(["x", "y"])
@@ -150,7 +151,7 @@ def test_unet_calls_per_step_are_one_per_adapter_and_one_for_all_concepts(two_ad
     with torch.no_grad():
         adapters(x, t)
         concepts(x, t)
-    assert adapters.unet_calls == 2 and concepts.unet_calls == 1
+    assert adapters.denoiser_calls == 2 and concepts.denoiser_calls == 1
 
 
 def test_chain_kl_of_a_component_to_itself_is_zero(two_adapters):
@@ -178,14 +179,39 @@ def test_distillation_reduces_the_distance_to_the_composed_prediction(two_adapte
 
 # ----------------------------------------------------------------------------- config
 def test_config_errors_name_the_field_and_the_fix():
-    with pytest.raises(ValueError, match=r"components\[1\]\.path: required for type 'lora'"):
-        config_from_dict({"components": [{"name": "x", "type": "base"}, {"name": "y", "type": "lora"}]})
-    with pytest.raises(ValueError, match=r"components\[0\]\.typ: unknown key; did you mean 'type'"):
-        config_from_dict({"components": [{"name": "x", "typ": "base"}, {"name": "y", "type": "base"}]})
+    with pytest.raises(ValueError, match=r"components\[1\]\.source: required for kind 'lora'"):
+        config_from_dict({"components": [{"name": "x", "kind": "base"}, {"name": "y", "kind": "lora"}]})
+    with pytest.raises(ValueError, match=r"components\[0\]\.knd: unknown key; did you mean 'kind'"):
+        config_from_dict({"components": [{"name": "x", "knd": "base"}, {"name": "y", "kind": "base"}]})
+    with pytest.raises(ValueError, match=r"components\[1\]: source/train_recipe only apply to a LoRA"):
+        config_from_dict({"components": [{"name": "x", "kind": "base"}, {"name": "y", "kind": "concept", "prompt": "a",
+                                                                          "source": "out/y"}]})
     with pytest.raises(ValueError, match=r"components\[1\]\.name: 'x' is used twice"):
-        config_from_dict({"components": [{"name": "x", "type": "base"}, {"name": "x", "type": "base"}]})
+        config_from_dict({"components": [{"name": "x", "kind": "base"}, {"name": "x", "kind": "base"}]})
     with pytest.raises(ValueError, match=r"dual\.schedule: 'cosine' is not allowed"):
-        config_from_dict({"components": [{"name": "x", "type": "base"}, {"name": "y", "type": "base"}], "dual": {"schedule": "cosine"}})
+        config_from_dict({"components": [{"name": "x", "kind": "base"}, {"name": "y", "kind": "base"}], "dual": {"schedule": "cosine"}})
+
+
+def test_a_component_key_of_earlier_versions_is_refused_naming_its_new_name():
+    """``type`` and ``path`` of a component are ``kind`` and ``source`` (the harness's words):
+    a recipe with an old key fails naming the new one, and a near miss of an old key too."""
+    with pytest.raises(ValueError, match=r"components\[0\]\.type: unknown key; it was renamed 'kind' \(write kind: "
+                                         r"instead of type:\).*components\[0\]\.path: unknown key; it was renamed 'source'"):
+        config_from_dict({"components": [{"name": "x", "type": "lora", "path": "out/x"}, {"name": "y", "kind": "base"}]})
+    with pytest.raises(ValueError, match=r"components\[0\]\.typ: unknown key; did you mean 'kind' \(formerly 'type'\)\?"):
+        config_from_dict({"components": [{"name": "x", "typ": "base"}, {"name": "y", "kind": "base"}]})
+    with pytest.raises(ValueError, match=r"datasets\[0\]\.path: unknown key; it was renamed 'source'"):
+        config_from_dict({"composition": "or", "datasets": [{"name": "a", "path": "a"}, {"name": "b", "source": "b"}]})
+    with pytest.raises(AttributeError, match=r"ComponentSpec has no field 'type'; it was renamed 'kind'"):
+        ComponentSpec(name="x").type = "base"
+
+
+def test_component_kinds_declare_what_a_component_needs():
+    assert COMPONENT_KINDS.get("lora").lora and not COMPONENT_KINDS.get("lora").concept
+    assert COMPONENT_KINDS.get("concept").concept and not COMPONENT_KINDS.get("concept").lora
+    assert not COMPONENT_KINDS.get("base").lora and not COMPONENT_KINDS.get("base").concept
+    assert COMPONENT_KINDS.get("lora")("a") == Component("a", adapter="a")
+    assert COMPONENT_KINDS.get("concept")("c", "a red shape") == Component("c", adapter=None, prompt="a red shape")
 
 
 def test_recipes_parse(tmp_path):
@@ -200,8 +226,8 @@ def test_recipes_parse(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 def test_and_composition_end_to_end(lora_dirs, tmp_path):
     cfg = config_from_dict({
-        "components": [{"name": "a", "path": str(lora_dirs[0]), "reward": "brightness"},
-                       {"name": "b", "path": str(lora_dirs[1]), "reward": "saturation", "threshold": 1e-3}],
+        "components": [{"name": "a", "source": str(lora_dirs[0]), "reward": "brightness"},
+                       {"name": "b", "source": str(lora_dirs[1]), "reward": "saturation", "threshold": 1e-3}],
         "prompts": "shapes", "num_inference_steps": 4, "resolution": 32, "guidance_scale": 3.0,
         "dual": {"steps": 2, "batch_size": 2, "lr": 0.3, "normalize": True},
         "distill": {"enabled": True, "steps": 2, "batch_size": 1, "timesteps_per_chain": 2},
@@ -247,11 +273,11 @@ def test_missing_component_is_trained_with_the_align_recipe(tmp_path):
 
     cfg = config_from_dict({
         "components": [
-            {"name": "bright", "path": str(tmp_path / "bright"), "train_recipe": "cdalign/recipes_data/compose/tiny_adapter_brightness.yaml",
+            {"name": "bright", "source": str(tmp_path / "bright"), "train_recipe": "cdalign/recipes_data/compose/tiny_adapter_brightness.yaml",
              "train_overrides": ["--max_steps", "1", "--num_inference_steps", "2", "--backprop_steps", "1",
                                  "--normalization_batches", "1", "--eval_batches", "1", "--num_grid_images", "0",
                                  "--normalization_cache_dir", str(tmp_path / "cache")]},
-            {"name": "base", "type": "base"},
+            {"name": "base", "kind": "base"},
         ],
     })
     assert train_missing_components(cfg) == ["bright"]

@@ -33,7 +33,7 @@ def folders(tmp_path_factory):
 def mixture_config(folders, tmp_path, **over):
     d = {
         "composition": "or",
-        "datasets": [{"name": "red", "path": str(folders[0])}, {"name": "blue", "path": str(folders[1])}],
+        "datasets": [{"name": "red", "source": str(folders[0])}, {"name": "blue", "source": str(folders[1])}],
         "resolution": 32, "max_steps": 4, "dual_every": 2, "train_batch_size": 2, "eval_size": 4,
         "irreducible_fit_steps": 2, "num_inference_steps": 2, "num_grid_images": 1,
         "output_dir": str(tmp_path / "run"), "dual": {"lr": 5.0},
@@ -44,7 +44,7 @@ def mixture_config(folders, tmp_path, **over):
 
 def test_image_folder_loads_with_captions(folders):
     images, captions = load_image_dataset(config_from_dict({
-        "composition": "or", "datasets": [{"name": "r", "path": str(folders[0])}, {"name": "b", "path": str(folders[1])}]}).datasets[0], 32)
+        "composition": "or", "datasets": [{"name": "r", "source": str(folders[0])}, {"name": "b", "source": str(folders[1])}]}).datasets[0], 32)
     assert images.shape == (4, 3, 32, 32) and captions == ["a red image"] * 4
     assert float(images[:, 0].mean()) > 0.5 and float(images[:, 2].mean()) < -0.5
 
@@ -54,7 +54,7 @@ def test_missing_captions_name_the_field(tmp_path):
 
     (tmp_path / "nocap").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "nocap" / "0.png")
-    cfg = config_from_dict({"composition": "or", "datasets": [{"name": "x", "path": str(tmp_path / "nocap")}, {"name": "y", "path": "z"}]})
+    cfg = config_from_dict({"composition": "or", "datasets": [{"name": "x", "source": str(tmp_path / "nocap")}, {"name": "y", "source": "z"}]})
     with pytest.raises(ValueError, match=r"datasets\[x\].*caption"):
         load_image_dataset(cfg.datasets[0], 16)
 
@@ -76,8 +76,8 @@ def test_mixture_training_ascends_weights_and_writes_outputs(folders, tmp_path):
 
 def test_raw_loss_variant_with_given_irreducible_and_threshold(folders, tmp_path):
     cfg = mixture_config(folders, tmp_path, loss="raw", max_steps=2, num_grid_images=0,
-                         datasets=[{"name": "red", "path": str(folders[0]), "threshold": 1e-6},
-                                   {"name": "blue", "path": str(folders[1])}])
+                         datasets=[{"name": "red", "source": str(folders[0]), "threshold": 1e-6},
+                                   {"name": "blue", "source": str(folders[1])}])
     report = MixtureTrainer(cfg).train()
     assert report["irreducible_loss"] is None
     assert report["per_dataset"]["red"]["satisfied"] is False and report["per_dataset"]["red"]["threshold"] == 1e-6

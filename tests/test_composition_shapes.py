@@ -65,8 +65,8 @@ def test_concept_minimum_on_hand_made_images():
 
 def test_support_masses_of_rendered_images_of_known_composition(tmp_path):
     narrow, broad = write_demo_shapes_datasets(tmp_path, n=12)
-    spec = config_from_dict({"composition": "or", "datasets": [{"name": "narrow", "path": str(narrow)},
-                                                                {"name": "broad", "path": str(broad)}]}).datasets
+    spec = config_from_dict({"composition": "or", "datasets": [{"name": "narrow", "source": str(narrow)},
+                                                                {"name": "broad", "source": str(broad)}]}).datasets
     labeler = SUPPORT_LABELERS.get("shapes")
     supports = {d.name: dataset_support(d, labeler) for d in spec}
     assert supports["narrow"] == {("red", "circle")}
@@ -97,7 +97,7 @@ def test_dataset_without_support_columns_is_refused_before_training(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
         (tmp_path / name / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": ""}) + "\n")
     cfg = config_from_dict({"composition": "or", "support_labeler": "shapes", "resolution": 32,
-                            "datasets": [{"name": "a", "path": str(tmp_path / "a")}, {"name": "b", "path": str(tmp_path / "b")}],
+                            "datasets": [{"name": "a", "source": str(tmp_path / "a")}, {"name": "b", "source": str(tmp_path / "b")}],
                             "output_dir": str(tmp_path / "run")})
     with pytest.raises(ValueError, match=r"datasets\[a\].*no column\(s\) \['color', 'shape'\].*write_shapes_folder"):
         MixtureTrainer(cfg)
@@ -106,7 +106,7 @@ def test_dataset_without_support_columns_is_refused_before_training(tmp_path):
 def test_mixture_counts_support_masses_end_to_end(tmp_path):
     narrow, broad = write_demo_shapes_datasets(tmp_path / "data", n=8)
     cfg = config_from_dict({
-        "composition": "or", "datasets": [{"name": "narrow", "path": str(narrow)}, {"name": "broad", "path": str(broad)}],
+        "composition": "or", "datasets": [{"name": "narrow", "source": str(narrow)}, {"name": "broad", "source": str(broad)}],
         "resolution": 32, "max_steps": 2, "dual_every": 1, "train_batch_size": 2, "eval_size": 4,
         "irreducible_fit_steps": 1, "num_inference_steps": 2, "num_grid_images": 1, "support_labeler": "shapes",
         "mass_samples": 6, "output_dir": str(tmp_path / "run"), "dual": {"lr": 0.1, "normalize": True},
@@ -123,8 +123,8 @@ def test_mixture_counts_support_masses_end_to_end(tmp_path):
 
 def concept_config(tmp_path, **over):
     d = {
-        "components": [{"name": "colour", "type": "concept", "prompt": "a red shape", "reward": "shapes_match"},
-                       {"name": "shape", "type": "concept", "prompt": "a square", "reward": "shapes_match"}],
+        "components": [{"name": "colour", "kind": "concept", "prompt": "a red shape", "reward": "shapes_match"},
+                       {"name": "shape", "kind": "concept", "prompt": "a square", "reward": "shapes_match"}],
         "concept_sets": [{"prompts": ["a red shape", "a square"], "joint_prompt": "a red square"},
                          {"prompts": ["a blue shape", "a circle"], "joint_prompt": "a blue circle"}],
         "prompts": "shapes", "num_inference_steps": 2, "resolution": 32, "guidance_scale": 3.0, "kl_estimator": "uniform",
@@ -173,7 +173,7 @@ def test_tiny_recipes_parse():
     for c in flow.components[:2]:  # each adapter recipe trains on the composition's base model
         adapter = cdalign.parse_config(["--config", c.train_recipe])  # resolved against the recipe
         assert adapter.pretrained_model_name_or_path == flow.pretrained_model_name_or_path
-        assert adapter.objective.reward == c.reward and adapter.output_dir == c.path
+        assert adapter.objective.reward == c.reward and adapter.output_dir == c.source
     concepts = parse_config(["--config", "compose/tiny_concepts"])
     assert len(concepts.concept_sets) == 6 and all(c.reward == "shapes_match" for c in concepts.components)
     mixture = parse_config(["--config", "cdalign/recipes_data/compose/tiny_mixture.yaml"])

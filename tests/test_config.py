@@ -10,7 +10,6 @@ import yaml
 
 from cdalign.alignment import config as config_module
 from cdalign.alignment import rules as rules_module
-from cdalign.alignment import specs as specs_module
 from cdalign.alignment.config import (
     ConstrainedDDPOConfig,
     config_from_dict,
@@ -682,15 +681,15 @@ def test_compose_train_recipe_is_resolved_against_the_recipe_file(tmp_path, monk
     folder.mkdir()
     (folder / "adapter.yaml").write_text("max_steps: 1\n")
     recipe = write_yaml(folder, {
-        "components": [{"name": "a", "path": "out/a", "train_recipe": "adapter.yaml"},
-                       {"name": "b", "path": "out/b", "train_recipe": str(tmp_path / "abs.yaml")},
-                       {"name": "base", "type": "base"}],
+        "components": [{"name": "a", "source": "out/a", "train_recipe": "adapter.yaml"},
+                       {"name": "b", "source": "out/b", "train_recipe": str(tmp_path / "abs.yaml")},
+                       {"name": "base", "kind": "base"}],
     }, name="compose.yaml")
     monkeypatch.chdir("/")  # not the folder the paths are relative to
     for cfg in (load_compose(recipe), parse_compose(["--config", str(recipe)])):
         assert cfg.components[0].train_recipe == str(folder / "adapter.yaml")
         assert cfg.components[1].train_recipe == str(tmp_path / "abs.yaml")
-        assert cfg.components[0].path == "out/a"  # an output: relative to the current directory
+        assert cfg.components[0].source == "out/a"  # an output: relative to the current directory
 
 
 def test_shipped_compose_recipes_name_existing_train_recipes():
@@ -728,19 +727,6 @@ def test_the_config_engine_imports_nothing_from_cdalign_but_itself():
                         path.name, name)
 
 
-def test_old_import_paths_keep_every_public_name():
-    import cdalign.config
-    import cdalign.fields
-
-    for name in config_module.__all__:
-        assert getattr(cdalign.config, name) is getattr(config_module, name)
-    for name in ("ObjectiveSpec", "ConstraintSpec", "DualSpec"):
-        assert getattr(cdalign.config, name) is getattr(specs_module, name)
-    for name in ("ConfigFields", "dataclass_from_dict", "check_fields", "read_yaml_mapping", "not_allowed",
-                 "check_output_dir_writable", "check_trackers_installed", "check_mixed_precision"):
-        assert getattr(cdalign.config, name) is getattr(cdalign.fields, name)
-
-
 def test_build_parser_defaults_to_the_alignment_config():
     text = config_module.build_parser().format_help()
     assert "Constrained alignment of a diffusion model" in text and "--dual.kappa_i" in text
@@ -765,7 +751,7 @@ def test_unknown_compose_key_gets_a_did_you_mean():
     from cdalign.composition.config import config_from_dict as compose_config
 
     with pytest.raises(ValueError, match=r"dual\.step: unknown key; did you mean 'steps'\?"):
-        compose_config({"components": [{"name": "a", "type": "base"}, {"name": "b", "type": "base"}],
+        compose_config({"components": [{"name": "a", "kind": "base"}, {"name": "b", "kind": "base"}],
                         "dual": {"step": 3}})
 
 

@@ -138,9 +138,9 @@ def test_constrained_weights_are_what_cdalign_composition_computes(served, tmp_p
     *_, numbers = compose(client, ["demo: bright", "demo: muted"], mode="constrained", seed=3, dual_steps=2, dual_lr=0.3)
     cfg = ComposeConfig(
         pretrained_model_name_or_path="cdalign/tiny-shapes-sd",
-        components=[ComponentSpec(name="bright", type="lora", path=str(SHIPPED_DIR / "bright")),
-                    ComponentSpec(name="muted", type="lora", path=str(SHIPPED_DIR / "muted")),
-                    ComponentSpec(name="base", type="base")],
+        components=[ComponentSpec(name="bright", kind="lora", source=str(SHIPPED_DIR / "bright")),
+                    ComponentSpec(name="muted", kind="lora", source=str(SHIPPED_DIR / "muted")),
+                    ComponentSpec(name="base", kind="base")],
         num_inference_steps=4, eta=1.0, guidance_scale=3.0, resolution=32, kl_estimator="path",
         dual=DualAscentSpec(steps=2, lr=0.3, schedule="constant", normalize=True, batch_size=2),
         eval_batches=1, eval_seed=3, output_dir=str(tmp_path), overwrite_output_dir=True, seed=3,

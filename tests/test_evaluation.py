@@ -9,17 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdalign.evaluation.harness import (
-    CHECKPOINT_KINDS,
-    CheckpointSpec,
-    EvaluationSuite,
-    comparison_table,
-    constraint_decision,
-    evaluate,
-    load_suite,
-    summarize,
-)
+from cdalign.core.statistics import constraint_decision, summarize
+from cdalign.evaluation import CHECKPOINT_KINDS, CheckpointSpec, EvaluationSuite, evaluate, load_suite
 from cdalign.evaluation.suite import parse_suite_command_line
+from cdalign.publishing.tables import comparison_table
 
 
 def test_ci_is_mean_plus_minus_1_96_standard_errors():

@@ -80,7 +80,7 @@ def test_policy_gradient_estimator_runs_on_the_flow_chain(name, tmp_path):
 
 # ----------------------------------------------------------------------------- evaluation
 def _suite(case, run, **kw):
-    from cdalign.evaluation.harness import CheckpointSpec, EvaluationSuite
+    from cdalign.evaluation import CheckpointSpec, EvaluationSuite
 
     return EvaluationSuite(name="flow", model=case.model_id, prompts="shapes", num_prompts=2, rewards=["saturation"],
                            num_inference_steps=6, guidance_scale=case.guidance_scale, resolution=case.resolution,
@@ -145,12 +145,8 @@ def loras(request, tmp_path_factory):
 
 
 def test_composed_velocity_is_the_weighted_sum_of_component_velocities(loras):
-    from cdalign.composition import (
-        Component,
-        ComponentSet,
-        load_lora_component,
-        set_unet_state,
-    )
+    from cdalign.composition import Component, ComponentSet, load_lora_component
+    from cdalign.models.adapters import set_denoiser_adapter
 
     case, paths = loras
     pipe = case.build(seed=0)
@@ -168,7 +164,7 @@ def test_composed_velocity_is_the_weighted_sum_of_component_velocities(loras):
     with torch.no_grad():
         singles = []
         for adapter in ("a", "b", None):
-            set_unet_state(pipe.transformer, adapter)
+            set_denoiser_adapter(pipe.transformer, adapter)
             singles.append(sampler.guided(prompts)(x, t))
     assert torch.allclose(composed, sum(float(w) * v for w, v in zip(weights, singles)), atol=1e-5)
     assert not torch.allclose(singles[0], singles[1])
@@ -181,7 +177,7 @@ def test_and_composition_of_two_flow_loras_end_to_end(loras, tmp_path):
     case, paths = loras
     cfg = config_from_dict({
         "pretrained_model_name_or_path": case.model_id, "eta": 0.7, "resolution": case.resolution,
-        "components": [{"name": "a", "path": str(paths[0])}, {"name": "b", "path": str(paths[1])}],
+        "components": [{"name": "a", "source": str(paths[0])}, {"name": "b", "source": str(paths[1])}],
         "prompts": "shapes", "num_inference_steps": 4, "guidance_scale": case.guidance_scale,
         "dual": {"steps": 2, "batch_size": 2, "lr": 0.3, "normalize": True},
         "distill": {"enabled": True, "steps": 2, "batch_size": 1, "timesteps_per_chain": 2},

@@ -160,7 +160,7 @@ def test_or_composition_refuses_a_flow_model_with_the_reason(tmp_path):
     from cdalign.composition.mixture import MixtureTrainer
 
     cfg = config_from_dict({"composition": "or", "pretrained_model_name_or_path": TINY_RANDOM_SD3_ID,
-                            "datasets": [{"name": "r", "path": str(tmp_path)}, {"name": "b", "path": str(tmp_path)}],
+                            "datasets": [{"name": "r", "source": str(tmp_path)}, {"name": "b", "source": str(tmp_path)}],
                             "output_dir": str(tmp_path / "run")})
     with pytest.raises(ValueError, match="StableDiffusion3Pipeline: the OR-composition"):
         MixtureTrainer(cfg)

@@ -202,7 +202,7 @@ def test_pull_downloads_the_pushed_run(pushed, client, tmp_path, capsys):
 
 
 def test_evaluation_identifies_a_hub_checkpoint_by_its_weights(pushed, client):
-    from cdalign.evaluation.harness import CHECKPOINT_KINDS, CheckpointSpec
+    from cdalign.evaluation import CHECKPOINT_KINDS, CheckpointSpec
 
     trainer, _ = pushed
     kind = CHECKPOINT_KINDS.build("lora")

@@ -13,7 +13,8 @@ from cdalign.core.kl import (
     step_kl,
     step_weights,
 )
-from cdalign.core.sampling import DDIMChain, sample_latents
+from cdalign.core.chains import DDIMChain
+from cdalign.core.sampling import sample_latents
 
 
 def sd_scheduler():

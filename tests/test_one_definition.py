@@ -17,14 +17,11 @@ from cdalign.composition.components import (
 from cdalign.composition.mixture import dsm_loss, excess_loss
 from cdalign.composition.simplex import SimplexDual
 from cdalign.core import seeding
+from cdalign.core.chains import DDIMChain
 from cdalign.core.duals import projected_ascent
 from cdalign.core.kl import ChainKLAccumulator
 from cdalign.core.problem import Constraint
-from cdalign.core.sampling import (
-    DDIMChain,
-    classifier_free_guidance,
-    sample_latents,
-)
+from cdalign.core.sampling import classifier_free_guidance, sample_latents
 from cdalign.core.statistics import constraint_decision, slack
 from cdalign.models.adapters import adapter_parameters, model_fingerprint
 from cdalign.models.lora import trainable_adapter

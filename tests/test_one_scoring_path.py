@@ -98,7 +98,7 @@ def test_composer_and_harness_composed_checkpoint_report_the_same_numbers(tmp_pa
 
     a, b = save_random_lora(tmp_path / "a", seed=1, scale=2.0), save_random_lora(tmp_path / "b", seed=2, scale=1.0)
     cfg = config_from_dict({
-        "components": [{"name": "a", "path": str(a), "reward": "brightness"}, {"name": "b", "path": str(b)}],
+        "components": [{"name": "a", "source": str(a), "reward": "brightness"}, {"name": "b", "source": str(b)}],
         "num_inference_steps": 4, "resolution": 32, "guidance_scale": 3.0, "dual": {"batch_size": 2},
         "eval_batches": 2, "eval_seed": 5, "num_grid_images": 0, "output_dir": str(tmp_path / "compose"),
     })

@@ -181,7 +181,7 @@ PAPER_RECIPES = {
         "settings": {
             "pretrained_model_name_or_path": (SD15_RUNWAY, f"{RC_SH}:6"),
             "components[*].name": (REWARD_ADAPTERS, f"{RC_SH}:9 (--adapters, in order)"),
-            "components[*].type": (["lora"] * 4, f"{RC_SH}:9"),
+            "components[*].kind": (["lora"] * 4, f"{RC_SH}:9"),
             "components[*].reward": (REWARD_ADAPTERS, f"{RC_SH}:10 (--validation_rewards)"),
             "num_inference_steps": (25, f"{RC_SH}:30-31"),
             "guidance_scale": (5.0, f"{RC_SH}:35"),
@@ -215,7 +215,7 @@ PAPER_RECIPES = {
         "kind": "compose",
         "settings": {
             "pretrained_model_name_or_path": ("CompVis/stable-diffusion-v1-4", f"{CC_PY}:69-76"),
-            "components[*].type": (["concept"] * 3, f"{CC_PY}:114 (three prompts composed)"),
+            "components[*].kind": (["concept"] * 3, f"{CC_PY}:114 (three prompts composed)"),
             "components[*].prompt": (CONCEPT_PROMPTS, f"{CC_PY}:107-109"),
             "components[*].reward": (["clipscore"] * 3, f"{CC_PY}:245-247 (CLIP similarity to each prompt; model: notes)"),
             "num_inference_steps": (10, f"{CC_SH}:22"),

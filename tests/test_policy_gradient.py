@@ -22,7 +22,8 @@ from cdalign.core.policy_gradient import (
     reward_weights,
 )
 from cdalign.core.problem import ConstrainedProblem, Constraint, Objective
-from cdalign.core.sampling import DDIMChain, GuidedUNet, Trajectory, sample_latents
+from cdalign.core.chains import DDIMChain
+from cdalign.core.sampling import GuidedDenoiser, Trajectory, sample_latents
 from cdalign.core.seeding import TRAIN_BATCH, batch_share, grouped_batch_share
 
 
@@ -84,7 +85,7 @@ def test_log_prob_gradient_in_the_lora_matches_finite_differences(chain):
         for p in params:  # B = 0 at init would make the gradient in A vanish
             p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
     cond = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g, dtype=torch.float64)
-    predictor = GuidedUNet(unet, chain, cond, torch.zeros_like(cond), guidance_scale=3.0)
+    predictor = GuidedDenoiser(unet, chain, cond, torch.zeros_like(cond), guidance_scale=3.0)
     i = 1
     x_t = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
     x_prev = chain.step_mean(i, x_t, predictor(x_t, chain.timesteps[i])).detach() + 0.05 * torch.randn(
@@ -395,7 +396,7 @@ def test_policy_gradient_benchmark_rows_step(row, small_bench_dir, tmp_path):
     bench_step, tb = _bench("bench_step"), _bench("tinybench")
     trainer = bench_step.build_trainer(row, small_bench_dir, str(tmp_path), SMALL_BENCH)
     assert trainer.config.estimator == "policy_gradient" and trainer.estimator.num_train_steps == 2  # as trl's fraction
-    counter = tb.UNetCallCounter(trainer.pipe.unet)
+    counter = tb.DenoiserCallCounter(trainer.pipe.unet)
     log = trainer.step()
     assert log["ppo/first_update_max_abs_log_ratio"] == 0.0 and log["ppo/updates"] == 1.0
     # 4 sampling calls + 2 trained calls, plus the base model's for the KL (all 4, the 2 trained + 1 sampled,
@@ -419,7 +420,7 @@ def test_policy_gradient_recipes_train_on_jpeg_compressibility_with_another_cons
 
     cfg = load_config_file(Path(__file__).parents[1] / path)
     assert cfg.estimator == "policy_gradient" and cfg.eta > 0
-    rewards = [c.reward for c in cfg.constraints if c.type == "reward"]
+    rewards = [c.reward for c in cfg.constraints if not c.is_kl]
     assert "jpeg_compressibility" in rewards and len(cfg.constraints) >= 2
 
 

@@ -98,6 +98,25 @@ def test_reward_identity_changes_with_a_learned_rewards_weights_and_kwargs():
     assert reward_identity("saturation", saturation_x100, user=True) is None  # no cache_key: never cached
 
 
+def test_reward_identity_changes_with_the_code_that_computes_the_reward(tmp_path, monkeypatch):
+    """A registry reward whose formula changed is another reward: its statistics are not reused."""
+    import importlib.util
+
+    def load(text):
+        path = tmp_path / "my_reward_module.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location("my_reward_module", path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "my_reward_module", module)  # as an imported module is
+        spec.loader.exec_module(module)
+        return module.R()
+
+    before = reward_identity("r", load("class R:\n    def __call__(self, x):\n        return x\n"))
+    after = reward_identity("r", load("class R:\n    def __call__(self, x):\n        return 2 * x\n"))
+    assert before["code"] is not None and before["code"] != after["code"]
+    assert reward_identity("brightness", build_reward("brightness"))["code"] is not None
+
+
 # -- 2, 3. what a library run records; few normalisation samples -----------------------
 
 

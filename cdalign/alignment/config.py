@@ -224,7 +224,7 @@ class ConstrainedDDPOConfig(ConfigFields):
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
         metadata={
-            "help": "UNet module names that receive LoRA layers (the paper: the attention projections "
+            "help": "Denoiser module names that receive LoRA layers (the paper: the attention projections "
             "to_q to_k to_v to_out.0). On the command line: space-separated."
         },
     )
@@ -409,7 +409,7 @@ class ConstrainedDDPOConfig(ConfigFields):
     @property
     def uses_kl(self) -> bool:
         """Whether the run needs base-model predictions for a KL (objective or constraint)."""
-        return self.objective.type == "kl" or any(c.type == "kl" for c in self.constraints)
+        return self.objective.is_kl or any(c.is_kl for c in self.constraints)
 
     def validate(self) -> None:
         """Check types, allowed values, ranges and the consistency of the problem; raise

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from cdalign.alignment.estimators import MicroBatch
+from cdalign.alignment.estimators import BatchEstimate
 from cdalign.console import CdalignWarning
 from cdalign.core.duals import InfeasibilityMonitor
 from cdalign.core.normalization import RewardStats
@@ -35,14 +35,14 @@ def confidence_targets(
     return ConfidenceTargets([s.confidence for s in specs], [s.margin for s in specs], prior, num_images)
 
 
-def per_image_values(problem: ConstrainedProblem, mb: MicroBatch) -> list[torch.Tensor]:
+def per_image_values(problem: ConstrainedProblem, estimate: BatchEstimate) -> list[torch.Tensor]:
     """Each constraint's per-image values (B,) in a micro-batch, in its own units."""
     out = []
     for c in problem.constraints:
         if c.is_kl:
-            out.append(mb.kl if mb.kl is not None else torch.zeros(0))
+            out.append(estimate.kl if estimate.kl is not None else torch.zeros(0))
         else:
-            out.append((mb.rewards_norm if c.normalize else mb.rewards_raw)[c.source])
+            out.append((estimate.rewards_norm if c.normalize else estimate.rewards_raw)[c.source])
     return out
 
 
@@ -60,12 +60,12 @@ class DualWindow:
         self.slack_count = 0
         self.moment_sum = torch.zeros(m, 3, dtype=torch.float64)
 
-    def add(self, mb: MicroBatch) -> None:
+    def add(self, estimate: BatchEstimate) -> None:
         """Count one finite micro-batch's slacks (and per-image moments)."""
-        self.slack_sum += mb.slacks.double().cpu()
+        self.slack_sum += estimate.slacks.double().cpu()
         self.slack_count += 1
         if self.targets.active:
-            self.moment_sum += self.targets.batch_moments(per_image_values(self.problem, mb))
+            self.moment_sum += self.targets.batch_moments(per_image_values(self.problem, estimate))
 
     def step(self, accelerator, device, global_step: int) -> None:
         """One dual step on the window's slacks averaged over the global batch (summed over

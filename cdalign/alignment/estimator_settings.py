@@ -68,7 +68,7 @@ class RewardBackpropSettings(ConfigFields):
     )
     gradient_checkpointing: bool = field(
         default=False,
-        metadata={"help": "Checkpoint each UNet call: memory flat in K for about one extra forward pass per step."},
+        metadata={"help": "Checkpoint each denoiser call: memory flat in K for about one extra forward pass per step."},
     )
     kl_grad_steps: str = field(
         default="trained",

@@ -2,7 +2,7 @@
 
 An estimator samples through the shared :class:`~cdalign.core.sampling.DiffusionSampler`,
 scores the images, adds the chain KL where the problem needs it, and returns a
-:class:`MicroBatch`. Two are registered in :data:`ESTIMATORS`: reward backpropagation
+:class:`BatchEstimate`. Two are registered in :data:`ESTIMATORS`: reward backpropagation
 (the paper's) and a DDPO/GRPO-style policy gradient for rewards without gradients
 (METHOD.md §3), a :class:`RolloutEstimator` whose micro-batches are trained on afterwards.
 
@@ -33,8 +33,7 @@ from cdalign.core.policy_gradient import (
 )
 from cdalign.core.problem import ConstrainedProblem
 from cdalign.core.sampling import DiffusionSampler, Trajectory
-from cdalign.core.statistics import mean_and_ci  # noqa: F401  (re-exported: estimators report with it)
-from cdalign.core.truncation import TRUNCATION_STRATEGIES, truncation_steps  # noqa: F401  (re-exported)
+from cdalign.core.truncation import truncation_steps
 from cdalign.models.adapters import WithAdaptersDisabled
 from cdalign.registry import Registry
 
@@ -57,7 +56,11 @@ class Rollout:
 
 
 @dataclass
-class MicroBatch:
+class BatchEstimate:
+    """What an estimator measured on one micro-batch: the Lagrangian to backpropagate (or
+    the rollout to train on), and the batch's estimates of f_0, each constraint's value and
+    slack, the rewards and the chain KL, which the dual step and the step log average."""
+
     loss: torch.Tensor  # Lagrangian (scalar): to backpropagate (reward_backprop), or its detached value (rollouts)
     objective: torch.Tensor  # f_0 (scalar, detached)
     values: torch.Tensor  # per-constraint batch means (m,), detached
@@ -85,7 +88,7 @@ class RewardBackprop:
 
     Gradient flows through the last K steps and the VAE decode; the chain KL's value is
     estimated over all steps (``kl_value_steps`` may subsample the no-gradient steps,
-    unbiasedly) with base predictions from the same UNet, adapters disabled."""
+    unbiasedly) with base predictions from the same denoiser, adapters disabled."""
 
     settings = RewardBackpropSettings
     config_fields = setting_names(settings)
@@ -117,7 +120,7 @@ class RewardBackprop:
         self.sampler, self.problem, self.rewards, self.normalizers = sampler, problem, rewards, normalizers
         self.config = config
 
-    def __call__(self, prompts: list[str], seeds: list[int], multipliers: torch.Tensor, generator: torch.Generator) -> MicroBatch:
+    def __call__(self, prompts: list[str], seeds: list[int], multipliers: torch.Tensor, generator: torch.Generator) -> BatchEstimate:
         cfg, T = self.config, len(self.sampler.chain)
         k = truncation_steps(cfg.backprop_strategy, T, cfg, generator)
         grad_steps = set(range(T - k, T))
@@ -143,7 +146,7 @@ class RewardBackprop:
         values = self.problem.values(kl, used)
         slacks = self.problem.slacks(values)
         loss = self.problem.lagrangian(objective, slacks, multipliers)
-        return MicroBatch(
+        return BatchEstimate(
             loss=loss,
             objective=objective.detach(),
             values=values.detach(),
@@ -161,12 +164,12 @@ class RolloutEstimator:
     optimiser updates, each backpropagating :meth:`surrogate_losses` of its micro-batches."""
 
     def surrogate_losses(  # pragma: no cover
-        self, mb: MicroBatch, epoch: int, update: int, autocast=contextlib.nullcontext
+        self, estimate: BatchEstimate, epoch: int, update: int, autocast=contextlib.nullcontext
     ) -> Iterator[torch.Tensor]:
-        """Losses to backpropagate for micro-batch ``mb`` in inner epoch ``epoch``, optimiser
-        update ``update`` of the round (0: the first, before any parameter change); the
-        forward passes run under ``autocast()`` (the sampling's mixed precision), the caller
-        backpropagates each loss outside it."""
+        """Losses to backpropagate for the micro-batch of ``estimate`` in inner epoch
+        ``epoch``, optimiser update ``update`` of the round (0: the first, before any
+        parameter change); the forward passes run under ``autocast()`` (the sampling's mixed
+        precision), the caller backpropagates each loss outside it."""
         raise NotImplementedError
 
     def pop_stats(self) -> dict[str, float]:  # pragma: no cover
@@ -215,7 +218,7 @@ class PolicyGradient(RolloutEstimator):
     Rollout (:meth:`__call__`, no gradient): sample through the one sampler with a
     :class:`~cdalign.core.sampling.Trajectory` (every DDIM step's Gaussian log-probability
     with the chain's own σ_t), score the rewards (no gradient needed), compute the KL to
-    the base (adapters disabled, same UNet) where the problem has one, and the advantage
+    the base (adapters disabled, same denoiser) where the problem has one, and the advantage
 
         A = s_0 A_0 + Σ_i λ_i s_i A_i − c_KL · (KL − baseline)
 
@@ -301,7 +304,7 @@ class PolicyGradient(RolloutEstimator):
         all_kl, _, _ = _gather(kl, prompts)
         return kl - all_kl.mean()
 
-    def __call__(self, prompts: list[str], seeds: list[int], multipliers: torch.Tensor, generator: torch.Generator) -> MicroBatch:
+    def __call__(self, prompts: list[str], seeds: list[int], multipliers: torch.Tensor, generator: torch.Generator) -> BatchEstimate:
         cfg, chain, prob = self.config, self.sampler.chain, self.problem
         T, n = len(chain), self.num_train_steps
         train_steps = [
@@ -340,7 +343,7 @@ class PolicyGradient(RolloutEstimator):
             prompts=list(prompts), trajectory=trajectory, advantages=advantages.detach(), train_steps=train_steps,
             kl_weight=c_kl, base_eps=reference.outputs if reference is not None else {},
         )
-        return MicroBatch(
+        return BatchEstimate(
             loss=lagrangian.detach(),
             objective=objective.detach(),
             values=values.detach(),
@@ -354,11 +357,11 @@ class PolicyGradient(RolloutEstimator):
 
     # ------------------------------------------------------------------ updates
     def surrogate_losses(
-        self, mb: MicroBatch, epoch: int, update: int = 0, autocast=contextlib.nullcontext
+        self, estimate: BatchEstimate, epoch: int, update: int = 0, autocast=contextlib.nullcontext
     ) -> Iterator[torch.Tensor]:
         """One loss per trained step of inner epoch ``epoch`` (backpropagate each at once:
-        memory holds one UNet call's graph), ``(PPO_i + c_KL·mean_b KL_i) / |S|``."""
-        cfg, chain, r = self.config, self.sampler.chain, mb.rollout
+        memory holds one denoiser call's graph), ``(PPO_i + c_KL·mean_b KL_i) / |S|``."""
+        cfg, chain, r = self.config, self.sampler.chain, estimate.rollout
         policy = self.sampler.guided(r.prompts)
         steps = r.train_steps[epoch]
         for i in steps:
@@ -401,7 +404,7 @@ class PolicyGradient(RolloutEstimator):
 
 def score(images: torch.Tensor, prompts: list[str], names: list[str], rewards: dict, normalizers: dict):
     """Raw and normalised values (B,) of each named reward (as float32). Non-finite values
-    pass through unchanged: the trainer checks each micro-batch with :func:`is_finite_batch`
+    pass through unchanged: the trainer checks each micro-batch with :func:`is_finite_estimate`
     and skips a non-finite one (up to ``max_nonfinite_batches``)."""
     raw, norm = {}, {}
     for name in names:
@@ -412,6 +415,6 @@ def score(images: torch.Tensor, prompts: list[str], names: list[str], rewards: d
     return raw, norm
 
 
-def is_finite_batch(mb: MicroBatch) -> bool:
-    vals = [mb.loss.detach(), *mb.rewards_raw.values()] + ([mb.kl] if mb.kl is not None else [])
+def is_finite_estimate(estimate: BatchEstimate) -> bool:
+    vals = [estimate.loss.detach(), *estimate.rewards_raw.values()] + ([estimate.kl] if estimate.kl is not None else [])
     return all(bool(torch.isfinite(v).all()) for v in vals)

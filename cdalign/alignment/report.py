@@ -16,7 +16,9 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from cdalign.alignment.specs import REWARD
 from cdalign.console import CdalignWarning
+from cdalign.core.problem import KL
 from cdalign.core.statistics import met_label, paired_difference, summarize, summarize_metric
 from cdalign.core.targets import target_of
 from cdalign.evaluation.scoring import EVAL_VALUES_FILE, CheckpointScores, save_eval_values
@@ -64,10 +66,10 @@ def build_report(trainer, base: CheckpointScores, aligned: CheckpointScores) -> 
     )
     obj = prob.objective
     if obj.is_kl:
-        objective = ObjectiveResult(type="kl", value=kl_result.mean)
+        objective = ObjectiveResult(type=KL, value=kl_result.mean)
     else:
         values = aligned.normalized[obj.source] if obj.normalize else aligned.rewards[obj.source]
-        objective = ObjectiveResult(type="reward", reward=obj.source, value=float(values.mean()))
+        objective = ObjectiveResult(type=REWARD, reward=obj.source, value=float(values.mean()))
     return AlignmentReport(
         model=trainer.model_name,
         pipeline_class=trainer.family.pipeline_class,

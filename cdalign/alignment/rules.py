@@ -47,9 +47,9 @@ def _check_reward_name(path: str, name: str, known: list[str] | None) -> None:
 def _check_problem(cfg) -> None:
     """The objective, the constraints and the duals make a well-posed problem."""
     objective, constraints, dual = cfg.objective, cfg.constraints, cfg.dual
-    if objective.type == "reward" and objective.reward is None:
+    if not objective.is_kl and objective.reward is None:
         raise ValueError("objective.reward: required when objective.type is 'reward'; name the reward to maximise")
-    if objective.type == "kl" and objective.reward is not None:
+    if objective.is_kl and objective.reward is not None:
         raise ValueError(
             f"objective.reward: {objective.reward!r} is only used when objective.type is 'reward'; "
             "remove it, or set objective.type: reward to maximise it"
@@ -57,7 +57,7 @@ def _check_problem(cfg) -> None:
 
     for i, c in enumerate(constraints):
         where = f"constraints[{i}]"
-        if c.type == "reward":
+        if not c.is_kl:
             if c.reward is None:
                 raise ValueError(f"{where}.reward: required for a reward constraint; name the reward to bound")
             if c.threshold is None:
@@ -91,29 +91,29 @@ def _check_problem(cfg) -> None:
                              "margin from the run's own noise estimate; margin fixes it)")
 
     known = _known_rewards()
-    if objective.type == "reward":
+    if not objective.is_kl:
         _check_reward_name("objective.reward", objective.reward, known)
     for i, c in enumerate(constraints):
-        if c.type == "reward":
+        if not c.is_kl:
             _check_reward_name(f"constraints[{i}].reward", c.reward, known)
 
     for name in cfg.reward_kwargs:
         _check_reward_name(f"reward_kwargs.{name}", name, known)
 
-    kl_indices = [i for i, c in enumerate(constraints) if c.type == "kl"]
+    kl_indices = [i for i, c in enumerate(constraints) if c.is_kl]
     if len(kl_indices) > 1:
         raise ValueError(
             f"constraints[{kl_indices[1]}].type: more than one kl constraint (constraints{kl_indices}); "
             "keep only the one with the smallest max"
         )
-    if objective.type == "kl" and kl_indices:
+    if objective.is_kl and kl_indices:
         # min KL s.t. KL <= max: the bound is either inactive or makes the problem infeasible.
         raise ValueError(
             f"constraints[{kl_indices[0]}].type: a kl constraint with objective.type 'kl' is pointless (the "
             "objective already minimises the KL; the bound can only be inactive or infeasible); remove it, or "
             "set objective.type: reward to maximise a reward under the KL budget"
         )
-    if not constraints and objective.type == "kl":
+    if not constraints and objective.is_kl:
         raise ValueError(
             "constraints: empty with objective.type 'kl', a trivial problem (the base model itself is the "
             "optimum); add reward constraints, or set objective.type: reward for plain reward fine-tuning"
@@ -143,7 +143,7 @@ def _check_repeated_rewards(constraints: list[ConstraintSpec]) -> None:
     in different units (normalize differs) cannot be compared here and are allowed."""
     seen: dict[tuple[str, str], int] = {}
     for i, c in enumerate(constraints):
-        if c.type != "reward":
+        if c.is_kl:
             continue
         key = (c.reward, c.direction)
         if key in seen:
@@ -206,8 +206,8 @@ def _check_estimator(cfg) -> None:
 
 def _check_run(cfg) -> None:
     """Run-level settings: normalisation sample size, trackers, Hub, LoRA targets."""
-    normalized = (cfg.objective.type == "reward" and cfg.objective.normalize) or any(
-        c.type == "reward" and c.normalize for c in cfg.constraints
+    normalized = (not cfg.objective.is_kl and cfg.objective.normalize) or any(
+        not c.is_kl and c.normalize for c in cfg.constraints
     )
     if normalized and cfg.normalization_batches * cfg.train_batch_size < 2:
         raise ValueError(
@@ -215,7 +215,7 @@ def _check_run(cfg) -> None:
             "cannot estimate a standard deviation; use at least 2 images in total"
         )
     if not cfg.lora_target_modules:
-        raise ValueError("lora_target_modules: empty; name at least one UNet module, e.g. to_q to_k to_v to_out.0")
+        raise ValueError("lora_target_modules: empty; name at least one denoiser module, e.g. to_q to_k to_v to_out.0")
     for i, name in enumerate(cfg.lora_target_modules):
         if not name.strip():
             raise ValueError(f"lora_target_modules[{i}]: empty module name")

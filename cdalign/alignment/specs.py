@@ -13,12 +13,14 @@ in :mod:`cdalign.alignment.rules`."""
 from dataclasses import dataclass, field
 
 from cdalign.core.duals import DUAL_OPTIMIZERS
+from cdalign.core.problem import KL
 from cdalign.fields import ConfigFields
 
 __all__ = ["ObjectiveSpec", "ConstraintSpec", "DualSpec", "OBJECTIVE_TYPES", "CONSTRAINT_TYPES", "DIRECTIONS"]
 
-OBJECTIVE_TYPES = ("kl", "reward")
-CONSTRAINT_TYPES = ("reward", "kl")
+REWARD = "reward"
+OBJECTIVE_TYPES = (KL, REWARD)
+CONSTRAINT_TYPES = (REWARD, KL)
 DIRECTIONS = ("high", "low")
 
 
@@ -27,7 +29,7 @@ class ObjectiveSpec(ConfigFields):
     """What is minimised: f_0 = KL(p_θ ‖ q) (the paper's main form), or f_0 = −E[r_0]."""
 
     type: str = field(
-        default="kl",
+        default=KL,
         metadata={
             "help": "What the primal step minimises. 'kl': the chain KL(p_θ ‖ q) to the base model "
             "(the paper's main form: stay close to the base while constraints hold). 'reward': "
@@ -50,6 +52,11 @@ class ObjectiveSpec(ConfigFields):
             "to a comparable size across rewards. Ignored when objective.type is 'kl'."
         },
     )
+
+    @property
+    def is_kl(self) -> bool:
+        """Whether f_0 is the chain KL (``type`` 'kl'); otherwise it is minus a reward."""
+        return self.type == KL
 
 
 @dataclass
@@ -148,9 +155,14 @@ class ConstraintSpec(ConfigFields):
         """A stable display name for logs and metrics: ``<reward>_<direction>`` for a
         reward constraint (e.g. ``saturation_low``), ``kl`` for the KL constraint.
         Unique within a valid config."""
-        if self.type == "kl":
-            return "kl"
+        if self.is_kl:
+            return KL
         return f"{self.reward or 'reward'}_{self.direction}"
+
+    @property
+    def is_kl(self) -> bool:
+        """Whether this is the KL budget (``type`` 'kl'); otherwise a reward bound."""
+        return self.type == KL
 
 
 @dataclass

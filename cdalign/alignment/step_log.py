@@ -9,12 +9,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from cdalign.alignment.estimators import MicroBatch
+from cdalign.alignment.estimators import BatchEstimate
 from cdalign.core.problem import ConstrainedProblem
 
 
 def step_means(
-    records: Sequence[MicroBatch], problem: ConstrainedProblem, accelerator, device, extra: Mapping | None = None
+    records: Sequence[BatchEstimate], problem: ConstrainedProblem, accelerator, device, extra: Mapping | None = None
 ) -> dict[str, float]:
     """Means over the step's finite micro-batches (NaN without any), then over processes:
     ``loss``, ``objective``, ``kl`` (when the problem uses it), ``reward/<name>`` and
@@ -47,7 +47,7 @@ def step_means(
 
 
 def step_record(
-    step: int, records: Sequence[MicroBatch], problem: ConstrainedProblem, accelerator, device, *, multipliers,
+    step: int, records: Sequence[BatchEstimate], problem: ConstrainedProblem, accelerator, device, *, multipliers,
     margins, skipped: int, grad_norm: float | None, extra: Mapping | None = None,
 ) -> dict:
     """One step's record: ``step``, the :func:`step_means`, each constraint's λ

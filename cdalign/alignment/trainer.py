@@ -28,7 +28,7 @@ from cdalign.alignment import checkpoint as checkpoints
 from cdalign.alignment.checkpoint import check_checkpoint_files
 from cdalign.alignment.config import ConstrainedDDPOConfig, config_to_dict, save_config
 from cdalign.alignment.dual_window import DualWindow, confidence_targets
-from cdalign.alignment.estimators import ESTIMATORS, MicroBatch, RolloutEstimator, is_finite_batch
+from cdalign.alignment.estimators import ESTIMATORS, BatchEstimate, RolloutEstimator, is_finite_estimate
 from cdalign.alignment.normalization import RewardNormalization
 from cdalign.alignment.report import DUALS_PLOT_FILE, SAMPLE_GRID_FILE, build_report, plot_history, write_evaluation_files
 from cdalign.alignment.step_log import flat_config, progress_postfix, step_record
@@ -67,7 +67,7 @@ RUN_FOLDER = folders.RunFolder(
 
 
 class ConstrainedDDPOTrainer:
-    """Constrained alignment of a Stable Diffusion pipeline with LoRA on its UNet.
+    """Constrained alignment of a diffusion pipeline (SD 1.x/2.x, SD3, FLUX) with LoRA on its denoiser.
 
     Args:
         config: a :class:`~cdalign.alignment.config.ConstrainedDDPOConfig`.
@@ -82,9 +82,9 @@ class ConstrainedDDPOTrainer:
             None uses ``config.prompts`` / ``config.eval_prompts``. A list or a callable is
             recorded in ``config.yaml`` as the list of prompts used.
         accelerator: an ``accelerate.Accelerator`` (one is made from the config if None).
-        shard_unet: shard the UNet (base weights, LoRA, gradients and optimizer state) over
-            the processes with FSDP2 (``torch.distributed.fsdp.fully_shard``, one unit per
-            UNet block plus the root) instead of replicating it. None (default): shard when
+        shard_denoiser: shard the denoiser (base weights, LoRA, gradients and optimizer state)
+            over the processes with FSDP2 (``torch.distributed.fsdp.fully_shard``, one unit per
+            block of its family plus the root) instead of replicating it. None (default): shard when
             accelerate is configured for FSDP (``recipes/accelerate_configs/fsdp.yaml``).
             Results match the replicated run up to floating-point reduction order.
     """
@@ -97,7 +97,7 @@ class ConstrainedDDPOTrainer:
         prompts: Sequence[str] | Callable | str | None = None,
         eval_prompts: Sequence[str] | Callable | str | None = None,
         accelerator=None,
-        shard_unet: bool | None = None,
+        shard_denoiser: bool | None = None,
     ):
         config.validate()
         self.config = cfg = config
@@ -152,12 +152,12 @@ class ConstrainedDDPOTrainer:
         if self.resume_path is not None:  # once the Hub sources resolved: the saved config pins their commits
             self._check_resume_config(self.resume_path)
         distributed.check_distributed_setup(acc)
-        self.sharded = distributed.wants_sharding(acc, shard_unet)
+        self.sharded = distributed.wants_sharding(acc, shard_denoiser)
         prepare_lora_training(self.pipe, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules,
                               seed=derived_seed(cfg.seed, LORA_INIT), device=self.device, weight_dtype=weight_dtype)
         self.base_fingerprint = model_fingerprint(self.denoiser)  # before sharding
         if self.sharded:
-            distributed.shard_unet(self.denoiser, distributed.fsdp_plugin(acc))
+            distributed.shard_denoiser(self.denoiser, distributed.fsdp_plugin(acc))
 
         self.rewards = build_rewards(rewards or {}, self.problem.reward_names, cfg.reward_kwargs, self.device)
         self.sampler = DiffusionSampler(self.pipe, cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, cfg.resolution, self.device)
@@ -224,7 +224,7 @@ class ConstrainedDDPOTrainer:
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         """The trainable LoRA weights as whole fp32 CPU tensors, by parameter name. On a
-        sharded UNet this gathers the shards: call it on every process."""
+        sharded denoiser this gathers the shards: call it on every process."""
         return {n: full_tensor(p.detach()).float().cpu().contiguous() for n, p in self._lora_params().items()}
 
     # ------------------------------------------------------------------ batches
@@ -256,7 +256,7 @@ class ConstrainedDDPOTrainer:
             self.compute_normalization()
 
     # ------------------------------------------------------------------ training
-    def _micro_batch(self, index: int) -> MicroBatch:
+    def _estimate_micro_batch(self, index: int) -> BatchEstimate:
         prompts, seeds, g = self._global_batch(TRAIN_BATCH, index, self.prompts, self.config.train_batch_size)
         multipliers = self.duals.multipliers.to(torch.float32)
         with self.accelerator.autocast():
@@ -275,16 +275,16 @@ class ConstrainedDDPOTrainer:
         self.denoiser.train()
         self.optimizer.zero_grad(set_to_none=True)
         rollouts = isinstance(self.estimator, RolloutEstimator)
-        records: list[MicroBatch] = []
+        records: list[BatchEstimate] = []
         for _ in range(cfg.gradient_accumulation_steps):
             with torch.no_grad() if rollouts else contextlib.nullcontext():
-                mb = self._micro_batch(self.micro_batches_seen)
+                estimate = self._estimate_micro_batch(self.micro_batches_seen)
             self.micro_batches_seen += 1
-            if distributed.on_all_processes(is_finite_batch(mb), acc):
+            if distributed.on_all_processes(is_finite_estimate(estimate), acc):
                 if not rollouts:
-                    acc.backward(mb.loss / cfg.gradient_accumulation_steps)
-                records.append(mb)
-                self.window.add(mb)
+                    acc.backward(estimate.loss / cfg.gradient_accumulation_steps)
+                records.append(estimate)
+                self.window.add(estimate)
             else:
                 self.nonfinite_batches += 1
                 warnings.warn(
@@ -298,7 +298,7 @@ class ConstrainedDDPOTrainer:
                         f"(max_nonfinite_batches={cfg.max_nonfinite_batches}); check the rewards and the "
                         "learning rate. The last saved checkpoint and LoRA are left as they were."
                     )
-            del mb
+            del estimate
             if self.micro_batches_seen % self.update_every == 0:
                 self.window.step(acc, self.device, self.global_step)
         if rollouts:
@@ -313,7 +313,7 @@ class ConstrainedDDPOTrainer:
         returns the gradient norm before clipping (None without ``max_grad_norm``)."""
         cfg, acc = self.config, self.accelerator
         params = list(self._lora_params().values())
-        if not self.sharded:  # a sharded UNet's gradients are already averaged (FSDP's reduce-scatter)
+        if not self.sharded:  # a sharded denoiser's gradients are already averaged (FSDP's reduce-scatter)
             distributed.reduce_gradients(params, acc)
         grad_norm = None
         if cfg.max_grad_norm:
@@ -321,7 +321,7 @@ class ConstrainedDDPOTrainer:
         self.optimizer.step()
         return grad_norm
 
-    def _train_on_rollouts(self, records: list[MicroBatch]) -> tuple[float | None, dict]:
+    def _train_on_rollouts(self, records: list[BatchEstimate]) -> tuple[float | None, dict]:
         """``ppo_epochs`` inner epochs over the round's rollouts, each split into
         ``ppo_updates_per_epoch`` optimiser updates (micro-batches in sampling order; every
         process the same number). Returns the last update's gradient norm and the PPO
@@ -336,8 +336,8 @@ class ConstrainedDDPOTrainer:
                 if not chunk:
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
-                for mb in chunk:
-                    for loss in self.estimator.surrogate_losses(mb, epoch, updates, acc.autocast):
+                for estimate in chunk:
+                    for loss in self.estimator.surrogate_losses(estimate, epoch, updates, acc.autocast):
                         acc.backward(loss / len(chunk))
                 grad_norm = self._optimizer_update()
                 updates += 1
@@ -349,7 +349,7 @@ class ConstrainedDDPOTrainer:
             extra["ppo/grad_norm_mean"] = sum(norms) / len(norms)
         return grad_norm, extra
 
-    def _log_step(self, records: list[MicroBatch], grad_norm, extra: dict | None = None) -> dict:
+    def _log_step(self, records: list[BatchEstimate], grad_norm, extra: dict | None = None) -> dict:
         acc, prob = self.accelerator, self.problem
         log = step_record(self.global_step, records, prob, acc, self.device, multipliers=self.duals.multipliers,
                           margins=prob.margins if self.targets.active else None, skipped=self.nonfinite_batches,
@@ -366,7 +366,7 @@ class ConstrainedDDPOTrainer:
         """Run ``max_steps`` optimiser steps (continuing a resumed run), save the LoRA,
         evaluate on held-out samples and write the report, grid and plots. Last, it ends
         the run's process group and frees it (:func:`~cdalign.runs.distributed.end_process_group`):
-        a sharded UNet's shards cannot be gathered afterwards; the saved LoRA holds them.
+        a sharded denoiser's shards cannot be gathered afterwards; the saved LoRA holds them.
 
         SIGINT/SIGTERM while it trains stop it after the current optimiser step: it saves
         ``checkpoint-<step>`` and raises :class:`TrainingInterrupted` (a second Ctrl-C
@@ -436,7 +436,7 @@ class ConstrainedDDPOTrainer:
         batches = cfg.eval_batches if num_batches is None else num_batches
         size = cfg.train_batch_size
         # batches × processes batches of train_batch_size: every process scores as many
-        # (a sharded UNet needs every process in every forward).
+        # (a sharded denoiser needs every process in every forward).
         items = evaluation_items(self.eval_prompts, batches * size * acc.num_processes, cfg.eval_seed)
         scores = score_checkpoints(
             self.sampler, {"base": BaseModel, "aligned": AdaptedModel}, items, batch_size=size,
@@ -454,7 +454,7 @@ class ConstrainedDDPOTrainer:
         """Write ``pytorch_lora_weights.safetensors`` (loadable with
         ``pipe.load_lora_weights(output_dir)``). Refuses non-finite weights, and replaces
         an existing file only once the new one is completely written. Call it on every
-        process (a sharded UNet's weights are gathered first); the main process writes."""
+        process (a sharded denoiser's weights are gathered first); the main process writes."""
         out = Path(output_dir or self.output_dir)
         main = self.accelerator.is_main_process
         # Sharded: every process takes part in gathering the weights; replicated: the writer reads its own.
@@ -488,7 +488,7 @@ class ConstrainedDDPOTrainer:
         """Upload ``output_dir`` (LoRA, model card, config, report, pictures; not the
         checkpoints) to the Hub in one commit, after the local save, so a failed push loses
         nothing and can be retried (``python -m cdalign.hub push <output_dir> --repo_id ...``).
-        Returns the commit URL; raises :class:`cdalign.hub.HubPushError` on failure."""
+        Returns the commit URL; raises :class:`cdalign.HubPushError` on failure."""
         repo_id = repo_id or self.config.hub_model_id
         if not repo_id:
             raise ValueError("push_to_hub needs hub_model_id (e.g. 'your-name/sd15-constrained-lora')")

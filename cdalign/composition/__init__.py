@@ -9,6 +9,7 @@ their reports are in :mod:`cdalign.publishing.composition_tables`."""
 from cdalign.composition.components import (
     COMPONENT_KINDS,
     Component,
+    ComponentKind,
     ComponentKL,
     ComponentPredictions,
     ComponentSet,
@@ -16,8 +17,6 @@ from cdalign.composition.components import (
     StackedPredictors,
     composed_eps,
     load_lora_component,
-    save_adapter,
-    set_unet_state,
 )
 from cdalign.composition.composer import ConstrainedComposer, train_missing_components
 from cdalign.composition.concepts import run_concept_sets
@@ -39,6 +38,7 @@ from cdalign.composition.simplex import STEP_SCHEDULES, SimplexDual, project_sim
 __all__ = [
     "COMPONENT_KINDS",
     "Component",
+    "ComponentKind",
     "ComponentKL",
     "ComponentPredictions",
     "ComponentSet",
@@ -62,7 +62,5 @@ __all__ = [
     "parse_config",
     "project_simplex",
     "run_concept_sets",
-    "save_adapter",
-    "set_unet_state",
     "train_missing_components",
 ]

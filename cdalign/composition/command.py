@@ -79,7 +79,7 @@ def run_and(config) -> dict:
 def run_or(config) -> dict:
     """An OR composition (a mixture of datasets); prints its tables. Returns the report."""
     demo = [f"{DEMO_DATA}/narrow", f"{DEMO_DATA}/broad"]
-    if [d.path for d in config.datasets] == demo and not any(Path(p).exists() for p in demo):
+    if [d.source for d in config.datasets] == demo and not any(Path(p).exists() for p in demo):
         write_demo_shapes_datasets(DEMO_DATA)  # the tiny recipe's generated data
     t0 = time.time()
     trainer = MixtureTrainer(config)

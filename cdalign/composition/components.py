@@ -1,15 +1,15 @@
 """Components of a composition and the one composed noise predictor (METHOD.md §2, AND).
 
 A component q_i is a classifier-free guided noise predictor ε̃_i(x_t) on the shared base
-UNet: a LoRA adapter (activated alone), the base model (adapters disabled), or a concept
-(a prompt on the base model). The composed model is
+denoiser (a UNet or a flow transformer): a LoRA adapter (activated alone), the base model
+(adapters disabled), or a concept (a prompt on the base model). The composed model is
 
     ε_μ(x_t) = Σ_i μ_i ε̃_i(x_t)        (μ on the simplex)
 
 everywhere: sampling, the chain KL of the dual step, evaluation and distillation. For
 concepts this is ``ε_∅ + Σ_i μ_i w (ε_{c_i} − ε_∅)`` because Σμ = 1.
 
-Cost per denoising step: one UNet call per distinct UNet state (an adapter, or the base),
+Cost per denoising step: one denoiser call per distinct denoiser state (an adapter, or the base),
 each batching the unconditional branch with every conditional branch that state needs.
 So n adapters cost n calls (CFG batched) and any number of concepts cost one."""
 
@@ -22,21 +22,13 @@ import torch
 
 from cdalign.core.families import Conditioning, family_of_denoiser
 from cdalign.core.kl import ChainKLAccumulator
-from cdalign.core.sampling import (
-    DDIMChain,
-    DiffusionSampler,
-    classifier_free_guidance,
-)
-from cdalign.models.adapters import set_unet_state
-from cdalign.models.lora import (  # noqa: F401 (re-exported)
-    LORA_WEIGHT_NAME,
-    load_lora,
-    lora_weights_path,
-    save_adapter,
-)
+from cdalign.core.chains import GaussianChain
+from cdalign.core.sampling import DiffusionSampler, classifier_free_guidance
+from cdalign.models.adapters import set_denoiser_adapter
+from cdalign.models.lora import LORA_WEIGHT_NAME, load_lora, lora_weights_path
 from cdalign.registry import Registry
 
-BASE = None  # the UNet state "no adapter"
+BASE = None  # the denoiser state "no adapter"
 PROMPT_FIELD = "{prompt}"
 
 
@@ -44,7 +36,7 @@ PROMPT_FIELD = "{prompt}"
 class Component:
     """One component q_i as the predictor sees it.
 
-    ``adapter``: the peft adapter name to activate alone, or None for the base UNet.
+    ``adapter``: the peft adapter name to activate alone, or None for the base denoiser.
     ``prompt``: None = the batch's prompts; a text = that text for every image (a
     concept); a text with ``{prompt}`` = the batch prompt substituted into it."""
 
@@ -58,12 +50,28 @@ class Component:
         return [self.prompt.replace(PROMPT_FIELD, p) for p in prompts]
 
 
-# kind -> factory(name, spec fields) -> Component. Loading the adapter (if any) is done
-# by ``load_components``; the factory only says how the component is predicted.
-COMPONENT_KINDS: Registry[Callable[..., Component]] = Registry("component type")
-COMPONENT_KINDS.register("lora", lambda name, prompt=None, **_: Component(name, adapter=name, prompt=prompt))
-COMPONENT_KINDS.register("base", lambda name, prompt=None, **_: Component(name, adapter=BASE, prompt=prompt))
-COMPONENT_KINDS.register("concept", lambda name, prompt=None, **_: Component(name, adapter=BASE, prompt=prompt))
+@dataclass(frozen=True)
+class ComponentKind:
+    """One kind of component: what its spec must give and how it is predicted. Called as
+    ``kind(name, prompt)`` it makes the :class:`Component` (the composer loads the LoRA first).
+
+    ``lora``: a LoRA adapter read from the spec's ``source`` (a folder or a Hub repo id, or
+    trained there by its ``train_recipe``), activated alone; otherwise the base model.
+    ``concept``: the base model under the spec's own ``prompt`` (required; concept sets
+    replace it, in order)."""
+
+    lora: bool = False
+    concept: bool = False
+
+    def __call__(self, name: str, prompt: str | None = None) -> Component:
+        return Component(name, adapter=name if self.lora else BASE, prompt=prompt)
+
+
+# A composition component's ``kind`` -> its ComponentKind.
+COMPONENT_KINDS: Registry[Component] = Registry("component kind")
+COMPONENT_KINDS.register("lora", ComponentKind(lora=True))
+COMPONENT_KINDS.register("base", ComponentKind())
+COMPONENT_KINDS.register("concept", ComponentKind(concept=True))
 
 
 def lora_component_path(name: str, source: str, weight_name: str | None = None, revision: str | None = None):
@@ -90,21 +98,21 @@ class ComponentPredictions:
 
     Built by :meth:`ComponentSet.predictor` for one batch of prompts."""
 
-    def __init__(self, unet, chain: DDIMChain, groups, guidance_scale: float, n: int, family=None):
-        self.unet, self.chain, self.groups, self.w, self.n = unet, chain, groups, guidance_scale, n
-        self.family = family or family_of_denoiser(unet)
-        self.unet_calls = 0
+    def __init__(self, denoiser, chain: GaussianChain, groups, guidance_scale: float, n: int, family=None):
+        self.denoiser, self.chain, self.groups, self.w, self.n = denoiser, chain, groups, guidance_scale, n
+        self.family = family or family_of_denoiser(denoiser)
+        self.denoiser_calls = 0
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         B = x_t.shape[0]
         out = [None] * self.n
-        dtype = next(self.unet.parameters()).dtype
+        dtype = next(self.denoiser.parameters()).dtype
         for adapter, members, embeds, use_cfg in self.groups:
-            set_unet_state(self.unet, adapter)
+            set_denoiser_adapter(self.denoiser, adapter)
             reps = len(embeds) // B
             x_in = x_t.repeat(reps, 1, 1, 1)
-            pred = self.family.forward(self.unet, x_in.to(dtype), t, embeds.to(dtype)).to(x_t.dtype)
-            self.unet_calls += 1
+            pred = self.family.forward(self.denoiser, x_in.to(dtype), t, embeds.to(dtype)).to(x_t.dtype)
+            self.denoiser_calls += 1
             chunks = pred.split(B)
             uncond = chunks[0] if use_cfg else None
             for j, k in enumerate(members):
@@ -117,7 +125,7 @@ class ComponentPredictions:
 class StackedPredictors:
     """Callable ``(x_t, t) -> (n, B, ...)``: the predictions of ``n`` separate predictors
     (any callables ``(x_t, t) -> ε``, e.g. small score networks), stacked in order. The
-    components of a composition whose members are not adapters of one UNet."""
+    components of a composition whose members are not adapters of one denoiser."""
 
     def __init__(self, predictors: Sequence[Callable]):
         self.predictors = list(predictors)
@@ -172,7 +180,7 @@ class ComponentKL(ChainKLAccumulator):
     step, value only: ``path`` Σ_t c_t²/(2σ_t²)·‖ε̃_p − ε̃_i‖² in nats per image, or
     ``uniform``."""
 
-    def __init__(self, reference: Callable, chain: DDIMChain, estimator: str, n: int):
+    def __init__(self, reference: Callable, chain: GaussianChain, estimator: str, n: int):
         super().__init__(reference, chain, estimator, num_references=n, value_only=True)
         self.n = n
 
@@ -221,7 +229,7 @@ class ComponentSet:
 
     def kl_hook(self, composed: ComposedPredictor, estimator: str) -> ComponentKL:
         """KL to every component along ``composed``'s own path, reusing its component
-        predictions (no extra UNet call)."""
+        predictions (no extra denoiser call)."""
         return ComponentKL(composed.cached, self.sampler.chain, estimator, len(self))
 
     def divergences(self, prompts: Sequence[str], seeds: Sequence[int], weights, estimator: str):

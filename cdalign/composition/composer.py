@@ -4,7 +4,7 @@
 
 over p_μ ∝ Π q_i^{μ_i}, i.e. ε_μ = Σ μ_i ε̃_i. Each dual step samples p_μ with the shared
 :class:`~cdalign.core.sampling.DiffusionSampler`, estimates KL(p_μ‖q_i) for every i along that
-path with ``cdalign.core.kl`` (no extra UNet call: the ε̃_i are the terms of ε_μ), and updates
+path with ``cdalign.core.kl`` (no extra denoiser call: the ε̃_i are the terms of ε_μ), and updates
 μ ← Proj_simplex(μ + η_k·KL). Evaluation compares the learned weights with equal weights
 (and the distilled LoRA, if any) on the same items, through the one scoring path
 (:func:`cdalign.evaluation.scoring.score_checkpoints`, the harness's and the trainer's): the
@@ -25,7 +25,6 @@ from cdalign.alignment.config import parse_config as parse_align_config
 from cdalign.alignment.trainer import ConstrainedDDPOTrainer
 from cdalign.composition.components import (
     BASE,
-    COMPONENT_KINDS,
     Component,
     ComponentSet,
     load_lora_component,
@@ -38,7 +37,7 @@ from cdalign.composition.plotting import plot_divergence_bars, plot_weight_traje
 from cdalign.composition.simplex import SimplexDual
 from cdalign.console import CdalignWarning
 from cdalign.core.families import freeze_pipeline
-from cdalign.core.problem import Constraint
+from cdalign.core.problem import KL, Constraint
 from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import COMPOSITION_DUAL_BATCH, batch_share, evaluation_items
 from cdalign.core.statistics import paired_max_mean_difference, summarize
@@ -71,16 +70,16 @@ def check_composition_inputs(config: ComposeConfig, accelerator=None) -> None:
     check_mixed_precision(config.mixed_precision, (accelerator or PartialState()).device)
     check_output_dir_writable(config.output_dir)
     for spec in config.components:
-        if spec.type != "lora" or not is_local_source(spec.path):
+        if not spec.component_kind.lora or not is_local_source(spec.source):
             continue
-        weights = Path(spec.path) / (spec.weight_name or LORA_WEIGHT_NAME)
+        weights = Path(spec.source) / (spec.weight_name or LORA_WEIGHT_NAME)
         if spec.train_recipe and not weights.is_file():
             continue  # trained by train_missing_components
-        lora_component_path(spec.name, spec.path, spec.weight_name)
+        lora_component_path(spec.name, spec.source, spec.weight_name)
 
 
 def train_missing_components(config: ComposeConfig, accelerator=None) -> list[str]:
-    """Train every 'lora' component that has a ``train_recipe`` and no LoRA in ``path``
+    """Train every LoRA component that has a ``train_recipe`` and no LoRA in ``source``
     yet, with ``recipes/align.py``'s trainer on this run's base model. Returns the names
     trained (an existing LoRA is reused, never retrained). Every input, and every
     component's recipe, is checked before the first component trains."""
@@ -88,12 +87,12 @@ def train_missing_components(config: ComposeConfig, accelerator=None) -> list[st
     check_composition_inputs(config, accelerator)
     todo = []
     for i, c in enumerate(config.components):
-        if c.type != "lora" or not c.train_recipe or (Path(c.path) / (c.weight_name or LORA_WEIGHT_NAME)).is_file():
+        if not c.component_kind.lora or not c.train_recipe or (Path(c.source) / (c.weight_name or LORA_WEIGHT_NAME)).is_file():
             continue
         argv = [
             "--config", c.train_recipe,
             "--pretrained_model_name_or_path", config.pretrained_model_name_or_path,
-            "--output_dir", c.path,
+            "--output_dir", c.source,
             "--overwrite_output_dir", "true",
             *c.train_overrides,
         ]
@@ -103,7 +102,7 @@ def train_missing_components(config: ComposeConfig, accelerator=None) -> list[st
             raise ValueError(f"components[{i}].train_recipe / train_overrides: {err}") from None
     trained = []
     for c, align_cfg in todo:
-        logger.info("training component %s into %s", c.name, c.path)
+        logger.info("training component %s into %s", c.name, c.source)
         ConstrainedDDPOTrainer(align_cfg, accelerator=accelerator).train()
         trained.append(c.name)
     return trained
@@ -128,8 +127,8 @@ class ConstrainedComposer:
         RUN_FOLDER.check(self.output_dir, fresh=not cfg.overwrite_output_dir)
         check_mixed_precision(cfg.mixed_precision, (accelerator or PartialState()).device)
         for spec in cfg.components:  # a missing or corrupt local LoRA fails before the base model loads
-            if spec.type == "lora" and is_local_source(spec.path):
-                lora_component_path(spec.name, spec.path, spec.weight_name)
+            if spec.component_kind.lora and is_local_source(spec.source):
+                lora_component_path(spec.name, spec.source, spec.weight_name)
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
         self.device = self.accelerator.device
         dtype = precision_dtype(cfg.mixed_precision)
@@ -139,9 +138,10 @@ class ConstrainedComposer:
         freeze_pipeline(self.pipe)
         comps = []
         for spec in cfg.components:
-            if spec.type == "lora":
-                load_lora_component(self.pipe, spec.name, spec.path, spec.weight_name, spec.revision)
-            comps.append(COMPONENT_KINDS.get(spec.type)(name=spec.name, prompt=spec.prompt))
+            kind = spec.component_kind
+            if kind.lora:
+                load_lora_component(self.pipe, spec.name, spec.source, spec.weight_name, spec.revision)
+            comps.append(kind(spec.name, spec.prompt))
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.sampler = DiffusionSampler(self.pipe, cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, cfg.resolution, self.device)
@@ -265,7 +265,7 @@ class ConstrainedComposer:
     def _score_components(self) -> list[CheckpointScores]:
         """Each component alone on the evaluation items, scored with its own reward, with the
         chain KL from it to every other component along its path (the composed model at the
-        one-hot weights: n UNet passes per step; ``pairwise_kl`` of the report)."""
+        one-hot weights: n denoiser passes per step; ``pairwise_kl`` of the report)."""
         rewards, n = self._component_rewards(), len(self.names)
         return [
             self._score(ComposedModel(self.components.components, torch.eye(n, dtype=torch.float64)[k]),
@@ -363,7 +363,7 @@ class ConstrainedComposer:
             }
         for c in cfg.components:
             if c.threshold is not None:  # KL(p_μ‖q_i) ≤ b_i, judged like every constraint
-                verdict = Constraint(c.name, "kl", "low", c.threshold).verdict(entries["constrained"]["_scores"].kl[c.name])
+                verdict = Constraint(c.name, KL, "low", c.threshold).verdict(entries["constrained"]["_scores"].kl[c.name])
                 report["models"]["constrained"]["kl"][c.name]["threshold"] = c.threshold
                 report["models"]["constrained"]["kl"][c.name]["satisfied"] = verdict["satisfied"]
         # the comparison the method is about, as a verdict: constrained − equal max KL, paired over the images

@@ -39,7 +39,7 @@ def set_config(config: ComposeConfig, k: int) -> ComposeConfig:
     cfg = copy.deepcopy(config)
     prompts = iter(cs.prompts)
     for component in cfg.components:
-        if component.type == "concept":
+        if component.component_kind.concept:
             component.prompt = next(prompts)
     cfg.joint_prompt = cs.joint_prompt
     cfg.concept_sets = []
@@ -55,13 +55,13 @@ def run_concept_sets(config: ComposeConfig, accelerator=None, progress: bool = T
     config.validate()
     if not config.concept_sets:
         raise ValueError("concept_sets: empty; give the sets of concept prompts to compose (or run one composition)")
-    if not any(c.reward for c in config.components if c.type == "concept"):
+    if not any(c.reward for c in config.components if c.component_kind.concept):
         raise ValueError("components: no 'concept' component names a `reward`; the concept minimum needs one per concept")
     out = Path(config.output_dir)
     RUN_FOLDER.check(out, fresh=not config.overwrite_output_dir)
     if accelerator is None or accelerator.is_main_process:
         RUN_FOLDER.claim(out, fresh=not config.overwrite_output_dir)
-    reuse = all(c.type != "lora" for c in config.components)  # concepts and the base: nothing to reload per set
+    reuse = not any(c.component_kind.lora for c in config.components)  # concepts and the base: nothing to reload per set
     pipe, sets, rows = None, [], {m: [] for m in MODELS}
     for k in range(len(config.concept_sets)):
         cfg = set_config(config, k)
@@ -94,7 +94,7 @@ def run_concept_sets(config: ComposeConfig, accelerator=None, progress: bool = T
                 differences[f"constrained − {other}"] = paired_difference(values["constrained"], values[other])
     report = {
         "model": config.pretrained_model_name_or_path,
-        "concepts": [c.name for c in config.components if c.type == "concept"],
+        "concepts": [c.name for c in config.components if c.component_kind.concept],
         "score": "per image, the minimum over concepts of each concept's reward on its own prompt; pooled over sets",
         "sets": [{k: v for k, v in s.items() if k != "per_image"} for s in sets],
         "pooled": pooled,

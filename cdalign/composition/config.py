@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cdalign.composition.components import COMPONENT_KINDS
+from cdalign.composition.components import COMPONENT_KINDS, ComponentKind
 from cdalign.composition.simplex import STEP_SCHEDULES
 from cdalign.composition.supports import SUPPORT_LABELERS
 from cdalign.core.kl import KL_ESTIMATORS
@@ -38,23 +38,26 @@ class ComponentSpec(ConfigFields):
     """One component q_i of an AND composition."""
 
     name: str = field(default="", metadata={"help": "Unique name of the component (adapter name, table rows, plots)."})
-    type: str = field(
+    kind: str = field(
         default="lora",
         metadata={
-            "help": "'lora': a LoRA adapter on the base model, activated alone (needs `path`). 'base': the base "
-            "model itself. 'concept': the base model under the prompt `prompt` (concept composition).",
+            "help": "'lora': a LoRA adapter on the base model, activated alone (needs `source`). 'base': the base "
+            "model itself. 'concept': the base model under the prompt `prompt` (concept composition). A name of "
+            "cdalign.COMPONENT_KINDS.",
             "choices": COMPONENT_KINDS,
+            "renamed_from": "type",
         },
     )
-    path: str | None = field(
+    source: str | None = field(
         default=None,
         metadata={
             "help": "'lora': a folder holding pytorch_lora_weights.safetensors (e.g. an output_dir of "
             "recipes/align.py) or a Hub repo id. With `train_recipe`, the folder the adapter is trained into "
-            "when it holds no LoRA yet."
+            "when it holds no LoRA yet.",
+            "renamed_from": "path",
         },
     )
-    weight_name: str | None = field(default=None, metadata={"help": "'lora': file name inside `path` if not the default."})
+    weight_name: str | None = field(default=None, metadata={"help": "'lora': file name inside `source` if not the default."})
     revision: str | None = field(default=None, metadata={"help": "'lora' from the Hub: branch, tag or commit."})
     prompt: str | None = field(
         default=None,
@@ -81,8 +84,8 @@ class ComponentSpec(ConfigFields):
     train_recipe: str | None = field(
         default=None,
         metadata={
-            "help": "'lora': an align recipe (YAML of recipes/align.py) that trains this adapter into `path` when "
-            "`path` holds no LoRA yet (the base model is set to this run's). A relative path in a recipe file is "
+            "help": "'lora': an align recipe (YAML of recipes/align.py) that trains this adapter into `source` when "
+            "`source` holds no LoRA yet (the base model is set to this run's). A relative path in a recipe file is "
             "relative to that file's folder (given with --components: to the current directory)."
         },
     )
@@ -90,6 +93,12 @@ class ComponentSpec(ConfigFields):
         default_factory=list,
         metadata={"help": "'lora' with train_recipe: extra recipes/align.py flags, e.g. [--max_steps, '6']."},
     )
+
+    @property
+    def component_kind(self) -> ComponentKind:
+        """What ``kind`` names in :data:`~cdalign.composition.components.COMPONENT_KINDS`:
+        whether this component is a LoRA read from ``source``, a concept, or the base."""
+        return COMPONENT_KINDS.get(self.kind)
 
 
 @dataclass
@@ -118,7 +127,7 @@ class DualAscentSpec(ConfigFields):
 
 @dataclass
 class DistillSpec(ConfigFields):
-    """Distil ε_μ into one LoRA (one UNet pass per step at inference instead of n)."""
+    """Distil ε_μ into one LoRA (one denoiser pass per step at inference instead of n)."""
 
     enabled: bool = field(default=False, metadata={"help": "Train the distilled LoRA after the dual steps."})
     steps: int = field(default=50, metadata={"help": "Optimiser steps of the student.", "ge": 1})
@@ -131,7 +140,7 @@ class DistillSpec(ConfigFields):
     lora_rank: int = field(default=4, metadata={"help": "Rank of the distilled LoRA.", "ge": 1})
     lora_alpha: float = field(default=4.0, metadata={"help": "LoRA α of the distilled LoRA.", "gt": 0.0})
     lora_target_modules: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "UNet modules with LoRA layers."}
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "Denoiser modules with LoRA layers."}
     )
 
 
@@ -221,15 +230,16 @@ class ComposeConfig(ConfigFields):
             if c.name in seen:
                 raise ValueError(f"{where}.name: {c.name!r} is used twice; names must be unique")
             seen.add(c.name)
-            if c.type == "lora" and not c.path:
-                raise ValueError(f"{where}.path: required for type 'lora' (a LoRA folder or Hub repo id)")
-            if c.type != "lora" and (c.path or c.train_recipe):
-                raise ValueError(f"{where}: path/train_recipe only apply to type 'lora' (this is {c.type!r})")
-            if c.type == "concept" and not c.prompt:
-                raise ValueError(f"{where}.prompt: required for type 'concept' (the concept's prompt)")
+            kind = c.component_kind
+            if kind.lora and not c.source:
+                raise ValueError(f"{where}.source: required for kind {c.kind!r} (a LoRA folder or Hub repo id)")
+            if not kind.lora and (c.source or c.train_recipe):
+                raise ValueError(f"{where}: source/train_recipe only apply to a LoRA (kind 'lora'; this is {c.kind!r})")
+            if kind.concept and not c.prompt:
+                raise ValueError(f"{where}.prompt: required for kind {c.kind!r} (the concept's prompt)")
         if self.dual.init is not None and len(self.dual.init) != len(self.components):
             raise ValueError(f"dual.init: {len(self.dual.init)} values for {len(self.components)} components")
-        concepts = [c for c in self.components if c.type == "concept"]
+        concepts = [c for c in self.components if c.component_kind.concept]
         for k, cs in enumerate(self.concept_sets):
             if len(cs.prompts) != len(concepts):
                 raise ValueError(
@@ -247,11 +257,12 @@ class DatasetSpec(ConfigFields):
     """One dataset D_i of an OR (mixture) composition."""
 
     name: str = field(default="", metadata={"help": "Unique name of the dataset (tables, plots)."})
-    path: str = field(
+    source: str = field(
         default="",
         metadata={
             "help": "A local image folder (captions from metadata.jsonl/metadata.csv with a `text` column, or "
-            "`caption` below) or a Hub dataset id (datasets.load_dataset)."
+            "`caption` below) or a Hub dataset id (datasets.load_dataset).",
+            "renamed_from": "path",
         },
     )
     split: str = field(default="train", metadata={"help": "Split to read."})
@@ -302,7 +313,7 @@ class MixtureConfig(ConfigFields):
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate.", "gt": 0.0})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank.", "ge": 1})
     lora_alpha: float = field(default=4.0, metadata={"help": "LoRA α.", "gt": 0.0})
-    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "UNet modules with LoRA layers."})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "Denoiser modules with LoRA layers."})
     num_inference_steps: int = field(default=10, metadata={"help": "DDIM steps for the sample grid.", "ge": 1})
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale for the sample grid.", "ge": 0.0})
     num_grid_images: int = field(default=4, metadata={"help": "Grid images per dataset caption (0: none).", "ge": 0})
@@ -331,8 +342,8 @@ class MixtureConfig(ConfigFields):
         for i, d in enumerate(self.datasets):
             if not d.name.strip() or names.count(d.name) > 1:
                 raise ValueError(f"datasets[{i}].name: required and unique, got {d.name!r}")
-            if not d.path.strip():
-                raise ValueError(f"datasets[{i}].path: required (an image folder or a Hub dataset id)")
+            if not d.source.strip():
+                raise ValueError(f"datasets[{i}].source: required (an image folder or a Hub dataset id)")
         if self.dual.init is not None and len(self.dual.init) != len(self.datasets):
             raise ValueError(f"dual.init: {len(self.dual.init)} values for {len(self.datasets)} datasets")
 
@@ -353,7 +364,7 @@ def config_from_dict(data: dict):
 def resolve_recipe_paths(data: dict, recipe) -> dict:
     """``data`` (a recipe file's mapping) with each relative ``components[i].train_recipe``
     resolved against the folder of the file ``recipe``, so a recipe runs the same from any
-    current directory. Other paths (``path``, ``output_dir``) are outputs, relative to the
+    current directory. Other paths (``source``, ``output_dir``) are outputs, relative to the
     current directory like every output_dir."""
     for component in data.get("components") or []:
         if not isinstance(component, dict) or not isinstance(component.get("train_recipe"), str):

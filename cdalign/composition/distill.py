@@ -1,12 +1,12 @@
 """Distilling a composed model ε_μ into one LoRA (METHOD.md §2): inference then costs one
-UNet pass per step instead of n.
+denoiser pass per step instead of n.
 
 Objective: along the composed sampler's own path x_T … x_0 (so the student learns ε_μ
 where p_μ puts its mass), regress the student's guided ε̃_s(x_t) onto ε_μ(x_t):
 
     L = E_{x_t ~ p_μ, t}  mean_elements (ε̃_s(x_t) − ε_μ(x_t))²
 
-The student is a new adapter ``student`` on the shared UNet (B initialised at zero, so
+The student is a new adapter ``student`` on the shared denoiser (B initialised at zero, so
 it starts as the base model); components and student never coexist as active adapters."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from cdalign.core.seeding import (
     batch_share,
     derived_seed,
 )
-from cdalign.models.adapters import set_unet_state
+from cdalign.models.adapters import set_denoiser_adapter
 from cdalign.models.lora import save_adapter, trainable_adapter
 
 STUDENT = "student"
@@ -37,7 +37,7 @@ class StudentPredictor:
         self.guided = guided
 
     def __call__(self, x_t, t):
-        set_unet_state(self.guided.model, STUDENT)
+        set_denoiser_adapter(self.guided.model, STUDENT)
         return self.guided(x_t, t)
 
 
@@ -67,10 +67,10 @@ class CompositionDistiller:
         self.weights = torch.as_tensor(weights, dtype=torch.float64)
         self.prompts = list(prompts)
         self.sampler = components.sampler
-        unet = self.unet = self.sampler.denoiser
-        if getattr(unet, "_hf_peft_config_loaded", False) and STUDENT in unet.peft_config:
-            raise ValueError(f"the UNet already has an adapter named {STUDENT!r}")
-        self.params = trainable_adapter(unet, STUDENT, rank=spec.lora_rank, alpha=spec.lora_alpha,
+        denoiser = self.denoiser = self.sampler.denoiser
+        if getattr(denoiser, "_hf_peft_config_loaded", False) and STUDENT in denoiser.peft_config:
+            raise ValueError(f"the denoiser already has an adapter named {STUDENT!r}")
+        self.params = trainable_adapter(denoiser, STUDENT, rank=spec.lora_rank, alpha=spec.lora_alpha,
                                         target_modules=spec.lora_target_modules, seed=derived_seed(seed, DISTILL_LORA_INIT))
         self.optimizer = torch.optim.AdamW(self.params, lr=spec.learning_rate, weight_decay=1e-4)
         self.global_step = 0
@@ -94,12 +94,12 @@ class CompositionDistiller:
         k = min(spec.timesteps_per_chain, T)
         steps = set(torch.randperm(T, generator=g)[:k].tolist())
         records = self._composed_path(prompts, seeds, steps)
-        self.unet.train()
+        self.denoiser.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._regression_loss(prompts, records)
         loss.backward()
         self.optimizer.step()
-        self.unet.eval()
+        self.denoiser.eval()
         self.global_step += 1
         log = {"step": self.global_step, "distill_loss": loss.item()}
         self.history.append(log)
@@ -132,4 +132,4 @@ class CompositionDistiller:
     def save(self, output_dir: str | os.PathLike) -> Path:
         """``output_dir/pytorch_lora_weights.safetensors`` in the diffusers format
         (``pipe.load_lora_weights(output_dir)`` loads the distilled model)."""
-        return save_adapter(self.unet, STUDENT, output_dir)
+        return save_adapter(self.denoiser, STUDENT, output_dir)

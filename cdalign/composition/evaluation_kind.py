@@ -20,23 +20,14 @@ from collections.abc import Sequence
 
 import torch
 
-from cdalign.composition.components import (
-    BASE,
-    Component,
-    ComponentPredictions,
-    ComponentSet,
-)
+from cdalign.composition.components import Component, ComponentPredictions, ComponentSet
 from cdalign.composition.distill import StudentPredictor
 from cdalign.core.families import denoiser_of
-from cdalign.evaluation.harness import (
-    CHECKPOINT_KINDS,
-    CheckpointKind,
-    CheckpointSpec,
-    LoadedCheckpoint,
-    LoraKind,
-)
-from cdalign.models.adapters import set_unet_state
-from cdalign.models.lora import delete_adapters, load_lora
+from cdalign.evaluation.harness import CheckpointKind
+from cdalign.evaluation.scoring import LoadedCheckpoint
+from cdalign.evaluation.suite import CHECKPOINT_KINDS, CheckpointSpec
+from cdalign.models.adapters import set_denoiser_adapter
+from cdalign.models.lora import delete_adapters
 
 
 def _component_specs(spec: CheckpointSpec) -> list[CheckpointSpec]:
@@ -44,8 +35,9 @@ def _component_specs(spec: CheckpointSpec) -> list[CheckpointSpec]:
         raise ValueError(f"checkpoint {spec.name!r}: kind 'composed' needs at least 2 components")
     comps = [CheckpointSpec.from_value(c, f"checkpoint {spec.name!r}.components[{k}]") for k, c in enumerate(spec.components)]
     for k, c in enumerate(comps):
-        if c.kind not in ("lora", "base"):
-            raise ValueError(f"checkpoint {spec.name!r}.components[{k}]: kind {c.kind!r}; a component is 'lora' or 'base'")
+        if not c.checkpoint_kind.composable:
+            allowed = " or ".join(repr(n) for n in CHECKPOINT_KINDS if CHECKPOINT_KINDS.get(n).composable)
+            raise ValueError(f"checkpoint {spec.name!r}.components[{k}]: kind {c.kind!r}; a component is {allowed}")
     names = [c.name for c in comps]
     if len(set(names)) != len(names):
         raise ValueError(f"checkpoint {spec.name!r}: component names must be unique, got {names}")
@@ -67,7 +59,7 @@ class ComposedModel(LoadedCheckpoint):
     ``weights`` μ (n,), with the chain KL to every component (``kl_to_components``).
 
     ``pipe`` / ``adapters``: the adapters loaded for this checkpoint alone, deleted (and the
-    UNet returned to the base state) on :meth:`unload`; none for the composer's own."""
+    denoiser returned to the base state) on :meth:`unload`; none for the composer's own."""
 
     def __init__(self, components: Sequence[Component], weights, *, kl_to_components: bool = True, pipe=None,
                  adapters: Sequence[str] = ()):
@@ -80,13 +72,13 @@ class ComposedModel(LoadedCheckpoint):
     def references(self, sampler, prompts, policy):
         if not self.kl_to_components:
             return {}
-        # Each component's ε̃_i on the composed path is a term of ε_μ: reuse it (no extra UNet call).
+        # Each component's ε̃_i on the composed path is a term of ε_μ: reuse it (no extra denoiser call).
         return {c.name: (lambda x, t, k=k: policy.cached(x, t)[k]) for k, c in enumerate(self.components)}
 
     def unload(self):
         if self.pipe is None:
             return
-        set_unet_state(denoiser_of(self.pipe), None)
+        set_denoiser_adapter(denoiser_of(self.pipe), None)
         if self.adapters:
             delete_adapters(self.pipe, self.adapters)
 
@@ -104,7 +96,7 @@ class _LatestPredictions:
 
 
 class DistilledModel(LoadedCheckpoint):
-    """The distilled ``student`` LoRA of :mod:`cdalign.composition.distill` (one UNet pass per
+    """The distilled ``student`` LoRA of :mod:`cdalign.composition.distill` (one denoiser pass per
     step), with its chain KL to every component of ``components`` along its own path (n
     extra component passes per step)."""
 
@@ -125,10 +117,9 @@ class ComposedKind(CheckpointKind):
 
     def identity(self, spec):
         comps = _component_specs(spec)
-        lora = LoraKind()
         return {
             "kind": "composed",
-            "components": [lora.identity(c) if c.kind == "lora" else {"kind": "base"} for c in comps],
+            "components": [c.checkpoint_kind().identity(c) for c in comps],
             "weights": _weights(spec, len(comps)).tolist(),
         }
 
@@ -137,12 +128,9 @@ class ComposedKind(CheckpointKind):
         mu = _weights(spec, len(comps))
         components, adapters = [], []
         for c in comps:
-            if c.kind == "base":
-                components.append(Component(c.name, adapter=BASE))
-                continue
-            adapter = "composed_" + re.sub(r"\W", "_", f"{spec.name}_{c.name}")
-            load_lora(pipe, c.source, adapter, weight_name=c.weight_name, revision=c.revision,
-                      what=f"checkpoint {spec.name!r}, component {c.name!r}")
-            adapters.append(adapter)
+            adapter = c.checkpoint_kind().load_component(c, pipe, "composed_" + re.sub(r"\W", "_", f"{spec.name}_{c.name}"),
+                                                         what=f"checkpoint {spec.name!r}, component {c.name!r}")
+            if adapter is not None:
+                adapters.append(adapter)
             components.append(Component(c.name, adapter=adapter))
         return ComposedModel(components, mu, pipe=pipe, adapters=adapters)

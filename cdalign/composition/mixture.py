@@ -36,7 +36,7 @@ from cdalign.core.seeding import derived_seed
 from cdalign.core.statistics import slack, summarize_metric
 from cdalign.composition.supports import SUPPORT_LABELERS, SupportLabeler
 from cdalign.data.shapes import COLOR_NAMES, write_shapes_folder
-from cdalign.models.adapters import set_unet_state
+from cdalign.models.adapters import set_denoiser_adapter
 from cdalign.models.lora import LORA_WEIGHT_NAME, delete_adapters, save_adapter, trainable_adapter
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.plotting import save_grid
@@ -55,19 +55,19 @@ def open_dataset(spec):
     ``imagefolder``, or a Hub dataset id), its image column checked."""
     import datasets  # heavy: only mixture runs read datasets
 
-    local = Path(spec.path).expanduser()
+    local = Path(spec.source).expanduser()
     try:
         if local.is_dir():
             ds = datasets.load_dataset("imagefolder", data_dir=str(local), split=spec.split)
         else:
-            ds = datasets.load_dataset(spec.path, split=spec.split)
+            ds = datasets.load_dataset(spec.source, split=spec.split)
     except Exception as err:  # datasets raises many types (ConnectionError offline, ValueError, ...)
         raise ValueError(
-            f"datasets[{spec.name}].path={spec.path!r}: could not load it ({type(err).__name__}: {err}); give an "
+            f"datasets[{spec.name}].source={spec.source!r}: could not load it ({type(err).__name__}: {err}); give an "
             "image folder or a Hub dataset id (downloaded first when offline)"
         ) from err
     if spec.image_column not in ds.column_names:
-        raise ValueError(f"datasets[{spec.name}].image_column={spec.image_column!r}: not a column of {spec.path!r} ({ds.column_names})")
+        raise ValueError(f"datasets[{spec.name}].image_column={spec.image_column!r}: not a column of {spec.source!r} ({ds.column_names})")
     return ds
 
 
@@ -80,7 +80,7 @@ def load_image_dataset(spec, resolution: int) -> tuple[torch.Tensor, list[str]]:
     has_caption = spec.caption_column in ds.column_names
     if not has_caption and spec.caption is None:
         raise ValueError(
-            f"datasets[{spec.name}]: {spec.path!r} has no caption column {spec.caption_column!r} ({ds.column_names}); "
+            f"datasets[{spec.name}]: {spec.source!r} has no caption column {spec.caption_column!r} ({ds.column_names}); "
             "set caption_column, add a metadata.jsonl with a 'text' column, or set `caption`"
         )
     images, captions = [], []
@@ -92,7 +92,7 @@ def load_image_dataset(spec, resolution: int) -> tuple[torch.Tensor, list[str]]:
         images.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
         captions.append(row[spec.caption_column] if has_caption else spec.caption)
     if not images:
-        raise ValueError(f"datasets[{spec.name}]: {spec.path!r} split {spec.split!r} holds no images")
+        raise ValueError(f"datasets[{spec.name}]: {spec.source!r} split {spec.split!r} holds no images")
     return torch.stack(images), captions
 
 
@@ -136,7 +136,7 @@ def dataset_support(spec, labeler: SupportLabeler) -> set[tuple]:
     ds = open_dataset(spec)
     missing = [c for c in labeler.columns if c not in ds.column_names]
     if missing:
-        raise ValueError(f"datasets[{spec.name}]: {spec.path!r} has no column(s) {missing} ({ds.column_names}), which "
+        raise ValueError(f"datasets[{spec.name}]: {spec.source!r} has no column(s) {missing} ({ds.column_names}), which "
                          "support_labeler needs to place its rows (write the data with cdalign.data.shapes.write_shapes_folder)")
     columns = [ds[c] for c in labeler.columns]
     return set(zip(*columns))
@@ -418,7 +418,7 @@ class MixtureTrainer:
                "min_max_max_kl": math.log(len(self.names))}
         grids = {}
         for model, adapter in (("mixture", ADAPTER), ("base", None)):
-            set_unet_state(self.unet, adapter)
+            set_denoiser_adapter(self.unet, adapter)
             cells = []
             for k in range(0, len(seeds), 16):
                 chunk = seeds[k:k + 16]
@@ -427,7 +427,7 @@ class MixtureTrainer:
                 if k == 0:
                     grids[model] = images[:8].cpu()
             out[model] = support_masses(cells, self.supports)
-        set_unet_state(self.unet, ADAPTER)
+        set_denoiser_adapter(self.unet, ADAPTER)
         self._mass_grids = grids
         return out
 

@@ -34,7 +34,8 @@ from cdalign.composition.mixture import dsm_loss, excess_loss
 from cdalign.composition.plotting import plot_toy2d_and as plot_and
 from cdalign.composition.plotting import plot_toy2d_or as plot_or
 from cdalign.composition.simplex import SimplexDual
-from cdalign.core.sampling import DDIMChain, sample_latents
+from cdalign.core.chains import DDIMChain
+from cdalign.core.sampling import sample_latents
 
 
 @dataclass

@@ -33,7 +33,7 @@ def gaussian_step_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, std: float)
     return -diff.pow(2).sum(1) / (2 * std * std) - d * math.log(std) - 0.5 * d * math.log(2 * math.pi)
 
 
-class _GaussianChain:
+class GaussianChain:
     """What every chain shares: ``x' = step_mean(i, x, pred) + σ_i·z``, its log-density, and
     the step index of a model timestep. Subclasses define ``timesteps``, ``sigma``, ``eta``,
     ``step_mean``, ``output_coef`` and ``prediction``."""
@@ -66,7 +66,7 @@ class _GaussianChain:
 
 
 @dataclass(frozen=True)
-class DDIMChain(_GaussianChain):
+class DDIMChain(GaussianChain):
     """DDIM sampling schedule with stochasticity ``eta`` (METHOD.md §1).
 
     Per step ``i`` (timestep ``t``, previous ``t'``):
@@ -131,7 +131,7 @@ class DDIMChain(_GaussianChain):
 
 
 @dataclass(frozen=True)
-class FlowSDEChain(_GaussianChain):
+class FlowSDEChain(GaussianChain):
     """The SDE form of a rectified-flow ODE (METHOD.md §4), as Flow-GRPO
     samples it (Liu et al. 2025, arXiv 2505.05470, eq. 9-12; their
     ``sd3_sde_with_logprob.py``). The flow interpolates ``x_s = (1−s)·x_0 + s·ε`` and the

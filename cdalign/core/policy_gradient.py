@@ -2,7 +2,7 @@
 combination through the duals, and PPO's clipped surrogate. Nothing here samples.
 
 Each DDIM step with η > 0 is a Gaussian policy ``x_{t'} ~ N(μ_θ(x_t), σ_t² I)``
-(:meth:`cdalign.core.sampling.DDIMChain.log_prob`). The Lagrangian's reward part is
+(:meth:`cdalign.core.chains.DDIMChain.log_prob`). The Lagrangian's reward part is
 linear in the rewards, so its policy gradient uses the per-sample advantage
 
     A = s_0 A_0 + Σ_i λ_i s_i A_i          (s = +1 raises a reward, −1 lowers it)

@@ -10,6 +10,8 @@ import torch
 from cdalign.core.statistics import constraint_decision, mean_and_ci, slack
 from cdalign.core.targets import target_of
 
+KL = "kl"  # the source of a KL objective or constraint (its ``type`` in configs, its ``source`` in reports)
+
 
 @dataclass(frozen=True)
 class Constraint:
@@ -29,7 +31,7 @@ class Constraint:
 
     @property
     def is_kl(self) -> bool:
-        return self.source == "kl"
+        return self.source == KL
 
     def slack(self, value: torch.Tensor, margin: float = 0.0, reference: float | None = None) -> torch.Tensor:
         """``g = b − E[r]`` for "high", ``E[r] − b`` for "low": positive means violated
@@ -67,14 +69,14 @@ class Constraint:
 
 @dataclass(frozen=True)
 class Objective:
-    """Minimise the chain KL (``source == "kl"``) or maximise a reward."""
+    """Minimise the chain KL (``source`` :data:`KL`) or maximise a reward."""
 
     source: str
     normalize: bool = False
 
     @property
     def is_kl(self) -> bool:
-        return self.source == "kl"
+        return self.source == KL
 
     def value(self, kl: torch.Tensor | None, rewards: dict[str, torch.Tensor]) -> torch.Tensor:
         """``f_0`` to minimise (scalar): KL, or minus the mean reward."""
@@ -96,11 +98,11 @@ class ConstrainedProblem:
     @classmethod
     def from_config(cls, config) -> "ConstrainedProblem":
         obj = config.objective
-        objective = Objective("kl") if obj.type == "kl" else Objective(obj.reward, obj.normalize)
+        objective = Objective(KL) if obj.is_kl else Objective(obj.reward, obj.normalize)
         constraints = []
         for spec in config.constraints:
-            if spec.type == "kl":
-                constraints.append(Constraint(spec.name, "kl", "low", float(spec.max)))
+            if spec.is_kl:
+                constraints.append(Constraint(spec.name, KL, "low", float(spec.max)))
             else:
                 constraints.append(Constraint(spec.name, spec.reward, spec.direction, float(spec.threshold), spec.normalize,
                                               relative=bool(getattr(spec, "relative_to_base", False))))

@@ -3,8 +3,8 @@
 Predictions come from a *predictor*: any callable ``(x_t, t) -> ε̃`` (or the velocity ṽ of
 a flow model), (B,C,h,w), e.g. :class:`GuidedDenoiser` (classifier-free guidance on one
 UNet or transformer) or a weighted sum of several predictors (composition). A *chain*
-holds one family's step math: :class:`DDIMChain` (SD 1.x/2.x, ε or v prediction) and
-:class:`FlowSDEChain` (rectified-flow transformers such as SD3, velocity prediction, the
+holds one family's step math (:mod:`cdalign.core.chains`): ``DDIMChain`` (SD 1.x/2.x, ε or v
+prediction) and ``FlowSDEChain`` (rectified-flow transformers such as SD3, velocity prediction, the
 SDE form of the flow ODE). Both are Gaussian per step, ``x' = mean + σ_i·z``, with the
 prediction entering the mean through a coefficient ``c_i`` (:attr:`output_coef`), which is
 what the chain KL (``cdalign.core.kl``) and the step log-probability need.
@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from cdalign.core.chains import DDIMChain, FlowSDEChain, Predictor, gaussian_step_log_prob  # noqa: F401  (re-exported)
+from cdalign.core.chains import GaussianChain, Predictor
 from cdalign.core.families import Conditioning, ModelFamily, family_of, family_of_denoiser
 
 
@@ -41,9 +41,9 @@ class Trajectory:
             self.log_probs.append(torch.full((x_t.shape[0],), float("nan"), device=x_t.device))
 
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """``ε̃ = ε_u + w(ε_c − ε_u)`` (METHOD.md §1) of an unconditional and a conditional UNet
-    output of the same shape; w = 1 is the conditional output, w > 1 extrapolates past it.
-    The one guidance formula: :class:`GuidedUNet` and the composition components use it."""
+    """``ε̃ = ε_u + w(ε_c − ε_u)`` (METHOD.md §1) of an unconditional and a conditional
+    denoiser output of the same shape; w = 1 is the conditional output, w > 1 extrapolates past it.
+    The one guidance formula: :class:`GuidedDenoiser` and the composition components use it."""
     return uncond + guidance_scale * (cond - uncond)
 
 
@@ -65,10 +65,6 @@ class GuidedDenoiser:
         self.use_cfg = guidance_scale > 1.0 and uncond is not None
         self.cond = Conditioning.cat([uncond, cond]) if self.use_cfg else cond
 
-    @property
-    def unet(self):  # the denoiser, under its SD 1.x name
-        return self.model
-
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in = torch.cat([x_t, x_t]) if self.use_cfg else x_t
         dtype = next(self.model.parameters()).dtype
@@ -79,15 +75,12 @@ class GuidedDenoiser:
         return self.chain.prediction(self.chain.index_of(t), x_t, out)
 
 
-GuidedUNet = GuidedDenoiser  # the SD 1.x name
-
-
 StepHook = Callable[[int, torch.Tensor, torch.Tensor, bool], None]
 
 
 def sample_latents(
     predictor: Predictor,
-    chain: DDIMChain,
+    chain: GaussianChain,
     latents: torch.Tensor,
     noise: torch.Tensor | None,
     grad_steps: Iterable[int] = (),
@@ -96,9 +89,10 @@ def sample_latents(
     trajectory: Trajectory | None = None,
     local_grad_steps: Iterable[int] = (),
 ) -> torch.Tensor:
-    """Run the DDIM chain from ``latents`` (x_T, (B,4,h,w)) and return x_0.
+    """Run ``chain`` (any :class:`~cdalign.core.chains.GaussianChain`: DDIM, the flow SDE) from
+    ``latents`` (x_T, (B,C,h,w)) and return x_0.
 
-    ``noise``: (T, B, 4, h, w) step noises (None: deterministic steps). Gradient flows only
+    ``noise``: (T, B, C, h, w) step noises (None: deterministic steps). Gradient flows only
     through the step indices in ``grad_steps`` (and anything after them); predictions at
     other steps run under ``no_grad`` with their input detached. ``local_grad_steps``: steps
     whose prediction carries gradient to the model's weights at the detached state, for
@@ -193,11 +187,6 @@ class DiffusionSampler:
         # the chain after the latent shape: FLUX's time shift depends on the resolution
         self.chain = self.family.chain(pipe.scheduler, num_inference_steps, eta, self.latent_shape)
         self._uncond_cache: Conditioning | None = None
-
-    @property
-    def unet(self):
-        """The denoiser (a UNet for SD 1.x/2.x), under its historical name."""
-        return self.denoiser
 
     def settings(self) -> dict:
         return {

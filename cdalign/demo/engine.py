@@ -27,6 +27,7 @@ import torch
 
 from cdalign.composition import ComponentSpec, ComposeConfig, ConstrainedComposer, DistillSpec, DualAscentSpec
 from cdalign.composition.plotting import plot_divergence_bars
+from cdalign.core.families import denoiser_of, freeze_pipeline
 from cdalign.core.kl import KL_ESTIMATORS
 from cdalign.core.normalization import RewardStats
 from cdalign.core.problem import Constraint
@@ -36,7 +37,7 @@ from cdalign.core.statistics import summarize
 from cdalign.data.prompt_sets import load_prompts
 from cdalign.demo.catalog import DemoError, Limits, LoraCatalog, LoraSource, check_float, check_int
 from cdalign.evaluation.scoring import AdaptedModel, BaseModel, CheckpointScores, score_checkpoints
-from cdalign.models.adapters import set_unet_state
+from cdalign.models.adapters import set_denoiser_adapter
 from cdalign.models.lora import LORA_WEIGHT_NAME, delete_adapters, load_lora
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.cards import usage_snippet
@@ -84,7 +85,7 @@ def report_constraints(report: AlignmentReport | None) -> tuple[list[Constraint]
         if direction not in ("high", "low") or not math.isfinite(threshold):
             notes.append(f"constraint {name!r}: direction or threshold unreadable; left out")
             continue
-        if source != "kl" and source not in REWARDS:
+        if not c.is_kl and source not in REWARDS:
             notes.append(f"constraint {name!r}: reward {source!r} is not a cdalign reward; left out")
             continue
         if normalize and source not in stats:
@@ -158,14 +159,14 @@ def _no_progress(fraction: float, desc: str) -> None:
 
 
 class _ActiveAdapter(AdaptedModel):
-    """The shared UNet with ``adapter`` alone active; chain KL to the base (the same UNet,
-    adapters off)."""
+    """The shared denoiser with ``adapter`` alone active; chain KL to the base (the same
+    denoiser, adapters off)."""
 
     def __init__(self, adapter: str):
         self.adapter = adapter
 
     def policy(self, sampler, prompts):
-        set_unet_state(sampler.unet, self.adapter)
+        set_denoiser_adapter(sampler.denoiser, self.adapter)
         return super().policy(sampler, prompts)
 
 
@@ -206,9 +207,7 @@ class DemoEngine:
         self.accelerator = Accelerator(mixed_precision="no")
         self.device = self.accelerator.device
         self.pipe = load_pipeline(model)
-        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
-            module.requires_grad_(False)
-            module.eval()
+        freeze_pipeline(self.pipe)
         self.pipe.to(self.device)
         try:
             self.sampler(1)  # a resolution the VAE cannot decode is refused at startup, not per request
@@ -267,13 +266,11 @@ class DemoEngine:
                 self.lock.release()
 
     def _clear_adapters(self) -> None:
-        unet = self.pipe.unet
-        if getattr(unet, "_hf_peft_config_loaded", False) and getattr(unet, "peft_config", None):
-            set_unet_state(unet, None)
-            delete_adapters(self.pipe, list(unet.peft_config))
-        for module in (unet, self.pipe.vae, self.pipe.text_encoder):
-            module.requires_grad_(False)
-            module.eval()
+        denoiser = denoiser_of(self.pipe)
+        if getattr(denoiser, "_hf_peft_config_loaded", False) and getattr(denoiser, "peft_config", None):
+            set_denoiser_adapter(denoiser, None)
+            delete_adapters(self.pipe, list(denoiser.peft_config))
+        freeze_pipeline(self.pipe)
 
     def sampler(self, steps: int) -> DiffusionSampler:
         return DiffusionSampler(self.pipe, steps, ETA, GUIDANCE_SCALE, self.resolution, self.device)
@@ -345,10 +342,10 @@ class DemoEngine:
         """The :class:`ComposeConfig` of a composition request: the picked LoRAs (and the base)
         on this model; the dual steps and the evaluation share the request's prompt, image
         count and seed; ``distill_steps`` > 0 distils the composed model into one LoRA."""
-        components = [ComponentSpec(name=n, type="lora", path=str(w.parent), weight_name=w.name)
+        components = [ComponentSpec(name=n, kind="lora", source=str(w.parent), weight_name=w.name)
                       for n, w in zip(adapter_names, weights_files)]
         if include_base:
-            components.append(ComponentSpec(name="base", type="base"))
+            components.append(ComponentSpec(name="base", kind="base"))
         return ComposeConfig(
             pretrained_model_name_or_path=self.model,
             components=components,

@@ -19,7 +19,7 @@ import torch
 from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import evaluation_items
 from cdalign.data.prompt_sets import load_prompts
-from cdalign.models.adapters import set_unet_state
+from cdalign.models.adapters import set_denoiser_adapter
 from cdalign.models.lora import load_lora
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.plotting import save_grid
@@ -33,7 +33,7 @@ def baseline_multipliers(config, report: AlignmentReport | Mapping) -> dict[str,
     init = config.dual.init
     init = float(sum(init) / len(init)) if isinstance(init, (list, tuple)) else float(init)
     constraints = AlignmentReport.coerce(report).constraints
-    final = [c.dual for c in constraints if c.source != "kl"] or [c.dual for c in constraints]
+    final = [c.dual for c in constraints if not c.is_kl] or [c.dual for c in constraints]
     return {"init": init, "final_mean": float(sum(final) / len(final))}
 
 
@@ -126,7 +126,7 @@ def comparison_grid(run_dir: Path, config, runs: dict[str, Path], path: Path) ->
     rows, labels = [], []
     with torch.no_grad():
         for name in ["base", *runs]:
-            set_unet_state(pipe.unet, None if name == "base" else name)
+            set_denoiser_adapter(sampler.denoiser, None if name == "base" else name)
             rows.append(sampler.sample(sampler.guided(batch_prompts), seeds).float().cpu())
             labels.append(LABELS.get(name, name))
     return save_grid(path, rows, labels)

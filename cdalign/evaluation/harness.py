@@ -9,7 +9,7 @@ per-image seeds and the *same* sampler settings, then scored with the same rewar
   base-model statistics are known, in base-model standard deviations;
 - each constraint's measured value against its threshold: satisfied (the mean is on the
   right side) and whether the whole 95% CI clears the threshold;
-- the chain KL to the base model (the same UNet with the adapter disabled,
+- the chain KL to the base model (the same denoiser with the adapter disabled,
   ``cdalign.core.kl``), and for composed models the chain KL to each component.
 
 Checkpoint kinds are a registry (:data:`CHECKPOINT_KINDS`): ``base`` and ``lora`` live
@@ -40,11 +40,8 @@ from typing import Any
 
 import torch
 
-from cdalign.alignment.config import (
-    ConstrainedDDPOConfig,
-    config_from_dict,
-    load_config_file,
-)
+from cdalign.alignment.config import ConstrainedDDPOConfig, load_config_file
+from cdalign.alignment.specs import REWARD, ObjectiveSpec
 from cdalign.console import CdalignWarning
 from cdalign.core.families import denoiser_of
 from cdalign.core.normalization import (
@@ -54,7 +51,7 @@ from cdalign.core.normalization import (
 from cdalign.core.problem import ConstrainedProblem
 from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import evaluation_items
-from cdalign.core.statistics import constraint_decision, summarize  # noqa: F401  (re-exported)
+from cdalign.core.statistics import summarize
 from cdalign.data.prompt_sets import load_prompts
 from cdalign.evaluation.scoring import (
     AdaptedModel,
@@ -63,20 +60,10 @@ from cdalign.evaluation.scoring import (
     LoadedCheckpoint,
     score_checkpoints,
 )
-from cdalign.models.adapters import model_fingerprint
-from cdalign.runs.fingerprints import reward_identity
-
-# The suite and its checkpoint specs live in cdalign.evaluation.suite (typed configs of
-# cdalign.fields); re-exported here, their old home.
-from cdalign.evaluation.suite import (  # noqa: F401
-    _DTYPES,
-    CHECKPOINT_KINDS,
-    CheckpointSpec,
-    EvaluationSuite,
-    load_suite,
-)
-from cdalign.fields import check_mixed_precision, read_yaml_mapping
+from cdalign.evaluation.suite import CHECKPOINT_KINDS, CheckpointSpec, EvaluationSuite
+from cdalign.fields import check_mixed_precision, dataclass_from_dict, read_yaml_mapping
 from cdalign.hub_access.downloads import download_file
+from cdalign.models.adapters import model_fingerprint
 from cdalign.models.lora import (
     delete_adapters,
     is_local_source,
@@ -88,37 +75,38 @@ from cdalign.publishing.plotting import pyplot, save_grid
 from cdalign.publishing.tables import comparison_table, md, md_code
 from cdalign.rewards import REWARDS
 from cdalign.runs.atomic import atomic_write, atomic_write_text
+from cdalign.runs.fingerprints import reward_identity
 from cdalign.runs.lock import acquire_run_lock
 from cdalign.runs.report import REPORT_FILE, AlignmentReport, ConstraintResult, ReportFormatError, constraint_units
 
 CACHE_VERSION = 1  # bump when the cached batch layout or its meaning changes
 
 # ---------------------------------------------------------------------------------
-# Statistics and decisions (pure)
-# ---------------------------------------------------------------------------------
-
-
-# constraint_decision and summarize live in cdalign.core.statistics (one definition each; the
-# trainer's report uses the same ones) and are re-exported here.
-
-
-# ---------------------------------------------------------------------------------
 # Checkpoint kinds
 # ---------------------------------------------------------------------------------
 
 
-# LoadedCheckpoint (what a loaded checkpoint samples and measures its KL against) lives in
-# cdalign.evaluation.scoring, the one scoring path, and is re-exported here.
-
 
 class CheckpointKind:
     """How to identify and load one kind of checkpoint. ``identity`` must change whenever
-    the weights change (it keys the result cache); ``load`` activates it on ``pipe``."""
+    the weights change (it keys the result cache); ``load`` activates it on ``pipe``.
+
+    ``is_base``: the kind is the base model itself, the reference every KL and reward
+    normalisation is relative to (an evaluation has one, first). ``composable``: a checkpoint
+    of this kind can be a component of a ``composed`` one (:meth:`load_component`)."""
+
+    is_base = False
+    composable = False
 
     def identity(self, spec: CheckpointSpec) -> dict:
         raise NotImplementedError
 
     def load(self, spec: CheckpointSpec, pipe) -> LoadedCheckpoint:
+        raise NotImplementedError
+
+    def load_component(self, spec: CheckpointSpec, pipe, adapter: str, what: str) -> str | None:
+        """Put ``spec`` on ``pipe`` as a component of a composed checkpoint, under the
+        adapter name ``adapter``; returns the adapter to activate (None: the base model)."""
         raise NotImplementedError
 
     def run_files(self, spec: CheckpointSpec) -> dict[str, Path]:
@@ -128,13 +116,19 @@ class CheckpointKind:
 
 @CHECKPOINT_KINDS.register("base")
 class BaseKind(CheckpointKind):
-    """The base model (any adapters on the shared UNet switched off). Its KL to itself is 0."""
+    """The base model (any adapters on the shared denoiser switched off). Its KL to itself is 0."""
+
+    is_base = True
+    composable = True
 
     def identity(self, spec):
         return {"kind": "base"}
 
     def load(self, spec, pipe):
         return BaseModel()
+
+    def load_component(self, spec, pipe, adapter, what):
+        return None
 
 
 def _sha256_file(path: Path) -> str:
@@ -165,6 +159,8 @@ class LoraKind(CheckpointKind):
 
     Hub files are fetched with ``hf_hub_download`` (cached; the revision may be a branch,
     a tag or a commit), so the identity is the weights' content hash either way."""
+
+    composable = True
 
     def weights_path(self, spec) -> Path:
         return lora_weights_path(
@@ -197,6 +193,10 @@ class LoraKind(CheckpointKind):
         pipe.set_adapters([adapter], adapter_weights=[spec.scale])
         return _LoraLoaded(pipe, adapter)
 
+    def load_component(self, spec, pipe, adapter, what):
+        load_lora(pipe, spec.source, adapter, weight_name=spec.weight_name, revision=spec.revision, what=what)
+        return adapter
+
 
 
 
@@ -209,10 +209,11 @@ def problem_from_constraints(constraints: list[dict], model: str, rewards: Seque
     """A :class:`~cdalign.core.problem.ConstrainedProblem` from trainer-schema constraint dicts,
     validated by the trainer's own config parser (errors name the field)."""
 
-    has_kl = any(isinstance(c, Mapping) and c.get("type") == "kl" for c in constraints)
-    objective = {"type": "reward", "reward": rewards[0], "normalize": False} if has_kl else {"type": "kl"}
     try:
-        cfg = config_from_dict({"pretrained_model_name_or_path": model, "objective": objective, "constraints": constraints})
+        cfg = dataclass_from_dict(ConstrainedDDPOConfig, {"pretrained_model_name_or_path": model, "constraints": constraints})
+        if any(c.is_kl for c in cfg.constraints):  # a KL budget needs a reward objective; only the constraints are read
+            cfg.objective = ObjectiveSpec(type=REWARD, reward=rewards[0], normalize=False)
+        cfg.validate()
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
     return ConstrainedProblem.from_config(cfg)
@@ -316,11 +317,11 @@ def evaluate(
     device = torch.device(device or state.device)
     check_mixed_precision(suite.dtype, device, "dtype")  # float16 on a CPU: refused before anything runs
     checkpoints = list(suite.checkpoints)
-    if not any(c.kind == "base" for c in checkpoints):
+    if not any(c.checkpoint_kind.is_base for c in checkpoints):
         checkpoints.insert(0, CheckpointSpec("base", kind="base"))
     # Base first: its samples normalise the rewards, and no adapter is loaded yet.
-    checkpoints.sort(key=lambda c: c.kind != "base")
-    kinds = {c.name: CHECKPOINT_KINDS.build(c.kind) for c in checkpoints}
+    checkpoints.sort(key=lambda c: not c.checkpoint_kind.is_base)
+    kinds = {c.name: c.checkpoint_kind() for c in checkpoints}
 
     prompts = load_prompts(suite.prompts, suite.prompt_column, suite.prompt_split)
     if suite.num_prompts is not None:
@@ -392,7 +393,7 @@ def evaluate(
     scores = score_checkpoints(sampler, loaders, items, batch_size=suite.batch_size, rewards=reward_fns,
                                kl_estimator=kl_estimator, store=cache, progress=progress, kl_sampler=kl_sampler)
     cached_batches = sum(gather_object([cache.hits])) if world > 1 else cache.hits
-    base_name = next(c.name for c in checkpoints if c.kind == "base")
+    base_name = next(c.name for c in checkpoints if kinds[c.name].is_base)
     reports = {c.name: _read_report(run_files[c.name]) for c in checkpoints}
     base_stats = {}
     for n in reward_names:
@@ -417,7 +418,7 @@ def evaluate(
         }
         entry["rewards"] = _reward_summaries(values, reward_names, norm_from)
         kl = {}
-        if spec.kind == "base":
+        if kinds[spec.name].is_base:
             kl["base"] = {"mean": 0.0, "ci95": [0.0, 0.0], "n": len(items), "note": "the base model itself"}
         for ref, v in values.kl.items():
             kl[ref] = summarize(v)

@@ -86,7 +86,7 @@ class LoadedCheckpoint:
 
 
 class BaseModel(LoadedCheckpoint):
-    """The base model: the shared UNet with every adapter switched off. No references
+    """The base model: the shared denoiser with every adapter switched off. No references
     (its KL to itself is 0)."""
 
     def policy(self, sampler, prompts):
@@ -94,8 +94,8 @@ class BaseModel(LoadedCheckpoint):
 
 
 class AdaptedModel(LoadedCheckpoint):
-    """The shared UNet as it is (its active adapters, e.g. a trained or loaded LoRA), with
-    the chain KL to the base model: the same UNet with the adapters disabled."""
+    """The shared denoiser as it is (its active adapters, e.g. a trained or loaded LoRA), with
+    the chain KL to the base model: the same denoiser with the adapters disabled."""
 
     def policy(self, sampler, prompts):
         return sampler.guided(prompts)
@@ -260,7 +260,7 @@ def score_checkpoints(
 
     The pipeline's denoiser, VAE and text encoders are left in eval mode. Batch b
     (``batch_size`` items) is scored by process ``b mod N`` of N (accelerate);
-    with a sharded UNet every process must score as many batches as the others (make
+    with a sharded denoiser every process must score as many batches as the others (make
     the number of batches a multiple of N)."""
     state = PartialState()
     rank, world = state.process_index, state.num_processes

@@ -33,7 +33,7 @@ from cdalign.models.pipeline import PRECISION_DTYPES
 from cdalign.recipes_data import SUITES_DIR, find_recipe
 from cdalign.registry import Registry
 
-# How each checkpoint kind is loaded: name -> zero-argument factory of a CheckpointKind.
+# How each checkpoint kind is loaded: name -> CheckpointKind class (a zero-argument factory).
 # Defined with the specs so that a suite names only registered kinds; the kinds themselves
 # register where they are written (``base``/``lora``: the harness; ``composed``: cdalign.composition).
 CHECKPOINT_KINDS: Registry = Registry("checkpoint kind")
@@ -111,6 +111,12 @@ class CheckpointSpec(ConfigFields):
             raise ValueError(f"{where}: expected a mapping or NAME=SOURCE string, got {type(value).__name__}")
         spec.validate(where)
         return spec
+
+    @property
+    def checkpoint_kind(self):
+        """The :class:`~cdalign.evaluation.harness.CheckpointKind` class ``kind`` names in
+        :data:`CHECKPOINT_KINDS` (its ``is_base``, ``composable``; called, the loader)."""
+        return CHECKPOINT_KINDS.get(self.kind)
 
     def validate(self, where: str = "checkpoint") -> None:
         """Types, then what the kind needs; ``ValueError`` naming ``where`` and the field."""

@@ -74,8 +74,17 @@ class ConfigFields:
 def _unknown_attribute(cls, name: str, typed) -> AttributeError:
     if isinstance(getattr(cls, name, None), property):
         return AttributeError(f"{name}: is derived from the other fields of {cls.__name__} and cannot be set")
+    renamed = _renamed_fields(cls).get(name)
+    if renamed is not None:
+        return AttributeError(f"{cls.__name__} has no field {name!r}; it was renamed {renamed!r}")
     hint = did_you_mean(name, typed) or f"fields: {', '.join(typed)}"
     return AttributeError(f"{cls.__name__} has no field {name!r}; {hint}")
+
+
+def _renamed_fields(cls) -> dict[str, str]:
+    """Old name -> field, for each field of ``cls`` that declares the key it replaced
+    (``metadata={"renamed_from": "type"}``): an old key is refused naming the new one."""
+    return {f.metadata["renamed_from"]: f.name for f in dataclasses.fields(cls) if "renamed_from" in f.metadata}
 
 
 def _spec_from(tp, value, path: str):
@@ -299,7 +308,14 @@ def _from_mapping(cls, mapping, path: str):
         if isinstance(getattr(cls, str(key), None), property):
             problems.append(f"{where}: is derived from the other fields and cannot be set")
             continue
-        suggestion = did_you_mean(key, typed) or f"valid keys: {', '.join(typed)}"
+        renamed = _renamed_fields(cls)
+        if str(key) in renamed:
+            new = renamed[str(key)]
+            problems.append(f"{where}: unknown key; it was renamed {new!r} (write {new}: instead of {key}:)")
+            continue
+        old = closest(key, renamed) if closest(key, typed) is None else None
+        suggestion = (did_you_mean(key, typed) or (f"did you mean {renamed[old]!r} (formerly {old!r})?" if old else None)
+                      or f"valid keys: {', '.join(typed)}")
         problems.append(f"{where}: unknown key; {suggestion}")
     for f, _ in fields_with_types(cls):
         if f.name not in mapping and field_default(f) is dataclasses.MISSING:

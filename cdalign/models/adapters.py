@@ -1,6 +1,6 @@
 """peft adapters on a denoiser (UNet or transformer), found and switched structurally:
 which parameters are an adapter's (:func:`adapter_parameters`), which adapter is active
-(:func:`set_unet_state`), base-model predictions from the same weights with the adapters
+(:func:`set_denoiser_adapter`), base-model predictions from the same weights with the adapters
 off (:func:`adapters_disabled`, :class:`WithAdaptersDisabled`), and the fingerprint of the
 base weights alone (:func:`model_fingerprint`)."""
 
@@ -22,9 +22,9 @@ def _tuner_layers(module):
     return (m for m in module.modules() if isinstance(m, BaseTunerLayer))
 
 
-def _first_lora_layer(unet):
-    """A peft tuner layer of ``unet`` (all share the adapter state set by UNet-level calls)."""
-    return next(_tuner_layers(unet), None)
+def _first_lora_layer(denoiser):
+    """A peft tuner layer of ``denoiser`` (all share the adapter state set by denoiser-level calls)."""
+    return next(_tuner_layers(denoiser), None)
 
 
 def adapter_parameters(module, adapter: str | None = None) -> list[torch.nn.Parameter]:
@@ -43,44 +43,44 @@ def adapter_parameters(module, adapter: str | None = None) -> list[torch.nn.Para
     return [p for p in module.parameters() if id(p) in ids]
 
 
-def set_unet_state(unet, adapter: str | None) -> None:
-    """Activate ``adapter`` alone on ``unet`` (None: all adapters off, the base model).
+def set_denoiser_adapter(denoiser, adapter: str | None) -> None:
+    """Activate ``adapter`` alone on ``denoiser`` (None: all adapters off, the base model).
     A switch walks every module (~10% of a tiny UNet call), so an unchanged state is kept."""
-    if not getattr(unet, "_hf_peft_config_loaded", False):
+    if not getattr(denoiser, "_hf_peft_config_loaded", False):
         if adapter is not None:
-            raise ValueError(f"adapter {adapter!r} is not loaded on this UNet (it has no adapters)")
+            raise ValueError(f"adapter {adapter!r} is not loaded on this denoiser (it has no adapters)")
         return
-    layer = _first_lora_layer(unet)
+    layer = _first_lora_layer(denoiser)
     if adapter is None:
         if layer is None or not layer.disable_adapters:
-            unet.disable_adapters()
+            denoiser.disable_adapters()
         return
-    if adapter not in unet.peft_config:
-        raise ValueError(f"adapter {adapter!r} is not loaded; loaded adapters: {', '.join(unet.peft_config)}")
+    if adapter not in denoiser.peft_config:
+        raise ValueError(f"adapter {adapter!r} is not loaded; loaded adapters: {', '.join(denoiser.peft_config)}")
     if layer is not None and not layer.disable_adapters and list(layer.active_adapters) == [adapter]:
         return
-    unet.enable_adapters()
-    unet.set_adapters([adapter])
+    denoiser.enable_adapters()
+    denoiser.set_adapters([adapter])
 
 
 @contextlib.contextmanager
-def adapters_disabled(unet):
-    """Base-model predictions from the *same* UNet: the LoRA adapters are switched off
-    inside the block (never a second UNet copy in memory), and back on after it."""
-    has_adapters = getattr(unet, "_hf_peft_config_loaded", False)
-    layer = _first_lora_layer(unet) if has_adapters else None
+def adapters_disabled(denoiser):
+    """Base-model predictions from the *same* denoiser: the LoRA adapters are switched off
+    inside the block (never a second copy in memory), and back on after it."""
+    has_adapters = getattr(denoiser, "_hf_peft_config_loaded", False)
+    layer = _first_lora_layer(denoiser) if has_adapters else None
     switch = layer is not None and not layer.disable_adapters
     if switch:
-        unet.disable_adapters()
+        denoiser.disable_adapters()
     try:
-        yield unet
+        yield denoiser
     finally:
         if switch:
-            unet.enable_adapters()
+            denoiser.enable_adapters()
 
 
 class WithAdaptersDisabled:
-    """Wrap a predictor so that it runs with its UNet's adapters disabled."""
+    """Wrap a predictor so that it runs with its denoiser's adapters disabled."""
 
     def __init__(self, predictor: GuidedDenoiser):
         self.predictor = predictor
@@ -90,9 +90,9 @@ class WithAdaptersDisabled:
             return self.predictor(x_t, t)
 
 
-def model_fingerprint(unet) -> str:
+def model_fingerprint(denoiser) -> str:
     """Identifies base weights for the normalisation cache, whatever their source: every
     parameter except those of adapters (told apart structurally, see
     :func:`adapter_parameters`), so adding a LoRA leaves it unchanged."""
-    adapters = {id(p) for p in adapter_parameters(unet)}
-    return sampled_fingerprint([(name, p) for name, p in unet.named_parameters() if id(p) not in adapters])
+    adapters = {id(p) for p in adapter_parameters(denoiser)}
+    return sampled_fingerprint([(name, p) for name, p in denoiser.named_parameters() if id(p) not in adapters])

@@ -1,4 +1,4 @@
-"""LoRA adapters on the UNet in the diffusers format: adding a trainable one, where their
+"""LoRA adapters on the denoiser in the diffusers format: adding a trainable one, where their
 weights are, loading them onto a pipeline (local folder or Hub repo at a revision), saving
 one atomically.
 
@@ -129,27 +129,27 @@ def load_lora(
 
 
 def add_lora_adapter(
-    unet, adapter_name: str, *, rank: int, alpha: float, target_modules: Sequence[str], seed: int
+    denoiser, adapter_name: str, *, rank: int, alpha: float, target_modules: Sequence[str], seed: int
 ) -> None:
-    """Add a LoRA adapter ``adapter_name`` (peft ``LoraConfig``) to ``unet``. B starts at
+    """Add a LoRA adapter ``adapter_name`` (peft ``LoraConfig``) to ``denoiser``. B starts at
     zero, so the adapted model starts as the base model; A's random init is drawn from
     ``seed`` on a forked CPU RNG (the global RNG is left as it was). The adapter's
-    parameters are :func:`~cdalign.models.adapters.adapter_parameters` ``(unet, adapter_name)``."""
+    parameters are :func:`~cdalign.models.adapters.adapter_parameters` ``(denoiser, adapter_name)``."""
     from peft import LoraConfig
 
     with torch.random.fork_rng(devices=[]), several_adapters():
         torch.manual_seed(seed)
-        unet.add_adapter(
+        denoiser.add_adapter(
             LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(target_modules)),
             adapter_name=adapter_name,
         )
 
 
-def trainable_adapter(unet, adapter_name: str, **lora) -> list[torch.nn.Parameter]:
+def trainable_adapter(denoiser, adapter_name: str, **lora) -> list[torch.nn.Parameter]:
     """:func:`add_lora_adapter` (keyword arguments ``lora``), then its parameters in fp32 with
     ``requires_grad``: the LoRA a composition or distillation trains. Returns them."""
-    add_lora_adapter(unet, adapter_name, **lora)
-    params = adapter_parameters(unet, adapter_name)
+    add_lora_adapter(denoiser, adapter_name, **lora)
+    params = adapter_parameters(denoiser, adapter_name)
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
@@ -177,32 +177,32 @@ def prepare_lora_training(pipe, *, rank: int, alpha: float, target_modules: Sequ
     pipe.set_progress_bar_config(disable=True)
 
 
-def adapter_state_dict(unet, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Adapter ``adapter_name`` of the denoiser ``unet`` (a UNet or an SD3 transformer) in
+def adapter_state_dict(denoiser, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Adapter ``adapter_name`` of ``denoiser`` (a UNet or a flow transformer) in
     the diffusers LoRA format of its family, as whole fp32 CPU tensors. On a sharded
     denoiser this gathers the shards: call it on every process."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    if family_of_denoiser(unet).convert_lora_state:
+    state = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
+    if family_of_denoiser(denoiser).convert_lora_state:
         state = convert_state_dict_to_diffusers(state)
     return {k: full_tensor(v.detach()).float().cpu().contiguous() for k, v in state.items()}
 
 
-def save_adapter(unet, adapter_name: str, output_dir: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write adapter ``adapter_name`` of the denoiser ``unet`` as
+def save_adapter(denoiser, adapter_name: str, output_dir: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write adapter ``adapter_name`` of ``denoiser`` as
     ``output_dir/pytorch_lora_weights.safetensors`` (the diffusers format its pipeline class's
     ``load_lora_weights`` reads, with its LoRA config as metadata). Refuses non-finite weights and
     replaces an existing file only once the new one is completely written. ``state``: the
-    weights from :func:`adapter_state_dict` when they were gathered beforehand (sharded UNet)."""
-    family = family_of_denoiser(unet)
+    weights from :func:`adapter_state_dict` when they were gathered beforehand (sharded denoiser)."""
+    family = family_of_denoiser(denoiser)
     out = Path(output_dir)
-    state = adapter_state_dict(unet, adapter_name) if state is None else state
+    state = adapter_state_dict(denoiser, adapter_name) if state is None else state
     if not all(bool(torch.isfinite(v).all()) for v in state.values()):
         raise RuntimeError(f"adapter {adapter_name!r} has non-finite weights; not saving over {str(out)!r}")
     out.mkdir(parents=True, exist_ok=True)
-    metadata = unet.peft_config[adapter_name].to_dict()
+    metadata = denoiser.peft_config[adapter_name].to_dict()
     return atomic_write(
         out / LORA_WEIGHT_NAME,
         lambda tmp: family.pipeline_type().save_lora_weights(

@@ -33,6 +33,7 @@ import yaml
 from cdalign.console import CdalignWarning
 from cdalign.core.families import MODEL_FAMILIES
 from cdalign.core.normalization import MIN_NORMALIZATION_SAMPLES
+from cdalign.core.problem import KL
 from cdalign.core.statistics import MET_MARKS, met_label
 from cdalign.models.lora import is_local_source
 from cdalign.models.pipeline import EMBEDDED_MODELS
@@ -345,8 +346,8 @@ def build_model_card(
         model_name=yaml_safe(name),
         eval_results=eval_results(report, config, evaluation, evaluation_checkpoint) or None,
     )
-    objective = config.get("objective") or {"type": "kl"}
-    if objective.get("type") == "reward":
+    objective = config.get("objective") or {"type": KL}
+    if objective.get("type", KL) != KL:  # a reward objective
         objective_md, units = f"maximise the reward `{md(objective.get('reward'))}`", "reward units"
     else:
         objective_md, units = "stay as close as possible to the base model (minimise the chain KL)", "KL, nats/image"

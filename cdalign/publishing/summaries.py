@@ -59,7 +59,7 @@ def summary_table(report: AlignmentReport | Mapping) -> str:
     if wilson:
         lines.append(f"{', '.join(wilson)}: proportions of images, with Wilson score 95% intervals (they stay in [0, 1])")
     kl, obj = report.kl, report.objective
-    what = "chain KL to the base (minimised)" if obj.type == "kl" else f"mean {obj.reward} (maximised)"
+    what = "chain KL to the base (minimised)" if obj.is_kl else f"mean {obj.reward} (maximised)"
     lines.append(
         f"objective: {what} = {obj.value:.4g}; chain KL to base ({kl.estimator} estimator, nats) = "
         f"{format_ci(kl.mean, kl.ci95)}"

@@ -1,7 +1,7 @@
 """Sharding and collectives of a multi-process run, as small stateless helpers.
 
 Which setups cdalign runs (:func:`check_distributed_setup`), whether this run shards the
-UNet (:func:`wants_sharding`, a predicate), how it shards it (:func:`shard_unet`, FSDP2),
+denoiser (:func:`wants_sharding`, a predicate), how it shards it (:func:`shard_denoiser`, FSDP2),
 the collectives the training loop needs: the gradient mean over processes
 (:func:`reduce_gradients`) and "does a flag hold on every process" (:func:`on_all_processes`),
 and the end of a run (:func:`end_process_group`). Each takes the ``accelerate.Accelerator``
@@ -65,8 +65,8 @@ def check_distributed_setup(accelerator) -> None:
     and FSDP other than FSDP2."""
     if accelerator.distributed_type == DEEPSPEED:
         raise ValueError(
-            "cdalign does not run under DeepSpeed: the base UNet is frozen and only the LoRA trains, so "
-            "ZeRO would shard a few MB; to shard the UNet's weights use FSDP2 "
+            "cdalign does not run under DeepSpeed: the base denoiser is frozen and only the LoRA trains, so "
+            "ZeRO would shard a few MB; to shard the denoiser's weights use FSDP2 "
             "(accelerate launch --config_file recipes/accelerate_configs/fsdp.yaml ...)"
         )
     if fsdp_requested(accelerator) and fsdp_plugin(accelerator).fsdp_version != 2:
@@ -76,15 +76,15 @@ def check_distributed_setup(accelerator) -> None:
         )
 
 
-def wants_sharding(accelerator, shard_unet: bool | None = None) -> bool:
-    """Whether the UNet is sharded over the processes: as ``shard_unet`` says, or (None)
-    when accelerate is configured for FSDP; never with a single process."""
-    want = fsdp_requested(accelerator) if shard_unet is None else bool(shard_unet)
+def wants_sharding(accelerator, shard_denoiser: bool | None = None) -> bool:
+    """Whether the denoiser is sharded over the processes: as ``shard_denoiser`` says, or
+    (None) when accelerate is configured for FSDP; never with a single process."""
+    want = fsdp_requested(accelerator) if shard_denoiser is None else bool(shard_denoiser)
     return want and accelerator.num_processes > 1
 
 
-def shard_unet(unet: torch.nn.Module, plugin=None) -> None:
-    """FSDP2 (``fully_shard``) over the denoiser ``unet`` in place: each of its family's
+def shard_denoiser(denoiser: torch.nn.Module, plugin=None) -> None:
+    """FSDP2 (``fully_shard``) over ``denoiser`` in place: each of its family's
     blocks (a UNet's down/mid/up blocks, a transformer's transformer blocks) and the root
     become one sharding unit. ``plugin`` (:func:`fsdp_plugin`) supplies
     ``reshard_after_forward`` and a CPU offload policy. Dtypes stay as they are (under mixed
@@ -98,10 +98,10 @@ def shard_unet(unet: torch.nn.Module, plugin=None) -> None:
         kwargs["reshard_after_forward"] = plugin.reshard_after_forward
         if plugin.cpu_offload is not None and not isinstance(plugin.cpu_offload, bool):
             kwargs["offload_policy"] = plugin.cpu_offload
-    for block in family_of_denoiser(unet).blocks(unet):
+    for block in family_of_denoiser(denoiser).blocks(denoiser):
         if block is not None:
             fully_shard(block, **kwargs)
-    fully_shard(unet, **kwargs)
+    fully_shard(denoiser, **kwargs)
 
 
 def reduce_gradients(params: Iterable[torch.nn.Parameter], accelerator) -> None:
@@ -136,7 +136,7 @@ def end_process_group(accelerator) -> None:
     Why: ``destroy_process_group`` unregisters a gloo group, but its object (a TCP loop
     thread polling every 10 ms, two worker threads) lives on while a Python object still
     references it, and torch's own objects do: DTensor device meshes (``_pg_registry``; an
-    FSDP2-sharded UNet's, and those DTensor's caches keep), FSDP2's ``FSDPMeshInfo``, and
+    FSDP2-sharded denoiser's, and those DTensor's caches keep), FSDP2's ``FSDPMeshInfo``, and
     ``torch.distributed`` functions whose ``group=group.WORLD`` default was bound when their
     module was first imported after the group was made. The group then outlived Python's
     finalisation: exit() ran C++ static destructors with gloo's threads still running, and

@@ -1,8 +1,9 @@
 """What identifies a reward, a model's weights and a prompt list across runs: short,
 stable hashes for cache keys (the normalisation cache, :mod:`cdalign.runs.normalization_cache`).
 
-The reward part of a key is :func:`reward_identity`: the registry name, its kwargs and a
-fingerprint of its weights. A reward given as a user object (``rewards={"saturation":
+The reward part of a key is :func:`reward_identity`: the registry name, its kwargs, a
+fingerprint of its weights and one of the source file that defines it (a changed formula
+is a different reward: its cached statistics are not reused). A reward given as a user object (``rewards={"saturation":
 my_fn}``) is identified only if it carries a ``cache_key`` attribute (any string; change
 it whenever the function changes); without one it cannot be recognised again. (The base
 weights' fingerprint, which leaves adapters out: ``cdalign.models.adapters.model_fingerprint``.)"""
@@ -10,6 +11,7 @@ weights' fingerprint, which leaves adapters out: ``cdalign.models.adapters.model
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 
 import torch
@@ -32,9 +34,21 @@ def callable_name(fn) -> str:
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(fn).__name__)}"
 
 
+def source_fingerprint(obj) -> str | None:
+    """A hash of the source file that defines ``obj``'s class (or ``obj`` itself, for a
+    function): it changes when the code that computes a reward changes. None where the
+    source cannot be read (a built-in, an interactive definition)."""
+    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
+    try:
+        path = inspect.getsourcefile(target)
+        return None if path is None else hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
+    except (TypeError, OSError):
+        return None
+
+
 def reward_identity(name: str, reward, *, kwargs: dict | None = None, user: bool = False) -> dict | None:
     """What a reward *is*, for cache keys. Registry rewards (``user=False``): name, kwargs,
-    class and a fingerprint of its weights (``state_dict``). User objects: their
+    class, a fingerprint of its weights (``state_dict``) and of its defining source file. User objects: their
     ``cache_key`` attribute (plus the weights if it is a module), or None when they have
     none: such a reward cannot be recognised again and must not be cached."""
     weights = None
@@ -42,7 +56,8 @@ def reward_identity(name: str, reward, *, kwargs: dict | None = None, user: bool
         tensors = [(k, v) for k, v in reward.state_dict().items() if torch.is_tensor(v) and v.numel() > 0]
         weights = sampled_fingerprint(tensors) if tensors else None
     if not user:
-        return {"registry": name, "kwargs": dict(kwargs or {}), "class": callable_name(reward), "weights": weights}
+        return {"registry": name, "kwargs": dict(kwargs or {}), "class": callable_name(reward), "weights": weights,
+                "code": source_fingerprint(reward)}
     key = getattr(reward, "cache_key", None)
     if key is None:
         return None

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cdalign.core.problem import KL
 from cdalign.runs.atomic import atomic_write_text
 
 REPORT_FILE = "report.json"
@@ -212,6 +213,10 @@ class ObjectiveResult:
     reward: str | None = None
     value: float
 
+    @property
+    def is_kl(self) -> bool:
+        return self.type == KL
+
     def to_json(self) -> dict:
         return _fields_json(self)
 
@@ -279,6 +284,11 @@ class ConstraintResult:
     reference: float | None = None  # relative constraints: the base mean on the training prompts it trained against
 
     ALWAYS_WRITTEN = ("dual", "flagged_infeasible_at_step")  # None there means "none": no λ, never flagged
+
+    @property
+    def is_kl(self) -> bool:
+        """Whether this is the KL budget (``source`` "kl"); otherwise a reward bound."""
+        return self.source == KL
 
     @classmethod
     def from_verdict(cls, constraint, verdict: Mapping, units: str, **more) -> ConstraintResult:

@@ -26,9 +26,9 @@ from cdalign.composition.config import config_from_dict  # noqa: E402
 def main(out: str, lora_a: str, lora_b: str, batch: int) -> None:
     acc = Accelerator(cpu=True)
     cfg = config_from_dict({
-        "components": [{"name": "a", "path": lora_a, "reward": "brightness"},
-                       {"name": "b", "path": lora_b, "reward": "saturation"},
-                       {"name": "base", "type": "base"}],
+        "components": [{"name": "a", "source": lora_a, "reward": "brightness"},
+                       {"name": "b", "source": lora_b, "reward": "saturation"},
+                       {"name": "base", "kind": "base"}],
         "prompts": "shapes", "num_inference_steps": 4, "resolution": 32, "guidance_scale": 3.0,
         "dual": {"steps": 3, "batch_size": batch, "lr": 0.3, "normalize": True},
         "distill": {"enabled": False},

@@ -6,7 +6,7 @@ or as one plain process; writes ``<out>/rank<k>.json`` and ``<out>/rank<k>.safet
     mp_worker.py OUT BATCH_PER_PROCESS STEPS [--shard] [--save_steps N] [--resume CHECKPOINT] [--mixed_precision bf16]
                  [--model cdalign/tiny-random-sd3] [--eta 0.7]
 
-``--shard`` shards the UNet with FSDP2 (``shard_unet=True``); ``--resume`` continues the run
+``--shard`` shards the denoiser with FSDP2 (``shard_denoiser=True``); ``--resume`` continues the run
 in ``OUT/run`` from a checkpoint of it."""
 
 import argparse
@@ -66,7 +66,7 @@ def main(out: str, batch_per_process: int, steps: int, shard: bool, save_steps: 
             resume_from_checkpoint=resume,
         )
     )
-    trainer = ConstrainedDDPOTrainer(cfg, accelerator=acc, shard_unet=True if shard else None)  # None: follow accelerate
+    trainer = ConstrainedDDPOTrainer(cfg, accelerator=acc, shard_denoiser=True if shard else None)  # None: follow accelerate
     report = trainer.train()
     rank = acc.process_index
     if not trainer.sharded:  # each rank's own copy (a sharded UNet holds one shard per rank;
