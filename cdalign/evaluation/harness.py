@@ -76,11 +76,7 @@ from cdalign.evaluation.suite import (  # noqa: F401
 )
 from cdalign.fields import check_mixed_precision, read_yaml_mapping
 from cdalign.hub_access.downloads import download_file
-from cdalign.models.lora import (
-    is_local_source,
-    load_lora,
-    lora_weights_path,
-)
+from cdalign.models.lora import check_lora_fits, is_local_source, load_lora, lora_weights_path
 from cdalign.models.pipeline import load_pipeline, precision_dtype
 from cdalign.publishing.plotting import pyplot, save_grid
 from cdalign.publishing.tables import comparison_table, md, md_code
@@ -194,8 +190,6 @@ class LoraKind(CheckpointKind):
                   what=f"checkpoint {spec.name!r}")
         pipe.set_adapters([adapter], adapter_weights=[spec.scale])
         return _LoraLoaded(pipe, adapter)
-
-
 
 
 # ---------------------------------------------------------------------------------
@@ -355,6 +349,8 @@ def evaluate(
                                  what="model")
     pipe = pipeline.to(device)
     pipe.set_progress_bar_config(disable=True)
+    for c in (c for c in checkpoints if c.kind == "lora"):  # a LoRA for another model fails before any sampling
+        check_lora_fits(pipe, kinds[c.name].weights_path(c), f"checkpoint {c.name!r}")
     sampler = DiffusionSampler(pipe, suite.num_inference_steps, suite.eta, suite.guidance_scale, suite.resolution, device)
     kl_sampler = None
     if suite.kl_eta is not None and suite.kl_eta != suite.eta:

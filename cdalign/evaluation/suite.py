@@ -24,6 +24,7 @@ from cdalign.fields import (
     ConfigFields,
     check_fields,
     dataclass_from_dict,
+    not_allowed,
     parse_args,
     read_yaml_mapping,
 )
@@ -286,7 +287,7 @@ def parse_suite_command_line(argv: list[str] | None, suites_dir: str | os.PathLi
         raise ValueError("give --config or --suite, not both")
     path = find_suite(chosen.config or chosen.suite or default_suite, [suites_dir])
     if not any(a in ("-h", "--help") for a in rest):
-        load_suite(path)  # the file alone: its errors name it
+        check_reward_names(load_suite(path), str(path))  # the file alone: its errors name it
     raw, options = parse_args(EvaluationSuite, rest, default_recipe=path, resolve_paths=resolve_suite_paths,
                               prog=prog, description=description,
                               add_arguments=lambda p: _command_line_options(p, suites_dir, default_suite, epilog))
@@ -294,4 +295,17 @@ def parse_suite_command_line(argv: list[str] | None, suites_dir: str | os.PathLi
         raw["rewards"] = [r.strip() for text in raw["rewards"] for r in str(text).split(",") if r.strip()]
     extra = [CheckpointSpec.from_value(c, f"--checkpoint {c!r}") for c in options["checkpoint"]]
     raw["checkpoints"] = extra if options["only"] else list(raw.get("checkpoints") or []) + extra
-    return dataclass_from_dict(EvaluationSuite, raw), options
+    suite = dataclass_from_dict(EvaluationSuite, raw)
+    check_reward_names(suite, "--rewards")
+    return suite, options
+
+
+def check_reward_names(suite: EvaluationSuite, where: str) -> None:
+    """Every reward of ``suite`` is registered (``cdalign.rewards.REWARDS``), else ``ValueError``
+    naming ``where``, the entry and the closest name. For suites a command line reads: a
+    library caller may pass its own reward callables to ``evaluate`` instead."""
+    from cdalign.rewards import REWARDS
+
+    for i, name in enumerate(suite.rewards):
+        if name not in REWARDS:
+            raise not_allowed(f"{where}: rewards[{i}]", name, REWARDS.names())
