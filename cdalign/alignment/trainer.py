@@ -54,6 +54,7 @@ from cdalign.runs.checkpoints import list_checkpoints, remove_stale_temporaries,
 from cdalign.runs.distributed import full_tensor
 from cdalign.runs.report import REPORT_FILE, AlignmentReport
 from cdalign.runs.lock import release_run_lock
+from cdalign.runs.resources import is_out_of_memory, out_of_memory_error
 from cdalign.runs.signals import StopSignals, TrainingInterrupted
 
 RUN_FOLDER = folders.RunFolder(
@@ -387,13 +388,15 @@ class ConstrainedDDPOTrainer:
             self.ensure_normalization()
             bar = tqdm(total=cfg.max_steps, initial=self.global_step, desc="constrained alignment", disable=not acc.is_main_process)
             stopping = self._stop_requested()
-            while not stopping and self.global_step < cfg.max_steps:
-                bar.set_postfix(progress_postfix(self.step()))
-                bar.update(1)
-                if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < cfg.max_steps:
-                    saved = (self.global_step, self.save_checkpoint())
-                stopping = self._stop_requested()
-            bar.close()
+            try:
+                while not stopping and self.global_step < cfg.max_steps:
+                    bar.set_postfix(progress_postfix(self._step_or_out_of_memory()))
+                    bar.update(1)
+                    if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < cfg.max_steps:
+                        saved = (self.global_step, self.save_checkpoint())
+                    stopping = self._stop_requested()
+            finally:  # the bar ends its line, also when a step fails: an error message starts a line of its own
+                bar.close()
             if stopping:
                 checkpoint = saved[1] if saved and saved[0] == self.global_step else self.save_checkpoint()
                 distributed.end_process_group(acc)
@@ -411,6 +414,23 @@ class ConstrainedDDPOTrainer:
         distributed.end_process_group(acc)
         release_run_lock(self.output_dir)  # the run is complete: the folder is free for the next one
         return report
+
+    def _step_or_out_of_memory(self) -> dict:
+        """:meth:`step`; a step that runs out of CPU or GPU memory raises
+        :class:`~cdalign.runs.resources.OutOfMemory` naming the step, the batch, the settings
+        to lower and the last complete checkpoint to resume from."""
+        try:
+            return self.step()
+        except (MemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err):
+                raise
+            cfg, backprop = self.config, not isinstance(self.estimator, RolloutEstimator)
+            raise out_of_memory_error(
+                err, step=self.global_step + 1, device=self.device, train_batch_size=cfg.train_batch_size,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                lower=["train_batch_size", "resolution", *(["backprop_steps"] if backprop else [])],
+                enable=["gradient_checkpointing: true"] if backprop and not cfg.gradient_checkpointing else [],
+                checkpoints=list_checkpoints(self.output_dir)) from err
 
     def _stop_requested(self) -> bool:
         """Whether any process was signalled to stop: all processes stop at the same step."""
