@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
 from cdalign.alignment import checkpoint as checkpoints
@@ -54,7 +53,7 @@ from cdalign.runs.checkpoints import list_checkpoints, remove_stale_temporaries,
 from cdalign.runs.distributed import full_tensor
 from cdalign.runs.report import REPORT_FILE, AlignmentReport
 from cdalign.runs.lock import release_run_lock
-from cdalign.runs.resources import is_out_of_memory, out_of_memory_error
+from cdalign.runs.resources import is_out_of_memory, out_of_memory_error, resume_advice
 from cdalign.runs.signals import StopSignals, TrainingInterrupted
 
 RUN_FOLDER = folders.RunFolder(
@@ -110,9 +109,10 @@ class ConstrainedDDPOTrainer:
         RUN_FOLDER.check(self.output_dir, fresh=self.resume_path is None and not cfg.overwrite_output_dir)
 
         check_trackers_installed(cfg.report_to_list)
-        check_mixed_precision(cfg.mixed_precision, (accelerator or PartialState()).device)
+        check_mixed_precision(cfg.mixed_precision, (accelerator or distributed.process_state(cfg.ddp_timeout)).device)
         log_with = cfg.report_to_list or None
-        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with)
+        self.accelerator = accelerator or distributed.make_accelerator(cfg.ddp_timeout, mixed_precision=cfg.mixed_precision,
+                                                                       log_with=log_with)
         acc = self.accelerator
         self.device = acc.device
 
@@ -370,7 +370,20 @@ class ConstrainedDDPOTrainer:
 
         SIGINT/SIGTERM while it trains stop it after the current optimiser step: it saves
         ``checkpoint-<step>`` and raises :class:`TrainingInterrupted` (a second Ctrl-C
-        interrupts at once, without a checkpoint). The previous handlers are restored."""
+        interrupts at once, without a checkpoint). The previous handlers are restored.
+
+        In a multi-process run, a collective that fails because another process died or did
+        not answer within ``ddp_timeout`` raises :class:`~cdalign.runs.distributed.ProcessGroupFault`
+        naming the ranks; a step out of memory raises :class:`~cdalign.runs.resources.OutOfMemory`."""
+        try:
+            return self._train()
+        except RuntimeError as err:
+            if self.accelerator.num_processes == 1 or not distributed.is_collective_failure(err):
+                raise
+            advice = resume_advice(list_checkpoints(self.output_dir))
+            raise distributed.collective_failure_error(err, self.accelerator, self.config.ddp_timeout, advice) from err
+
+    def _train(self) -> AlignmentReport:
         cfg, acc = self.config, self.accelerator
         if cfg.eval_batches < 1:  # refused before training, not after it
             raise ValueError("eval_batches: train() ends with the evaluation its report and model card come from; "

@@ -48,13 +48,19 @@ def out_of_memory_error(err: BaseException, *, step: int, device, train_batch_si
              for n in lower]
     fixes = "lower " + (", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0])
     fixes += "".join(f", or set {e}" for e in enable)
-    if checkpoints:
-        last = (f"the last complete checkpoint, {str(checkpoints[-1])!r}, is intact: resume from it with "
-                "--resume_from_checkpoint latest once a setting is lowered")
-    else:
-        last = "no checkpoint was saved before it (save_steps keeps some), so the run starts again"
+    last = resume_advice(checkpoints, "once a setting is lowered")
     return OutOfMemory(
         f"step {step} ran out of memory on {where} ({type(err).__name__}: {cause}) with train_batch_size="
         f"{train_batch_size} (images per process per micro-batch) and gradient_accumulation_steps="
         f"{gradient_accumulation_steps}; {fixes}; {last}"
     )
+
+
+def resume_advice(checkpoints: Sequence[Path], when: str = "") -> str:
+    """What a failed run leaves to resume from: the last of ``checkpoints`` (oldest first) is
+    intact and ``--resume_from_checkpoint latest`` continues from it (``when``: a condition
+    to add), or no checkpoint was saved."""
+    if not checkpoints:
+        return "no checkpoint was saved before it (save_steps keeps some), so the run starts again"
+    return (f"the last complete checkpoint, {str(checkpoints[-1])!r}, is intact: resume from it with "
+            f"--resume_from_checkpoint latest{' ' + when if when else ''}")
