@@ -22,7 +22,7 @@ LAYERS = [
     (1, r"cdalign\.core(\..*)?"),
     # run infrastructure: atomic files, checkpoint folders, processes, the statistics cache and its
     # keys, run folders, the typed report, signals (imports nothing from alignment/composition/evaluation)
-    (2, r"cdalign\.runs(\.(atomic|checkpoints|distributed|fingerprints|normalization_cache|folders|lock|report|signals))?"),
+    (2, r"cdalign\.runs(\.(atomic|checkpoints|distributed|fingerprints|normalization_cache|folders|lock|report|resources|signals))?"),
     (3, r"cdalign\.data(\..*)?"),
     (4, r"cdalign\.models(\..*)?"),
     (5, r"cdalign\.rewards(\..*)?"),

@@ -321,6 +321,16 @@ class ConstrainedDDPOConfig(ConfigFields):
             "choices": MIXED_PRECISIONS,
         },
     )
+    ddp_timeout: int = field(
+        default=600,
+        metadata={
+            "help": "Seconds a multi-process run's collective (gradient and slack averages, the stop check, "
+            "barriers) waits for the other processes before it fails: a process that died or hangs takes the run "
+            "down with an error naming the ranks instead of a hang. Raise it if one process legitimately works "
+            "alone longer (e.g. the main process pushing to the Hub).",
+            "ge": 1,
+        },
+    )
     logging_steps: int = field(default=1, metadata={"help": "Log metrics every this many optimiser steps.", "ge": 1})
     save_steps: int = field(
         default=0,

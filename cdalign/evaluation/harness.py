@@ -65,6 +65,7 @@ from cdalign.fields import check_mixed_precision, dataclass_from_dict, read_yaml
 from cdalign.hub_access.downloads import download_file
 from cdalign.models.adapters import model_fingerprint
 from cdalign.models.lora import (
+    check_lora_fits,
     delete_adapters,
     is_local_source,
     load_lora,
@@ -196,8 +197,6 @@ class LoraKind(CheckpointKind):
     def load_component(self, spec, pipe, adapter, what):
         load_lora(pipe, spec.source, adapter, weight_name=spec.weight_name, revision=spec.revision, what=what)
         return adapter
-
-
 
 
 # ---------------------------------------------------------------------------------
@@ -358,6 +357,8 @@ def evaluate(
                                  what="model")
     pipe = pipeline.to(device)
     pipe.set_progress_bar_config(disable=True)
+    for c in (c for c in checkpoints if c.kind == "lora"):  # a LoRA for another model fails before any sampling
+        check_lora_fits(pipe, kinds[c.name].weights_path(c), f"checkpoint {c.name!r}")
     sampler = DiffusionSampler(pipe, suite.num_inference_steps, suite.eta, suite.guidance_scale, suite.resolution, device)
     kl_sampler = None
     if suite.kl_eta is not None and suite.kl_eta != suite.eta:

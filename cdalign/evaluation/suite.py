@@ -25,6 +25,7 @@ from cdalign.fields import (
     ConfigFields,
     check_fields,
     dataclass_from_dict,
+    not_allowed,
     parse_args,
     read_yaml_mapping,
 )
@@ -32,6 +33,7 @@ from cdalign.models.lora import LORA_WEIGHT_NAME
 from cdalign.models.pipeline import PRECISION_DTYPES
 from cdalign.recipes_data import SUITES_DIR, find_recipe
 from cdalign.registry import Registry
+from cdalign.rewards import REWARDS
 
 # How each checkpoint kind is loaded: name -> CheckpointKind class (a zero-argument factory).
 # Defined with the specs so that a suite names only registered kinds; the kinds themselves
@@ -303,7 +305,7 @@ def parse_suite_command_line(argv: list[str] | None, suites_dir: str | os.PathLi
         raise ValueError("give --config or --suite, not both")
     path = find_suite(chosen.config or chosen.suite or default_suite, suites_dirs)
     if not any(a in ("-h", "--help") for a in rest):
-        load_suite(path)  # the file alone: its errors name it
+        check_reward_names(load_suite(path), str(path))  # the file alone: its errors name it
     raw, options = parse_args(EvaluationSuite, rest, default_recipe=path, resolve_paths=resolve_suite_paths,
                               prog=prog, description=description,
                               add_arguments=lambda p: _command_line_options(p, suites_dirs, default_suite, epilog))
@@ -311,4 +313,15 @@ def parse_suite_command_line(argv: list[str] | None, suites_dir: str | os.PathLi
         raw["rewards"] = [r.strip() for text in raw["rewards"] for r in str(text).split(",") if r.strip()]
     extra = [CheckpointSpec.from_value(c, f"--checkpoint {c!r}") for c in options["checkpoint"]]
     raw["checkpoints"] = extra if options["only"] else list(raw.get("checkpoints") or []) + extra
-    return dataclass_from_dict(EvaluationSuite, raw), options
+    suite = dataclass_from_dict(EvaluationSuite, raw)
+    check_reward_names(suite, "--rewards")
+    return suite, options
+
+
+def check_reward_names(suite: EvaluationSuite, where: str) -> None:
+    """Every reward of ``suite`` is registered (``cdalign.rewards.REWARDS``), else ``ValueError``
+    naming ``where``, the entry and the closest name. For suites a command line reads: a
+    library caller may pass its own reward callables to ``evaluate`` instead."""
+    for i, name in enumerate(suite.rewards):
+        if name not in REWARDS:
+            raise not_allowed(f"{where}: rewards[{i}]", name, REWARDS.names())

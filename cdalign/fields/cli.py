@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from cdalign.fields.coercion import (
+    check_mapping,
     choices_of,
     closest,
     field_default,
@@ -291,6 +292,10 @@ def parse_args(
         raw = read_yaml_mapping(path)
         if resolve_paths is not None:
             raw = resolve_paths(raw, Path(path))
+        try:  # the file's own values (those no flag replaces): their errors name the file
+            check_mapping(cls, raw, skip={flag.split(".", 1)[0] for flag in given})
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     typed = field_types(cls)
     extras = {}
     for flag in sorted(given, key=lambda k: "." in k):  # whole specs before their dotted keys

@@ -33,13 +33,17 @@ def check_safetensors(path: str | os.PathLike, what: str = "") -> Path:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    fix = "write it again (rerun the job that made it) or download it again"
+    if path.is_file() and path.stat().st_size == 0:
+        raise CorruptFileError(f"{what + ': ' if what else ''}{str(path)!r} is empty (0 bytes), not a safetensors "
+                               f"file (an interrupted copy or download?): {fix}")
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except SafetensorError as err:
         raise CorruptFileError(
             f"{what + ': ' if what else ''}{str(path)!r} is corrupt or truncated ({err}); it is not a complete "
-            "safetensors file: write it again (rerun the job that made it) or download it again"
+            f"safetensors file: {fix}"
         ) from None
     return path
 
@@ -97,11 +101,59 @@ def _keys(path: Path) -> list[str]:
         return list(f.keys())
 
 
+# LoRA tensor names (diffusers' and peft's spellings) -> which factor: "down" (A: rank x in)
+# or "up" (B: out x rank).
+_LORA_FACTORS = {".lora.down.weight": "down", ".lora_A.weight": "down", ".lora.up.weight": "up", ".lora_B.weight": "up"}
+
+
+def lora_shape_mismatches(path: str | os.PathLike, denoiser, prefix: str) -> list[str]:
+    """The tensors of the LoRA file ``path`` (read from its header, no tensor loaded) whose
+    shapes do not fit the layers of ``denoiser`` they adapt, each as ``tensor 'name' has
+    shape [...], the base model's <layer> needs [...]``. ``prefix``: the denoiser's key prefix
+    (``unet``, ``transformer``); tensors of other parts (text encoders) and layers the base
+    model lacks are left to the loader."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    modules = dict(denoiser.named_modules())
+    problems = []
+    for key, shape in shapes.items():
+        suffix = next((s for s in _LORA_FACTORS if key.endswith(s)), None)
+        name = key[: -len(suffix)] if suffix else None
+        if name is not None and name.startswith(prefix + "."):
+            name = name[len(prefix) + 1 :]
+        layer = modules.get(name) if name is not None else None
+        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        if isinstance(layer, torch.nn.Linear):
+            fan_in, fan_out = layer.in_features, layer.out_features
+        elif isinstance(layer, torch.nn.Conv2d):
+            fan_in, fan_out = layer.in_channels, layer.out_channels
+        else:
+            continue
+        down = _LORA_FACTORS[suffix] == "down"
+        if len(shape) < 2 or shape[1 if down else 0] != (fan_in if down else fan_out):
+            need = [shape[0] if shape else "rank", fan_in, *shape[2:]] if down else [fan_out, *shape[1:2], *shape[2:]]
+            problems.append(f"tensor {key!r} has shape {shape}, the base model's {prefix}.{name} needs {need}")
+    return problems
+
+
+def check_lora_fits(pipe, path: str | os.PathLike, what: str = "LoRA") -> None:
+    """``ValueError`` naming the file, the first tensor whose shape does not fit ``pipe``'s
+    denoiser and both shapes (:func:`lora_shape_mismatches`), before anything is loaded."""
+    problems = lora_shape_mismatches(path, denoiser_of(pipe), family_of(pipe).denoiser)
+    if problems:
+        more = f" (and {len(problems) - 1} more tensors)" if len(problems) > 1 else ""
+        raise ValueError(f"{what}: the LoRA {str(path)!r} does not fit this base model: {problems[0]}{more}; it was "
+                         "trained for another base model (or architecture): load it onto the model it was trained on")
+
+
 def load_lora(
     pipe, source: str, adapter_name: str, *, weight_name: str = LORA_WEIGHT_NAME, revision: str | None = None, what: str = "LoRA"
 ) -> Path:
     """Load a LoRA onto ``pipe``'s denoiser (UNet or transformer) as adapter ``adapter_name`` (frozen). A LoRA made
-    for another architecture raises ``ValueError`` saying so. Returns the weights path.
+    for another architecture raises ``ValueError`` saying so (naming a tensor that does not fit and both shapes).
+    Returns the weights path.
 
     A LoRA in the layout cdalign writes (every key under the denoiser's prefix, ``unet.`` or
     ``transformer.``) goes straight to the denoiser (``load_lora_adapter``): cdalign's LoRAs
@@ -109,6 +161,7 @@ def load_lora(
     have (diffusers' "No LoRA keys associated to CLIPTextModel"). Any other layout (kohya,
     text-encoder LoRAs) goes through the pipeline's ``load_lora_weights``, which converts it."""
     path = lora_weights_path(source, weight_name=weight_name, revision=revision, what=what)
+    check_lora_fits(pipe, path, what)
     denoiser = denoiser_of(pipe)
     prefix = family_of(pipe).denoiser
     try:

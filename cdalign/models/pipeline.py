@@ -19,7 +19,7 @@ import torch
 from cdalign.console import quiet_libraries
 from cdalign.core.families import MODEL_FAMILIES, family_of, supported_pipelines
 from cdalign.hub_access.downloads import hub_offline, repo_id_problem, snapshot_of
-from cdalign.models.lora import is_local_source
+from cdalign.models.lora import check_safetensors, is_local_source
 from cdalign.models.tiny import (
     TINY_RANDOM_FLUX_ID,
     TINY_RANDOM_ID,
@@ -178,6 +178,7 @@ def _from_folder(folder: Path, source: str, **kwargs):
              if index.get(key) in (None, [None, None]) or not (folder / key).is_dir()}
     if cls.__name__ == "StableDiffusionPipeline":
         extra.update(safety_checker=None, requires_safety_checker=False)
+    check_components(folder, index, skip=extra)
     dtype = kwargs.pop("torch_dtype", None)
     if dtype is not None:
         kwargs[_dtype_argument()] = dtype
@@ -185,6 +186,31 @@ def _from_folder(folder: Path, source: str, **kwargs):
     # the libraries' warnings about the weights still show
     with quiet_libraries(messages=False):
         return cls.from_pretrained(str(folder), **kwargs, **extra)
+
+
+def check_components(folder: Path, index: dict, skip=()) -> None:
+    """Before diffusers reads them: every component ``model_index.json`` lists (those in
+    ``skip`` aside) has its folder, whose JSON files parse and whose safetensors files are
+    complete (headers only). The error names the component, the file and the fix, where
+    diffusers' own would name the pipeline folder or another file."""
+    import json
+
+    fix = "copy the whole model folder again (or download it again)"
+    for name, entry in index.items():
+        if name.startswith("_") or name in skip or not (isinstance(entry, list) and entry and entry[0] is not None):
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            raise FileNotFoundError(f"model folder {str(folder)!r}: component {name!r} ({entry[-1]}, listed in its "
+                                    f"model_index.json) is missing: no folder {str(sub)!r}; {fix}")
+        for file in sorted(sub.glob("*.json")):
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ValueError(f"model folder {str(folder)!r}: component {name!r}: {str(file)!r} is not valid JSON "
+                                 f"({err}); it is truncated or corrupt: {fix}") from None
+        for file in sorted(sub.glob("*.safetensors")):
+            check_safetensors(file, f"model folder {str(folder)!r}: component {name!r}")
 
 
 def load_pipeline_with_source(
