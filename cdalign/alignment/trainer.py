@@ -48,6 +48,7 @@ from cdalign.publishing.cards import write_model_card_or_warn
 from cdalign.publishing.hub import push_from_main_process
 from cdalign.rewards.base import build_rewards
 from cdalign.rewards.metrics import EVAL_METRICS
+from cdalign.rewards.remote import RemoteRewardError, remote_rewards_for
 from cdalign.runs import distributed, folders
 from cdalign.runs.atomic import StorageError
 from cdalign.runs.checkpoints import list_checkpoints, remove_stale_temporaries, resolve_checkpoint
@@ -158,7 +159,8 @@ class ConstrainedDDPOTrainer:
         if self.sharded:
             distributed.shard_denoiser(self.denoiser, distributed.fsdp_plugin(acc))
 
-        self.rewards = build_rewards(rewards or {}, self.problem.reward_names, cfg.reward_kwargs, self.device)
+        served = remote_rewards_for(self.problem.reward_names, cfg.remote_rewards)  # a user's callable comes first
+        self.rewards = build_rewards({**served, **(rewards or {})}, self.problem.reward_names, cfg.reward_kwargs, self.device)
         self.sampler = DiffusionSampler(self.pipe, cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, cfg.resolution, self.device)
         self.normalizers: dict[str, RewardStats] = {}
         self.problem.base_statistics = self.normalizers  # relative constraints read the base means here (filled in place)
@@ -384,16 +386,20 @@ class ConstrainedDDPOTrainer:
             if self.resume_path is not None:
                 self.load_checkpoint(self.resume_path)
                 saved = (self.global_step, self.resume_path)
-            self.ensure_normalization()
             bar = tqdm(total=cfg.max_steps, initial=self.global_step, desc="constrained alignment", disable=not acc.is_main_process)
-            stopping = self._stop_requested()
-            while not stopping and self.global_step < cfg.max_steps:
-                bar.set_postfix(progress_postfix(self.step()))
-                bar.update(1)
-                if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < cfg.max_steps:
-                    saved = (self.global_step, self.save_checkpoint())
+            try:
+                self.ensure_normalization()
                 stopping = self._stop_requested()
-            bar.close()
+                while not stopping and self.global_step < cfg.max_steps:
+                    bar.set_postfix(progress_postfix(self.step()))
+                    bar.update(1)
+                    if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < cfg.max_steps:
+                        saved = (self.global_step, self.save_checkpoint())
+                    stopping = self._stop_requested()
+            except RemoteRewardError as err:  # a server that cannot score: the run stops where it can resume
+                raise RemoteRewardError(f"{err}. Training stopped at step {self.global_step}; {self._resume_hint()}") from None
+            finally:
+                bar.close()  # an error message starts on a line of its own
             if stopping:
                 checkpoint = saved[1] if saved and saved[0] == self.global_step else self.save_checkpoint()
                 distributed.end_process_group(acc)
@@ -471,10 +477,14 @@ class ConstrainedDDPOTrainer:
         try:
             return checkpoints.save_trainer_checkpoint(self)
         except StorageError as err:
-            done = list_checkpoints(self.output_dir)
-            last = (f"the last complete checkpoint, {str(done[-1])!r}, is intact: resume from it with "
-                    "--resume_from_checkpoint latest" if done else "no earlier checkpoint exists")
-            raise StorageError(err.errno, f"{err.strerror}; {last}") from err
+            raise StorageError(err.errno, f"{err.strerror}; {self._resume_hint()}") from err
+
+    def _resume_hint(self) -> str:
+        """Where a stopped run continues from: its last complete checkpoint, if any."""
+        done = list_checkpoints(self.output_dir)
+        return (f"the last complete checkpoint, {str(done[-1])!r}, is intact: resume from it with "
+                "--resume_from_checkpoint latest" if done else "no checkpoint was written yet (save_steps sets how often): "
+                "start the run again with --overwrite_output_dir true")
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Continue from checkpoint ``path`` (a folder or ``latest``; refused, as on resume, when

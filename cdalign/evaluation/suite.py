@@ -30,6 +30,7 @@ from cdalign.fields import (
 from cdalign.models.lora import LORA_WEIGHT_NAME
 from cdalign.models.pipeline import PRECISION_DTYPES
 from cdalign.registry import Registry
+from cdalign.rewards.remote import RemoteRewardSpec
 
 # How each checkpoint kind is loaded: name -> CheckpointKind class (a zero-argument factory).
 # Defined with the specs so that a suite names only registered kinds; the kinds themselves
@@ -168,6 +169,11 @@ class EvaluationSuite(ConfigFields):
     reward_kwargs: dict[str, dict] = field(
         default_factory=dict, metadata={"help": "Keyword arguments for building each reward, by reward name."}
     )
+    remote_rewards: dict[str, RemoteRewardSpec] = field(
+        default_factory=dict,
+        metadata={"help": "Rewards scored by a server, by name (the alignment config's remote_rewards; "
+                  "docs/guides/remote_rewards.md); a checkpoint's config.yaml adds the ones it trained with."},
+    )
     constraints: list[dict[str, Any]] | None = field(
         default=None,
         metadata={"help": "Constraints in the trainer's schema ({reward, direction, threshold, normalize} or "
@@ -209,6 +215,8 @@ class EvaluationSuite(ConfigFields):
         check_fields(self)
         for i, c in enumerate(self.checkpoints):
             c.validate(f"checkpoints[{i}]")
+        for name, spec in self.remote_rewards.items():
+            spec.validate(f"remote_rewards.{name}")
         if not self.rewards:
             raise ValueError("rewards: list at least one reward name (see cdalign.rewards.available_rewards())")
         names = [c.name for c in self.checkpoints]
