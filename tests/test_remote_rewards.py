@@ -450,3 +450,15 @@ def test_the_harness_scores_a_remote_reward_like_the_registry_one(tmp_path):
         result = evaluate(suite, None, progress=False)
     rewards = result.checkpoints["base"]["rewards"]
     assert rewards["jpeg_served"]["mean"] == rewards[JPEG]["mean"] and not math.isnan(rewards[JPEG]["mean"])
+
+
+def test_the_served_recipe_is_the_policy_gradient_recipe_with_its_jpeg_constraint_served():
+    from cdalign.alignment.config import config_to_dict, load_config_file
+
+    served = config_to_dict(load_config_file(ROOT / "recipes" / "tiny" / "policy_gradient_served.yaml"))
+    plain = config_to_dict(load_config_file(ROOT / "recipes" / "tiny" / "policy_gradient.yaml"))
+    assert served["remote_rewards"]["jpeg_served"]["url"] == "http://127.0.0.1:8765"
+    assert [c["reward"] for c in served["constraints"]] == ["jpeg_served", "brightness"]  # served beside in-process
+    served["constraints"][0]["reward"] = JPEG
+    differ = {k for k in plain if plain[k] != served[k]}
+    assert differ == {"remote_rewards", "output_dir", "save_steps"}
