@@ -10,7 +10,7 @@ install:
 
 # The main job: constrained alignment of the embedded tiny model, offline on a CPU.
 align: install
-	HF_HUB_OFFLINE=1 accelerate launch --config_file recipes/accelerate_configs/cpu.yaml recipes/align.py
+	HF_HUB_OFFLINE=1 accelerate launch --config_file recipes/accelerate_configs/cpu.yaml -m cdalign align
 
 # The paper's baseline beside the main job: the same run with λ frozen at its initial value and at
 # the mean of the constrained run's final λ; writes comparison.md and samples_comparison.png.
@@ -19,7 +19,7 @@ compare:
 
 # The Space demo on the embedded tiny model: http://127.0.0.1:7860 (runs listed from outputs/).
 demo:
-	HF_HUB_OFFLINE=1 $(PYTHON) demo/app.py --runs_dir outputs
+	HF_HUB_OFFLINE=1 $(PYTHON) -m cdalign demo --runs_dir outputs
 
 test:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q

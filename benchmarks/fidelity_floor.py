@@ -4,11 +4,13 @@ and with the peers' remedy (the KL weight raised by hand), side by side on the s
     python benchmarks/fidelity_floor.py                  # both models (outputs/fidelity_floor)
     python benchmarks/fidelity_floor.py --models flow    # the flow recipe only
 
-Per model (``main``: ``recipes/tiny/multi_reward.yaml``; ``flow``: ``recipes/tiny/flow_multi_reward.yaml``):
+Per model (``main``: the packaged recipe ``tiny/multi_reward``; ``flow``: ``tiny/flow_multi_reward``):
 
 - ``no_floor``: the recipe as shipped;
 - ``floor``: its ``*_floor.yaml`` twin, the same problem plus a ``caption_fidelity`` floor
-  relative to the base model (``relative_to_base``);
+  relative to the base model (``relative_to_base``); for the flow model also that run with
+  the gradient reaching every step (``floor_all_steps``: ``backprop_steps`` = T;
+  ``floor_kl_every_step``: ``kl_grad_steps: all``);
 - ``kl_x<β>``: the peers' remedy. Their runs maximise ``Σ w_i r_i − β·KL`` with hand-set
   weights; on this problem (objective: chain KL) that is λ frozen at ``w / β``. ``w`` is what
   the ``no_floor`` run's duals settled at (mean λ over the second half of its log), so
@@ -44,11 +46,19 @@ from cdalign.publishing.tables import format_ci
 from cdalign.runs.report import AlignmentReport
 
 ROOT = Path(__file__).resolve().parents[1]
+# Recipes packaged with cdalign (cdalign/recipes_data), by name: without and with the floor.
 MODELS = {
-    "main": ("recipes/tiny/multi_reward.yaml", "recipes/tiny/multi_reward_floor.yaml"),
-    "flow": ("recipes/tiny/flow_multi_reward.yaml", "recipes/tiny/flow_multi_reward_floor.yaml"),
+    "main": ("tiny/multi_reward", "tiny/multi_reward_floor"),
+    "flow": ("tiny/flow_multi_reward", "tiny/flow_multi_reward_floor"),
 }
-BETAS = (2.0, 4.0)
+BETAS = (4.0,)
+# Floor runs with the gradient reaching more of the chain (why: benchmarks/hack_timing.py shows at
+# which steps a LoRA repaints backgrounds): the floor's gradient through all T steps, or the chain
+# KL's gradient at every step (its detached state) beside the floor's through the last K.
+FLOOR_VARIANTS = {
+    "flow": {"floor_all_steps": {"backprop_steps": 10}, "floor_kl_every_step": {"kl_grad_steps": "all"}},
+    "main": {},
+}
 ACCURACIES = ("background_accuracy", "color_accuracy", "shape_accuracy")
 
 
@@ -61,9 +71,11 @@ def settled_prices(run: Path) -> list[float]:
 
 
 def configs_for(model: str, out: Path, betas, prices: list[float] | None) -> dict:
-    plain, floor = (load_config_file(ROOT / p) for p in MODELS[model])
+    plain, floor = (load_config_file(name) for name in MODELS[model])
     runs = {"no_floor": dataclasses.replace(plain, output_dir=str(out / model / "no_floor")),
             "floor": dataclasses.replace(floor, output_dir=str(out / model / "floor"))}
+    for name, overrides in FLOOR_VARIANTS[model].items():
+        runs[name] = dataclasses.replace(floor, output_dir=str(out / model / name), **overrides)
     if prices is not None:
         for beta in betas:
             weights = [round(p / beta, 4) for p in prices]

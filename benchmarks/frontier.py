@@ -4,7 +4,7 @@ hand-set weights, all on the embedded tiny model, offline on a CPU.
     python benchmarks/frontier.py                 # the whole experiment (outputs/frontier)
     python benchmarks/frontier.py --quick         # the same code on two grid points, for CI
 
-Every run is ``recipes/align.py`` on the main job's recipe (``recipes/tiny/multi_reward.yaml``),
+Every run is ``recipes/align.py`` on the main job's recipe (``cdalign/recipes_data/tiny/multi_reward.yaml``),
 the same trainer, steps, prompts and seeds; only the duals differ:
 
 - the weighted family: λ frozen (``dual.freeze``) at equal weights on a grid from "misses

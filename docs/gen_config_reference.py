@@ -34,10 +34,10 @@ by hand; `tests/test_docs.py` fails when this page and the code disagree. -->
 Every key of a recipe YAML is a field below, and every field is a command-line flag:
 `--field value` overrides the YAML, `--dual.kappa_i 0.1` sets a field of a nested spec, and a list
 of specs is given whole (`--constraints '[{reward: saturation, direction: low, threshold: -0.5}]'`).
-The scripts print the same help, with the values the recipe sets:
+The commands print the same help, with the values the recipe sets:
 
 ```bash runnable
-python recipes/align.py --help
+cdalign align --help
 ```
 
 How to write a recipe: [guides/alignment.md](../guides/alignment.md); composition recipes:

@@ -61,17 +61,21 @@ def main(argv=None) -> int:
         print(f"error: --names: {len(args.names)} labels for {len(args.runs)} runs; give one per run", file=sys.stderr)
         return 2
 
-    import yaml
-
     runs = [Path(r) for r in args.runs]
     for run in runs:
         missing = [f for f in ("config.yaml", "report.json", "pytorch_lora_weights.safetensors") if not (run / f).is_file()]
         if missing:
             print(f"error: {str(run)!r} is not a finished run (no {', '.join(missing)})", file=sys.stderr)
             return 2
-    config = yaml.safe_load((runs[0] / "config.yaml").read_text())
-    report = json.loads((runs[0] / "report.json").read_text())
-    stats = report["normalization"]
+    from cdalign.fields import read_yaml_mapping
+    from cdalign.runs.report import AlignmentReport
+
+    try:  # errors name the file and what in it is wrong
+        config = read_yaml_mapping(runs[0] / "config.yaml")
+        stats = AlignmentReport.read(runs[0] / "report.json").to_json().get("normalization") or {}
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     model = config["pretrained_model_name_or_path"]
     if model.startswith("cdalign/"):  # an embedded model: its diffusers folder inside the package
         from importlib import resources

@@ -16,22 +16,26 @@ DOCUMENT = PACKAGE.parent / "docs" / "ARCHITECTURE.md"
 
 # Lower layers never import higher ones (docs/ARCHITECTURE.md).
 LAYERS = [
-    (0, r"cdalign\.(registry|fields|hub_access)(\..*)?"),
+    # console: cdalign's warning category and the quieting of other libraries around its calls (imports
+    # nothing from cdalign); recipes_data: the packaged recipes found by name
+    (0, r"cdalign\.(registry|fields|hub_access|console|recipes_data)(\..*)?"),
     (1, r"cdalign\.core(\..*)?"),
     # run infrastructure: atomic files, checkpoint folders, processes, the statistics cache and its
     # keys, run folders, the typed report, signals (imports nothing from alignment/composition/evaluation)
-    (2, r"cdalign\.runs(\.(atomic|checkpoints|distributed|fingerprints|normalization_cache|folders|lock|report|signals))?"),
+    (2, r"cdalign\.runs(\.(atomic|checkpoints|distributed|fingerprints|normalization_cache|folders|lock|report|resources|signals))?"),
     (3, r"cdalign\.data(\..*)?"),
     (4, r"cdalign\.models(\..*)?"),
     (5, r"cdalign\.rewards(\..*)?"),
     (6, r"cdalign\.(publishing(\..*)?|evaluation\.scoring)"),
     (7, r"cdalign\.alignment\.(specs|estimator_settings|estimators|rules|config)"),
     (8, r"cdalign\.evaluation(\..*)?"),
-    # the trainer and what it keeps beside it
-    (9, r"cdalign\.alignment(\.(trainer|checkpoint|report|dual_window|step_log|normalization|trl_compat))?"),
+    # the trainer and what it keeps beside it; `cdalign align`
+    (9, r"cdalign\.alignment(\.(trainer|checkpoint|report|dual_window|step_log|normalization|trl_compat|command))?"),
     (10, r"cdalign\.composition(\..*)?"),
-    (11, r"cdalign\.demo(\..*)?"),  # the demo's catalogue, engine, page and browser (demo/app.py wires them)
-    (12, r"cdalign|cdalign\.hub"),  # the public names, and the command line of ``python -m cdalign.hub``
+    # the demo's catalogue, engine, page, browser and command (demo/app.py and `cdalign demo` wire them)
+    (11, r"cdalign\.demo(\..*)?"),
+    # the public names, the `cdalign` console command (cli, __main__), and ``python -m cdalign.hub``
+    (12, r"cdalign|cdalign\.(hub|cli|__main__)"),
 ]
 # The one pair of folders that import each other, by design: evaluation/scoring.py (layer 6)
 # sits below alignment/config.py (7), which the harness (evaluation/, 8) reads, below the
@@ -161,8 +165,9 @@ def test_the_command_module_is_imported_by_nothing_inside_cdalign(graph):
 
 
 def test_the_math_core_imports_only_the_registry(graph):
+    """... and cdalign.console (the category of cdalign's warnings; quiet imports of diffusers)."""
     outside = [f"{a} imports {b}" for a, edges in graph.items() if a.startswith("cdalign.core")
-               for b, _, _ in edges if not re.fullmatch(r"cdalign\.(core(\..*)?|registry)", b)]
+               for b, _, _ in edges if not re.fullmatch(r"cdalign\.(core(\..*)?|registry|console)", b)]
     assert not outside, "\n".join(outside)
 
 

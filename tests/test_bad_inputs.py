@@ -276,7 +276,7 @@ def test_composition_inputs_are_checked_before_any_component_trains(tmp_path):
     from cdalign.composition.config import config_from_dict as compose_config
 
     data = {"components": [
-        {"name": "ok", "source": str(tmp_path / "ok"), "train_recipe": "recipes/compose/tiny_adapter_brightness.yaml"},
+        {"name": "ok", "source": str(tmp_path / "ok"), "train_recipe": "cdalign/recipes_data/compose/tiny_adapter_brightness.yaml"},
         {"name": "typo", "source": str(tmp_path / "typo"), "train_recipe": str(tmp_path / "no-such-recipe.yaml")},
     ], "output_dir": str(tmp_path / "compose")}
     with pytest.raises(ValueError, match=r"components\[1\]\.train_recipe.*no-such-recipe.yaml: config file not found"):

@@ -273,7 +273,7 @@ def test_missing_component_is_trained_with_the_align_recipe(tmp_path):
 
     cfg = config_from_dict({
         "components": [
-            {"name": "bright", "source": str(tmp_path / "bright"), "train_recipe": "recipes/compose/tiny_adapter_brightness.yaml",
+            {"name": "bright", "source": str(tmp_path / "bright"), "train_recipe": "cdalign/recipes_data/compose/tiny_adapter_brightness.yaml",
              "train_overrides": ["--max_steps", "1", "--num_inference_steps", "2", "--backprop_steps", "1",
                                  "--normalization_batches", "1", "--eval_batches", "1", "--num_grid_images", "0",
                                  "--normalization_cache_dir", str(tmp_path / "cache")]},

@@ -164,17 +164,17 @@ def test_concept_composition_over_sets_pools_the_concept_minimum(tmp_path):
 
 
 def test_tiny_recipes_parse():
-    adapters = parse_config(["--config", "recipes/compose/tiny_adapters.yaml"])
+    adapters = parse_config(["--config", "compose/tiny_adapters"])  # a packaged recipe, by name
     assert adapters.pretrained_model_name_or_path == "cdalign/tiny-shapes-sd"
     assert [c.name for c in adapters.components] == ["brightness", "colorfulness", "contrast", "base"]
-    flow = parse_config(["--config", "recipes/compose/tiny_flow_adapters.yaml"])
+    flow = parse_config(["--config", "cdalign/recipes_data/compose/tiny_flow_adapters.yaml"])
     assert flow.pretrained_model_name_or_path == "cdalign/tiny-shapes-sd3" and flow.eta == 0.7
     assert [c.name for c in flow.components] == ["brightness", "colorfulness", "base"]
     for c in flow.components[:2]:  # each adapter recipe trains on the composition's base model
         adapter = cdalign.parse_config(["--config", c.train_recipe])  # resolved against the recipe
         assert adapter.pretrained_model_name_or_path == flow.pretrained_model_name_or_path
         assert adapter.objective.reward == c.reward and adapter.output_dir == c.source
-    concepts = parse_config(["--config", "recipes/compose/tiny_concepts.yaml"])
+    concepts = parse_config(["--config", "compose/tiny_concepts"])
     assert len(concepts.concept_sets) == 6 and all(c.reward == "shapes_match" for c in concepts.components)
-    mixture = parse_config(["--config", "recipes/compose/tiny_mixture.yaml"])
+    mixture = parse_config(["--config", "cdalign/recipes_data/compose/tiny_mixture.yaml"])
     assert mixture.support_labeler == "shapes" and mixture.pretrained_model_name_or_path == "cdalign/tiny-shapes-sd"

@@ -4,7 +4,6 @@ typed conversion, and validation errors that name the field and the fix."""
 import dataclasses
 import json
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -20,6 +19,7 @@ from cdalign.alignment.config import (
     save_config,
 )
 from cdalign.alignment.specs import ConstraintSpec, DualSpec, ObjectiveSpec
+from cdalign.recipes_data import find_recipe
 
 KNOWN_REWARDS = ["brightness", "colorfulness", "local_contrast", "mps", "saturation"]
 
@@ -615,7 +615,7 @@ def test_help_shows_the_settings_of_the_runs_estimator_in_full_and_lists_the_oth
 
 
 def test_help_follows_the_recipes_estimator(capsys):
-    recipe = Path(__file__).parents[1] / "recipes" / "tiny" / "policy_gradient.yaml"
+    recipe = find_recipe("tiny/policy_gradient")
     text = _help(capsys, parse_config, ["--config", str(recipe), "--help"])
     assert "policy_gradient: inner epochs over each round's samples" in text
     assert "not used by this run (estimator: policy_gradient)" in text
@@ -623,8 +623,7 @@ def test_help_follows_the_recipes_estimator(capsys):
 
 def test_another_estimators_flags_are_accepted_and_refused_by_the_rule():
     with pytest.raises(ValueError, match=r"ppo_epochs: 2 is only used by estimator: policy_gradient"):
-        parse_config(["--config", str(Path(__file__).parents[1] / "recipes" / "tiny" / "multi_reward.yaml"),
-                      "--ppo_epochs", "2"])
+        parse_config(["--config", "tiny/multi_reward", "--ppo_epochs", "2"])
 
 
 def test_help_with_a_config_shows_that_recipes_values(tmp_path, capsys):
@@ -639,7 +638,7 @@ def test_align_recipe_help_shows_the_default_recipe():
     from pathlib import Path
 
     root = Path(__file__).parents[1]
-    steps = load_config_file(root / "recipes" / "tiny" / "multi_reward.yaml").max_steps
+    steps = load_config_file("tiny/multi_reward").max_steps
     done = subprocess.run([sys.executable, str(root / "recipes" / "align.py"), "--help"], cwd=root,
                           capture_output=True, text=True, timeout=300)
     text = " ".join(done.stdout.split())
@@ -657,11 +656,9 @@ def test_compose_help_prints_real_defaults(capsys):
 
 
 def test_compose_help_shows_its_default_recipe(capsys):
-    from pathlib import Path
-
     from cdalign.composition.config import parse_config as parse_compose
 
-    recipe = Path(__file__).parents[1] / "recipes" / "compose" / "tiny_adapters.yaml"
+    recipe = find_recipe("compose/tiny_adapters")
     text = _help(capsys, lambda a: parse_compose(a, default_recipe=recipe), ["--help"])
     assert "[int; default: 32 (from" in text and "tiny_adapters.yaml)]" in text  # --eval_batches
 
@@ -713,6 +710,8 @@ def test_shipped_compose_recipes_name_existing_train_recipes():
 
 
 def test_the_config_engine_imports_nothing_from_cdalign_but_itself():
+    """... the registry, and the lookup of the recipes packaged with cdalign (``--config
+    tiny/multi_reward``; cdalign.recipes_data imports nothing from cdalign)."""
     import ast
     from pathlib import Path
 
@@ -724,7 +723,8 @@ def test_the_config_engine_imports_nothing_from_cdalign_but_itself():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 if name.split(".")[0] == "cdalign":
-                    assert name.startswith("cdalign.fields") or name == "cdalign.registry", (path.name, name)
+                    assert name.startswith("cdalign.fields") or name in ("cdalign.registry", "cdalign.recipes_data"), (
+                        path.name, name)
 
 
 def test_build_parser_defaults_to_the_alignment_config():

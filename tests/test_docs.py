@@ -4,8 +4,9 @@ parses, and the blocks marked ``runnable`` run as written.
 
 Code blocks carry their kind in the info string (docs/index.md, "Code blocks in these pages"):
 ``python runnable`` / ``bash runnable`` are executed here at tiny size (Python blocks with the
-sampler and batch sizes made small through ``cdalign.load_config_file``; ``recipes/align.py``
-commands with ``TINY_ALIGN_FLAGS`` appended); ``slow``, ``gpu``, ``hub`` and ``install`` blocks are
+sampler and batch sizes made small through ``cdalign.load_config_file``; ``cdalign align`` and
+``recipes/align.py`` commands with ``TINY_ALIGN_FLAGS`` appended; ``cdalign`` is ``python -m
+cdalign`` where the console script is not installed); ``slow``, ``gpu``, ``hub`` and ``install`` blocks are
 only parsed (``ast.parse``, ``bash -n``); ``yaml`` blocks are loaded. Runnable blocks run in a
 temporary folder that mirrors the repository root, so their relative outputs never land in it."""
 
@@ -257,13 +258,19 @@ def test_readme_quick_start_trains_two_steps_and_saves_the_lora(python_runs, mir
     assert (mirror / "outputs" / "library-run" / "report.json").is_file()
 
 
+ALIGN_COMMAND = re.compile(r"recipes/align\.py|\bcdalign align\b")
+# The console script `pip install` puts on the PATH; from a checkout that is not installed, the same
+# entry point by its module.
+CDALIGN_ON_PATH = 'command -v cdalign >/dev/null || cdalign() { python -m cdalign "$@"; }\n'
+
+
 def _tiny(command: str) -> str:
-    """Each ``recipes/align.py`` command of a block with ``TINY_ALIGN_FLAGS`` appended (before a
-    trailing comment), unless it asks for ``--help``."""
+    """Each ``cdalign align`` / ``recipes/align.py`` command of a block with ``TINY_ALIGN_FLAGS``
+    appended (before a trailing comment), unless it asks for ``--help``."""
     lines = []
     for line in command.replace("\\\n", " ").split("\n"):
         code, hash_, comment = line.partition(" # ")
-        if "recipes/align.py" in code and "--help" not in code:
+        if ALIGN_COMMAND.search(code) and "--help" not in code:
             code = f"{code.rstrip()} {TINY_ALIGN_FLAGS}"
         lines.append(code + hash_ + comment)
     return "\n".join(lines)
@@ -275,7 +282,7 @@ def bash_runs(mirror):
     runs: dict[str, tuple] = {}
     for block in (b for b in ALL_BLOCKS if b.language == "bash" and "runnable" in b.tags):
         if block.code not in runs:
-            script = "set -euo pipefail\n" + _tiny(block.code)
+            script = "set -euo pipefail\n" + CDALIGN_ON_PATH + _tiny(block.code)
             runs[block.code] = (script, subprocess.run(["bash", "-c", script], cwd=mirror, capture_output=True, text=True,
                                                        env=_env(CDALIGN_CACHE=str(mirror / "cache")), timeout=300))
     return runs

@@ -119,7 +119,7 @@ def test_suite_checkpoints_may_be_mappings_or_strings():
     assert suite.checkpoints[2].scale == 0.5
 
 
-SUITES = Path(__file__).resolve().parents[1] / "evaluation" / "suites"
+SUITES = Path(__file__).resolve().parents[1] / "evaluation" / "suites"  # the checkout's (the GPU suites)
 
 
 def test_cli_flags_are_the_suite_fields_over_the_suite_file():
@@ -167,11 +167,14 @@ def test_composed_checkpoint_needs_components_and_simplex_weights():
 def test_shipped_suites_load(tmp_path):
     from pathlib import Path
 
+    from cdalign.recipes_data import SUITES_DIR
+
     suites = Path(__file__).resolve().parents[1] / "evaluation" / "suites"
-    names = sorted(p.stem for p in suites.glob("*.yaml"))
+    names = sorted(p.stem for p in [*suites.glob("*.yaml"), *SUITES_DIR.glob("*.yaml")])
     assert {"tiny", "sd15_multi_reward", "sd15_reward_adapters", "sd15_concepts"} <= set(names)
-    for name in names:
+    for name in names:  # the checkout's by name in its folder, the packaged ones (tiny) by name alone
         assert load_suite(name, [suites]).name == name
+    assert load_suite("evaluation/suites/tiny.yaml").name == "tiny"  # the path it had before it was packaged
 
 
 def _train(tmp, name, lr, **overrides):

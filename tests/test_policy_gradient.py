@@ -274,7 +274,7 @@ def test_policy_gradient_fields_are_refused_with_reward_backprop(tmp_path):
 def test_defaults_leave_a_reward_backprop_config_as_it_was(tmp_path):
     cfg = tiny_config(tmp_path)
     assert cfg.estimator == "reward_backprop" and cfg.images_per_prompt == 1
-    recipe = load_config_file(Path(__file__).parents[1] / "recipes" / "tiny" / "multi_reward.yaml")
+    recipe = load_config_file("tiny/multi_reward")
     assert recipe.estimator == "reward_backprop" and recipe.images_per_prompt == 1
 
 
@@ -414,7 +414,7 @@ def test_trl_ddpo_row_or_skip(small_bench_dir):
     assert res["unet_calls_per_step"] == 4 + 2  # sampling + trained steps, as cdalign's pg_reward_only
 
 
-@pytest.mark.parametrize("path", ["recipes/tiny/policy_gradient.yaml", "recipes/sd15/policy_gradient_aesthetic_jpeg.yaml"])
+@pytest.mark.parametrize("path", ["cdalign/recipes_data/tiny/policy_gradient.yaml", "recipes/sd15/policy_gradient_aesthetic_jpeg.yaml"])
 def test_policy_gradient_recipes_train_on_jpeg_compressibility_with_another_constraint(path):
     from cdalign.alignment.config import load_config_file
 

@@ -224,7 +224,7 @@ def test_on_error_skip_scores_the_batch_nan_warns_and_counts_it():
 # ----------------------------------------------------------------------------- config
 def _pg(tmp_path, served: str | None = None, **kw):
     """The tiny policy-gradient run: JPEG compressibility (in-process, or served at ``served``)
-    and a brightness guard, as recipes/tiny/policy_gradient.yaml, at tiny size."""
+    and a brightness guard, as the packaged recipe tiny/policy_gradient, at tiny size."""
     name = "jpeg_served" if served else JPEG
     base = dict(estimator="policy_gradient", images_per_prompt=2, backprop_steps=4, num_inference_steps=3,
                 max_steps=3, save_steps=1, dual={"optimizer": "ascent", "lr": 0.5, "init": 0.5},
@@ -430,7 +430,7 @@ def test_a_run_stopped_by_a_dead_server_exits_1_and_resumes_from_its_checkpoint(
         server.stop()
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: training stopped: remote reward 'jpeg_served' at {server.url}: batch 1/1 ")
-    assert "failed 2 times" in err and "Training stopped at step 2" in err
+    assert "failed 2 times" in err and "The run stopped at step 2" in err
     assert f"{str(tmp_path / 'run' / 'checkpoint-2')!r}, is intact: resume from it with --resume_from_checkpoint latest" in err
 
     with RewardServer(build_reward(JPEG), JPEG, port=0) as moved:  # back, on another port: the URL may change
@@ -454,11 +454,24 @@ def test_the_harness_scores_a_remote_reward_like_the_registry_one(tmp_path):
 
 def test_the_served_recipe_is_the_policy_gradient_recipe_with_its_jpeg_constraint_served():
     from cdalign.alignment.config import config_to_dict, load_config_file
+    from cdalign.recipes_data import find_recipe
 
-    served = config_to_dict(load_config_file(ROOT / "recipes" / "tiny" / "policy_gradient_served.yaml"))
-    plain = config_to_dict(load_config_file(ROOT / "recipes" / "tiny" / "policy_gradient.yaml"))
+    served = config_to_dict(load_config_file(find_recipe("tiny/policy_gradient_served")))
+    plain = config_to_dict(load_config_file(find_recipe("tiny/policy_gradient")))
     assert served["remote_rewards"]["jpeg_served"]["url"] == "http://127.0.0.1:8765"
     assert [c["reward"] for c in served["constraints"]] == ["jpeg_served", "brightness"]  # served beside in-process
     served["constraints"][0]["reward"] = JPEG
     differ = {k for k in plain if plain[k] != served[k]}
     assert differ == {"remote_rewards", "output_dir", "save_steps"}
+
+
+def test_a_suite_may_name_its_remote_rewards_among_its_rewards():
+    from cdalign.evaluation.suite import EvaluationSuite, check_reward_names
+
+    suite = EvaluationSuite(rewards=["brightness", "jpeg_served"], remote_rewards={"jpeg_served": {"url": "http://h:1"}})
+    check_reward_names(suite, "suite.yaml")
+    with pytest.raises(ValueError, match=r"suite\.yaml: rewards\[1\]: 'jpeg_serve' is not allowed \(did you mean 'jpeg_served'"):
+        check_reward_names(EvaluationSuite(rewards=["brightness", "jpeg_serve"],
+                                           remote_rewards={"jpeg_served": {"url": "http://h:1"}}), "suite.yaml")
+    with pytest.raises(ValueError, match=r"remote_rewards\.js\.url: 'h:1' is not an http"):
+        EvaluationSuite(remote_rewards={"js": {"url": "h:1"}})

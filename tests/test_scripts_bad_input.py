@@ -32,7 +32,7 @@ def _cases(tmp: Path) -> dict:
             [align, "--pretrained_model_name_or_path", "cdalign/tiny-shape-sd", "--output_dir", str(tmp / "run")],
             "Did you mean the embedded model 'cdalign/tiny-shapes-sd'", tmp / "run"),
         "compose: corrupt component LoRA": (
-            [compose, "--components", f"[{{name: torn, path: '{torn}'}}, {{name: base, type: base}}]",
+            [compose, "--components", f"[{{name: torn, source: '{torn}'}}, {{name: base, kind: base}}]",
              "--output_dir", str(tmp / "compose")],
             "pytorch_lora_weights.safetensors' is corrupt or truncated", tmp / "compose"),
         "compose: missing recipe": ([compose, "--config", str(tmp / "missing.yaml")], "config file not found", None),

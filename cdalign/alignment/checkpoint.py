@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from cdalign.alignment.config import ConstrainedDDPOConfig, config_from_dict, config_to_dict, save_config
 from cdalign.alignment.estimators import RolloutEstimator
+from cdalign.console import CdalignWarning
 from cdalign.core.normalization import RewardStats
 from cdalign.models.lora import check_safetensors
 from cdalign.rewards.remote import transport_free
@@ -46,6 +47,7 @@ RESUME_MAY_DIFFER = (
     "max_steps", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "resume_allow_config_change",
     "logging_steps", "save_steps", "save_total_limit", "report_to", "push_to_hub", "hub_model_id", "hub_private",
     "normalization_cache_dir", "max_nonfinite_batches", "eval_prompts", "eval_batches", "eval_seed", "num_grid_images",
+    "ddp_timeout",
 )
 
 
@@ -214,7 +216,7 @@ def load_trainer_checkpoint(trainer, path: str | os.PathLike) -> None:
         warnings.warn(
             f"checkpoint {str(path)!r}: the reward statistics of {', '.join(stale)} were computed for another "
             "reward, model or setting (or a user callable without cache_key); recomputing them",
-            stacklevel=3,
+            CdalignWarning, stacklevel=3,
         )
     else:
         trainer.normalizers.update({n: RewardStats(**s) for n, s in state.normalizers.items()})

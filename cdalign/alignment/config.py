@@ -32,10 +32,19 @@ from cdalign.alignment.estimators import ESTIMATORS
 from cdalign.alignment.rules import check_rules
 from cdalign.alignment.specs import ConstraintSpec, DualSpec, ObjectiveSpec
 from cdalign.core.kl import KL_ESTIMATORS
-from cdalign.fields import ConfigFields, HelpGroup, check_fields, dataclass_from_dict, read_yaml_mapping, save_yaml
+from cdalign.fields import (
+    CommandLineParser,
+    ConfigFields,
+    HelpGroup,
+    check_fields,
+    dataclass_from_dict,
+    read_yaml_mapping,
+    save_yaml,
+)
 from cdalign.fields import build_parser as _build_parser
 from cdalign.fields import parse_args_to_dict as _parse_args_to_dict
 from cdalign.models.pipeline import MIXED_PRECISIONS
+from cdalign.recipes_data import find_recipe
 from cdalign.rewards.remote import RemoteRewardSpec
 
 __all__ = [
@@ -313,6 +322,16 @@ class ConstrainedDDPOConfig(ConfigFields):
             "choices": MIXED_PRECISIONS,
         },
     )
+    ddp_timeout: int = field(
+        default=600,
+        metadata={
+            "help": "Seconds a multi-process run's collective (gradient and slack averages, the stop check, "
+            "barriers) waits for the other processes before it fails: a process that died or hangs takes the run "
+            "down with an error naming the ranks instead of a hang. Raise it if one process legitimately works "
+            "alone longer (e.g. the main process pushing to the Hub).",
+            "ge": 1,
+        },
+    )
     logging_steps: int = field(default=1, metadata={"help": "Log metrics every this many optimiser steps.", "ge": 1})
     save_steps: int = field(
         default=0,
@@ -441,7 +460,9 @@ def config_to_dict(cfg: ConstrainedDDPOConfig) -> dict:
 
 
 def load_config_file(path) -> ConstrainedDDPOConfig:
-    """Load and validate a YAML recipe; errors name the file."""
+    """Load and validate a YAML recipe: a file, or a recipe packaged with cdalign by name
+    (``"tiny/multi_reward"``, :func:`cdalign.recipes_data.find_recipe`); errors name the file."""
+    path = find_recipe(path)
     data = read_yaml_mapping(path)
     try:
         return config_from_dict(data)
@@ -502,12 +523,12 @@ def _help_parser(argv: list[str], default_recipe=None, prog: str | None = None, 
     """The parser that prints ``--help`` for a run from ``argv``: the values of its recipe
     (``--config``, else ``default_recipe``) as defaults, and in full the settings of the
     estimator it would use (``--estimator``, else the recipe's, else the default)."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = CommandLineParser(prog=prog, add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     pre.add_argument("--estimator")
     known, _ = pre.parse_known_args(argv)
     recipe = known.config or (str(default_recipe) if default_recipe is not None else None)
-    values = read_yaml_mapping(recipe) if recipe is not None else {}
+    values = read_yaml_mapping(find_recipe(recipe)) if recipe is not None else {}
     estimator = known.estimator or values.get("estimator") or ConstrainedDDPOConfig.estimator
     return build_parser(prog=prog, description=description, recipe=recipe, default_recipe=default_recipe,
                         estimator=str(estimator))
@@ -524,9 +545,11 @@ def parse_args_to_dict(cls, argv: list[str] | None = None, parser: argparse.Argu
     return _parse_args_to_dict(cls, argv, parser, **kwargs)
 
 
-def parse_config(argv: list[str] | None = None, default_recipe: str | os.PathLike | None = None) -> ConstrainedDDPOConfig:
+def parse_config(argv: list[str] | None = None, default_recipe: str | os.PathLike | None = None,
+                 prog: str | None = None) -> ConstrainedDDPOConfig:
     """Parse the command line (``sys.argv[1:]`` when ``argv`` is None) into a validated
     config: ``--config recipe.yaml`` (``default_recipe`` when none is given) first, then
     every ``--field value`` on top of it (dotted ``--dual.kappa_i 0.1`` for nested specs).
-    ``--help`` prints every field with the default that will run."""
-    return config_from_dict(parse_args_to_dict(ConstrainedDDPOConfig, argv, default_recipe=default_recipe))
+    ``--help`` prints every field with the default that will run (``prog``: the command
+    it names, default the script's name)."""
+    return config_from_dict(parse_args_to_dict(ConstrainedDDPOConfig, argv, default_recipe=default_recipe, prog=prog))

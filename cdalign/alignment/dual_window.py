@@ -7,19 +7,17 @@ since the last dual step, averaged over the global batch, then one update of λ.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from cdalign.alignment.estimators import BatchEstimate
+from cdalign.console import CdalignWarning
 from cdalign.core.duals import InfeasibilityMonitor
 from cdalign.core.normalization import RewardStats
 from cdalign.core.problem import ConstrainedProblem
 from cdalign.core.targets import ConfidenceTargets
-
-logger = logging.getLogger(__name__)
 
 
 def confidence_targets(
@@ -93,5 +91,4 @@ class DualWindow:
                 f"constraint {name!r} looks infeasible: its dual variable keeps growing while its slack "
                 f"does not improve (step {global_step}); consider loosening its threshold"
             )
-            warnings.warn(msg, stacklevel=2)
-            logger.warning(msg)
+            warnings.warn(msg, CdalignWarning, stacklevel=2)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 from tqdm.auto import tqdm
 
+from cdalign.console import CdalignWarning
 from cdalign.core.normalization import (
     MIN_NORMALIZATION_SAMPLES,
     RewardStats,
@@ -109,6 +110,7 @@ def compute_reward_statistics(
             f"reward normalisation of {', '.join(few)} rests on only {count} base-model samples (fewer than "
             f"{MIN_NORMALIZATION_SAMPLES}): values in σ units (thresholds, slacks, the report) are noisy; raise "
             f"normalization_batches (now {batches} batches of {batch_size * accelerator.num_processes} images)",
+            CdalignWarning,
             stacklevel=4,  # the trainer's caller of compute_normalization (through RewardNormalization.compute)
         )
     return stats

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from cdalign.alignment.specs import REWARD
+from cdalign.console import CdalignWarning
 from cdalign.core.problem import KL
 from cdalign.core.statistics import met_label, paired_difference, summarize, summarize_metric
 from cdalign.core.targets import target_of
@@ -54,7 +55,7 @@ def build_report(trainer, base: CheckpointScores, aligned: CheckpointScores) -> 
         warnings.warn(
             f"evaluation on {n_images} images: a constraint verdict from fewer than {MIN_VERDICT_IMAGES} is "
             "mostly sampling noise (raise eval_batches)",
-            stacklevel=3,
+            CdalignWarning, stacklevel=3,
         )
     kl = summarize(aligned.kl["base"])
     kl_result = KLResult(estimator=cfg.kl_estimator, units="nats", mean=kl["mean"], ci95=kl["ci95"], n=n_images)

@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
 from cdalign.alignment import checkpoint as checkpoints
@@ -32,6 +31,7 @@ from cdalign.alignment.estimators import ESTIMATORS, BatchEstimate, RolloutEstim
 from cdalign.alignment.normalization import RewardNormalization
 from cdalign.alignment.report import DUALS_PLOT_FILE, SAMPLE_GRID_FILE, build_report, plot_history, write_evaluation_files
 from cdalign.alignment.step_log import flat_config, progress_postfix, step_record
+from cdalign.console import CdalignWarning
 from cdalign.core.duals import InfeasibilityMonitor, build_dual_optimizer
 from cdalign.core.families import family_of
 from cdalign.core.normalization import RewardStats
@@ -55,6 +55,7 @@ from cdalign.runs.checkpoints import list_checkpoints, remove_stale_temporaries,
 from cdalign.runs.distributed import full_tensor
 from cdalign.runs.report import REPORT_FILE, AlignmentReport
 from cdalign.runs.lock import release_run_lock
+from cdalign.runs.resources import is_out_of_memory, out_of_memory_error, resume_advice
 from cdalign.runs.signals import StopSignals, TrainingInterrupted
 
 RUN_FOLDER = folders.RunFolder(
@@ -110,9 +111,10 @@ class ConstrainedDDPOTrainer:
         RUN_FOLDER.check(self.output_dir, fresh=self.resume_path is None and not cfg.overwrite_output_dir)
 
         check_trackers_installed(cfg.report_to_list)
-        check_mixed_precision(cfg.mixed_precision, (accelerator or PartialState()).device)
+        check_mixed_precision(cfg.mixed_precision, (accelerator or distributed.process_state(cfg.ddp_timeout)).device)
         log_with = cfg.report_to_list or None
-        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with)
+        self.accelerator = accelerator or distributed.make_accelerator(cfg.ddp_timeout, mixed_precision=cfg.mixed_precision,
+                                                                       log_with=log_with)
         acc = self.accelerator
         self.device = acc.device
 
@@ -291,7 +293,7 @@ class ConstrainedDDPOTrainer:
                 warnings.warn(
                     f"step {self.global_step}: non-finite reward/KL/loss; micro-batch skipped "
                     f"({self.nonfinite_batches}/{cfg.max_nonfinite_batches} allowed)",
-                    stacklevel=2,
+                    CdalignWarning, stacklevel=2,
                 )
                 if self.nonfinite_batches > cfg.max_nonfinite_batches:
                     raise RuntimeError(
@@ -371,7 +373,23 @@ class ConstrainedDDPOTrainer:
 
         SIGINT/SIGTERM while it trains stop it after the current optimiser step: it saves
         ``checkpoint-<step>`` and raises :class:`TrainingInterrupted` (a second Ctrl-C
-        interrupts at once, without a checkpoint). The previous handlers are restored."""
+        interrupts at once, without a checkpoint). The previous handlers are restored.
+
+        In a multi-process run, a collective that fails because another process died or did
+        not answer within ``ddp_timeout`` raises :class:`~cdalign.runs.distributed.ProcessGroupFault`
+        naming the ranks; a step out of memory raises :class:`~cdalign.runs.resources.OutOfMemory`."""
+        try:
+            return self._train()
+        except RemoteRewardError as err:  # a server that cannot score: the run stops where it can resume
+            advice = resume_advice(list_checkpoints(self.output_dir), "once the server answers again")
+            raise RemoteRewardError(f"{err}. The run stopped at step {self.global_step}; {advice}") from None
+        except RuntimeError as err:
+            if self.accelerator.num_processes == 1 or not distributed.is_collective_failure(err):
+                raise
+            advice = resume_advice(list_checkpoints(self.output_dir))
+            raise distributed.collective_failure_error(err, self.accelerator, self.config.ddp_timeout, advice) from err
+
+    def _train(self) -> AlignmentReport:
         cfg, acc = self.config, self.accelerator
         if cfg.eval_batches < 1:  # refused before training, not after it
             raise ValueError("eval_batches: train() ends with the evaluation its report and model card come from; "
@@ -386,20 +404,18 @@ class ConstrainedDDPOTrainer:
             if self.resume_path is not None:
                 self.load_checkpoint(self.resume_path)
                 saved = (self.global_step, self.resume_path)
+            self.ensure_normalization()
             bar = tqdm(total=cfg.max_steps, initial=self.global_step, desc="constrained alignment", disable=not acc.is_main_process)
+            stopping = self._stop_requested()
             try:
-                self.ensure_normalization()
-                stopping = self._stop_requested()
                 while not stopping and self.global_step < cfg.max_steps:
-                    bar.set_postfix(progress_postfix(self.step()))
+                    bar.set_postfix(progress_postfix(self._step_or_out_of_memory()))
                     bar.update(1)
                     if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < cfg.max_steps:
                         saved = (self.global_step, self.save_checkpoint())
                     stopping = self._stop_requested()
-            except RemoteRewardError as err:  # a server that cannot score: the run stops where it can resume
-                raise RemoteRewardError(f"{err}. Training stopped at step {self.global_step}; {self._resume_hint()}") from None
-            finally:
-                bar.close()  # an error message starts on a line of its own
+            finally:  # the bar ends its line, also when a step fails: an error message starts a line of its own
+                bar.close()
             if stopping:
                 checkpoint = saved[1] if saved and saved[0] == self.global_step else self.save_checkpoint()
                 distributed.end_process_group(acc)
@@ -417,6 +433,23 @@ class ConstrainedDDPOTrainer:
         distributed.end_process_group(acc)
         release_run_lock(self.output_dir)  # the run is complete: the folder is free for the next one
         return report
+
+    def _step_or_out_of_memory(self) -> dict:
+        """:meth:`step`; a step that runs out of CPU or GPU memory raises
+        :class:`~cdalign.runs.resources.OutOfMemory` naming the step, the batch, the settings
+        to lower and the last complete checkpoint to resume from."""
+        try:
+            return self.step()
+        except (MemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err):
+                raise
+            cfg, backprop = self.config, not isinstance(self.estimator, RolloutEstimator)
+            raise out_of_memory_error(
+                err, step=self.global_step + 1, device=self.device, train_batch_size=cfg.train_batch_size,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                lower=["train_batch_size", "resolution", *(["backprop_steps"] if backprop else [])],
+                enable=["gradient_checkpointing: true"] if backprop and not cfg.gradient_checkpointing else [],
+                checkpoints=list_checkpoints(self.output_dir)) from err
 
     def _stop_requested(self) -> bool:
         """Whether any process was signalled to stop: all processes stop at the same step."""
@@ -477,14 +510,10 @@ class ConstrainedDDPOTrainer:
         try:
             return checkpoints.save_trainer_checkpoint(self)
         except StorageError as err:
-            raise StorageError(err.errno, f"{err.strerror}; {self._resume_hint()}") from err
-
-    def _resume_hint(self) -> str:
-        """Where a stopped run continues from: its last complete checkpoint, if any."""
-        done = list_checkpoints(self.output_dir)
-        return (f"the last complete checkpoint, {str(done[-1])!r}, is intact: resume from it with "
-                "--resume_from_checkpoint latest" if done else "no checkpoint was written yet (save_steps sets how often): "
-                "start the run again with --overwrite_output_dir true")
+            done = list_checkpoints(self.output_dir)
+            last = (f"the last complete checkpoint, {str(done[-1])!r}, is intact: resume from it with "
+                    "--resume_from_checkpoint latest" if done else "no earlier checkpoint exists")
+            raise StorageError(err.errno, f"{err.strerror}; {last}") from err
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Continue from checkpoint ``path`` (a folder or ``latest``; refused, as on resume, when

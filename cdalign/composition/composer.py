@@ -35,6 +35,7 @@ from cdalign.composition.distill import CompositionDistiller
 from cdalign.composition.evaluation_kind import ComposedModel, DistilledModel
 from cdalign.composition.plotting import plot_divergence_bars, plot_weight_trajectory
 from cdalign.composition.simplex import SimplexDual
+from cdalign.console import CdalignWarning
 from cdalign.core.families import freeze_pipeline
 from cdalign.core.problem import KL, Constraint
 from cdalign.core.sampling import DiffusionSampler
@@ -337,7 +338,7 @@ class ConstrainedComposer:
         infeasible = [self.names[i] for i in self.dual.infeasible(final_kl)]
         for name in infeasible:
             warnings.warn(f"component {name!r}: KL stays above its threshold while its multiplier grows; the "
-                          "threshold looks infeasible (loosen it)", stacklevel=2)
+                          "threshold looks infeasible (loosen it)", CdalignWarning, stacklevel=2)
         distill_report = None
         if cfg.distill.enabled:
             distill_report = self._distill(learned, entries)

@@ -19,6 +19,7 @@ from cdalign.composition.simplex import STEP_SCHEDULES
 from cdalign.composition.supports import SUPPORT_LABELERS
 from cdalign.core.kl import KL_ESTIMATORS
 from cdalign.fields import (
+    CommandLineParser,
     ConfigFields,
     check_fields,
     dataclass_from_dict,
@@ -29,6 +30,7 @@ from cdalign.fields import (
 )
 from cdalign.fields import build_parser as _build_parser
 from cdalign.models.pipeline import MIXED_PRECISIONS
+from cdalign.recipes_data import find_recipe
 
 
 @dataclass
@@ -374,7 +376,9 @@ def resolve_recipe_paths(data: dict, recipe) -> dict:
 
 
 def load_config_file(path):
-    """Load and validate a composition recipe (``and`` or ``or``); errors name the file."""
+    """Load and validate a composition recipe (``and`` or ``or``): a file, or a recipe packaged
+    with cdalign by name (``"compose/tiny_adapters"``); errors name the file."""
+    path = find_recipe(path)
     data = resolve_recipe_paths(read_yaml_mapping(path), path)
     try:
         return config_from_dict(data)
@@ -387,10 +391,11 @@ def save_config(cfg, path) -> None:
     save_yaml(cfg, path)
 
 
-def build_parser(cls, recipe=None, default_recipe=None) -> argparse.ArgumentParser:
+def build_parser(cls, recipe=None, default_recipe=None, prog: str | None = None) -> argparse.ArgumentParser:
     """The command line of composition config ``cls`` (``--help`` shows ``recipe``'s values)."""
     return _build_parser(
         cls,
+        prog=prog,
         description=f"Constrained composition of diffusion models ({cls.__name__}; arXiv 2508.19104). "
         "Give a YAML recipe with --config; --field flags override it (--dual.lr 0.5).",
         recipe=recipe,
@@ -398,17 +403,18 @@ def build_parser(cls, recipe=None, default_recipe=None) -> argparse.ArgumentPars
     )
 
 
-def parse_config(argv: list[str] | None = None, default_recipe=None):
+def parse_config(argv: list[str] | None = None, default_recipe=None, prog: str | None = None):
     """``--config recipe.yaml`` (``default_recipe`` when none is given) then ``--field
     value`` overrides -> a validated config of the class that the recipe's
-    ``composition`` key names. ``--help`` shows the defaults that will run."""
+    ``composition`` key names. ``--help`` shows the defaults that will run (``prog``: the
+    command it names)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = CommandLineParser(prog=prog, add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     pre.add_argument("--composition")
     known, _ = pre.parse_known_args(argv)
     recipe = known.config or (str(default_recipe) if default_recipe is not None else None)
-    raw = read_yaml_mapping(recipe) if recipe else {}
+    raw = read_yaml_mapping(find_recipe(recipe)) if recipe else {}
     kind = known.composition or raw.get("composition", "and")
     if kind not in CONFIG_CLASSES:
         raise not_allowed("composition", kind, tuple(CONFIG_CLASSES))
@@ -416,7 +422,7 @@ def parse_config(argv: list[str] | None = None, default_recipe=None):
     wants_help = any(a in ("-h", "--help") for a in argv)
     shown = recipe if wants_help and raw.get("composition", "and") == kind else None
     raw = parse_args_to_dict(
-        cls, argv, build_parser(cls, recipe=shown, default_recipe=default_recipe),
+        cls, argv, build_parser(cls, recipe=shown, default_recipe=default_recipe, prog=prog),
         default_recipe=default_recipe, resolve_paths=resolve_recipe_paths,
     )
     try:

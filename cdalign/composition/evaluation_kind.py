@@ -27,6 +27,7 @@ from cdalign.evaluation.harness import CheckpointKind
 from cdalign.evaluation.scoring import LoadedCheckpoint
 from cdalign.evaluation.suite import CHECKPOINT_KINDS, CheckpointSpec
 from cdalign.models.adapters import set_denoiser_adapter
+from cdalign.models.lora import delete_adapters
 
 
 def _component_specs(spec: CheckpointSpec) -> list[CheckpointSpec]:
@@ -79,7 +80,7 @@ class ComposedModel(LoadedCheckpoint):
             return
         set_denoiser_adapter(denoiser_of(self.pipe), None)
         if self.adapters:
-            self.pipe.delete_adapters(self.adapters)
+            delete_adapters(self.pipe, self.adapters)
 
 
 class _LatestPredictions:

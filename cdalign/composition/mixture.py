@@ -28,6 +28,7 @@ import torch
 from cdalign.composition.config import MixtureConfig, save_config
 from cdalign.composition.plotting import plot_weight_trajectory
 from cdalign.composition.simplex import SimplexDual
+from cdalign.console import CdalignWarning
 from cdalign.core import seeding
 from cdalign.core.families import family_of, freeze_pipeline
 from cdalign.core.sampling import DiffusionSampler, encode_images
@@ -36,7 +37,7 @@ from cdalign.core.statistics import slack, summarize_metric
 from cdalign.composition.supports import SUPPORT_LABELERS, SupportLabeler
 from cdalign.data.shapes import COLOR_NAMES, write_shapes_folder
 from cdalign.models.adapters import set_denoiser_adapter
-from cdalign.models.lora import LORA_WEIGHT_NAME, save_adapter, trainable_adapter
+from cdalign.models.lora import LORA_WEIGHT_NAME, delete_adapters, save_adapter, trainable_adapter
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.plotting import save_grid
 from cdalign.rewards.metrics import to_uint8
@@ -255,7 +256,8 @@ class MixtureTrainer:
                 shared = supports[names[i]] & supports[names[j]]
                 if shared:
                     warnings.warn(f"datasets {names[j]!r} and {names[i]!r} share support cells {sorted(shared)}: "
-                                  "their masses overlap, and equal masses is no longer the min-max answer", stacklevel=2)
+                                  "their masses overlap, and equal masses is no longer the min-max answer",
+                                  CdalignWarning, stacklevel=2)
         return supports
 
     def _eval_triples(self, i: int):
@@ -331,7 +333,7 @@ class MixtureTrainer:
             one_hot = [1.0 if j == i else 0.0 for j in range(len(self.data))]
             self._train_steps(params, cfg.irreducible_fit_steps, lambda: one_hot, seeding.MIXTURE_ALONE_BATCH + i)
             out.append(float(self.eval_losses()[i]))
-            self.unet.delete_adapters(name)
+            delete_adapters(self.unet, name)
         self.irreducible = out
         return out
 
@@ -374,7 +376,8 @@ class MixtureTrainer:
         d = self.divergences(final)
         infeasible = [self.names[i] for i in self.dual.infeasible(d)]
         for name in infeasible:
-            warnings.warn(f"dataset {name!r}: its loss stays above its threshold; the threshold looks infeasible", stacklevel=2)
+            warnings.warn(f"dataset {name!r}: its loss stays above its threshold; the threshold looks infeasible",
+                          CdalignWarning, stacklevel=2)
         report = {
             "model": cfg.pretrained_model_name_or_path, "datasets": self.names, "loss": cfg.loss,
             "steps": self.global_step, "seconds": time.time() - t0,

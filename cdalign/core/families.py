@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from cdalign.console import quiet_libraries
 from cdalign.core.chains import DDIMChain, FlowSDEChain
 from cdalign.registry import Registry
 
@@ -233,9 +234,14 @@ class ModelFamily:
         return [self.denoiser_of(pipe), pipe.vae, *self.text_encoder_modules(pipe)]
 
     def pipeline_type(self):
+        """The diffusers pipeline class. Its first use imports the pipeline's module, which
+        imports transformers' image processors: without torchvision, transformers says once
+        that it falls back to the PIL ones, which is what cdalign uses anyway (it passes no
+        feature extractor), so that import runs quietly."""
         import diffusers
 
-        return getattr(diffusers, self.pipeline_class)
+        with quiet_libraries():
+            return getattr(diffusers, self.pipeline_class)
 
 
 MODEL_FAMILIES: Registry[ModelFamily] = Registry("pipeline class")

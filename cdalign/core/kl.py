@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from cdalign.console import CdalignWarning
 from cdalign.core.chains import DDIMChain
 from cdalign.registry import Registry
 
@@ -41,7 +42,8 @@ def path_step_weights(chain: DDIMChain) -> torch.Tensor:
     if bool((sigma == 0).all()):
         raise ValueError("kl_estimator='path' needs eta > 0 (with eta = 0 the chains are deterministic); use 'uniform'")
     if bool((sigma == 0).any()):
-        warnings.warn("some steps are deterministic (sigma = 0); they are left out of the path KL", stacklevel=2)
+        warnings.warn("some steps are deterministic (sigma = 0); they are left out of the path KL", CdalignWarning,
+                      stacklevel=2)
     w = chain.output_coef**2 / (2 * sigma**2)
     return torch.where(sigma > 0, w, torch.zeros_like(w))
 

@@ -102,26 +102,55 @@ def load_prompts_with_source(
     return prompts, snapshot
 
 
+def _read_utf8(path: Path) -> str:
+    """The text of a prompt file; ``ValueError`` naming the file, the line and the byte
+    when it is not UTF-8 (e.g. saved as Latin-1 / Windows-1252)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"prompt file {str(path)!r}, line {line}: not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}: "
+            f"{err.reason}); save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
 def _from_file(path: Path, column: str) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(
             f"prompt file {str(path)!r} does not exist; give a file path, a Hub dataset id, "
             f"or one of the prompt sets {PROMPT_SETS.names()}"
         )
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path)
     if path.suffix == ".txt":
         return text.splitlines()
-    try:
-        rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
-    except json.JSONDecodeError as err:
-        raise ValueError(f"prompt file {str(path)!r} is not valid JSON: {err}") from err
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+            places = [f"item {k}" for k in range(len(rows))] if isinstance(rows, list) else []
+        except json.JSONDecodeError as err:
+            raise ValueError(f"prompt file {str(path)!r}, line {err.lineno} column {err.colno}: not valid JSON "
+                             f"({err.msg}); a .json prompt file holds one list of prompts or of objects") from None
+    else:  # .jsonl: one JSON object per line
+        rows, places = [], []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+                places.append(f"line {number}")
+            except json.JSONDecodeError as err:
+                raise ValueError(f"prompt file {str(path)!r}, line {number}: not valid JSON ({err.msg}, column "
+                                 f"{err.colno}); a .jsonl prompt file holds one JSON object per line") from None
     if not isinstance(rows, list):
         raise ValueError(f"prompt file {str(path)!r}: expected a list of prompts or of objects with {column!r}")
     out = []
-    for k, row in enumerate(rows):
+    for where, row in zip(places, rows):
         if isinstance(row, dict):
             if column not in row:
-                raise ValueError(f"prompt file {str(path)!r}, item {k}: no {column!r} key (set prompt_column)")
+                raise ValueError(f"prompt file {str(path)!r}, {where}: no {column!r} column (its keys: "
+                                 f"{', '.join(map(repr, row)) or 'none'}); set prompt_column to the column holding the prompts")
             row = row[column]
         out.append(row)
     return out

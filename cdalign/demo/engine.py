@@ -38,7 +38,7 @@ from cdalign.data.prompt_sets import load_prompts
 from cdalign.demo.catalog import DemoError, Limits, LoraCatalog, LoraSource, check_float, check_int
 from cdalign.evaluation.scoring import AdaptedModel, BaseModel, CheckpointScores, score_checkpoints
 from cdalign.models.adapters import set_denoiser_adapter
-from cdalign.models.lora import LORA_WEIGHT_NAME, load_lora
+from cdalign.models.lora import LORA_WEIGHT_NAME, delete_adapters, load_lora
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.cards import usage_snippet
 from cdalign.publishing.demo_markdown import card_table
@@ -269,7 +269,7 @@ class DemoEngine:
         denoiser = denoiser_of(self.pipe)
         if getattr(denoiser, "_hf_peft_config_loaded", False) and getattr(denoiser, "peft_config", None):
             set_denoiser_adapter(denoiser, None)
-            self.pipe.delete_adapters(list(denoiser.peft_config))
+            delete_adapters(self.pipe, list(denoiser.peft_config))
         freeze_pipeline(self.pipe)
 
     def sampler(self, steps: int) -> DiffusionSampler:
@@ -355,7 +355,7 @@ class DemoEngine:
             resolution=self.resolution,
             kl_estimator=kl_estimator,
             dual=DualAscentSpec(steps=dual_steps, lr=dual_lr, schedule="constant", normalize=True, batch_size=images),
-            # recipes/compose/tiny_adapters.yaml's rate for a few dozen steps
+            # cdalign/recipes_data/compose/tiny_adapters.yaml's rate for a few dozen steps
             distill=DistillSpec(enabled=distill_steps > 0, steps=max(distill_steps, 1), batch_size=min(2, images),
                                 learning_rate=2e-3),
             eval_batches=1,

@@ -30,6 +30,7 @@ from cdalign.alignment.specs import ConstraintSpec, DualSpec
 from cdalign.core.statistics import constraint_decision, mean_and_ci, paired_difference, slack
 from cdalign.evaluation.scoring import EVAL_VALUES_FILE, load_eval_values
 from cdalign.publishing.plotting import pyplot
+from cdalign.recipes_data import find_recipe
 from cdalign.runs.report import REPORT_FILE, AlignmentReport
 
 
@@ -221,8 +222,8 @@ def plot_frontier(plane_path: str | Path, kl_path: str | Path, points: Sequence[
 # The experiment of benchmarks/frontier.py: its runs, their configs, reuse
 # ---------------------------------------------------------------------------------
 
-# The main job's recipe (the repository's; the experiment runs from a checkout).
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "multi_reward.yaml"
+# The main job's recipe (packaged with cdalign).
+RECIPE = find_recipe("tiny/multi_reward")
 X, Y = "colorfulness_high", "brightness_high"  # the recipe's two constraints, in its order
 
 # Equal weights: from "misses both" to "overshoots both" (λ=0.5 is the recipe's dual.init).

@@ -42,6 +42,7 @@ import torch
 
 from cdalign.alignment.config import ConstrainedDDPOConfig, load_config_file
 from cdalign.alignment.specs import REWARD, ObjectiveSpec
+from cdalign.console import CdalignWarning
 from cdalign.core.families import denoiser_of
 from cdalign.core.normalization import (
     MIN_NORMALIZATION_SAMPLES,
@@ -64,6 +65,8 @@ from cdalign.fields import check_mixed_precision, dataclass_from_dict, read_yaml
 from cdalign.hub_access.downloads import download_file
 from cdalign.models.adapters import model_fingerprint
 from cdalign.models.lora import (
+    check_lora_fits,
+    delete_adapters,
     is_local_source,
     load_lora,
     lora_weights_path,
@@ -148,7 +151,7 @@ class _LoraLoaded(AdaptedModel):
         self.pipe, self.adapter = pipe, adapter
 
     def unload(self):
-        self.pipe.delete_adapters(self.adapter)
+        delete_adapters(self.pipe, self.adapter)
 
 
 @CHECKPOINT_KINDS.register("lora")
@@ -335,29 +338,29 @@ def evaluate(
     run_files = {c.name: kinds[c.name].run_files(c) for c in checkpoints}
     run_configs = _run_configs(checkpoints, run_files)
     # rewards scored by a server: those the checkpoints trained with (their config.yaml), then the suite's
-    remote = {n: s for cfg in run_configs.values() for n, s in (cfg.get("remote_rewards") or {}).items()}
-    remote.update(suite.remote_rewards)
+    remote = {**{n: s for cfg in run_configs.values() for n, s in (cfg.get("remote_rewards") or {}).items()}, **suite.remote_rewards}
     problem, constraints_from = _problem_for(suite, checkpoints, run_files, remote)
     kl_estimator, kl_estimator_from = _kl_estimator_for(suite, run_configs)
     if suite.grid_images > len(items):
         warnings.warn(f"grid_images: {suite.grid_images} requested but the evaluation has {len(items)} images per "
-                      f"checkpoint; the grid shows {len(items)}", stacklevel=2)
+                      f"checkpoint; the grid shows {len(items)}", CdalignWarning, stacklevel=2)
 
     reward_names = list(dict.fromkeys(list(suite.rewards) + (problem.reward_names if problem else [])))
-    given = {**remote_rewards_for(reward_names, remote), **(rewards or {})}
-    reward_fns = _build_rewards(reward_names, suite.reward_kwargs, given, device)
+    reward_fns = _build_rewards(reward_names, suite.reward_kwargs, {**remote_rewards_for(reward_names, remote), **(rewards or {})}, device)
     for name, run_cfg in run_configs.items():
         for n, source in (run_cfg.get("reward_sources") or {}).items():
             if n in reward_names and n not in (rewards or {}):
                 warnings.warn(f"checkpoint {name!r} was trained with reward {n!r} from {source}; this evaluation "
                               f"scores the registry reward {n!r} (pass rewards={{{n!r}: ...}} to score the same "
-                              "function)", stacklevel=2)
+                              "function)", CdalignWarning, stacklevel=2)
 
     if pipeline is None:
         pipeline = load_pipeline(suite.model, revision=suite.revision, torch_dtype=precision_dtype(suite.dtype),
                                  what="model")
     pipe = pipeline.to(device)
     pipe.set_progress_bar_config(disable=True)
+    for c in (c for c in checkpoints if c.kind == "lora"):  # a LoRA for another model fails before any sampling
+        check_lora_fits(pipe, kinds[c.name].weights_path(c), f"checkpoint {c.name!r}")
     sampler = DiffusionSampler(pipe, suite.num_inference_steps, suite.eta, suite.guidance_scale, suite.resolution, device)
     kl_sampler = None
     if suite.kl_eta is not None and suite.kl_eta != suite.eta:
@@ -379,7 +382,7 @@ def evaluate(
     if unidentified and use_cache and out is not None:
         warnings.warn(f"rewards {unidentified} are user callables without a cache_key attribute: batches are "
                       "recomputed, not cached (set a cache_key string on them, changed whenever they change)",
-                      stacklevel=2)
+                      CdalignWarning, stacklevel=2)
         use_cache = False
     if out is not None:  # inputs checked: from here one evaluation per output folder (another live one is refused)
         acquire_run_lock(out)
@@ -404,7 +407,7 @@ def evaluate(
     if base_stats and len(items) < MIN_NORMALIZATION_SAMPLES:
         warnings.warn(f"σ units rest on only {len(items)} base-model images (fewer than {MIN_NORMALIZATION_SAMPLES}): "
                       "normalised rewards and constraint verdicts are noisy; raise num_prompts or images_per_prompt",
-                      stacklevel=2)
+                      CdalignWarning, stacklevel=2)
 
     # One normalisation for every row (same footing): base-model samples of this
     # evaluation. A run's training statistics come from other prompts and settings.
@@ -509,7 +512,7 @@ def _kl_estimator_for(suite, run_configs: dict[str, dict]) -> tuple[str, str]:
     if len(set(found.values())) > 1:
         warnings.warn(f"the checkpoints were trained with different chain-KL estimators ({found}); every row "
                       f"reports {found[first]!r} (from {first!r}); set the suite's kl_estimator to choose",
-                      stacklevel=3)
+                      CdalignWarning, stacklevel=3)
     return found[first], f"{first} (config.yaml)"
 
 

@@ -5,7 +5,7 @@ the engine (:mod:`cdalign.fields`): a suite YAML file and the flags of
 same errors (field path, expected type, allowed values, did-you-mean for an unknown key,
 a repeated key named with its line).
 
-    suite = load_suite("tiny", ["evaluation/suites"])          # evaluation/suites/tiny.yaml
+    suite = load_suite("tiny")                                 # cdalign/recipes_data/suites/tiny.yaml (packaged)
     suite = EvaluationSuite(checkpoints=[CheckpointSpec("aligned", source="outputs/run")])
 """
 
@@ -21,15 +21,19 @@ from typing import Any
 
 from cdalign.core.kl import KL_ESTIMATORS
 from cdalign.fields import (
+    CommandLineParser,
     ConfigFields,
     check_fields,
     dataclass_from_dict,
+    not_allowed,
     parse_args,
     read_yaml_mapping,
 )
 from cdalign.models.lora import LORA_WEIGHT_NAME
 from cdalign.models.pipeline import PRECISION_DTYPES
+from cdalign.recipes_data import SUITES_DIR, find_recipe
 from cdalign.registry import Registry
+from cdalign.rewards import REWARDS
 from cdalign.rewards.remote import RemoteRewardSpec
 
 # How each checkpoint kind is loaded: name -> CheckpointKind class (a zero-argument factory).
@@ -244,16 +248,21 @@ def resolve_suite_paths(data: dict, path) -> dict:
 
 def find_suite(name_or_path: str | os.PathLike, search_dirs: Sequence[str | os.PathLike] = ()) -> Path:
     """The suite file ``name_or_path``, or ``<dir>/<name>.yaml`` of the first of
-    ``search_dirs`` that has it; ``FileNotFoundError`` listing the known suites."""
+    ``search_dirs``, then of the suites packaged with cdalign (``cdalign/recipes_data/suites``),
+    that has it; ``FileNotFoundError`` listing the known suites."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    found = [c for c in (Path(d) / f"{name_or_path}.yaml" for d in search_dirs) if c.is_file()]
-    if not found:
-        names = sorted({p.stem for d in search_dirs if Path(d).is_dir() for p in Path(d).glob("*.yaml")})
+    dirs = [*(Path(d) for d in search_dirs), SUITES_DIR]
+    found = [c for c in (d / f"{name_or_path}.yaml" for d in dirs) if c.is_file()]
+    if found:
+        return found[0]
+    try:
+        return find_recipe(name_or_path)  # a packaged suite by its former checkout path (evaluation/suites/tiny.yaml)
+    except ValueError:
+        names = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
         raise FileNotFoundError(f"evaluation suite {str(name_or_path)!r}: no such file, and no suite of that name "
-                                f"(known suites: {', '.join(names) or 'none'})")
-    return found[0]
+                                f"(known suites: {', '.join(names) or 'none'})") from None
 
 
 def load_suite(name_or_path: str | os.PathLike, search_dirs: Sequence[str | os.PathLike] = ()) -> EvaluationSuite:
@@ -265,11 +274,13 @@ def load_suite(name_or_path: str | os.PathLike, search_dirs: Sequence[str | os.P
     return EvaluationSuite.from_dict(data, where=str(path))
 
 
-def _command_line_options(p: argparse.ArgumentParser, suites_dir: Path, default_suite: str, epilog: str | None) -> None:
+def _command_line_options(p: argparse.ArgumentParser, suites_dirs: Sequence[Path], default_suite: str,
+                          epilog: str | None) -> None:
     """The options of ``evaluation/evaluate.py`` that are not suite fields."""
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = epilog
-    p.add_argument("--suite", default=None, help=f"suite name in {suites_dir} (default: {default_suite}); "
+    where = ", ".join([*(str(d) for d in suites_dirs), "the suites packaged with cdalign"])
+    p.add_argument("--suite", default=None, help=f"suite name in {where} (default: {default_suite}); "
                    "--config takes a suite file (or a name) instead")
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=SOURCE[@REVISION]",
                    help="add a LoRA checkpoint: a local output folder or a Hub repo id (repeatable); 'base' adds the base model")
@@ -280,32 +291,46 @@ def _command_line_options(p: argparse.ArgumentParser, suites_dir: Path, default_
     p.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (1 on a shared CPU)")
 
 
-def parse_suite_command_line(argv: list[str] | None, suites_dir: str | os.PathLike, *, default_suite: str = "tiny",
-                             prog: str | None = None, description: str | None = None,
+def parse_suite_command_line(argv: list[str] | None, suites_dir: str | os.PathLike | Sequence[str | os.PathLike] = (),
+                             *, default_suite: str = "tiny", prog: str | None = None, description: str | None = None,
                              epilog: str | None = None) -> tuple[EvaluationSuite, dict]:
     """The suite the command line of ``evaluation/evaluate.py`` describes, and the script's
     own options (``checkpoint``, ``only``, ``output_dir``, ``no_cache``, ``device``,
     ``num_threads``). The suite file (``--config`` path or name, or ``--suite`` name in
-    ``suites_dir``; default ``default_suite``) is read and checked first, so its errors name
+    ``suites_dir``, one folder or several, then among the suites packaged with cdalign;
+    default ``default_suite``) is read and checked first, so its errors name
     the file; then every ``--field`` flag overrides it, ``--checkpoint`` entries are added
     (``--only``: they replace the suite's). Bad input raises ``ValueError`` or
     ``FileNotFoundError``; ``--help`` prints and exits."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    suites_dir = Path(suites_dir)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    one_folder = isinstance(suites_dir, (str, os.PathLike))
+    suites_dirs = [Path(suites_dir)] if one_folder else [Path(d) for d in suites_dir]
+    pre = CommandLineParser(prog=prog, add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     pre.add_argument("--suite")
     chosen, rest = pre.parse_known_args(argv)
     if chosen.config and chosen.suite:
         raise ValueError("give --config or --suite, not both")
-    path = find_suite(chosen.config or chosen.suite or default_suite, [suites_dir])
+    path = find_suite(chosen.config or chosen.suite or default_suite, suites_dirs)
     if not any(a in ("-h", "--help") for a in rest):
-        load_suite(path)  # the file alone: its errors name it
+        check_reward_names(load_suite(path), str(path))  # the file alone: its errors name it
     raw, options = parse_args(EvaluationSuite, rest, default_recipe=path, resolve_paths=resolve_suite_paths,
                               prog=prog, description=description,
-                              add_arguments=lambda p: _command_line_options(p, suites_dir, default_suite, epilog))
+                              add_arguments=lambda p: _command_line_options(p, suites_dirs, default_suite, epilog))
     if "rewards" in raw and isinstance(raw["rewards"], list):  # --rewards a,b as well as --rewards a b
         raw["rewards"] = [r.strip() for text in raw["rewards"] for r in str(text).split(",") if r.strip()]
     extra = [CheckpointSpec.from_value(c, f"--checkpoint {c!r}") for c in options["checkpoint"]]
     raw["checkpoints"] = extra if options["only"] else list(raw.get("checkpoints") or []) + extra
-    return dataclass_from_dict(EvaluationSuite, raw), options
+    suite = dataclass_from_dict(EvaluationSuite, raw)
+    check_reward_names(suite, "--rewards")
+    return suite, options
+
+
+def check_reward_names(suite: EvaluationSuite, where: str) -> None:
+    """Every reward of ``suite`` is registered (``cdalign.rewards.REWARDS``) or one of its
+    ``remote_rewards``, else ``ValueError`` naming ``where``, the entry and the closest name.
+    For suites a command line reads: a library caller may pass its own reward callables to
+    ``evaluate`` instead."""
+    for i, name in enumerate(suite.rewards):
+        if name not in REWARDS and name not in suite.remote_rewards:
+            raise not_allowed(f"{where}: rewards[{i}]", name, [*REWARDS.names(), *suite.remote_rewards])

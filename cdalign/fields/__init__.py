@@ -8,14 +8,16 @@ YAML files and the command line by one converter, with one set of error messages
 - :mod:`~cdalign.fields.yaml_io`: :func:`read_yaml_mapping` (safe loader, a repeated key
   is an error naming the key, the line and the column), :func:`save_yaml`.
 - :mod:`~cdalign.fields.cli`: :func:`build_parser` / :func:`parse_args` (``--config``
-  recipe then ``--field`` overrides; ``--help`` shows the values that will run, fields
-  grouped by :class:`HelpGroup` where a config asks).
+  recipe, a file or a recipe packaged with cdalign by name, then ``--field`` overrides;
+  ``--help`` shows the values that will run, fields grouped by :class:`HelpGroup` where a
+  config asks); :class:`CommandLineParser` (argparse errors as one ``error:`` line).
 - :mod:`~cdalign.fields.checks`: checks of run settings against this machine (output
   folder writable, trackers installed, no float16 on a CPU).
 
 The engine knows no particular config: alignment (``cdalign.alignment.config``),
 composition (``cdalign.composition.config``) and evaluation suites
-(``cdalign.evaluation.suite``) are built on it. It imports nothing from cdalign."""
+(``cdalign.evaluation.suite``) are built on it. From cdalign it imports only the lookup of
+the packaged recipes (``cdalign.recipes_data``)."""
 
 from cdalign.fields.checks import (
     TRACKER_PACKAGES,
@@ -24,6 +26,7 @@ from cdalign.fields.checks import (
     check_trackers_installed,
 )
 from cdalign.fields.cli import (
+    CommandLineParser,
     HelpGroup,
     build_parser,
     format_default,
@@ -55,6 +58,7 @@ from cdalign.fields.yaml_io import (
 
 __all__ = [
     "TRACKER_PACKAGES",
+    "CommandLineParser",
     "ConfigFields",
     "HelpGroup",
     "build_parser",

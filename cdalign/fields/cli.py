@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from cdalign.fields.coercion import (
+    check_mapping,
     choices_of,
     closest,
     field_default,
@@ -29,8 +30,9 @@ from cdalign.fields.coercion import (
     type_name,
 )
 from cdalign.fields.yaml_io import parse_yaml, read_yaml_mapping
+from cdalign.recipes_data import RECIPES_DIR, find_recipe
 
-__all__ = ["HelpGroup", "build_parser", "format_default", "parse_args", "parse_args_to_dict"]
+__all__ = ["CommandLineParser", "HelpGroup", "build_parser", "format_default", "parse_args", "parse_args_to_dict"]
 
 # On the command line these spell "no value" for a field whose type allows None.
 CLI_NONE = ("none", "null", "~")
@@ -49,6 +51,15 @@ class HelpGroup:
     description: str
     fields: tuple[str, ...]
     collapsed: bool = False
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors read as every cdalign command's do: one
+    line, ``error: <message> (see <prog> --help)``, exit code 2 (argparse prints the whole
+    usage first, which for a config's command line is a screen of flags)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def format_default(value, limit: int = 300) -> str:
@@ -105,12 +116,15 @@ def _add_field_argument(group, flag: str, f: dataclasses.Field, tp, default=data
 
 
 def _display_path(path) -> str:
-    """``path`` relative to the current directory when it lies below it, else as given."""
+    """``path`` relative to the current directory when it lies below it; a packaged recipe
+    as ``cdalign/recipes_data/<name>.yaml``; else as given."""
     p = Path(path)
-    try:
-        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return str(p)
+    for root, prefix in ((Path.cwd(), ""), (RECIPES_DIR, "cdalign/recipes_data/")):
+        try:
+            return prefix + p.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            continue
+    return str(p)
 
 
 def build_parser(
@@ -131,15 +145,18 @@ def build_parser(
     a YAML recipe whose values ``--help`` shows as the defaults, marked "(from <recipe>)",
     where it sets a field (what a run with it uses); ``default_recipe``: the recipe loaded
     when no ``--config`` is given, named in ``--config``'s help."""
+    recipe = find_recipe(recipe) if recipe is not None else None
     values = read_yaml_mapping(recipe) if recipe is not None else {}
     label = _display_path(recipe) if recipe is not None else None
     description = description or cls.__doc__
     if label:
         description += (f" Defaults shown are what runs: the values of {label} where it sets a field "
                         f"(marked 'from {label}'), else the field's built-in default.")
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    parser = CommandLineParser(prog=prog, description=description, allow_abbrev=False)
     config_help = "YAML recipe to load first" + (
-        f" (default: {_display_path(default_recipe)})." if default_recipe is not None else " (default: none).")
+        f" (default: {_display_path(default_recipe)})" if default_recipe is not None else " (default: none)") + (
+        ": a file, or a recipe packaged with cdalign by its name (its path under cdalign/recipes_data, e.g. "
+        "tiny/multi_reward).")
     parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help.replace("%", "%%"))
     group_of = {name: g for g in help_groups for name in g.fields}
     arg_groups = {}  # title -> the argparse group, made at its first field
@@ -271,10 +288,14 @@ def parse_args(
     given = vars(namespace)
     raw: dict = {}
     if "config" in given:
-        path = given.pop("config")
+        path = find_recipe(given.pop("config"))  # a file, or a recipe packaged with cdalign by name
         raw = read_yaml_mapping(path)
         if resolve_paths is not None:
             raw = resolve_paths(raw, Path(path))
+        try:  # the file's own values (those no flag replaces): their errors name the file
+            check_mapping(cls, raw, skip={flag.split(".", 1)[0] for flag in given})
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     typed = field_types(cls)
     extras = {}
     for flag in sorted(given, key=lambda k: "." in k):  # whole specs before their dotted keys

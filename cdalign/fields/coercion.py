@@ -25,6 +25,7 @@ from collections.abc import Mapping
 __all__ = [
     "ConfigFields",
     "check_fields",
+    "check_mapping",
     "choices_of",
     "closest",
     "dataclass_from_dict",
@@ -299,10 +300,8 @@ def _parse_float(value) -> float | None:
         return None
 
 
-def _from_mapping(cls, mapping, path: str):
-    """Build dataclass ``cls`` from a mapping, converting each value by its declared type."""
-    if not isinstance(mapping, Mapping):
-        raise _type_error(path, mapping, cls, f"valid keys: {', '.join(f.name for f in dataclasses.fields(cls))}")
+def _unknown_keys(cls, mapping, path: str) -> list[str]:
+    """One problem per key of ``mapping`` that is not a field of ``cls`` (with a suggestion)."""
     typed = field_types(cls)
     problems = []
     for key in mapping:
@@ -321,6 +320,15 @@ def _from_mapping(cls, mapping, path: str):
         suggestion = (did_you_mean(key, typed) or (f"did you mean {renamed[old]!r} (formerly {old!r})?" if old else None)
                       or f"valid keys: {', '.join(typed)}")
         problems.append(f"{where}: unknown key; {suggestion}")
+    return problems
+
+
+def _from_mapping(cls, mapping, path: str):
+    """Build dataclass ``cls`` from a mapping, converting each value by its declared type."""
+    if not isinstance(mapping, Mapping):
+        raise _type_error(path, mapping, cls, f"valid keys: {', '.join(f.name for f in dataclasses.fields(cls))}")
+    typed = field_types(cls)
+    problems = _unknown_keys(cls, mapping, path)
     for f, _ in fields_with_types(cls):
         if f.name not in mapping and field_default(f) is dataclasses.MISSING:
             problems.append(f"{_join(path, f.name)}: required")
@@ -328,6 +336,20 @@ def _from_mapping(cls, mapping, path: str):
         raise ValueError("; ".join(problems))
     kwargs = {key: _coerce(value, typed[key], _join(path, key), lenient=True) for key, value in mapping.items()}
     return cls(**kwargs)
+
+
+def check_mapping(cls, data: Mapping, skip=()) -> None:
+    """Check the keys and values of ``data`` (part of a mapping for ``cls``, e.g. one recipe
+    file before command-line flags complete it) as :func:`dataclass_from_dict` converts
+    them, without requiring the fields it lacks; keys in ``skip`` are left out. Raises the
+    same ``ValueError`` (field path, expected type, did-you-mean)."""
+    problems = _unknown_keys(cls, data, "")
+    if problems:
+        raise ValueError("; ".join(problems))
+    typed = field_types(cls)
+    for key, value in data.items():
+        if key not in skip:
+            _coerce(value, typed[key], str(key), lenient=True)
 
 
 def dataclass_from_dict(cls, data: Mapping, path: str = ""):

@@ -33,13 +33,17 @@ def check_safetensors(path: str | os.PathLike, what: str = "") -> Path:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    fix = "write it again (rerun the job that made it) or download it again"
+    if path.is_file() and path.stat().st_size == 0:
+        raise CorruptFileError(f"{what + ': ' if what else ''}{str(path)!r} is empty (0 bytes), not a safetensors "
+                               f"file (an interrupted copy or download?): {fix}")
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except SafetensorError as err:
         raise CorruptFileError(
             f"{what + ': ' if what else ''}{str(path)!r} is corrupt or truncated ({err}); it is not a complete "
-            "safetensors file: write it again (rerun the job that made it) or download it again"
+            f"safetensors file: {fix}"
         ) from None
     return path
 
@@ -67,35 +71,112 @@ def lora_weights_path(source: str, *, weight_name: str = LORA_WEIGHT_NAME, revis
 
 
 @contextlib.contextmanager
-def quiet_diffusers():
-    """Silence diffusers' per-load warnings (e.g. 'no LoRA keys for the text encoder')."""
-    from diffusers.utils import logging as dlogging
+def several_adapters():
+    """Around cdalign's own calls that add an adapter to a denoiser that has one already:
+    peft warns at every such injection ("Already found a `peft_config` attribute in the
+    model. This will lead to having multiple adapters"), and keeping several adapters on one
+    denoiser is how cdalign composes, distils and compares (the components, a student, a
+    trained LoRA beside the base). peft has no call that adds a second adapter without it
+    (diffusers' own ``load_lora_adapter`` gives it too), so only that message is ignored, and
+    only inside the block; so is its counterpart when cdalign deletes one of them ("Adapter
+    X was active which is now deleted"): cdalign sets the active adapters itself before
+    every use (:mod:`cdalign.models.adapters`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted", category=UserWarning)
+        yield
 
-    level = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters is the point
-            yield
-    finally:
-        dlogging.set_verbosity(level)
+
+def delete_adapters(model, names: str | Sequence[str]) -> None:
+    """Delete adapter(s) ``names`` from ``model`` (a pipeline or a denoiser) inside
+    :func:`several_adapters`."""
+    with several_adapters():
+        model.delete_adapters(names)
+
+
+def _keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+# LoRA tensor names (diffusers' and peft's spellings) -> which factor: "down" (A: rank x in)
+# or "up" (B: out x rank).
+_LORA_FACTORS = {".lora.down.weight": "down", ".lora_A.weight": "down", ".lora.up.weight": "up", ".lora_B.weight": "up"}
+
+
+def lora_shape_mismatches(path: str | os.PathLike, denoiser, prefix: str) -> list[str]:
+    """The tensors of the LoRA file ``path`` (read from its header, no tensor loaded) whose
+    shapes do not fit the layers of ``denoiser`` they adapt, each as ``tensor 'name' has
+    shape [...], the base model's <layer> needs [...]``. ``prefix``: the denoiser's key prefix
+    (``unet``, ``transformer``); tensors of other parts (text encoders) and layers the base
+    model lacks are left to the loader."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    modules = dict(denoiser.named_modules())
+    problems = []
+    for key, shape in shapes.items():
+        suffix = next((s for s in _LORA_FACTORS if key.endswith(s)), None)
+        name = key[: -len(suffix)] if suffix else None
+        if name is not None and name.startswith(prefix + "."):
+            name = name[len(prefix) + 1 :]
+        layer = modules.get(name) if name is not None else None
+        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        if isinstance(layer, torch.nn.Linear):
+            fan_in, fan_out = layer.in_features, layer.out_features
+        elif isinstance(layer, torch.nn.Conv2d):
+            fan_in, fan_out = layer.in_channels, layer.out_channels
+        else:
+            continue
+        down = _LORA_FACTORS[suffix] == "down"
+        if len(shape) < 2 or shape[1 if down else 0] != (fan_in if down else fan_out):
+            need = [shape[0] if shape else "rank", fan_in, *shape[2:]] if down else [fan_out, *shape[1:2], *shape[2:]]
+            problems.append(f"tensor {key!r} has shape {shape}, the base model's {prefix}.{name} needs {need}")
+    return problems
+
+
+def check_lora_fits(pipe, path: str | os.PathLike, what: str = "LoRA") -> None:
+    """``ValueError`` naming the file, the first tensor whose shape does not fit ``pipe``'s
+    denoiser and both shapes (:func:`lora_shape_mismatches`), before anything is loaded."""
+    problems = lora_shape_mismatches(path, denoiser_of(pipe), family_of(pipe).denoiser)
+    if problems:
+        more = f" (and {len(problems) - 1} more tensors)" if len(problems) > 1 else ""
+        raise ValueError(f"{what}: the LoRA {str(path)!r} does not fit this base model: {problems[0]}{more}; it was "
+                         "trained for another base model (or architecture): load it onto the model it was trained on")
 
 
 def load_lora(
     pipe, source: str, adapter_name: str, *, weight_name: str = LORA_WEIGHT_NAME, revision: str | None = None, what: str = "LoRA"
 ) -> Path:
     """Load a LoRA onto ``pipe``'s denoiser (UNet or transformer) as adapter ``adapter_name`` (frozen). A LoRA made
-    for another architecture raises ``ValueError`` saying so. Returns the weights path."""
+    for another architecture raises ``ValueError`` saying so (naming a tensor that does not fit and both shapes).
+    Returns the weights path.
+
+    A LoRA in the layout cdalign writes (every key under the denoiser's prefix, ``unet.`` or
+    ``transformer.``) goes straight to the denoiser (``load_lora_adapter``): cdalign's LoRAs
+    adapt the denoiser only, so the text encoders are not searched for keys they cannot
+    have (diffusers' "No LoRA keys associated to CLIPTextModel"). Any other layout (kohya,
+    text-encoder LoRAs) goes through the pipeline's ``load_lora_weights``, which converts it."""
     path = lora_weights_path(source, weight_name=weight_name, revision=revision, what=what)
+    check_lora_fits(pipe, path, what)
+    denoiser = denoiser_of(pipe)
+    prefix = family_of(pipe).denoiser
     try:
-        with quiet_diffusers():
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+        with several_adapters():
+            if all(k.startswith(f"{prefix}.") for k in _keys(path)):
+                denoiser.load_lora_adapter(str(path.parent), weight_name=path.name, prefix=prefix,
+                                           adapter_name=adapter_name, _pipeline=pipe)
+            else:
+                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as err:
         raise ValueError(
             f"{what}: the LoRA {source!r} does not fit this base model ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:300]}); it was trained for another architecture or rank layout"
         ) from err
-    for p in adapter_parameters(denoiser_of(pipe), adapter_name):
+    for p in adapter_parameters(denoiser, adapter_name):
         p.requires_grad_(False)
     return path
 
@@ -109,7 +190,7 @@ def add_lora_adapter(
     parameters are :func:`~cdalign.models.adapters.adapter_parameters` ``(denoiser, adapter_name)``."""
     from peft import LoraConfig
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), several_adapters():
         torch.manual_seed(seed)
         denoiser.add_adapter(
             LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(target_modules)),

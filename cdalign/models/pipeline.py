@@ -16,9 +16,10 @@ from typing import Callable
 
 import torch
 
+from cdalign.console import quiet_libraries
 from cdalign.core.families import MODEL_FAMILIES, family_of, supported_pipelines
 from cdalign.hub_access.downloads import hub_offline, repo_id_problem, snapshot_of
-from cdalign.models.lora import is_local_source
+from cdalign.models.lora import check_safetensors, is_local_source
 from cdalign.models.tiny import (
     TINY_RANDOM_FLUX_ID,
     TINY_RANDOM_ID,
@@ -49,6 +50,17 @@ PRECISION_DTYPES: dict[str, torch.dtype] = {
 }
 # What a config's ``mixed_precision`` may say (accelerate's names): the first three keys.
 MIXED_PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")
+
+
+def _dtype_argument() -> str:
+    """The keyword diffusers' ``from_pretrained`` reads the weights' dtype from: ``dtype``
+    since diffusers 0.42 (``torch_dtype`` still works there, with a FutureWarning), before
+    that ``torch_dtype``."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return "dtype" if Version(version("diffusers")).release >= (0, 42) else "torch_dtype"
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -143,8 +155,6 @@ def pipeline_class_of(folder: Path, source: str):
     family for it; else ``ValueError`` naming the supported classes."""
     import json
 
-    import diffusers
-
     try:
         name = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))["_class_name"]
     except (OSError, ValueError, KeyError) as err:
@@ -153,7 +163,7 @@ def pipeline_class_of(folder: Path, source: str):
         raise ValueError(
             f"pipeline {source!r} is a {name}; cdalign supports {supported_pipelines()} (see cdalign.core.families)"
         )
-    return getattr(diffusers, name)
+    return MODEL_FAMILIES.get(name).pipeline_type()
 
 
 def _from_folder(folder: Path, source: str, **kwargs):
@@ -168,7 +178,39 @@ def _from_folder(folder: Path, source: str, **kwargs):
              if index.get(key) in (None, [None, None]) or not (folder / key).is_dir()}
     if cls.__name__ == "StableDiffusionPipeline":
         extra.update(safety_checker=None, requires_safety_checker=False)
-    return cls.from_pretrained(str(folder), **kwargs, **extra)
+    check_components(folder, index, skip=extra)
+    dtype = kwargs.pop("torch_dtype", None)
+    if dtype is not None:
+        kwargs[_dtype_argument()] = dtype
+    # no 'Loading pipeline components' / 'Loading weights' bars (a load takes seconds; the run's own bars follow);
+    # the libraries' warnings about the weights still show
+    with quiet_libraries(messages=False):
+        return cls.from_pretrained(str(folder), **kwargs, **extra)
+
+
+def check_components(folder: Path, index: dict, skip=()) -> None:
+    """Before diffusers reads them: every component ``model_index.json`` lists (those in
+    ``skip`` aside) has its folder, whose JSON files parse and whose safetensors files are
+    complete (headers only). The error names the component, the file and the fix, where
+    diffusers' own would name the pipeline folder or another file."""
+    import json
+
+    fix = "copy the whole model folder again (or download it again)"
+    for name, entry in index.items():
+        if name.startswith("_") or name in skip or not (isinstance(entry, list) and entry and entry[0] is not None):
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            raise FileNotFoundError(f"model folder {str(folder)!r}: component {name!r} ({entry[-1]}, listed in its "
+                                    f"model_index.json) is missing: no folder {str(sub)!r}; {fix}")
+        for file in sorted(sub.glob("*.json")):
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ValueError(f"model folder {str(folder)!r}: component {name!r}: {str(file)!r} is not valid JSON "
+                                 f"({err}); it is truncated or corrupt: {fix}") from None
+        for file in sorted(sub.glob("*.safetensors")):
+            check_safetensors(file, f"model folder {str(folder)!r}: component {name!r}")
 
 
 def load_pipeline_with_source(
@@ -202,10 +244,13 @@ def load_pipeline_with_source(
             _check_hub_id(name_or_path, revision, what)
             try:
                 # diffusers' own download: only the files from_pretrained needs (safetensors, this
-                # variant), into the Hub cache folder named after the commit the revision resolved to
-                folder = DiffusionPipeline.download(
-                    name_or_path, revision=revision, variant=variant, use_safetensors=True
-                )
+                # variant), into the Hub cache folder named after the commit the revision resolved to.
+                # Quiet: its "Couldn't connect to the Hub ... Will try to load from local cache" lines
+                # come before the error below, which says the same and what to do
+                with quiet_libraries():
+                    folder = DiffusionPipeline.download(
+                        name_or_path, revision=revision, variant=variant, use_safetensors=True
+                    )
             except Exception as err:  # not found / revision not found / offline and uncached
                 raise _model_not_found(name_or_path, revision, what, err) from None
             snapshot = snapshot_of(name_or_path, revision, "model", folder)

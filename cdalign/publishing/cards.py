@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from cdalign.console import CdalignWarning
 from cdalign.core.families import MODEL_FAMILIES
 from cdalign.core.normalization import MIN_NORMALIZATION_SAMPLES
 from cdalign.core.problem import KL
@@ -428,5 +429,6 @@ def write_model_card_or_warn(output_dir: str | os.PathLike, **kwargs) -> Path | 
     try:
         return write_model_card(output_dir, **kwargs)
     except Exception as err:
-        warnings.warn(f"model card not written to {str(Path(output_dir) / 'README.md')!r}: {err}", stacklevel=2)
+        warnings.warn(f"model card not written to {str(Path(output_dir) / 'README.md')!r}: {err}", CdalignWarning,
+                      stacklevel=2)
         return None

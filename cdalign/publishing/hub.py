@@ -1,7 +1,8 @@
 """The Hugging Face Hub round trip: push an output folder, pull LoRAs back by repo id.
 
-    python -m cdalign.hub push outputs/tiny-multi-reward --repo_id you/tiny-constrained-lora
-    python -m cdalign.hub pull you/tiny-constrained-lora --revision main --local_dir ./lora
+    cdalign hub push outputs/tiny-multi-reward --repo_id you/tiny-constrained-lora
+    cdalign hub pull you/tiny-constrained-lora --revision main --local_dir ./lora
+    python -m cdalign.hub push ...            # the same command, by its module
 
 A push happens only after the local save and touches nothing local except the model card
 it (re)writes, so a failed push loses nothing and is retried with the same command. The
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from cdalign.fields import CommandLineParser
 from cdalign.models.lora import LORA_WEIGHT_NAME
 from cdalign.publishing.cards import write_model_card
 from cdalign.publishing.embedded import MODEL_NAME, publish_embedded
@@ -143,8 +145,8 @@ def push_from_main_process(accelerator, output_dir: str | os.PathLike, repo_id: 
     return url
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cdalign.hub", description=__doc__.split("\n\n")[0])
+def _build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog=prog or "python -m cdalign.hub", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     push = sub.add_parser("push", help="upload a trainer output folder (LoRA, card, report, plots; not checkpoints)")
     push.add_argument("output_dir", help="folder written by the trainer (holds pytorch_lora_weights.safetensors)")
@@ -200,10 +202,11 @@ def pull(repo_id: str, local_dir: str | os.PathLike, revision: str | None = None
         raise
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done, 2 bad input (invalid repo id, missing folder or repo), 1 the Hub
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``cdalign hub`` (``python -m cdalign.hub``; ``prog`` names it in ``--help`` and errors).
+    Exit codes: 0 done, 2 bad input (invalid repo id, missing folder or repo), 1 the Hub
     failed (unreachable, refused the commit: retry)."""
-    args = _build_parser().parse_args(argv)
+    args = _build_parser(prog).parse_args(argv)
     if args.command == "push":
         evaluation = None
         try:

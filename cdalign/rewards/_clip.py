@@ -10,8 +10,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from cdalign.console import quiet_libraries
 from cdalign.hub_access.model_files import CLIP_TOKENIZER_FILES, PREPROCESSOR_FILES, require_file, resolve_folder
-from cdalign.rewards._loading import quiet_transformers
 from cdalign.rewards._preprocess import (
     ImageTransform,
     transform_from_preprocessor_config,
@@ -168,6 +168,6 @@ def build_clip_from_config(config_folder: Path, purpose: str):
     from transformers import CLIPConfig, CLIPModel
 
 
-    with quiet_transformers():
+    with quiet_libraries():
         config = CLIPConfig.from_pretrained(str(config_folder))
     return CLIPModel(config)

@@ -5,12 +5,13 @@ never trusted, and a checkpoint that does not match its model is refused naming 
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+
+from cdalign.console import quiet_libraries
 
 
 def load_state_dict(path: Path, purpose: str) -> dict[str, torch.Tensor]:
@@ -70,28 +71,10 @@ def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], p
     module.load_state_dict(kept, strict=True)
 
 
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' per-load reports and progress bars (loading results are
-    checked by the callers instead)."""
-    from transformers.utils import logging as hf_logging
-
-    previous = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def from_pretrained_checked(cls, folder: Path, purpose: str, allow_unexpected: bool = False, **kwargs):
     """``cls.from_pretrained(folder)`` (a resolved local folder) in float32, eval mode,
     frozen; fails if any weight was missing from the checkpoint (randomly initialised)."""
-    with quiet_transformers():
+    with quiet_libraries():  # per-load reports and bars: what loaded is checked below
         model, info = cls.from_pretrained(str(folder), output_loading_info=True, dtype=torch.float32, **kwargs)
     missing = list(info.get("missing_keys") or [])
     mismatched = list(info.get("mismatched_keys") or [])

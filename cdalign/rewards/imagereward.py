@@ -31,8 +31,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from cdalign.console import quiet_libraries
 from cdalign.hub_access.model_files import require_file, resolve_folder
-from cdalign.rewards._loading import load_into, load_state_dict, quiet_transformers
+from cdalign.rewards._loading import load_into, load_state_dict
 from cdalign.rewards._preprocess import clip_transform
 from cdalign.rewards.aesthetic import AestheticMLP
 from cdalign.rewards.base import REWARDS, Reward, check_inputs
@@ -192,7 +193,7 @@ class ImageRewardReward(Reward):
         if not vit or not parts["blip.text_encoder."] or not parts["mlp."]:
             raise RuntimeError(f"{where}: expected blip.visual_encoder.*, blip.text_encoder.* and mlp.* weights")
 
-        with quiet_transformers():
+        with quiet_libraries():
             self.vision = BlipVisionModel(blip_vision_config_from_checkpoint(vit))
             self.text = BlipTextModel(
                 blip_text_config_from_med_config(med_config, self.vision.config.hidden_size), add_pooling_layer=False

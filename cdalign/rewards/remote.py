@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cdalign.console import CdalignWarning
 from cdalign.fields import ConfigFields, check_fields, dataclass_from_dict
 from cdalign.rewards.base import Reward, check_inputs
 
@@ -81,7 +82,7 @@ class RemoteRewardError(RuntimeError):
     this request. The message names the reward, the server and the batch."""
 
 
-class RemoteRewardWarning(RuntimeWarning):
+class RemoteRewardWarning(CdalignWarning):
     """A batch skipped under ``on_error: skip`` (its scores are NaN)."""
 
 

@@ -60,6 +60,44 @@ def like_param(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full, param.device_mesh, param.placements) if isinstance(param, DTensor) else full
 
 
+def launched_on_cpu() -> bool:
+    """Whether this process is one of several a launcher started (``accelerate launch`` /
+    ``torchrun``: ``LOCAL_RANK`` set, ``WORLD_SIZE`` > 1) on a machine where torch sees no
+    accelerator, or ``ACCELERATE_USE_CPU`` asks for the CPU. Those processes must form one
+    gloo group on the CPU: left to itself accelerate makes each of them a separate
+    single-process run when no GPU is there (N runs racing on one ``output_dir``)."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes"):
+        return True
+    if os.environ.get("LOCAL_RANK") is None or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    accelerators = getattr(torch, "accelerator", None)
+    return not (accelerators.is_available() if accelerators is not None else torch.cuda.is_available())
+
+
+def process_state(timeout_s: float):
+    """accelerate's ``PartialState`` of this process, made (the first time) with a collective
+    timeout of ``timeout_s`` seconds and, when :func:`launched_on_cpu`, on the CPU."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    return PartialState(cpu=launched_on_cpu(), timeout=timedelta(seconds=timeout_s))
+
+
+def make_accelerator(timeout_s: float, **kwargs):
+    """An ``accelerate.Accelerator(**kwargs)`` on the process group of :func:`process_state`
+    (its collectives time out after ``timeout_s`` seconds; gloo on the CPU when
+    :func:`launched_on_cpu`)."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    process_state(timeout_s)
+    return Accelerator(cpu=launched_on_cpu(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))],
+                       **kwargs)
+
+
 def check_distributed_setup(accelerator) -> None:
     """Refuse the setups cdalign does not run (``ValueError`` naming the fix): DeepSpeed,
     and FSDP other than FSDP2."""
@@ -127,6 +165,35 @@ def on_all_processes(flag: bool, accelerator) -> bool:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() == accelerator.num_processes)
+
+
+class ProcessGroupFault(RuntimeError):
+    """A collective of a multi-process run failed: another process died, or did not answer
+    within the collective timeout (``ddp_timeout``). The message names the ranks."""
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a process group's communication failure: torch's ``DistError``
+    types (NCCL's errors among them), or gloo's ``RuntimeError`` (a peer's connection closed
+    or reset, a receive timed out), whose message names gloo's source file."""
+    if isinstance(err, dist.DistError) and not isinstance(err, dist.DistStoreError):
+        return True
+    return isinstance(err, RuntimeError) and "/gloo/" in str(err)
+
+
+def collective_failure_error(err: BaseException, accelerator, timeout_s: float, advice: str) -> ProcessGroupFault:
+    """The :class:`ProcessGroupFault` this process raises for ``err``: its rank, the ranks
+    it lost contact with (by elimination: the others), the cause, the timeout and ``advice``
+    (what is left to resume from)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    others = [r for r in range(world) if r != rank]
+    who = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {', '.join(map(str, others))}"
+    cause = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". This is typically caused")[0][:240]
+    return ProcessGroupFault(
+        f"rank {rank} of {world} lost contact with {who} in a collective ({type(err).__name__}: {cause}): that "
+        f"process died, or did not answer within ddp_timeout={timeout_s:g} s; the launcher's failure summary names "
+        f"the rank that failed first and why; {advice}"
+    )
 
 
 def end_process_group(accelerator) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdalign.console import CdalignWarning
 from cdalign.fields import check_output_dir_writable, read_yaml_mapping
 from cdalign.runs.atomic import atomic_write_text
 from cdalign.runs.checkpoints import list_checkpoints, remove_stale_temporaries
@@ -140,7 +141,7 @@ def user_reward_sources(rewards: Mapping[str, Callable], recorded: Mapping[str, 
             warnings.warn(
                 f"reward {n!r}: the config records it as {source}, which a config cannot rebuild; this run "
                 f"uses the registry reward {n!r} instead (pass the callable again with rewards= to reuse it)",
-                stacklevel=3,
+                CdalignWarning, stacklevel=3,
             )
     return {
         n: f"user callable {callable_name(fn)} (not recordable"
@@ -216,7 +217,7 @@ def check_resume_config(
         warnings.warn(
             f"checkpoint {str(checkpoint)!r} holds no config.yaml (an older cdalign wrote it): cannot check that it "
             "belongs to a run with these settings",
-            stacklevel=4,
+            CdalignWarning, stacklevel=4,
         )
         return
     raw = read_yaml_mapping(saved_path)
@@ -236,8 +237,7 @@ def check_resume_config(
             "run (another output_dir, or overwrite_output_dir=true), or set resume_allow_config_change=true"
         )
     msg = f"resuming from {str(checkpoint)!r}, whose run had other settings: {listing} (resume_allow_config_change=true)"
-    warnings.warn(msg, stacklevel=4)
-    logger.warning(msg)
+    warnings.warn(msg, CdalignWarning, stacklevel=4)
 
 
 # ------------------------------------------------------------------ the step log
