@@ -71,14 +71,25 @@ def _yaml_value(value) -> str:
 
 
 def _spec_class(tp):
-    """The dataclass a field holds (``DualSpec``) or holds a list of (``list[ConstraintSpec]``)."""
+    """The dataclass a field holds (``DualSpec``), holds a list of (``list[ConstraintSpec]``)
+    or maps names to (``dict[str, RemoteRewardSpec]``)."""
     if dataclasses.is_dataclass(tp):
         return tp
-    if typing.get_origin(tp) is list:
-        (arg,) = typing.get_args(tp) or (None,)
+    if typing.get_origin(tp) in (list, dict):
+        arg = (typing.get_args(tp) or (None,))[-1]
         if dataclasses.is_dataclass(arg):
             return arg
     return None
+
+
+def _spec_keys(name: str, tp) -> tuple[str, str]:
+    """How a nested spec's keys are written: its section's label and the prefix of its fields."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"{name}[i]", ""
+    if origin is dict:
+        return f"{name}.NAME", f"{name}.NAME."
+    return f"{name}.*", f"{name}."
 
 
 def _choices(metadata) -> list[str] | None:
@@ -143,8 +154,7 @@ def class_section(cls, title: str, level: int = 2) -> str:
     for f in dataclasses.fields(cls):
         spec = _spec_class(hints[f.name])
         if spec is not None and spec not in nested_titles:
-            is_list = typing.get_origin(hints[f.name]) is list
-            keys = f"{f.name}[i]" if is_list else f"{f.name}.*"
+            keys = _spec_keys(f.name, hints[f.name])[0]
             sub_title = f"{cls.__name__} {keys} ({spec.__name__})"  # the owner keeps anchors unique on the page
             nested_titles[spec] = sub_title
             nested.append((f.name, spec, sub_title))
@@ -152,8 +162,7 @@ def class_section(cls, title: str, level: int = 2) -> str:
     lines += [_field_entry("", f, hints[f.name], nested_titles) for f in dataclasses.fields(cls)]
     for name, spec, sub_title in nested:
         spec_hints = typing.get_type_hints(spec)
-        is_list = typing.get_origin(hints[name]) is list
-        prefix = "" if is_list else f"{name}."
+        prefix = _spec_keys(name, hints[name])[1]
         lines += ["", f"{'#' * (level + 1)} {sub_title}", "", _doc(spec), ""]
         lines += [_field_entry(prefix, g, spec_hints[g.name], {}) for g in dataclasses.fields(spec)]
     return "\n".join(lines) + "\n"

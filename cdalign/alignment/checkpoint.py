@@ -27,6 +27,7 @@ from cdalign.alignment.estimators import RolloutEstimator
 from cdalign.console import CdalignWarning
 from cdalign.core.normalization import RewardStats
 from cdalign.models.lora import check_safetensors
+from cdalign.rewards.remote import transport_free
 from cdalign.runs import folders
 from cdalign.runs.atomic import atomic_directory
 from cdalign.runs.checkpoints import (
@@ -138,13 +139,20 @@ def read_checkpoint(
 def check_resume_config(path: str | os.PathLike, config: ConstrainedDDPOConfig) -> None:
     """Refuse to resume from checkpoint ``path`` when its saved config differs from
     ``config`` (the resuming run's recorded config, Hub sources pinned) in a field that
-    changes the run (all but :data:`RESUME_MAY_DIFFER`), unless
+    changes the run (all but :data:`RESUME_MAY_DIFFER`, and a remote reward's
+    :data:`~cdalign.rewards.remote.TRANSPORT_FIELDS`), unless
     ``resume_allow_config_change``; then warn, naming the fields
     (:func:`cdalign.runs.folders.check_resume_config`)."""
     folders.check_resume_config(
-        path, config_to_dict(config), normalize=lambda raw: config_to_dict(config_from_dict(raw)),
+        path, _comparable(config_to_dict(config)), normalize=lambda raw: _comparable(config_to_dict(config_from_dict(raw))),
         may_differ=RESUME_MAY_DIFFER, allow_change=config.resume_allow_config_change,
     )
+
+
+def _comparable(config: dict) -> dict:
+    """``config`` as the resume comparison sees it: a remote reward's server address and
+    transport settings may change (a server restarted elsewhere), its scorer may not."""
+    return {**config, "remote_rewards": transport_free(config.get("remote_rewards") or {})}
 
 
 def save_trainer_checkpoint(trainer) -> Path:

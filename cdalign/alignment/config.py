@@ -45,6 +45,7 @@ from cdalign.fields import build_parser as _build_parser
 from cdalign.fields import parse_args_to_dict as _parse_args_to_dict
 from cdalign.models.pipeline import MIXED_PRECISIONS
 from cdalign.recipes_data import find_recipe
+from cdalign.rewards.remote import RemoteRewardSpec
 
 __all__ = [
     "ConstrainedDDPOConfig",
@@ -368,6 +369,16 @@ class ConstrainedDDPOConfig(ConfigFields):
             "help": "Keyword arguments for building each reward from the registry, by reward name, e.g. "
             "{mps: {model_id: /path/to/mps-safetensors}, aesthetic: {revision: main}}. On the command line: "
             "--reward_kwargs '{mps: {model_id: ./mps}}'."
+        },
+    )
+    remote_rewards: dict[str, RemoteRewardSpec] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Rewards scored by a server (any scorer, in any environment; docs/guides/remote_rewards.md), by "
+            "the name the run gives each: the name then works wherever a reward name does (objective, constraints, "
+            "evaluation), e.g. {jpeg_served: {url: http://127.0.0.1:8765, cache_key: v1}}. Not differentiable "
+            "(estimator policy_gradient); a name may not be a registered reward's. On the command line: "
+            "--remote_rewards '{jpeg_served: {url: http://127.0.0.1:8765}}'."
         },
     )
     max_nonfinite_batches: int = field(

@@ -80,8 +80,9 @@ def compute_reward_statistics(
             stats[n] = cached
         if keys[n] is None and accelerator.is_main_process:
             logger.warning(
-                "reward %r is a user callable without a cache_key attribute: its base-model statistics are "
-                "recomputed every run (set a cache_key string on it, changed whenever it changes, to cache them)",
+                "reward %r has no cache key (a user callable without a cache_key attribute, or a remote reward "
+                "without cache_key): its base-model statistics are recomputed every run (set a cache_key, changed "
+                "whenever the scorer changes, to cache them)",
                 n,
             )
     if missing:

@@ -41,7 +41,8 @@ def _check_reward_name(path: str, name: str, known: list[str] | None) -> None:
     if known is not None and name not in known:
         close = did_you_mean(name, known)
         hint = f"{close} " if close else ""
-        raise ValueError(f"{path}: unknown reward {name!r}; {hint}available rewards: {', '.join(sorted(known))}")
+        raise ValueError(f"{path}: unknown reward {name!r}; {hint}available rewards: {', '.join(sorted(known))} "
+                         "(a reward scored by a server is declared in remote_rewards)")
 
 
 def _check_problem(cfg) -> None:
@@ -91,6 +92,8 @@ def _check_problem(cfg) -> None:
                              "margin from the run's own noise estimate; margin fixes it)")
 
     known = _known_rewards()
+    _check_remote_rewards(cfg, known)
+    known = known + list(cfg.remote_rewards)
     if not objective.is_kl:
         _check_reward_name("objective.reward", objective.reward, known)
     for i, c in enumerate(constraints):
@@ -135,6 +138,23 @@ def _check_problem(cfg) -> None:
             "dual.kappa_i: kappa_i and kappa_p are both 0, so λ would never move; set a gain, or dual.freeze: true "
             "to keep λ at dual.init on purpose"
         )
+
+
+def _check_remote_rewards(cfg, registered: list[str]) -> None:
+    """Each remote reward's spec holds (URL, numbers, encoding), its name is not a registered
+    reward's (which one a constraint meant would be ambiguous), and it takes no reward_kwargs
+    (its server is configured where it runs)."""
+    for name, spec in cfg.remote_rewards.items():
+        where = f"remote_rewards.{name}"
+        if not name.strip():
+            raise ValueError(f"{where}: a remote reward needs a name")
+        if name in registered:
+            raise ValueError(f"{where}: {name!r} is a registered reward; give the served one its own name "
+                             f"(e.g. {name}_served) and use that name in the constraints")
+        spec.validate(where)
+        if name in cfg.reward_kwargs:
+            raise ValueError(f"reward_kwargs.{name}: {name!r} is a remote reward, scored by its server; configure the "
+                             "scorer where the server runs, and remove these kwargs")
 
 
 def _check_repeated_rewards(constraints: list[ConstraintSpec]) -> None:

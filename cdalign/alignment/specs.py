@@ -40,8 +40,8 @@ class ObjectiveSpec(ConfigFields):
     reward: str | None = field(
         default=None,
         metadata={
-            "help": "Registry name of the reward r_0 to maximise (see cdalign.rewards.available_rewards()). "
-            "Required when objective.type is 'reward'; must be unset when it is 'kl'."
+            "help": "Registry name of the reward r_0 to maximise (see cdalign.rewards.available_rewards()), or a "
+            "name of remote_rewards. Required when objective.type is 'reward'; must be unset when it is 'kl'."
         },
     )
     normalize: bool = field(
@@ -81,7 +81,8 @@ class ConstraintSpec(ConfigFields):
         default=None,
         metadata={
             "help": "Reward constraints: registry name of the reward r_i (see "
-            "cdalign.rewards.available_rewards()). Must be unset for 'kl' constraints."
+            "cdalign.rewards.available_rewards()), or a name of remote_rewards (a reward scored by a server). "
+            "Must be unset for 'kl' constraints."
         },
     )
     direction: str = field(

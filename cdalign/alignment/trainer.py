@@ -48,6 +48,7 @@ from cdalign.publishing.cards import write_model_card_or_warn
 from cdalign.publishing.hub import push_from_main_process
 from cdalign.rewards.base import build_rewards
 from cdalign.rewards.metrics import EVAL_METRICS
+from cdalign.rewards.remote import RemoteRewardError, remote_rewards_for
 from cdalign.runs import distributed, folders
 from cdalign.runs.atomic import StorageError
 from cdalign.runs.checkpoints import list_checkpoints, remove_stale_temporaries, resolve_checkpoint
@@ -160,7 +161,8 @@ class ConstrainedDDPOTrainer:
         if self.sharded:
             distributed.shard_denoiser(self.denoiser, distributed.fsdp_plugin(acc))
 
-        self.rewards = build_rewards(rewards or {}, self.problem.reward_names, cfg.reward_kwargs, self.device)
+        served = remote_rewards_for(self.problem.reward_names, cfg.remote_rewards)  # a user's callable comes first
+        self.rewards = build_rewards({**served, **(rewards or {})}, self.problem.reward_names, cfg.reward_kwargs, self.device)
         self.sampler = DiffusionSampler(self.pipe, cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, cfg.resolution, self.device)
         self.normalizers: dict[str, RewardStats] = {}
         self.problem.base_statistics = self.normalizers  # relative constraints read the base means here (filled in place)
@@ -378,6 +380,9 @@ class ConstrainedDDPOTrainer:
         naming the ranks; a step out of memory raises :class:`~cdalign.runs.resources.OutOfMemory`."""
         try:
             return self._train()
+        except RemoteRewardError as err:  # a server that cannot score: the run stops where it can resume
+            advice = resume_advice(list_checkpoints(self.output_dir), "once the server answers again")
+            raise RemoteRewardError(f"{err}. The run stopped at step {self.global_step}; {advice}") from None
         except RuntimeError as err:
             if self.accelerator.num_processes == 1 or not distributed.is_collective_failure(err):
                 raise

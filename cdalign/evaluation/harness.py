@@ -75,6 +75,7 @@ from cdalign.models.pipeline import load_pipeline, precision_dtype
 from cdalign.publishing.plotting import pyplot, save_grid
 from cdalign.publishing.tables import comparison_table, md, md_code
 from cdalign.rewards import REWARDS
+from cdalign.rewards.remote import remote_rewards_for
 from cdalign.runs.atomic import atomic_write, atomic_write_text
 from cdalign.runs.fingerprints import reward_identity
 from cdalign.runs.lock import acquire_run_lock
@@ -85,7 +86,6 @@ CACHE_VERSION = 1  # bump when the cached batch layout or its meaning changes
 # ---------------------------------------------------------------------------------
 # Checkpoint kinds
 # ---------------------------------------------------------------------------------
-
 
 
 class CheckpointKind:
@@ -180,7 +180,6 @@ class LoraKind(CheckpointKind):
                 if p.is_file():
                     out[fname] = p
             else:
-
                 try:
                     out[fname] = download_file(spec.source, fname, revision=spec.revision, what=f"checkpoint {spec.name!r}")
                 except FileNotFoundError:
@@ -204,12 +203,13 @@ class LoraKind(CheckpointKind):
 # ---------------------------------------------------------------------------------
 
 
-def problem_from_constraints(constraints: list[dict], model: str, rewards: Sequence[str], where: str):
+def problem_from_constraints(constraints: list[dict], model: str, rewards: Sequence[str], where: str, remote=None):
     """A :class:`~cdalign.core.problem.ConstrainedProblem` from trainer-schema constraint dicts,
-    validated by the trainer's own config parser (errors name the field)."""
-
+    validated by the trainer's own config parser (errors name the field); ``remote``: the
+    ``remote_rewards`` their names may refer to."""
     try:
-        cfg = dataclass_from_dict(ConstrainedDDPOConfig, {"pretrained_model_name_or_path": model, "constraints": constraints})
+        cfg = dataclass_from_dict(ConstrainedDDPOConfig, {"pretrained_model_name_or_path": model, "constraints": constraints,
+                                                          "remote_rewards": dict(remote or {})})
         if any(c.is_kl for c in cfg.constraints):  # a KL budget needs a reward objective; only the constraints are read
             cfg.objective = ObjectiveSpec(type=REWARD, reward=rewards[0], normalize=False)
         cfg.validate()
@@ -336,15 +336,17 @@ def evaluate(
     # Identities first (cheap, and a missing checkpoint fails before any sampling).
     identities = {c.name: kinds[c.name].identity(c) for c in checkpoints}
     run_files = {c.name: kinds[c.name].run_files(c) for c in checkpoints}
-    problem, constraints_from = _problem_for(suite, checkpoints, run_files)
     run_configs = _run_configs(checkpoints, run_files)
+    # rewards scored by a server: those the checkpoints trained with (their config.yaml), then the suite's
+    remote = {**{n: s for cfg in run_configs.values() for n, s in (cfg.get("remote_rewards") or {}).items()}, **suite.remote_rewards}
+    problem, constraints_from = _problem_for(suite, checkpoints, run_files, remote)
     kl_estimator, kl_estimator_from = _kl_estimator_for(suite, run_configs)
     if suite.grid_images > len(items):
         warnings.warn(f"grid_images: {suite.grid_images} requested but the evaluation has {len(items)} images per "
                       f"checkpoint; the grid shows {len(items)}", CdalignWarning, stacklevel=2)
 
     reward_names = list(dict.fromkeys(list(suite.rewards) + (problem.reward_names if problem else [])))
-    reward_fns = _build_rewards(reward_names, suite.reward_kwargs, rewards or {}, device)
+    reward_fns = _build_rewards(reward_names, suite.reward_kwargs, {**remote_rewards_for(reward_names, remote), **(rewards or {})}, device)
     for name, run_cfg in run_configs.items():
         for n, source in (run_cfg.get("reward_sources") or {}).items():
             if n in reward_names and n not in (rewards or {}):
@@ -468,11 +470,11 @@ def _reward_summaries(values: CheckpointScores, names: Sequence[str], norm_from:
     return out
 
 
-def _problem_for(suite, checkpoints, run_files):
+def _problem_for(suite, checkpoints, run_files, remote):
     if suite.constraints is not None:
         if not suite.constraints:
             return None, "none"
-        return problem_from_constraints(suite.constraints, suite.model, suite.rewards, "suite constraints"), "suite"
+        return problem_from_constraints(suite.constraints, suite.model, suite.rewards, "suite constraints", remote), "suite"
 
     for c in checkpoints:
         cfg_path = run_files[c.name].get("config.yaml")
@@ -491,7 +493,6 @@ def _problem_for(suite, checkpoints, run_files):
 
 def _run_configs(checkpoints, run_files) -> dict[str, dict]:
     """The training ``config.yaml`` of each checkpoint that has one, as a plain mapping."""
-
     return {c.name: read_yaml_mapping(run_files[c.name]["config.yaml"]) for c in checkpoints
             if run_files[c.name].get("config.yaml") is not None}
 
@@ -527,7 +528,6 @@ def _read_report(files: dict) -> AlignmentReport | None:
 
 
 def _build_rewards(names, reward_kwargs, given, device):
-
     fns = {}
     for n in names:
         fn = given.get(n) or REWARDS.build(n, **reward_kwargs.get(n, {}))

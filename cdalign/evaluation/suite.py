@@ -34,6 +34,7 @@ from cdalign.models.pipeline import PRECISION_DTYPES
 from cdalign.recipes_data import SUITES_DIR, find_recipe
 from cdalign.registry import Registry
 from cdalign.rewards import REWARDS
+from cdalign.rewards.remote import RemoteRewardSpec
 
 # How each checkpoint kind is loaded: name -> CheckpointKind class (a zero-argument factory).
 # Defined with the specs so that a suite names only registered kinds; the kinds themselves
@@ -172,6 +173,11 @@ class EvaluationSuite(ConfigFields):
     reward_kwargs: dict[str, dict] = field(
         default_factory=dict, metadata={"help": "Keyword arguments for building each reward, by reward name."}
     )
+    remote_rewards: dict[str, RemoteRewardSpec] = field(
+        default_factory=dict,
+        metadata={"help": "Rewards scored by a server, by name (the alignment config's remote_rewards; "
+                  "docs/guides/remote_rewards.md); a checkpoint's config.yaml adds the ones it trained with."},
+    )
     constraints: list[dict[str, Any]] | None = field(
         default=None,
         metadata={"help": "Constraints in the trainer's schema ({reward, direction, threshold, normalize} or "
@@ -213,6 +219,8 @@ class EvaluationSuite(ConfigFields):
         check_fields(self)
         for i, c in enumerate(self.checkpoints):
             c.validate(f"checkpoints[{i}]")
+        for name, spec in self.remote_rewards.items():
+            spec.validate(f"remote_rewards.{name}")
         if not self.rewards:
             raise ValueError("rewards: list at least one reward name (see cdalign.rewards.available_rewards())")
         names = [c.name for c in self.checkpoints]
@@ -319,9 +327,10 @@ def parse_suite_command_line(argv: list[str] | None, suites_dir: str | os.PathLi
 
 
 def check_reward_names(suite: EvaluationSuite, where: str) -> None:
-    """Every reward of ``suite`` is registered (``cdalign.rewards.REWARDS``), else ``ValueError``
-    naming ``where``, the entry and the closest name. For suites a command line reads: a
-    library caller may pass its own reward callables to ``evaluate`` instead."""
+    """Every reward of ``suite`` is registered (``cdalign.rewards.REWARDS``) or one of its
+    ``remote_rewards``, else ``ValueError`` naming ``where``, the entry and the closest name.
+    For suites a command line reads: a library caller may pass its own reward callables to
+    ``evaluate`` instead."""
     for i, name in enumerate(suite.rewards):
-        if name not in REWARDS:
-            raise not_allowed(f"{where}: rewards[{i}]", name, REWARDS.names())
+        if name not in REWARDS and name not in suite.remote_rewards:
+            raise not_allowed(f"{where}: rewards[{i}]", name, [*REWARDS.names(), *suite.remote_rewards])

@@ -105,6 +105,10 @@ def _specs_from_mappings(value, tp, path: str):
     if is_spec_list(tp) and isinstance(value, (list, tuple)):
         (item_tp,) = typing.get_args(tp)
         return [_spec_from(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if typing.get_origin(tp) is dict and isinstance(value, Mapping):  # dict[str, Spec]: each value
+        _, item_tp = typing.get_args(tp)
+        if dataclasses.is_dataclass(item_tp):
+            return {k: _spec_from(item_tp, v, f"{path}.{k}") for k, v in value.items()}
     return value
 
 
@@ -393,6 +397,10 @@ def _check_field_metadata(obj, path: str) -> None:
         if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
             for i, item in enumerate(value):
                 _check_field_metadata(item, f"{where}[{i}]")
+            continue
+        if isinstance(value, dict) and value and all(dataclasses.is_dataclass(v) for v in value.values()):
+            for key, item in value.items():
+                _check_field_metadata(item, f"{where}.{key}")
             continue
         if value is None:
             continue

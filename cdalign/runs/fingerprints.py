@@ -5,7 +5,8 @@ The reward part of a key is :func:`reward_identity`: the registry name, its kwar
 fingerprint of its weights and one of the source file that defines it (a changed formula
 is a different reward: its cached statistics are not reused). A reward given as a user object (``rewards={"saturation":
 my_fn}``) is identified only if it carries a ``cache_key`` attribute (any string; change
-it whenever the function changes); without one it cannot be recognised again. (The base
+it whenever the function changes); without one it cannot be recognised again. A reward scored by a
+server is its configured name, ``cache_key`` and encoding, wherever the server runs. (The base
 weights' fingerprint, which leaves adapters out: ``cdalign.models.adapters.model_fingerprint``.)"""
 
 from __future__ import annotations
@@ -50,7 +51,12 @@ def reward_identity(name: str, reward, *, kwargs: dict | None = None, user: bool
     """What a reward *is*, for cache keys. Registry rewards (``user=False``): name, kwargs,
     class, a fingerprint of its weights (``state_dict``) and of its defining source file. User objects: their
     ``cache_key`` attribute (plus the weights if it is a module), or None when they have
-    none: such a reward cannot be recognised again and must not be cached."""
+    none: such a reward cannot be recognised again and must not be cached. A reward scored by a
+    server (it has a ``remote_identity()`` method, :class:`cdalign.rewards.remote.RemoteReward`):
+    its configured name, ``cache_key`` and encoding, not its URL (None without a ``cache_key``)."""
+    remote = getattr(reward, "remote_identity", None)
+    if callable(remote):
+        return remote()
     weights = None
     if isinstance(reward, torch.nn.Module):
         tensors = [(k, v) for k, v in reward.state_dict().items() if torch.is_tensor(v) and v.numel() > 0]
