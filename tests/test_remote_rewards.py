@@ -338,8 +338,12 @@ def _log(run: Path) -> list[dict]:
 class _Killable:
     """A reward server on one port that a scorer call can kill (now) and restart (later)."""
 
-    def __init__(self, kill_after: int | None = None, restart_after: float | None = None):
+    def __init__(self, kill_after: int | None = None, restart_after: float | None = None, fail_that_call: bool = False):
         self.jpeg, self.calls, self.kill_after, self.restart_after = build_reward(JPEG), 0, kill_after, restart_after
+        # fail_that_call: the call that kills the server answers with an error (HTTP 500) instead of its scores, so
+        # the client must retry it whatever the timing (otherwise, on a slow machine, the server may be back
+        # before the next request and nothing is retried)
+        self.fail_that_call = fail_that_call
         self.server = RewardServer(self.score, JPEG, port=0).start()
         self.port, self.url = self.server.port, self.server.url
 
@@ -347,6 +351,8 @@ class _Killable:
         self.calls += 1
         if self.calls == self.kill_after:
             threading.Thread(target=self._kill_then_maybe_restart, daemon=True).start()
+            if self.fail_that_call:
+                raise RuntimeError("the server is going down")
         return self.jpeg(images, prompts)
 
     def _kill_then_maybe_restart(self):
@@ -398,7 +404,7 @@ def test_the_served_constraint_gives_the_in_process_run_exactly(tmp_path, in_pro
 def test_a_server_killed_mid_run_and_restarted_is_retried_and_the_run_is_unchanged(tmp_path, in_process):
     from cdalign import ConstrainedDDPOTrainer
 
-    server = _Killable(kill_after=3, restart_after=0.6)  # dies after the first round's scores, back 0.6 s later
+    server = _Killable(kill_after=3, restart_after=0.6, fail_that_call=True)  # dies on the first round's scores, back 0.6 s later
     try:
         trainer = ConstrainedDDPOTrainer(_pg(tmp_path, served=server.url))
         trainer.train()
