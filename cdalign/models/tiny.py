@@ -2,6 +2,10 @@
 
 - ``cdalign/tiny-random-sd``: SD 1.x architecture (UNet2DConditionModel, AutoencoderKL,
   CLIPTextModel, CLIPTokenizer, DDIMScheduler);
+- ``cdalign/tiny-random-sdxl``: SDXL base architecture (UNet2DConditionModel with the
+  ``text_time`` added embedding and SDXL's 1/2-layer transformer blocks, CLIPTextModel +
+  CLIPTextModelWithProjection whose states concatenate to the cross-attention width,
+  AutoencoderKL with SDXL's scaling, EulerDiscreteScheduler with SDXL's config);
 - ``cdalign/tiny-random-sd3``: SD3 architecture (SD3Transformer2DModel, AutoencoderKL with
   SD3's scaling and shift, two CLIPTextModelWithProjection, FlowMatchEulerDiscreteScheduler
   with shift 3.0; no T5: ``text_encoder_3=None`` as diffusers allows);
@@ -19,6 +23,7 @@ import torch
 TINY_RANDOM_ID = "cdalign/tiny-random-sd"
 TINY_RANDOM_SD3_ID = "cdalign/tiny-random-sd3"
 TINY_RANDOM_FLUX_ID = "cdalign/tiny-random-flux"
+TINY_RANDOM_SDXL_ID = "cdalign/tiny-random-sdxl"
 
 
 def byte_level_clip_tokenizer(model_max_length: int = 77):
@@ -125,6 +130,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 32):
 
 
 SD3_LATENT_SCALING = (1.5305, 0.0609)  # SD3's VAE scaling factor and shift
+SDXL_LATENT_SCALING = (0.13025, None)  # SDXL's (no shift)
 FLUX_LATENT_SCALING = (0.3611, 0.1159)  # FLUX.1's
 
 
@@ -170,6 +176,55 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16):
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=tiny_scaled_vae(seed + 1, SD3_LATENT_SCALING, sample_size * 2), text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=byte_level_clip_tokenizer(), text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_scheduler():
+    """``EulerDiscreteScheduler`` with SDXL base's ``scheduler_config.json`` (SD's
+    scaled-linear schedule, "leading" spacing, ``steps_offset=1``, epsilon prediction, and the
+    keys it carries for DDIM: ``clip_sample=False``, ``set_alpha_to_one=False``); cdalign samples
+    it as DDIM (:class:`~cdalign.core.chains.DDIMChain` reads the schedule from this config)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_config({
+        "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1, "interpolation_type": "linear",
+        "use_karras_sigmas": False, "clip_sample": False, "set_alpha_to_one": False, "sample_max_value": 1.0,
+        "skip_prk_steps": True, "trained_betas": None,
+    })
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32):
+    """A randomly initialised tiny ``StableDiffusionXLPipeline`` (deterministic for ``seed``):
+    a UNet (32, 64) with SDXL's ``text_time`` added embedding (time ids 6 x 8 + the pooled 32)
+    and 1 then 2 transformer layers per cross-attention block, linear projections; CLIP-L-like
+    (hidden 32) and a CLIP with projection (hidden 32, the pooled one) whose states concatenate
+    to the cross-attention width 64; a factor-2 VAE with SDXL's scaling 0.13025, so
+    ``sample_size`` latents are 2x larger images (64 px by default, SDXL's 1024 at scale)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer, tokenizer_2 = byte_level_clip_tokenizer(), byte_level_clip_tokenizer()
+    rng = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+            cross_attention_dim=64, norm_num_groups=32,
+        )
+        text_encoder = clip_text_encoder(tokenizer, hidden_size=32, intermediate_size=37, num_layers=2)
+        text_encoder_2 = clip_text_encoder(tokenizer_2, hidden_size=32, intermediate_size=37, num_layers=2,
+                                           with_projection=True)
+    finally:
+        torch.random.set_rng_state(rng)
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_scaled_vae(seed + 1, SDXL_LATENT_SCALING, sample_size * 2), text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+        scheduler=sdxl_scheduler(), force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
