@@ -2,7 +2,7 @@
 computation and the exact Gaussian KL, the ODE against diffusers' own pipeline, the family
 registry's refusal of unsupported pipelines, OR-composition's refusal and a sharded run's exact
 resume, on the tiny SD3 pipeline built in code (``cdalign/tiny-random-sd3``). Alignment,
-evaluation, processes and composition end to end: ``test_flow_end_to_end.py``, shared with FLUX."""
+evaluation, processes and composition end to end: ``test_family_end_to_end.py``, shared with every family."""
 
 import json
 import math
