@@ -35,6 +35,7 @@ class FamilyCase:
     uses_cfg: bool  # False: guidance-distilled (one conditional pass per step)
     mp_flags: tuple[str, ...] = ()  # extra flags of the two-process run
     two_processes: bool = True  # False: tests/test_distributed.py covers it already
+    sharded_resume: bool = False  # the sharded exact-resume run (SD 1.x: tests/test_resume.py)
     train: dict = field(default_factory=dict)  # extra tiny_config overrides
 
 
@@ -42,9 +43,9 @@ FAMILY_CASES = {
     "sd": FamilyCase("StableDiffusionPipeline", TINY_RANDOM_ID, build_tiny_pipeline, 3.0, 32, UNET_BLOCKS,
                      uses_cfg=True, two_processes=False),
     "sdxl": FamilyCase("StableDiffusionXLPipeline", TINY_RANDOM_SDXL_ID, build_tiny_sdxl_pipeline, 3.0, 32, UNET_BLOCKS,
-                       uses_cfg=True, mp_flags=("--shard",)),  # the UNet sharded with its FSDP2 units
+                       uses_cfg=True, mp_flags=("--shard",), sharded_resume=True),  # the UNet sharded: its FSDP2 units
     "sd3": FamilyCase("StableDiffusion3Pipeline", TINY_RANDOM_SD3_ID, build_tiny_sd3_pipeline, 3.0, None,
-                      ("transformer_blocks.",), uses_cfg=True),
+                      ("transformer_blocks.",), uses_cfg=True, sharded_resume=True),
     "flux": FamilyCase("FluxPipeline", TINY_RANDOM_FLUX_ID, build_tiny_flux_pipeline, 3.5, 32,
                        ("transformer_blocks.", "single_transformer_blocks."), uses_cfg=False,
                        mp_flags=("--shard",),  # the transformer sharded with FLUX's FSDP2 units

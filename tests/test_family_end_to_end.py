@@ -3,8 +3,8 @@ test body per capability, parametrized over the tiny pipelines built in code (SD
 FLUX.1; ``family_cases.FAMILY_CASES``, one per ``MODEL_FAMILIES`` entry): alignment with a
 denoiser LoRA that diffusers' own pipeline class reloads with ``load_lora_weights``, base
 predictions with the adapter off, the policy-gradient estimator, evaluation (ODE images with the
-KL of a stochastic pass), 2 processes against 1, and AND-composition of two LoRAs
-(ε_μ = Σ μ_i ε̃_i, or v_μ = Σ μ_i ṽ_i)."""
+KL of a stochastic pass), 2 processes against 1, a sharded run's exact resume, and
+AND-composition of two LoRAs (ε_μ = Σ μ_i ε̃_i, or v_μ = Σ μ_i ṽ_i)."""
 
 import json
 import math
@@ -153,6 +153,40 @@ def test_two_processes_agree_with_one_process(name, tmp_path):
         for k in l1:
             rel = float((l2[k] - l1[k]).norm() / l1[k].norm().clamp(min=1e-12))
             assert rel < 2e-2, (k, rel)
+
+
+FSDP_CONFIG = Path(__file__).parents[1] / "recipes" / "accelerate_configs" / "fsdp.yaml"
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if FAMILY_CASES[n].sharded_resume])
+def test_sharded_run_resumes_exactly_from_its_checkpoint(name, tmp_path):
+    """The denoiser sharded with FSDP2 (one unit per block of its family) in 2 processes, 3 steps
+    with a checkpoint at step 2; the run resumed from checkpoint-2 in a fresh launch ends bitwise equal."""
+    import shutil
+
+    case = FAMILY_CASES[name]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+
+    def launch(out, *extra):
+        proc = subprocess.run(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG), "--num_processes",
+             "2", str(WORKER), str(out), "2", "3", "--model", case.model_id, "--eta", "0.7", "--save_steps", "2", *extra],
+            cwd=out, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir()
+    launch(straight)
+    shutil.copytree(straight / "run" / "checkpoint-2", resumed / "run" / "checkpoint-2")
+    shutil.copytree(straight / "cache-2", resumed / "cache-2")
+    launch(resumed, "--resume", str(resumed / "run" / "checkpoint-2"))
+    meta_a, meta_b = (json.loads((d / "rank0.json").read_text()) for d in (straight, resumed))
+    assert meta_a["sharded"] and meta_b["multipliers"] == meta_a["multipliers"]
+    a, b = (load_file(str(d / "run" / "pytorch_lora_weights.safetensors")) for d in (straight, resumed))
+    prefix = MODEL_FAMILIES.get(case.pipeline_class).denoiser + "."
+    assert a.keys() == b.keys() and all(k.startswith(prefix) for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 # ----------------------------------------------------------------------------- composition
