@@ -81,6 +81,26 @@ def test_saved_lora_reloads_with_the_diffusers_pipeline_class_and_reproduces_sam
     assert not torch.allclose(reloaded, base_images, atol=1e-4)
 
 
+def test_the_run_card_names_the_base_and_its_usage_snippet_runs(trained, monkeypatch):
+    """The card's front matter (base model, text-to-image) and its Python snippet, run as
+    written from the folder holding the run: the base by ``load_pipeline`` (embedded), the LoRA
+    by the pipeline's ``load_lora_weights``, one image from diffusers' own pipeline call."""
+    import re
+
+    import yaml
+
+    case, trainer, _, _ = trained
+    text = (trainer.output_dir / "README.md").read_text()
+    meta = yaml.safe_load(re.match(r"^---\n(.*?)\n---\n", text, re.S).group(1))
+    assert meta["base_model"] == case.model_id and meta["pipeline_tag"] == "text-to-image"
+    code = re.search(r"^```python\n(.*?)\n```$", text, re.S | re.M).group(1)
+    assert "load_lora_weights" in code
+    monkeypatch.chdir(trainer.output_dir.parent)
+    namespace: dict = {}
+    exec(compile(code.replace("num_inference_steps=6", "num_inference_steps=2"), "card", "exec"), namespace)
+    assert type(namespace["pipe"]).__name__ == case.pipeline_class and namespace["image"].size[0] > 0
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_policy_gradient_estimator_runs_on_the_family_chain(name, tmp_path):
     case = FAMILY_CASES[name]

@@ -52,6 +52,8 @@ BASE_MODEL_LICENSES = {
     "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
     "cdalign/tiny-random-sd": "apache-2.0",
     "cdalign/tiny-shapes-sd": "apache-2.0",
+    "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
+    "cdalign/tiny-random-sdxl": "apache-2.0",
 }
 PICTURES = (("samples: base (top) vs aligned (bottom), same seeds", "samples_base_vs_aligned.png"),
             ("dual variables, slacks and chain KL over training", "duals.png"))
