@@ -13,10 +13,12 @@ from cdalign.models.tiny import (
     TINY_RANDOM_ID,
     TINY_RANDOM_SD3_ID,
     TINY_RANDOM_SDXL_ID,
+    TINY_RANDOM_ZIMAGE_ID,
     build_tiny_flux_pipeline,
     build_tiny_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sdxl_pipeline,
+    build_tiny_zimage_pipeline,
 )
 
 UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
@@ -50,6 +52,9 @@ FAMILY_CASES = {
                        ("transformer_blocks.", "single_transformer_blocks."), uses_cfg=False,
                        mp_flags=("--shard",),  # the transformer sharded with FLUX's FSDP2 units
                        train=dict(num_inference_steps=4)),
+    "zimage": FamilyCase("ZImagePipeline", TINY_RANDOM_ZIMAGE_ID, build_tiny_zimage_pipeline, 3.0, 32,
+                         ("noise_refiner.", "context_refiner.", "layers."), uses_cfg=True,
+                         mp_flags=("--shard",)),  # the transformer sharded with its refiner and main layers
 }
 
 
@@ -75,7 +80,7 @@ def save_random_lora(case: FamilyCase, path, seed: int, scale: float):
 
 class CallCounter:
     """Counts the denoiser's calls and the batch rows it saw (its forward wrapped): a UNet
-    takes the latents first, a transformer as ``hidden_states``."""
+    takes the latents first, a transformer as ``hidden_states``, Z-Image's as a list of rows."""
 
     def __init__(self, model):
         self.model, self.calls, self.rows, self.guidance = model, 0, [], []
@@ -85,7 +90,7 @@ class CallCounter:
         def counted(*args, **kwargs):
             self.calls += 1
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else kwargs["sample"])
-            self.rows.append(x.shape[0])
+            self.rows.append(len(x) if isinstance(x, list) else x.shape[0])
             self.guidance.append(kwargs.get("guidance"))
             return self.forward(*args, **kwargs)
 

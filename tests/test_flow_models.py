@@ -110,10 +110,11 @@ def test_an_unsupported_pipeline_class_is_refused_naming_the_supported_ones(tmp_
         family_of(PixArtAlphaPipeline())
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
     with pytest.raises(ValueError, match="is a PixArtAlphaPipeline; cdalign supports FluxPipeline, "
-                                         "StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline"):
+                                         "StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, "
+                                         "ZImagePipeline"):
         load_pipeline(str(tmp_path))
     assert set(MODEL_FAMILIES.names()) == {"StableDiffusionPipeline", "StableDiffusionXLPipeline",
-                                           "StableDiffusion3Pipeline", "FluxPipeline"}
+                                           "StableDiffusion3Pipeline", "FluxPipeline", "ZImagePipeline"}
 
 
 def test_a_saved_tiny_sd3_folder_loads_without_t5(tmp_path, pipe):

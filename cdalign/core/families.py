@@ -28,6 +28,14 @@ Families:
   resolution-dependent time shift, CLIP (pooled) + T5 (tokens). FLUX.1-dev is guidance-distilled:
   no classifier-free guidance (``cfg=False``, no unconditional pass); the guidance scale enters
   the transformer's ``guidance`` embedding instead (:attr:`Conditioning.guidance`).
+- ``ZImagePipeline`` (Z-Image, Tongyi-MAI; Z-Image-Turbo): ``ZImageTransformer2DModel``, a
+  single-stream DiT over image patches and the prompt's tokens, :class:`FlowSDEChain` with
+  ``ZImagePipeline``'s schedule (the same sigmas and shift as FLUX), one Qwen3 text encoder whose
+  second-to-last hidden states of the prompt's own tokens (a different count per prompt) condition
+  it: kept padded with :attr:`Conditioning.mask`, unpadded in :func:`_zimage_forward`, which also
+  maps the time as the pipeline does (``(1000 - t)/1000``) and negates the output (the
+  transformer predicts ``-v``). Its CFG is ``pos + g(pos - neg)``: cdalign's guidance scale is
+  ``g + 1`` (:attr:`ModelFamily.pipeline_guidance` converts back for the pipeline's own call).
 """
 
 from __future__ import annotations
@@ -47,13 +55,16 @@ class Conditioning:
     """The text conditioning of a batch: token embeddings ``embeds`` (B, L, D), for
     families with pooled text projections (SDXL, SD3, FLUX) ``pooled`` (B, P), for a
     guidance-distilled model (FLUX.1-dev) the guidance scale of each row, ``guidance`` (B,),
-    and for SDXL the added time ids of each row, ``time_ids`` (B, 6). Batch operations keep
-    the parts aligned."""
+    for SDXL the added time ids of each row, ``time_ids`` (B, 6), and for a family whose
+    prompts have their own token counts (Z-Image) which of the padded tokens are real,
+    ``mask`` (B, L) bool. Batch operations keep the parts aligned; ``to`` changes the dtype
+    of floating parts only."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     guidance: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
@@ -76,7 +87,14 @@ class Conditioning:
         return self._map(lambda t: t.repeat(n, *([1] * (t.dim() - 1))))
 
     def to(self, *args, **kwargs) -> "Conditioning":
-        return self._map(lambda t: t.to(*args, **kwargs))
+        device = next((a for a in args if isinstance(a, (str, torch.device))), kwargs.get("device"))
+
+        def move(t):
+            if t.is_floating_point():
+                return t.to(*args, **kwargs)
+            return t if device is None else t.to(device)  # a mask stays bool
+
+        return self._map(move)
 
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
@@ -219,11 +237,45 @@ def _flux_encode(pipe, prompts: list[str], device) -> Conditioning:
     return Conditioning(embeds, pooled)
 
 
+ZIMAGE_MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default max_sequence_length
+
+
+@torch.no_grad()
+def _zimage_encode(pipe, prompts: list[str], device) -> Conditioning:
+    """The pipeline's own ``_encode_prompt`` (the chat template, the Qwen3 encoder's
+    second-to-last hidden states of each prompt's real tokens), the per-prompt states padded
+    back to (B, 512, D) with their ``mask``."""
+    states = pipe._encode_prompt(prompt=list(prompts), device=device, max_sequence_length=ZIMAGE_MAX_SEQUENCE_LENGTH)
+    embeds = states[0].new_zeros(len(states), ZIMAGE_MAX_SEQUENCE_LENGTH, states[0].shape[-1])
+    mask = torch.zeros(len(states), ZIMAGE_MAX_SEQUENCE_LENGTH, dtype=torch.bool, device=embeds.device)
+    for i, row in enumerate(states):
+        embeds[i, : len(row)], mask[i, : len(row)] = row, True
+    return Conditioning(embeds, mask=mask)
+
+
+def _zimage_forward(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """``ZImageTransformer2DModel`` as ``ZImagePipeline``'s loop calls it: one (C, 1, h, w)
+    latent per row, the time ``(1000 - t)/1000``, each row's real prompt tokens; the velocity
+    of the flow chain is minus its output."""
+    if cond.mask is None:
+        raise ValueError("a Z-Image transformer needs its conditioning's token mask (DiffusionSampler.encode makes it)")
+    b = x.shape[0]
+    timestep = (1000 - torch.as_tensor(t, device=x.device).reshape(-1).expand(b).to(x.dtype)) / 1000
+    captions = [row[keep] for row, keep in zip(cond.embeds, cond.mask)]
+    out = model(list(x.unsqueeze(2).unbind(0)), timestep, captions, return_dict=False)[0]
+    return -torch.stack(out).squeeze(2)
+
+
+def _zimage_blocks(transformer) -> list[torch.nn.Module]:
+    return [*transformer.noise_refiner, *transformer.context_refiner, *transformer.layers]
+
+
 def _flux_chain(scheduler, num_inference_steps: int, eta: float, latent_shape) -> FlowSDEChain:
-    """FLUX's schedule exactly as ``FluxPipeline`` sets it: sigmas ``linspace(1, 1/n, n)``
-    (none with ``use_flow_sigmas``), shifted by ``mu = calculate_shift(image_seq_len)``, the
-    number of packed tokens (h/2)(w/2), with the scheduler config's base/max shift and
-    sequence lengths."""
+    """FLUX's schedule exactly as ``FluxPipeline`` (and ``ZImagePipeline``) sets it: sigmas
+    ``linspace(1, 1/n, n)`` (none with ``use_flow_sigmas``), shifted by ``mu =
+    calculate_shift(image_seq_len)``, the number of 2x2 patches (h/2)(w/2), with the scheduler
+    config's base/max shift and sequence lengths (a scheduler without dynamic shifting, as
+    Z-Image-Turbo's, applies its fixed ``shift`` instead)."""
     import numpy as np
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -266,6 +318,10 @@ def _config_sample_size(denoiser) -> int:
     return denoiser.config.sample_size
 
 
+def _same_guidance(w):
+    return w
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """How cdalign drives one pipeline class (see the module docstring)."""
@@ -295,6 +351,7 @@ class ModelFamily:
     refusal: Callable | None = None  # pipe -> why this pipeline of the class cannot be used, or None
     denoiser_config: Callable | None = None  # denoiser config -> bool: tells families sharing a denoiser class apart
     load_kwargs: tuple[tuple[str, object], ...] = ()  # extra from_pretrained keywords (SD: no safety checker)
+    pipeline_guidance: Callable = _same_guidance  # cdalign's guidance scale w -> the pipeline call's (Z-Image: w - 1)
 
     def denoiser_of(self, pipe):
         return getattr(pipe, self.denoiser)
@@ -381,6 +438,16 @@ MODEL_FAMILIES.register("FluxPipeline", ModelFamily(
     latent_channels=lambda denoiser, vae: denoiser.config.in_channels // 4,  # in_channels counts packed 2x2 patches
     patch=lambda denoiser: 2,  # the 2x2 packing
     default_latent_size=lambda denoiser: 128,  # FluxPipeline.default_sample_size: 1024 px with the 8x VAE
+))
+MODEL_FAMILIES.register("ZImagePipeline", ModelFamily(
+    name="zimage", pipeline_class="ZImagePipeline", denoiser="transformer", denoiser_class="ZImageTransformer2DModel",
+    chain=_flux_chain, forward=_zimage_forward, encode=_zimage_encode, text_encoders=("text_encoder",),
+    lora_layers_kwarg="transformer_lora_layers", lora_metadata_kwarg="transformer_lora_adapter_metadata",
+    convert_lora_state=False, blocks=_zimage_blocks, denoising_loss=False,
+    eta_meaning="the flow SDE's noise level a (0: the deterministic Euler ODE; Flow-GRPO uses 0.7)",
+    patch=lambda denoiser: denoiser.config.all_patch_size[0],
+    default_latent_size=lambda denoiser: 128,  # ZImagePipeline's 1024 px default with the 8x VAE
+    pipeline_guidance=lambda w: float(w) - 1.0,  # its CFG is pos + g(pos - neg): g = w - 1
 ))
 
 

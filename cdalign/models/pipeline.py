@@ -2,7 +2,7 @@
 
 Every path ends in a pipeline of a registered model family (``cdalign.core.families``:
 ``StableDiffusionPipeline`` for SD 1.x/2.x, ``StableDiffusionXLPipeline`` for the SDXL base,
-``StableDiffusion3Pipeline`` for SD3/SD3.5, ``FluxPipeline`` for FLUX.1),
+``StableDiffusion3Pipeline`` for SD3/SD3.5, ``FluxPipeline`` for FLUX.1, ``ZImagePipeline`` for Z-Image),
 picked by the folder's ``model_index.json`` class name, so the code that trains SD 1.5 or
 SD3.5 is the code the embedded tiny models exercise. Another pipeline class is refused
 with a message naming the supported ones."""
@@ -25,10 +25,12 @@ from cdalign.models.tiny import (
     TINY_RANDOM_ID,
     TINY_RANDOM_SD3_ID,
     TINY_RANDOM_SDXL_ID,
+    TINY_RANDOM_ZIMAGE_ID,
     build_tiny_flux_pipeline,
     build_tiny_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sdxl_pipeline,
+    build_tiny_zimage_pipeline,
 )
 from cdalign.models.tiny_pretrained import TINY_SHAPES_ID, TINY_SHAPES_SD3_ID, tiny_shapes_sd3_path, tiny_shapes_sd_path
 from cdalign.registry import Registry
@@ -42,6 +44,7 @@ EMBEDDED_MODELS.register(TINY_RANDOM_SD3_ID, lambda: build_tiny_sd3_pipeline(see
 EMBEDDED_MODELS.register(TINY_SHAPES_SD3_ID, tiny_shapes_sd3_path)
 EMBEDDED_MODELS.register(TINY_RANDOM_FLUX_ID, lambda: build_tiny_flux_pipeline(seed=0))
 EMBEDDED_MODELS.register(TINY_RANDOM_SDXL_ID, lambda: build_tiny_sdxl_pipeline(seed=0))
+EMBEDDED_MODELS.register(TINY_RANDOM_ZIMAGE_ID, lambda: build_tiny_zimage_pipeline(seed=0))
 
 _REQUIRED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")  # and the family's own (denoiser, encoders)
 
@@ -145,7 +148,7 @@ def load_pipeline(
     variant: str | None = None,
     what: str = "pretrained_model_name_or_path",
 ):
-    """Load a pipeline of a supported family (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1) from an embedded name,
+    """Load a pipeline of a supported family (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1, Z-Image) from an embedded name,
     a local diffusers folder, or a Hub repo id (``revision`` selects a branch, tag or commit). Never trusts remote
     code. A model found nowhere raises :class:`ModelNotFoundError` naming it (``what``:
     the field it came from), with a did-you-mean over the embedded models and the

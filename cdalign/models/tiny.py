@@ -14,6 +14,11 @@
   T5EncoderModel with a character-level T5 tokenizer built in memory,
   FlowMatchEulerDiscreteScheduler with FLUX's dynamic shifting).
 
+- ``cdalign/tiny-random-z-image``: Z-Image architecture (ZImageTransformer2DModel, a tiny
+  Qwen3Model text encoder with a byte-level Qwen2 tokenizer and a chat template built in memory,
+  AutoencoderKL with FLUX's scaling and shift, FlowMatchEulerDiscreteScheduler with
+  Z-Image-Turbo's fixed shift 3).
+
 Each exercises its family's code paths in about a second."""
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ TINY_RANDOM_ID = "cdalign/tiny-random-sd"
 TINY_RANDOM_SD3_ID = "cdalign/tiny-random-sd3"
 TINY_RANDOM_FLUX_ID = "cdalign/tiny-random-flux"
 TINY_RANDOM_SDXL_ID = "cdalign/tiny-random-sdxl"
+TINY_RANDOM_ZIMAGE_ID = "cdalign/tiny-random-z-image"
 
 
 def byte_level_clip_tokenizer(model_max_length: int = 77):
@@ -294,6 +300,55 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     pipe = FluxPipeline(
         scheduler=flux_scheduler(), vae=tiny_scaled_vae(seed + 1, FLUX_LATENT_SCALING), text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def byte_level_qwen_tokenizer(model_max_length: int = 512):
+    """A Qwen2 tokenizer built in memory: byte-level BPE over the 256 byte symbols without
+    merges, Qwen's specials (``<|endoftext|>`` pad, ``<|im_start|>``, ``<|im_end|>``) and a
+    ChatML chat template (what ``ZImagePipeline`` applies to every prompt); no vocabulary file."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    vocab = {s: i for i, s in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.model_max_length = model_max_length
+    return tok
+
+
+def build_tiny_zimage_pipeline(seed: int = 0):
+    """A randomly initialised tiny ``ZImagePipeline`` (deterministic for ``seed``): transformer
+    dim 32 x 2 heads, 1 noise- and 1 context-refiner layer and 2 main layers, patch 2 on 4 VAE
+    channels, RoPE axes (4, 6, 6); a 2-layer Qwen3 encoder (hidden 32, the caption width); a
+    factor-2 VAE with FLUX's scaling and shift; Z-Image-Turbo's scheduler (fixed shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = byte_level_qwen_tokenizer()
+    rng = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+            n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[512, 64, 64],
+        )
+        text_encoder = Qwen3Model(Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        )).eval()  # as from_pretrained returns it
+    finally:
+        torch.random.set_rng_state(rng)
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+        vae=tiny_scaled_vae(seed + 1, FLUX_LATENT_SCALING), text_encoder=text_encoder, tokenizer=tokenizer,
+        transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -274,6 +274,7 @@ def usage_snippet(base_model: str, repo: str, prompt: str, steps: int, guidance:
     if pipeline_class not in MODEL_FAMILIES:
         raise ValueError(f"pipeline_class {pipeline_class!r}: not one of {', '.join(MODEL_FAMILIES.names())}")
     cls = pipeline_class
+    guidance = MODEL_FAMILIES.get(cls).pipeline_guidance(guidance)  # the pipeline's own convention (Z-Image: w - 1)
     none = "".join(f", {str(name)}=None" for name in absent_components if str(name).isidentifier())
 
     if _is_embedded(base_model):
