@@ -78,3 +78,19 @@ def test_or_composition_refuses_zimage_with_the_reason(tmp_path):
                             "output_dir": str(tmp_path / "run")})
     with pytest.raises(ValueError, match="ZImagePipeline: the OR-composition"):
         MixtureTrainer(cfg)
+
+
+def test_the_zimage_recipe_is_the_paper_constraint_set_in_bf16_without_cfg():
+    from pathlib import Path
+
+    import cdalign
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = root / "recipes" / "zimage" / "multi_reward.yaml"
+    cfg = cdalign.parse_config(["--config", str(recipe)])
+    sd15 = cdalign.parse_config(["--config", str(root / "recipes" / "sd15" / "multi_reward.yaml")])
+    assert cfg.pretrained_model_name_or_path == "Tongyi-MAI/Z-Image-Turbo" and cfg.guidance_scale == 1.0
+    assert cfg.mixed_precision == "bf16" and cfg.gradient_checkpointing and cfg.eta == 0.7
+    assert [(c.reward, c.direction, c.threshold) for c in cfg.constraints] == \
+        [(c.reward, c.direction, c.threshold) for c in sd15.constraints]
+    assert "TFLOP" in recipe.read_text() and "benchmarks/flops_zimage.py" in recipe.read_text()
