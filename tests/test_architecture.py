@@ -225,3 +225,25 @@ def test_the_layer_table_is_the_one_of_architecture_md():
     differ = [f"{name}: layer {_rank(name)} here, {_document_rank(name, rows)} in docs/ARCHITECTURE.md"
               for name in sorted(_modules()) if _rank(name) != _document_rank(name, rows)]
     assert not differ, "\n".join(differ)
+
+
+FAMILY_BRANCH = re.compile(
+    r"(\bfamily\w*(\.\w+)?|\bpipeline_class|\.__name__)\s*(==|!=)\s*[\"'](?!__main__)"
+    r"|isinstance\([^)]*\b(StableDiffusion|Flux)\w*Pipeline\b"
+)
+
+
+def test_no_module_branches_on_a_model_family_outside_the_registry():
+    """A family is one entry of ``MODEL_FAMILIES`` (``core/families.py``) and what its fields say:
+    no other module compares a family's name or a pipeline's class to a literal (issue 36)."""
+    found = [f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}"
+             for path in sorted(PACKAGE.rglob("*.py")) if path.relative_to(PACKAGE).as_posix() != "core/families.py"
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+             if FAMILY_BRANCH.search(line)]
+    assert found == []
+
+
+def test_no_module_is_over_600_lines():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600}
+    assert long == {}

@@ -81,3 +81,20 @@ def test_raw_loss_variant_with_given_irreducible_and_threshold(folders, tmp_path
     report = MixtureTrainer(cfg).train()
     assert report["irreducible_loss"] is None
     assert report["per_dataset"]["red"]["satisfied"] is False and report["per_dataset"]["red"]["threshold"] == 1e-6
+
+
+def test_mixture_trains_an_sdxl_unet_with_its_conditioning(folders, tmp_path):
+    """OR-composition on the tiny SDXL base: the ε denoising loss with SDXL's conditioning (pooled
+    projection and time ids of the resolution); the LoRA loads with StableDiffusionXLPipeline's own
+    load_lora_weights."""
+    from cdalign import load_pipeline
+    from cdalign.models.tiny import TINY_RANDOM_SDXL_ID
+
+    cfg = mixture_config(folders, tmp_path, loss="excess", max_steps=2, num_grid_images=0,
+                         pretrained_model_name_or_path=TINY_RANDOM_SDXL_ID)
+    report = MixtureTrainer(cfg).train()
+    assert sum(report["weights"].values()) == pytest.approx(1.0) and len(report["dual_steps"]) == 1
+    pipe = load_pipeline(TINY_RANDOM_SDXL_ID)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    pipe.load_lora_weights(str(tmp_path / "run"))
+    assert pipe.unet.peft_config

@@ -2,11 +2,11 @@
 built in code (``cdalign/tiny-random-flux``): the ODE against diffusers' own pipeline (packed
 latents, guidance embedding, dynamic time shift), no unconditional pass for the
 guidance-distilled model, a save_pretrained round trip and the FLUX.1-dev recipe. Alignment,
-evaluation, processes and composition end to end: ``test_flow_end_to_end.py``, shared with SD3."""
+evaluation, processes and composition end to end: ``test_family_end_to_end.py``, shared with every family."""
 
 import pytest
 import torch
-from flow_cases import CallCounter
+from family_cases import CallCounter
 
 from cdalign import load_pipeline
 from cdalign.core.chains import FlowSDEChain

@@ -210,3 +210,18 @@ def test_training_table_lists_the_estimators_own_settings():
     # a report from before the estimator named its settings: reward backpropagation's truncation, as cards always showed
     legacy = training_table(config, {})
     assert "| `backprop_steps` | 4 |" in legacy and "advantage" not in legacy
+
+
+@pytest.mark.parametrize("base, cls", [("stabilityai/stable-diffusion-xl-base-1.0", "StableDiffusionXLPipeline"),
+                                       ("stabilityai/stable-diffusion-3.5-medium", "StableDiffusion3Pipeline"),
+                                       ("black-forest-labs/FLUX.1-dev", "FluxPipeline")])
+def test_card_of_a_hub_base_names_it_and_loads_it_with_its_pipeline_class(tmp_path, base, cls):
+    card = str(build_model_card(tmp_path, repo_id="me/lora", report={**report(), "model": base, "pipeline_class": cls},
+                                config={**config(), "pretrained_model_name_or_path": base}))
+    meta = front_matter(card)
+    assert meta["base_model"] == base and meta["pipeline_tag"] == "text-to-image" and meta["library_name"] == "diffusers"
+    code = _snippet(card, "python")
+    assert f"from diffusers import {cls}\n" in code and f"{cls}.from_pretrained({base!r})" in code
+    assert "pipe.load_lora_weights('me/lora'" in code
+    if cls == "StableDiffusionXLPipeline":
+        assert meta["license"] == "openrail++"

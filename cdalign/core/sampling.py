@@ -165,11 +165,12 @@ class DiffusionSampler:
     Training, evaluation and composition share this object.
 
     The pipeline's :class:`~cdalign.core.families.ModelFamily` (by its class) picks the
-    chain (DDIM for SD 1.x/2.x UNets, the flow SDE for SD3 and FLUX transformers), the text
-    encoding, the guidance (CFG, or FLUX.1-dev's guidance embedding) and the denoiser call.
+    chain (DDIM for SD 1.x/2.x and SDXL UNets, the flow SDE for SD3 and FLUX transformers), the
+    text encoding and its added conditioning (SDXL's time ids), the guidance (CFG, or
+    FLUX.1-dev's guidance embedding) and the denoiser call.
     ``eta``: the chain's stochasticity (DDIM η, or the flow SDE's noise level a).
     ``resolution``: image side in pixels (None: the family's default latent size × VAE
-    factor: the denoiser's sample size, or 128 for FLUX, 1024 px)."""
+    factor: the denoiser's sample size (SDXL: 128, 1024 px), or 128 for FLUX, 1024 px)."""
 
     def __init__(self, pipe, num_inference_steps: int, eta: float, guidance_scale: float, resolution: int | None, device):
         self.pipe, self.device = pipe, torch.device(device)
@@ -208,18 +209,25 @@ class DiffusionSampler:
         ``guidance_embeds``) instead of guiding by CFG."""
         return bool(getattr(self.denoiser.config, "guidance_embeds", False))
 
-    def encode(self, prompts: list[str], guidance_scale: float | None = None) -> Conditioning:
-        """The text conditioning of ``prompts`` (one row each); for a guidance-distilled
-        denoiser it carries ``guidance_scale`` (default: the sampler's) on every row."""
-        cond = self.family.encode(self.pipe, list(prompts), self.device)
+    def _complete(self, cond: Conditioning, guidance_scale: float | None) -> Conditioning:
+        """``cond`` with what the family adds for this sampler's resolution (SDXL's time ids)
+        and, for a guidance-distilled denoiser, ``guidance_scale`` (default: the sampler's) on every row."""
+        cond = self.family.added_conditioning(self.pipe, cond, self.resolution)
         if self.guidance_embedded:
             cond = cond.with_guidance(self.guidance_scale if guidance_scale is None else guidance_scale)
         return cond
 
+    def encode(self, prompts: list[str], guidance_scale: float | None = None) -> Conditioning:
+        """The conditioning of ``prompts`` (one row each): the family's text encoding, its
+        added conditioning (SDXL's time ids of this resolution) and, for a guidance-distilled
+        denoiser, ``guidance_scale`` (default: the sampler's) on every row."""
+        return self._complete(self.family.encode(self.pipe, list(prompts), self.device), guidance_scale)
+
     def uncond(self, n: int) -> Conditioning:
-        """The empty prompt's conditioning (cached), broadcast to ``n`` rows."""
+        """The unconditional branch's conditioning (cached), broadcast to ``n`` rows: the empty
+        prompt's, or zeros where the pipeline says so (SDXL's ``force_zeros_for_empty_prompt``)."""
         if self._uncond_cache is None:
-            self._uncond_cache = self.encode([""])
+            self._uncond_cache = self._complete(self.family.encode_unconditional(self.pipe, self.device), None)
         return self._uncond_cache.expand(n)
 
     def guided(self, prompts: list[str], guidance_scale: float | None = None) -> GuidedDenoiser:

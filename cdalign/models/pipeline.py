@@ -1,8 +1,8 @@
 """Loading base pipelines: embedded models by name, local diffusers folders, Hub ids.
 
 Every path ends in a pipeline of a registered model family (``cdalign.core.families``:
-``StableDiffusionPipeline`` for SD 1.x/2.x, ``StableDiffusion3Pipeline`` for SD3/SD3.5,
-``FluxPipeline`` for FLUX.1),
+``StableDiffusionPipeline`` for SD 1.x/2.x, ``StableDiffusionXLPipeline`` for the SDXL base,
+``StableDiffusion3Pipeline`` for SD3/SD3.5, ``FluxPipeline`` for FLUX.1, ``ZImagePipeline`` for Z-Image),
 picked by the folder's ``model_index.json`` class name, so the code that trains SD 1.5 or
 SD3.5 is the code the embedded tiny models exercise. Another pipeline class is refused
 with a message naming the supported ones."""
@@ -17,16 +17,20 @@ from typing import Callable
 import torch
 
 from cdalign.console import quiet_libraries
-from cdalign.core.families import MODEL_FAMILIES, family_of, supported_pipelines
+from cdalign.core.families import MODEL_FAMILIES, REFUSED_PIPELINES, family_of, supported_pipelines
 from cdalign.hub_access.downloads import hub_offline, repo_id_problem, snapshot_of
 from cdalign.models.lora import check_safetensors, is_local_source
 from cdalign.models.tiny import (
     TINY_RANDOM_FLUX_ID,
     TINY_RANDOM_ID,
     TINY_RANDOM_SD3_ID,
+    TINY_RANDOM_SDXL_ID,
+    TINY_RANDOM_ZIMAGE_ID,
     build_tiny_flux_pipeline,
     build_tiny_pipeline,
     build_tiny_sd3_pipeline,
+    build_tiny_sdxl_pipeline,
+    build_tiny_zimage_pipeline,
 )
 from cdalign.models.tiny_pretrained import TINY_SHAPES_ID, TINY_SHAPES_SD3_ID, tiny_shapes_sd3_path, tiny_shapes_sd_path
 from cdalign.registry import Registry
@@ -39,8 +43,10 @@ EMBEDDED_MODELS.register(TINY_SHAPES_ID, tiny_shapes_sd_path)
 EMBEDDED_MODELS.register(TINY_RANDOM_SD3_ID, lambda: build_tiny_sd3_pipeline(seed=0))
 EMBEDDED_MODELS.register(TINY_SHAPES_SD3_ID, tiny_shapes_sd3_path)
 EMBEDDED_MODELS.register(TINY_RANDOM_FLUX_ID, lambda: build_tiny_flux_pipeline(seed=0))
+EMBEDDED_MODELS.register(TINY_RANDOM_SDXL_ID, lambda: build_tiny_sdxl_pipeline(seed=0))
+EMBEDDED_MODELS.register(TINY_RANDOM_ZIMAGE_ID, lambda: build_tiny_zimage_pipeline(seed=0))
 
-_REQUIRED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")  # and the family's denoiser
+_REQUIRED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")  # and the family's own (denoiser, encoders)
 
 # Precision names as configs spell them -> dtype of the frozen weights: accelerate's
 # ``mixed_precision`` ('no', 'fp16', 'bf16') and torch's names (an evaluation suite's ``dtype``).
@@ -76,8 +82,8 @@ def precision_dtype(precision: str) -> torch.dtype:
 def _check_pipeline(pipe, source: str):
     """Validate what was loaded: a 2-token tokenizer (transformers 5.x silently builds
     one for an uncached id) or a missing component would train garbage silently."""
-    family = family_of(pipe)
-    for name in (family.denoiser, *_REQUIRED_COMPONENTS):
+    family = family_of(pipe)  # a pipeline its family refuses (the SDXL refiner's layout) fails here, saying why
+    for name in dict.fromkeys((*family.required_components(), *_REQUIRED_COMPONENTS)):
         if getattr(pipe, name, None) is None:
             raise ValueError(f"pipeline {source!r} has no {name}; a complete {family.pipeline_class} is required")
     vocab = len(pipe.tokenizer)
@@ -142,7 +148,7 @@ def load_pipeline(
     variant: str | None = None,
     what: str = "pretrained_model_name_or_path",
 ):
-    """Load a pipeline of a supported family (SD 1.x/2.x, SD3/SD3.5) from an embedded name,
+    """Load a pipeline of a supported family (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1, Z-Image) from an embedded name,
     a local diffusers folder, or a Hub repo id (``revision`` selects a branch, tag or commit). Never trusts remote
     code. A model found nowhere raises :class:`ModelNotFoundError` naming it (``what``:
     the field it came from), with a did-you-mean over the embedded models and the
@@ -160,8 +166,9 @@ def pipeline_class_of(folder: Path, source: str):
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"pipeline {source!r}: its model_index.json is unreadable or has no _class_name ({err})") from None
     if name not in MODEL_FAMILIES:
+        reason = f" ({REFUSED_PIPELINES[name]})" if name in REFUSED_PIPELINES else ""
         raise ValueError(
-            f"pipeline {source!r} is a {name}; cdalign supports {supported_pipelines()} (see cdalign.core.families)"
+            f"pipeline {source!r} is a {name}{reason}; cdalign supports {supported_pipelines()} (see cdalign.core.families)"
         )
     return MODEL_FAMILIES.get(name).pipeline_type()
 
@@ -176,8 +183,7 @@ def _from_folder(folder: Path, source: str, **kwargs):
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     extra = {key: None for key in family.loadable_without
              if index.get(key) in (None, [None, None]) or not (folder / key).is_dir()}
-    if cls.__name__ == "StableDiffusionPipeline":
-        extra.update(safety_checker=None, requires_safety_checker=False)
+    extra.update(family.load_kwargs)  # e.g. SD 1.x: no safety checker
     check_components(folder, index, skip=extra)
     dtype = kwargs.pop("torch_dtype", None)
     if dtype is not None:

@@ -52,6 +52,8 @@ BASE_MODEL_LICENSES = {
     "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
     "cdalign/tiny-random-sd": "apache-2.0",
     "cdalign/tiny-shapes-sd": "apache-2.0",
+    "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
+    "cdalign/tiny-random-sdxl": "apache-2.0",
 }
 PICTURES = (("samples: base (top) vs aligned (bottom), same seeds", "samples_base_vs_aligned.png"),
             ("dual variables, slacks and chain KL over training", "duals.png"))
@@ -272,6 +274,7 @@ def usage_snippet(base_model: str, repo: str, prompt: str, steps: int, guidance:
     if pipeline_class not in MODEL_FAMILIES:
         raise ValueError(f"pipeline_class {pipeline_class!r}: not one of {', '.join(MODEL_FAMILIES.names())}")
     cls = pipeline_class
+    guidance = MODEL_FAMILIES.get(cls).pipeline_guidance(guidance)  # the pipeline's own convention (Z-Image: w - 1)
     none = "".join(f", {str(name)}=None" for name in absent_components if str(name).isidentifier())
 
     if _is_embedded(base_model):

@@ -1,7 +1,10 @@
-"""Every cdalign capability end to end on both flow-matching families (issue 16), one test
-body per capability, parametrized over the tiny SD3 and FLUX.1 pipelines built in code:
-alignment with a transformer LoRA that ``load_lora_weights`` reloads, the policy-gradient
-estimator, 2 processes against 1, and AND-composition of two LoRAs (v_mu = sum mu_i v_i)."""
+"""Every cdalign capability end to end on every registered model family (issues 16, 36), one
+test body per capability, parametrized over the tiny pipelines built in code (SD 1.x, SDXL, SD3,
+FLUX.1; ``family_cases.FAMILY_CASES``, one per ``MODEL_FAMILIES`` entry): alignment with a
+denoiser LoRA that diffusers' own pipeline class reloads with ``load_lora_weights``, base
+predictions with the adapter off, the policy-gradient estimator, evaluation (ODE images with the
+KL of a stochastic pass), 2 processes against 1, a sharded run's exact resume, and
+AND-composition of two LoRAs (ε_μ = Σ μ_i ε̃_i, or v_μ = Σ μ_i ṽ_i)."""
 
 import json
 import math
@@ -12,20 +15,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from flow_cases import FLOW_CASES, CallCounter, save_random_lora
+from family_cases import FAMILY_CASES, CallCounter, denoiser, save_random_lora
 from safetensors.torch import load_file
 from tiny_configs import tiny_config
 
-from cdalign import ConstrainedDDPOTrainer, load_pipeline
+from cdalign import MODEL_FAMILIES, ConstrainedDDPOTrainer, load_pipeline
+from cdalign.core.families import family_of
 from cdalign.core.sampling import DiffusionSampler
 from cdalign.models.adapters import WithAdaptersDisabled
 
-CASES = sorted(FLOW_CASES)
+CASES = sorted(FAMILY_CASES)
+
+
+def test_every_registered_family_has_a_case():
+    assert {c.pipeline_class for c in FAMILY_CASES.values()} == set(MODEL_FAMILIES.names())
+    for case in FAMILY_CASES.values():
+        assert family_of(load_pipeline(case.model_id)).pipeline_class == case.pipeline_class
 
 
 @pytest.fixture(scope="module", params=CASES)
 def trained(request, tmp_path_factory):
-    case = FLOW_CASES[request.param]
+    case = FAMILY_CASES[request.param]
     tmp = tmp_path_factory.mktemp(f"{request.param}-e2e")
     trainer = ConstrainedDDPOTrainer(tiny_config(tmp, pretrained_model_name_or_path=case.model_id, eta=0.7,
                                                  kl_estimator="path", guidance_scale=case.guidance_scale, **case.train))
@@ -34,7 +44,7 @@ def trained(request, tmp_path_factory):
     return case, trainer, before, report
 
 
-def test_flow_training_changes_the_transformer_lora_and_moves_the_duals(trained):
+def test_training_changes_the_denoiser_lora_and_moves_the_duals(trained):
     case, trainer, before, report = trained
     after = trainer._lora_params()
     assert before and all(k.startswith(case.block_prefixes) for k in before)
@@ -45,26 +55,55 @@ def test_flow_training_changes_the_transformer_lora_and_moves_the_duals(trained)
     assert report["kl"]["estimator"] == "path" and report["kl"]["units"] == "nats"
 
 
-def test_saved_flow_lora_reloads_with_load_lora_weights_and_reproduces_samples(trained):
+def test_saved_lora_reloads_with_the_diffusers_pipeline_class_and_reproduces_samples(trained, tmp_path):
+    """The base saved as a folder, loaded by diffusers' own pipeline class (no cdalign), the
+    LoRA by that class's ``load_lora_weights``: the trained model's images, not the base's."""
+    import diffusers
+
     case, trainer, _, _ = trained
     out = trainer.output_dir
+    family = family_of(trainer.pipe)
     keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
-    assert keys and all(k.startswith("transformer.") for k in keys)
-    fresh = load_pipeline(case.model_id)
+    assert keys and all(k.startswith(f"{family.denoiser}.") for k in keys)
+    base = load_pipeline(case.model_id)
+    base.save_pretrained(tmp_path / "base")
+    cls = getattr(diffusers, case.pipeline_class)
+    fresh = cls.from_pretrained(str(tmp_path / "base"), **{n: None for n in family.absent_components(base)})
+    assert type(fresh) is cls
     fresh.load_lora_weights(str(out))
     cfg = trainer.config
     ours = DiffusionSampler(fresh, cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, cfg.resolution, "cpu")
     with torch.no_grad():
         reloaded = ours.sample(ours.guided(["a red circle"]), [11])
         trained_images = trainer.sampler.sample(trainer.sampler.guided(["a red circle"]), [11])
-        base = ours.sample(WithAdaptersDisabled(ours.guided(["a red circle"])), [11])
+        base_images = ours.sample(WithAdaptersDisabled(ours.guided(["a red circle"])), [11])
     assert torch.allclose(reloaded, trained_images, atol=1e-5)
-    assert not torch.allclose(reloaded, base, atol=1e-4)
+    assert not torch.allclose(reloaded, base_images, atol=1e-4)
+
+
+def test_the_run_card_names_the_base_and_its_usage_snippet_runs(trained, monkeypatch):
+    """The card's front matter (base model, text-to-image) and its Python snippet, run as
+    written from the folder holding the run: the base by ``load_pipeline`` (embedded), the LoRA
+    by the pipeline's ``load_lora_weights``, one image from diffusers' own pipeline call."""
+    import re
+
+    import yaml
+
+    case, trainer, _, _ = trained
+    text = (trainer.output_dir / "README.md").read_text()
+    meta = yaml.safe_load(re.match(r"^---\n(.*?)\n---\n", text, re.S).group(1))
+    assert meta["base_model"] == case.model_id and meta["pipeline_tag"] == "text-to-image"
+    code = re.search(r"^```python\n(.*?)\n```$", text, re.S | re.M).group(1)
+    assert "load_lora_weights" in code
+    monkeypatch.chdir(trainer.output_dir.parent)
+    namespace: dict = {}
+    exec(compile(code.replace("num_inference_steps=6", "num_inference_steps=2"), "card", "exec"), namespace)
+    assert type(namespace["pipe"]).__name__ == case.pipeline_class and namespace["image"].size[0] > 0
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_policy_gradient_estimator_runs_on_the_flow_chain(name, tmp_path):
-    case = FLOW_CASES[name]
+def test_policy_gradient_estimator_runs_on_the_family_chain(name, tmp_path):
+    case = FAMILY_CASES[name]
     trainer = ConstrainedDDPOTrainer(tiny_config(
         tmp_path, pretrained_model_name_or_path=case.model_id, eta=0.7, estimator="policy_gradient",
         images_per_prompt=2, backprop_steps=4,  # the default; tiny_config's 2 is reward backprop's
@@ -82,13 +121,13 @@ def test_policy_gradient_estimator_runs_on_the_flow_chain(name, tmp_path):
 def _suite(case, run, **kw):
     from cdalign.evaluation import CheckpointSpec, EvaluationSuite
 
-    return EvaluationSuite(name="flow", model=case.model_id, prompts="shapes", num_prompts=2, rewards=["saturation"],
+    return EvaluationSuite(name="family", model=case.model_id, prompts="shapes", num_prompts=2, rewards=["saturation"],
                            num_inference_steps=6, guidance_scale=case.guidance_scale, resolution=case.resolution,
                            batch_size=2, grid_images=0, constraints=[],
                            checkpoints=[CheckpointSpec("run", source=str(run))], **kw)
 
 
-def test_evaluation_scores_a_flow_checkpoint_with_its_kl(trained, tmp_path):
+def test_evaluation_scores_a_checkpoint_with_its_kl(trained, tmp_path):
     from cdalign.evaluation.harness import evaluate
 
     case, trainer, _, _ = trained
@@ -111,11 +150,11 @@ def test_evaluation_scores_a_flow_checkpoint_with_its_kl(trained, tmp_path):
 WORKER = Path(__file__).parent / "scripts" / "mp_worker.py"
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", [n for n in CASES if FAMILY_CASES[n].two_processes])
 def test_two_processes_agree_with_one_process(name, tmp_path):
-    """2 gloo processes on the CPU (FLUX: its transformer sharded with FSDP2) against one
+    """2 gloo processes on the CPU (SDXL, FLUX: the denoiser sharded with FSDP2) against one
     plain process with the same global batch: the same λ, LoRA and KL."""
-    case = FLOW_CASES[name]
+    case = FAMILY_CASES[name]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     flags = ["--model", case.model_id, "--eta", "0.7"]
     two, one = tmp_path / "two", tmp_path / "one"
@@ -136,15 +175,49 @@ def test_two_processes_agree_with_one_process(name, tmp_path):
             assert rel < 2e-2, (k, rel)
 
 
+FSDP_CONFIG = Path(__file__).parents[1] / "recipes" / "accelerate_configs" / "fsdp.yaml"
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if FAMILY_CASES[n].sharded_resume])
+def test_sharded_run_resumes_exactly_from_its_checkpoint(name, tmp_path):
+    """The denoiser sharded with FSDP2 (one unit per block of its family) in 2 processes, 3 steps
+    with a checkpoint at step 2; the run resumed from checkpoint-2 in a fresh launch ends bitwise equal."""
+    import shutil
+
+    case = FAMILY_CASES[name]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+
+    def launch(out, *extra):
+        proc = subprocess.run(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG), "--num_processes",
+             "2", str(WORKER), str(out), "2", "3", "--model", case.model_id, "--eta", "0.7", "--save_steps", "2", *extra],
+            cwd=out, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir()
+    launch(straight)
+    shutil.copytree(straight / "run" / "checkpoint-2", resumed / "run" / "checkpoint-2")
+    shutil.copytree(straight / "cache-2", resumed / "cache-2")
+    launch(resumed, "--resume", str(resumed / "run" / "checkpoint-2"))
+    meta_a, meta_b = (json.loads((d / "rank0.json").read_text()) for d in (straight, resumed))
+    assert meta_a["sharded"] and meta_b["multipliers"] == meta_a["multipliers"]
+    a, b = (load_file(str(d / "run" / "pytorch_lora_weights.safetensors")) for d in (straight, resumed))
+    prefix = MODEL_FAMILIES.get(case.pipeline_class).denoiser + "."
+    assert a.keys() == b.keys() and all(k.startswith(prefix) for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 # ----------------------------------------------------------------------------- composition
 @pytest.fixture(scope="module", params=CASES)
 def loras(request, tmp_path_factory):
-    case = FLOW_CASES[request.param]
+    case = FAMILY_CASES[request.param]
     root = tmp_path_factory.mktemp(f"{request.param}-loras")
     return case, [save_random_lora(case, root / "a", 1, 0.5), save_random_lora(case, root / "b", 2, 0.25)]
 
 
-def test_composed_velocity_is_the_weighted_sum_of_component_velocities(loras):
+def test_composed_prediction_is_the_weighted_sum_of_component_predictions(loras):
     from cdalign.composition import Component, ComponentSet, load_lora_component
     from cdalign.models.adapters import set_denoiser_adapter
 
@@ -157,20 +230,20 @@ def test_composed_velocity_is_the_weighted_sum_of_component_velocities(loras):
     comps = ComponentSet(sampler, [Component("a", "a"), Component("b", "b"), Component("base", None)])
     weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), sampler.chain.timesteps[1]
-    with torch.no_grad(), CallCounter(pipe.transformer) as counter:
+    with torch.no_grad(), CallCounter(denoiser(pipe)) as counter:
         composed = comps.composed(prompts, weights)(x, t)
     # one call per adapter; the unconditional rows only where the family uses CFG
     assert counter.rows == [2 * (2 if case.uses_cfg else 1)] * 3
     with torch.no_grad():
         singles = []
         for adapter in ("a", "b", None):
-            set_denoiser_adapter(pipe.transformer, adapter)
+            set_denoiser_adapter(denoiser(pipe), adapter)
             singles.append(sampler.guided(prompts)(x, t))
     assert torch.allclose(composed, sum(float(w) * v for w, v in zip(weights, singles)), atol=1e-5)
     assert not torch.allclose(singles[0], singles[1])
 
 
-def test_and_composition_of_two_flow_loras_end_to_end(loras, tmp_path):
+def test_and_composition_of_two_loras_end_to_end(loras, tmp_path):
     from cdalign.composition import ConstrainedComposer
     from cdalign.composition.config import config_from_dict
 
@@ -193,4 +266,4 @@ def test_and_composition_of_two_flow_loras_end_to_end(loras, tmp_path):
     assert report["learned_weights"] == mu
     fresh = load_pipeline(case.model_id)
     fresh.load_lora_weights(str(tmp_path / "run" / "distilled"), adapter_name="distilled")
-    assert "distilled" in fresh.transformer.peft_config
+    assert "distilled" in denoiser(fresh).peft_config
