@@ -92,7 +92,7 @@ def _cases(tmp: Path) -> dict:
             *align("--pretrained_model_name_or_path", str(torn), name="torn"), config,
             ["component 'unet'", "not valid JSON", "truncated"]),
         "LoRA of the wrong shapes": (
-            [COMPOSE, "--components", f"[{{name: w, path: '{wrong_shape.parent}'}}, {{name: base, type: base}}]",
+            [COMPOSE, "--components", f"[{{name: w, source: '{wrong_shape.parent}'}}, {{name: base, kind: base}}]",
              "--output_dir", str(out("shape"))], out("shape"), wrong_shape,
             [f"tensor '{TENSOR}' has shape [4, 32]", "needs [4, 64]", "component 'w'"]),
         "LoRA file empty": ([EVALUATE, "--checkpoint", f"e={empty_lora.parent}", "--output_dir", str(out("lora"))],

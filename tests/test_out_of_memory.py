@@ -41,14 +41,14 @@ def align():
 
 def _fail_at_step(monkeypatch, step: int, error: BaseException):
     """Make the estimator raise ``error`` in the first micro-batch of optimiser step ``step``."""
-    original = ConstrainedDDPOTrainer._micro_batch
+    original = ConstrainedDDPOTrainer._estimate_micro_batch
 
     def micro_batch(self, index):
         if self.global_step + 1 == step:
             raise error
         return original(self, index)
 
-    monkeypatch.setattr(ConstrainedDDPOTrainer, "_micro_batch", micro_batch)
+    monkeypatch.setattr(ConstrainedDDPOTrainer, "_estimate_micro_batch", micro_batch)
 
 
 def _error_line(capsys) -> str:
