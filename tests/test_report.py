@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cdalign.core.problem import Constraint
 from cdalign.runs.report import (
     AlignmentReport,
     ConstraintResult,
@@ -138,10 +139,7 @@ def test_a_constraint_entry_has_one_set_of_units():
 
 
 def test_a_harness_entry_leaves_out_what_it_does_not_measure():
-    class Spec:
-        name, source, direction, threshold, normalize = "s", "saturation", "low", 0.5, False
-
     verdict = {"measured": 0.4, "ci95": [0.3, 0.5], "slack": -0.1, "satisfied": True, "ci_clears_threshold": False}
-    entry = ConstraintResult.from_verdict(Spec(), verdict, "raw", dual=None).to_json()
+    entry = ConstraintResult.from_verdict(Constraint("s", "saturation", "low", 0.5), verdict, "raw", dual=None).to_json()
     assert entry == {"name": "s", "source": "saturation", "direction": "low", "threshold": 0.5, "normalized": False,
                      "units": "raw", **verdict, "dual": None, "flagged_infeasible_at_step": None}

@@ -223,6 +223,18 @@ def decode_images(strings: Sequence[str], encoding: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------
 
 
+def _json_object(raw: bytes, bad: str, holding: str) -> Mapping:
+    """A server's answer parsed as a JSON object, else :class:`RemoteRewardError` starting with
+    ``bad`` (which answer) and naming what the object should hold."""
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        raise RemoteRewardError(f"{bad} is not JSON: {raw[:200]!r}") from None
+    if not isinstance(answer, Mapping):
+        raise RemoteRewardError(f"{bad} is {type(answer).__name__}, not a JSON object with {holding}")
+    return answer
+
+
 class RemoteReward(Reward):
     """A reward whose scores come from a server (:class:`RemoteRewardSpec` ``spec``), under
     the run's reward name ``name``. Not differentiable. ``counts`` says what it did:
@@ -257,13 +269,7 @@ class RemoteReward(Reward):
     def health(self) -> dict:
         """The server's ``GET /health`` answer (``reward``, ``version``, ``protocol``); one try."""
         raw = self._open(urllib.request.Request(self._url + "/health", method="GET"))
-        try:
-            answer = json.loads(raw)
-        except ValueError:
-            raise RemoteRewardError(f"{self.where}: /health did not answer JSON: {raw[:200]!r}") from None
-        if not isinstance(answer, dict):
-            raise RemoteRewardError(f"{self.where}: /health answered {answer!r}, not a JSON object")
-        return answer
+        return _json_object(raw, f"{self.where}: /health: the answer", "reward, version and protocol")
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
         batch = check_inputs(images, prompts)
@@ -343,12 +349,7 @@ class RemoteReward(Reward):
         """The scores of a ``/score`` answer, checked: a JSON object answering ``request_id``
         with ``count`` finite numbers; anything else raises, never a misassigned score."""
         bad = f"{self.where}: {what}: the answer"
-        try:
-            answer = json.loads(raw)
-        except ValueError:
-            raise RemoteRewardError(f"{bad} is not JSON: {raw[:200]!r}") from None
-        if not isinstance(answer, Mapping):
-            raise RemoteRewardError(f"{bad} is {type(answer).__name__}, not a JSON object with request_id and scores")
+        answer = _json_object(raw, bad, "request_id and scores")
         if answer.get("request_id") != request_id:
             raise RemoteRewardError(f"{bad} names request_id {answer.get('request_id')!r}, not this request's "
                                     f"{request_id!r}: its scores may be another batch's, so none is used")

@@ -180,13 +180,18 @@ def serve(fn: Callable, name: str, port: int = 8765, *, host: str = "127.0.0.1",
     server = RewardServer(fn, name, host=host, port=port, version=version)
     if background:
         return server.start()
+    _serve_until_interrupted(server)
+    return server
+
+
+def _serve_until_interrupted(server: RewardServer) -> None:
+    """Serve in this thread until Ctrl-C, then close the port."""
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
-    return server
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -216,12 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"serving reward {args.reward!r} on {server.url} (protocol {PROTOCOL_VERSION}, version {version}); "
           "POST /score, GET /health; Ctrl-C stops", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    _serve_until_interrupted(server)
     return 0
 
 

@@ -296,7 +296,7 @@ class ConstraintResult:
         ci_clears_threshold); ``more`` sets the other fields."""
         return cls(name=constraint.name, source=constraint.source, direction=constraint.direction,
                    threshold=constraint.threshold, normalized=constraint.normalize, units=units,
-                   relative_to_base=True if getattr(constraint, "relative", False) else None, **verdict, **more)
+                   relative_to_base=True if constraint.relative else None, **verdict, **more)
 
     @property
     def decision(self) -> dict:
