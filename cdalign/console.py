@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -62,10 +63,18 @@ class _LineFormatter(logging.Formatter):
         return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 
+def is_main_launch_process() -> bool:
+    """Whether this is the process that speaks for a launch: the only one, or rank 0 of the
+    processes a launcher (accelerate launch, torchrun) started. Bad input is the same on
+    every rank, so only this one prints it."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
 @contextlib.contextmanager
 def command_output(stream=None) -> Iterator[logging.Logger]:
     """For a command's run: the ``cdalign`` logger prints its info, warning and error
-    records to ``stream`` (default ``sys.stderr``) one line each, and a
+    records to ``stream`` (default ``sys.stderr``) one line each (info and warnings from
+    the main process only when several run), and a
     :class:`CdalignWarning` is logged there instead of being printed with its source line.
     Everything is restored on exit. Yields the ``cdalign`` logger."""
     logger = logging.getLogger(LOGGER_NAME)
@@ -81,7 +90,9 @@ def command_output(stream=None) -> Iterator[logging.Logger]:
             show_other(message, category, filename, lineno, file, line)
 
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    # Under a launcher every process runs the command: the main one (RANK 0) tells the user,
+    # the others only report their errors (which name their rank).
+    logger.setLevel(logging.INFO if is_main_launch_process() else logging.ERROR)
     logger.propagate = False  # one line per record, not a second one from a root handler
     warnings.showwarning = show
     try:

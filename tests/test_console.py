@@ -22,7 +22,7 @@ from cdalign.recipes_data import RECIPES_DIR, find_recipe, packaged_recipes
 ROOT = Path(__file__).resolve().parents[1]
 # A run small enough for seconds on a CPU (tests/test_docs.py's TINY_ALIGN_FLAGS).
 TINY_ALIGN = ["--max_steps", "1", "--eval_batches", "1", "--num_grid_images", "0", "--normalization_batches", "1",
-              "--num_inference_steps", "3", "--backprop_steps", "1", "--train_batch_size", "2"]
+              "--num_inference_steps", "3", "--backprop_steps", "1", "--global_batch_size", "2"]
 TINY_EVALUATE = ["--num_prompts", "2", "--num_inference_steps", "3", "--batch_size", "2", "--grid_images", "0",
                  "--rewards", "brightness,colorfulness", "--no_cache"]
 

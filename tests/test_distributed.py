@@ -208,8 +208,8 @@ def test_composition_weights_are_identical_on_every_rank_and_match_one_process(t
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(COMPOSE_WORKER), str(two), str(a), str(b), "1"], cwd=two)
-    _run([sys.executable, str(COMPOSE_WORKER), str(one), str(a), str(b), "2"], cwd=one)
+          str(COMPOSE_WORKER), str(two), str(a), str(b), "2"], cwd=two)
+    _run([sys.executable, str(COMPOSE_WORKER), str(one), str(a), str(b), "2"], cwd=one)  # the same global batches
     r0, r1, single = (json.loads((d / f"rank{k}.json").read_text()) for d, k in ((two, 0), (two, 1), (one, 0)))
     assert r0["world"] == r1["world"] == 2 and single["world"] == 1
     assert r0["learned_weights"] == r1["learned_weights"] and r0["dual_steps"] == r1["dual_steps"]
@@ -218,6 +218,13 @@ def test_composition_weights_are_identical_on_every_rank_and_match_one_process(t
     assert [mu2[k] for k in mu1] == pytest.approx([mu1[k] for k in mu1], abs=1e-5)
     for name, kl in single["models"]["constrained"].items():
         assert r0["models"]["constrained"][name]["mean"] == pytest.approx(kl["mean"], rel=1e-4)
+    # the distillation splits its chains over the processes and averages their gradients: the
+    # student sees the same global batch, so it ends where the single process's does
+    timeless = [{k: v for k, v in r["distillation"].items() if k != "seconds"} for r in (r0, r1, single)]
+    assert timeless[0] == timeless[1]
+    assert timeless[0]["distance_to_composed_after"] == pytest.approx(timeless[2]["distance_to_composed_after"], rel=1e-3)
+    for name, kl in single["models"]["distilled"].items():
+        assert r0["models"]["distilled"][name]["mean"] == pytest.approx(kl["mean"], rel=1e-3)
 
 
 EVALUATE = Path(__file__).parents[1] / "evaluation" / "evaluate.py"

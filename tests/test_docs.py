@@ -30,7 +30,7 @@ TAGS = {"runnable", "slow", "gpu", "hub", "install"}
 CHECKED_LANGUAGES = {"python", "bash"}
 # Sizes small enough for seconds on a CPU; the block's own flags stay (these come after them).
 TINY_ALIGN_FLAGS = "--max_steps 1 --eval_batches 1 --num_grid_images 0 --normalization_batches 1 " \
-                   "--num_inference_steps 3 --backprop_steps 1 --train_batch_size 2"
+                   "--num_inference_steps 3 --backprop_steps 1 --global_batch_size 2"
 OPTIONAL_MODULES = {"evaluate", "gradio", "gradio_client"}  # the extras a block may need
 
 
@@ -216,6 +216,7 @@ def python_runs(mirror):
         cfg = real_load(path)
         cfg.num_inference_steps, cfg.backprop_steps = 3, 1
         cfg.train_batch_size, cfg.normalization_batches, cfg.eval_batches, cfg.num_grid_images = 2, 1, 1, 2
+        cfg.global_batch_size = None  # train_batch_size per process
         cfg.normalization_cache_dir = str(mirror / "norm-cache")
         return cfg
 

@@ -24,7 +24,7 @@ MODEL, DATASET = f"{NS}/tiny-shapes-sd", f"{NS}/shape-prompts"
 FLOW_MODEL = f"{NS}/tiny-shapes-sd3"
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "DIFFUSERS_OFFLINE")
 # Tiny settings: the run only has to train, evaluate and write its records.
-TINY = ["--num_inference_steps", "3", "--backprop_steps", "1", "--train_batch_size", "2",
+TINY = ["--num_inference_steps", "3", "--backprop_steps", "1", "--global_batch_size", "2",
         "--gradient_accumulation_steps", "1", "--max_steps", "1", "--normalization_batches", "1",
         "--eval_batches", "1", "--num_grid_images", "2"]
 

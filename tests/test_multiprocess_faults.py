@@ -34,7 +34,7 @@ ARGS = [
     "--pretrained_model_name_or_path", "cdalign/tiny-random-sd", "--prompts", "shapes",
     "--constraints", "[{reward: saturation, direction: high, threshold: 0.5}, "
     "{reward: local_contrast, direction: high, threshold: -0.5}]",
-    "--num_inference_steps", "4", "--backprop_steps", "1", "--resolution", "32", "--train_batch_size", "2",
+    "--num_inference_steps", "4", "--backprop_steps", "1", "--resolution", "32", "--global_batch_size", "4",
     "--normalization_batches", "2", "--eval_batches", "1", "--num_grid_images", "0",
 ]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1",

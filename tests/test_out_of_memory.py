@@ -22,7 +22,7 @@ CPU_ALLOCATOR = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator:
 RECIPE_ARGS = [
     "--pretrained_model_name_or_path", "cdalign/tiny-random-sd", "--prompts", "shapes",
     "--constraints", "[{reward: saturation, direction: high, threshold: 0.5}]",
-    "--num_inference_steps", "4", "--backprop_steps", "1", "--resolution", "32", "--train_batch_size", "2",
+    "--num_inference_steps", "4", "--backprop_steps", "1", "--resolution", "32", "--global_batch_size", "2",
     "--gradient_accumulation_steps", "2", "--normalization_batches", "1", "--eval_batches", "1",
     "--num_grid_images", "0",
 ]

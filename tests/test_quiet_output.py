@@ -21,7 +21,7 @@ from cdalign.console import CdalignWarning, command_output, quiet_libraries
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "recipes" / "accelerate_configs" / "cpu.yaml"
 TINY_ALIGN = ["--max_steps", "1", "--eval_batches", "1", "--num_grid_images", "0", "--normalization_batches", "1",
-              "--num_inference_steps", "3", "--backprop_steps", "1", "--train_batch_size", "2"]
+              "--num_inference_steps", "3", "--backprop_steps", "1", "--global_batch_size", "2"]
 
 # What other libraries printed during a run before (issue 37): none of it is for the user to act on.
 NOISE = {

@@ -17,7 +17,7 @@ import sys
 
 from cdalign.alignment.config import parse_config
 from cdalign.alignment.trainer import ConstrainedDDPOTrainer
-from cdalign.console import command_output
+from cdalign.console import command_output, is_main_launch_process
 from cdalign.publishing.summaries import summary_table
 from cdalign.recipes_data import find_recipe
 from cdalign.runs.signals import TrainingInterrupted
@@ -38,7 +38,8 @@ def _run(argv: list[str], prog: str | None) -> int:
         config = parse_config(argv, default_recipe=DEFAULT_RECIPE, prog=prog)
         trainer = ConstrainedDDPOTrainer(config)
     except (ValueError, OSError) as err:  # FileNotFoundError, FileExistsError, ... are OSErrors
-        print(f"error: {err}", file=sys.stderr)
+        if is_main_launch_process():  # the same on every rank of a launch: said once
+            print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         report = trainer.train()

@@ -229,9 +229,10 @@ def _check_run(cfg) -> None:
     normalized = (not cfg.objective.is_kl and cfg.objective.normalize) or any(
         not c.is_kl and c.normalize for c in cfg.constraints
     )
-    if normalized and cfg.normalization_batches * cfg.train_batch_size < 2:
+    per_batch = cfg.global_batch_size or cfg.train_batch_size  # per process without a global batch: at least this
+    if normalized and cfg.normalization_batches * per_batch < 2:
         raise ValueError(
-            f"normalization_batches: {cfg.normalization_batches} batch(es) of {cfg.train_batch_size} image(s) "
+            f"normalization_batches: {cfg.normalization_batches} batch(es) of {per_batch} image(s) "
             "cannot estimate a standard deviation; use at least 2 images in total"
         )
     if not cfg.lora_target_modules:

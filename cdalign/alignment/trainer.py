@@ -14,6 +14,7 @@ signal (:mod:`cdalign.runs.signals`)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import warnings
@@ -55,7 +56,7 @@ from cdalign.runs.checkpoints import list_checkpoints, remove_stale_temporaries,
 from cdalign.runs.distributed import full_tensor
 from cdalign.runs.report import REPORT_FILE, AlignmentReport
 from cdalign.runs.lock import release_run_lock
-from cdalign.runs.resources import is_out_of_memory, out_of_memory_error, resume_advice
+from cdalign.runs.resources import is_out_of_memory, out_of_memory_error, resume_advice, set_cpu_threads
 from cdalign.runs.signals import StopSignals, TrainingInterrupted
 
 RUN_FOLDER = folders.RunFolder(
@@ -117,6 +118,9 @@ class ConstrainedDDPOTrainer:
                                                                        log_with=log_with)
         acc = self.accelerator
         self.device = acc.device
+        self._given_batch_size = cfg.train_batch_size  # recorded as given: the derived one depends on the launch
+        self.config = cfg = cfg.for_processes(acc.num_processes)
+        set_cpu_threads(self.device, cfg.num_threads)
 
         self.prompts, prompts_snapshot = load_prompts_with_source(
             cfg.prompts if prompts is None else prompts, cfg.prompt_column, cfg.prompt_split, cfg.prompt_revision
@@ -207,7 +211,7 @@ class ConstrainedDDPOTrainer:
         Hub sources are pinned to their resolved commits (the model's ``revision``; the
         prompts' ``prompt_revision`` when the training and evaluation prompts agree on one)."""
         model = self.sources["model"]
-        return folders.recorded_config(self.config, {
+        return folders.recorded_config(dataclasses.replace(self.config, train_batch_size=self._given_batch_size), {
             "reward_sources": dict(self.reward_sources),
             **self._recorded_prompts,
             "revision": model["commit"] if model else None,

@@ -19,13 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from accelerate import Accelerator
-
 from cdalign.composition.composer import ConstrainedComposer, check_composition_inputs, train_missing_components
 from cdalign.composition.concepts import run_concept_sets
 from cdalign.composition.config import parse_config
 from cdalign.composition.mixture import MixtureTrainer, write_demo_shapes_datasets
-from cdalign.console import command_output
+from cdalign.console import command_output, is_main_launch_process
 from cdalign.publishing.composition_tables import (
     concept_table,
     kl_table,
@@ -35,6 +33,7 @@ from cdalign.publishing.composition_tables import (
     reward_table,
 )
 from cdalign.recipes_data import find_recipe
+from cdalign.runs import distributed
 
 DEFAULT_RECIPE = find_recipe("compose/tiny_adapters")
 # The data of the tiny OR recipe (compose/tiny_mixture), written on its first run.
@@ -43,8 +42,8 @@ DEMO_DATA = "outputs/compose-or-shapes"
 
 def run_and(config) -> dict:
     """An AND composition (components or concept sets); prints its tables. Returns the report."""
-    check_composition_inputs(config)  # bad input fails before any component trains
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = distributed.make_accelerator(distributed.DEFAULT_TIMEOUT_S, mixed_precision=config.mixed_precision)
+    check_composition_inputs(config, accelerator)  # bad input fails before any component trains
     t0 = time.time()
     if config.concept_sets:
         report = run_concept_sets(config, accelerator=accelerator)
@@ -104,12 +103,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         try:
             config = parse_config(argv, default_recipe=DEFAULT_RECIPE, prog=prog)
         except (ValueError, OSError) as err:
-            print(f"error: {err}", file=sys.stderr)
+            if is_main_launch_process():  # the same on every rank of a launch: said once
+                print(f"error: {err}", file=sys.stderr)
             return 2
         try:
             RUNNERS[config.composition](config)
         except (ValueError, OSError) as err:  # bad paths, models, LoRA files (FileNotFoundError etc. are OSErrors)
-            print(f"error: {err}", file=sys.stderr)
+            if is_main_launch_process():
+                print(f"error: {err}", file=sys.stderr)
             return 2
         except RuntimeError as err:
             print(f"error: stopped: {err}", file=sys.stderr)

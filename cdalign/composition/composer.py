@@ -39,7 +39,7 @@ from cdalign.console import CdalignWarning
 from cdalign.core.families import freeze_pipeline
 from cdalign.core.problem import KL, Constraint
 from cdalign.core.sampling import DiffusionSampler
-from cdalign.core.seeding import COMPOSITION_DUAL_BATCH, batch_share, evaluation_items
+from cdalign.core.seeding import COMPOSITION_DUAL_BATCH, batch_share, evaluation_items, per_process
 from cdalign.core.statistics import paired_max_mean_difference, summarize
 from cdalign.data.prompt_sets import load_prompts
 from cdalign.evaluation.scoring import (
@@ -52,6 +52,7 @@ from cdalign.models.lora import LORA_WEIGHT_NAME, is_local_source
 from cdalign.models.pipeline import load_pipeline, precision_dtype
 from cdalign.publishing.plotting import save_grid
 from cdalign.rewards import REWARDS
+from cdalign.runs import distributed
 from cdalign.runs.atomic import atomic_write_text
 from cdalign.runs.folders import RunFolder
 from cdalign.runs.lock import release_run_lock
@@ -65,9 +66,7 @@ def check_composition_inputs(config: ComposeConfig, accelerator=None) -> None:
     """What can be checked before any training or model loading, so that bad input fails in
     seconds: ``mixed_precision`` on this device, ``output_dir``, and every local LoRA
     component's weights file (present and complete, or to be trained by its ``train_recipe``)."""
-    from accelerate import PartialState
-
-    check_mixed_precision(config.mixed_precision, (accelerator or PartialState()).device)
+    check_mixed_precision(config.mixed_precision, (accelerator or distributed.process_state(distributed.DEFAULT_TIMEOUT_S)).device)
     check_output_dir_writable(config.output_dir)
     for spec in config.components:
         if not spec.component_kind.lora or not is_local_source(spec.source):
@@ -119,17 +118,16 @@ class ConstrainedComposer:
     """
 
     def __init__(self, config: ComposeConfig, pipeline=None, prompts=None, eval_prompts=None, accelerator=None):
-        from accelerate import Accelerator, PartialState
-
         config.validate()
         self.config = cfg = config
         self.output_dir = Path(cfg.output_dir)
         RUN_FOLDER.check(self.output_dir, fresh=not cfg.overwrite_output_dir)
-        check_mixed_precision(cfg.mixed_precision, (accelerator or PartialState()).device)
+        check_mixed_precision(cfg.mixed_precision, (accelerator or distributed.process_state(distributed.DEFAULT_TIMEOUT_S)).device)
         for spec in cfg.components:  # a missing or corrupt local LoRA fails before the base model loads
             if spec.component_kind.lora and is_local_source(spec.source):
                 lora_component_path(spec.name, spec.source, spec.weight_name)
-        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+        self.accelerator = accelerator or distributed.make_accelerator(distributed.DEFAULT_TIMEOUT_S,
+                                                                       mixed_precision=cfg.mixed_precision)
         self.device = self.accelerator.device
         dtype = precision_dtype(cfg.mixed_precision)
         self.pipe = pipeline if pipeline is not None else load_pipeline(
@@ -160,18 +158,23 @@ class ConstrainedComposer:
 
     # ------------------------------------------------------------------ batches
     def _batch(self, purpose: int, index: int, prompts: list[str], size: int):
-        """This process's share of a global batch (prompts, seeds) fixed by (seed, purpose, index)."""
+        """This process's share of a global batch of ``size`` (prompts, seeds) fixed by (seed, purpose, index)."""
         acc = self.accelerator
-        share, seeds, _ = batch_share(self.config.seed, purpose, index, prompts, size, acc.num_processes, acc.process_index)
+        share, seeds, _ = batch_share(self.config.seed, purpose, index, prompts, self._per_process(size),
+                                      acc.num_processes, acc.process_index)
         return share, seeds
+
+    def _per_process(self, size: int) -> int:
+        """A global batch's share on each process (``dual.batch_size`` and ``distill.batch_size``
+        are images over all processes: one recipe and seed give one run on 1 or 2 processes)."""
+        return per_process(size, self.accelerator.num_processes, "dual.batch_size")
 
     def _eval_items(self) -> list[tuple[str, int]]:
         """(prompt, seed) of every evaluation image: ``eval_batches`` batches of
-        ``dual.batch_size`` per process (:func:`~cdalign.core.seeding.evaluation_items` of
+        ``dual.batch_size`` (:func:`~cdalign.core.seeding.evaluation_items` of
         ``eval_prompts`` and ``eval_seed``, as in the trainer and the harness)."""
         cfg = self.config
-        count = cfg.eval_batches * cfg.dual.batch_size * self.accelerator.num_processes
-        return evaluation_items(self.eval_prompts, count, cfg.eval_seed)
+        return evaluation_items(self.eval_prompts, cfg.eval_batches * cfg.dual.batch_size, cfg.eval_seed)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         """Gather (n, B) per-sample values over processes -> (n, B_total)."""
@@ -387,7 +390,8 @@ class ConstrainedComposer:
         report's record: steps, seconds, the distance to ε_ω on the first evaluation items before
         and after; the distilled model's entry: KL to each component and ``_scores``)."""
         cfg = self.config
-        distiller = self.distiller = CompositionDistiller(self.components, weights, self.prompts, cfg.distill, cfg.seed)
+        distiller = self.distiller = CompositionDistiller(self.components, weights, self.prompts, cfg.distill, cfg.seed,
+                                                          accelerator=self.accelerator)
         first = self._eval_items()[: cfg.dual.batch_size]
         eval_p, eval_s = [p for p, _ in first], [s for _, s in first]
         before = distiller.distance(eval_p, eval_s)

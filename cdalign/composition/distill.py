@@ -23,6 +23,7 @@ from cdalign.core.seeding import (
     DISTILL_LORA_INIT,
     batch_share,
     derived_seed,
+    per_process,
 )
 from cdalign.models.adapters import set_denoiser_adapter
 from cdalign.models.lora import save_adapter, trainable_adapter
@@ -62,8 +63,8 @@ class CompositionDistiller:
         spec: a :class:`~cdalign.composition.config.DistillSpec`.
     """
 
-    def __init__(self, components: ComponentSet, weights, prompts: Sequence[str], spec, seed: int = 0):
-        self.components, self.spec, self.seed = components, spec, seed
+    def __init__(self, components: ComponentSet, weights, prompts: Sequence[str], spec, seed: int = 0, accelerator=None):
+        self.components, self.spec, self.seed, self.accelerator = components, spec, seed, accelerator
         self.weights = torch.as_tensor(weights, dtype=torch.float64)
         self.prompts = list(prompts)
         self.sampler = components.sampler
@@ -90,7 +91,9 @@ class CompositionDistiller:
     def step(self) -> dict:
         """One optimiser step on ``spec.batch_size`` fresh composed chains."""
         spec, T = self.spec, len(self.sampler.chain)
-        prompts, seeds, g = batch_share(self.seed, DISTILL_BATCH, self.global_step, self.prompts, spec.batch_size)
+        world, rank = (self.accelerator.num_processes, self.accelerator.process_index) if self.accelerator else (1, 0)
+        share = per_process(spec.batch_size, world, "distill.batch_size")
+        prompts, seeds, g = batch_share(self.seed, DISTILL_BATCH, self.global_step, self.prompts, share, world, rank)
         k = min(spec.timesteps_per_chain, T)
         steps = set(torch.randperm(T, generator=g)[:k].tolist())
         records = self._composed_path(prompts, seeds, steps)
@@ -98,6 +101,10 @@ class CompositionDistiller:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._regression_loss(prompts, records)
         loss.backward()
+        if world > 1:  # the mean over the global batch: average the shares' gradients and losses
+            for p in (p for p in self.params if p.grad is not None):
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+            loss = self.accelerator.reduce(loss.detach(), reduction="mean")
         self.optimizer.step()
         self.denoiser.eval()
         self.global_step += 1

@@ -41,6 +41,7 @@ from cdalign.models.lora import LORA_WEIGHT_NAME, delete_adapters, save_adapter,
 from cdalign.models.pipeline import load_pipeline
 from cdalign.publishing.plotting import save_grid
 from cdalign.rewards.metrics import to_uint8
+from cdalign.runs import distributed
 from cdalign.runs.atomic import atomic_write_text
 from cdalign.runs.folders import RunFolder
 from cdalign.runs.lock import release_run_lock
@@ -203,14 +204,13 @@ class MixtureTrainer:
     """
 
     def __init__(self, config: MixtureConfig, pipeline=None, accelerator=None):
-        from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
         config.validate()
         self.config = cfg = config
         self.output_dir = Path(cfg.output_dir)
         RUN_FOLDER.check(self.output_dir, fresh=not cfg.overwrite_output_dir)
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or distributed.make_accelerator(distributed.DEFAULT_TIMEOUT_S)
         self.device = self.accelerator.device
         self.pipe = pipeline if pipeline is not None else load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)
         family = family_of(self.pipe)

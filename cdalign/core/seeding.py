@@ -88,6 +88,16 @@ def batch_share(
     return [prompts[i] for i in idx[lo:hi]], seeds[lo:hi], g
 
 
+def per_process(size: int, num_processes: int, what: str = "batch size") -> int:
+    """Each process's share of a global batch of ``size`` over ``num_processes``
+    (``ValueError`` naming ``what`` when it does not split evenly)."""
+    share, rest = divmod(size, num_processes)
+    if rest or share < 1:
+        raise ValueError(f"{what}: {size} images do not split evenly over {num_processes} processes; launch a number "
+                         f"of processes that divides {size}, or change {what}")
+    return share
+
+
 def grouped_batch_share(
     seed: int, purpose: int, index: int, prompts: list[str], size: int, group: int,
     num_processes: int = 1, process_index: int = 0,

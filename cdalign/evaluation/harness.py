@@ -77,6 +77,7 @@ from cdalign.publishing.tables import comparison_table, md, md_code
 from cdalign.rewards import REWARDS
 from cdalign.rewards.remote import remote_rewards_for
 from cdalign.runs.atomic import atomic_write, atomic_write_text
+from cdalign.runs.distributed import DEFAULT_TIMEOUT_S, process_state
 from cdalign.runs.fingerprints import reward_identity
 from cdalign.runs.lock import acquire_run_lock
 from cdalign.runs.report import REPORT_FILE, AlignmentReport, ConstraintResult, ReportFormatError, constraint_units
@@ -307,11 +308,10 @@ def evaluate(
     (each on its own device), the results are all-gathered, and only the main process
     writes files; every process returns the same result. A batch's numbers do not depend
     on which process or how many processes computed it."""
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
     out = Path(output_dir) if output_dir is not None else None
-    state = PartialState()
+    state = process_state(DEFAULT_TIMEOUT_S)  # several launched CPU processes form one gloo group
     world = state.num_processes
     device = torch.device(device or state.device)
     check_mixed_precision(suite.dtype, device, "dtype")  # float16 on a CPU: refused before anything runs

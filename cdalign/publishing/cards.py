@@ -185,7 +185,7 @@ def record_notes(report: AlignmentReport | Mapping | None, config: dict) -> str:
 
 TRAINING_FIELDS = ("pretrained_model_name_or_path", "revision", "prompts", "eval_prompts", "prompt_revision", "estimator",
                    "num_inference_steps", "eta", "guidance_scale", "resolution", "kl_estimator", "lora_rank",
-                   "lora_alpha", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "max_steps", "seed",
+                   "lora_alpha", "learning_rate", "train_batch_size", "global_batch_size", "gradient_accumulation_steps", "max_steps", "seed",
                    "mixed_precision")
 # Reports written before they named the estimator's own settings all came from reward backpropagation.
 LEGACY_ESTIMATOR_FIELDS = ("backprop_strategy", "backprop_steps")
@@ -199,6 +199,8 @@ def training_table(config: dict, report: AlignmentReport | Mapping | None = None
     own = estimator.settings if estimator is not None else None
     own_fields = list(own) if own is not None else [k for k in LEGACY_ESTIMATOR_FIELDS if k in config]
     for key in (*TRAINING_FIELDS, *own_fields):
+        if key == "train_batch_size" and config.get("global_batch_size") is not None:
+            continue  # derived from global_batch_size and the process count
         if key in config and config[key] is not None:
             value = config[key]
             listed = key in ("prompts", "eval_prompts") and isinstance(value, list)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import os
 import types
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -58,6 +59,11 @@ def like_param(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
     full = full.to(device=param.device, dtype=param.dtype)
     return distribute_tensor(full, param.device_mesh, param.placements) if isinstance(param, DTensor) else full
+
+
+# Seconds a collective waits for the other processes, where a config has no ddp_timeout
+# (composition, the evaluation harness): the trainer's default.
+DEFAULT_TIMEOUT_S = 600
 
 
 def launched_on_cpu() -> bool:
@@ -221,6 +227,12 @@ def drop_process_group_references() -> int:
     groups (see :func:`end_process_group`; only for after every group was destroyed).
     Returns how many were dropped."""
     gc.collect()  # unreachable cycles (e.g. a trainer already let go) are freed, not scanned
+    with warnings.catch_warnings():  # touching torch.distributed's deprecated aliases (reduce_op) warns
+        warnings.simplefilter("ignore", FutureWarning)
+        return _drop_process_group_references()
+
+
+def _drop_process_group_references() -> int:
     dropped = 0
     for obj in gc.get_objects():
         if isinstance(obj, types.FunctionType):

@@ -10,10 +10,14 @@ CPU ``MemoryError`` or a ``RuntimeError`` whose text says so (PyTorch's CPU allo
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 _OOM_TEXTS = ("out of memory", "defaultcpuallocator: can't allocate memory", "cannot allocate memory")
 
@@ -64,3 +68,20 @@ def resume_advice(checkpoints: Sequence[Path], when: str = "") -> str:
         return "no checkpoint was saved before it (save_steps keeps some), so the run starts again"
     return (f"the last complete checkpoint, {str(checkpoints[-1])!r}, is intact: resume from it with "
             f"--resume_from_checkpoint latest{' ' + when if when else ''}")
+
+
+def set_cpu_threads(device, requested: int | None) -> int:
+    """torch's CPU threads for this process (returns the count in force): ``requested`` when
+    given; else, on a CPU, the launcher's ``OMP_NUM_THREADS`` when it set one (``accelerate
+    launch`` gives cores / processes), otherwise 1. A GPU run keeps torch's setting unless
+    ``requested``. Why 1 on a CPU: the embedded tiny models' many small kernels pay a thread
+    wake-up each, and one thread per process ran 1.6× faster than two on a 2-core machine
+    (``benchmarks/bench_recipes.py``); both cores are used by two processes instead."""
+    if requested:
+        torch.set_num_threads(requested)
+    elif torch.device(device).type == "cpu":
+        launcher = os.environ.get("OMP_NUM_THREADS", "").strip()
+        torch.set_num_threads(int(launcher) if launcher.isdigit() and int(launcher) > 0 else 1)
+    count = torch.get_num_threads()
+    logger.info("torch CPU threads per process: %d", count)
+    return count

@@ -1,10 +1,11 @@
 """Run a small AND composition (dual ascent on μ + distillation) and dump μ per rank.
 
-    compose_worker.py OUT LORA_A LORA_B DUAL_BATCH_PER_PROCESS
+    compose_worker.py OUT LORA_A LORA_B DUAL_BATCH
 
 Launched by tests/test_distributed.py with ``torchrun --nproc_per_node 2`` (gloo on CPU)
-or as one plain process; writes ``OUT/rank<k>.json`` (learned and per-step weights, the
-composed models' KLs) from every rank."""
+or as one plain process, with the same global batches (``DUAL_BATCH`` images per dual step
+and 2 per distillation step, over all processes); writes ``OUT/rank<k>.json`` (learned and
+per-step weights, the composed models' KLs, the distillation's record) from every rank."""
 
 import json
 import os
@@ -31,14 +32,15 @@ def main(out: str, lora_a: str, lora_b: str, batch: int) -> None:
                        {"name": "base", "kind": "base"}],
         "prompts": "shapes", "num_inference_steps": 4, "resolution": 32, "guidance_scale": 3.0,
         "dual": {"steps": 3, "batch_size": batch, "lr": 0.3, "normalize": True},
-        "distill": {"enabled": False},
+        "distill": {"enabled": True, "steps": 2, "batch_size": 2, "timesteps_per_chain": 2},
         "eval_batches": 1, "num_grid_images": 2,
         "output_dir": os.path.join(out, "run"), "overwrite_output_dir": True,
     })
     report = ConstrainedComposer(cfg, accelerator=acc).run()
     with open(os.path.join(out, f"rank{acc.process_index}.json"), "w") as f:
         json.dump({"world": acc.num_processes, "learned_weights": report["learned_weights"],
-                   "dual_steps": report["dual_steps"], "models": {k: v["kl"] for k, v in report["models"].items()}}, f)
+                   "dual_steps": report["dual_steps"], "models": {k: v["kl"] for k, v in report["models"].items()},
+                   "distillation": report["distillation"]}, f)
 
 
 if __name__ == "__main__":
