@@ -74,9 +74,10 @@ def measure(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, "-c", probe, *cmd], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
     lines = [l for l in log.read_text().splitlines() if l.startswith("BENCH ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); its output: {log}")
-    return json.loads(lines[-1][6:])
+    result = json.loads(lines[-1][6:]) if lines else {"rc": proc.returncode}
+    if proc.returncode or result["rc"]:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {result['rc']}); its output: {log}")
+    return result
 
 
 def verdicts(run: Path | None) -> str:

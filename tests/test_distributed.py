@@ -212,6 +212,7 @@ def test_composition_weights_are_identical_on_every_rank_and_match_one_process(t
     _run([sys.executable, str(COMPOSE_WORKER), str(one), str(a), str(b), "2"], cwd=one)  # the same global batches
     r0, r1, single = (json.loads((d / f"rank{k}.json").read_text()) for d, k in ((two, 0), (two, 1), (one, 0)))
     assert r0["world"] == r1["world"] == 2 and single["world"] == 1
+    assert r0["trained"] == r1["trained"] == single["trained"] == ["c"]  # trained in the same launch, group kept
     assert r0["learned_weights"] == r1["learned_weights"] and r0["dual_steps"] == r1["dual_steps"]
     mu2, mu1 = r0["learned_weights"], single["learned_weights"]
     assert max(mu1.values()) - min(mu1.values()) > 0.1  # the duals moved μ away from equal weights

@@ -114,6 +114,7 @@ class ConstrainedDDPOTrainer:
         check_trackers_installed(cfg.report_to_list)
         check_mixed_precision(cfg.mixed_precision, (accelerator or distributed.process_state(cfg.ddp_timeout)).device)
         log_with = cfg.report_to_list or None
+        self._owns_accelerator = accelerator is None  # a caller's accelerator (compose, equal weights) stays its own
         self.accelerator = accelerator or distributed.make_accelerator(cfg.ddp_timeout, mixed_precision=cfg.mixed_precision,
                                                                        log_with=log_with)
         acc = self.accelerator
@@ -371,9 +372,10 @@ class ConstrainedDDPOTrainer:
 
     def train(self) -> AlignmentReport:
         """Run ``max_steps`` optimiser steps (continuing a resumed run), save the LoRA,
-        evaluate on held-out samples and write the report, grid and plots. Last, it ends
-        the run's process group and frees it (:func:`~cdalign.runs.distributed.end_process_group`):
-        a sharded denoiser's shards cannot be gathered afterwards; the saved LoRA holds them.
+        evaluate on held-out samples and write the report, grid and plots. Last, when it made
+        its own accelerator, it ends the run's process group and frees it
+        (:func:`~cdalign.runs.distributed.end_process_group`): a sharded denoiser's shards cannot
+        be gathered afterwards; the saved LoRA holds them.
 
         SIGINT/SIGTERM while it trains stop it after the current optimiser step: it saves
         ``checkpoint-<step>`` and raises :class:`TrainingInterrupted` (a second Ctrl-C
@@ -392,6 +394,12 @@ class ConstrainedDDPOTrainer:
                 raise
             advice = resume_advice(list_checkpoints(self.output_dir))
             raise distributed.collective_failure_error(err, self.accelerator, self.config.ddp_timeout, advice) from err
+
+    def _end_process_group(self) -> None:
+        """End the process group, if this trainer made its accelerator: one passed in (the
+        composition's, a script running several trainers) is its caller's to end."""
+        if self._owns_accelerator:
+            distributed.end_process_group(self.accelerator)
 
     def _train(self) -> AlignmentReport:
         cfg, acc = self.config, self.accelerator
@@ -422,7 +430,7 @@ class ConstrainedDDPOTrainer:
                 bar.close()
             if stopping:
                 checkpoint = saved[1] if saved and saved[0] == self.global_step else self.save_checkpoint()
-                distributed.end_process_group(acc)
+                self._end_process_group()
                 raise TrainingInterrupted(self._stop.received or signal.SIGTERM, self.global_step, checkpoint)
         self.save_model(self.output_dir)
         report = self.evaluate()
@@ -434,7 +442,7 @@ class ConstrainedDDPOTrainer:
             write_model_card_or_warn(self.output_dir, repo_id=cfg.hub_model_id, report=report)
         if cfg.push_to_hub:
             self.push_to_hub()
-        distributed.end_process_group(acc)
+        self._end_process_group()
         release_run_lock(self.output_dir)  # the run is complete: the folder is free for the next one
         return report
 

@@ -41,8 +41,16 @@ DEMO_DATA = "outputs/compose-or-shapes"
 
 
 def run_and(config) -> dict:
-    """An AND composition (components or concept sets); prints its tables. Returns the report."""
+    """An AND composition (components or concept sets); prints its tables. Returns the report.
+    One accelerator serves the component trainers and the composer; the process group ends here."""
     accelerator = distributed.make_accelerator(distributed.DEFAULT_TIMEOUT_S, mixed_precision=config.mixed_precision)
+    try:
+        return _run_and(config, accelerator)
+    finally:
+        distributed.end_process_group(accelerator)
+
+
+def _run_and(config, accelerator) -> dict:
     check_composition_inputs(config, accelerator)  # bad input fails before any component trains
     t0 = time.time()
     if config.concept_sets:
