@@ -442,6 +442,7 @@ class ConstrainedDDPOTrainer:
             write_model_card_or_warn(self.output_dir, repo_id=cfg.hub_model_id, report=report)
         if cfg.push_to_hub:
             self.push_to_hub()
+        acc.wait_for_everyone()  # every process returns once the run's files are written (callers read them)
         self._end_process_group()
         release_run_lock(self.output_dir)  # the run is complete: the folder is free for the next one
         return report
