@@ -88,7 +88,8 @@ def test_the_key_changes_with_everything_that_decides_the_base_values(tmp_path, 
         "eval_seed": (cfg, "eval_seed", 7), "eval_batches": (cfg, "eval_batches", 3),
         "eval_metrics": (cfg, "eval_metrics", []), "mixed_precision": (cfg, "mixed_precision", "bf16"),
         "train_batch_size": (cfg, "train_batch_size", 1), "reward_kwargs": (cfg, "reward_kwargs", {"saturation": {"eps": 1}}),
-        "guidance_scale": (trainer.sampler, "guidance_scale", 4.0), "eta": (trainer.sampler, "chain", dataclasses.replace(trainer.sampler.chain, eta=0.5)),
+        "guidance_scale": (trainer.sampler, "guidance_scale", 4.0),
+        "eta": (trainer.sampler, "chain", dataclasses.replace(trainer.sampler.chain, eta=0.5)),
         "denoiser weights": (trainer.normalization, "model", {**trainer.normalization.model, "weights": "0" * 16}),
         "scheduler": (trainer.pipe.scheduler, "_internal_dict", {**trainer.pipe.scheduler.config, "steps_offset": 7}),
     }
@@ -136,3 +137,13 @@ def test_a_file_written_for_another_key_is_not_served(tmp_path, cache_root):
     cache.save(other, {"reward/r": torch.zeros(4)}, 4)
     cache.path(other).replace(cache.path(mine))  # another key's file where this key's belongs
     assert cache.load(mine) is None
+
+
+def test_a_cache_that_cannot_be_written_warns_and_the_run_goes_on(tmp_path, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("CDALIGN_CACHE", str(blocked))
+    trainer = _trainer(tmp_path / "run")
+    with pytest.warns(UserWarning, match="could not be kept for later runs"):
+        outputs = _evaluate(trainer)
+    assert set(outputs) == set(OUTPUTS)

@@ -11,6 +11,7 @@ import pytest
 from tiny_configs import tiny_config
 
 from cdalign import ConstrainedDDPOTrainer, load_config_file
+from cdalign.alignment.shipped_statistics import stale_entries
 from cdalign.core.normalization import RewardStats
 from cdalign.data.base_statistics import REGENERATE_COMMAND, SHIPPED_RECIPES, SHIPPED_STATISTICS_FILE, shipped_statistics
 from cdalign.runs.normalization_cache import NormalizationCache, ShippedStatistics, entry_of
@@ -48,6 +49,15 @@ def test_shipped_statistics_match_the_keys_the_main_recipe_computes(main_recipe,
     assert not list(NormalizationCache(main_recipe.config.normalization_cache_dir).directory.glob("*.json"))  # not copied
 
 
+def test_every_shipped_recipe_finds_its_statistics():
+    """The check of ``python -m cdalign.alignment.shipped_statistics`` (no sampling): every reward
+    of every shipped recipe is served under the key its trainer computes today. Fails after a
+    change to a reward, a model, a prompt set or a recipe until the file is regenerated with
+    ``python -m cdalign.alignment.shipped_statistics --refresh``."""
+    stale = stale_entries(SHIPPED_RECIPES)
+    assert stale == [], f"stale shipped statistics {stale}: regenerate them with `{REGENERATE_COMMAND}`"
+
+
 def test_every_shipped_recipe_runs_an_embedded_model_with_local_rewards():
     for recipe in SHIPPED_RECIPES:
         cfg = load_config_file(recipe)
@@ -71,7 +81,8 @@ def test_a_key_differing_in_any_one_field_is_not_served(main_recipe):
     assert shipped.load(key) is not None
     variants = {f: {**key, f: _changed(v)} for f, v in key.items()}
     for f in ("code", "weights", "kwargs", "class"):  # what the reward is: its source file, weights, kwargs, class
-        variants[f"reward_identity.{f}"] = {**key, "reward_identity": {**key["reward_identity"], f: _changed(key["reward_identity"][f])}}
+        identity = {**key["reward_identity"], f: _changed(key["reward_identity"][f])}
+        variants[f"reward_identity.{f}"] = {**key, "reward_identity": identity}
     variants["sampler.guidance_scale"] = {**key, "sampler": {**key["sampler"], "guidance_scale": 2.5}}
     variants["extra field"] = {**key, "mixed_precision": "bf16"}
     served = [name for name, k in variants.items() if shipped.load(k) is not None]

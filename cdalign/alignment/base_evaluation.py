@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 
 import diffusers
@@ -26,6 +27,7 @@ import torch
 import transformers
 
 from cdalign.alignment.normalization import reward_identities
+from cdalign.console import CdalignWarning
 from cdalign.core.normalization import RewardStats
 from cdalign.evaluation.scoring import CheckpointScores, Item, score_batch
 from cdalign.runs import distributed
@@ -105,10 +107,9 @@ class BaseEvaluationReuse:
         self.accelerator, self.num_items = trainer.accelerator, len(items)
         self.num_grid_images = min(cfg.num_grid_images, len(items))
         self.cache = BaseEvaluationCache()
-        self.key, self.why_not = None, "off (reuse_base_evaluation: false)"
-        if cfg.reuse_base_evaluation and items:
-            self.key = base_evaluation_key(trainer, items, cfg.eval_metrics, metrics)
-            self.why_not = "not kept: a reward is a user callable without cache_key" if self.key is None else ""
+        self.key = base_evaluation_key(trainer, items, cfg.eval_metrics, metrics) if cfg.reuse_base_evaluation and items else None
+        self.why_not = ("off (reuse_base_evaluation: false)" if not cfg.reuse_base_evaluation else
+                        "not kept: a reward is a user callable without cache_key" if self.key is None and items else "")
 
     def load(self, stats: Mapping[str, RewardStats]) -> CheckpointScores | None:
         """The kept base scores (normalised with ``stats`` where given, as
@@ -140,4 +141,9 @@ class BaseEvaluationReuse:
         tensors = {"images": base.images[: self.num_grid_images]}
         tensors.update({f"reward/{n}": v for n, v in base.rewards.items()})
         tensors.update({f"metric/{k}": v for k, v in base.metrics.items()})
-        self.cache.save(self.key, tensors, base.n)
+        try:
+            self.cache.save(self.key, tensors, base.n)
+        except OSError as err:  # StorageError included: the run's own outputs matter more than the cache
+            warnings.warn(f"the base model's evaluation values could not be kept for later runs ({err}); this run is "
+                          "unaffected (set CDALIGN_CACHE to a writable folder, or reuse_base_evaluation: false)",
+                          CdalignWarning, stacklevel=3)

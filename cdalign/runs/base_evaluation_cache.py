@@ -56,5 +56,6 @@ class BaseEvaluationCache:
         path = self.path(fields)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"key": json.dumps(stored_key(fields), sort_keys=True), NUM_ITEMS: str(int(num_items))}
-        contiguous = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}  # a view (the grid's rows) saved alone
+        # copies: a view (the grid's rows of all images) is saved alone
+        contiguous = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
         return atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=meta), what="base-model evaluation cache")
