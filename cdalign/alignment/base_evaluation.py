@@ -112,8 +112,8 @@ class BaseEvaluationReuse:
                         "not kept: a reward is a user callable without cache_key" if self.key is None and items else "")
 
     def load(self, stats: Mapping[str, RewardStats]) -> CheckpointScores | None:
-        """The kept base scores (normalised with ``stats`` where given, as
-        :func:`~cdalign.evaluation.scoring.score_checkpoints` normalises), or None: score it."""
+        """The kept base scores, normalised with ``stats`` (:meth:`CheckpointScores.with_stats
+        <cdalign.evaluation.scoring.CheckpointScores.with_stats>`, as scoring normalises), or None: score it."""
         found = self.cache.load(self.key) if self.key is not None else None
         usable = found is not None and self._complete(*found)
         if not distributed.on_all_processes(usable, self.accelerator):
@@ -123,8 +123,7 @@ class BaseEvaluationReuse:
             return None
         if self.accelerator.is_main_process:
             logger.info("base-model evaluation: %d images' values reused from %s", self.num_items, self.cache.path(self.key))
-        scores = CheckpointScores.from_tensors(found[0])
-        return scores.with_stats(stats) if stats else scores
+        return CheckpointScores.from_tensors(found[0]).with_stats(stats)
 
     def _complete(self, tensors: Mapping[str, torch.Tensor], num_items: int) -> bool:
         """Whether a stored entry holds every reward and metric of the key for every item and
