@@ -19,6 +19,15 @@ def tiny_pipeline_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cdalign_cache(tmp_path_factory):
+    """cdalign's caches between runs (reward statistics, base-model evaluation values) in a
+    folder of this session, inherited by the scripts the tests run: tests never read or fill
+    the user's ``~/.cache/cdalign``."""
+    os.environ["CDALIGN_CACHE"] = str(tmp_path_factory.mktemp("cdalign-cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads():
     # One thread per test process: OpenMP threads spin-waiting for a busy core slow a

@@ -22,7 +22,7 @@ LAYERS = [
     (1, r"cdalign\.core(\..*)?"),
     # run infrastructure: atomic files, checkpoint folders, processes, the statistics cache and its
     # keys, run folders, the typed report, signals (imports nothing from alignment/composition/evaluation)
-    (2, r"cdalign\.runs(\.(atomic|checkpoints|distributed|fingerprints|normalization_cache|folders|lock|report|resources|signals))?"),
+    (2, r"cdalign\.runs(\.(atomic|checkpoints|distributed|fingerprints|normalization_cache|base_evaluation_cache|folders|lock|report|resources|signals))?"),
     (3, r"cdalign\.data(\..*)?"),
     (4, r"cdalign\.models(\..*)?"),
     (5, r"cdalign\.rewards(\..*)?"),
@@ -30,7 +30,7 @@ LAYERS = [
     (7, r"cdalign\.alignment\.(specs|estimator_settings|estimators|rules|config)"),
     (8, r"cdalign\.evaluation(\..*)?"),
     # the trainer and what it keeps beside it; `cdalign align`
-    (9, r"cdalign\.alignment(\.(trainer|checkpoint|report|dual_window|step_log|normalization|trl_compat|command))?"),
+    (9, r"cdalign\.alignment(\.(trainer|checkpoint|report|dual_window|step_log|normalization|base_evaluation|shipped_statistics|trl_compat|command))?"),
     (10, r"cdalign\.composition(\..*)?"),
     # the demo's catalogue, engine, page, browser and command (demo/app.py and `cdalign demo` wire them)
     (11, r"cdalign\.demo(\..*)?"),

@@ -254,3 +254,26 @@ def test_evaluation_on_two_processes_writes_the_single_process_report(tmp_path):
     # each process cached its own batches (3 batches: 2 on rank 0, 1 on rank 1), one writer of the report
     assert len(list((tmp_path / "two" / "cache" / "lora").glob("*.safetensors"))) == 3
     assert not list((tmp_path / "two").glob(".*tmp*"))
+
+
+def test_two_processes_reuse_the_base_evaluation_and_report_the_same_numbers(tmp_path):
+    """The base model's evaluation values kept across runs (cdalign.alignment.base_evaluation)
+    under 2 processes: the first evaluation scores the base model on both ranks and the main
+    process writes one cache file; the second samples no base image on either rank and every
+    rank's report holds the first's numbers."""
+    cache = tmp_path / "cdalign-cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1",
+           "CDALIGN_CACHE": str(cache)}
+    worker = Path(__file__).parent / "scripts" / "base_eval_worker.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(worker), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [[e["base_samplings"] for e in rank] for rank in ranks] == [[2, 0], [2, 0]]  # 4 batches, 2 per rank
+    # the main process names the files it wrote beside the report (sample_grid, eval_values); the numbers are every rank's
+    numbers = [[json.dumps({k: v for k, v in e["report"].items() if k not in ("sample_grid", "eval_values")}, sort_keys=True)
+                for e in rank] for rank in ranks]
+    assert numbers[0][0] == numbers[0][1] == numbers[1][0] == numbers[1][1]
+    assert ranks[0][0]["report"] == ranks[0][1]["report"]
+    assert len(list((cache / "base_evaluation").glob("*.safetensors"))) == 1
+    assert not list((cache / "base_evaluation").glob(".*tmp*"))

@@ -47,7 +47,7 @@ RESUME_MAY_DIFFER = (
     "max_steps", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "resume_allow_config_change",
     "logging_steps", "save_steps", "save_total_limit", "report_to", "push_to_hub", "hub_model_id", "hub_private",
     "normalization_cache_dir", "max_nonfinite_batches", "eval_prompts", "eval_batches", "eval_seed", "num_grid_images",
-    "ddp_timeout", "num_threads",
+    "reuse_base_evaluation", "ddp_timeout", "num_threads",
 )
 
 

@@ -311,6 +311,17 @@ class ConstrainedDDPOConfig(ConfigFields):
     num_grid_images: int = field(
         default=8, metadata={"help": "Images in the base-versus-trained comparison grid saved after evaluation; 0 = none.", "ge": 0}
     )
+    reuse_base_evaluation: bool = field(
+        default=True,
+        metadata={
+            "help": "Reuse the base model's per-image evaluation values (rewards, metrics, its grid images) from an "
+            "earlier run with the same base model (weights, revision, VAE and text encoders, scheduler), evaluation "
+            "items (prompts, seeds, count), train_batch_size, sampler settings, precision, device, library versions "
+            "and rewards/metrics (each by its code and weights; a user callable only by its cache_key, else "
+            "recomputed), kept under $CDALIGN_CACHE/base_evaluation (default ~/.cache/cdalign/base_evaluation). The "
+            "report's numbers are the same, bit for bit. false: sample and score the base model every run."
+        },
+    )
     # run
     output_dir: str = field(
         default="outputs/align",

@@ -2,7 +2,13 @@
 normalisation"): each reward's mean and std on base-model samples of the training prompts,
 gathered over processes and cached by key (the formula: cdalign.core.normalization; the
 cache and its keys: cdalign.runs.normalization_cache, cdalign.runs.fingerprints).
-:class:`RewardNormalization` holds a training run's statistics."""
+:class:`RewardNormalization` holds a training run's statistics.
+
+Where a reward's statistics come from, in order: the user cache (``normalization_cache_dir``,
+default ``$CDALIGN_CACHE/normalization``), then the statistics shipped with the package for the
+embedded models' recipes (:mod:`cdalign.data.base_statistics`; an exact full-key match only,
+not copied into the user cache), else computed on base-model samples and written to the user
+cache. Each run logs which source each reward's statistics came from."""
 
 from __future__ import annotations
 
@@ -23,25 +29,32 @@ from cdalign.core.normalization import (
 )
 from cdalign.core.sampling import DiffusionSampler
 from cdalign.core.seeding import NORMALIZATION_BATCH, batch_share
+from cdalign.data.base_statistics import shipped_statistics
 from cdalign.models.adapters import WithAdaptersDisabled
 from cdalign.runs.fingerprints import prompts_fingerprint, reward_identity
-from cdalign.runs.normalization_cache import NormalizationCache
+from cdalign.runs.normalization_cache import NormalizationCache, ShippedStatistics
 
 logger = logging.getLogger(__name__)
+
+
+def reward_identities(
+    rewards: Mapping[str, torch.nn.Module], user_rewards: Mapping, reward_kwargs: Mapping[str, dict]
+) -> dict[str, dict | None]:
+    """Per reward of a run, what it is (:func:`~cdalign.runs.fingerprints.reward_identity`:
+    registry name, kwargs, weights, source file; or a user callable's ``cache_key``;
+    ``user_rewards`` holds the callables as given). None: a user callable without ``cache_key``."""
+    return {n: reward_identity(n, user_rewards[n] if n in user_rewards else reward, kwargs=reward_kwargs.get(n, {}),
+                               user=n in user_rewards) for n, reward in rewards.items()}
 
 
 def normalization_keys(
     rewards: Mapping[str, torch.nn.Module], user_rewards: Mapping, reward_kwargs: Mapping[str, dict], base_key: dict
 ) -> dict[str, dict | None]:
     """Per reward, the key of its base-model statistics: what the reward is
-    (:func:`~cdalign.runs.fingerprints.reward_identity`: registry name, kwargs, weights; or a
-    user callable's ``cache_key``; ``user_rewards`` holds the callables as given) and
-    ``base_key`` (base model, prompts, sampler settings, batches, seed). None: a user
-    callable without ``cache_key``, whose statistics are never reused."""
+    (:func:`reward_identities`) and ``base_key`` (base model, prompts, sampler settings,
+    batches, seed). None: a user callable without ``cache_key``, whose statistics are never reused."""
     keys = {}
-    for n, reward in rewards.items():
-        user = n in user_rewards
-        identity = reward_identity(n, user_rewards[n] if user else reward, kwargs=reward_kwargs.get(n, {}), user=user)
+    for n, identity in reward_identities(rewards, user_rewards, reward_kwargs).items():
         key = {"reward": n, "reward_identity": identity, **base_key}
         # Through JSON once, so keys compare equal to the ones read back from a checkpoint.
         keys[n] = None if identity is None else json.loads(json.dumps(key, default=str))
@@ -59,25 +72,31 @@ def compute_reward_statistics(
     batches: int,
     batch_size: int,
     seed: int,
+    shipped: ShippedStatistics | None = None,
 ) -> dict[str, RewardStats]:
     """:class:`RewardStats` of every reward in ``rewards`` on the base model (adapters off).
 
-    A reward whose key (``keys[name]``) is in the cache at ``cache_dir`` is read from it;
-    the others are measured on ``batches`` global batches of ``batch_size`` images per
-    process (prompts and noise from ``seed``), gathered over processes, and cached by the
-    main process. Key None (a user callable without ``cache_key``): measured every run.
-    Warns when statistics rest on fewer than ``MIN_NORMALIZATION_SAMPLES`` images. Every
-    process calls it (it gathers)."""
+    A reward whose key (``keys[name]``) is in the cache at ``cache_dir`` is read from it, else
+    from ``shipped`` (read-only; an exact key match; None: not consulted); the others are
+    measured on ``batches`` global batches of ``batch_size`` images per process (prompts and
+    noise from ``seed``), gathered over processes, and cached by the main process. Key None (a
+    user callable without ``cache_key``): measured every run. The main process logs each
+    reward's source (cache, shipped, computed). Warns when statistics rest on fewer than
+    ``MIN_NORMALIZATION_SAMPLES`` images. Every process calls it (it gathers)."""
     cache = NormalizationCache(cache_dir)
     names = list(rewards)
     stats: dict[str, RewardStats] = {}
+    sources: dict[str, str] = {}
     missing = []
     for n in names:
         cached = cache.load(keys[n]) if keys[n] is not None else None
-        if cached is None:
-            missing.append(n)
+        if cached is not None:
+            stats[n], sources[n] = cached, f"read from the cache in {cache.directory}"
+        elif keys[n] is not None and shipped is not None and (served := shipped.load(keys[n])) is not None:
+            stats[n], sources[n] = served, f"shipped with cdalign ({shipped.path})"
         else:
-            stats[n] = cached
+            missing.append(n)
+            sources[n] = "computed on base-model samples" + (f", cached in {cache.directory}" if keys[n] else "")
         if keys[n] is None and accelerator.is_main_process:
             logger.warning(
                 "reward %r has no cache key (a user callable without a cache_key attribute, or a remote reward "
@@ -103,6 +122,9 @@ def compute_reward_statistics(
             if accelerator.is_main_process and keys[n] is not None:
                 cache.save(keys[n], stats[n])
         accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for n in names:
+            logger.info("reward statistics of %s: %s", n, sources[n])
     few = sorted(n for n in names if stats[n].count < MIN_NORMALIZATION_SAMPLES)
     if few:
         count = min(stats[n].count for n in few)
@@ -124,12 +146,15 @@ class RewardNormalization:
     ``model``: the base model's part of the key (``model``: its name, ``revision``: the
     commit a Hub revision resolved to, else as given; ``weights``: its fingerprint);
     ``user_rewards``: the callables the user passed, as given; ``config``: the run's
-    ``ConstrainedDDPOConfig``."""
+    ``ConstrainedDDPOConfig``. ``shipped``: the read-only layer behind the user cache (the
+    statistics shipped with cdalign, :func:`~cdalign.data.base_statistics.shipped_statistics`;
+    None: not consulted, as when they are regenerated)."""
 
     def __init__(self, stats: dict[str, RewardStats], *, sampler: DiffusionSampler, rewards: Mapping[str, torch.nn.Module],
                  user_rewards: Mapping, prompts: list[str], accelerator, config, model: Mapping):
         self.stats, self.sampler, self.rewards, self.user_rewards = stats, sampler, rewards, user_rewards
         self.prompts, self.accelerator, self.config, self.model = prompts, accelerator, config, dict(model)
+        self.shipped: ShippedStatistics | None = shipped_statistics()
         self._keys: dict[str, dict | None] | None = None
 
     def keys(self) -> dict[str, dict | None]:
@@ -154,7 +179,7 @@ class RewardNormalization:
             compute_reward_statistics(
                 self.sampler, self.rewards, self.prompts, self.accelerator,
                 keys=self.keys(), cache_dir=cfg.normalization_cache_dir,
-                batches=cfg.normalization_batches, batch_size=cfg.train_batch_size, seed=cfg.seed,
+                batches=cfg.normalization_batches, batch_size=cfg.train_batch_size, seed=cfg.seed, shipped=self.shipped,
             )
         )
         return dict(self.stats)

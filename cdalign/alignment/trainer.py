@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cdalign.alignment import checkpoint as checkpoints
+from cdalign.alignment.base_evaluation import BaseEvaluationReuse
 from cdalign.alignment.checkpoint import check_checkpoint_files
 from cdalign.alignment.config import ConstrainedDDPOConfig, config_to_dict, save_config
 from cdalign.alignment.dual_window import DualWindow, confidence_targets
@@ -480,7 +481,9 @@ class ConstrainedDDPOTrainer:
         The images are :func:`~cdalign.core.seeding.evaluation_items` of ``eval_prompts``
         (``num_batches × train_batch_size`` per process, ``eval_seed``), scored by
         :func:`~cdalign.evaluation.scoring.score_checkpoints`: the evaluation harness
-        scores the same images for the same prompts, count and seed."""
+        scores the same images for the same prompts, count and seed. The base model's values
+        come from an earlier run's where everything that decides them matches
+        (:class:`~cdalign.alignment.base_evaluation.BaseEvaluationReuse`; ``reuse_base_evaluation``)."""
         cfg, acc = self.config, self.accelerator
         self.ensure_normalization()
         self.denoiser.eval()
@@ -489,11 +492,18 @@ class ConstrainedDDPOTrainer:
         # batches × processes batches of train_batch_size: every process scores as many
         # (a sharded denoiser needs every process in every forward).
         items = evaluation_items(self.eval_prompts, batches * size * acc.num_processes, cfg.eval_seed)
+        metrics = {name: EVAL_METRICS.get(name) for name in cfg.eval_metrics}
+        reuse = BaseEvaluationReuse(self, items, metrics)  # the base side, kept across runs (reuse_base_evaluation)
+        base = reuse.load(self.normalizers)
         scores = score_checkpoints(
-            self.sampler, {"base": BaseModel, "aligned": AdaptedModel}, items, batch_size=size,
-            rewards=self.rewards, metrics={name: EVAL_METRICS.get(name) for name in cfg.eval_metrics},
-            kl_estimator=cfg.kl_estimator, stats=self.normalizers, autocast=acc.autocast,
+            self.sampler, {"aligned": AdaptedModel} if base is not None else {"base": BaseModel, "aligned": AdaptedModel}, items,
+            batch_size=size, rewards=self.rewards, metrics=metrics, kl_estimator=cfg.kl_estimator,
+            stats=self.normalizers, autocast=acc.autocast,
         )
+        if base is None:
+            reuse.save(scores["base"])
+        else:
+            scores["base"] = base
         report = build_report(self, scores["base"], scores["aligned"])
         if acc.is_main_process:
             write_evaluation_files(self.output_dir, report, self.problem.constraints, scores["base"], scores["aligned"],

@@ -122,10 +122,11 @@ class BatchStore(Protocol):
 class CheckpointScores:
     """Per-image scores of one checkpoint on N items, in item order (CPU tensors).
 
-    ``images`` (N,3,H,W) uint8; ``rewards`` name -> (N,) float64, raw; ``normalized`` name
-    -> (N,) float64 in base-model std, for the rewards with statistics; ``metrics`` name ->
-    (N,) float64 (NaN where a metric cannot judge an image); ``kl`` reference -> (N,)
-    float64 chain KL in nats (of the estimator scored with)."""
+    ``images`` (N,3,H,W) uint8 (only the first rows, those of the sample grid, where a run
+    reused the base model's values: ``cdalign.alignment.base_evaluation``); ``rewards`` name ->
+    (N,) float64, raw; ``normalized`` name -> (N,) float64 in base-model std, for the rewards
+    with statistics; ``metrics`` name -> (N,) float64 (NaN where a metric cannot judge an
+    image); ``kl`` reference -> (N,) float64 chain KL in nats (of the estimator scored with)."""
 
     images: torch.Tensor
     rewards: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -135,6 +136,9 @@ class CheckpointScores:
 
     @property
     def n(self) -> int:
+        """The number of items: the length of the per-image values (of ``images`` without any)."""
+        for values in (*self.rewards.values(), *self.metrics.values(), *self.kl.values()):
+            return int(values.shape[0])
         return int(self.images.shape[0])
 
     def with_stats(self, stats: Mapping[str, RewardStats]) -> CheckpointScores:
