@@ -29,6 +29,7 @@ from cdalign.core.chains import DDIMChain, FlowSDEChain
 from cdalign.core.duals import DUAL_OPTIMIZERS, NuPI, ProjectedGradientAscent
 from cdalign.core.families import MODEL_FAMILIES
 from cdalign.core.kl import KL_ESTIMATORS
+from cdalign.core.constraint_gradients import CONSTRAINT_GRADIENTS
 from cdalign.core.policy_gradient import ADVANTAGES
 from cdalign.core.sampling import DiffusionSampler, GuidedDenoiser
 from cdalign.core.truncation import TRUNCATION_STRATEGIES
@@ -91,6 +92,7 @@ __all__ = [
     "ADVANTAGES",
     "CHECKPOINT_KINDS",
     "COMPONENT_KINDS",
+    "CONSTRAINT_GRADIENTS",
     "DUAL_OPTIMIZERS",
     "EMBEDDED_MODELS",
     "ESTIMATORS",

@@ -272,3 +272,25 @@ def test_pretrain_step_benchmark_prints_both_rows():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "context |" not in line]
     assert len(rows) == 2 and "77 + 256" in rows[0] and "77 + 1" in rows[1]
     assert rows[0].endswith("| 1.00x |")
+
+
+def test_score_function_gradient_benchmark_measures_every_row_against_the_pathwise_reference(tmp_path, capsys):
+    """benchmarks/score_function_gradient.py on the tiny random model: one line per row, the
+    reference against itself at cosine and projection 1."""
+    import yaml
+
+    recipe = {"pretrained_model_name_or_path": "cdalign/tiny-random-sd", "prompts": "shapes",
+              "normalization_cache_dir": str(tmp_path / "cache"), "objective": {"type": "kl"},
+              "constraints": [{"reward": "brightness", "direction": "high", "threshold": 5.0}],
+              "num_inference_steps": 4, "backprop_steps": 2, "resolution": 32, "train_batch_size": 2,
+              "normalization_batches": 2}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    bench = _load("score_function_gradient")
+    assert bench.main(["--config", str(tmp_path / "recipe.yaml"), "--constraint", "0", "--micro_batches", "2",
+                       "--advantages", "leave_one_out"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line[:34].strip(): line[34:].split() for line in lines[2:]}
+    assert list(rows) == ["pathwise, every step", "pathwise, last 2 steps", "hybrid (leave_one_out)",
+                          "score_function (leave_one_out)"]
+    assert rows["pathwise, every step"][:3] == ["1.000", "1.000", "1.00"]
+    assert all(math.isfinite(float(v)) for cells in rows.values() for v in cells)

@@ -207,6 +207,7 @@ class ConstrainedDDPOConfig(ConfigFields):
         },
     )
     kl_grad_steps: str = estimator_field(_RewardBackprop, "kl_grad_steps")
+    score_function_advantage: str = estimator_field(_RewardBackprop, "score_function_advantage")
     # policy gradient (estimator: policy_gradient)
     images_per_prompt: int = estimator_field(_PolicyGradient, "images_per_prompt")
     advantage: str = estimator_field(_PolicyGradient, "advantage")

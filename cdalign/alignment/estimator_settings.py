@@ -33,7 +33,8 @@ __all__ = ["RewardBackpropSettings", "PolicyGradientSettings", "estimator_field"
 @dataclass
 class RewardBackpropSettings(ConfigFields):
     """Settings of estimator reward_backprop: how many final sampling steps the gradient
-    flows through (K), memory, and which steps' KL terms carry gradient."""
+    flows through (K), memory, which steps' KL terms carry gradient, and the advantages of
+    the constraints whose gradient is the score-function estimate."""
 
     backprop_strategy: str = field(
         default="fixed",
@@ -81,6 +82,18 @@ class RewardBackpropSettings(ConfigFields):
             "choices": ("trained", "all"),
         },
     )
+    score_function_advantage: str = field(
+        default="leave_one_out",
+        metadata={
+            "help": "estimator reward_backprop, constraints with gradient: score_function or hybrid: how the constraint's "
+            "per-image values become the advantages A of its score-function term, over the global micro-batch "
+            "(no prompt groups). 'leave_one_out' (default): r minus the mean of the other images, unbiased and in "
+            "the constraint's units, so its λ prices it as the backprop constraints' λ do. 'batch_mean': r minus "
+            "the batch mean, (N−1)/N of that gradient. 'batch_std': standardised, so λ weighs a unitless advantage "
+            "(a larger step for a low-spread reward; λ then means something else than for the other constraints).",
+            "choices": ADVANTAGES,
+        },
+    )
 
 
 @dataclass
@@ -103,7 +116,9 @@ class PolicyGradientSettings(ConfigFields):
             "A = s_0 A_0 + Σ_i λ_i s_i A_i. 'group_std' (GRPO): standardised within each prompt group "
             "(images_per_prompt >= 2). 'group_mean': centred within the group, unscaled (the Lagrangian's own units, "
             "so λ keeps its meaning as a price). 'batch_std': standardised over the global batch (trl DDPO's default). "
-            "'prompt_tracker': DDPO's per-prompt statistics tracking (see prompt_tracker_buffer).",
+            "'batch_mean' / 'leave_one_out': centred over the global batch, unscaled, without prompt groups "
+            "(leave-one-out: minus the other images' mean, unbiased); a 0/1 reward whose prompt groups mostly agree "
+            "keeps its signal. 'prompt_tracker': DDPO's per-prompt statistics tracking (see prompt_tracker_buffer).",
             "choices": ADVANTAGES,
         },
     )

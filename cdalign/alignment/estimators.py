@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cdalign.alignment.estimator_settings import PolicyGradientSettings, RewardBackpropSettings, setting_names
+from cdalign.core.chains import GaussianChain, Predictor
 from cdalign.core.kl import ChainKLAccumulator, choose_kl_steps, step_kl, step_weights
 from cdalign.core.policy_gradient import (
     ADVANTAGES,
@@ -30,6 +31,7 @@ from cdalign.core.policy_gradient import (
     kl_weight,
     ppo_clipped_loss,
     reward_weights,
+    score_function_loss,
 )
 from cdalign.core.problem import ConstrainedProblem
 from cdalign.core.sampling import DiffusionSampler, Trajectory
@@ -56,6 +58,36 @@ class Rollout:
 
 
 @dataclass
+class ScoreFunctionTerm:
+    """The score-function part of a ``reward_backprop`` micro-batch: the terms of the
+    constraints whose ``gradient`` has one (:data:`~cdalign.core.constraint_gradients.CONSTRAINT_GRADIENTS`).
+    Holds the sampled chain (:class:`~cdalign.core.sampling.Trajectory`, detached states),
+    the predictor that sampled it and, per sampling step t, the combined advantage
+    ``A_t = Σ_j s_j λ_j A_j`` (B,) over the constraints whose score function covers step t
+    (λ as at sampling; s = +1 for "high", −1 for "low"; each ``A_j`` the constraint's values
+    in its own units minus a baseline). :meth:`losses` yields ``−mean_b A_t(b)·log p_θ(x_{t−1} | x_t)``
+    at the recorded states, step by step: summed, the score-function estimate of those
+    constraints' part of ``Σ_j λ_j ∇g_j`` (METHOD.md §3)."""
+
+    predictor: Predictor
+    chain: GaussianChain
+    trajectory: Trajectory
+    # step index -> A_t (B,), this process's share; only steps whose global-batch advantages are not all 0
+    step_advantages: dict[int, torch.Tensor]
+
+    def losses(self, autocast=contextlib.nullcontext) -> Iterator[torch.Tensor]:
+        """One loss per step of :attr:`step_advantages` (backpropagate each at once: memory
+        holds one denoiser call's graph), the predictions under ``autocast()`` as the sampling
+        ran. Every process runs the same steps (the advantages are the global batch's)."""
+        states = self.trajectory.states
+        for i, advantages in sorted(self.step_advantages.items()):
+            with autocast():
+                prediction = self.predictor(states[i], self.chain.timesteps[i])
+                log_prob = self.chain.log_prob(i, states[i], prediction, states[i + 1])
+            yield score_function_loss(log_prob, advantages)
+
+
+@dataclass
 class BatchEstimate:
     """What an estimator measured on one micro-batch: the Lagrangian to backpropagate (or
     the rollout to train on), and the batch's estimates of f_0, each constraint's value and
@@ -70,6 +102,8 @@ class BatchEstimate:
     kl: torch.Tensor | None  # (B,) detached
     num_grad_steps: int
     rollout: Rollout | None = None  # policy gradient: what its updates train on
+    score_function: ScoreFunctionTerm | None = None  # reward_backprop: the terms to backpropagate step by step
+    diagnostics: dict[str, float] = field(default_factory=dict)  # estimator-specific, for the step log
 
 
 def _check_rewards_differentiable(rewards: dict, names: list[str]) -> None:
@@ -77,8 +111,9 @@ def _check_rewards_differentiable(rewards: dict, names: list[str]) -> None:
         if not getattr(rewards[name], "differentiable", True):
             raise ValueError(
                 f"reward {name!r} is not differentiable, and estimator: reward_backprop needs its gradient; set "
-                "estimator: policy_gradient (a score-function estimator that needs no reward gradient, METHOD.md §3), "
-                "or use a differentiable reward"
+                "gradient: score_function on its constraint (a score-function term for that constraint alone), or "
+                "estimator: policy_gradient (a score-function estimator for every term, METHOD.md §3), or use a "
+                "differentiable reward"
             )
 
 
@@ -88,14 +123,35 @@ class RewardBackprop:
 
     Gradient flows through the last K steps and the VAE decode; the chain KL's value is
     estimated over all steps (``kl_value_steps`` may subsample the no-gradient steps,
-    unbiasedly) with base predictions from the same denoiser, adapters disabled."""
+    unbiasedly) with base predictions from the same denoiser, adapters disabled.
+
+    Per constraint (``gradient``, :data:`~cdalign.core.constraint_gradients.CONSTRAINT_GRADIENTS`):
+    ``whole_chain`` backpropagates its term through every step, in a second sampling pass on
+    the same seeds (the first pass keeps the last K for the other terms). A constraint whose
+    ``gradient`` has a score-function term (``score_function``,
+    ``hybrid``) gets it at the steps its backpropagated gradient does not reach: every step
+    (``score_function``: its term is not backpropagated at all) or the steps before the last
+    K (``hybrid``). Its value, slack and dual step are as for any constraint, measured on the
+    same images; the term (:class:`ScoreFunctionTerm`) is backpropagated step by step after
+    the micro-batch's loss. Scale: the backpropagated term's gradient is
+    ``−λ_j s_j ∇ mean_b r_j`` (``s_j`` = +1 for "high", −1 for "low"; r_j in the
+    constraint's units, normalised when it is), whose expectation over the steps it reaches
+    is ``−λ_j s_j ∇E[r_j]``. The score-function term ``−λ_j s_j mean_b[A_j(b) Σ_t log p_θ(x_{t−1}|x_t)]``
+    with ``A_j(b) = r_j(b) − mean of the other images`` (``score_function_advantage:
+    leave_one_out``) has the same expectation over the steps it sums, since a baseline that
+    does not depend on image b leaves ``E[A ∇log p] = ∇E[r]``; both are means over the
+    micro-batch, divided alike by the accumulation and averaged alike over processes. So λ_j
+    prices its constraint in the same units as every other λ."""
 
     settings = RewardBackpropSettings
     config_fields = setting_names(settings)
+    per_constraint_gradients = True  # reads ConstraintSpec.gradient (rules refuse it for other estimators)
 
     @staticmethod
     def check_config(cfg) -> None:
-        """The truncation settings fit the chain."""
+        """The truncation settings fit the chain; constraints with a score-function gradient
+        have a stochastic chain and a group-free, stateless advantage."""
+        _check_score_function_settings(cfg)
         T = cfg.num_inference_steps
         if cfg.backprop_steps > T:
             raise ValueError(f"backprop_steps: {cfg.backprop_steps} exceeds num_inference_steps ({T}); must be in [1, {T}]")
@@ -116,9 +172,37 @@ class RewardBackprop:
             )
 
     def __init__(self, sampler: DiffusionSampler, problem: ConstrainedProblem, rewards: dict, normalizers: dict, config):
-        _check_rewards_differentiable(rewards, problem.reward_names)
         self.sampler, self.problem, self.rewards, self.normalizers = sampler, problem, rewards, normalizers
         self.config = config
+        # how each constraint's term is differentiated (ConstraintSpec.gradient); the objective is backpropagated
+        self.differentiation = [spec.differentiation for spec in config.constraints]
+        self.score_function = [j for j, d in enumerate(self.differentiation) if d.score_function]
+        self.whole_chain = [j for j, d in enumerate(self.differentiation) if d.whole_chain]
+        # rewards backpropagated through the last K steps (the sampling pass) and through every step (a second pass)
+        truncated = [] if problem.objective.is_kl else [problem.objective.source]
+        truncated += [c.source for c, d in zip(problem.constraints, self.differentiation)
+                      if not c.is_kl and d.backpropagated and not d.whole_chain]
+        self.backprop_rewards = [n for n in problem.reward_names if n in truncated]
+        whole = {problem.constraints[j].source for j in self.whole_chain}
+        self.whole_chain_rewards = [n for n in problem.reward_names if n in whole]
+        _check_rewards_differentiable(rewards, self.backprop_rewards + self.whole_chain_rewards)
+        if self.score_function:
+            deterministic = [i for i in range(len(sampler.chain)) if float(sampler.chain.sigma[i]) == 0]
+            if deterministic:
+                raise ValueError(
+                    f"eta: {config.eta} leaves sampling step(s) {deterministic} deterministic, and a constraint with "
+                    f"a score-function gradient needs every step's Gaussian log-probability (its gradient through a "
+                    "deterministic step would be missed); use a larger eta, or gradient: backprop"
+                )
+            self.advantage = ADVANTAGES.get(config.score_function_advantage)
+            dist = torch.distributed
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            if config.train_batch_size * world < 2:
+                raise ValueError(
+                    f"train_batch_size: {config.train_batch_size} on {world} process(es) gives the score-function "
+                    "advantage's baseline no other image to compare with (every advantage would be 0); use a global "
+                    "micro-batch of at least 2 images"
+                )
 
     def __call__(self, prompts: list[str], seeds: list[int], multipliers: torch.Tensor, generator: torch.Generator) -> BatchEstimate:
         cfg, T = self.config, len(self.sampler.chain)
@@ -133,17 +217,31 @@ class RewardBackprop:
             )
         # kl_grad_steps 'all': the KL term of every other step is differentiated at its fixed state too
         local = set(range(T)) - grad_steps if (kl_acc is not None and cfg.kl_grad_steps == "all") else set()
+        trajectory = Trajectory() if self.score_function else None
         images = self.sampler.sample(
             policy, seeds, grad_steps=grad_steps, gradient_checkpointing=cfg.gradient_checkpointing, on_step=kl_acc,
-            local_grad_steps=local,
+            local_grad_steps=local, trajectory=trajectory,
         )
-        raw, norm = score(images, prompts, self.problem.reward_names, self.rewards, self.normalizers)
+        raw, norm = score(images, prompts, self.backprop_rewards, self.rewards, self.normalizers)
+        with torch.no_grad():  # rewards of score-function constraints alone: their gradient is not needed
+            rest = [n for n in self.problem.reward_names if n not in raw]
+            raw_rest, norm_rest = score(images.detach(), prompts, rest, self.rewards, self.normalizers)
+        raw, norm = {**raw, **raw_rest}, {**norm, **norm_rest}
+        raw, norm = ({n: d[n] for n in self.problem.reward_names} for d in (raw, norm))  # the problem's order
         used = {n: (norm[n] if self.problem.normalized(n) else raw[n]) for n in raw}
         kl = kl_acc.per_sample if kl_acc is not None else None
         if isinstance(kl, float):  # no KL step was evaluated (kl_value_steps=0 and K=0)
             kl = torch.zeros(len(seeds))
         objective = self.problem.objective.value(kl, used)
         values = self.problem.values(kl, used)
+        term, diagnostics = None, {}
+        if self.score_function or self.whole_chain:  # terms differentiated otherwise: their values here without gradient
+            kept = torch.tensor([d.backpropagated and not d.whole_chain for d in self.differentiation], device=values.device)
+            values = torch.where(kept, values, values.detach())
+        if self.whole_chain:
+            values = self._whole_chain_values(policy, seeds, prompts, values)
+        if self.score_function:
+            term, diagnostics = self._score_function_term(policy, trajectory, used, prompts, multipliers, grad_steps)
         slacks = self.problem.slacks(values)
         loss = self.problem.lagrangian(objective, slacks, multipliers)
         return BatchEstimate(
@@ -155,7 +253,72 @@ class RewardBackprop:
             rewards_norm={n: v.detach() for n, v in norm.items()},
             kl=None if kl is None else kl.detach(),
             num_grad_steps=k,
+            score_function=term,
+            diagnostics=diagnostics,
         )
+
+    def _whole_chain_values(self, policy, seeds: list[int], prompts: list[str], values: torch.Tensor) -> torch.Tensor:
+        """``values`` (m,) with the entries of the whole-chain constraints recomputed, with their
+        gradient, from a second sampling pass that carries gradient through every step (the same
+        seeds and noise: the same images as the first pass, whose truncated graph the other terms keep)."""
+        cfg, T = self.config, len(self.sampler.chain)
+        images = self.sampler.sample(policy, seeds, grad_steps=range(T), gradient_checkpointing=cfg.gradient_checkpointing)
+        raw, norm = score(images, prompts, self.whole_chain_rewards, self.rewards, self.normalizers)
+        rows = [(norm if self.problem.normalized(c.source) else raw)[c.source].mean() if j in self.whole_chain else values[j]
+                for j, c in enumerate(self.problem.constraints)]
+        return torch.stack([r.to(values) for r in rows])
+
+    def _score_function_term(self, policy, trajectory: Trajectory, used: dict, prompts: list[str],
+                             multipliers: torch.Tensor, backprop_steps: set[int]):
+        """The :class:`ScoreFunctionTerm` of the constraints with a score-function gradient, and
+        its diagnostics: per reward, the mean |A| and the share of images whose advantage is 0
+        (a 0/1 reward in a micro-batch where every image agrees), over the global micro-batch."""
+        T, diagnostics, offset = len(self.sampler.chain), {}, 0
+        advantages = {}  # reward name -> its advantages over the global micro-batch
+        sources = {self.problem.constraints[j].source for j in self.score_function}
+        for name in [n for n in self.problem.reward_names if n in sources]:  # one order on every process (gathers)
+            values, all_prompts, offset = _gather(used[name].detach(), prompts)
+            advantages[name] = a = self.advantage.compute(values, 1, None, all_prompts)
+            diagnostics[f"score_function/mean_abs_advantage/{name}"] = float(a.abs().mean())
+            diagnostics[f"score_function/zero_advantage_fraction/{name}"] = float((a == 0).double().mean())
+        step_advantages = {}
+        for i in range(T):
+            covering = [j for j in self.score_function if i in self.differentiation[j].score_function_steps(T, backprop_steps)]
+            if not covering:
+                continue
+            weights = reward_weights(self.problem, multipliers, constraints=covering)
+            combined = sum(w * advantages[name] for name, w in weights.items())
+            if bool(combined.ne(0).any()):  # the same on every process: the global batch's advantages
+                step_advantages[i] = combined[offset : offset + len(prompts)].detach()
+        return ScoreFunctionTerm(policy, self.sampler.chain, trajectory, step_advantages), diagnostics
+
+
+def _check_score_function_settings(cfg) -> None:
+    """Constraints with a score-function gradient (estimator reward_backprop): a stochastic
+    chain and an advantage that needs no prompt groups and no saved state; the advantage
+    setting only with such a constraint."""
+    indices = [i for i, c in enumerate(cfg.constraints) if c.by_score_function]
+    if not indices:
+        if cfg.score_function_advantage != RewardBackpropSettings.score_function_advantage:
+            raise ValueError(
+                f"score_function_advantage: {cfg.score_function_advantage!r} is only read for constraints with a "
+                "score-function gradient, and none has one; remove it, or set gradient: score_function (or hybrid) "
+                "on a constraint"
+            )
+        return
+    if cfg.eta == 0:
+        raise ValueError(
+            f"eta: 0 makes every sampling step deterministic, and constraints[{indices[0]}] (gradient: "
+            f"{cfg.constraints[indices[0]].gradient}) needs each step's Gaussian log-probability; use eta > 0 (1 for "
+            "DDIM, 0.7 for the flow SDE), or gradient: backprop"
+        )
+    kind = ADVANTAGES.get(cfg.score_function_advantage)
+    if kind.needs_groups or kind.stateful:
+        usable = [n for n in ADVANTAGES if not (ADVANTAGES.get(n).needs_groups or ADVANTAGES.get(n).stateful)]
+        why = ("compares images of one prompt group, and reward_backprop samples one image per prompt"
+               if kind.needs_groups else "keeps statistics across batches, which reward_backprop does not checkpoint")
+        raise ValueError(f"score_function_advantage: {cfg.score_function_advantage!r} {why}; use one of "
+                         f"{', '.join(usable)}")
 
 
 class RolloutEstimator:

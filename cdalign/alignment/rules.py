@@ -12,7 +12,7 @@ import dataclasses
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from cdalign.alignment.estimators import ESTIMATORS
-from cdalign.alignment.specs import ConstraintSpec
+from cdalign.alignment.specs import DEFAULT_GRADIENT, ConstraintSpec
 from cdalign.fields import did_you_mean, not_allowed
 from cdalign.rewards import available_rewards
 from cdalign.rewards.metrics import EVAL_METRICS
@@ -74,6 +74,16 @@ def _check_problem(cfg) -> None:
                     f"(in its std units); set normalize: false to state the floor of {c.reward!r} in its own units "
                     "(e.g. threshold: -0.05 for 5 points under the base), or remove relative_to_base"
                 )
+            if c.relative_to_base and c.confidence is not None:
+                # the verdict judges the paired difference aligned − base, whose noise training never sees (it
+                # samples no base image on the same noise); the values' own spread overstates it (a 0/1 floor's
+                # margin put its target above the base), so the margin is the user's, in the reward's units
+                raise ValueError(
+                    f"{where}.confidence: not with relative_to_base: the verdict judges the paired difference aligned "
+                    "− base on the same images, whose noise the training batches cannot measure (the per-image spread "
+                    "of the values overstates it and can put the floor's target above the base); give a fixed "
+                    f"margin instead (e.g. margin: 0.02 to aim 0.02 past the floor, in {c.reward!r}'s units), or none"
+                )
         else:
             if c.max is None:
                 raise ValueError(f"{where}.max: required for a kl constraint (KL <= max, a positive number)")
@@ -87,6 +97,10 @@ def _check_problem(cfg) -> None:
                 if getattr(c, unused) is not None:
                     raise ValueError(f"{where}.{unused}: reward constraints only; a KL budget is aimed at as "
                                      "given (lower max to leave room); remove it")
+            if c.gradient != DEFAULT_GRADIENT:
+                raise ValueError(f"{where}.gradient: {c.gradient!r} is for reward constraints (a reward's "
+                                 "expectation); the chain KL is a sum of per-step terms with exact gradients: set "
+                                 "kl_grad_steps: all to differentiate it at every step, and remove gradient")
         if c.confidence is not None and c.margin is not None:
             raise ValueError(f"{where}.confidence: set confidence or margin, not both (confidence derives the "
                              "margin from the run's own noise estimate; margin fixes it)")
@@ -221,7 +235,16 @@ def _check_estimator(cfg) -> None:
                     f"{key}: {getattr(cfg, key)!r} is only used by estimator: {name} (this run uses "
                     f"{cfg.estimator}); remove it, or set estimator: {name}"
                 )
-    ESTIMATORS.get(cfg.estimator).check_config(cfg)
+    estimator = ESTIMATORS.get(cfg.estimator)
+    if not getattr(estimator, "per_constraint_gradients", False):
+        for i, c in enumerate(cfg.constraints):
+            if c.gradient != DEFAULT_GRADIENT:
+                raise ValueError(
+                    f"constraints[{i}].gradient: {c.gradient!r} is a setting of estimator reward_backprop (how one "
+                    f"constraint's term is differentiated); estimator {cfg.estimator} does not read it (policy_gradient "
+                    "already estimates every term by the score function); remove it, or set estimator: reward_backprop"
+                )
+    estimator.check_config(cfg)
 
 
 def _check_run(cfg) -> None:

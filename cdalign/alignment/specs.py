@@ -12,6 +12,7 @@ in :mod:`cdalign.alignment.rules`."""
 
 from dataclasses import dataclass, field
 
+from cdalign.core.constraint_gradients import CONSTRAINT_GRADIENTS, ConstraintGradient
 from cdalign.core.duals import DUAL_OPTIMIZERS
 from cdalign.core.problem import KL
 from cdalign.fields import ConfigFields
@@ -22,6 +23,7 @@ REWARD = "reward"
 OBJECTIVE_TYPES = (KL, REWARD)
 CONSTRAINT_TYPES = (REWARD, KL)
 DIRECTIONS = ("high", "low")
+DEFAULT_GRADIENT = "backprop"  # a constraint's term backpropagated through the last K steps, as every other term
 
 
 @dataclass
@@ -137,7 +139,8 @@ class ConstraintSpec(ConfigFields):
             "sample (e.g. 0.95). The run then aims at threshold + z·s/√n (z the one-sided normal quantile, s its "
             "running estimate of the per-image std, n the held-out images of its verdict: eval_batches × "
             "train_batch_size × processes) instead of at the threshold itself; the report names both "
-            "(cdalign.core.targets). Unset: aim at the threshold.",
+            "(cdalign.core.targets). Unset: aim at the threshold. Not with relative_to_base (whose verdict's noise "
+            "is the paired difference's, which training does not see): give it a `margin` instead.",
             "ge": 0.5,
             "lt": 1.0,
         },
@@ -150,6 +153,37 @@ class ConstraintSpec(ConfigFields):
             "ge": 0.0,
         },
     )
+
+    gradient: str = field(
+        default=DEFAULT_GRADIENT,
+        metadata={
+            "help": "Reward constraints, estimator reward_backprop: how this constraint's term of the Lagrangian is "
+            "differentiated (cdalign.core.constraint_gradients). 'backprop' (default): through the last K sampling "
+            "steps and the VAE, as every other term. 'whole_chain': backpropagated through every sampling step, for "
+            "this term alone (the others keep the last K), in a second sampling pass with gradient at every step "
+            "(about twice the sampling cost; memory for the whole chain unless gradient_checkpointing): for a "
+            "floor whose violation is made at early steps the truncated gradient never reaches. 'score_function': "
+            "a REINFORCE (policy-gradient) estimate over every step, −λ·s·mean_b[A(b)·Σ_t log p_θ(x_{t−1} | x_t)] with "
+            "A the constraint's value minus a baseline (score_function_advantage), in the constraint's own units "
+            "(the same gradient in expectation, so λ keeps its meaning), for rewards without gradients (e.g. "
+            "shapes_match); needs eta > 0 and large batches (on the tiny flow model 32 images gave no usable "
+            "direction). 'hybrid': the last K steps backpropagated and the score function at the earlier ones "
+            "(unbiased for the whole chain; the same variance caveat). The score function costs a forward and "
+            "backward pass of the denoiser per step it covers.",
+            "choices": CONSTRAINT_GRADIENTS,
+        },
+    )
+
+    @property
+    def differentiation(self) -> ConstraintGradient:
+        """How this constraint's term is differentiated (:data:`CONSTRAINT_GRADIENTS` entry of ``gradient``)."""
+        return CONSTRAINT_GRADIENTS.get(self.gradient)
+
+    @property
+    def by_score_function(self) -> bool:
+        """Whether this constraint's gradient has a score-function term (``gradient``
+        'score_function' or 'hybrid')."""
+        return self.differentiation.score_function
 
     @property
     def name(self) -> str:

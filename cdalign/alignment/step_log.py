@@ -46,6 +46,16 @@ def step_means(
     return {k: float(v) for k, v in zip(keys, vec.cpu())}
 
 
+def diagnostic_means(records: Sequence[BatchEstimate]) -> dict[str, float]:
+    """Each estimator diagnostic (``BatchEstimate.diagnostics``) averaged over the step's
+    micro-batches that report it: this process's means, for :func:`step_means`' ``extra``."""
+    sums: dict[str, list[float]] = {}
+    for r in records:
+        for key, value in r.diagnostics.items():
+            sums.setdefault(key, []).append(float(value))
+    return {key: sum(v) / len(v) for key, v in sums.items()}
+
+
 def step_record(
     step: int, records: Sequence[BatchEstimate], problem: ConstrainedProblem, accelerator, device, *, multipliers,
     margins, skipped: int, grad_norm: float | None, extra: Mapping | None = None,

@@ -32,7 +32,7 @@ from cdalign.alignment.dual_window import DualWindow, confidence_targets
 from cdalign.alignment.estimators import ESTIMATORS, BatchEstimate, RolloutEstimator, is_finite_estimate
 from cdalign.alignment.normalization import RewardNormalization
 from cdalign.alignment.report import DUALS_PLOT_FILE, SAMPLE_GRID_FILE, build_report, plot_history, write_evaluation_files
-from cdalign.alignment.step_log import flat_config, progress_postfix, step_record
+from cdalign.alignment.step_log import diagnostic_means, flat_config, progress_postfix, step_record
 from cdalign.console import CdalignWarning
 from cdalign.core.duals import InfeasibilityMonitor, build_dual_optimizer
 from cdalign.core.families import family_of
@@ -292,6 +292,7 @@ class ConstrainedDDPOTrainer:
             if distributed.on_all_processes(is_finite_estimate(estimate), acc):
                 if not rollouts:
                     acc.backward(estimate.loss / cfg.gradient_accumulation_steps)
+                    self._backward_score_function(estimate)
                 records.append(estimate)
                 self.window.add(estimate)
             else:
@@ -313,9 +314,18 @@ class ConstrainedDDPOTrainer:
         if rollouts:
             grad_norm, extra = self._train_on_rollouts(records)
         else:
-            grad_norm, extra = self._optimizer_update(), {}
+            grad_norm, extra = self._optimizer_update(), diagnostic_means(records)
         self.global_step += 1
         return self._log_step(records, grad_norm, extra)
+
+    def _backward_score_function(self, estimate: BatchEstimate) -> None:
+        """Backpropagate a reward-backprop micro-batch's score-function terms (constraints with
+        ``gradient: score_function`` or ``hybrid``) one sampling step at a time, at the weights that sampled
+        it, scaled as its loss; then drop its states (the record keeps the measurements)."""
+        term, estimate.score_function = estimate.score_function, None
+        if term is not None:
+            for loss in term.losses(self.accelerator.autocast):
+                self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
 
     def _optimizer_update(self) -> float | None:
         """Average the LoRA gradients over processes, clip them, take one AdamW step;

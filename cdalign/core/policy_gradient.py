@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 
@@ -44,6 +44,26 @@ def group_standardized(values: torch.Tensor, group_size: int) -> torch.Tensor:
     g = group_view(values.double(), group_size)
     std = g.std(1, correction=0, keepdim=True)
     return ((g - g.mean(1, keepdim=True)) / (std + STD_EPS)).flatten().to(values.dtype)
+
+
+def batch_centered(values: torch.Tensor) -> torch.Tensor:
+    """``r − mean(r)`` over the whole batch given (N,), unscaled: the Lagrangian's units. The
+    mean includes the image itself, so the score-function gradient it gives is (N−1)/N of
+    the reward's (see :func:`leave_one_out`)."""
+    v = values.double()
+    return (v - v.mean()).to(values.dtype)
+
+
+def leave_one_out(values: torch.Tensor) -> torch.Tensor:
+    """``r_b − mean_{b' ≠ b} r_b'`` (N,), unscaled (RLOO's baseline, Kool et al. 2019): a
+    baseline independent of the image it is subtracted from, so ``E[A·∇log p] = ∇E[r]``
+    exactly, in the reward's own units. Equals ``N/(N−1)·(r − mean r)``; needs N ≥ 2."""
+    n = values.numel()
+    if values.ndim != 1 or n < 2:
+        raise ValueError(f"a leave-one-out baseline needs at least 2 values (N,), got shape {tuple(values.shape)}; "
+                         "use train_batch_size >= 2")
+    v = values.double()
+    return ((v - v.mean()) * (n / (n - 1))).to(values.dtype)
 
 
 def batch_standardized(values: torch.Tensor) -> torch.Tensor:
@@ -106,6 +126,8 @@ ADVANTAGES: Registry[AdvantageKind] = Registry("advantage")
 ADVANTAGES.register("group_std", AdvantageKind(lambda v, k, tr, p: group_standardized(v, k), True, False, False))
 ADVANTAGES.register("group_mean", AdvantageKind(lambda v, k, tr, p: group_centered(v, k), True, False, False))
 ADVANTAGES.register("batch_std", AdvantageKind(lambda v, k, tr, p: batch_standardized(v), False, True, False))
+ADVANTAGES.register("batch_mean", AdvantageKind(lambda v, k, tr, p: batch_centered(v), False, True, False))
+ADVANTAGES.register("leave_one_out", AdvantageKind(lambda v, k, tr, p: leave_one_out(v), False, True, False))
 ADVANTAGES.register("prompt_tracker", AdvantageKind(lambda v, k, tr, p: tr(v, p), False, True, True))
 
 
@@ -117,16 +139,19 @@ def inclusion_probability(num_drawn: int, num_steps: int, draws: int) -> float:
     return 1.0 - (1.0 - num_drawn / num_steps) ** draws
 
 
-def reward_weights(problem: ConstrainedProblem, multipliers: torch.Tensor) -> dict[str, float]:
+def reward_weights(
+    problem: ConstrainedProblem, multipliers: torch.Tensor, constraints: Collection[int] | None = None
+) -> dict[str, float]:
     """The signed weight of each reward in the Lagrangian's reward part,
     ``L = const − Σ_j w_j E[r_j]``: ``w = +1`` for a reward objective, ``+λ_i`` for a
     "high" constraint, ``−λ_i`` for a "low" one (summed when one reward has both). KL
-    terms are not rewards: see :func:`kl_weight`."""
+    terms are not rewards: see :func:`kl_weight`. ``constraints``: the indices of the
+    constraints to weigh, without the objective (default: every constraint and the objective)."""
     weights: dict[str, float] = {}
-    if not problem.objective.is_kl:
+    if constraints is None and not problem.objective.is_kl:
         weights[problem.objective.source] = 1.0
     for j, c in enumerate(problem.constraints):
-        if c.is_kl:
+        if c.is_kl or (constraints is not None and j not in constraints):
             continue
         sign = 1.0 if c.direction == "high" else -1.0
         weights[c.source] = weights.get(c.source, 0.0) + sign * float(multipliers[j])
@@ -154,6 +179,14 @@ def combined_advantage(advantages: dict[str, torch.Tensor], weights: dict[str, f
     if total is None:
         raise ValueError("no reward in the problem's reward part")
     return total
+
+
+def score_function_loss(log_prob: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """REINFORCE's surrogate to minimise for one step (scalar): ``−mean_b A_b·log π_θ(x'_b | x_b)``
+    of the step's log-probabilities (B,) under the policy being trained (which sampled them) and
+    the signed, λ-weighted advantages A (B,). Summed over the chain's steps, its gradient is the
+    score-function estimate of ``−∇ Σ_j w_j E[r_j]`` (METHOD.md §3); PPO's ratio at 1 is the same."""
+    return -(advantages.detach().to(log_prob) * log_prob).mean()
 
 
 def ppo_clipped_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float):
