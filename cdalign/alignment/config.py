@@ -32,6 +32,7 @@ from cdalign.alignment.estimators import ESTIMATORS
 from cdalign.alignment.rules import check_rules
 from cdalign.alignment.specs import ConstraintSpec, DualSpec, ObjectiveSpec
 from cdalign.core.kl import KL_ESTIMATORS
+from cdalign.core.seeding import per_process
 from cdalign.fields import (
     CommandLineParser,
     ConfigFields,
@@ -248,16 +249,11 @@ class ConstrainedDDPOConfig(ConfigFields):
         metadata={"help": "Prompts (images) per micro-batch, per process (the paper: 4). Derived from "
                   "global_batch_size when that is set.", "ge": 1},
     )
-    global_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Images per micro-batch summed over all processes. Set: each process takes "
-            "global_batch_size / processes (train_batch_size is derived; a different train_batch_size is refused), "
-            "so one config and seed give one run whatever the process count: the same prompts, image seeds, reward "
-            "statistics, dual steps and held-out images on 1 or 2 processes. Unset: train_batch_size per process.",
-            "ge": 1,
-        },
-    )
+    global_batch_size: int | None = field(default=None, metadata={"ge": 1, "help": (
+        "Images per micro-batch summed over all processes. Set: each process takes global_batch_size / processes "
+        "(train_batch_size is derived; a different train_batch_size is refused), so one config and seed give one run "
+        "whatever the process count: the same prompts, image seeds, reward statistics, dual steps and held-out images "
+        "on 1 or 2 processes. Unset: train_batch_size per process.")})
     gradient_accumulation_steps: int = field(
         default=1,
         metadata={
@@ -345,15 +341,10 @@ class ConstrainedDDPOConfig(ConfigFields):
             "choices": MIXED_PRECISIONS,
         },
     )
-    num_threads: int | None = field(
-        default=None,
-        metadata={
-            "help": "torch CPU threads per process. Unset: the launcher's OMP_NUM_THREADS when it sets one (accelerate "
-            "launch gives cores / processes), else 1 on a CPU, the fastest measured for the embedded tiny models "
-            "(benchmarks/bench_recipes.py); a GPU run keeps torch's default. Raise it for a large model on a CPU.",
-            "ge": 1,
-        },
-    )
+    num_threads: int | None = field(default=None, metadata={"ge": 1, "help": (
+        "torch CPU threads per process. Unset: the launcher's OMP_NUM_THREADS when it sets one (accelerate launch gives "
+        "cores / processes), else 1 on a CPU, the fastest measured for the embedded tiny models "
+        "(benchmarks/bench_recipes.py); a GPU run keeps torch's default. Raise it for a large model on a CPU.")})
     ddp_timeout: int = field(
         default=600,
         metadata={
@@ -472,24 +463,15 @@ class ConstrainedDDPOConfig(ConfigFields):
         check_rules(self)
 
     def for_processes(self, num_processes: int) -> "ConstrainedDDPOConfig":
-        """The config one of ``num_processes`` processes runs: with ``global_batch_size`` set,
-        a validated copy whose ``train_batch_size`` is ``global_batch_size / num_processes``
-        (``ValueError`` naming the fix when it does not divide, or when a different
-        ``train_batch_size`` was given); unset, the config itself."""
+        """The config each of ``num_processes`` processes runs: with ``global_batch_size`` set, a
+        validated copy with ``train_batch_size = global_batch_size / num_processes`` (``ValueError``
+        naming the fix if it does not divide or a different ``train_batch_size`` was given)."""
         if self.global_batch_size is None:
             return self
-        per, rest = divmod(self.global_batch_size, num_processes)
-        if rest or per < 1:
-            raise ValueError(
-                f"global_batch_size: {self.global_batch_size} images do not split evenly over {num_processes} processes; "
-                f"launch a number of processes that divides {self.global_batch_size}, or change global_batch_size"
-            )
-        default = ConstrainedDDPOConfig.__dataclass_fields__["train_batch_size"].default
-        if self.train_batch_size not in (default, per):
-            raise ValueError(
-                f"train_batch_size: {self.train_batch_size} disagrees with global_batch_size {self.global_batch_size} over "
-                f"{num_processes} process(es) ({per} per process); give one of the two"
-            )
+        per = per_process(self.global_batch_size, num_processes, "global_batch_size")
+        if self.train_batch_size not in (ConstrainedDDPOConfig.__dataclass_fields__["train_batch_size"].default, per):
+            raise ValueError(f"train_batch_size: {self.train_batch_size} disagrees with global_batch_size "
+                             f"{self.global_batch_size} over {num_processes} process(es) ({per} per process); give one of the two")
         resolved = dataclasses.replace(self, train_batch_size=per)
         resolved.validate()
         return resolved
