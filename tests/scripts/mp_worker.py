@@ -20,11 +20,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from accelerate import Accelerator  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from cdalign import ConstrainedDDPOTrainer  # noqa: E402
 from cdalign.alignment.config import config_from_dict  # noqa: E402
+from cdalign.runs import distributed  # noqa: E402
 
 
 def gloo_threads() -> list[str]:
@@ -36,14 +36,14 @@ def gloo_threads() -> list[str]:
 
 def main(out: str, batch_per_process: int, steps: int, shard: bool, save_steps: int, resume: str | None,
          mixed_precision: str = "no", model: str = "cdalign/tiny-random-sd", eta: float = 1.0) -> None:
-    acc = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    state = distributed.process_state(600)  # one gloo group on the CPU; the trainer makes (and ends) its accelerator
     cfg = config_from_dict(
         dict(
             pretrained_model_name_or_path=model,
             eta=eta,
             prompts="shapes",
             output_dir=os.path.join(out, "run"),
-            normalization_cache_dir=os.path.join(out, f"cache-{acc.num_processes}"),
+            normalization_cache_dir=os.path.join(out, f"cache-{state.num_processes}"),
             objective={"type": "kl"},
             constraints=[
                 {"reward": "saturation", "direction": "high", "threshold": 1.0},
@@ -66,7 +66,8 @@ def main(out: str, batch_per_process: int, steps: int, shard: bool, save_steps: 
             resume_from_checkpoint=resume,
         )
     )
-    trainer = ConstrainedDDPOTrainer(cfg, accelerator=acc, shard_denoiser=True if shard else None)  # None: follow accelerate
+    trainer = ConstrainedDDPOTrainer(cfg, shard_denoiser=True if shard else None)  # None: follow accelerate
+    acc = trainer.accelerator
     report = trainer.train()
     rank = acc.process_index
     if not trainer.sharded:  # each rank's own copy (a sharded UNet holds one shard per rank;
