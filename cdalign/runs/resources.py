@@ -1,4 +1,5 @@
-"""Running out of memory during a training step, said the way a full disk is
+"""A process's machine resources: its CPU threads (:func:`set_cpu_threads`), and running out
+of memory during a training step, said the way a full disk is
 (:class:`~cdalign.runs.atomic.StorageError`): one error naming the step, the batch, the
 settings that lower the memory a step needs, and the checkpoint to resume from.
 
