@@ -429,6 +429,7 @@ def test_a_run_stopped_by_a_dead_server_exits_1_and_resumes_from_its_checkpoint(
     recipe = tmp_path / "recipe.yaml"
     cfg = _pg(tmp_path, served=server.url)
     cfg.remote_rewards["jpeg_served"].retries, cfg.remote_rewards["jpeg_served"].timeout = 1, 2.0
+    cfg.reuse_base_evaluation = False  # the base model's evaluation asks the server too, whatever ran before
     save_config(cfg, recipe)
     try:
         assert main(["--config", str(recipe)]) == 1
@@ -442,7 +443,7 @@ def test_a_run_stopped_by_a_dead_server_exits_1_and_resumes_from_its_checkpoint(
     with RewardServer(build_reward(JPEG), JPEG, port=0) as moved:  # back, on another port: the URL may change
         served = json.dumps({"jpeg_served": {"url": moved.url, "cache_key": "v1"}})
         assert main(["--config", str(recipe), "--resume_from_checkpoint", "latest", "--remote_rewards", served]) == 0
-        assert moved.requests == 3  # round 3 and the evaluation; the statistics came from the checkpoint
+        assert moved.requests == 3  # round 3 and the evaluation (base, aligned); the statistics came from the checkpoint
     _same_run(tmp_path / "run", in_process)
 
 

@@ -21,10 +21,9 @@ import json
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
+from importlib.metadata import version
 
-import diffusers
 import torch
-import transformers
 
 from cdalign.alignment.normalization import reward_identities
 from cdalign.console import CdalignWarning
@@ -91,8 +90,8 @@ def base_evaluation_key(trainer, items: Sequence[Item], metric_names: Sequence[s
         "device": device_identity(trainer.device),
         "code": {"sampler": source_fingerprint(trainer.sampler), "chain": source_fingerprint(trainer.sampler.chain),
                  "family": source_fingerprint(trainer.family), "scoring": source_fingerprint(score_batch)},
-        "libraries": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                      "transformers": transformers.__version__},
+        "libraries": {"torch": torch.__version__, "diffusers": version("diffusers"),  # metadata: importing
+                      "transformers": version("transformers")},  # them here would load PIL with cdalign.rewards
     }
 
 
