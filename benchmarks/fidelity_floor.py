@@ -9,8 +9,9 @@ Per model (``main``: the packaged recipe ``tiny/multi_reward``; ``flow``: ``tiny
 - ``no_floor``: the recipe as shipped;
 - ``floor``: its ``*_floor.yaml`` twin, the same problem plus a ``caption_fidelity`` floor
   relative to the base model (``relative_to_base``); for the flow model also that run with
-  the gradient reaching every step (``floor_all_steps``: ``backprop_steps`` = T;
-  ``floor_kl_every_step``: ``kl_grad_steps: all``);
+  the gradient reaching every step (``floor_whole_klall``: the floor's ``gradient:
+  whole_chain`` and ``kl_grad_steps: all``); each floor run on every ``--seeds`` seed
+  (``<run>_seed<k>``);
 - ``kl_x<β>``: the peers' remedy. Their runs maximise ``Σ w_i r_i − β·KL`` with hand-set
   weights; on this problem (objective: chain KL) that is λ frozen at ``w / β``. ``w`` is what
   the ``no_floor`` run's duals settled at (mean λ over the second half of its log), so
@@ -52,11 +53,12 @@ MODELS = {
     "flow": ("tiny/flow_multi_reward", "tiny/flow_multi_reward_floor"),
 }
 BETAS = (4.0,)
+SEEDS = (0, 1)
 # Floor runs with the gradient reaching more of the chain (why: benchmarks/hack_timing.py shows at
-# which steps a LoRA repaints backgrounds): the floor's gradient through all T steps, or the chain
-# KL's gradient at every step (its detached state) beside the floor's through the last K.
+# which steps a LoRA repaints backgrounds): the floor's own term over every step (``gradient:
+# whole_chain``) and the chain KL's gradient at every step (``kl_grad_steps: all``).
 FLOOR_VARIANTS = {
-    "flow": {"floor_all_steps": {"backprop_steps": 10}, "floor_kl_every_step": {"kl_grad_steps": "all"}},
+    "flow": {"floor_whole_klall": {"kl_grad_steps": "all", "floor_gradient": "whole_chain"}},
     "main": {},
 }
 ACCURACIES = ("background_accuracy", "color_accuracy", "shape_accuracy")
@@ -70,12 +72,27 @@ def settled_prices(run: Path) -> list[float]:
     return [sum(r[k] for r in tail) / len(tail) for k in names]
 
 
-def configs_for(model: str, out: Path, betas, prices: list[float] | None) -> dict:
+def _variant(floor, overrides: dict):
+    """The floor recipe with ``overrides``; ``floor_gradient`` sets the floor constraint's ``gradient:``."""
+    overrides = dict(overrides)
+    gradient = overrides.pop("floor_gradient", None)
+    cfg = dataclasses.replace(floor, **overrides)
+    if gradient is not None:
+        cfg = dataclasses.replace(cfg, constraints=[dataclasses.replace(c, gradient=gradient) if c.relative_to_base else c
+                                                    for c in cfg.constraints])
+    return cfg
+
+
+def configs_for(model: str, out: Path, betas, prices: list[float] | None, seeds=(0,)) -> dict:
+    """The runs of one model. Every floor run is repeated on each of ``seeds`` (another training draw
+    and other reward statistics; the held-out images stay the same): a floor held on one seed only
+    is a coin flip, not a result. The references (no floor, the KL weight) run on the recipe's seed."""
     plain, floor = (load_config_file(name) for name in MODELS[model])
-    runs = {"no_floor": dataclasses.replace(plain, output_dir=str(out / model / "no_floor")),
-            "floor": dataclasses.replace(floor, output_dir=str(out / model / "floor"))}
-    for name, overrides in FLOOR_VARIANTS[model].items():
-        runs[name] = dataclasses.replace(floor, output_dir=str(out / model / name), **overrides)
+    runs = {"no_floor": dataclasses.replace(plain, output_dir=str(out / model / "no_floor"))}
+    for name, overrides in {"floor": {}, **FLOOR_VARIANTS[model]}.items():
+        for seed in seeds:
+            tag = name if seed == floor.seed else f"{name}_seed{seed}"
+            runs[tag] = dataclasses.replace(_variant(floor, overrides), output_dir=str(out / model / tag), seed=seed)
     if prices is not None:
         for beta in betas:
             weights = [round(p / beta, 4) for p in prices]
@@ -156,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--out", default="outputs/fidelity_floor")
     parser.add_argument("--betas", nargs="+", type=float, default=list(BETAS), help="KL weight factors of the peers' remedy")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="seeds of every floor run")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--images", type=int, default=128, help="images per model in the independent check")
     parser.add_argument("--train_only", action="store_true", help="train (or reuse) the runs; no check, no table")
@@ -166,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     lines, result = ["# Fidelity floors against the KL weight", ""], {}
     try:
         for model in args.models:
-            first = configs_for(model, out, args.betas, None)
+            first = configs_for(model, out, args.betas, None, args.seeds)
             train_all({"no_floor": first["no_floor"]}, out, args.workers)  # its prices decide the remedy's weights
             prices = settled_prices(Path(first["no_floor"].output_dir))
-            configs = configs_for(model, out, args.betas, prices)
+            configs = configs_for(model, out, args.betas, prices, args.seeds)
             train_all(configs, out, args.workers)
             if args.train_only:
                 continue

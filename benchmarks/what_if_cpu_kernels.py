@@ -1,13 +1,16 @@
 """What-if: CPU kernel settings for the embedded tiny model's denoiser calls.
 
     python benchmarks/what_if_cpu_kernels.py [--threads 1] [--repeats 8] [--compile]
+    python benchmarks/what_if_cpu_kernels.py --batch_sizes 1 2 4 8 16 32   # cost per image by call size
 
 On the embedded ``cdalign/tiny-shapes-sd`` with a LoRA (r=4 on to_q/to_k/to_v/to_out.0, B made
 non-zero), one guided denoiser call of 4 prompts (8 latents with CFG) as the sampler makes it
 (:meth:`cdalign.core.sampling.DiffusionSampler.guided`): median wall time of a no-grad call and
 of a call with a backward pass, in the default memory format, with the denoiser and its input in
 ``channels_last``, and (``--compile``) under ``torch.compile`` (the first, compiling call is
-timed apart). Checks that every setting gives the default's prediction (max |difference|)."""
+timed apart). Checks that every setting gives the default's prediction (max |difference|).
+With ``--batch_sizes``: instead, the no-grad guided call (no LoRA) at each number of prompts, per
+call and per image: whether fewer, larger calls would buy anything."""
 
 from __future__ import annotations
 
@@ -36,8 +39,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--batch_sizes", type=int, nargs="+", help="time the no-grad call per image at these prompt counts")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.batch_sizes:
+        return per_image_cost(args)
     from peft import LoraConfig
 
     from cdalign.core.sampling import DiffusionSampler
@@ -92,6 +98,27 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, a, b, d in rows:
         print(f"| {name} | {a * 1e3:.1f} | {b * 1e3:.1f} | {a / base[1]:.2f} / {b / base[2]:.2f} | {d:.1e} |")
+
+
+def per_image_cost(args) -> None:
+    from cdalign.core.sampling import DiffusionSampler
+    from cdalign.models.pipeline import load_pipeline
+
+    pipe = load_pipeline("cdalign/tiny-shapes-sd")
+    pipe.unet.requires_grad_(False)
+    sampler = DiffusionSampler(pipe, 10, 1.0, 3.0, None, "cpu")
+    prompts = ["a red circle on a white background", "a blue square on a black background",
+               "a green triangle on a gray background", "a yellow circle on a white background"]
+    t, g = sampler.chain.timesteps[5], torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} calls after a warm-up")
+    print("| prompts per call (latents with CFG) | no-grad call ms | ms per image |")
+    print("|---|---|---|")
+    for b in args.batch_sizes:
+        policy = sampler.guided([prompts[i % len(prompts)] for i in range(b)])
+        x = torch.randn(b, *sampler.latent_shape, generator=g)
+        with torch.no_grad():
+            ms = timed(lambda: policy(x, t), args.repeats) * 1e3
+        print(f"| {b} ({2 * b}) | {ms:.1f} | {ms / b:.1f} |")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,37 @@ def test_a_relative_constraint_measures_its_slack_from_the_base_mean():
     assert float(problem.slacks(torch.tensor([0.8]))[0]) == pytest.approx(0.05)
 
 
+def test_a_relative_floor_is_priced_in_the_base_models_std():
+    floor = Constraint("f_high", "f", "high", -0.05, relative=True)
+    plain = Constraint("g_high", "g", "high", 0.5, normalize=True)
+    problem = ConstrainedProblem(Objective("kl"), [floor, plain])
+    assert problem.price_scales().tolist() == [1.0, 1.0]  # no statistics yet: nothing to price in
+    problem.base_statistics = {"f": RewardStats(0.9, 0.08, 100), "g": RewardStats(0.3, 0.5, 100)}
+    assert problem.price_scales().tolist() == pytest.approx([0.08, 1.0])  # normalised: already in std units
+    raw = problem.slacks(torch.tensor([0.8, 0.2]))
+    assert raw.tolist() == pytest.approx([0.05, 0.3])  # the slack itself stays in the reward's units
+    assert problem.priced_slacks(raw.double()).tolist() == pytest.approx([0.05 / 0.08, 0.3])
+    assert problem.primal_multipliers(torch.tensor([2.0, 3.0], dtype=torch.float64)).tolist() == pytest.approx([25.0, 3.0])
+    problem.base_statistics["f"] = RewardStats(1.0, 1e-6, 100)  # constant on the base: priced raw
+    assert problem.price_scales().tolist() == [1.0, 1.0]
+
+
+def test_a_floors_dual_steps_on_its_slack_in_base_std_units(tmp_path):
+    cfg = _floor_run(tmp_path, max_steps=1, dual={"optimizer": "ascent", "lr": 0.05, "init": 0.5},
+                     gradient_accumulation_steps=1)
+    trainer = ConstrainedDDPOTrainer(cfg)
+    seen = []
+    estimator = trainer.estimator
+    trainer.estimator = lambda prompts, seeds, multipliers, g: seen.append(multipliers.clone()) or estimator(
+        prompts, seeds, multipliers, g)
+    trainer.step()
+    std = trainer.normalizers["caption_fidelity"].std
+    assert 0 < std < 0.5
+    assert seen[0].tolist() == pytest.approx([0.5, 0.5 / std], rel=1e-6)  # the primal weight of the floor is λ/s
+    slack = trainer.history[-1]["slack/caption_fidelity_high"]  # logged in the reward's own units
+    assert float(trainer.duals.multipliers[1]) == pytest.approx(max(0.0, 0.5 + 0.05 * slack / std), rel=1e-5)
+
+
 def test_a_relative_verdict_is_the_paired_difference_against_the_offset():
     c = Constraint("f_high", "f", "high", -0.05, relative=True)
     base = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0])

@@ -82,7 +82,7 @@ class DualWindow:
         count = float(stats[m])
         if count == 0 or not self.problem.constraints:
             return
-        slacks = stats[:m] / count
+        slacks = self.problem.priced_slacks(stats[:m] / count)  # a relative floor's in base-std units
         multipliers = self.duals.step(slacks)
         if self.targets.active:  # the next window's slacks are measured from the refreshed targets
             self.problem.margins = self.targets.update(stats[m + 1 :].reshape(m, 3))

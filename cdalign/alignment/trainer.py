@@ -267,7 +267,7 @@ class ConstrainedDDPOTrainer:
     # ------------------------------------------------------------------ training
     def _estimate_micro_batch(self, index: int) -> BatchEstimate:
         prompts, seeds, g = self._global_batch(TRAIN_BATCH, index, self.prompts, self.config.train_batch_size)
-        multipliers = self.duals.multipliers.to(torch.float32)
+        multipliers = self.problem.primal_multipliers(self.duals.multipliers).to(torch.float32)  # λ_j / s_j
         with self.accelerator.autocast():
             return self.estimator(prompts, seeds, multipliers, g)
 

@@ -138,6 +138,35 @@ class ConstrainedProblem:
         stats = self.base_statistics.get(c.source) if c.relative else None
         return None if stats is None else float(stats.mean)
 
+    def price_scales(self) -> torch.Tensor:
+        """The unit each constraint's slack is priced in (m,), float64: the base model's std of
+        the reward for a constraint relative to the base model, 1 for every other constraint.
+
+        A floor relative to the base is stated in the reward's own units (``caption fidelity ≥
+        base − 0.03``), while normalised rewards are in base-std units; a slack of 0.03 on a reward
+        whose base std is 0.09 is a third of a std. Priced raw, such a floor's λ would grow a tenth
+        as fast as a normalised constraint's for the same violation and pull a tenth as hard per unit
+        of λ (measured on the flow floor recipe: λ 0.26 -> 1.26 in 28 violated steps while the
+        backgrounds were repainted). The duals therefore see ``g_j / s_j`` and the primal step uses
+        ``λ_j / s_j`` on the raw reward: the same constraint, the same threshold, margin, verdict
+        and report, every constraint priced in base-std units. (Normalised constraints are
+        already in them; a KL budget is in nats.)"""
+        scales = torch.ones(len(self.constraints), dtype=torch.float64)
+        for j, c in enumerate(self.constraints):
+            stats = self.base_statistics.get(c.source) if c.relative else None
+            if stats is not None and float(stats.std) > 1e-6:  # a reward constant on the base is priced raw
+                scales[j] = float(stats.std)
+        return scales
+
+    def priced_slacks(self, slacks: torch.Tensor) -> torch.Tensor:
+        """Slacks (m,) in the units the duals step on (:meth:`price_scales`)."""
+        return slacks / self.price_scales().to(slacks)
+
+    def primal_multipliers(self, multipliers: torch.Tensor) -> torch.Tensor:
+        """The weights (m,) the primal step gives each constraint's raw slack: ``λ_j / s_j``
+        (:meth:`price_scales`), so that ``Σ_j λ_j·g_j/s_j`` is the Lagrangian the duals price."""
+        return multipliers / self.price_scales().to(multipliers)
+
     def normalized(self, source: str) -> bool:
         """Whether ``source`` is used in normalised units (by the objective or a constraint)."""
         specs = [c.normalize for c in self.constraints if c.source == source]
