@@ -119,7 +119,9 @@ class ConstraintSpec(ConfigFields):
             "E[r] ≥ E_base[r] − 0.05, a floor 5 points under the base for an accuracy such as shapes_match "
             "(what the prompt asks for must survive). Training measures the base mean with the reward "
             "statistics (normalization_batches, cached); the held-out verdict judges the paired difference "
-            "aligned − base on the same images against the offset."
+            "aligned − base on the same images against the offset. Its dual variable is priced in the base "
+            "model's std of the reward, as a normalised constraint's is (the duals step on slack / std, the "
+            "primal step weighs λ / std), so a floor in raw units binds as fast as one in σ units."
         },
     )
     max: float | None = field(
