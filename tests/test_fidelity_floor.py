@@ -148,6 +148,11 @@ def test_a_reward_backprop_run_holds_a_floor_relative_to_the_base(tmp_path):
     stats = trainer.normalizers["caption_fidelity"]
     floor = report.constraints[1]
     assert floor.relative_to_base and floor.reference == pytest.approx(stats.mean)
+    half = 1.959963984540054 * stats.std / math.sqrt(stats.count)  # the reference's own CI, recorded
+    assert floor.reference_ci95 == pytest.approx([stats.mean - half, stats.mean + half]) and floor.reference_n == stats.count
+    # the price per unit of the floor's own bound: λ (in base-std units) over the std
+    assert floor.dual == pytest.approx(float(trainer.duals.multipliers[1]) / stats.std)
+    assert report.constraints[0].dual == pytest.approx(float(trainer.duals.multipliers[0]))
     assert floor.judged_on.startswith("aligned − base")
     # the verdict is the paired difference against −0.05
     assert floor.slack == pytest.approx(-0.05 - floor.difference.mean)
@@ -155,6 +160,7 @@ def test_a_reward_backprop_run_holds_a_floor_relative_to_the_base(tmp_path):
     assert ">=b-0.05" in table.replace(" ", "") and "judged on its aligned − base column" in table
     card = (tmp_path / "run" / "README.md").read_text()
     assert "caption\\_fidelity ≥ base − 0.05" in card or "caption_fidelity ≥ base − 0.05" in card
+    assert f"base on the training prompts {stats.mean:+.4g}" in card and f"{stats.count} images" in card
 
 
 def test_a_policy_gradient_run_holds_a_non_differentiable_floor(tmp_path):

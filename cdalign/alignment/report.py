@@ -61,8 +61,8 @@ def build_report(trainer, base: CheckpointScores, aligned: CheckpointScores) -> 
     kl_result = KLResult(estimator=cfg.kl_estimator, units="nats", mean=kl["mean"], ci95=kl["ci95"], n=n_images)
     constraints = constraint_results(
         prob.constraints, base, aligned, kl_estimator=cfg.kl_estimator, margins=prob.margins,
-        targets=trainer.targets, multipliers=trainer.duals.multipliers, flagged=trainer.monitor.flagged,
-        reference=prob.reference,
+        targets=trainer.targets, multipliers=prob.primal_multipliers(trainer.duals.multipliers),  # per unit of each bound
+        flagged=trainer.monitor.flagged, reference=prob.reference_estimate,
     )
     obj = prob.objective
     if obj.is_kl:
@@ -133,18 +133,21 @@ def metric_results(base: CheckpointScores, aligned: CheckpointScores) -> dict[st
 
 def constraint_results(
     constraints: Sequence, base: CheckpointScores, aligned: CheckpointScores, *, kl_estimator: str, margins,
-    targets, multipliers, flagged: Mapping[str, int], reference=lambda j: None,
+    targets, multipliers, flagged: Mapping[str, int], reference=lambda j: {},
 ) -> list[ConstraintResult]:
     """Each constraint's verdict on the aligned images beside the base model's on the same
     images, the paired difference, the target it trained toward (threshold plus margin,
     ``targets.describe`` says why), its final λ and the step it was flagged infeasible at.
     A constraint relative to the base model is judged on the paired difference; ``reference(j)``
-    gives the base-model mean on the training prompts it trained against."""
+    gives the base-model mean on the training prompts it trained against, with its CI
+    (:meth:`~cdalign.core.problem.ConstrainedProblem.reference_estimate`). ``multipliers``: each
+    constraint's price per unit of its own bound (a relative floor's λ / s,
+    :meth:`~cdalign.core.problem.ConstrainedProblem.primal_multipliers`)."""
     out = []
     for j, c in enumerate(constraints):
         values, base_values = aligned.constraint_values(c), base.constraint_values(c)
         verdict, base_verdict = c.verdict(values, base_values), c.verdict(base_values, base_values)
-        more = {"reference": reference(j)} if c.relative else {}
+        more = reference(j) if c.relative else {}
         out.append(ConstraintResult.from_verdict(
             c, verdict, constraint_units(c.is_kl, c.normalize, kl_estimator),
             base_measured=base_verdict["measured"], base_ci95=base_verdict["ci95"], base_slack=base_verdict["slack"],

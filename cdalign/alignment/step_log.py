@@ -61,7 +61,9 @@ def step_record(
     margins, skipped: int, grad_norm: float | None, extra: Mapping | None = None,
 ) -> dict:
     """One step's record: ``step``, the :func:`step_means`, each constraint's λ
-    (``dual/<name>``, from ``multipliers``) and, for confidence targets, its margin
+    (``dual/<name>``, from ``multipliers``: the dual variable itself, in base-std units for a floor
+    relative to the base, whose slack the duals see divided by the std; the report gives the
+    price per unit of the bound, λ / std) and, for confidence targets, its margin
     (``margin/<name>``; ``margins`` None: none), the backpropagated sampling steps of the
     last micro-batch, the micro-batches ``skipped`` so far and the gradient norm (if clipped)."""
     log = {"step": step, **step_means(records, problem, accelerator, device, extra)}

@@ -167,6 +167,18 @@ class ConstrainedProblem:
         (:meth:`price_scales`), so that ``Σ_j λ_j·g_j/s_j`` is the Lagrangian the duals price."""
         return multipliers / self.price_scales().to(multipliers)
 
+    def reference_estimate(self, j: int) -> dict:
+        """A relative constraint's reference (the base-model mean on the training prompts) with
+        its normal 95% CI and image count, as the report and model card record it; {} otherwise
+        or while unknown."""
+        c = self.constraints[j]
+        stats = self.base_statistics.get(c.source) if c.relative else None
+        if stats is None:
+            return {}
+        half = 1.959963984540054 * float(stats.std) / max(int(stats.count), 1) ** 0.5
+        return {"reference": float(stats.mean), "reference_ci95": [float(stats.mean) - half, float(stats.mean) + half],
+                "reference_n": int(stats.count)}
+
     def normalized(self, source: str) -> bool:
         """Whether ``source`` is used in normalised units (by the objective or a constraint)."""
         specs = [c.normalize for c in self.constraints if c.source == source]

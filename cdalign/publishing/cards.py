@@ -116,6 +116,9 @@ def constraints_table(report: AlignmentReport | Mapping) -> str:
         bound = f"base {'+' if c.threshold >= 0 else '−'} {abs(c.threshold):g}" if c.relative_to_base else f"{c.threshold:g}"
         if c.relative_to_base:
             units += " (judged on the paired difference)"
+            if c.reference is not None and c.reference_ci95:
+                units += (f"; base on the training prompts {_ci(c.reference, c.reference_ci95)}"
+                          f"{f', {c.reference_n} images' if c.reference_n else ''}")
         rows.append(f"| {md(c.name)} | {md(c.source)} {op} {bound}{units} | {achieved} | "
                     f"{base} | {_estimate(c.difference)} | {ok} | {_num(c.dual)} |")
     return "\n".join(rows)

@@ -282,6 +282,8 @@ class ConstraintResult:
     relative_to_base: bool | None = None  # threshold is an offset from the base model's mean
     judged_on: str | None = None  # relative constraints: "aligned − base (paired, same items)"
     reference: float | None = None  # relative constraints: the base mean on the training prompts it trained against
+    reference_ci95: list[float] | None = None  # its normal 95% CI (from the statistics' std and count)
+    reference_n: int | None = None  # base-model images it was measured on
 
     ALWAYS_WRITTEN = ("dual", "flagged_infeasible_at_step")  # None there means "none": no λ, never flagged
 
