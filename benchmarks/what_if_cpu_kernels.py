@@ -44,18 +44,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.batch_sizes:
         return per_image_cost(args)
-    from peft import LoraConfig
+    from what_if_joint_call import add_random_lora  # benchmarks/, beside this script
 
     from cdalign.core.sampling import DiffusionSampler
     from cdalign.models.pipeline import load_pipeline
 
     pipe = load_pipeline("cdalign/tiny-shapes-sd")
     unet = pipe.unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     g = torch.Generator().manual_seed(0)
-    for name, p in unet.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05, generator=g)
+    add_random_lora(unet, g)
     sampler = DiffusionSampler(pipe, 10, 1.0, 3.0, None, "cpu")
     policy = sampler.guided(["a red circle on a white background", "a blue square on a black background",
                              "a green triangle on a gray background", "a yellow circle on a white background"])

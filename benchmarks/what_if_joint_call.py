@@ -38,25 +38,31 @@ def mixed_adapter_batch(unet, adapter_names):
             h.remove()
 
 
+def add_random_lora(unet, generator: torch.Generator) -> None:
+    """A rank-4 LoRA on the attention projections with B drawn N(0, 0.05²), so the adapter changes
+    the prediction (a fresh LoRA's B is zero); the what-if benchmarks time calls through it."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05, generator=generator)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=6)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from peft import LoraConfig
-
     from cdalign.core.sampling import DiffusionSampler
     from cdalign.models.adapters import WithAdaptersDisabled
     from cdalign.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=0)
     unet = pipe.unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     g = torch.Generator().manual_seed(0)
-    for name, p in unet.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05, generator=g)
+    add_random_lora(unet, g)
     sampler = DiffusionSampler(pipe, 20, 1.0, 5.0, None, "cpu")
     policy = sampler.guided(["a red circle", "a blue square", "a green triangle", "a yellow circle"])
     base = WithAdaptersDisabled(policy)
