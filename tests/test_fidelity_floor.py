@@ -2,6 +2,7 @@
 the differentiable ``caption_fidelity`` a reward-backprop run can hold it on, and the
 non-differentiable ``shapes_match`` through the policy gradient."""
 
+import dataclasses
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from cdalign import ConstrainedDDPOTrainer
 from cdalign.core.normalization import RewardStats
 from cdalign.core.problem import ConstrainedProblem, Constraint, Objective
 from cdalign.data.shapes import BACKGROUNDS, COLORS
+from cdalign.publishing.cards import constraints_table
 from cdalign.publishing.summaries import summary_table
 from cdalign.rewards import build_reward
 
@@ -161,6 +163,8 @@ def test_a_reward_backprop_run_holds_a_floor_relative_to_the_base(tmp_path):
     card = (tmp_path / "run" / "README.md").read_text()
     assert "caption\\_fidelity ≥ base − 0.05" in card or "caption_fidelity ≥ base − 0.05" in card
     assert f"base on the training prompts {stats.mean:+.4g}" in card and f"{stats.count} images" in card
+    at_base = dataclasses.replace(floor, target=0.0, target_from={"margin": 0.05, "from": "fixed margin"})
+    assert "aimed at the base for a fixed margin" in constraints_table(dataclasses.replace(report, constraints=[at_base]))
 
 
 def test_a_policy_gradient_run_holds_a_non_differentiable_floor(tmp_path):

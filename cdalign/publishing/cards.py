@@ -112,7 +112,9 @@ def constraints_table(report: AlignmentReport | Mapping) -> str:
         aim = c.target_from or {}
         if aim.get("margin"):  # trained toward a target past the threshold (cdalign.core.targets)
             why = f"{aim['confidence']:g} confidence" if aim.get("confidence") is not None else "a fixed margin"
-            units += f" (aimed at {'base ' if c.relative_to_base else ''}{c.target:+.3g} for {why})"
+            aimed = "the base" if c.relative_to_base and abs(c.target) < 1e-12 else \
+                f"{'base ' if c.relative_to_base else ''}{c.target:+.3g}"
+            units += f" (aimed at {aimed} for {why})"
         bound = f"base {'+' if c.threshold >= 0 else '−'} {abs(c.threshold):g}" if c.relative_to_base else f"{c.threshold:g}"
         if c.relative_to_base:
             units += " (judged on the paired difference)"
