@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cdalign.core.statistics import constraint_decision, mean_and_ci, slack
+from cdalign.core.statistics import ci_from_moments, constraint_decision, mean_and_ci, slack
 from cdalign.core.targets import target_of
 
 KL = "kl"  # the source of a KL objective or constraint (its ``type`` in configs, its ``source`` in reports)
@@ -175,8 +175,8 @@ class ConstrainedProblem:
         stats = self.base_statistics.get(c.source) if c.relative else None
         if stats is None:
             return {}
-        half = 1.959963984540054 * float(stats.std) / max(int(stats.count), 1) ** 0.5
-        return {"reference": float(stats.mean), "reference_ci95": [float(stats.mean) - half, float(stats.mean) + half],
+        mean = float(stats.mean)
+        return {"reference": mean, "reference_ci95": list(ci_from_moments(mean, float(stats.std), int(stats.count))),
                 "reference_n": int(stats.count)}
 
     def normalized(self, source: str) -> bool:

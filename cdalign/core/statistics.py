@@ -17,6 +17,15 @@ import torch
 Z95 = 1.959964  # two-sided 95% normal quantile
 
 
+def ci_from_moments(mean: float, std: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Normal-approximation 95% confidence interval ``(lo, hi)`` of a mean from its sample's
+    std and size; with fewer than 2 samples the interval is the mean itself."""
+    if n < 2:
+        return mean, mean
+    half = z * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
 def mean_and_ci(values: torch.Tensor, z: float = Z95) -> tuple[float, float, float]:
     """Mean and normal-approximation 95% confidence interval of (N,) values:
     ``(mean, lo, hi)``; with fewer than 2 values the interval is the mean itself."""
@@ -24,8 +33,7 @@ def mean_and_ci(values: torch.Tensor, z: float = Z95) -> tuple[float, float, flo
     m = float(v.mean())
     if v.numel() < 2:
         return m, m, m
-    half = z * float(v.std()) / math.sqrt(v.numel())
-    return m, m - half, m + half
+    return (m, *ci_from_moments(m, float(v.std()), v.numel(), z))
 
 
 def summarize(values: torch.Tensor) -> dict:
