@@ -27,7 +27,7 @@ LAYERS = [
     (4, r"cdalign\.models(\..*)?"),
     (5, r"cdalign\.rewards(\..*)?"),
     (6, r"cdalign\.(publishing(\..*)?|evaluation\.scoring)"),
-    (7, r"cdalign\.alignment\.(specs|estimator_settings|estimators|rules|config)"),
+    (7, r"cdalign\.alignment\.(specs|estimator_settings|batch_estimate|estimators|rules|config)"),
     (8, r"cdalign\.evaluation(\..*)?"),
     # the trainer and what it keeps beside it; `cdalign align`
     (9, r"cdalign\.alignment(\.(trainer|checkpoint|report|dual_window|step_log|normalization|base_evaluation|shipped_statistics|trl_compat|command))?"),

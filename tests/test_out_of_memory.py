@@ -41,14 +41,14 @@ def align():
 
 def _fail_at_step(monkeypatch, step: int, error: BaseException):
     """Make the estimator raise ``error`` in the first micro-batch of optimiser step ``step``."""
-    original = ConstrainedDDPOTrainer._estimate_micro_batch
+    original = ConstrainedDDPOTrainer._estimate_micro_batches
 
-    def micro_batch(self, index):
+    def micro_batches(self, group):
         if self.global_step + 1 == step:
             raise error
-        return original(self, index)
+        return original(self, group)
 
-    monkeypatch.setattr(ConstrainedDDPOTrainer, "_estimate_micro_batch", micro_batch)
+    monkeypatch.setattr(ConstrainedDDPOTrainer, "_estimate_micro_batches", micro_batches)
 
 
 def _error_line(capsys) -> str:
@@ -71,7 +71,7 @@ def test_cpu_allocator_failure_names_the_step_batch_settings_and_checkpoint_then
     assert "DefaultCPUAllocator: can't allocate memory" in line
     assert "train_batch_size=2" in line and "gradient_accumulation_steps=2" in line
     assert "lower train_batch_size (raising gradient_accumulation_steps keeps the global batch), resolution or " \
-           "backprop_steps, or set gradient_checkpointing: true" in line
+           "backprop_steps, or set gradient_checkpointing: true, or set fuse_micro_batches: false" in line
     assert f"the last complete checkpoint, {str(out / 'checkpoint-1')!r}, is intact" in line
     assert "--resume_from_checkpoint latest" in line
     # nothing of the failed step was written; checkpoint-1 is whole and resumes

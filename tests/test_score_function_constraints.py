@@ -144,7 +144,7 @@ def test_the_estimator_weighs_each_constraints_advantages_by_its_dual_and_direct
                       train_batch_size=4, eval_batches=0, num_grid_images=0)
     trainer = ConstrainedDDPOTrainer(cfg)
     trainer.compute_normalization()
-    estimate = trainer._estimate_micro_batch(0)
+    estimate = trainer._estimate_micro_batches([0])[0]
     term = estimate.score_function
     expected = 0.7 * leave_one_out(estimate.rewards_norm["brightness"]) - 0.3 * leave_one_out(estimate.rewards_norm["saturation"])
     assert sorted(term.step_advantages) == list(range(cfg.num_inference_steps))
@@ -166,7 +166,7 @@ def test_a_hybrid_constraint_is_backpropagated_and_scored_at_the_earlier_steps_o
     cfg = tiny_config(tmp_path, constraints=cons, num_inference_steps=6, backprop_steps=2, eval_batches=0, num_grid_images=0)
     trainer = ConstrainedDDPOTrainer(cfg)
     trainer.compute_normalization()
-    estimate = trainer._estimate_micro_batch(0)
+    estimate = trainer._estimate_micro_batches([0])[0]
     assert sorted(estimate.score_function.step_advantages) == [0, 1, 2, 3]  # not the last K = 2
     grads = torch.autograd.grad(estimate.loss, list(trainer._lora_params().values()), allow_unused=True)
     assert any(gr is not None and gr.any() for gr in grads)  # the last K steps' pathwise gradient is kept
@@ -182,7 +182,7 @@ def test_a_whole_chain_constraint_gets_the_gradient_of_backpropagation_through_e
         trainer = ConstrainedDDPOTrainer(tiny_config(tmp_path / label, constraints=cons, backprop_steps=k,
                                                      eval_batches=0, num_grid_images=0))
         trainer.compute_normalization()
-        estimate = trainer._estimate_micro_batch(0)
+        estimate = trainer._estimate_micro_batches([0])[0]
         params = list(trainer._lora_params().values())
         grads[label] = torch.cat([g.flatten() for g in torch.autograd.grad(estimate.loss, params)])
         logs[label] = (estimate.values, estimate.slacks, estimate.num_grad_steps)

@@ -120,7 +120,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
             tiny_config(tmp_path / str(ckpt), gradient_checkpointing=ckpt, eval_batches=0, num_grid_images=0)
         )
         trainer.compute_normalization()
-        estimate = trainer._estimate_micro_batch(0)
+        estimate = trainer._estimate_micro_batches([0])[0]
         estimate.loss.backward()
         grads.append({k: p.grad.clone() for k, p in trainer._lora_params().items() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0

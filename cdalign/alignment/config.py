@@ -182,6 +182,7 @@ class ConstrainedDDPOConfig(ConfigFields):
     backprop_gaussian_mean: float = estimator_field(_RewardBackprop, "backprop_gaussian_mean")
     backprop_gaussian_std: float = estimator_field(_RewardBackprop, "backprop_gaussian_std")
     gradient_checkpointing: bool = estimator_field(_RewardBackprop, "gradient_checkpointing")
+    fuse_micro_batches: bool | None = estimator_field(_RewardBackprop, "fuse_micro_batches")
     # KL
     kl_estimator: str = field(
         default="path",

@@ -92,3 +92,20 @@ class DualWindow:
                 f"does not improve (step {global_step}); consider loosening its threshold"
             )
             warnings.warn(msg, CdalignWarning, stacklevel=2)
+
+
+def fused_groups(start: int, count: int, update_every: int, fuse: bool) -> list[list[int]]:
+    """The micro-batches ``start … start + count − 1`` of one optimiser step, grouped as they
+    are estimated: one group per micro-batch, or (``fuse``) the runs between dual steps, so
+    that every micro-batch of a group is priced with the same λ and margins (a dual step
+    falls after micro-batch j when ``(j + 1) % update_every == 0``)."""
+    indices = range(start, start + count)
+    if not fuse:
+        return [[i] for i in indices]
+    groups, current = [], []
+    for i in indices:
+        current.append(i)
+        if (i + 1) % update_every == 0:
+            groups.append(current)
+            current = []
+    return groups + ([current] if current else [])

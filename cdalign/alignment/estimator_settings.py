@@ -71,6 +71,17 @@ class RewardBackpropSettings(ConfigFields):
         default=False,
         metadata={"help": "Checkpoint each denoiser call: memory flat in K for about one extra forward pass per step."},
     )
+    fuse_micro_batches: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Sample and backpropagate the micro-batches between two dual steps (gradient_accumulation_steps "
+            "of them by default) in one call per process instead of one call each: the same images, Lagrangians and "
+            "gradient up to float rounding, fewer and larger denoiser calls, and memory for all of them at once. "
+            "None (default): on a CPU, where small calls are dominated by their overhead, and not on a GPU, where "
+            "train_batch_size is usually set by memory. Not with a score-function constraint (its advantage baseline "
+            "is each micro-batch's own).",
+        },
+    )
     kl_grad_steps: str = field(
         default="trained",
         metadata={

@@ -15,12 +15,11 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
+from cdalign.alignment.batch_estimate import BatchEstimate, Rollout, ScoreFunctionTerm, is_finite_estimate, score
 from cdalign.alignment.estimator_settings import PolicyGradientSettings, RewardBackpropSettings, setting_names
-from cdalign.core.chains import GaussianChain, Predictor
 from cdalign.core.kl import ChainKLAccumulator, choose_kl_steps, step_kl, step_weights
 from cdalign.core.policy_gradient import (
     ADVANTAGES,
@@ -31,7 +30,6 @@ from cdalign.core.policy_gradient import (
     kl_weight,
     ppo_clipped_loss,
     reward_weights,
-    score_function_loss,
 )
 from cdalign.core.problem import ConstrainedProblem
 from cdalign.core.sampling import DiffusionSampler, Trajectory
@@ -40,70 +38,9 @@ from cdalign.models.adapters import WithAdaptersDisabled
 from cdalign.registry import Registry
 
 ESTIMATORS: Registry = Registry("estimator")
-
-
-@dataclass
-class Rollout:
-    """What a policy-gradient micro-batch keeps for its updates: the prompts, the sampled
-    :class:`~cdalign.core.sampling.Trajectory`, the combined advantage A (B,) (λ as at
-    sampling), the steps trained on in each inner epoch, the KL's coefficient in the
-    Lagrangian and the base model's ε̃_q at the recorded states of those steps."""
-
-    prompts: list[str]
-    trajectory: Trajectory
-    advantages: torch.Tensor
-    train_steps: list[list[int]]
-    kl_weight: float
-    base_eps: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class ScoreFunctionTerm:
-    """The score-function part of a ``reward_backprop`` micro-batch: the terms of the
-    constraints whose ``gradient`` has one (:data:`~cdalign.core.constraint_gradients.CONSTRAINT_GRADIENTS`).
-    Holds the sampled chain (:class:`~cdalign.core.sampling.Trajectory`, detached states),
-    the predictor that sampled it and, per sampling step t, the combined advantage
-    ``A_t = Σ_j s_j λ_j A_j`` (B,) over the constraints whose score function covers step t
-    (λ as at sampling; s = +1 for "high", −1 for "low"; each ``A_j`` the constraint's values
-    in its own units minus a baseline). :meth:`losses` yields ``−mean_b A_t(b)·log p_θ(x_{t−1} | x_t)``
-    at the recorded states, step by step: summed, the score-function estimate of those
-    constraints' part of ``Σ_j λ_j ∇g_j`` (METHOD.md §3)."""
-
-    predictor: Predictor
-    chain: GaussianChain
-    trajectory: Trajectory
-    # step index -> A_t (B,), this process's share; only steps whose global-batch advantages are not all 0
-    step_advantages: dict[int, torch.Tensor]
-
-    def losses(self, autocast=contextlib.nullcontext) -> Iterator[torch.Tensor]:
-        """One loss per step of :attr:`step_advantages` (backpropagate each at once: memory
-        holds one denoiser call's graph), the predictions under ``autocast()`` as the sampling
-        ran. Every process runs the same steps (the advantages are the global batch's)."""
-        states = self.trajectory.states
-        for i, advantages in sorted(self.step_advantages.items()):
-            with autocast():
-                prediction = self.predictor(states[i], self.chain.timesteps[i])
-                log_prob = self.chain.log_prob(i, states[i], prediction, states[i + 1])
-            yield score_function_loss(log_prob, advantages)
-
-
-@dataclass
-class BatchEstimate:
-    """What an estimator measured on one micro-batch: the Lagrangian to backpropagate (or
-    the rollout to train on), and the batch's estimates of f_0, each constraint's value and
-    slack, the rewards and the chain KL, which the dual step and the step log average."""
-
-    loss: torch.Tensor  # Lagrangian (scalar): to backpropagate (reward_backprop), or its detached value (rollouts)
-    objective: torch.Tensor  # f_0 (scalar, detached)
-    values: torch.Tensor  # per-constraint batch means (m,), detached
-    slacks: torch.Tensor  # (m,), detached
-    rewards_raw: dict[str, torch.Tensor]  # name -> (B,) detached
-    rewards_norm: dict[str, torch.Tensor]
-    kl: torch.Tensor | None  # (B,) detached
-    num_grad_steps: int
-    rollout: Rollout | None = None  # policy gradient: what its updates train on
-    score_function: ScoreFunctionTerm | None = None  # reward_backprop: the terms to backpropagate step by step
-    diagnostics: dict[str, float] = field(default_factory=dict)  # estimator-specific, for the step log
+# what estimators return, defined beside them (cdalign.alignment.batch_estimate) and importable from here
+__all__ = ["ESTIMATORS", "BatchEstimate", "Rollout", "ScoreFunctionTerm", "RewardBackprop", "PolicyGradient",
+           "RolloutEstimator", "is_finite_estimate", "score"]
 
 
 def _check_rewards_differentiable(rewards: dict, names: list[str]) -> None:
@@ -204,14 +141,39 @@ class RewardBackprop:
                     "micro-batch of at least 2 images"
                 )
 
-    def __call__(self, prompts: list[str], seeds: list[int], multipliers: torch.Tensor, generator: torch.Generator) -> BatchEstimate:
+    @property
+    def fuses(self) -> bool:
+        """Whether several micro-batches may share one sampling call (:meth:`estimate`): not
+        with a score-function term, whose advantage baseline is each micro-batch's own."""
+        return not self.score_function
+
+    def draws(self, generator: torch.Generator) -> tuple[int, dict[int, float] | None]:
+        """A micro-batch's random choices, from its own generator: K, the number of final steps
+        with gradient, and the steps whose KL value is evaluated (None without a KL)."""
         cfg, T = self.config, len(self.sampler.chain)
         k = truncation_steps(cfg.backprop_strategy, T, cfg, generator)
+        steps = choose_kl_steps(T, set(range(T - k, T)), cfg.kl_value_steps, generator) if self.problem.needs_kl else None
+        return k, steps
+
+    def __call__(self, prompts: list[str], seeds: list[int], multipliers: torch.Tensor, generator: torch.Generator) -> BatchEstimate:
+        return self.estimate([(prompts, seeds)], multipliers, self.draws(generator))[0]
+
+    def estimate(self, parts: list[tuple[list[str], list[int]]], multipliers: torch.Tensor,
+                 draws: tuple[int, dict[int, float] | None]) -> list[BatchEstimate]:
+        """One :class:`BatchEstimate` per micro-batch of ``parts`` ((prompts, seeds) each), all
+        sampled in one call with the same ``draws`` (:meth:`draws`): each image's noise comes from
+        its seed, so each part's images, values and Lagrangian are its own, as if sampled alone
+        (equal up to float rounding of the larger call). Their losses share one graph: backpropagate
+        their sum. More than one part only when :attr:`fuses`."""
+        if len(parts) > 1 and not self.fuses:
+            raise ValueError("micro-batches with a score-function term are estimated one at a time")
+        cfg, T = self.config, len(self.sampler.chain)
+        k, steps = draws
+        prompts, seeds = [p for ps, _ in parts for p in ps], [s for _, ss in parts for s in ss]
         grad_steps = set(range(T - k, T))
         policy = self.sampler.guided(prompts)
         kl_acc = None
         if self.problem.needs_kl:
-            steps = choose_kl_steps(T, grad_steps, cfg.kl_value_steps, generator)
             kl_acc = ChainKLAccumulator(
                 WithAdaptersDisabled(policy), self.sampler.chain, cfg.kl_estimator, steps, cfg.gradient_checkpointing
             )
@@ -232,41 +194,48 @@ class RewardBackprop:
         kl = kl_acc.per_sample if kl_acc is not None else None
         if isinstance(kl, float):  # no KL step was evaluated (kl_value_steps=0 and K=0)
             kl = torch.zeros(len(seeds))
-        objective = self.problem.objective.value(kl, used)
-        values = self.problem.values(kl, used)
-        term, diagnostics = None, {}
-        if self.score_function or self.whole_chain:  # terms differentiated otherwise: their values here without gradient
-            kept = torch.tensor([d.backpropagated and not d.whole_chain for d in self.differentiation], device=values.device)
-            values = torch.where(kept, values, values.detach())
-        if self.whole_chain:
-            values = self._whole_chain_values(policy, seeds, prompts, values)
-        if self.score_function:
-            term, diagnostics = self._score_function_term(policy, trajectory, used, prompts, multipliers, grad_steps)
-        slacks = self.problem.slacks(values)
-        loss = self.problem.lagrangian(objective, slacks, multipliers)
-        return BatchEstimate(
-            loss=loss,
-            objective=objective.detach(),
-            values=values.detach(),
-            slacks=slacks.detach(),
-            rewards_raw={n: v.detach() for n, v in raw.items()},
-            rewards_norm={n: v.detach() for n, v in norm.items()},
-            kl=None if kl is None else kl.detach(),
-            num_grad_steps=k,
-            score_function=term,
-            diagnostics=diagnostics,
-        )
+        # terms differentiated otherwise: their values here without gradient
+        kept = [d.backpropagated and not d.whole_chain for d in self.differentiation]
+        whole = self._whole_chain_rewards(policy, seeds, prompts) if self.whole_chain else {}
+        estimates, start = [], 0
+        for _, part_seeds in parts:
+            part = slice(start, start + len(part_seeds))
+            start = part.stop
+            part_kl = None if kl is None else kl[part]
+            part_used = {n: v[part] for n, v in used.items()}
+            objective = self.problem.objective.value(part_kl, part_used)
+            values = self.problem.values(part_kl, part_used)
+            if not all(kept):
+                values = torch.where(torch.tensor(kept, device=values.device), values, values.detach())
+            if whole:
+                values = torch.stack([whole[c.source][part].mean().to(values) if j in self.whole_chain else values[j]
+                                      for j, c in enumerate(self.problem.constraints)])
+            term, diagnostics = None, {}
+            if self.score_function:  # one part (see above)
+                term, diagnostics = self._score_function_term(policy, trajectory, used, prompts, multipliers, grad_steps)
+            slacks = self.problem.slacks(values)
+            estimates.append(BatchEstimate(
+                loss=self.problem.lagrangian(objective, slacks, multipliers),
+                objective=objective.detach(),
+                values=values.detach(),
+                slacks=slacks.detach(),
+                rewards_raw={n: v[part].detach() for n, v in raw.items()},
+                rewards_norm={n: v[part].detach() for n, v in norm.items()},
+                kl=None if part_kl is None else part_kl.detach(),
+                num_grad_steps=k,
+                score_function=term,
+                diagnostics=diagnostics,
+            ))
+        return estimates
 
-    def _whole_chain_values(self, policy, seeds: list[int], prompts: list[str], values: torch.Tensor) -> torch.Tensor:
-        """``values`` (m,) with the entries of the whole-chain constraints recomputed, with their
-        gradient, from a second sampling pass that carries gradient through every step (the same
-        seeds and noise: the same images as the first pass, whose truncated graph the other terms keep)."""
+    def _whole_chain_rewards(self, policy, seeds: list[int], prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The whole-chain constraints' rewards (B,) in their units, with their gradient, from a second
+        sampling pass that carries gradient through every step (the same seeds and noise: the same
+        images as the first pass, whose truncated graph the other terms keep)."""
         cfg, T = self.config, len(self.sampler.chain)
         images = self.sampler.sample(policy, seeds, grad_steps=range(T), gradient_checkpointing=cfg.gradient_checkpointing)
         raw, norm = score(images, prompts, self.whole_chain_rewards, self.rewards, self.normalizers)
-        rows = [(norm if self.problem.normalized(c.source) else raw)[c.source].mean() if j in self.whole_chain else values[j]
-                for j, c in enumerate(self.problem.constraints)]
-        return torch.stack([r.to(values) for r in rows])
+        return {n: (norm if self.problem.normalized(n) else raw)[n] for n in raw}
 
     def _score_function_term(self, policy, trajectory: Trajectory, used: dict, prompts: list[str],
                              multipliers: torch.Tensor, backprop_steps: set[int]):
@@ -306,6 +275,12 @@ def _check_score_function_settings(cfg) -> None:
                 "on a constraint"
             )
         return
+    if cfg.fuse_micro_batches:
+        raise ValueError(
+            f"fuse_micro_batches: true cannot be used with constraints[{indices[0]}] (gradient: "
+            f"{cfg.constraints[indices[0]].gradient}): its score-function advantage compares the images of one "
+            "micro-batch; remove fuse_micro_batches (its default leaves such runs unfused)"
+        )
     if cfg.eta == 0:
         raise ValueError(
             f"eta: 0 makes every sampling step deterministic, and constraints[{indices[0]}] (gradient: "
@@ -563,21 +538,3 @@ class PolicyGradient(RolloutEstimator):
     def load_state_dict(self, state: dict) -> None:
         for n, t in self.trackers.items():
             t.load_state_dict(state.get("trackers", {}).get(n, {}))
-
-
-def score(images: torch.Tensor, prompts: list[str], names: list[str], rewards: dict, normalizers: dict):
-    """Raw and normalised values (B,) of each named reward (as float32). Non-finite values
-    pass through unchanged: the trainer checks each micro-batch with :func:`is_finite_estimate`
-    and skips a non-finite one (up to ``max_nonfinite_batches``)."""
-    raw, norm = {}, {}
-    for name in names:
-        values = rewards[name](images, prompts).float()
-        raw[name] = values
-        stats = normalizers.get(name)
-        norm[name] = stats.normalize(values) if stats is not None else values
-    return raw, norm
-
-
-def is_finite_estimate(estimate: BatchEstimate) -> bool:
-    vals = [estimate.loss.detach(), *estimate.rewards_raw.values()] + ([estimate.kl] if estimate.kl is not None else [])
-    return all(bool(torch.isfinite(v).all()) for v in vals)

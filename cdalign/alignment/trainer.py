@@ -28,7 +28,7 @@ from cdalign.alignment import checkpoint as checkpoints
 from cdalign.alignment.base_evaluation import BaseEvaluationReuse
 from cdalign.alignment.checkpoint import check_checkpoint_files
 from cdalign.alignment.config import ConstrainedDDPOConfig, config_to_dict, save_config
-from cdalign.alignment.dual_window import DualWindow, confidence_targets
+from cdalign.alignment.dual_window import DualWindow, confidence_targets, fused_groups
 from cdalign.alignment.estimators import ESTIMATORS, BatchEstimate, RolloutEstimator, is_finite_estimate
 from cdalign.alignment.normalization import RewardNormalization
 from cdalign.alignment.report import DUALS_PLOT_FILE, SAMPLE_GRID_FILE, build_report, plot_history, write_evaluation_files
@@ -191,6 +191,9 @@ class ConstrainedDDPOTrainer:
         self.problem.margins = self.targets.margins()
         self.window = DualWindow(self.problem, self.duals, self.monitor, self.targets)
         self.update_every = cfg.dual_update_every
+        # a step's micro-batches between dual steps in one call per process (fuse_micro_batches; default: on a CPU)
+        fuse = cfg.fuse_micro_batches if cfg.fuse_micro_batches is not None else self.device.type == "cpu"
+        self.fuse = bool(fuse) and getattr(self.estimator, "fuses", False)
         self.global_step = 0
         self.micro_batches_seen = 0
         self.nonfinite_batches = 0
@@ -265,11 +268,21 @@ class ConstrainedDDPOTrainer:
             self.compute_normalization()
 
     # ------------------------------------------------------------------ training
-    def _estimate_micro_batch(self, index: int) -> BatchEstimate:
-        prompts, seeds, g = self._global_batch(TRAIN_BATCH, index, self.prompts, self.config.train_batch_size)
+    def _estimate_micro_batches(self, group: list[int]) -> list[BatchEstimate]:
+        """The estimates of micro-batches ``group`` (global indices). Fused (several): those whose
+        random draws agree (K, the KL steps) share one sampling call (``RewardBackprop.estimate``)."""
+        parts = [self._global_batch(TRAIN_BATCH, i, self.prompts, self.config.train_batch_size) for i in group]
         multipliers = self.problem.primal_multipliers(self.duals.multipliers).to(torch.float32)  # λ_j / s_j
         with self.accelerator.autocast():
-            return self.estimator(prompts, seeds, multipliers, g)
+            if len(parts) == 1:
+                return [self.estimator(*parts[0][:2], multipliers, parts[0][2])]
+            draws = [self.estimator.draws(g) for _, _, g in parts]
+            estimates, i = [], 0
+            while i < len(parts):
+                j = next((j for j in range(i + 1, len(parts)) if draws[j] != draws[i]), len(parts))
+                estimates += self.estimator.estimate([(p, s) for p, s, _ in parts[i:j]], multipliers, draws[i])
+                i = j
+            return estimates
 
     def step(self) -> dict:
         """One optimiser step: ``gradient_accumulation_steps`` micro-batches, dual updates
@@ -285,20 +298,22 @@ class ConstrainedDDPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         rollouts = isinstance(self.estimator, RolloutEstimator)
         records: list[BatchEstimate] = []
-        for _ in range(cfg.gradient_accumulation_steps):
+        for group in fused_groups(self.micro_batches_seen, cfg.gradient_accumulation_steps, self.update_every, self.fuse):
             with torch.no_grad() if rollouts else contextlib.nullcontext():
-                estimate = self._estimate_micro_batch(self.micro_batches_seen)
-            self.micro_batches_seen += 1
-            if distributed.on_all_processes(is_finite_estimate(estimate), acc):
+                estimates = self._estimate_micro_batches(group)
+            self.micro_batches_seen += len(group)
+            if distributed.on_all_processes(all(is_finite_estimate(e) for e in estimates), acc):
                 if not rollouts:
-                    acc.backward(estimate.loss / cfg.gradient_accumulation_steps)
-                    self._backward_score_function(estimate)
-                records.append(estimate)
-                self.window.add(estimate)
+                    acc.backward(sum(e.loss for e in estimates) / cfg.gradient_accumulation_steps)
+                    for estimate in estimates:
+                        self._backward_score_function(estimate)
+                records += estimates
+                for estimate in estimates:
+                    self.window.add(estimate)
             else:
-                self.nonfinite_batches += 1
+                self.nonfinite_batches += len(group)
                 warnings.warn(
-                    f"step {self.global_step}: non-finite reward/KL/loss; micro-batch skipped "
+                    f"step {self.global_step}: non-finite reward/KL/loss; {len(group)} micro-batch(es) skipped "
                     f"({self.nonfinite_batches}/{cfg.max_nonfinite_batches} allowed)",
                     CdalignWarning, stacklevel=2,
                 )
@@ -308,7 +323,7 @@ class ConstrainedDDPOTrainer:
                         f"(max_nonfinite_batches={cfg.max_nonfinite_batches}); check the rewards and the "
                         "learning rate. The last saved checkpoint and LoRA are left as they were."
                     )
-            del estimate
+            del estimates
             if self.micro_batches_seen % self.update_every == 0:
                 self.window.step(acc, self.device, self.global_step)
         if rollouts:
@@ -472,7 +487,8 @@ class ConstrainedDDPOTrainer:
                 err, step=self.global_step + 1, device=self.device, train_batch_size=cfg.train_batch_size,
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                 lower=["train_batch_size", "resolution", *(["backprop_steps"] if backprop else [])],
-                enable=["gradient_checkpointing: true"] if backprop and not cfg.gradient_checkpointing else [],
+                enable=(["gradient_checkpointing: true"] if backprop and not cfg.gradient_checkpointing else [])
+                + (["fuse_micro_batches: false"] if self.fuse else []),
                 checkpoints=list_checkpoints(self.output_dir)) from err
 
     def _stop_requested(self) -> bool:
