@@ -290,3 +290,75 @@ def test_missing_lora_folder_names_the_component_and_the_fix(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"component 'x': no LoRA weights at .*pytorch_lora_weights.safetensors.*train_recipe"):
         load_lora_component(build_tiny_pipeline(seed=0), "x", str(tmp_path / "nothing"))
+
+
+def _tuner_state(denoiser):
+    """Every peft layer's active adapters, enabled flag and scales, and every parameter's requires_grad."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [(n, tuple(m.active_adapters), m.disable_adapters, tuple(sorted(m.scaling.items())))
+              for n, m in denoiser.named_modules() if isinstance(m, BaseTunerLayer)]
+    return layers, [(n, p.requires_grad) for n, p in denoiser.named_parameters()]
+
+
+@pytest.mark.parametrize("model", ["cdalign/tiny-shapes-sd", "cdalign/tiny-shapes-sd3"])
+def test_adapter_switch_leaves_every_layer_as_diffusers_set_adapters_does(model):
+    """set_denoiser_adapter / adapters_disabled switch on cached layers; each layer must end as
+    diffusers' enable_adapters() + set_adapters([a]) / disable_adapters() leave it, scales included."""
+    from peft import LoraConfig
+
+    from cdalign.core.families import denoiser_of
+    from cdalign.models.adapters import adapters_disabled
+    from cdalign.models.pipeline import load_pipeline
+
+    def build():
+        d = denoiser_of(load_pipeline(model)).requires_grad_(False)
+        for a in "abc":
+            d.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v"]), adapter_name=a)
+        d.set_adapters(["a"], weights=[0.5])  # a scale the switch to "a" must reset to weight 1
+        return d
+
+    reference, switched = build(), build()
+    for adapter in ["b", None, "a", "a", "c", None, None, "b", "c", "a"]:
+        if adapter is None:
+            reference.disable_adapters()
+        else:
+            reference.enable_adapters()
+            reference.set_adapters([adapter])
+        set_denoiser_adapter(switched, adapter)
+        assert _tuner_state(switched) == _tuner_state(reference), adapter
+    with adapters_disabled(switched):
+        reference.disable_adapters()
+        assert _tuner_state(switched) == _tuner_state(reference)
+    reference.enable_adapters()
+    assert _tuner_state(switched) == _tuner_state(reference)
+    # a new adapter wraps new modules: the cached layers are found again
+    for d in (reference, switched):
+        d.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_out.0"]), adapter_name="d")
+    for adapter in ["a", "d"]:
+        reference.enable_adapters()
+        reference.set_adapters([adapter])
+        set_denoiser_adapter(switched, adapter)
+        assert _tuner_state(switched) == _tuner_state(reference), adapter
+
+
+def test_evaluation_call_size_changes_no_number(lora_dirs, tmp_path):
+    """eval_batch_size only groups the same evaluation images into fewer calls: every per-image
+    KL and reward equals the one-call-per-dual-batch evaluation's (to float rounding)."""
+    def composer(size, name):
+        return ConstrainedComposer(config_from_dict({
+            "components": [{"name": "a", "source": str(lora_dirs[0]), "reward": "brightness"},
+                           {"name": "b", "source": str(lora_dirs[1])}],
+            "prompts": "shapes", "num_inference_steps": 3, "resolution": 32, "guidance_scale": 3.0,
+            "dual": {"steps": 0, "batch_size": 2}, "eval_batches": 3, "eval_batch_size": size,
+            "output_dir": str(tmp_path / name),
+        }))
+
+    weights = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    small, large = (composer(s, f"run{s}").evaluate_weights(weights, "w")["_scores"] for s in (None, 4))
+    assert small.n == large.n == 6
+    assert torch.equal(small.images, large.images) or (small.images.int() - large.images.int()).abs().max() <= 1
+    for name in ("a", "b"):
+        torch.testing.assert_close(large.kl[name], small.kl[name], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(large.rewards["a"], small.rewards["a"], rtol=1e-5, atol=1e-6)
+    assert (small.kl["b"] > 0).all()

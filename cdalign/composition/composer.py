@@ -226,7 +226,8 @@ class ConstrainedComposer:
         """``model`` on the evaluation items, through the one scoring path (all processes'
         images, in item order)."""
         cfg = self.config
-        return score_checkpoints(self.sampler, {"model": lambda: model}, self._eval_items(), batch_size=cfg.dual.batch_size,
+        return score_checkpoints(self.sampler, {"model": lambda: model}, self._eval_items(),
+                                 batch_size=cfg.eval_batch_size or cfg.dual.batch_size,
                                  rewards=rewards, kl_estimator=cfg.kl_estimator)["model"]
 
     def _component_rewards(self) -> dict[str, Callable]:

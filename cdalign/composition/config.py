@@ -211,6 +211,12 @@ class ComposeConfig(ConfigFields):
         },
     )
     eval_batches: int = field(default=2, metadata={"help": "Evaluation batches of dual.batch_size images (fixed seeds).", "ge": 1})
+    eval_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Evaluation images sampled per call (None: dual.batch_size). The images, their seeds and "
+                  "every number stay the same (to float rounding); larger calls cost less per image, the tiny "
+                  "model's 12 ms at 16 prompts against 18.5 at 2 on one CPU thread, at more memory.", "ge": 1},
+    )
     eval_seed: int = field(default=1234, metadata={"help": "Seed of the evaluation images (same for every model).", "ge": 0})
     num_grid_images: int = field(default=6, metadata={"help": "Images per row of the sample grid (0: no grid).", "ge": 0})
     mixed_precision: str = field(default="no", metadata={"help": "Frozen weights in fp16/bf16 (GPU); 'fp16' is refused on a CPU (use 'no' or 'bf16' there).", "choices": MIXED_PRECISIONS})

@@ -43,9 +43,35 @@ def adapter_parameters(module, adapter: str | None = None) -> list[torch.nn.Para
     return [p for p in module.parameters() if id(p) in ids]
 
 
+def _lora_layers(denoiser) -> list:
+    """``denoiser``'s peft tuner layers, found once per set of loaded adapters (a new adapter can
+    wrap new modules; a reloaded one has a new config object) and kept on the denoiser: a walk of
+    every module costs more than the switch it serves (~2 ms of 8 on the tiny UNet)."""
+    key = tuple(getattr(denoiser, "peft_config", {}).items())
+    cached = denoiser.__dict__.get("_cdalign_lora_layers")
+    if cached is None or len(cached[0]) != len(key) or any(
+        a[0] != b[0] or a[1] is not b[1] for a, b in zip(cached[0], key)
+    ):
+        cached = (key, list(_tuner_layers(denoiser)))
+        denoiser.__dict__["_cdalign_lora_layers"] = cached  # not a submodule: never in state_dict or modules()
+    return cached[1]
+
+
+def _enable_layers(denoiser, enabled: bool) -> None:
+    """diffusers' ``enable_adapters`` / ``disable_adapters`` on the cached layers: each layer's own
+    ``enable_adapters`` (peft: the active adapters' ``requires_grad`` follows)."""
+    for layer in _lora_layers(denoiser):
+        layer.enable_adapters(enabled)
+
+
 def set_denoiser_adapter(denoiser, adapter: str | None) -> None:
     """Activate ``adapter`` alone on ``denoiser`` (None: all adapters off, the base model).
-    A switch walks every module (~10% of a tiny UNet call), so an unchanged state is kept."""
+
+    The state each peft layer ends in is that of diffusers' ``enable_adapters()`` then
+    ``set_adapters([adapter])``: ``adapter`` active and trainable, every other adapter's
+    weights frozen, its scale at weight 1. It is set on the cached layers (:func:`_lora_layers`),
+    not through diffusers' walks of every module (8 ms a switch on the tiny UNet, 13% of a
+    composition's denoiser time at 4 prompts a call); an unchanged state is kept."""
     if not getattr(denoiser, "_hf_peft_config_loaded", False):
         if adapter is not None:
             raise ValueError(f"adapter {adapter!r} is not loaded on this denoiser (it has no adapters)")
@@ -53,14 +79,17 @@ def set_denoiser_adapter(denoiser, adapter: str | None) -> None:
     layer = _first_lora_layer(denoiser)
     if adapter is None:
         if layer is None or not layer.disable_adapters:
-            denoiser.disable_adapters()
+            _enable_layers(denoiser, False)
         return
     if adapter not in denoiser.peft_config:
         raise ValueError(f"adapter {adapter!r} is not loaded; loaded adapters: {', '.join(denoiser.peft_config)}")
     if layer is not None and not layer.disable_adapters and list(layer.active_adapters) == [adapter]:
         return
-    denoiser.enable_adapters()
-    denoiser.set_adapters([adapter])
+    for layer in _lora_layers(denoiser):
+        layer.set_adapter([adapter])
+        if layer.disable_adapters:
+            layer.enable_adapters(True)  # re-applies the (now single) active adapter's requires_grad
+        layer.set_scale(adapter, 1.0)
 
 
 @contextlib.contextmanager
@@ -71,12 +100,12 @@ def adapters_disabled(denoiser):
     layer = _first_lora_layer(denoiser) if has_adapters else None
     switch = layer is not None and not layer.disable_adapters
     if switch:
-        denoiser.disable_adapters()
+        _enable_layers(denoiser, False)
     try:
         yield denoiser
     finally:
         if switch:
-            denoiser.enable_adapters()
+            _enable_layers(denoiser, True)
 
 
 class WithAdaptersDisabled:
