@@ -2,6 +2,7 @@
 
     python benchmarks/what_if_cpu_kernels.py [--threads 1] [--repeats 8] [--compile]
     python benchmarks/what_if_cpu_kernels.py --batch_sizes 1 2 4 8 16 32   # cost per image by call size
+    python benchmarks/what_if_cpu_kernels.py --batch_sizes 2 8 16 --bf16   # and under bf16 autocast (AMX CPUs)
 
 On the embedded ``cdalign/tiny-shapes-sd`` with a LoRA (r=4 on to_q/to_k/to_v/to_out.0, B made
 non-zero), one guided denoiser call of 4 prompts (8 latents with CFG) as the sampler makes it
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--batch_sizes", type=int, nargs="+", help="time the no-grad call per image at these prompt counts")
+    ap.add_argument("--bf16", action="store_true", help="with --batch_sizes: also under bf16 autocast, and its largest "
+                    "difference from the fp32 prediction")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.batch_sizes:
@@ -108,14 +111,22 @@ def per_image_cost(args) -> None:
                "a green triangle on a gray background", "a yellow circle on a white background"]
     t, g = sampler.chain.timesteps[5], torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} calls after a warm-up")
-    print("| prompts per call (latents with CFG) | no-grad call ms | ms per image |")
-    print("|---|---|---|")
+    bf16 = " bf16 ms per image | bf16 max abs diff (mean abs prediction) |" if args.bf16 else ""
+    print("| prompts per call (latents with CFG) | no-grad call ms | ms per image |" + bf16)
+    print("|---|---|---|" + ("---|---|" if args.bf16 else ""))
     for b in args.batch_sizes:
         policy = sampler.guided([prompts[i % len(prompts)] for i in range(b)])
         x = torch.randn(b, *sampler.latent_shape, generator=g)
         with torch.no_grad():
             ms = timed(lambda: policy(x, t), args.repeats) * 1e3
-        print(f"| {b} ({2 * b}) | {ms:.1f} | {ms / b:.1f} |")
+            row = f"| {b} ({2 * b}) | {ms:.1f} | {ms / b:.1f} |"
+            if args.bf16:
+                ref = policy(x, t)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    low = policy(x, t).float()
+                    ms16 = timed(lambda: policy(x, t), args.repeats) * 1e3
+                row += f" {ms16 / b:.1f} | {(low - ref).abs().max():.3g} ({ref.abs().mean():.3g}) |"
+        print(row)
 
 
 if __name__ == "__main__":
