@@ -307,3 +307,19 @@ def test_fidelity_floor_runs_every_floor_on_every_seed(tmp_path, monkeypatch):
     variant = bench._variant(runs["floor"], {"kl_grad_steps": "all", "floor_gradient": "score_function"})
     assert variant.kl_grad_steps == "all"
     assert [c.gradient for c in variant.constraints] == ["backprop", "backprop", "score_function"]  # the floor's alone
+
+
+def test_cpu_kernel_call_sizes_with_bf16_print_one_row_per_size(capsys, monkeypatch):
+    """``what_if_cpu_kernels.py --batch_sizes ... --bf16``: a row per call size with the fp32 and
+    bf16 cost per image and bf16's largest difference from the fp32 prediction (small but not 0)."""
+    bench = _load("what_if_cpu_kernels")
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", ["what_if_cpu_kernels.py", "--batch_sizes", "1", "2", "--bf16", "--repeats", "1",
+                                      "--threads", str(threads)])
+    bench.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split()[1] for r in rows] == ["1", "2"]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    assert all(len(c) == 5 for c in cells)
+    diff = float(cells[0][4].split()[0])
+    assert 0 < diff < 0.5
