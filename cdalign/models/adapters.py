@@ -70,8 +70,8 @@ def set_denoiser_adapter(denoiser, adapter: str | None) -> None:
     The state each peft layer ends in is that of diffusers' ``enable_adapters()`` then
     ``set_adapters([adapter])``: ``adapter`` active and trainable, every other adapter's
     weights frozen, its scale at weight 1. It is set on the cached layers (:func:`_lora_layers`),
-    not through diffusers' walks of every module (8 ms a switch on the tiny UNet, 13% of a
-    composition's denoiser time at 4 prompts a call); an unchanged state is kept."""
+    not through diffusers' walks of every module (8 ms a switch on the tiny UNet, 14% of a
+    profiled compose run at 4 prompts a call); an unchanged state is kept."""
     if not getattr(denoiser, "_hf_peft_config_loaded", False):
         if adapter is not None:
             raise ValueError(f"adapter {adapter!r} is not loaded on this denoiser (it has no adapters)")
