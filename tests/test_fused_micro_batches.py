@@ -123,3 +123,33 @@ def test_each_fused_micro_batch_keeps_its_own_values(tmp_path):
         for name, v in s.rewards_raw.items():
             torch.testing.assert_close(f.rewards_raw[name], v, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(single[0].values, single[1].values)  # the two micro-batches differ
+
+
+def test_a_non_finite_micro_batch_skips_its_whole_fused_group(tmp_path):
+    """One fused call, one bad image: the group's micro-batches are all skipped and counted (the
+    unfused path skips only the bad one), nothing is backpropagated and the LoRA keeps its values."""
+    from cdalign.rewards import REWARDS
+
+    saturation = REWARDS.build("saturation")
+    state = {"poison": False, "sizes": []}
+
+    def reward(images, prompts):  # NaN on the last image of each call once poisoned
+        values = saturation(images, prompts).clone()
+        state["sizes"].append(len(values))
+        if state["poison"]:
+            values[-1] = float("nan")
+        return values
+
+    trainer = ConstrainedDDPOTrainer(
+        tiny_config(tmp_path, eval_batches=0, num_grid_images=0, max_steps=1, gradient_accumulation_steps=2,
+                    fuse_micro_batches=True, max_nonfinite_batches=5),
+        rewards={"saturation": reward})
+    trainer.compute_normalization()
+    before = {k: v.detach().clone() for k, v in trainer._lora_params().items()}
+    state["poison"], state["sizes"] = True, []
+    with pytest.warns(UserWarning, match=r"2 micro-batch\(es\) skipped"):
+        trainer.step()
+    assert trainer.nonfinite_batches == 2
+    assert state["sizes"] == [2 * trainer.config.train_batch_size]  # one fused call held both micro-batches
+    for k, v in trainer._lora_params().items():
+        assert torch.equal(v, before[k]), k
