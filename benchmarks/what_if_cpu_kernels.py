@@ -3,6 +3,7 @@
     python benchmarks/what_if_cpu_kernels.py [--threads 1] [--repeats 8] [--compile]
     python benchmarks/what_if_cpu_kernels.py --batch_sizes 1 2 4 8 16 32   # cost per image by call size
     python benchmarks/what_if_cpu_kernels.py --batch_sizes 2 8 16 --bf16   # and under bf16 autocast (AMX CPUs)
+    python benchmarks/what_if_cpu_kernels.py --adapter_switch --repeats 50  # one adapter switch: diffusers vs cdalign
 
 On the embedded ``cdalign/tiny-shapes-sd`` with a LoRA (r=4 on to_q/to_k/to_v/to_out.0, B made
 non-zero), one guided denoiser call of 4 prompts (8 latents with CFG) as the sampler makes it
@@ -43,10 +44,14 @@ def main() -> None:
     ap.add_argument("--batch_sizes", type=int, nargs="+", help="time the no-grad call per image at these prompt counts")
     ap.add_argument("--bf16", action="store_true", help="with --batch_sizes: also under bf16 autocast, and its largest "
                     "difference from the fp32 prediction")
+    ap.add_argument("--adapter_switch", action="store_true", help="time one adapter switch (3 LoRAs and the base in "
+                    "turn) through diffusers' enable_adapters + set_adapters and through cdalign's set_denoiser_adapter")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.batch_sizes:
         return per_image_cost(args)
+    if args.adapter_switch:
+        return adapter_switch_cost(args)
     from what_if_joint_call import add_random_lora  # benchmarks/, beside this script
 
     from cdalign.core.sampling import DiffusionSampler
@@ -127,6 +132,42 @@ def per_image_cost(args) -> None:
                     ms16 = timed(lambda: policy(x, t), args.repeats) * 1e3
                 row += f" {ms16 / b:.1f} | {(low - ref).abs().max():.3g} ({ref.abs().mean():.3g}) |"
         print(row)
+
+
+def adapter_switch_cost(args) -> None:
+    """ms per switch over the cycle a, b, c, base, on each tiny model with three LoRAs: what a
+    composition does once per component pass."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from cdalign.core.families import denoiser_of
+    from cdalign.models.adapters import set_denoiser_adapter
+    from cdalign.models.pipeline import load_pipeline
+
+    def diffusers_switch(d, adapter):
+        if adapter is None:
+            d.disable_adapters()
+        else:
+            d.enable_adapters()
+            d.set_adapters([adapter])
+
+    cycle = ["a", "b", "c", None] * args.repeats
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {len(cycle)} switches")
+    print("| model | modules | LoRA layers | diffusers ms per switch | cdalign ms per switch |")
+    print("|---|---|---|---|---|")
+    for model in ("cdalign/tiny-shapes-sd", "cdalign/tiny-shapes-sd3"):
+        d = denoiser_of(load_pipeline(model)).requires_grad_(False)
+        for a in "abc":
+            d.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=a)
+        row = []
+        for switch in (diffusers_switch, set_denoiser_adapter):
+            switch(d, "a")  # warm-up (cdalign: finds its layers)
+            t0 = time.perf_counter()
+            for adapter in cycle:
+                switch(d, adapter)
+            row.append((time.perf_counter() - t0) / len(cycle) * 1e3)
+        layers = sum(isinstance(m, BaseTunerLayer) for m in d.modules())
+        print(f"| {model} | {sum(1 for _ in d.modules())} | {layers} | {row[0]:.2f} | {row[1]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -323,3 +323,17 @@ def test_cpu_kernel_call_sizes_with_bf16_print_one_row_per_size(capsys, monkeypa
     assert all(len(c) == 5 for c in cells)
     diff = float(cells[0][4].split()[0])
     assert 0 < diff < 0.5
+
+
+def test_adapter_switch_timing_prints_both_tiny_models(capsys, monkeypatch):
+    """``what_if_cpu_kernels.py --adapter_switch``: a row per tiny model with its module and LoRA
+    layer counts and the time of one switch through diffusers and through cdalign."""
+    bench = _load("what_if_cpu_kernels")
+    monkeypatch.setattr(sys, "argv", ["what_if_cpu_kernels.py", "--adapter_switch", "--repeats", "1",
+                                      "--threads", str(torch.get_num_threads())])
+    bench.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cdalign/")]
+    assert [r.split()[1] for r in rows] == ["cdalign/tiny-shapes-sd", "cdalign/tiny-shapes-sd3"]
+    for r in rows:
+        modules, layers, *times = (float(c) for c in r.strip("|").split("|")[1:])
+        assert modules > layers > 0 and all(t > 0 for t in times)

@@ -354,8 +354,19 @@ def test_evaluation_call_size_changes_no_number(lora_dirs, tmp_path):
             "output_dir": str(tmp_path / name),
         }))
 
-    weights = torch.tensor([0.3, 0.7], dtype=torch.float64)
-    small, large = (composer(s, f"run{s}").evaluate_weights(weights, "w")["_scores"] for s in (None, 4))
+    def scored(size):
+        c, sizes = composer(size, f"run{size}"), []
+        sample = c.sampler.sample
+
+        def counted(predictor, seeds, *args, **kwargs):
+            sizes.append(len(seeds))
+            return sample(predictor, seeds, *args, **kwargs)
+
+        c.sampler.sample = counted
+        return c.evaluate_weights(torch.tensor([0.3, 0.7], dtype=torch.float64), "w")["_scores"], sizes
+
+    (small, small_calls), (large, large_calls) = scored(None), scored(4)
+    assert small_calls == [2, 2, 2] and large_calls == [4, 2]  # the field decides the calls
     assert small.n == large.n == 6
     assert torch.equal(small.images, large.images) or (small.images.int() - large.images.int()).abs().max() <= 1
     for name in ("a", "b"):

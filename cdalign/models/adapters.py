@@ -46,7 +46,7 @@ def adapter_parameters(module, adapter: str | None = None) -> list[torch.nn.Para
 def _lora_layers(denoiser) -> list:
     """``denoiser``'s peft tuner layers, found once per set of loaded adapters (a new adapter can
     wrap new modules; a reloaded one has a new config object) and kept on the denoiser: a walk of
-    every module costs more than the switch it serves (~2 ms of 8 on the tiny UNet)."""
+    every module costs more than the switch it serves."""
     key = tuple(getattr(denoiser, "peft_config", {}).items())
     cached = denoiser.__dict__.get("_cdalign_lora_layers")
     if cached is None or len(cached[0]) != len(key) or any(
@@ -70,8 +70,8 @@ def set_denoiser_adapter(denoiser, adapter: str | None) -> None:
     The state each peft layer ends in is that of diffusers' ``enable_adapters()`` then
     ``set_adapters([adapter])``: ``adapter`` active and trainable, every other adapter's
     weights frozen, its scale at weight 1. It is set on the cached layers (:func:`_lora_layers`),
-    not through diffusers' walks of every module (8 ms a switch on the tiny UNet, 14% of a
-    profiled compose run at 4 prompts a call); an unchanged state is kept."""
+    not through diffusers' walks of every module (8.2 → 2.7 ms a switch on the tiny UNet,
+    ``benchmarks/what_if_cpu_kernels.py --adapter_switch``); an unchanged state is kept."""
     if not getattr(denoiser, "_hf_peft_config_loaded", False):
         if adapter is not None:
             raise ValueError(f"adapter {adapter!r} is not loaded on this denoiser (it has no adapters)")
@@ -85,11 +85,11 @@ def set_denoiser_adapter(denoiser, adapter: str | None) -> None:
         raise ValueError(f"adapter {adapter!r} is not loaded; loaded adapters: {', '.join(denoiser.peft_config)}")
     if layer is not None and not layer.disable_adapters and list(layer.active_adapters) == [adapter]:
         return
-    for layer in _lora_layers(denoiser):
-        layer.set_adapter([adapter])
-        if layer.disable_adapters:
-            layer.enable_adapters(True)  # re-applies the (now single) active adapter's requires_grad
-        layer.set_scale(adapter, 1.0)
+    for lora in _lora_layers(denoiser):
+        lora.set_adapter([adapter])
+        if lora.disable_adapters:
+            lora.enable_adapters(True)  # re-applies the (now single) active adapter's requires_grad
+        lora.set_scale(adapter, 1.0)
 
 
 @contextlib.contextmanager
