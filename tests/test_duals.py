@@ -158,3 +158,34 @@ def test_a_rules_tuning_values_are_declared_once_by_the_spec():
 def test_a_warmup_needs_its_starting_fraction():
     with pytest.raises(ValueError, match="dual.warmup_start: required with warmup_steps > 0"):
         ProjectedGradientAscent(1, lr=0.1, init=0.0, warmup_steps=3)
+
+
+def test_a_decrease_rate_slows_only_the_steps_that_lower_a_price():
+    # ascent with lr 0.5 from λ = 1: slack +0.4 raises by 0.2 (whole), slack −0.6 lowers by 0.3 × ρ
+    dual = ProjectedGradientAscent(2, lr=0.5, init=1.0, decrease_rate=0.25)
+    assert dual.step(torch.tensor([0.4, -0.6])).tolist() == pytest.approx([1.2, 1.0 - 0.25 * 0.3])
+    # the projection is the rule's: a step to below 0 goes a quarter of the way to 0
+    low = ProjectedGradientAscent(1, lr=1.0, init=0.4, decrease_rate=0.25)
+    assert low.step(torch.tensor([-5.0])).tolist() == pytest.approx([0.3])
+    # νPI: λ follows the slowed step, ξ is updated as without ρ
+    kw = dict(kappa_i=0.3, kappa_p=0.5, nu=0.2, init=1.0)
+    plain, slow = NuPI(1, **kw), NuPI(1, decrease_rate=0.5, **kw)
+    lam = 1.0
+    for e in [1.0, -0.5, -0.25, 2.0]:
+        plain.step(torch.tensor([e]))
+        xi_before = float(slow.xi[0])
+        step = kw["kappa_i"] * e + kw["kappa_p"] * (0.2 * xi_before + 0.8 * e - xi_before)
+        lam = max(0.0, lam + step) if step > 0 else lam + 0.5 * (max(0.0, lam + step) - lam)
+        assert float(slow.step(torch.tensor([e]))[0]) == pytest.approx(lam)
+        assert slow.xi.tolist() == pytest.approx(plain.xi.tolist())
+
+
+def test_a_decrease_rate_keeps_the_rules_fixed_point():
+    m, s, lam = _gaussian_primal_dual(ProjectedGradientAscent(1, lr=0.05, init=3.0, decrease_rate=0.3), steps=6000)
+    assert (m, s, lam) == pytest.approx((1.0, 1.0, 1.0), abs=1e-2)
+
+
+def test_a_decrease_rate_outside_its_range_is_an_error():
+    with pytest.raises(ValueError, match="dual.decrease_rate"):
+        ProjectedGradientAscent(1, lr=0.1, init=0.0, decrease_rate=0.0)
+    assert build_dual_optimizer(DualSpec(decrease_rate=0.2), 1).decrease_rate == 0.2

@@ -254,6 +254,17 @@ class DualSpec(ConfigFields):
             "an excess that λ = 0 does not give back). Decreases of λ are never held.",
         },
     )
+    decrease_rate: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction ρ in (0, 1] of a dual step that lowers λ which is taken (both rules): λ_i ← λ_i + "
+            "ρ·(λ'_i − λ_i) where the rule's λ'_i is below λ_i; steps that raise λ are taken whole. 1: the rule "
+            "as stated. Below 1 a met constraint keeps its price longer while another one is bought, for two "
+            "constraints that take turns (docs/results/fidelity_floor.md); fixed points are the rule's own.",
+            "gt": 0.0,
+            "le": 1.0,
+        },
+    )
     init: float | list[float] = field(
         default=0.2,
         metadata={

@@ -10,7 +10,7 @@ grow while their constraint is violated and shrink toward 0 while it holds.
 The tuning values of a rule (its gains, the initial λ, the warm-up's starting fraction)
 have no defaults here: a run's ``DualSpec`` (:mod:`cdalign.alignment.specs`) declares
 them once and :meth:`DualOptimizer.from_spec` passes them on. What is off unless asked
-for (warm-up, freezing, νPI's anti-windup) defaults to off."""
+for (warm-up, freezing, νPI's anti-windup, a slower decrease) defaults to off."""
 
 from __future__ import annotations
 
@@ -40,19 +40,25 @@ def projected_ascent(multipliers: torch.Tensor, step: torch.Tensor) -> torch.Ten
 
 
 class DualOptimizer:
-    """Common state: multipliers λ (m,), step counter, and the linear gain warm-up
-    (gains ramp from ``warmup_start`` to 1 over the first ``warmup_steps`` dual steps).
+    """Common state: multipliers λ (m,), step counter, the linear gain warm-up (gains ramp
+    from ``warmup_start`` to 1 over the first ``warmup_steps`` dual steps) and the
+    decrease rate ρ ∈ (0, 1]: a rule's step that lowers λ_i is taken at ρ times its size,
+    ``λ_i ← λ_i + ρ·(λ'_i − λ_i)`` where ``λ'_i < λ_i`` (METHOD.md §1, "Dual updates"); ρ = 1
+    is the rule itself. The rule's own state (νPI's ξ) is updated as without ρ.
 
     A rule subclasses this, implements :meth:`_update` (the new λ ≥ 0, via
     :func:`projected_ascent`) and, if it has gains of its own, :meth:`from_spec`."""
 
     def __init__(self, num_constraints: int, *, init: float | Sequence[float], warmup_steps: int = 0,
-                 warmup_start: float | None = None, frozen: bool = False):
+                 warmup_start: float | None = None, frozen: bool = False, decrease_rate: float = 1.0):
+        if not 0.0 < decrease_rate <= 1.0:
+            raise ValueError(f"dual.decrease_rate: must be in (0, 1], got {decrease_rate}")
         if warmup_steps > 0 and warmup_start is None:
             raise ValueError("dual.warmup_start: required with warmup_steps > 0 (the fraction of the gains at the "
                              "first dual step)")
         self.multipliers = _as_vector(init, num_constraints, "dual.init").clamp(min=0)
         self.warmup_steps, self.warmup_start, self.frozen = warmup_steps, warmup_start, frozen
+        self.decrease_rate = float(decrease_rate)
         self.num_steps = 0
 
     def gain_scale(self) -> float:
@@ -67,7 +73,9 @@ class DualOptimizer:
         if slacks.shape != self.multipliers.shape:
             raise ValueError(f"expected {tuple(self.multipliers.shape)} slacks, got {tuple(slacks.shape)}")
         if not self.frozen:
-            self.multipliers = self._update(slacks, self.gain_scale())
+            proposed = self._update(slacks, self.gain_scale())
+            change = proposed - self.multipliers
+            self.multipliers = self.multipliers + torch.where(change < 0, self.decrease_rate * change, change)
         self.num_steps += 1
         return self.multipliers.clone()
 
@@ -78,7 +86,8 @@ class DualOptimizer:
     @staticmethod
     def common_kwargs(spec) -> dict:
         """The constructor arguments every rule takes from a ``DualSpec``."""
-        return dict(init=spec.init, warmup_steps=spec.warmup_steps, warmup_start=spec.warmup_start, frozen=spec.freeze)
+        return dict(init=spec.init, warmup_steps=spec.warmup_steps, warmup_start=spec.warmup_start, frozen=spec.freeze,
+                    decrease_rate=spec.decrease_rate)
 
     @classmethod
     def from_spec(cls, spec, num_constraints: int) -> "DualOptimizer":
