@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -337,3 +338,32 @@ def test_adapter_switch_timing_prints_both_tiny_models(capsys, monkeypatch):
     for r in rows:
         modules, layers, *times = (float(c) for c in r.strip("|").split("|")[1:])
         assert modules > layers > 0 and all(t > 0 for t in times)
+
+
+def test_caption_mix_reweights_the_held_out_values_to_the_training_prompts(tmp_path, capsys):
+    """Per-image values whose paired difference is 1.0 where the caption names no background and
+    0.0 where it names one: the held-out mix reads the held-out share of unnamed captions, the
+    training mix the training share (numbers from the prompt sets, counted here independently)."""
+    from safetensors.numpy import save_file
+
+    from cdalign.data.prompt_sets import load_prompts
+
+    cm = _load("caption_mix")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("prompts: shapes_world\neval_prompts: shapes_eval\n")
+    held_out, training = load_prompts("shapes_eval"), load_prompts("shapes_world")
+    unnamed = np.array([" background" not in held_out[k % len(held_out)] for k in range(48)])
+    base = np.linspace(-1, 1, 48).astype(np.float32)
+    save_file({"base/brightness_high": base, "aligned/brightness_high": base + unnamed.astype(np.float32)},
+              str(run / "eval_values.safetensors"))
+    assert cm.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    share_held_out = unnamed.mean()
+    share_training = np.mean([" background" not in p for p in training])
+    assert 0.2 < share_training < 0.3 and share_held_out == pytest.approx(0.5)
+    held_line = next(line for line in out.splitlines() if "held-out mix" in line)
+    train_line = next(line for line in out.splitlines() if "training mix" in line)
+    assert f"run − base {share_held_out:+.2f}" in held_line
+    assert f"run − base {share_training:+.2f}" in train_line
+    assert cm.main([str(run), "--value", "nope"]) == 2
