@@ -18,7 +18,10 @@ What-if variants (not what cdalign does today; they price a possible change):
 ``--kl-value-steps m``: the base prediction only at the 4 gradient steps and m of the
 others (as cdalign's ``kl_value_steps``); ``--no-base-grad``: the base prediction at the
 gradient steps runs without gradient (a stop-gradient on eps_base: a different
-estimator, which saves the backward passes through the base model)."""
+estimator, which saves the backward passes through the base model); ``--joint``: each
+base prediction shares one UNet call with the policy's at the same step (both CFG halves of
+both models in a batch of 4x, peft's mixed-adapter batch: the LoRA rows ``default``, the
+base rows ``__base__``), the same values and gradients in half the calls."""
 
 from __future__ import annotations
 
@@ -38,13 +41,17 @@ _spec.loader.exec_module(tb)
 
 class FloorStep:
     def __init__(self, model_dir: str, kl: bool = False, config: dict | None = None, seed: int = 0,
-                 merged: bool = False, kl_value_steps: int | None = None, base_grad: bool = True):
+                 merged: bool = False, kl_value_steps: int | None = None, base_grad: bool = True,
+                 joint: bool = False):
         import torch
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from peft import LoraConfig
 
         c = self.c = tb.bench_config(config)
         self.kl, self.merged, self.kl_value_steps, self.base_grad = kl, merged, kl_value_steps, base_grad
+        if joint and not (kl and base_grad and not merged):
+            raise ValueError("--joint: needs --kl, with the base gradient and without --merged (one call holds both)")
+        self.joint = joint
         self.unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
         self.vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
         for m in (self.unet, self.vae):
@@ -80,6 +87,26 @@ class FloorStep:
         finally:
             self.unet.enable_adapters()
 
+    def _joint(self, x):
+        """Policy and base guided predictions at ``x`` from one call of 4 × batch rows."""
+        import torch
+
+        B, g = x.shape[0], self.c["guidance_scale"]
+        names = ["default"] * (2 * B) + ["__base__"] * (2 * B)
+
+        def inject(module, args, kwargs):
+            return args, {**kwargs, "adapter_names": names}
+
+        hooks = [layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in self._lora_layers()]
+        try:
+            out = self.unet(torch.cat([x, x, x, x]), self._t,
+                            encoder_hidden_states=torch.cat([self.embeds, self.embeds])).sample
+        finally:
+            for h in hooks:
+                h.remove()
+        pu, pc, bu, bc = out.chunk(4)
+        return pu + g * (pc - pu), bu + g * (bc - bu)
+
     def _lora_layers(self):
         from peft.tuners.lora import LoraLayer
 
@@ -100,6 +127,10 @@ class FloorStep:
                     layer.merge()
             for i in range(T - K):
                 self._t = self.timesteps[i]
+                if self.joint and i in value_steps:
+                    eps, ref = self._joint(self.x)
+                    kl += float((eps - ref).pow(2).mean())
+                    continue
                 eps = self._guided(self.x)
                 if self.kl and i in value_steps:
                     kl += float((eps - self._base(self.x)).pow(2).mean())
@@ -109,6 +140,11 @@ class FloorStep:
         x = self.x
         for i in range(T - K, T):
             self._t = self.timesteps[i]
+            if self.joint:
+                eps, ref = self._joint(x)
+                kl = kl + (eps - ref).pow(2).mean()
+                x = x - 0.05 * eps
+                continue
             eps = self._guided(x)
             if self.kl:
                 with torch.set_grad_enabled(self.base_grad):
@@ -136,11 +172,13 @@ def main() -> None:
     ap.add_argument("--merged", action="store_true", help="what-if: LoRA merged for the no-grad forwards")
     ap.add_argument("--kl-value-steps", type=int, default=None, help="what-if: base at the gradient steps + m others")
     ap.add_argument("--no-base-grad", action="store_true", help="what-if: no gradient through the base prediction")
+    ap.add_argument("--joint", action="store_true", help="what-if: policy and base predictions in one call per step")
     args = ap.parse_args()
     import warnings
 
     warnings.filterwarnings("ignore")
-    variant = dict(merged=args.merged, kl_value_steps=args.kl_value_steps, base_grad=not args.no_base_grad)
+    variant = dict(merged=args.merged, kl_value_steps=args.kl_value_steps, base_grad=not args.no_base_grad,
+                   joint=args.joint)
     res = run(args.model_dir, args.steps, args.warmup, args.threads, args.kl, tb.parse_overrides(args.set), **variant)
     tb.emit({"row": "floor_kl" if args.kl else "floor", "variant": variant, **res})
 

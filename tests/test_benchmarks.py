@@ -83,6 +83,28 @@ def test_floor_step(kl, variant, calls, small_model_dir):
         assert not any(layer.merged for layer in step._lora_layers())
 
 
+def test_floor_joint_call_gives_the_separate_calls_gradient_in_fewer_calls(small_model_dir):
+    """--joint (policy and base in one mixed-adapter call per step) is the same step as the
+    separate calls: the same LoRA gradient (to float rounding), in one call per step."""
+    floor, tb = _load("floor"), _load("tinybench")
+    grads, calls = {}, {}
+    for joint in (False, True):
+        step = floor.FloorStep(small_model_dir, kl=True, config=SMALL, kl_value_steps=1, joint=joint)
+        with torch.no_grad():  # a non-zero LoRA, so the policy and the base differ
+            for p in step.params:
+                p.add_(0.05 * torch.randn_like(p))
+        step.optimizer.step = lambda: grads.__setitem__(joint, [p.grad.clone() for p in step.params])
+        counter = tb.DenoiserCallCounter(step.unet)
+        step()
+        calls[joint] = counter.total
+    assert calls == {False: T + K + 1, True: T}  # value step and gradient steps share their calls
+    flat = {j: torch.cat([g.flatten() for g in gs]) for j, gs in grads.items()}
+    assert flat[False].abs().max() > 0
+    assert torch.allclose(flat[True], flat[False], rtol=1e-4, atol=1e-4 * float(flat[False].abs().max()))
+    with pytest.raises(ValueError, match="--joint"):
+        floor.FloorStep(small_model_dir, kl=True, config=SMALL, joint=True, base_grad=False)
+
+
 def test_research_kl_step(small_model_dir):
     research, tb = _load("peer_research_kl"), _load("tinybench")
     step = research.ResearchKLStep(small_model_dir, SMALL)
