@@ -83,6 +83,9 @@ TRAIN_ROWS: dict[str, tuple[str, str, list[str], str]] = {
     "whatif_floor_kl_sampled_no_base_grad": (
         "what-if: floor + KL at 4 gradient + 4 other steps, no gradient through the base prediction",
         "floor.py", ["--kl", "--kl-value-steps", "4", "--no-base-grad"], "main"),
+    "whatif_floor_kl_sampled_joint": (
+        "what-if: floor + KL at 4 gradient + 4 other steps, policy and base in one mixed-adapter call per step",
+        "floor.py", ["--kl", "--kl-value-steps", "4", "--joint"], "main"),
     # policy gradient (rewards without gradient): trl's DDPOTrainer against estimator: policy_gradient
     "trl_ddpo": ("6. trl 0.23.1 DDPOTrainer, reward only (policy gradient, 4 of 20 steps trained)",
                  "peer_trl_ddpo.py", [], "trl"),
@@ -101,7 +104,7 @@ FLOOR_OF = {
     "trl_alignprop": "floor", "reward_only": "floor", "reward_only_gc": "floor", "whatif_floor_merged": "floor",
     "research_kl": "floor_kl", "kl_all_steps": "floor_kl", "kl_all_steps_gc": "floor_kl",
     "kl_sampled": "floor_kl_sampled", "kl_sampled_gc": "floor_kl_sampled",
-    "whatif_floor_kl_sampled_no_base_grad": "floor_kl_sampled",
+    "whatif_floor_kl_sampled_no_base_grad": "floor_kl_sampled", "whatif_floor_kl_sampled_joint": "floor_kl_sampled",
 }
 COMPOSITION_ROWS: dict[str, str] = {
     "distilled": "distilled adapter (1 adapter)",
