@@ -13,8 +13,9 @@ of ``--property`` its prompt names, ``None`` for none), the base model's and the
 the per-image value ``--value`` (a key of ``eval_values.safetensors`` without its
 ``base/``/``aligned/`` prefix; the constraint's own units) and their paired difference; then
 the held-out mean and the same means reweighted to the training prompts' proportions of each
-kind (each kind's mean weighted by its share of the training prompts; the CI from the kinds'
-paired differences, normal approximation). Reads only the run folder (``config.yaml``,
+kind (each kind's mean weighted by its share of the training prompts, over the kinds the held-out
+images show; the CI from the kinds' paired differences, normal approximation). Images whose value
+is NaN (an accuracy where the caption names nothing to read) are left out. Reads only the run folder (``config.yaml``,
 ``eval_values.safetensors``); samples nothing."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cdalign.core.seeding import evaluation_items
 from cdalign.data.prompt_sets import load_prompts
 from cdalign.data.shapes import parse_prompt
 from cdalign.fields import read_yaml_mapping
@@ -60,7 +62,11 @@ def run_table(run: Path, value: str, prop: str) -> list[str]:
         names = sorted({k.split("/", 1)[1] for k in tensors if k.startswith("aligned/")})
         raise ValueError(f"{run}/eval_values.safetensors: no value {value!r}; --value is one of {names}")
     base, aligned = tensors[f"base/{value}"], tensors[f"aligned/{value}"]
-    of_image = np.array(kinds([eval_prompts[k % len(eval_prompts)] for k in range(len(aligned))], prop))
+    # the trainer's item scheme: which prompt each evaluation image shows (its seeds are not needed here)
+    shown = [prompt for prompt, _ in evaluation_items(eval_prompts, len(aligned), seed=0)]
+    valid = ~(np.isnan(base) | np.isnan(aligned))  # an accuracy is NaN where the caption names nothing to read
+    base, aligned = base[valid], aligned[valid]
+    of_image = np.array(kinds(shown, prop))[valid]
     train_counts = collections.Counter(kinds(train_prompts, prop))
     weights = {k: c / len(train_prompts) for k, c in train_counts.items()}
     lines = [f"{run}: {value} by the {prop} the caption names (held-out images; training prompts' share)",

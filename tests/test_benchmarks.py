@@ -389,3 +389,10 @@ def test_caption_mix_reweights_the_held_out_values_to_the_training_prompts(tmp_p
     assert f"run − base {share_held_out:+.2f}" in held_line
     assert f"run − base {share_training:+.2f}" in train_line
     assert cm.main([str(run), "--value", "nope"]) == 2
+    # an accuracy is NaN where the caption names nothing to read: those images are left out, not averaged in
+    with_nan = (base + unnamed).astype(np.float32)
+    with_nan[unnamed] = np.nan
+    save_file({"base/acc": base, "aligned/acc": with_nan}, str(run / "eval_values.safetensors"))
+    assert cm.main([str(run), "--value", "acc"]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out and "run − base +0.00" in next(line for line in out.splitlines() if "held-out mix" in line)
