@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cdalign.core.seeding import evaluation_items
+from cdalign.core.statistics import Z95, paired_difference
 from cdalign.data.prompt_sets import load_prompts
 from cdalign.data.shapes import parse_prompt
 from cdalign.fields import read_yaml_mapping
@@ -77,10 +78,9 @@ def run_table(run: Path, value: str, prop: str) -> list[str]:
         if not m.any():
             lines.append(f"  {k:<10} {0:>6} {weights.get(k, 0):>11.2f}  (no held-out image)")
             continue
-        d = aligned[m] - base[m]
-        half = 1.96 * d.std(ddof=1) / np.sqrt(m.sum()) if m.sum() > 1 else 0.0
+        diff = paired_difference(aligned[m], base[m])
         lines.append(f"  {k:<10} {int(m.sum()):>6} {weights.get(k, 0):>11.2f}  {base[m].mean():>+7.2f} "
-                     f"{aligned[m].mean():>+7.2f}  {format_ci(float(d.mean()), [d.mean() - half, d.mean() + half], '+.2f'):>24}")
+                     f"{aligned[m].mean():>+7.2f}  {format_ci(diff['mean'], diff['ci95'], '+.2f'):>24}")
     by_kind = {k: aligned[of_image == k] for k in groups}
     by_kind_base = {k: base[of_image == k] for k in groups}
     by_kind_diff = {k: aligned[of_image == k] - base[of_image == k] for k in groups}
@@ -90,7 +90,7 @@ def run_table(run: Path, value: str, prop: str) -> list[str]:
         a, _ = weighted(by_kind, w)
         d, se = weighted(by_kind_diff, w)
         lines.append(f"  {label:<22} base {b:+.2f}  run {a:+.2f}  run − base "
-                     f"{format_ci(d, [d - 1.96 * se, d + 1.96 * se], '+.2f')}")
+                     f"{format_ci(d, [d - Z95 * se, d + Z95 * se], '+.2f')}")
     return lines
 
 

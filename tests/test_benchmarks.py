@@ -396,3 +396,20 @@ def test_caption_mix_reweights_the_held_out_values_to_the_training_prompts(tmp_p
     assert cm.main([str(run), "--value", "acc"]) == 0
     out = capsys.readouterr().out
     assert "nan" not in out and "run − base +0.00" in next(line for line in out.splitlines() if "held-out mix" in line)
+
+
+def test_log_windows_averages_each_block_and_keeps_its_last_multipliers(tmp_path, capsys):
+    lw = _load("log_windows")
+    rows = [{"step": s, "kl": float(s), "dual/b": 10.0 * s} for s in range(1, 8)]
+    rows[5].pop("kl")  # a value missing from one row of a block: no mean for that block
+    assert lw.windows(rows, ["kl"], 3) == [
+        {"first": 1, "last": 3, "kl": 2.0, "dual/b": 30.0},
+        {"first": 4, "last": 6, "kl": None, "dual/b": 60.0},
+        {"first": 7, "last": 7, "kl": 7.0, "dual/b": 70.0},
+    ]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert lw.main([str(run), "--window", "3", "--keys", "kl"]) == 0
+    assert "steps   1-3    kl +2.000  | λ b 30.00" in capsys.readouterr().out
+    assert lw.main([str(tmp_path), "--keys", "kl"]) == 2
